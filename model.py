@@ -1,0 +1,473 @@
+"""The policy of CAGSR: a compact encoder-decoder Transformer that exposes its cross-attention.
+
+Paper: "A Self-Supervised Reinforcement Learning Approach for Fine-Tuning Large Language Models
+Using Cross-Attention Signals" (Kiruluta, Lemos, Burity, 2025, arXiv 2502.10482).
+
+§3.1: at decoding step t and decoder layer l the model computes a cross-attention vector
+A_t^(l) in R^|x|, the distribution of that step's query over the prompt positions. §3.2 builds the
+reward from the mean of those vectors over the last L' decoder layers (and over heads):
+
+    Abar[t, j] = (1/L') * sum_{l = L-L'+1 .. L} A_t^(l)[j]
+
+So this file does three things a generic seq2seq model does not:
+  * the last `last_layers` (= L') decoder layers compute their cross-attention with an explicit
+    softmax and can hand the weights back; every other attention uses the fused
+    F.scaled_dot_product_attention, and asking it for weights is an error;
+  * the teacher-forced forward pass and the KV-cached sampler both return `Abar`, shape (B, T, S),
+    never stored on `self`;
+  * a value head V(x) on the mean-pooled encoder states (§7.2: "shares the underlying layers").
+
+Shapes: B batch of prompts, N samples per prompt, S prompt length, T response length, H heads,
+L layers, D width, V vocabulary. Rows of a B*N batch are ordered so that the N samples of prompt b
+are rows b*N .. b*N+N-1 (SPEC §2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration: one dataclass, one dict of sizes.
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 3000
+    """Vocabulary size. The preset's value is the BPE target; a run uses its tokenizer's size."""
+    d_model: int = 128
+    """Width D of every residual stream."""
+    n_heads: int = 4
+    """Attention heads H per attention block."""
+    n_enc_layers: int = 2
+    """Encoder layers."""
+    n_dec_layers: int = 2
+    """Decoder layers L."""
+    d_ff: int = 512
+    """Hidden width of the feed-forward blocks."""
+    max_src_len: int = 128
+    """Longest prompt, in tokens including its EOS (learned absolute positions)."""
+    max_tgt_len: int = 128
+    """Longest response, in tokens including its EOS."""
+    last_layers: int = 1
+    """L' of §3.2: how many of the last decoder layers record cross-attention (1 or 3 in the paper)."""
+    dropout: float = 0.0
+    """Residual dropout. RL turns it off during rollouts and updates anyway."""
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if not 1 <= self.last_layers <= self.n_dec_layers:
+            raise ValueError(f"last_layers (L' of §3.2) must be in 1..n_dec_layers={self.n_dec_layers}, "
+                             f"got {self.last_layers}")
+        for name in ("vocab_size", "d_model", "n_heads", "n_enc_layers", "n_dec_layers", "d_ff",
+                     "max_src_len", "max_tgt_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+# Named presets (minGPT style). `python cagsr.py --size NAME` is a lookup here, nothing else.
+# Parameter counts are printed by `python model.py` (the README's table is its output).
+SIZES: dict[str, dict] = {
+    # CPU-sized: the main job's default; SFT in minutes on 2 cores.
+    "tiny": dict(vocab_size=3000, d_model=128, n_heads=4, n_enc_layers=2, n_dec_layers=2, d_ff=512),
+    # Still a CPU model, ~6x slower per token than tiny.
+    "small": dict(vocab_size=4000, d_model=256, n_heads=4, n_enc_layers=4, n_dec_layers=4, d_ff=1024),
+    # One GPU: T5-small-like.
+    "base": dict(vocab_size=8000, d_model=512, n_heads=8, n_enc_layers=6, n_dec_layers=6, d_ff=2048,
+                 max_src_len=256, max_tgt_len=256),
+    # The paper's scale (§7.2, "approximately 1.3 billion parameters"), T5/BART-like proportions:
+    # d_ff = 4 D, head width 64, equal encoder and decoder depth.
+    "1.3b": dict(vocab_size=32000, d_model=1536, n_heads=24, n_enc_layers=18, n_dec_layers=18,
+                 d_ff=6144, max_src_len=512, max_tgt_len=512),
+}
+
+
+def config_for(size: str, **overrides) -> ModelConfig:
+    """The preset `size`, with explicit `overrides` (field=value) applied on top.
+
+    Unknown sizes or fields are errors that list the valid ones: a model is never a silent mix.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; valid sizes: {', '.join(SIZES)}")
+    valid = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid fields: {', '.join(sorted(valid))}")
+    return replace(ModelConfig(**SIZES[size]), **overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention: one function, weights on request.
+# --------------------------------------------------------------------------------------------
+
+def attention(q, k, v, mask=None, is_causal=False, need_weights=False):
+    """Scaled dot-product attention softmax(q k^T / sqrt(d)) v, returning (out, weights).
+
+    q: (B, H, Tq, hd); k, v: (B, H, Tk, hd); mask: bool, broadcastable to (B, H, Tq, Tk),
+    True where a query may attend. With need_weights=False this is the fused
+    F.scaled_dot_product_attention and weights is None; with need_weights=True it is the
+    explicit softmax, written out so the recorded weights are exactly the ones applied to v.
+    """
+    if not need_weights:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return out, None
+    hd = q.size(-1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)                   # (B, H, Tq, Tk)
+    if is_causal:
+        Tq, Tk = scores.shape[-2:]
+        causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        mask = causal if mask is None else mask & causal
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    # Softmax in float32 so recorded maps sum to 1 to float32 precision even under bf16 autocast.
+    weights = torch.softmax(scores.float(), dim=-1)                      # (B, H, Tq, Tk)
+    out = weights.to(v.dtype) @ v                                        # (B, H, Tq, hd)
+    return out, weights
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention. `records=True` marks the cross-attention of the last L' decoder
+    layers (§3.2): only those may be asked for their weights."""
+
+    def __init__(self, cfg: ModelConfig, records: bool = False):
+        super().__init__()
+        self.n_heads, self.records = cfg.n_heads, records
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def heads(self, x):                                                  # (B, T, D) -> (B, H, T, hd)
+        B, T, D = x.shape
+        return x.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)
+
+    def project_kv(self, x):
+        """Keys and values of `x`, each (B, H, T, hd). Cross-attention calls this once per prompt."""
+        k, v = self.kv(x).chunk(2, dim=-1)
+        return self.heads(k), self.heads(v)
+
+    def forward(self, x, k, v, mask=None, is_causal=False, need_weights=False):
+        """x: (B', Tq, D) queries; k, v: (B, H, Tk, hd) with B' = B * G.
+
+        When B' is a multiple G of B (G = N samples per prompt), the G query rows of prompt b are
+        folded into one longer query sequence against that prompt's keys: the keys and values are
+        never copied N times. Returns (out (B', Tq, D), weights (B', H, Tq, Tk) or None).
+        """
+        if need_weights and not self.records:
+            raise RuntimeError("this attention block does not record its weights: only the cross-attention of the "
+                               "last `last_layers` decoder layers does (ModelConfig.last_layers, L' of §3.2)")
+        Bq, Tq, D = x.shape
+        B = k.size(0)
+        G = Bq // B
+        assert Bq == B * G, f"query batch {Bq} is not a multiple of key batch {B}"
+        assert G == 1 or not is_causal, "folding samples into one query sequence is for cross-attention only"
+        q = self.heads(self.q(x).reshape(B, G * Tq, D))                    # (B, H, G*Tq, hd)
+        y, w = attention(q, k, v, mask=mask, is_causal=is_causal, need_weights=need_weights)
+        y = y.transpose(1, 2).reshape(Bq, Tq, D)                           # (B', Tq, D)
+        if w is not None:
+            H, Tk = w.size(1), w.size(-1)
+            w = w.view(B, H, G, Tq, Tk).transpose(1, 2).reshape(Bq, H, Tq, Tk)  # (B', H, Tq, Tk)
+        return self.out(y), w
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.out = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.out(F.gelu(self.up(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm: x + SelfAttn(LN(x)), then x + FF(LN(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model, bias=False), nn.LayerNorm(cfg.d_model, bias=False)
+        self.attn, self.ff = MultiHeadAttention(cfg), FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask):
+        h = self.ln1(x)
+        k, v = self.attn.project_kv(h)
+        x = x + self.drop(self.attn(h, k, v, mask=mask)[0])
+        return x + self.drop(self.ff(self.ln2(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm: causal self-attention, cross-attention to the prompt, feed-forward."""
+
+    def __init__(self, cfg: ModelConfig, records: bool):
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(cfg.d_model, bias=False) for _ in range(3))
+        self.self_attn = MultiHeadAttention(cfg)
+        self.cross_attn = MultiHeadAttention(cfg, records=records)
+        self.ff = FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cross_kv, src_mask, need_weights=False, cache=None, pos=0):
+        """x: (B', T, D). cross_kv: this layer's prompt keys/values, each (B, H, S, hd).
+        cache: None (teacher forcing, causal mask) or (k, v) buffers (B', H, Tmax, hd) that this
+        call fills at positions pos .. pos+T-1 and then attends over 0 .. pos+T-1."""
+        h = self.ln1(x)
+        k, v = self.self_attn.project_kv(h)
+        if cache is None:
+            a, _ = self.self_attn(h, k, v, is_causal=True)
+        else:
+            ck, cv = cache
+            assert x.size(1) == 1, "the KV cache is filled one token at a time"
+            ck[:, :, pos:pos + 1], cv[:, :, pos:pos + 1] = k, v
+            # The one new query sees every cached position, so no mask is needed.
+            a, _ = self.self_attn(h, ck[:, :, :pos + 1], cv[:, :, :pos + 1])
+        x = x + self.drop(a)
+        a, w = self.cross_attn(self.ln2(x), *cross_kv, mask=src_mask, need_weights=need_weights)
+        x = x + self.drop(a)
+        return x + self.drop(self.ff(self.ln3(x))), w
+
+
+class ValueHead(nn.Module):
+    """V(x) of §4 and §7.2: a small feed-forward head on the shared encoder. Input: the mean of the
+    encoder states over the real prompt tokens. Its last layer starts at zero, so V(x) = 0 at first
+    and the first advantages are the raw rewards (Huang et al., N implementation details of RLHF)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.hidden = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, 1)
+
+    def forward(self, memory, src_mask):                                  # (B, S, D), (B, S) -> (B,)
+        m = src_mask.unsqueeze(-1).to(memory.dtype)                       # (B, S, 1)
+        pooled = (memory * m).sum(1) / m.sum(1).clamp(min=1)              # (B, D)
+        return self.out(torch.tanh(self.hidden(pooled))).squeeze(-1)      # (B,)
+
+
+@dataclass
+class Rollout:
+    """What `EncoderDecoder.sample` returns for B prompts x N samples (rows b*N .. b*N+N-1)."""
+    tokens: torch.Tensor
+    """(B*N, T) long: the sampled response, EOS included, PAD after it."""
+    logprobs: torch.Tensor
+    """(B*N, T) float: log pi(y_t | x, y_<t) under softmax(logits / temperature), 0 after EOS."""
+    mask: torch.Tensor
+    """(B*N, T) bool: True on the response's tokens up to and including EOS."""
+    attn: torch.Tensor | None
+    """(B*N, T, S) float: Abar recorded while decoding (§3.2), 0 after EOS and on prompt padding."""
+
+
+# --------------------------------------------------------------------------------------------
+# The model.
+# --------------------------------------------------------------------------------------------
+
+class EncoderDecoder(nn.Module):
+    """Pre-norm encoder-decoder Transformer with tied embeddings (T5/BART-like, §7.2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, D)                   # shared: encoder, decoder, LM head
+        self.enc_pos = nn.Embedding(cfg.max_src_len, D)
+        self.dec_pos = nn.Embedding(cfg.max_tgt_len, D)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layers))
+        first_recording = cfg.n_dec_layers - cfg.last_layers            # layers L-L'+1 .. L record (§3.2)
+        self.decoder = nn.ModuleList(DecoderLayer(cfg, records=i >= first_recording)
+                                     for i in range(cfg.n_dec_layers))
+        self.enc_ln, self.dec_ln = nn.LayerNorm(D, bias=False), nn.LayerNorm(D, bias=False)
+        self.value_head = ValueHead(D)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.apply(self._init_weights)
+        # nanoGPT's scaled init of the projections that write into the residual stream, one per
+        # residual branch: 2 per encoder layer, 3 per decoder layer.
+        for stack, branches in ((self.encoder, 2 * cfg.n_enc_layers), (self.decoder, 3 * cfg.n_dec_layers)):
+            for name, p in stack.named_parameters():
+                if name.endswith("out.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(branches))
+        nn.init.zeros_(self.value_head.out.weight)
+        nn.init.zeros_(self.value_head.out.bias)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        """All parameters, tied embedding counted once, value head included."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- encoder ---------------------------------------------------------------------------
+
+    def encode(self, src, src_mask):
+        """src: (B, S) token ids, src_mask: (B, S) bool (True = real token) -> memory (B, S, D)."""
+        B, S = src.shape
+        if S > self.cfg.max_src_len:
+            raise ValueError(f"prompt length {S} exceeds max_src_len={self.cfg.max_src_len}")
+        pos = torch.arange(S, device=src.device)
+        x = self.drop(self.tok_emb(src) + self.enc_pos(pos))              # (B, S, D)
+        key_mask = src_mask[:, None, None, :]                              # (B, 1, 1, S)
+        for layer in self.encoder:
+            x = layer(x, key_mask)
+        return self.enc_ln(x)                                             # (B, S, D)
+
+    def value(self, memory, src_mask):
+        """V(x), one scalar per prompt: (B, S, D), (B, S) -> (B,)."""
+        return self.value_head(memory, src_mask)
+
+    def cross_kv(self, memory):
+        """Each decoder layer's cross-attention keys and values, computed once per prompt."""
+        return [layer.cross_attn.project_kv(memory) for layer in self.decoder]
+
+    # ---- decoder ---------------------------------------------------------------------------
+
+    def _decode(self, y, cross_kv, src_mask, attention, caches=None, pos=0):
+        """Run the decoder stack on y (B', T) starting at position `pos`.
+        Returns logits (B', T, V) and the recorded cross-attention of the last L' layers:
+        None, Abar (B', T, S) for attention="mean", or (B', L', H, T, S) for "layers"."""
+        if attention not in (None, "mean", "layers"):
+            raise ValueError(f"attention must be None, 'mean' or 'layers', got {attention!r}")
+        T = y.size(1)
+        if pos + T > self.cfg.max_tgt_len:
+            raise ValueError(f"response length {pos + T} exceeds max_tgt_len={self.cfg.max_tgt_len}")
+        x = self.drop(self.tok_emb(y) + self.dec_pos(torch.arange(pos, pos + T, device=y.device)))
+        key_mask = src_mask[:, None, None, :]                              # (B, 1, 1, S)
+        maps = []
+        for i, layer in enumerate(self.decoder):
+            cache = None if caches is None else caches[i]
+            x, w = layer(x, cross_kv[i], key_mask, need_weights=attention is not None and layer.cross_attn.records,
+                         cache=cache, pos=pos)
+            if w is not None:
+                maps.append(w)                                            # (B', H, T, S)
+        logits = self.dec_ln(x) @ self.tok_emb.weight.t()                  # (B', T, V), tied head
+        if attention is None:
+            return logits, None
+        maps = torch.stack(maps, dim=1)                                    # (B', L', H, T, S)
+        return logits, (maps.mean(dim=(1, 2)) if attention == "mean" else maps)
+
+    def decode(self, memory, src_mask, tgt_in, num_samples=1, attention=None, tgt_mask=None):
+        """Teacher-forced decoder pass.
+
+        memory (B, S, D), src_mask (B, S) from `encode`; tgt_in (B*N, T) = [BOS] + response[:-1];
+        N = num_samples responses per prompt (rows b*N .. b*N+N-1). attention: None, "mean" for
+        Abar of §3.2 (B*N, T, S), or "layers" for every recording layer and head (B*N, L', H, T, S).
+        tgt_mask (B*N, T), when given, zeroes the maps at padding positions after EOS.
+        Returns (logits (B*N, T, V), attention or None).
+        """
+        if tgt_in.size(0) != memory.size(0) * num_samples:
+            raise ValueError(f"tgt_in has {tgt_in.size(0)} rows; expected B*N = {memory.size(0)}*{num_samples} "
+                             f"(the N responses of prompt b are rows b*N .. b*N+N-1)")
+        logits, maps = self._decode(tgt_in, self.cross_kv(memory), src_mask, attention)
+        if maps is not None and tgt_mask is not None:
+            m = tgt_mask.to(maps.dtype)
+            maps = maps * (m[:, :, None] if attention == "mean" else m[:, None, None, :, None])
+        return logits, maps
+
+    def forward(self, src, src_mask, tgt_in, num_samples=1, attention=None, tgt_mask=None):
+        """encode + decode: (logits (B*N, T, V), attention or None). See `decode`."""
+        return self.decode(self.encode(src, src_mask), src_mask, tgt_in, num_samples, attention, tgt_mask)
+
+    # ---- sampling --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, src, src_mask, num_samples=1, max_new_tokens=64, temperature=1.0, top_k=None,
+               top_p=None, greedy=False, record_attention=True, generator=None, bos_id=1, eos_id=2,
+               pad_id=0) -> Rollout:
+        """Sample N candidate responses per prompt (§5, Figure 1) with a KV cache.
+
+        The encoder runs once per prompt and each layer's cross-attention keys/values are computed
+        once; the decoder's self-attention keys/values are cached, so each step costs one token.
+        Each row stops at its own EOS; decoding stops when every row has. top_k / top_p (nucleus)
+        truncate the distribution that is sampled from, but the recorded log-probability is always
+        log softmax(logits / temperature) of the sampled token over the whole vocabulary (SPEC §2),
+        which is what a teacher-forced pass recomputes. greedy=True takes the argmax.
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax)")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        max_new_tokens = min(max_new_tokens, self.cfg.max_tgt_len)
+        B, S = src.shape
+        BN, dev = B * num_samples, src.device
+        memory = self.encode(src, src_mask)                                # (B, S, D), once per prompt
+        cross_kv = self.cross_kv(memory)                                   # per layer, (B, H, S, hd) each
+        hd = self.cfg.d_model // self.cfg.n_heads
+        caches = [(memory.new_empty(BN, self.cfg.n_heads, max_new_tokens, hd),
+                   memory.new_empty(BN, self.cfg.n_heads, max_new_tokens, hd)) for _ in self.decoder]
+        y = torch.full((BN, 1), bos_id, dtype=torch.long, device=dev)      # decoder input at step t
+        done = torch.zeros(BN, dtype=torch.bool, device=dev)
+        tokens, logprobs, masks, maps = [], [], [], []
+        for t in range(max_new_tokens):
+            logits, abar = self._decode(y, cross_kv, src_mask, "mean" if record_attention else None,
+                                        caches=caches, pos=t)
+            logits = logits[:, -1].float() / temperature                   # (BN, V)
+            if greedy:
+                nxt = logits.argmax(-1)
+            else:
+                probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)   # (BN,)
+            live = ~done
+            nxt = torch.where(live, nxt, torch.full_like(nxt, pad_id))
+            lp = torch.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1)
+            tokens.append(nxt)
+            logprobs.append(torch.where(live, lp, torch.zeros_like(lp)))
+            masks.append(live)
+            if record_attention:
+                maps.append(abar[:, -1] * live[:, None])                  # (BN, S)
+            done = done | (nxt == eos_id)
+            if bool(done.all()):
+                break
+            y = nxt[:, None]
+        return Rollout(tokens=torch.stack(tokens, 1), logprobs=torch.stack(logprobs, 1),
+                       mask=torch.stack(masks, 1),
+                       attn=torch.stack(maps, 1) if record_attention else None)
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Top-k then nucleus (top-p) truncation: logits outside the kept set become -inf. (B, V) -> (B, V).
+
+    top-k keeps the k highest logits; top-p keeps the smallest set of highest-probability tokens
+    whose total probability reaches p (always at least one token)."""
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]              # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach p.
+        drop_sorted = probs.cumsum(-1) - probs >= top_p                       # (B, V)
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def token_logprobs(logits, targets, temperature=1.0):
+    """log softmax(logits / temperature)[target] per position: (B, T, V), (B, T) -> (B, T).
+
+    The same quantity the sampler records (SPEC §2), so on the sampled tokens the first PPO epoch's
+    ratio is exactly 1."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameters of the model `cfg` describes, built on the meta device (no memory allocated)."""
+    with torch.device("meta"):
+        return EncoderDecoder(cfg).num_params()
+
+
+if __name__ == "__main__":
+    # `python model.py` prints the table of presets in the README.
+    print("| size | d_model | heads | enc+dec layers | d_ff | vocab | parameters |")
+    print("|---|---|---|---|---|---|---|")
+    for name in SIZES:
+        c = config_for(name)
+        print(f"| `{name}` | {c.d_model} | {c.n_heads} | {c.n_enc_layers}+{c.n_dec_layers} | {c.d_ff} | "
+              f"{c.vocab_size:,} | {count_params(c):,} |")

@@ -1,0 +1,260 @@
+"""model.py: attention, the recorded cross-attention Abar (§3.2), the KV-cached sampler, presets."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (SIZES, EncoderDecoder, ModelConfig, attention, config_for, count_params, filter_logits,
+                   token_logprobs)
+
+BOS, EOS, PAD = 1, 2, 0
+
+
+def small_model(seed=0, vocab_size=11, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab_size, d_model=32, n_heads=4, n_enc_layers=2, n_dec_layers=3, d_ff=64,
+                      max_src_len=16, max_tgt_len=24, last_layers=2, **kw)
+    model = EncoderDecoder(cfg).eval()
+    # Lift the output scale so the sampler sees peaked, input-dependent distributions (and EOS often).
+    with torch.no_grad():
+        model.dec_ln.weight.mul_(8)
+    return model
+
+
+def padded_prompts(lengths, vocab_size=11, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    S = max(lengths)
+    src = torch.randint(3, vocab_size, (len(lengths), S), generator=g)
+    mask = torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]
+    return src.masked_fill(~mask, PAD), mask
+
+
+def teacher_forced(model, src, src_mask, rollout, N, temperature):
+    tgt_in = torch.cat([torch.full_like(rollout.tokens[:, :1], BOS), rollout.tokens[:, :-1]], 1)
+    logits, abar = model(src, src_mask, tgt_in, num_samples=N, attention="mean", tgt_mask=rollout.mask)
+    lp = token_logprobs(logits, rollout.tokens, temperature) * rollout.mask
+    return lp, abar
+
+
+# ---- attention ---------------------------------------------------------------------------
+
+def test_explicit_attention_equals_fused_attention():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    mask[1, ..., 3:] = False
+    for causal, m in ((False, mask), (True, None)):
+        fused, none = attention(q, k, v, mask=m, is_causal=causal)
+        explicit, w = attention(q, k, v, mask=m, is_causal=causal, need_weights=True)
+        assert none is None
+        torch.testing.assert_close(explicit, fused, atol=1e-6, rtol=1e-5)
+        # And against the textbook formula written out once more.
+        scores = q @ k.transpose(-2, -1) / math.sqrt(8)
+        if causal:
+            scores = scores.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+        else:
+            scores = scores.masked_fill(~m, float("-inf"))
+        torch.testing.assert_close(w, scores.softmax(-1), atol=1e-6, rtol=1e-5)
+    assert w[0].triu(1).abs().max() == 0  # causal: nothing above the diagonal
+
+
+def test_weights_only_from_recording_layers():
+    model = small_model()
+    recording = [layer.cross_attn.records for layer in model.decoder]
+    assert recording == [False, True, True]  # last_layers = L' = 2 of 3
+    assert not any(layer.attn.records for layer in model.encoder)
+    x = torch.randn(1, 4, 32)
+    k, v = model.decoder[0].cross_attn.project_kv(x)
+    with pytest.raises(RuntimeError, match="last_layers"):
+        model.decoder[0].cross_attn(x, k, v, need_weights=True)
+    with pytest.raises(RuntimeError, match="last_layers"):
+        model.encoder[0].attn(x, k, v, need_weights=True)
+
+
+# ---- Abar of §3.2 ------------------------------------------------------------------------
+
+def test_abar_is_mean_of_recorded_layers_and_heads_and_a_distribution_over_real_prompt_tokens():
+    model = small_model()
+    src, src_mask = padded_prompts([6, 3, 5])
+    tgt_in = torch.randint(3, 11, (3, 4))
+    logits, abar = model(src, src_mask, tgt_in, attention="mean")
+    _, maps = model(src, src_mask, tgt_in, attention="layers")
+    assert logits.shape == (3, 4, 11) and abar.shape == (3, 4, 6) and maps.shape == (3, 2, 4, 4, 6)
+    # Abar[t, j] = 1/L' sum_l (1/H sum_h A)  with L' = 2, H = 4
+    torch.testing.assert_close(abar, maps.sum(dim=(1, 2)) / (2 * 4))
+    torch.testing.assert_close(abar.sum(-1), torch.ones(3, 4), atol=1e-6, rtol=0)
+    assert abar.masked_select(~src_mask[:, None, :].expand_as(abar)).abs().max() == 0
+    # No attention requested: no maps.
+    assert model(src, src_mask, tgt_in)[1] is None
+
+
+def test_padding_a_batch_does_not_change_any_row():
+    model = small_model()
+    src, src_mask = padded_prompts([7, 2, 4])
+    tgt_in = torch.randint(3, 11, (3, 5))
+    tgt_len = torch.tensor([5, 2, 3])
+    logits, abar = model(src, src_mask, tgt_in, attention="mean")
+    for b in range(3):
+        s, t = int(src_mask[b].sum()), int(tgt_len[b])
+        lone_logits, lone_abar = model(src[b:b + 1, :s], src_mask[b:b + 1, :s], tgt_in[b:b + 1, :t], attention="mean")
+        torch.testing.assert_close(logits[b, :t], lone_logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(abar[b, :t, :s], lone_abar[0], atol=1e-5, rtol=1e-5)
+
+
+# ---- the sampler ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=4), dict(top_p=0.8),
+                                dict(greedy=True, temperature=1.3)])
+def test_cached_sampling_reproduces_teacher_forced_pass(kw):
+    model = small_model()
+    src, src_mask = padded_prompts([6, 3, 5])
+    N = 3
+    g = torch.Generator().manual_seed(0)
+    r = model.sample(src, src_mask, num_samples=N, max_new_tokens=20, generator=g, **kw)
+    assert r.tokens.shape[0] == 9 and r.attn.shape == (9, r.tokens.shape[1], 6)
+    lp, abar = teacher_forced(model, src, src_mask, r, N, kw.get("temperature", 1.0))
+    torch.testing.assert_close(r.logprobs, lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r.attn, abar, atol=1e-5, rtol=0)
+    # Rows of prompt b are b*N .. b*N+N-1: their attention is zero exactly on b's padding.
+    for row in range(9):
+        b = row // N
+        real = r.mask[row]
+        torch.testing.assert_close(r.attn[row][real].sum(-1), torch.ones(int(real.sum())), atol=1e-6, rtol=0)
+        assert r.attn[row][:, ~src_mask[b]].abs().sum() == 0
+
+
+def test_each_row_stops_at_its_own_eos():
+    model = small_model(vocab_size=5)  # EOS is 1 of 5 tokens: rows finish at different steps
+    src, src_mask = padded_prompts([4, 4], vocab_size=5)
+    r = model.sample(src, src_mask, num_samples=8, max_new_tokens=24, generator=torch.Generator().manual_seed(3))
+    lengths = r.mask.sum(1)
+    assert len(set(lengths.tolist())) > 1, "test needs rows of different lengths"
+    for row in range(16):
+        n = int(lengths[row])
+        eos_at = (r.tokens[row] == EOS).nonzero()
+        if len(eos_at):                                       # finished: mask covers up to and including EOS
+            assert int(eos_at[0]) == n - 1
+        else:                                                 # ran to max_new_tokens without EOS
+            assert n == r.tokens.shape[1] == 24
+        assert r.mask[row, :n].all() and not r.mask[row, n:].any()
+        assert (r.tokens[row, n:] == PAD).all()
+        assert (r.logprobs[row, n:] == 0).all() and (r.attn[row, n:] == 0).all()
+        assert (r.logprobs[row, :n] < 0).all()
+    assert r.tokens.shape[1] == int(lengths.max())           # stops once every row has finished
+
+
+def test_top_k_and_top_p_never_sample_outside_their_sets():
+    model = small_model(vocab_size=20)
+    src, src_mask = padded_prompts([5, 3], vocab_size=20)
+    for kw in (dict(top_k=3), dict(top_p=0.5), dict(top_k=5, top_p=0.7)):
+        r = model.sample(src, src_mask, num_samples=16, max_new_tokens=10, temperature=1.5,
+                         generator=torch.Generator().manual_seed(1), **kw)
+        tgt_in = torch.cat([torch.full_like(r.tokens[:, :1], BOS), r.tokens[:, :-1]], 1)
+        logits = model(src, src_mask, tgt_in, num_samples=16)[0] / 1.5    # (B*N, T, V)
+        for row, t in r.mask.nonzero().tolist():
+            z = logits[row, t]
+            order = z.argsort(descending=True).tolist()
+            allowed = set(order[:kw.get("top_k", 20)])
+            if "top_p" in kw:  # smallest prefix (of the top-k renormalised) whose probability reaches p
+                keep = order[:kw.get("top_k", 20)]
+                p = torch.softmax(z[keep], -1).tolist()
+                total, nucleus = 0.0, set()
+                for tok, pi in zip(keep, p):
+                    nucleus.add(tok)
+                    total += pi
+                    if total >= kw["top_p"]:
+                        break
+                allowed &= nucleus
+            assert int(r.tokens[row, t]) in allowed, (kw, row, t)
+
+
+def test_filter_logits_on_a_hand_worked_case():
+    logits = torch.log(torch.tensor([[0.5, 0.05, 0.3, 0.15]]))
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, False, True, False]]
+    # p=0.8: 0.5 < 0.8, 0.5+0.3 = 0.8 reaches it -> {0, 2}; p=0.81 needs 0.15 too -> {0, 2, 3}
+    assert torch.isfinite(filter_logits(logits, top_p=0.8)).tolist() == [[True, False, True, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, False, True, True]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.1)).tolist() == [[True, False, False, False]]
+
+
+def test_seeded_sampling_is_reproducible():
+    model = small_model(vocab_size=20)
+    src, src_mask = padded_prompts([5, 3], vocab_size=20)
+    run = lambda seed: model.sample(src, src_mask, num_samples=4, max_new_tokens=12, temperature=2.0,
+                                    generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(7), run(7), run(8)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs) and torch.equal(a.attn, b.attn)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_sampling_without_recording_returns_no_attention_and_the_same_tokens():
+    model = small_model(vocab_size=20)
+    src, src_mask = padded_prompts([5, 3], vocab_size=20)
+    a = model.sample(src, src_mask, num_samples=2, generator=torch.Generator().manual_seed(0))
+    b = model.sample(src, src_mask, num_samples=2, generator=torch.Generator().manual_seed(0), record_attention=False)
+    assert b.attn is None and torch.equal(a.tokens, b.tokens)
+
+
+# ---- value head --------------------------------------------------------------------------
+
+def test_value_head_starts_at_zero_and_ignores_padding():
+    model = small_model()
+    src, src_mask = padded_prompts([6, 3])
+    memory = model.encode(src, src_mask)
+    assert model.value(memory, src_mask).tolist() == [0.0, 0.0]
+    torch.nn.init.normal_(model.value_head.out.weight)
+    v = model.value(memory, src_mask)
+    # Independent computation: mean of the real rows, through the MLP.
+    pooled = torch.stack([memory[0, :6].mean(0), memory[1, :3].mean(0)])
+    h = model.value_head
+    torch.testing.assert_close(v, h.out(torch.tanh(h.hidden(pooled))).squeeze(-1))
+    lone = model.value(model.encode(src[1:, :3], src_mask[1:, :3]), src_mask[1:, :3])
+    torch.testing.assert_close(v[1:], lone, atol=1e-5, rtol=1e-5)
+
+
+# ---- presets -------------------------------------------------------------------------------
+
+def closed_form_params(c: ModelConfig) -> int:
+    """Count by hand: embeddings, per-layer blocks (bias-free linears and LayerNorms), value head."""
+    D, F_ = c.d_model, c.d_ff
+    emb = c.vocab_size * D + (c.max_src_len + c.max_tgt_len) * D
+    enc = c.n_enc_layers * (4 * D * D + 2 * D * F_ + 2 * D)       # q, kv, out; up, out; 2 LN
+    dec = c.n_dec_layers * (8 * D * D + 2 * D * F_ + 3 * D)       # self + cross attention; FF; 3 LN
+    value = D * D + D + D + 1
+    return emb + enc + dec + 2 * D + value                        # + final encoder and decoder LN
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_parameter_count_of_every_preset(size):
+    cfg = config_for(size)
+    n = count_params(cfg)  # on the meta device: the 1.3b preset allocates nothing
+    assert n == closed_form_params(cfg)
+    bounds = {"tiny": (1e6, 2e6), "small": (4e6, 20e6), "base": (2e7, 1.5e8), "1.3b": (1.2e9, 1.4e9)}
+    lo, hi = bounds[size]
+    assert lo <= n <= hi, f"{size}: {n:,}"
+
+
+def test_meta_device_build_allocates_nothing():
+    with torch.device("meta"):
+        m = EncoderDecoder(config_for("1.3b"))
+    assert all(p.is_meta for p in m.parameters())
+
+
+def test_presets_and_overrides_are_checked():
+    assert config_for("tiny", last_layers=2).last_layers == 2
+    with pytest.raises(ValueError, match="valid sizes: tiny, small, base, 1.3b"):
+        config_for("huge")
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        config_for("tiny", n_layer=3)
+    with pytest.raises(ValueError, match="last_layers"):
+        config_for("tiny", last_layers=3)
+
+
+def test_overlong_inputs_are_errors():
+    model = small_model()
+    with pytest.raises(ValueError, match="max_src_len"):
+        model.encode(torch.ones(1, 17, dtype=torch.long), torch.ones(1, 17, dtype=torch.bool))
+    with pytest.raises(ValueError, match="max_tgt_len"):
+        model(*padded_prompts([3]), torch.ones(1, 25, dtype=torch.long))
