@@ -1,0 +1,91 @@
+"""cagsr.py: flags, device choice, checkpoints, and the real CLI run as a subprocess."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cagsr
+import data
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--set", "d_model=32", "--set", "d_ff=64", "--set", "n_heads=2", "--set", "vocab_size=400"]
+
+
+def test_unknown_flag_lists_the_valid_ones(capsys):
+    with pytest.raises(SystemExit) as e:
+        cagsr.main(["--sizee", "tiny"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --sizee" in err and "--size" in err and "--dataset" in err
+
+
+def test_unknown_size_and_bad_overrides_are_refused():
+    with pytest.raises(SystemExit, match="valid sizes: tiny, small, base, 1.3b"):
+        cagsr.main(["--size", "huge"])
+    with pytest.raises(SystemExit, match="unknown ModelConfig field 'width'"):
+        cagsr.main(["--set", "width=3"])
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        cagsr.main(["--set", "d_model"])
+
+
+def test_device_choice():
+    assert cagsr.pick_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert cagsr.pick_device().type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            cagsr.pick_device("cuda")
+
+
+def test_out_dir_holding_files_is_not_overwritten(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("precious\n")
+    with pytest.raises(SystemExit, match="--overwrite"):
+        cagsr.main(["--out", str(tmp_path), "--sft-steps", "1"] + TINY)
+    assert (tmp_path / "metrics.jsonl").read_text() == "precious\n"
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    assert cagsr.lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
+    assert cagsr.lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
+    assert cagsr.lr_at(55, 1.0, 10, 100) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert cagsr.lr_at(100, 1.0, 10, 100) == pytest.approx(0.1)
+
+
+def test_sft_loss_is_the_mean_token_cross_entropy():
+    torch.manual_seed(0)
+    from model import EncoderDecoder, ModelConfig
+    m = EncoderDecoder(ModelConfig(vocab_size=9, d_model=16, n_heads=2, n_enc_layers=1, n_dec_layers=1, d_ff=32))
+    batch = data.collate([([5, 6, 2], [7, 2]), ([4, 2], [8, 5, 6, 2])])
+    with torch.no_grad():
+        logits, _ = m(batch["src"], batch["src_mask"], batch["tgt_in"])
+        loss = cagsr.sft_loss(m, batch).item()
+    # Independent: average -log p over the 2 + 4 real target tokens, pads excluded.
+    terms = [-torch.log_softmax(logits[b, t], -1)[batch["tgt_out"][b, t]]
+             for b, n in ((0, 2), (1, 4)) for t in range(n)]
+    assert loss == pytest.approx(float(sum(terms) / 6), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_sft_run_writes_a_loadable_run_directory(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "cagsr.py", "--dataset", "qa-grounded", "--sft-steps", "30", "--eval-every", "15",
+           "--batch-size", "16", "--num-eval", "8", "--out", str(out), "--seed", "3"] + TINY
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "held-out exact-match" in proc.stdout and "reference:" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    sft_rows = [r for r in rows if r["stage"] == "sft"]
+    assert [r["step"] for r in sft_rows] == [15, 30]
+    assert sft_rows[1]["val_loss"] < sft_rows[0]["val_loss"]            # it learns
+    assert rows[-1]["stage"] == "sft_eval" and rows[-1]["num_eval"] == 8
+    assert json.loads((out / "args.json").read_text())["seed"] == 3
+    model, tok, ckpt = cagsr.load_checkpoint(out / "sft.pt")
+    assert ckpt["stage"] == "sft" and ckpt["step"] == 30 and ckpt["model_config"]["d_model"] == 32
+    assert model.cfg.vocab_size == tok.get_vocab_size() <= 400
+    text = "Kelo Varin was born in 1950. When was Kelo Varin born?"
+    assert data.decode(tok, data.encode_prompt(tok, text)) == text
+    assert not list(out.glob("*.tmp"))                                  # atomic write left nothing behind
