@@ -1,0 +1,369 @@
+"""The RL stage of CAGSR (§4, §5, Figure 1): sample N candidates per prompt, score them with the
+attention reward of §3.2, and update the policy with PPO (or plain REINFORCE with a baseline).
+
+    J(theta)  = E_x E_{y ~ pi_theta(.|x)} [ R(x, y) ]                                      (§4)
+    r_t       = pi_theta(y_t | x, y_<t) / pi_theta_old(y_t | x, y_<t)
+    L_PPO     = E[ min(r_t A, clip(r_t, 1 - eps, 1 + eps) A) ]
+    A         = R(x, y) - V_theta_old(x)       one sequence-level advantage on every token
+
+The file reads top to bottom: the config, the pure functions (one per equation, each tested),
+then `collect` (a rollout: sample, reward, advantages) and `update` (the PPO epochs). The loop
+that calls them, with logging and checkpoints, is `cagsr.py`'s RL stage.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+import data
+from model import token_logprobs
+from reward import RewardConfig, SalientTokens, compute_reward
+
+
+@dataclass
+class PPOConfig:
+    algo: str = "ppo"
+    """"ppo" (§4) or "pg": REINFORCE with a baseline, the "standard policy gradient" the paper compares with."""
+    prompts_per_iter: int = 64
+    """Prompts per iteration (§7.2: 64)."""
+    num_samples: int = 4
+    """N candidates per prompt (§7.2: 4)."""
+    lr: float = 1e-5
+    """Adam learning rate (§7.2: 1e-5)."""
+    clip_eps: float = 0.2
+    """PPO clipping epsilon (§7.2: 0.2)."""
+    epochs: int = 1
+    """PPO epochs over each rollout."""
+    minibatches: int = 1
+    """Minibatches per epoch (split by prompt, so a prompt's N candidates stay together)."""
+    baseline: str = "value"
+    """"value": V(x) of the value head (§4, §7.2); "group": the mean reward of the other N-1
+    candidates of the same prompt (RLOO/GRPO-style); "none"."""
+    whiten: bool = False
+    """Normalise advantages to mean 0 and std 1 over the rollout."""
+    value_coef: float = 0.1
+    """Weight of the value loss (V(x) - R)^2 in the total loss."""
+    value_warmup: int = 0
+    """Iterations at the start that fit only the value head on the SFT policy's samples."""
+    entropy_coef: float = 0.0
+    """Weight of the policy-entropy bonus."""
+    kl_coef: float = 0.0
+    """KL penalty to the frozen SFT policy, subtracted from R (InstructGPT). 0 = the paper."""
+    kl_target: float | None = None
+    """If set, an adaptive controller (Ziegler et al. 2019) steers kl_coef towards this KL per sequence."""
+    kl_horizon: int = 10_000
+    """Horizon of the adaptive KL controller, in samples."""
+    kl_k3_coef: float = 0.0
+    """Optional k3 KL estimate to the SFT policy as a loss term (GRPO-style), instead of or beside kl_coef."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping (0 = off)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probabilities are of softmax(logits / temperature) (SPEC §2)."""
+    top_k: int | None = 50
+    """Top-k sampling (§5: "top-k or nucleus sampling"); None = off."""
+    top_p: float | None = None
+    """Nucleus sampling; None = off."""
+    max_new_tokens: int = 64
+    """Longest sampled response."""
+
+    def __post_init__(self):
+        if self.algo not in ("ppo", "pg"):
+            raise ValueError(f"algo must be 'ppo' or 'pg', got {self.algo!r}")
+        if self.baseline not in ("value", "group", "none"):
+            raise ValueError(f"baseline must be 'value', 'group' or 'none', got {self.baseline!r}")
+        if self.baseline == "group" and self.num_samples < 2:
+            raise ValueError("the group baseline needs num_samples >= 2 (the other candidates of the same prompt)")
+        if not 1 <= self.minibatches <= self.prompts_per_iter:
+            raise ValueError(f"minibatches must be in 1..prompts_per_iter={self.prompts_per_iter}")
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions, one per equation.
+# --------------------------------------------------------------------------------------------
+
+def masked_mean(x, mask):
+    """Mean of x over the positions where mask is True (all valid response tokens of the batch)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2):
+    """Minus the clipped surrogate of §4, averaged over the valid response tokens of the batch.
+
+    logprobs, old_logprobs (B, T); advantages (B,), one per sequence, applied to each of its tokens;
+    mask (B, T) bool. -> scalar."""
+    ratio = torch.exp(logprobs - old_logprobs)                                 # r_t, (B, T)
+    A = advantages[:, None]                                                    # (B, 1)
+    surrogate = torch.minimum(ratio * A, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A)
+    return -masked_mean(surrogate, mask)
+
+
+def pg_loss(logprobs, advantages, mask):
+    """REINFORCE with a baseline (§4): minus log pi(y_t) * A, averaged over valid tokens. Its gradient
+    equals PPO's when the ratio is 1 and nothing clips."""
+    return -masked_mean(logprobs * advantages[:, None], mask)
+
+
+def value_loss(values, returns):
+    """Squared error of V(x) to each candidate's reward: (B,), (B,) -> scalar."""
+    return ((values - returns) ** 2).mean()
+
+
+def group_baseline(rewards, num_samples):
+    """For each candidate, the mean reward of the other N-1 candidates of its prompt (leave-one-out,
+    as in RLOO). rewards (B*N,) with prompt b's candidates at rows b*N .. b*N+N-1 -> (B*N,)."""
+    r = rewards.view(-1, num_samples)                                          # (B, N)
+    return ((r.sum(1, keepdim=True) - r) / (num_samples - 1)).flatten()
+
+
+def whiten(x, eps=1e-8):
+    """(x - mean) / std over the whole batch."""
+    return (x - x.mean()) / (x.std(unbiased=False) + eps)
+
+
+def kl_to_reference(logprobs, ref_logprobs, mask):
+    """Per-sequence KL estimate to the SFT policy: the sum over response tokens of the k1 estimate
+    log pi(y_t) - log pi_sft(y_t) (InstructGPT). (B, T) x2, (B, T) -> (B,)."""
+    return ((logprobs - ref_logprobs) * mask).sum(-1)
+
+
+def k3_kl(logprobs, ref_logprobs, mask):
+    """The k3 estimate of KL(pi || pi_ref) per token, exp(d) - 1 - d with d = log pi_ref - log pi:
+    non-negative, unbiased, and differentiable in logprobs. Averaged over valid tokens -> scalar."""
+    d = ref_logprobs - logprobs
+    return masked_mean(torch.exp(d) - 1 - d, mask)
+
+
+def approx_kl(logprobs, old_logprobs, mask):
+    """How far an update moved the policy from the one that sampled: mean k3 estimate
+    (r - 1) - log r over valid tokens (the `approx_kl` of PPO implementations)."""
+    log_ratio = logprobs - old_logprobs
+    return masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)
+
+
+def clip_fraction(logprobs, old_logprobs, mask, clip_eps):
+    """Share of valid tokens whose ratio lies outside [1 - eps, 1 + eps]."""
+    return masked_mean(((logprobs - old_logprobs).exp() - 1).abs().gt(clip_eps).float(), mask)
+
+
+def explained_variance(predicted, target):
+    """1 - Var(target - predicted) / Var(target): 1 is a perfect V(x), 0 no better than a constant."""
+    var = target.var(unbiased=False)
+    return float("nan") if var == 0 else float(1 - (target - predicted).var(unbiased=False) / var)
+
+
+def token_entropy(logits, mask, temperature=1.0):
+    """Mean entropy of softmax(logits / temperature) over valid tokens: (B, T, V), (B, T) -> scalar."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): raise the KL coefficient when the measured KL is above target, lower it
+    when below, by at most 20% of the error per horizon."""
+
+    def __init__(self, coef: float, target: float, horizon: int):
+        self.coef, self.target, self.horizon = coef, target, horizon
+
+    def update(self, kl: float, n_samples: int) -> float:
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.coef *= 1 + error * n_samples / self.horizon
+        return self.coef
+
+
+# --------------------------------------------------------------------------------------------
+# One iteration: collect a rollout (§5), then update.
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Experience:
+    """Everything an update needs from one rollout of B prompts x N candidates."""
+    src: torch.Tensor            # (B, S)
+    src_mask: torch.Tensor       # (B, S)
+    tokens: torch.Tensor         # (B*N, T)
+    mask: torch.Tensor           # (B*N, T)
+    old_logprobs: torch.Tensor   # (B*N, T) log pi_old(y_t), as sampled
+    ref_logprobs: torch.Tensor   # (B*N, T) log pi_sft(y_t)
+    returns: torch.Tensor        # (B*N,) R - kl_coef * KL: the target of V(x)
+    advantages: torch.Tensor     # (B*N,)
+    values: torch.Tensor         # (B*N,) V_old(x), repeated over the N candidates
+    terms: dict                  # reward terms per candidate, each (B*N,)
+
+
+def special_mask(src, src_mask):
+    """(B, S) bool: the prompt's special tokens (PAD/BOS/EOS/UNK ids), the usual attention sinks."""
+    return (src < len(data.SPECIAL_TOKENS)) & src_mask
+
+
+def decoder_input(tokens, bos_id=data.BOS_ID):
+    """[BOS] + y[:-1]: the teacher-forced decoder input that predicts `tokens`. (B, T) -> (B, T)."""
+    return torch.cat([torch.full_like(tokens[:, :1], bos_id), tokens[:, :-1]], dim=1)
+
+
+@torch.no_grad()
+def score(model, src, src_mask, salient: SalientTokens, reward_cfg: RewardConfig, cfg: PPOConfig,
+          generator=None, num_samples=None):
+    """Sample candidates with the recorded Abar and compute the reward of §3.2.
+    Returns (Rollout, terms dict of (B*N,) tensors, seconds spent sampling, seconds on the reward)."""
+    N = num_samples or cfg.num_samples
+    t0 = time.time()
+    r = model.sample(src, src_mask, num_samples=N, max_new_tokens=cfg.max_new_tokens,
+                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+    t1 = time.time()
+    rep = lambda x: x.repeat_interleave(N, dim=0)                              # (B, S) -> (B*N, S)
+    terms = compute_reward(r.attn, r.tokens, r.mask, rep(salient(src, src_mask, reward_cfg)), reward_cfg,
+                           special=rep(special_mask(src, src_mask)))
+    terms["length"] = r.mask.sum(-1).float()
+    return r, terms, t1 - t0, time.time() - t1
+
+
+@torch.no_grad()
+def collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg: PPOConfig, kl_coef: float, generator=None):
+    """One rollout (§5, Figure 1): N candidates per prompt, their reward, the KL penalty to the SFT
+    policy, and advantages A = R - b(x). Returns (Experience, timings in seconds)."""
+    model.eval()                                       # dropout off during rollouts (Huang et al.)
+    N = cfg.num_samples
+    r, terms, sample_s, reward_s = score(model, src, src_mask, salient, reward_cfg, cfg, generator)
+    t1 = time.time()
+    tgt_in = decoder_input(r.tokens)
+    ref_logits, _ = ref_model(src, src_mask, tgt_in, num_samples=N)
+    ref_logprobs = token_logprobs(ref_logits, r.tokens, cfg.temperature) * r.mask
+    kl = kl_to_reference(r.logprobs, ref_logprobs, r.mask)                    # (B*N,)
+    returns = terms["reward"] - kl_coef * kl
+    values = model.value(model.encode(src, src_mask), src_mask).repeat_interleave(N)   # V_old(x)
+    if cfg.baseline == "value":
+        advantages = returns - values
+    elif cfg.baseline == "group":
+        advantages = returns - group_baseline(returns, N)
+    else:
+        advantages = returns.clone()
+    if cfg.whiten:
+        advantages = whiten(advantages)
+    terms["kl_ref"] = kl
+    exp = Experience(src, src_mask, r.tokens, r.mask, r.logprobs, ref_logprobs, returns, advantages, values, terms)
+    return exp, dict(sample_s=sample_s, reward_s=reward_s, ref_s=time.time() - t1)
+
+
+def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, generator=None) -> dict:
+    """PPO epochs over one rollout (or one REINFORCE step when cfg.algo == "pg").
+
+    value_only=True is the value warm-up: the loss is the value loss on detached encoder states, so
+    only the value head moves and the policy is unchanged. A minibatch whose loss or gradient norm is
+    not finite is skipped (never applied) and counted in `skipped`."""
+    model.eval()                                       # dropout off during updates too
+    B, N = exp.src.size(0), cfg.num_samples
+    epochs = 1 if cfg.algo == "pg" else cfg.epochs
+    stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "grad_norm", "k3_kl")}
+    skipped = 0
+    for _ in range(epochs):
+        order = torch.randperm(B, generator=generator).to(exp.src.device)
+        for mb in order.chunk(cfg.minibatches):
+            rows = (mb[:, None] * N + torch.arange(N, device=mb.device)).flatten()   # candidates of these prompts
+            src, src_mask = exp.src[mb], exp.src_mask[mb]
+            tokens, mask = exp.tokens[rows], exp.mask[rows]
+            memory = model.encode(src, src_mask)
+            if value_only:
+                values = model.value(memory.detach(), src_mask).repeat_interleave(N)
+                loss = v_loss = value_loss(values, exp.returns[rows])
+            else:
+                logits, _ = model.decode(memory, src_mask, decoder_input(tokens), num_samples=N)
+                logprobs = token_logprobs(logits, tokens, cfg.temperature)
+                old = exp.old_logprobs[rows]
+                adv = exp.advantages[rows]
+                if cfg.algo == "ppo":
+                    p_loss = ppo_policy_loss(logprobs, old, adv, mask, cfg.clip_eps)
+                else:
+                    p_loss = pg_loss(logprobs, adv, mask)
+                values = model.value(memory, src_mask).repeat_interleave(N)
+                v_loss = value_loss(values, exp.returns[rows])
+                entropy = token_entropy(logits, mask, cfg.temperature)
+                k3 = k3_kl(logprobs, exp.ref_logprobs[rows], mask)
+                loss = p_loss + cfg.value_coef * v_loss - cfg.entropy_coef * entropy + cfg.kl_k3_coef * k3
+                with torch.no_grad():
+                    stats["policy_loss"].append(p_loss.item())
+                    stats["entropy"].append(entropy.item())
+                    stats["approx_kl"].append(approx_kl(logprobs, old, mask).item())
+                    stats["clipfrac"].append(clip_fraction(logprobs, old, mask, cfg.clip_eps).item())
+                    stats["k3_kl"].append(k3.item())
+            stats["value_loss"].append(v_loss.item())
+            optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                skipped += 1
+                continue
+            loss.backward()
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            if not torch.isfinite(norm):
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            stats["grad_norm"].append(norm.item())
+            optimizer.step()
+    out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+    out["skipped"] = skipped
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The loop (§5): rollout, update, repeat.
+# --------------------------------------------------------------------------------------------
+
+def prompt_batches(prompts: list[list[int]], batch_size: int, seed: int):
+    """Endless batches of B prompts, (src, src_mask), reshuffled every pass over the prompts."""
+    epoch = 0
+    while True:
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            batch = data.collate([(prompts[j], [data.EOS_ID]) for j in order[i:i + batch_size]])
+            yield batch["src"], batch["src_mask"]
+        epoch += 1
+
+
+def iteration_metrics(exp: Experience, stats: dict, timings: dict, kl_coef: float) -> dict:
+    """The per-iteration log row: reward and its terms, the PPO statistics, the KL to the SFT policy."""
+    row = {k: float(v.mean()) for k, v in exp.terms.items()}
+    row.update(stats)
+    row["explained_variance"] = explained_variance(exp.values, exp.returns)
+    row["kl_coef"] = kl_coef
+    row.update({k: round(v, 3) for k, v in timings.items()})
+    return row
+
+
+def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfig, cfg: PPOConfig,
+          iterations: int, seed: int = 0, start: int = 0, on_iteration=None, progress=None) -> list[dict]:
+    """CAGSR's RL stage (§5, Figure 1): for each iteration, take prompts_per_iter prompts, sample N
+    candidates each while recording the cross-attention, compute R per candidate, compute
+    advantages, apply the PPO update. The first cfg.value_warmup iterations fit only V(x).
+
+    prompts: encoded training prompts (lists of ids ending in EOS). on_iteration(i, row) is called
+    after every iteration (logging, evaluation, checkpoints). A rollout whose reward is not finite
+    is never used for an update: it is skipped and counted. Returns the metric rows."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cpu_gen = torch.Generator().manual_seed(seed)
+    batches = prompt_batches(prompts, cfg.prompts_per_iter, seed)
+    kl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
+    kl_coef, history = cfg.kl_coef, []
+    for i in range(start, start + iterations):
+        src, src_mask = (t.to(device) for t in next(batches))
+        exp, timings = collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg, kl_coef, gen)
+        warmup = i < cfg.value_warmup
+        t0 = time.time()
+        if torch.isfinite(exp.returns).all():
+            stats = update(model, optimizer, exp, cfg, value_only=warmup, generator=cpu_gen)
+        else:
+            stats = dict(skipped=1, nonfinite_reward=int((~torch.isfinite(exp.returns)).sum()))
+        timings["update_s"] = time.time() - t0
+        row = dict(stage="rl", iteration=i + 1, value_warmup=warmup, **iteration_metrics(exp, stats, timings, kl_coef))
+        if kl is not None and not warmup:
+            kl_coef = kl.update(row["kl_ref"], exp.tokens.size(0))
+        history.append(row)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl_ref']:.2f}", refresh=False)
+        if on_iteration is not None:
+            on_iteration(i + 1, row)
+    return history

@@ -1,0 +1,186 @@
+"""ppo.py: the PPO objective of §4, its companions, and one rollout + update on a small model."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ppo
+from model import EncoderDecoder, ModelConfig
+from reward import RewardConfig, SalientTokens, compute_reward
+
+
+def random_batch(seed=0, B=5, T=7):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g) * 3
+    new = old + torch.randn(B, T, generator=g) * 0.3
+    adv = torch.randn(B, generator=g)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    return new, old, adv, mask
+
+
+# ---- the objective ------------------------------------------------------------------------
+
+def test_ppo_policy_loss_matches_an_independent_computation():
+    new, old, adv, mask = random_batch()
+    eps = 0.2
+    # Independent: a plain loop over valid tokens, in float64 numpy.
+    terms = []
+    for b in range(new.shape[0]):
+        for t in range(new.shape[1]):
+            if mask[b, t]:
+                r = math.exp(float(new[b, t]) - float(old[b, t]))
+                a = float(adv[b])
+                terms.append(min(r * a, min(max(r, 1 - eps), 1 + eps) * a))
+    expected = -np.mean(terms)
+    assert float(ppo.ppo_policy_loss(new, old, adv, mask, eps)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_no_gradient_through_tokens_clipped_on_the_losing_side():
+    old = torch.zeros(4, 1)
+    # ratio e^0.5 = 1.65 > 1.2 with A > 0: clipped, no gradient.  ratio e^-0.5 = 0.61 < 0.8 with A < 0:
+    # clipped, no gradient.  ratio 1.65 with A < 0 and ratio 0.61 with A > 0: the unclipped term is the
+    # minimum, so the gradient flows (PPO only stops the update from going further in the good direction).
+    new = torch.tensor([[0.5], [-0.5], [0.5], [-0.5]], requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    mask = torch.ones(4, 1, dtype=torch.bool)
+    ppo.ppo_policy_loss(new, old, adv, mask, 0.2).backward()
+    g = new.grad.flatten()
+    assert g[0] == 0 and g[1] == 0
+    # d/dx of -(e^x * A)/4 at x: -A e^x / 4
+    assert float(g[2]) == pytest.approx(math.exp(0.5) / 4, rel=1e-6)
+    assert float(g[3]) == pytest.approx(-math.exp(-0.5) / 4, rel=1e-6)
+
+
+def test_pg_and_ppo_gradients_agree_when_the_ratio_is_one():
+    _, old, adv, mask = random_batch(seed=1)
+    a = old.clone().requires_grad_(True)
+    b = old.clone().requires_grad_(True)
+    ppo.ppo_policy_loss(a, old, adv, mask, 0.2).backward()
+    ppo.pg_loss(b, adv, mask).backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    assert a.grad.abs().sum() > 0
+
+
+def test_value_loss_group_baseline_and_whitening():
+    assert float(ppo.value_loss(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0]))) == pytest.approx((1 + 4) / 2)
+    # prompt 0: rewards 1, 2, 6 -> the others' means (2+6)/2, (1+6)/2, (1+2)/2; prompt 1: 0, 0, 3
+    r = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    assert ppo.group_baseline(r, 3).tolist() == [4.0, 3.5, 1.5, 1.5, 1.5, 0.0]
+    w = ppo.whiten(torch.tensor([1.0, 2.0, 3.0, 10.0]))
+    assert float(w.mean()) == pytest.approx(0, abs=1e-6) and float(w.std(unbiased=False)) == pytest.approx(1, rel=1e-5)
+
+
+def test_kl_estimates_and_diagnostics_on_hand_worked_cases():
+    lp = torch.tensor([[-1.0, -2.0, -3.0]])
+    ref = torch.tensor([[-1.5, -2.0, -1.0]])
+    mask = torch.tensor([[True, True, False]])
+    # k1 summed over the 2 valid tokens: (-1 + 1.5) + (-2 + 2) = 0.5
+    assert ppo.kl_to_reference(lp, ref, mask).tolist() == [0.5]
+    # k3 per token with d = ref - lp: d = -0.5 -> e^-0.5 - 1 + 0.5; d = 0 -> 0; mean over 2 tokens
+    assert float(ppo.k3_kl(lp, ref, mask)) == pytest.approx((math.exp(-0.5) - 0.5) / 2, rel=1e-6)
+    assert float(ppo.approx_kl(lp, lp, mask)) == 0
+    # ratios e^0.1 (inside 1 +- 0.2) and e^0.3 (outside): half the valid tokens clip
+    assert float(ppo.clip_fraction(torch.tensor([[0.1, 0.3, 5.0]]), torch.zeros(1, 3), mask, 0.2)) == 0.5
+    t = torch.tensor([1.0, 2.0, 3.0])
+    assert ppo.explained_variance(t, t) == 1.0
+    assert ppo.explained_variance(torch.full((3,), 2.0), t) == pytest.approx(0.0)
+
+
+def test_adaptive_kl_controller():
+    c = ppo.AdaptiveKLController(0.1, target=1.0, horizon=100)
+    # KL 2x target: error clipped to +0.2, times 50 samples / horizon 100 -> coef * 1.1
+    assert c.update(2.0, 50) == pytest.approx(0.11)
+    # KL 0.9 of target: error -0.1 -> * 0.95
+    assert c.update(0.9, 50) == pytest.approx(0.11 * 0.95)
+
+
+def test_token_entropy_of_uniform_logits_is_log_v():
+    logits = torch.zeros(2, 3, 8)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    assert float(ppo.token_entropy(logits, mask)) == pytest.approx(math.log(8), rel=1e-6)
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="algo"):
+        ppo.PPOConfig(algo="dpo")
+    with pytest.raises(ValueError, match="num_samples >= 2"):
+        ppo.PPOConfig(baseline="group", num_samples=1)
+
+
+# ---- one rollout and update on a small model ----------------------------------------------
+
+def small_policy(seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=12, d_model=32, n_heads=4, n_enc_layers=1, n_dec_layers=2, d_ff=64,
+                      max_src_len=12, max_tgt_len=16, last_layers=2)
+    m = EncoderDecoder(cfg).eval()
+    with torch.no_grad():
+        m.dec_ln.weight.mul_(6)
+    return m
+
+
+def setup_rollout(baseline="value", **kw):
+    policy = small_policy()
+    ref = small_policy()
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, 12, (3, 6), generator=g)
+    src[2, 4:] = 0
+    src[:, 3] = 2                                                 # an EOS inside the prompt: a special token
+    src_mask = src != 0
+    idf = torch.linspace(0.1, 2.0, 12)
+    content = torch.arange(12) >= 4
+    salient = SalientTokens(idf, content, [f" t{i}" for i in range(12)])
+    cfg = ppo.PPOConfig(num_samples=3, prompts_per_iter=3, max_new_tokens=10, baseline=baseline, lr=1e-3, **kw)
+    exp, _ = ppo.collect(policy, ref, src, src_mask, salient, RewardConfig(), cfg, kl_coef=0.1,
+                         generator=torch.Generator().manual_seed(1))
+    return policy, ref, exp, cfg, salient
+
+
+def test_reward_is_computed_on_the_attention_the_policy_really_had():
+    policy, ref, exp, cfg, salient = setup_rollout()
+    # A fresh teacher-forced pass over the sampled responses gives the same Abar, hence the same reward.
+    _, abar = policy(exp.src, exp.src_mask, ppo.decoder_input(exp.tokens), num_samples=3, attention="mean",
+                     tgt_mask=exp.mask)
+    rep = lambda x: x.repeat_interleave(3, 0)
+    fresh = compute_reward(abar, exp.tokens, exp.mask, rep(salient(exp.src, exp.src_mask, RewardConfig())),
+                           RewardConfig(), special=rep(ppo.special_mask(exp.src, exp.src_mask)))
+    for k in ("reward", "coverage", "focus", "repeat", "sink_share"):
+        torch.testing.assert_close(exp.terms[k], fresh[k], atol=1e-5, rtol=0)
+    # The experience's pieces: returns = R - kl_coef * KL to the frozen SFT copy; A = returns - V_old(x)
+    torch.testing.assert_close(exp.returns, exp.terms["reward"] - 0.1 * exp.terms["kl_ref"])
+    torch.testing.assert_close(exp.advantages, exp.returns - exp.values)
+    assert (exp.terms["sink_share"] > 0).all()
+
+
+def test_first_epoch_ratio_is_one_and_an_update_moves_the_policy():
+    policy, _, exp, cfg, _ = setup_rollout(baseline="group")
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    stats = ppo.update(policy, opt, exp, cfg)
+    # ratio 1 up to float32 rounding: exp(d) - 1 - d with |d| < 1e-6 is noise of order 1e-8
+    assert stats["approx_kl"] < 1e-7 and stats["clipfrac"] == 0
+    assert stats["skipped"] == 0
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items() if "value_head" not in k)
+
+
+def test_value_warmup_moves_only_the_value_head():
+    policy, _, exp, cfg, _ = setup_rollout()
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    ppo.update(policy, opt, exp, cfg, value_only=True)
+    after = policy.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("value_head.") for k in changed)
+
+
+def test_a_non_finite_update_is_skipped_and_never_applied():
+    policy, _, exp, cfg, _ = setup_rollout()
+    exp.advantages[0] = float("nan")
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    stats = ppo.update(policy, opt, exp, cfg)
+    assert stats["skipped"] == 1
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
