@@ -1,22 +1,28 @@
-"""CAGSR from the command line: data -> tokenizer -> SFT, the paper's initial policy (§7.2).
+"""CAGSR from the command line (§5, Figure 1): data -> tokenizer -> SFT (the initial policy, §7.2)
+-> RL with the cross-attention reward (§3.2) and PPO (§4).
 
-    python cagsr.py                      # the main job on the embedded defaults
-    python cagsr.py --size small --dataset qa-grounded
+    python cagsr.py                                   # the main job: SFT then CAGSR, on a CPU
+    python cagsr.py --stage rl --init runs/X/sft.pt   # RL from a saved SFT model
+    python cagsr.py --stage sample --init runs/X/rl.pt --prompt "Where does Varo Kelin live?"
+    python cagsr.py --stage eval --init runs/X/rl.pt
     python cagsr.py --help
 
-Every run writes a new run directory (runs/<time>-<size>-<dataset>/ unless --out is given) with
-the arguments, a JSONL metrics log and checkpoints that hold the weights together with the model
-config and the tokenizer.
+A training run writes a new run directory (runs/<time>-<size>-<dataset>/ unless --out is given)
+with its arguments, a JSONL metrics log and checkpoints that hold the weights together with the
+optimizer, RNG states, step, configs, tokenizer and IDF table.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import json
 import math
 import os
 import random
 import sys
+import textwrap
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -27,17 +33,31 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import data
-from evaluation import exact_match
+import ppo
+from evaluation import exact_match, rouge_l
 from model import SIZES, EncoderDecoder, ModelConfig, config_for
+from reward import RewardConfig, SalientTokens
 
 # Training defaults per size, next to the model sizes they go with. The SFT budget of `tiny` is
 # a deliberate trade-off (README, "The SFT stage"): enough steps for most held-out answers to be
 # right on a 2-core CPU, leaving room for RL inside the main job's 10 minutes.
 SFT_DEFAULTS = {
-    "tiny": dict(sft_steps=1200, batch_size=64, lr=2e-3),
-    "small": dict(sft_steps=3000, batch_size=64, lr=1e-3),
-    "base": dict(sft_steps=10000, batch_size=64, lr=5e-4),
-    "1.3b": dict(sft_steps=20000, batch_size=64, lr=1e-4),
+    "tiny": dict(sft_steps=1200, sft_batch_size=64, sft_lr=2e-3),
+    "small": dict(sft_steps=3000, sft_batch_size=64, sft_lr=1e-3),
+    "base": dict(sft_steps=10000, sft_batch_size=64, sft_lr=5e-4),
+    "1.3b": dict(sft_steps=20000, sft_batch_size=64, sft_lr=1e-4),
+}
+
+# RL defaults per size. The GPU presets keep the paper's setting (§7.2: 64 prompts, N = 4,
+# Adam lr 1e-5, eps 0.2, no KL penalty = PPOConfig's defaults). The CPU presets have their own,
+# chosen by measurement (README, "The RL stage"): at lr 1e-5 nothing moves in the few dozen
+# iterations a CPU affords. Every run prints its values next to the paper's.
+CPU_PPO = dict(lr=1e-4, baseline="group", whiten=True, kl_coef=0.1, epochs=4, minibatches=4)
+RL_DEFAULTS = {
+    "tiny": dict(iterations=40, ppo=CPU_PPO),
+    "small": dict(iterations=40, ppo=CPU_PPO),
+    "base": dict(iterations=500, ppo={}),
+    "1.3b": dict(iterations=500, ppo={}),
 }
 
 
@@ -51,6 +71,36 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         valid = sorted(o for a in self._actions for o in a.option_strings if o.startswith("--"))
         self.exit(2, f"{self.prog}: error: {message}\nvalid flags: {' '.join(valid)}\n")
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a config dataclass: the help text of its flag."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def _optional(kind):
+    def parse(text):
+        return None if text.lower() in ("none", "off") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_config_flags(group, cls, skip=()):
+    """One flag per field of the dataclass `cls` (--clip-eps for clip_eps), default None = "the run's
+    default", so a run can print which values the user set."""
+    docs = field_docs(cls)
+    kinds = {"int": int, "float": float, "str": str, "int | None": _optional(int), "float | None": _optional(float)}
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{docs.get(f.name, '')} (paper/default: {f.default})".replace("%", "%%")
+        if f.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            group.add_argument(flag, type=kinds[f.type], default=None, metavar=f.name.upper(), help=help_)
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -71,28 +121,41 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def build_parser() -> Parser:
-    p = Parser(description="CAGSR (arXiv 2502.10482): SFT of an encoder-decoder, the paper's initial policy.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--size", default="tiny", help=f"model preset: {', '.join(SIZES)}")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+    p = Parser(description="CAGSR (arXiv 2502.10482): SFT, then RL with a reward from the model's own "
+                           "cross-attention.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--size", default=None, help=f"model preset: {', '.join(SIZES)} (default: tiny, or the --init checkpoint's)")
+    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one ModelConfig field of the preset (repeatable); printed at start")
-    p.add_argument("--last-layers", type=int, default=None,
+    g.add_argument("--last-layers", type=int, default=None,
                    help="L' of §3.2: decoder layers whose cross-attention is recorded (preset: 1)")
-    p.add_argument("--dataset", default="qa",
-                   help=f"one of {', '.join(data.DATASETS)}, or a PATH.jsonl with prompt/response fields")
-    p.add_argument("--stage", default="sft", choices=["sft"], help="what to run")
-    p.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps (default: per size)")
-    p.add_argument("--batch-size", type=int, default=None, help="SFT batch size in pairs (default: per size)")
-    p.add_argument("--lr", type=float, default=None, help="SFT peak learning rate, AdamW (default: per size)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine decay to lr/10")
-    p.add_argument("--eval-every", type=int, default=250, help="validation loss every this many steps")
-    p.add_argument("--num-eval", type=int, default=500, help="held-out test prompts scored by exact-match")
-    p.add_argument("--truncate", action="store_true",
+    g.add_argument("--dataset", default=None,
+                   help=f"one of {', '.join(data.DATASETS)}, or a PATH.jsonl with prompt/response fields "
+                        "(default: qa, or the --init checkpoint's)")
+    g.add_argument("--stage", default="all", choices=["all", "sft", "rl", "sample", "eval"],
+                   help="all = SFT then RL; rl/sample/eval start from --init")
+    g.add_argument("--init", default=None, metavar="CKPT", help="checkpoint to start the stage from")
+    g.add_argument("--prompt", action="append", default=[], help="prompt(s) for --stage sample (repeatable)")
+    g.add_argument("--truncate", action="store_true",
                    help="truncate over-long prompts/responses (with a warning) instead of failing")
-    p.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and sampling")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    p.add_argument("--out", default=None, help="run directory (default: a new runs/<time>-<size>-<dataset>)")
-    p.add_argument("--overwrite", action="store_true", help="allow --out to name a non-empty directory")
+    g.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and sampling")
+    g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    g.add_argument("--out", default=None, help="run directory (default: a new runs/<time>-<size>-<dataset>)")
+    g.add_argument("--overwrite", action="store_true", help="allow --out to name a non-empty directory")
+    g = p.add_argument_group("SFT (§7.2)")
+    g.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps (default: per size)")
+    g.add_argument("--sft-batch-size", type=int, default=None, help="SFT batch size in pairs (default: per size)")
+    g.add_argument("--sft-lr", type=float, default=None, help="SFT peak learning rate, AdamW (default: per size)")
+    g.add_argument("--warmup", type=int, default=100, help="SFT linear warm-up steps, then cosine decay to lr/10")
+    g.add_argument("--sft-eval-every", type=int, default=250, help="SFT validation every this many steps")
+    g.add_argument("--num-eval", type=int, default=500, help="held-out test prompts scored before and after RL")
+    g = p.add_argument_group("RL (§4, §5)")
+    g.add_argument("--iterations", type=int, default=None, help="RL iterations (default: per size)")
+    g.add_argument("--eval-every", type=int, default=10, help="score the fixed evaluation set every this many iterations")
+    g.add_argument("--eval-prompts", type=int, default=64, help="size of the fixed evaluation set (validation prompts)")
+    g.add_argument("--ckpt-every", type=int, default=50, help="RL checkpoint every this many iterations")
+    add_config_flags(g, ppo.PPOConfig)
+    add_config_flags(p.add_argument_group("reward (§3.2)"), RewardConfig)
     return p
 
 
@@ -128,6 +191,11 @@ def make_run_dir(args) -> Path:
     return out
 
 
+def rng_state() -> dict:
+    return dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
 def save_checkpoint(path: Path, **state) -> None:
     """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash at any
     moment leaves either the old checkpoint or the new one, never half of one."""
@@ -141,19 +209,21 @@ def save_checkpoint(path: Path, **state) -> None:
 
 def load_checkpoint(path, device="cpu"):
     """(model, tokenizer, checkpoint dict) from a file written by `save_checkpoint`."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--init {path}: no such checkpoint file")
     ckpt = torch.load(path, map_location=device, weights_only=False)
     model = EncoderDecoder(ModelConfig(**ckpt["model_config"])).to(device)
     model.load_state_dict(ckpt["model"])
     return model, data.tokenizer_from_str(ckpt["tokenizer"]), ckpt
 
 
-# --------------------------------------------------------------------------------------------
-# SFT: cross-entropy fine-tuning, the paper's initial policy (§7.2)
-# --------------------------------------------------------------------------------------------
-
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
+
+# --------------------------------------------------------------------------------------------
+# SFT: cross-entropy fine-tuning, the paper's initial policy (§7.2)
+# --------------------------------------------------------------------------------------------
 
 def sft_loss(model, batch) -> torch.Tensor:
     """Mean token cross-entropy of the reference response given the prompt (teacher forcing)."""
@@ -251,6 +321,153 @@ def answer(model, tok, prompts: list[str], device, max_new_tokens=64, batch_size
 
 
 # --------------------------------------------------------------------------------------------
+# Scoring a policy: reward on sampled candidates, correctness of greedy answers
+# --------------------------------------------------------------------------------------------
+
+def prompt_batch(tok, prompts: list[str], device):
+    """Encode and pad prompts: (src (B, S), src_mask (B, S)) on `device`."""
+    batch = data.collate([(data.encode_prompt(tok, p), [data.EOS_ID]) for p in prompts])
+    return batch["src"].to(device), batch["src_mask"].to(device)
+
+
+@torch.no_grad()
+def evaluate_policy(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed=1234, batch_size=64) -> dict:
+    """A fixed evaluation: the mean reward and reward terms of N candidates per prompt sampled with a
+    fixed seed (so two checkpoints are compared on the same random numbers), and exact-match and
+    ROUGE-L of the greedy answers against the references (§7.4)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sums, count = {}, 0
+    for i in range(0, len(records), batch_size):
+        src, src_mask = prompt_batch(tok, [r["prompt"] for r in records[i:i + batch_size]], device)
+        _, terms, _, _ = ppo.score(model, src, src_mask, salient, reward_cfg, ppo_cfg, gen)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.sum())
+        count += len(terms["reward"])
+    out = {k: v / count for k, v in sums.items()}
+    preds = answer(model, tok, [r["prompt"] for r in records], device, max_new_tokens=ppo_cfg.max_new_tokens)
+    out["exact_match"] = sum(exact_match(p, r["response"]) for p, r in zip(preds, records)) / len(records)
+    out["rouge_l"] = sum(rouge_l(p, r["response"]) for p, r in zip(preds, records)) / len(records)
+    return out
+
+
+@torch.no_grad()
+def candidates(model, tok, prompts, salient, reward_cfg, ppo_cfg, device, num_samples, seed=99) -> list:
+    """[(prompt, [(text, terms of that candidate)] * N)] for printing."""
+    src, src_mask = prompt_batch(tok, prompts, device)
+    r, terms, _, _ = ppo.score(model, src, src_mask, salient, reward_cfg, ppo_cfg,
+                               torch.Generator(device=device).manual_seed(seed), num_samples=num_samples)
+    rows = [(data.decode(tok, r.tokens[i].tolist()), {k: float(v[i]) for k, v in terms.items()})
+            for i in range(r.tokens.size(0))]
+    return [(p, rows[b * num_samples:(b + 1) * num_samples]) for b, p in enumerate(prompts)]
+
+
+def format_candidate(text, t) -> str:
+    return (f"R {t['reward']:+.3f} = cov {t['coverage']:.3f} + 0.5-weighted focus {t['focus']:+.3f} "
+            f"- rep {t['repeat']:.3f} | sink {t['sink_share']:.2f} | {text}")
+
+
+# --------------------------------------------------------------------------------------------
+# The RL stage (§4, §5)
+# --------------------------------------------------------------------------------------------
+
+def rl_configs(args, size):
+    """PPOConfig, RewardConfig and the iteration count: per-size defaults, then the user's flags."""
+    defaults = RL_DEFAULTS[size]
+    ppo_kw = dict(defaults["ppo"])
+    ppo_kw.update({f.name: getattr(args, f.name) for f in fields(ppo.PPOConfig) if getattr(args, f.name) is not None})
+    reward_kw = {f.name: getattr(args, f.name) for f in fields(RewardConfig) if getattr(args, f.name) is not None}
+    try:
+        return (ppo.PPOConfig(**ppo_kw), RewardConfig(**reward_kw),
+                args.iterations if args.iterations is not None else defaults["iterations"])
+    except ValueError as e:
+        raise SystemExit(f"RL settings: {e}") from None
+
+
+def print_rl_settings(cfg: ppo.PPOConfig, reward_cfg: RewardConfig, iterations: int) -> None:
+    paper, paper_reward = ppo.PPOConfig(), RewardConfig()
+    print("RL settings (this run | the paper, §7.2; '*' = differs):")
+    for obj, ref in ((cfg, paper), (reward_cfg, paper_reward)):
+        for f in fields(obj):
+            mine, theirs = getattr(obj, f.name), getattr(ref, f.name)
+            print(f"  {'*' if mine != theirs else ' '} {f.name:16s} {mine!s:>10} | {theirs}")
+    print(f"    iterations       {iterations:>10} | not stated")
+
+
+def run_rl(args, model, tok, splits, run_dir, log, device, size) -> dict:
+    cfg, reward_cfg, iterations = rl_configs(args, size)
+    print_rl_settings(cfg, reward_cfg, iterations)
+    try:
+        train_prompts = [p for p, _ in data.encode_records(tok, splits.train, model.cfg.max_src_len,
+                                                           model.cfg.max_tgt_len, truncate=args.truncate)]
+    except ValueError as e:
+        raise SystemExit(f"{args.dataset}: {e}") from None
+    salient = SalientTokens.build(tok, train_prompts)
+    ref_model = EncoderDecoder(model.cfg).to(device)                 # the frozen SFT policy (KL, metrics)
+    ref_model.load_state_dict(model.state_dict())
+    ref_model.eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)     # §7.2: Adam
+    eval_set, test = splits.val[:args.eval_prompts], splits.test[:args.num_eval]
+    show = [r["prompt"] for r in test[:3]]
+
+    def checkpoint(name, iteration, kl_coef):
+        save_checkpoint(run_dir / name, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                        model_config=asdict(model.cfg), tokenizer=data.tokenizer_to_str(tok), idf=salient.idf,
+                        stage="rl", iteration=iteration, ppo_config=asdict(cfg), reward_config=asdict(reward_cfg),
+                        kl_coef=kl_coef, size=size, args=vars(args), rng=rng_state())
+
+    def fixed_eval(iteration):
+        row = dict(stage="rl_eval", iteration=iteration,
+                   **evaluate_policy(model, tok, eval_set, salient, reward_cfg, cfg, device))
+        log(row)
+        tqdm.write(f"iter {iteration:4d} | fixed-set reward {row['reward']:+.4f} (cov {row['coverage']:.3f} "
+                   f"focus {row['focus']:+.3f} rep {row['repeat']:.3f}) | sink {row['sink_share']:.3f} | "
+                   f"EM {row['exact_match']:.1%} | ROUGE-L {row['rouge_l']:.3f}")
+        return row
+
+    print(f"\nRL: {iterations} iterations x {cfg.prompts_per_iter} prompts x {cfg.num_samples} candidates "
+          f"({cfg.algo}, baseline {cfg.baseline}); fixed evaluation set: {len(eval_set)} validation prompts")
+    before = evaluate_policy(model, tok, test, salient, reward_cfg, cfg, device)
+    shown_before = candidates(model, tok, show, salient, reward_cfg, cfg, device, num_samples=2)
+    first = fixed_eval(0)
+
+    def on_iteration(i, row):
+        log(row)
+        if i % args.eval_every == 0 or i == iterations:
+            fixed_eval(i)
+        if i % args.ckpt_every == 0:
+            checkpoint("rl.pt", i, row["kl_coef"])
+
+    t0 = time.time()
+    with tqdm(total=iterations, desc="RL", unit="iter", dynamic_ncols=True, mininterval=1.0) as bar:
+        history = ppo.train(model, ref_model, optimizer, train_prompts, salient, reward_cfg, cfg, iterations,
+                            seed=args.seed, on_iteration=on_iteration, progress=bar)
+    rl_seconds = time.time() - t0
+    checkpoint("rl.pt", iterations, history[-1]["kl_coef"] if history else cfg.kl_coef)
+    after = evaluate_policy(model, tok, test, salient, reward_cfg, cfg, device)
+    shown_after = candidates(model, tok, show, salient, reward_cfg, cfg, device, num_samples=2)
+    last = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+
+    print("\nCandidates before -> after RL (2 samples each, fixed seed):")
+    for (prompt, b), (_, a) in zip(shown_before, shown_after):
+        print(f"  prompt: {prompt}")
+        for text, t in b:
+            print(f"    before  {format_candidate(text, t)}")
+        for text, t in a:
+            print(f"    after   {format_candidate(text, t)}")
+    keys = ["reward", "coverage", "focus", "repeat", "sink_share", "length", "exact_match", "rouge_l"]
+    print(f"\n{'metric':12s} {'before RL':>10s} {'after RL':>10s}   (test split, {len(test)} prompts; reward terms on "
+          f"{cfg.num_samples} fixed-seed samples per prompt, EM and ROUGE-L on greedy answers)")
+    for k in keys:
+        print(f"{k:12s} {before[k]:10.4f} {after[k]:10.4f}")
+    print(f"fixed validation set ({len(eval_set)} prompts): reward {first['reward']:+.4f} -> {last['reward']:+.4f}")
+    skipped = sum(r.get("skipped", 0) for r in history)
+    summary = dict(stage="rl_summary", iterations=iterations, rl_seconds=round(rl_seconds, 1), skipped_updates=skipped,
+                   **{f"before_{k}": before[k] for k in keys}, **{f"after_{k}": after[k] for k in keys})
+    log(summary)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
 
@@ -260,39 +477,78 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def run_sample(args, device) -> int:
+    """--stage sample: N candidates per --prompt with their reward terms."""
+    model, tok, ckpt = load_checkpoint(args.init, device)
+    size = ckpt.get("size") or ckpt["args"].get("size") or "tiny"
+    cfg, reward_cfg, _ = rl_configs(args, size)
+    if "idf" not in ckpt:
+        raise SystemExit(f"--init {args.init}: this checkpoint has no IDF table; it was not written by cagsr.py")
+    salient = SalientTokens(ckpt["idf"], data.content_token_mask(tok),
+                            [tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size())])
+    for prompt in args.prompt:
+        n = len(data.encode_prompt(tok, prompt))
+        if n > model.cfg.max_src_len:
+            raise SystemExit(f"--prompt is {n} tokens, over this model's max_src_len={model.cfg.max_src_len}")
+    for prompt, rows in candidates(model, tok, args.prompt, salient, reward_cfg, cfg, device, cfg.num_samples,
+                                   seed=args.seed):
+        print(f"prompt: {prompt}")
+        for text, t in rows:
+            print(f"  {format_candidate(text, t)}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     t_start = time.time()
-    if args.size not in SIZES:
+    if args.size is not None and args.size not in SIZES:
         raise SystemExit(f"--size {args.size!r} is not a preset; valid sizes: {', '.join(SIZES)}")
+    if args.stage in ("rl", "sample", "eval") and args.init is None:
+        raise SystemExit(f"--stage {args.stage} needs --init CKPT (a checkpoint written by an earlier run)")
+    if args.stage == "sample" and not args.prompt:
+        raise SystemExit('--stage sample needs at least one --prompt "..."')
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    if args.stage == "sample":
+        return run_sample(args, device)
+
     overrides = parse_overrides(args.set)
     if args.last_layers is not None:
         overrides["last_layers"] = args.last_layers
-    defaults = SFT_DEFAULTS[args.size]
-    steps = args.sft_steps if args.sft_steps is not None else defaults["sft_steps"]
-    batch_size = args.batch_size if args.batch_size is not None else defaults["batch_size"]
-    lr = args.lr if args.lr is not None else defaults["lr"]
-    device = pick_device(args.device)
-    seed_everything(args.seed)
-
-    # Data and tokenizer (§7.1): generated here, or the user's JSONL; BPE trained on the train split.
-    splits = data.load_dataset(args.dataset, seed=args.seed)
-    preset_vocab = overrides.get("vocab_size", SIZES[args.size]["vocab_size"])
-    tok = data.train_tokenizer([t for r in splits.train for t in (r["prompt"], r["response"])], preset_vocab)
-    # A run's vocabulary is its tokenizer's; the preset's number is only the BPE target.
-    overrides["vocab_size"] = tok.get_vocab_size()
-    cfg = config_for(args.size, **overrides)
-    print(f"size {args.size} | overrides {overrides} | device {device}")
-    print(f"dataset {args.dataset}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test pairs; "
-          f"BPE vocabulary {cfg.vocab_size} (target {preset_vocab})")
-    enc = lambda recs: data.encode_records(tok, recs, cfg.max_src_len, cfg.max_tgt_len, truncate=args.truncate)
+    if args.init is not None:                       # the model, its size and tokenizer come from the checkpoint
+        model, tok, ckpt = load_checkpoint(args.init, device)
+        size = ckpt.get("size") or ckpt["args"].get("size") or "tiny"
+        if overrides:
+            raise SystemExit(f"--set/--last-layers cannot change a model loaded with --init ({overrides})")
+        print(f"loaded {args.init}: stage {ckpt['stage']}, size {size}, {model.num_params():,} parameters")
+    else:
+        size = args.size or "tiny"
+    if args.dataset is None:
+        args.dataset = (ckpt["args"].get("dataset") if args.init is not None else None) or "qa"
     try:
-        train_pairs, val_pairs = enc(splits.train), enc(splits.val)
-    except ValueError as e:
-        raise SystemExit(f"{args.dataset}: {e}") from None
+        splits = data.load_dataset(args.dataset, seed=args.seed)
+    except ValueError as e:                         # DataError included: it names the file and line
+        raise SystemExit(f"--dataset: {e}") from None
+    if args.init is None:
+        preset_vocab = overrides.get("vocab_size", SIZES[size]["vocab_size"])
+        tok = data.train_tokenizer(list(data.record_texts(splits.train)), preset_vocab)
+        # A run's vocabulary is its tokenizer's; the preset's number is only the BPE target.
+        overrides["vocab_size"] = tok.get_vocab_size()
+        model = EncoderDecoder(config_for(size, **overrides)).to(device)
+        print(f"size {size} | overrides {overrides} | device {device}")
+    cfg = model.cfg
+    print(f"dataset {args.dataset}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test pairs; "
+          f"vocabulary {cfg.vocab_size}; model {model.num_params():,} parameters")
 
-    model = EncoderDecoder(cfg).to(device)
-    print(f"model: {model.num_params():,} parameters | SFT {steps} steps x {batch_size} pairs, peak lr {lr}")
+    if args.stage == "eval":
+        rl_cfg, reward_cfg, _ = rl_configs(args, size)
+        train_prompts = [data.encode_prompt(tok, r["prompt"]) for r in splits.train]
+        salient = SalientTokens.build(tok, train_prompts)
+        for name, recs in (("fixed validation set", splits.val[:args.eval_prompts]), ("test", splits.test[:args.num_eval])):
+            res = evaluate_policy(model, tok, recs, salient, reward_cfg, rl_cfg, device)
+            print(f"{name} ({len(recs)} prompts): " + " | ".join(f"{k} {v:.4f}" for k, v in res.items()))
+        return 0
+
     run_dir = make_run_dir(args)
     (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
     metrics = open(run_dir / "metrics.jsonl", "w")
@@ -301,33 +557,48 @@ def main(argv=None) -> int:
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
 
-    probe_set = splits.val[:200]
+    if args.stage in ("all", "sft"):
+        if args.init is not None and args.stage == "all":
+            raise SystemExit("--init with --stage all would retrain the checkpoint; use --stage rl (or --stage sft)")
+        d = SFT_DEFAULTS[size]
+        steps, batch_size, lr = (getattr(args, k) if getattr(args, k) is not None else d[k]
+                                 for k in ("sft_steps", "sft_batch_size", "sft_lr"))
+        enc = lambda recs: data.encode_records(tok, recs, cfg.max_src_len, cfg.max_tgt_len, truncate=args.truncate)
+        try:
+            train_pairs, val_pairs = enc(splits.train), enc(splits.val)
+        except ValueError as e:
+            raise SystemExit(f"{args.dataset}: {e}") from None
+        print(f"SFT: {steps} steps x {batch_size} pairs, peak lr {lr}")
+        probe_set = splits.val[:200]
 
-    def probe(m):  # exact-match on a fixed validation subset: the SFT curve in the README
-        preds = answer(m, tok, [r["prompt"] for r in probe_set], device)
-        return dict(val_exact_match=sum(exact_match(p, r["response"]) for p, r in zip(preds, probe_set)) / len(probe_set))
+        def probe(m):  # exact-match on a fixed validation subset: the SFT curve in the README
+            preds = answer(m, tok, [r["prompt"] for r in probe_set], device)
+            return dict(val_exact_match=sum(exact_match(p, r["response"]) for p, r in zip(preds, probe_set)) / len(probe_set))
 
-    t0 = time.time()
-    result = train_sft(model, train_pairs, val_pairs, steps=steps, batch_size=batch_size, lr=lr, warmup=args.warmup,
-                       eval_every=args.eval_every, device=device, seed=args.seed, log=log, probe=probe)
-    sft_seconds = time.time() - t0
-    save_checkpoint(run_dir / "sft.pt", model=model.state_dict(), optimizer=result["optimizer"].state_dict(),
-                    model_config=asdict(cfg), tokenizer=data.tokenizer_to_str(tok), stage="sft",
-                    step=result["steps"], args=vars(args), rng=torch.get_rng_state())
+        t0 = time.time()
+        result = train_sft(model, train_pairs, val_pairs, steps=steps, batch_size=batch_size, lr=lr, warmup=args.warmup,
+                           eval_every=args.sft_eval_every, device=device, seed=args.seed, log=log, probe=probe)
+        sft_seconds = time.time() - t0
+        idf = data.idf([p for p, _ in train_pairs], cfg.vocab_size)     # so `--stage sample` can score candidates
+        save_checkpoint(run_dir / "sft.pt", model=model.state_dict(), optimizer=result["optimizer"].state_dict(),
+                        model_config=asdict(cfg), tokenizer=data.tokenizer_to_str(tok), idf=idf, stage="sft",
+                        step=result["steps"], size=size, args=vars(args), rng=rng_state())
+        test = splits.test[:args.num_eval]
+        preds = answer(model, tok, [r["prompt"] for r in test], device)
+        em = sum(exact_match(p, r["response"]) for p, r in zip(preds, test)) / max(1, len(test))
+        print("\nSample answers on held-out test prompts (greedy):")
+        for r, p in list(zip(test, preds))[:5]:
+            print(f"  prompt:    {r['prompt']}\n  model:     {p}\n  reference: {r['response']}\n")
+        log(dict(stage="sft_eval", exact_match=em, num_eval=len(test), sft_seconds=round(sft_seconds, 1)))
+        print(f"after SFT: held-out exact-match {em:.1%} of {len(test)} test prompts | SFT took {sft_seconds:.0f}s")
 
-    # Held-out answers: a few to read, and exact-match on the test split.
-    test = splits.test[:args.num_eval]
-    preds = answer(model, tok, [r["prompt"] for r in test], device)
-    em = sum(exact_match(p, r["response"]) for p, r in zip(preds, test)) / max(1, len(test))
-    print("\nSample answers on held-out test prompts (greedy):")
-    for r, p in list(zip(test, preds))[:5]:
-        print(f"  prompt:    {r['prompt']}\n  model:     {p}\n  reference: {r['response']}\n")
-    summary = dict(stage="sft_eval", exact_match=em, num_eval=len(test), sft_seconds=round(sft_seconds, 1),
-                   total_seconds=round(time.time() - t_start, 1))
-    log(summary)
+    if args.stage in ("all", "rl"):
+        run_rl(args, model, tok, splits, run_dir, log, device, size)
+
+    total = time.time() - t_start
+    log(dict(stage="done", total_seconds=round(total, 1)))
     metrics.close()
-    print(f"held-out exact-match: {em:.1%} of {len(test)} test prompts | SFT {sft_seconds:.0f}s | "
-          f"total {summary['total_seconds']:.0f}s | run directory {run_dir}")
+    print(f"\ndone in {total / 60:.1f} min | run directory {run_dir}")
     return 0
 
 

@@ -45,7 +45,7 @@ class PPOConfig:
     whiten: bool = False
     """Normalise advantages to mean 0 and std 1 over the rollout."""
     value_coef: float = 0.1
-    """Weight of the value loss (V(x) - R)^2 in the total loss."""
+    """Weight of the value loss (V(x) - R)^2 in the total loss (used only with baseline "value")."""
     value_warmup: int = 0
     """Iterations at the start that fit only the value head on the SFT policy's samples."""
     entropy_coef: float = 0.0
@@ -281,7 +281,10 @@ def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, 
                 v_loss = value_loss(values, exp.returns[rows])
                 entropy = token_entropy(logits, mask, cfg.temperature)
                 k3 = k3_kl(logprobs, exp.ref_logprobs[rows], mask)
-                loss = p_loss + cfg.value_coef * v_loss - cfg.entropy_coef * entropy + cfg.kl_k3_coef * k3
+                # V(x) is trained only when it is the baseline: with the shared encoder, a value loss
+                # nobody uses would still move the policy's attention.
+                v_weight = cfg.value_coef if cfg.baseline == "value" else 0.0
+                loss = p_loss + v_weight * v_loss - cfg.entropy_coef * entropy + cfg.kl_k3_coef * k3
                 with torch.no_grad():
                     stats["policy_loss"].append(p_loss.item())
                     stats["entropy"].append(entropy.item())
