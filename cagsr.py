@@ -362,8 +362,9 @@ def candidates(model, tok, prompts, salient, reward_cfg, ppo_cfg, device, num_sa
 
 
 def format_candidate(text, t) -> str:
-    return (f"R {t['reward']:+.3f} = cov {t['coverage']:.3f} + 0.5-weighted focus {t['focus']:+.3f} "
-            f"- rep {t['repeat']:.3f} | sink {t['sink_share']:.2f} | {text}")
+    """One candidate with its reward and the terms R is made of (§3.2)."""
+    return (f"R {t['reward']:+.3f} (coverage {t['coverage']:.3f}, focus {t['focus']:+.3f}, repeat {t['repeat']:.3f}) "
+            f"| sink {t['sink_share']:.2f} | {text}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,8 +485,7 @@ def run_sample(args, device) -> int:
     cfg, reward_cfg, _ = rl_configs(args, size)
     if "idf" not in ckpt:
         raise SystemExit(f"--init {args.init}: this checkpoint has no IDF table; it was not written by cagsr.py")
-    salient = SalientTokens(ckpt["idf"], data.content_token_mask(tok),
-                            [tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size())])
+    salient = SalientTokens.from_idf(tok, ckpt["idf"])
     for prompt in args.prompt:
         n = len(data.encode_prompt(tok, prompt))
         if n > model.cfg.max_src_len:

@@ -163,10 +163,16 @@ class SalientTokens:
 
     @classmethod
     def build(cls, tok, train_prompt_ids):
+        """From the tokenizer and the encoded training prompts (the IDF statistics of §3.2)."""
         import data  # reward.py needs data only here, to read the tokenizer
-        V = tok.get_vocab_size()
-        return cls(data.idf(train_prompt_ids, V), data.content_token_mask(tok),
-                   [tok.decode([i], skip_special_tokens=False) for i in range(V)])
+        return cls.from_idf(tok, data.idf(train_prompt_ids, tok.get_vocab_size()))
+
+    @classmethod
+    def from_idf(cls, tok, idf):
+        """From the tokenizer and an IDF table computed earlier (e.g. stored in a checkpoint)."""
+        import data
+        return cls(idf, data.content_token_mask(tok),
+                   [tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size())])
 
     def __call__(self, src, src_mask, cfg: RewardConfig):
         """(B, S): bool mask of I_x, or float IDF weights when cfg.idf_weighted."""

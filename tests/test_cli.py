@@ -126,7 +126,7 @@ def test_cli_cagsr_run_writes_its_run_directory_and_its_checkpoint_serves_sample
                              "--prompt", "Kelo Varin was born in 1950. When was Kelo Varin born?"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert sample.returncode == 0, sample.stderr[-2000:]
-    assert sample.stdout.count("R ") >= 4 and "cov" in sample.stdout      # N = 4 candidates with their terms
+    assert sample.stdout.count("coverage ") == 4                          # N = 4 candidates with their terms
     ev = subprocess.run([sys.executable, "cagsr.py", "--stage", "eval", "--init", str(out / "rl.pt"), "--dataset",
                          "qa-grounded", "--eval-prompts", "32", "--num-eval", "32"],
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
