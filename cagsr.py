@@ -320,6 +320,14 @@ def answer(model, tok, prompts: list[str], device, max_new_tokens=64, batch_size
     return out
 
 
+def greedy_scores(model, tok, records, device, max_new_tokens=64) -> tuple[list[str], float, float]:
+    """Greedy answers to the records' prompts, their mean exact-match and mean ROUGE-L (§7.4)."""
+    preds = answer(model, tok, [r["prompt"] for r in records], device, max_new_tokens=max_new_tokens)
+    n = max(1, len(records))
+    return (preds, sum(exact_match(p, r["response"]) for p, r in zip(preds, records)) / n,
+            sum(rouge_l(p, r["response"]) for p, r in zip(preds, records)) / n)
+
+
 # --------------------------------------------------------------------------------------------
 # Scoring a policy: reward on sampled candidates, correctness of greedy answers
 # --------------------------------------------------------------------------------------------
@@ -344,9 +352,7 @@ def evaluate_policy(model, tok, records, salient, reward_cfg, ppo_cfg, device, s
             sums[k] = sums.get(k, 0.0) + float(v.sum())
         count += len(terms["reward"])
     out = {k: v / count for k, v in sums.items()}
-    preds = answer(model, tok, [r["prompt"] for r in records], device, max_new_tokens=ppo_cfg.max_new_tokens)
-    out["exact_match"] = sum(exact_match(p, r["response"]) for p, r in zip(preds, records)) / len(records)
-    out["rouge_l"] = sum(rouge_l(p, r["response"]) for p, r in zip(preds, records)) / len(records)
+    _, out["exact_match"], out["rouge_l"] = greedy_scores(model, tok, records, device, ppo_cfg.max_new_tokens)
     return out
 
 
@@ -572,8 +578,7 @@ def main(argv=None) -> int:
         probe_set = splits.val[:200]
 
         def probe(m):  # exact-match on a fixed validation subset: the SFT curve in the README
-            preds = answer(m, tok, [r["prompt"] for r in probe_set], device)
-            return dict(val_exact_match=sum(exact_match(p, r["response"]) for p, r in zip(preds, probe_set)) / len(probe_set))
+            return dict(val_exact_match=greedy_scores(m, tok, probe_set, device)[1])
 
         t0 = time.time()
         result = train_sft(model, train_pairs, val_pairs, steps=steps, batch_size=batch_size, lr=lr, warmup=args.warmup,
@@ -584,8 +589,7 @@ def main(argv=None) -> int:
                         model_config=asdict(cfg), tokenizer=data.tokenizer_to_str(tok), idf=idf, stage="sft",
                         step=result["steps"], size=size, args=vars(args), rng=rng_state())
         test = splits.test[:args.num_eval]
-        preds = answer(model, tok, [r["prompt"] for r in test], device)
-        em = sum(exact_match(p, r["response"]) for p, r in zip(preds, test)) / max(1, len(test))
+        preds, em, _ = greedy_scores(model, tok, test, device)
         print("\nSample answers on held-out test prompts (greedy):")
         for r, p in list(zip(test, preds))[:5]:
             print(f"  prompt:    {r['prompt']}\n  model:     {p}\n  reference: {r['response']}\n")
