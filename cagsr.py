@@ -174,14 +174,14 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def make_run_dir(args) -> Path:
+def make_run_dir(args, size: str) -> Path:
     if args.out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = Path(args.dataset).stem if args.dataset.endswith(".jsonl") else args.dataset
-        out = Path("runs") / f"{stamp}-{args.size}-{name}"
+        out = Path("runs") / f"{stamp}-{size}-{name}"
         i = 1
         while out.exists():                       # new for every run, even two in the same second
-            out = out.with_name(f"{stamp}-{args.size}-{name}-{i}")
+            out = out.with_name(f"{stamp}-{size}-{name}-{i}")
             i += 1
     else:
         out = Path(args.out)
@@ -524,6 +524,8 @@ def main(argv=None) -> int:
     if args.init is not None:                       # the model, its size and tokenizer come from the checkpoint
         model, tok, ckpt = load_checkpoint(args.init, device)
         size = ckpt.get("size") or ckpt["args"].get("size") or "tiny"
+        if args.size is not None and args.size != size:
+            raise SystemExit(f"--size {args.size} does not match the --init checkpoint, which is a {size} model")
         if overrides:
             raise SystemExit(f"--set/--last-layers cannot change a model loaded with --init ({overrides})")
         print(f"loaded {args.init}: stage {ckpt['stage']}, size {size}, {model.num_params():,} parameters")
@@ -555,7 +557,7 @@ def main(argv=None) -> int:
             print(f"{name} ({len(recs)} prompts): " + " | ".join(f"{k} {v:.4f}" for k, v in res.items()))
         return 0
 
-    run_dir = make_run_dir(args)
+    run_dir = make_run_dir(args, size)
     (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
     metrics = open(run_dir / "metrics.jsonl", "w")
 

@@ -49,6 +49,15 @@ def test_out_dir_holding_files_is_not_overwritten(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == "precious\n"
 
 
+def test_default_run_directory_is_new_and_named_after_size_and_dataset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = cagsr.build_parser().parse_args(["--dataset", "qa-grounded"])
+    first, second = cagsr.make_run_dir(args, "tiny"), cagsr.make_run_dir(args, "tiny")
+    assert first != second and first.parent.name == second.parent.name == "runs"
+    assert first.name.endswith("-tiny-qa-grounded")
+    assert second.name.endswith(("-tiny-qa-grounded", "-tiny-qa-grounded-1"))   # -1 when in the same second
+
+
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     assert cagsr.lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
     assert cagsr.lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
