@@ -306,15 +306,19 @@ def train_sft(model, train_pairs, val_pairs, *, steps, batch_size, lr, warmup, e
     return dict(optimizer=opt, history=history, steps=step)
 
 
+def prompt_batch(tok, prompts: list[str], device):
+    """Encode and pad prompts: (src (B, S), src_mask (B, S)) on `device`."""
+    src, src_mask = data.collate_prompts([data.encode_prompt(tok, p) for p in prompts])
+    return src.to(device), src_mask.to(device)
+
+
 @torch.no_grad()
 def answer(model, tok, prompts: list[str], device, max_new_tokens=64, batch_size=128) -> list[str]:
     """Greedy answers to `prompts`, decoded to text."""
     model.eval()
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids = [data.encode_prompt(tok, p) for p in prompts[i:i + batch_size]]
-        batch = data.collate([(x, [data.EOS_ID]) for x in ids])
-        r = model.sample(batch["src"].to(device), batch["src_mask"].to(device), greedy=True,
+        r = model.sample(*prompt_batch(tok, prompts[i:i + batch_size], device), greedy=True,
                          max_new_tokens=max_new_tokens, record_attention=False)
         out += [data.decode(tok, row.tolist()) for row in r.tokens.cpu()]
     return out
@@ -331,12 +335,6 @@ def greedy_scores(model, tok, records, device, max_new_tokens=64) -> tuple[list[
 # --------------------------------------------------------------------------------------------
 # Scoring a policy: reward on sampled candidates, correctness of greedy answers
 # --------------------------------------------------------------------------------------------
-
-def prompt_batch(tok, prompts: list[str], device):
-    """Encode and pad prompts: (src (B, S), src_mask (B, S)) on `device`."""
-    batch = data.collate([(data.encode_prompt(tok, p), [data.EOS_ID]) for p in prompts])
-    return batch["src"].to(device), batch["src_mask"].to(device)
-
 
 @torch.no_grad()
 def evaluate_policy(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed=1234, batch_size=64) -> dict:

@@ -656,6 +656,13 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int = PAD_ID) -> d
             "tgt_mask": tgt_mask}
 
 
+def collate_prompts(prompts: list[list[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad encoded prompts alone (for sampling): src (B, S), src_mask (B, S)."""
+    if not all(prompts):
+        raise ValueError("every prompt must be non-empty (it ends in EOS)")
+    return _pad(prompts, pad_id)
+
+
 def batches(pairs: list, batch_size: int, seed: int = 0, shuffle: bool = True) -> Iterator[dict]:
     """Collated batches over ``pairs`` (one pass; the last partial batch included).
 

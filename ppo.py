@@ -320,8 +320,7 @@ def prompt_batches(prompts: list[list[int]], batch_size: int, seed: int):
     while True:
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            batch = data.collate([(prompts[j], [data.EOS_ID]) for j in order[i:i + batch_size]])
-            yield batch["src"], batch["src_mask"]
+            yield data.collate_prompts([prompts[j] for j in order[i:i + batch_size]])
         epoch += 1
 
 

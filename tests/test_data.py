@@ -328,3 +328,11 @@ def test_batches_cover_everything_deterministically():
     plain = list(data.batches(pairs, batch_size=4, seed=1, shuffle=False))
     assert plain[0]["src"][:, 0].tolist() == [4, 5, 6, 7]
     assert plain[0]["tgt_out"].shape == (4, 3)  # T is the batch's own maximum
+
+
+def test_collate_prompts_pads_like_collate():
+    prompts = [[5, 6, data.EOS_ID], [7, data.EOS_ID]]
+    src, mask = data.collate_prompts(prompts)
+    full = data.collate([(p, [data.EOS_ID]) for p in prompts])
+    assert src.tolist() == [[5, 6, 2], [7, 2, 0]] and torch.equal(src, full["src"])
+    assert mask.tolist() == [[True, True, True], [True, True, False]] and torch.equal(mask, full["src_mask"])
