@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 import textwrap
 import time
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 import data
 import ppo
-from evaluation import exact_match, rouge_l
+from evaluation import exact_match, mean_nll, rouge_l
 from model import SIZES, EncoderDecoder, ModelConfig, config_for
 from reward import RewardConfig, SalientTokens
 
@@ -148,7 +149,8 @@ def build_parser() -> Parser:
     g.add_argument("--sft-lr", type=float, default=None, help="SFT peak learning rate, AdamW (default: per size)")
     g.add_argument("--warmup", type=int, default=100, help="SFT linear warm-up steps, then cosine decay to lr/10")
     g.add_argument("--sft-eval-every", type=int, default=250, help="SFT validation every this many steps")
-    g.add_argument("--num-eval", type=int, default=500, help="held-out test prompts scored before and after RL")
+    g.add_argument("--num-eval", type=int, default=None,
+                   help="held-out test prompts scored (default: 500 before and after RL; 300 per table row)")
     g = p.add_argument_group("RL (§4, §5)")
     g.add_argument("--iterations", type=int, default=None, help="RL iterations (default: per size)")
     g.add_argument("--eval-every", type=int, default=10, help="score the fixed evaluation set every this many iterations")
@@ -156,6 +158,16 @@ def build_parser() -> Parser:
     g.add_argument("--ckpt-every", type=int, default=50, help="RL checkpoint every this many iterations")
     add_config_flags(g, ppo.PPOConfig)
     add_config_flags(p.add_argument_group("reward (§3.2)"), RewardConfig)
+    g = p.add_argument_group("experiments (§7.3-§7.6; experiments.py)")
+    g.add_argument("--experiment", default=None, choices=["table1"],
+                   help="table1: every baseline, CAGSR variant and ablation of Table 1 per seed, into --results-dir "
+                        "(default dataset instruct; --out sets the work directory, default runs/table1-<dataset>-<size>)")
+    g.add_argument("--seeds", type=int, default=3, help="table1: seeds --seed, --seed+1, ... (one SFT model each)")
+    g.add_argument("--results-dir", default="results", help="table1: where the .md, .json and .png tables go")
+    g.add_argument("--rm-steps", type=int, default=300, help="table1: training steps of each baseline reward model")
+    g.add_argument("--human-prompts", type=int, default=1000,
+                   help="table1: training prompts the simulated annotators compare two SFT samples on (§7.3: 1,000)")
+    g.add_argument("--relevance-steps", type=int, default=600, help="table1: training steps of the relevance classifier")
     return p
 
 
@@ -233,21 +245,6 @@ def sft_loss(model, batch) -> torch.Tensor:
     return (nll * mask).sum() / mask.sum()
 
 
-@torch.no_grad()
-def eval_loss(model, pairs, device, batch_size=128) -> float:
-    """Token-weighted mean cross-entropy over `pairs`."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in data.batches(pairs, batch_size, seed=0, shuffle=False):
-        batch = to_device(batch, device)
-        n = int(batch["tgt_mask"].sum())
-        total += float(sft_loss(model, batch)) * n
-        count += n
-    model.train(was_training)
-    return total / count
-
-
 def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
     """Linear warm-up to `peak`, then cosine decay to peak/10 at `total`."""
     if step < warmup:
@@ -289,7 +286,7 @@ def train_sft(model, train_pairs, val_pairs, *, steps, batch_size, lr, warmup, e
                 t_eval = time.time()
                 row = dict(stage="sft", step=step, train_loss=loss.item(), lr=lr_at(step - 1, lr, warmup, steps),
                            tokens_per_s=round(tokens / (t_eval - t0 - eval_s)),  # training alone, evaluation excluded
-                           val_loss=eval_loss(model, val_pairs, device))
+                           val_loss=mean_nll(model, val_pairs, device))
                 row.update(probe(model) if probe is not None else {})
                 eval_s += time.time() - t_eval
                 row["elapsed_s"] = round(time.time() - t0, 1)
@@ -337,10 +334,9 @@ def greedy_scores(model, tok, records, device, max_new_tokens=64) -> tuple[list[
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate_policy(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed=1234, batch_size=64) -> dict:
-    """A fixed evaluation: the mean reward and reward terms of N candidates per prompt sampled with a
-    fixed seed (so two checkpoints are compared on the same random numbers), and exact-match and
-    ROUGE-L of the greedy answers against the references (§7.4)."""
+def sampled_terms(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed=1234, batch_size=64) -> dict:
+    """The mean reward and reward terms of N candidates per prompt sampled with a fixed seed, so two
+    checkpoints are compared on the same random numbers."""
     gen = torch.Generator(device=device).manual_seed(seed)
     sums, count = {}, 0
     for i in range(0, len(records), batch_size):
@@ -349,7 +345,13 @@ def evaluate_policy(model, tok, records, salient, reward_cfg, ppo_cfg, device, s
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.sum())
         count += len(terms["reward"])
-    out = {k: v / count for k, v in sums.items()}
+    return {k: v / count for k, v in sums.items()}
+
+
+def evaluate_policy(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed=1234) -> dict:
+    """A fixed evaluation: `sampled_terms`, plus exact-match and ROUGE-L of the greedy answers
+    against the references (§7.4)."""
+    out = sampled_terms(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed)
     _, out["exact_match"], out["rouge_l"] = greedy_scores(model, tok, records, device, ppo_cfg.max_new_tokens)
     return out
 
@@ -503,10 +505,20 @@ def run_sample(args, device) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command = " ".join(["python cagsr.py", *map(shlex.quote, argv)])
     t_start = time.time()
     if args.size is not None and args.size not in SIZES:
         raise SystemExit(f"--size {args.size!r} is not a preset; valid sizes: {', '.join(SIZES)}")
+    if args.experiment is not None:
+        import experiments                            # imports this module: loaded only when asked for
+        if args.num_eval is None:
+            args.num_eval = 300
+        device = pick_device(args.device)
+        return experiments.run_table1(args, device)
+    if args.num_eval is None:
+        args.num_eval = 500
     if args.stage in ("rl", "sample", "eval") and args.init is None:
         raise SystemExit(f"--stage {args.stage} needs --init CKPT (a checkpoint written by an earlier run)")
     if args.stage == "sample" and not args.prompt:

@@ -431,6 +431,56 @@ class EncoderDecoder(nn.Module):
                        attn=torch.stack(maps, 1) if record_attention else None)
 
 
+class PairScorer(nn.Module):
+    """One scalar per (prompt, response) pair: a Transformer encoder over the two texts side by side
+    (prompt tokens, then response tokens; each with its own learned positions, so the padding of a
+    batch changes nothing), mean-pooled over real tokens, then a linear head.
+
+    Never part of CAGSR. It is the evaluation's relevance classifier (§7.4) and the reward model of
+    the preference baselines (§7.3). `from_policy` starts it from an SFT model's embeddings and
+    encoder, as RLHF reward models start from the SFT model."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, D)
+        self.src_pos = nn.Embedding(cfg.max_src_len, D)                  # prompt positions
+        self.resp_pos = nn.Embedding(cfg.max_tgt_len, D)                 # response positions
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layers))
+        self.ln = nn.LayerNorm(D, bias=False)
+        self.head = nn.Linear(D, 1)
+        self.apply(EncoderDecoder._init_weights)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_policy(cls, policy: "EncoderDecoder") -> "PairScorer":
+        """A scorer with the policy's embeddings, positions and encoder layers copied (not shared)."""
+        scorer = cls(policy.cfg).to(next(policy.parameters()).device)
+        scorer.tok_emb.load_state_dict(policy.tok_emb.state_dict())
+        scorer.src_pos.load_state_dict(policy.enc_pos.state_dict())
+        scorer.resp_pos.load_state_dict(policy.dec_pos.state_dict())
+        scorer.encoder.load_state_dict(policy.encoder.state_dict())
+        return scorer
+
+    def forward(self, src, src_mask, resp, resp_mask):
+        """src (B, S), src_mask (B, S), resp (B, T), resp_mask (B, T) -> logits (B,)."""
+        S, T = src.size(1), resp.size(1)
+        if S > self.cfg.max_src_len or T > self.cfg.max_tgt_len:
+            raise ValueError(f"pair of lengths {S}+{T} exceeds this scorer's max_src_len={self.cfg.max_src_len} "
+                             f"/ max_tgt_len={self.cfg.max_tgt_len}")
+        x = torch.cat([self.tok_emb(src) + self.src_pos(torch.arange(S, device=src.device)),
+                       self.tok_emb(resp) + self.resp_pos(torch.arange(T, device=src.device))], dim=1)  # (B, S+T, D)
+        mask = torch.cat([src_mask, resp_mask], dim=1)                                               # (B, S+T)
+        for layer in self.encoder:
+            x = layer(x, mask[:, None, None, :])
+        x = self.ln(x)
+        m = mask.unsqueeze(-1).to(x.dtype)                                # (B, S+T, 1)
+        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1)                   # (B, D)
+        return self.head(pooled).squeeze(-1)                              # (B,)
+
+
 def filter_logits(logits, top_k=None, top_p=None):
     """Top-k then nucleus (top-p) truncation: logits outside the kept set become -inf. (B, V) -> (B, V).
 

@@ -205,8 +205,12 @@ def decoder_input(tokens, bos_id=data.BOS_ID):
 
 @torch.no_grad()
 def score(model, src, src_mask, salient: SalientTokens, reward_cfg: RewardConfig, cfg: PPOConfig,
-          generator=None, num_samples=None):
+          generator=None, num_samples=None, reward_fn=None):
     """Sample candidates with the recorded Abar and compute the reward of §3.2.
+
+    reward_fn(src, src_mask, tokens, mask) -> (B*N,), when given, replaces the attention reward as
+    terms["reward"] (the preference baselines of §7.3); the attention reward is then kept as
+    terms["attention_reward"], so every method's rollouts are measured on the same terms.
     Returns (Rollout, terms dict of (B*N,) tensors, seconds spent sampling, seconds on the reward)."""
     N = num_samples or cfg.num_samples
     t0 = time.time()
@@ -217,16 +221,20 @@ def score(model, src, src_mask, salient: SalientTokens, reward_cfg: RewardConfig
     terms = compute_reward(r.attn, r.tokens, r.mask, rep(salient(src, src_mask, reward_cfg)), reward_cfg,
                            special=rep(special_mask(src, src_mask)))
     terms["length"] = r.mask.sum(-1).float()
+    if reward_fn is not None:
+        terms["attention_reward"] = terms["reward"]
+        terms["reward"] = reward_fn(src, src_mask, r.tokens, r.mask)
     return r, terms, t1 - t0, time.time() - t1
 
 
 @torch.no_grad()
-def collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg: PPOConfig, kl_coef: float, generator=None):
+def collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg: PPOConfig, kl_coef: float, generator=None,
+            reward_fn=None):
     """One rollout (§5, Figure 1): N candidates per prompt, their reward, the KL penalty to the SFT
-    policy, and advantages A = R - b(x). Returns (Experience, timings in seconds)."""
+    policy, and advantages A = R - b(x). `reward_fn`: see `score`. Returns (Experience, timings in seconds)."""
     model.eval()                                       # dropout off during rollouts (Huang et al.)
     N = cfg.num_samples
-    r, terms, sample_s, reward_s = score(model, src, src_mask, salient, reward_cfg, cfg, generator)
+    r, terms, sample_s, reward_s = score(model, src, src_mask, salient, reward_cfg, cfg, generator, reward_fn=reward_fn)
     t1 = time.time()
     tgt_in = decoder_input(r.tokens)
     ref_logits, _ = ref_model(src, src_mask, tgt_in, num_samples=N)
@@ -335,13 +343,15 @@ def iteration_metrics(exp: Experience, stats: dict, timings: dict, kl_coef: floa
 
 
 def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfig, cfg: PPOConfig,
-          iterations: int, seed: int = 0, start: int = 0, on_iteration=None, progress=None) -> list[dict]:
+          iterations: int, seed: int = 0, start: int = 0, on_iteration=None, progress=None,
+          reward_fn=None) -> list[dict]:
     """CAGSR's RL stage (§5, Figure 1): for each iteration, take prompts_per_iter prompts, sample N
     candidates each while recording the cross-attention, compute R per candidate, compute
     advantages, apply the PPO update. The first cfg.value_warmup iterations fit only V(x).
 
     prompts: encoded training prompts (lists of ids ending in EOS). on_iteration(i, row) is called
-    after every iteration (logging, evaluation, checkpoints). A rollout whose reward is not finite
+    after every iteration (logging, evaluation, checkpoints). reward_fn, when given, is the reward
+    instead of the attention reward (the preference baselines of §7.3; see `score`). A rollout whose reward is not finite
     is never used for an update: it is skipped and counted. Returns the metric rows."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -351,7 +361,7 @@ def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfi
     kl_coef, history = cfg.kl_coef, []
     for i in range(start, start + iterations):
         src, src_mask = (t.to(device) for t in next(batches))
-        exp, timings = collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg, kl_coef, gen)
+        exp, timings = collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg, kl_coef, gen, reward_fn)
         warmup = i < cfg.value_warmup
         t0 = time.time()
         if torch.isfinite(exp.returns).all():

@@ -1,0 +1,199 @@
+"""The baselines CAGSR is compared with (§7.3): reward models that are *not* the model's attention.
+
+- Synthetic Preference RL: a reward model trained on automatically generated good/bad labels
+  (the reference is good; a shuffled, truncated, repeated or off-topic version of it is bad).
+- Human Preference RL (limited), *simulated*: no people can be asked here, so "annotators" compare
+  two SFT samples per prompt on 1,000 training prompts by ROUGE-L against the reference, with a
+  stated label-noise rate, and a Bradley-Terry reward model is fitted to their choices.
+
+Both reward models are `model.PairScorer`s started from the SFT policy's encoder (as RLHF reward
+models start from the SFT model) and are then used by the same PPO loop as CAGSR through
+`ScorerReward`. Kept out of reward.py, which holds only the paper's attention reward.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+import data
+from evaluation import fit_pair_scorer, off_topic_index, pair_scores, pair_tensors, rouge_l
+from model import PairScorer
+
+CORRUPTIONS = ("shuffle", "truncate", "repeat", "off_topic")
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic preference labels
+# --------------------------------------------------------------------------------------------
+
+def corrupt(words: list[str], kind: str, rng: random.Random, other: list[str] | None = None) -> list[str]:
+    """A bad version of a good response (a list of words):
+
+    shuffle: the same words in another order; truncate: the first 30-70% of the words (at least one
+    dropped); repeat: a span of 1-4 words said three times over in place; off_topic: `other`, another
+    prompt's reference."""
+    if kind == "off_topic":
+        if other is None:
+            raise ValueError("corrupt(kind='off_topic') needs `other`, another prompt's reference")
+        return list(other)
+    if kind == "shuffle":
+        out = list(words)
+        if len(set(words)) > 1:
+            while out == words:
+                rng.shuffle(out)
+        return out
+    if kind == "truncate":
+        keep = max(1, min(len(words) - 1, round(len(words) * rng.uniform(0.3, 0.7))))
+        return words[:keep]
+    if kind == "repeat":
+        n = rng.randint(1, min(4, len(words)))
+        i = rng.randrange(len(words) - n + 1)
+        return words[:i + n] + words[i:i + n] * 2 + words[i + n:]
+    raise ValueError(f"unknown corruption {kind!r}; valid: {', '.join(CORRUPTIONS)}")
+
+
+def synthetic_examples(records, rng: random.Random) -> list[tuple[str, str, float]]:
+    """(prompt, response, label) per record: the reference with label 1, then one corruption of it
+    (kind drawn uniformly from CORRUPTIONS) with label 0."""
+    responses = [r["response"] for r in records]
+    out = []
+    for i, r in enumerate(records):
+        kind = rng.choice(CORRUPTIONS)
+        other = responses[off_topic_index(i, responses, rng)].split() if kind == "off_topic" else None
+        bad = " ".join(corrupt(r["response"].split(), kind, rng, other))
+        out += [(r["prompt"], r["response"], 1.0), (r["prompt"], bad, 0.0)]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Simulated annotators and the Bradley-Terry model
+# --------------------------------------------------------------------------------------------
+
+def bradley_terry_loss(r_chosen, r_rejected):
+    """-log sigma(r(x, y_w) - r(x, y_l)), the Bradley-Terry negative log-likelihood of the
+    annotators' choices, averaged over pairs. (P,), (P,) -> scalar."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def simulated_preferences(score_a, score_b, noise: float, rng: random.Random) -> tuple[list[tuple[int, bool]], int]:
+    """Simulated annotators (SPEC §5): for each pair prefer the response with the higher score
+    (ROUGE-L against the reference), then flip the choice with probability `noise`. Ties carry no
+    preference and are dropped. Returns ([(pair index, a preferred?)] for the kept pairs, number
+    of flipped labels)."""
+    if not 0.0 <= noise < 0.5:
+        raise ValueError(f"label noise must be in [0, 0.5), got {noise}")
+    choices, flipped = [], 0
+    for i, (a, b) in enumerate(zip(score_a, score_b)):
+        if a == b:
+            continue
+        prefer_a = a > b
+        if rng.random() < noise:
+            prefer_a, flipped = not prefer_a, flipped + 1
+        choices.append((i, prefer_a))
+    return choices, flipped
+
+
+@torch.no_grad()
+def sample_pairs(policy, tok, records, cfg, device, seed: int, batch_size: int = 128) -> list[tuple[str, str]]:
+    """Two samples per prompt from `policy` with the RL sampling settings of `cfg` (a PPOConfig)."""
+    policy.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for i in range(0, len(records), batch_size):
+        src, src_mask = data.collate_prompts([data.encode_prompt(tok, r["prompt"]) for r in records[i:i + batch_size]])
+        r = policy.sample(src.to(device), src_mask.to(device), num_samples=2, max_new_tokens=cfg.max_new_tokens,
+                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen,
+                          record_attention=False)
+        texts = [data.decode(tok, row.tolist()) for row in r.tokens.cpu()]
+        out += list(zip(texts[0::2], texts[1::2]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting the reward models, and using one as the PPO reward
+# --------------------------------------------------------------------------------------------
+
+def _encode(tok, scorer, triples):
+    return data.encode_records(tok, [dict(prompt=p, response=r) for p, r, *_ in triples],
+                               scorer.cfg.max_src_len, scorer.cfg.max_tgt_len)
+
+
+def train_synthetic_rm(policy, tok, records, device, steps=400, batch_size=64, lr=3e-4, seed=0) -> tuple[PairScorer, dict]:
+    """The Synthetic Preference reward model (§7.3): a PairScorer from the SFT encoder, binary
+    cross-entropy on references (1) versus corrupted references (0) of the training prompts, fresh
+    corruptions every pass. Returns (scorer, stats)."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    scorer = PairScorer.from_policy(policy)
+    pool: list = []
+
+    def loss_at(step):
+        batch = []
+        while len(batch) < batch_size:
+            if not pool:
+                examples = synthetic_examples(records, rng)
+                pool.extend(zip(_encode(tok, scorer, examples), (lab for *_, lab in examples)))
+                rng.shuffle(pool)
+            batch.append(pool.pop())
+        labels = torch.tensor([lab for _, lab in batch], device=device)
+        return F.binary_cross_entropy_with_logits(scorer(*pair_tensors([p for p, _ in batch], device)), labels)
+
+    losses = fit_pair_scorer(scorer, loss_at, steps, lr, desc="synthetic-preference RM")
+    held_out = synthetic_examples(records[:500], random.Random(seed + 1))   # fresh corruptions
+    logits = pair_scores(scorer, _encode(tok, scorer, held_out), device)
+    labels = torch.tensor([lab for *_, lab in held_out])
+    return scorer, dict(final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])),
+                        label_accuracy=float(((logits > 0).float() == labels).float().mean()))
+
+
+def train_bt_rm(policy, tok, records, ppo_cfg, device, num_prompts=1000, noise=0.1, steps=300, batch_size=64,
+                lr=3e-4, seed=0) -> tuple[PairScorer, dict]:
+    """The (simulated) Human Preference reward model (§7.3): two SFT samples on each of
+    `num_prompts` training prompts, preferred by ROUGE-L against the reference with label noise
+    `noise` (`simulated_preferences`), a Bradley-Terry PairScorer from the SFT encoder fitted to the
+    choices. Returns (scorer, stats: prompts, pairs kept after ties, flipped labels, fit accuracy)."""
+    rng = random.Random(seed)
+    chosen_records = rng.sample(records, min(num_prompts, len(records)))
+    samples = sample_pairs(policy, tok, chosen_records, ppo_cfg, device, seed)
+    ra = [rouge_l(a, r["response"]) for (a, _), r in zip(samples, chosen_records)]
+    rb = [rouge_l(b, r["response"]) for (_, b), r in zip(samples, chosen_records)]
+    choices, flipped = simulated_preferences(ra, rb, noise, rng)
+    stats = dict(prompts=len(chosen_records), pairs=len(choices), ties_dropped=len(chosen_records) - len(choices),
+                 flipped=flipped, noise=noise)
+    if not choices:
+        raise ValueError("the simulated annotators found no pair with a preference (all ties); "
+                         "more prompts or a higher sampling temperature are needed")
+    torch.manual_seed(seed)
+    scorer = PairScorer.from_policy(policy)
+    win, lose = [], []
+    for i, prefer_a in choices:
+        p, (a, b) = chosen_records[i]["prompt"], samples[i]
+        win.append((p, a if prefer_a else b))
+        lose.append((p, b if prefer_a else a))
+    win_ids, lose_ids = _encode(tok, scorer, win), _encode(tok, scorer, lose)
+
+    def loss_at(step):
+        idx = [rng.randrange(len(win_ids)) for _ in range(batch_size)]
+        return bradley_terry_loss(scorer(*pair_tensors([win_ids[i] for i in idx], device)),
+                                  scorer(*pair_tensors([lose_ids[i] for i in idx], device)))
+
+    fit_pair_scorer(scorer, loss_at, steps, lr, desc="simulated-human BT RM")
+    stats["fit_accuracy"] = float((pair_scores(scorer, win_ids, device) > pair_scores(scorer, lose_ids, device))
+                                  .float().mean())
+    return scorer, stats
+
+
+class ScorerReward:
+    """A PairScorer as the PPO reward: its logit for (prompt, candidate), one number per candidate,
+    given to `ppo.train(..., reward_fn=...)` in place of the attention reward."""
+
+    def __init__(self, scorer: PairScorer):
+        self.scorer = scorer.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, src, src_mask, tokens, mask):             # (B, S), (B, S), (B*N, T), (B*N, T) -> (B*N,)
+        N = tokens.size(0) // src.size(0)
+        return self.scorer(src.repeat_interleave(N, 0), src_mask.repeat_interleave(N, 0), tokens, mask).float()

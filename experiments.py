@@ -1,0 +1,412 @@
+"""The paper's comparison (§7.3-§7.6, Table 1) from one command:
+
+    python cagsr.py --experiment table1 --dataset instruct --seeds 3
+    python cagsr.py --experiment table1 --dataset qa --seeds 3
+
+For every seed: one SFT model (the No-RL row and the start of every other row), the two preference
+reward models of the baselines, then each RL row (the same PPO loop, the same prompts in the same
+order, only the reward or one setting changed), each scored on the test split. Once per dataset:
+the tokenizer and the relevance classifier (an evaluator, trained on the validation split and
+frozen). Every row's result is written to the work directory (runs/table1-<dataset>-<size>/) as
+soon as it is done, so an interrupted table continues where it stopped; then results/ is
+regenerated from those files: table1_<dataset>.md, .json and .png (training curves).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import baselines
+import cagsr
+import data
+import evaluation
+import ppo
+from model import SIZES, EncoderDecoder, PairScorer, config_for
+from reward import RewardConfig, SalientTokens
+
+# Table 1 of the paper (Instruction test set): relevance, ROUGE-L, human score (1-5).
+PAPER_TABLE1 = {
+    "no_rl": (0.72, 0.33, 3.2),
+    "synthetic_pref": (0.78, 0.37, 3.5),
+    "cagsr": (0.83, 0.39, 3.7),
+    "human_pref_sim": (0.87, 0.44, 4.0),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    kind: str                                    # "sft" | "cagsr" | "synthetic" | "human"
+    ppo: dict = field(default_factory=dict)      # PPOConfig fields this row changes
+    reward: dict = field(default_factory=dict)   # RewardConfig fields this row changes (the RL reward only)
+    note: str = ""
+
+
+METHODS = (
+    Method("no_rl", "No-RL baseline (SFT)", "sft"),
+    Method("synthetic_pref", "Synthetic Preference RL", "synthetic",
+           note="reward model fitted to references (good) vs shuffled/truncated/repeated/off-topic references (bad)"),
+    Method("human_pref_sim", "Human Preference RL (limited, simulated)", "human",
+           note="Bradley-Terry reward model fitted to simulated annotators who prefer by ROUGE-L against the "
+                "reference (10% label noise): this row has an edge on ROUGE-L"),
+    Method("cagsr", "CAGSR (PPO)", "cagsr", note="the attention reward of §3.2, alpha/beta/gamma 1/0.5/1"),
+    Method("cagsr_pg", "CAGSR (plain policy gradient)", "cagsr", ppo=dict(algo="pg"),
+           note="one REINFORCE step per rollout instead of PPO epochs"),
+    Method("cagsr_kl", "CAGSR (PPO) + KL to SFT (0.1)", "cagsr", ppo=dict(kl_coef=0.1),
+           note="not in the paper: a k1 KL penalty to the SFT policy, coefficient 0.1"),
+    Method("ablate_coverage", "CAGSR without coverage", "cagsr", reward=dict(alpha=0.0), note="§7.6: alpha = 0"),
+    Method("ablate_focus", "CAGSR without focus", "cagsr", reward=dict(beta=0.0), note="§7.6: beta = 0"),
+    Method("ablate_repeat", "CAGSR without repetition penalty", "cagsr", reward=dict(gamma=0.0), note="§7.6: gamma = 0"),
+)
+METHOD_NAMES = tuple(m.name for m in METHODS)
+
+# RL settings of the table per size. CPU sizes: the CPU PPO settings of cagsr.py without its KL
+# penalty (the paper has none; the KL row adds it), 2 epochs x 2 minibatches and 15 iterations, so
+# that 3 seeds x 8 RL rows fit in about half an hour per dataset on 2 cores. GPU sizes: the paper's.
+TABLE_RL = {
+    "tiny": dict(iterations=15, ppo=dict(lr=1e-4, baseline="group", whiten=True, epochs=2, minibatches=2)),
+    "small": dict(iterations=15, ppo=dict(lr=1e-4, baseline="group", whiten=True, epochs=2, minibatches=2)),
+    "base": dict(iterations=200, ppo={}),
+    "1.3b": dict(iterations=500, ppo={}),
+}
+TABLE_SFT_STEPS = {"instruct": 600}   # per dataset, where it differs from cagsr.SFT_DEFAULTS (README: the SFT curve)
+
+METRICS = ("relevance", "rouge_l", "exact_match", "perplexity", "reward", "coverage", "focus", "repeat",
+           "sink_share", "length", "answer_words")
+CURVE_KEYS = ("reward", "attention_reward", "kl_ref", "coverage", "focus", "sink_share", "length")
+
+
+# --------------------------------------------------------------------------------------------
+# Settings: what a row depends on (a changed setting never reuses an old row)
+# --------------------------------------------------------------------------------------------
+
+def table_settings(args, size: str, dataset_name: str) -> dict:
+    """Everything the rows of one table depend on, resolved from the per-size defaults and flags."""
+    rl = TABLE_RL[size]
+    base_ppo = dict(rl["ppo"])
+    base_ppo.update({f.name: getattr(args, f.name) for f in fields(ppo.PPOConfig) if getattr(args, f.name, None) is not None})
+    base_reward = {f.name: getattr(args, f.name) for f in fields(RewardConfig) if getattr(args, f.name, None) is not None}
+    sft = dict(cagsr.SFT_DEFAULTS[size])
+    if dataset_name in TABLE_SFT_STEPS:
+        sft["sft_steps"] = TABLE_SFT_STEPS[dataset_name]
+    sft.update({k: getattr(args, k) for k in ("sft_steps", "sft_batch_size", "sft_lr") if getattr(args, k) is not None})
+    methods = {}
+    for m in METHODS:
+        try:
+            p = asdict(ppo.PPOConfig(**{**base_ppo, **m.ppo}))
+            r = asdict(RewardConfig(**{**base_reward, **m.reward}))
+        except ValueError as e:
+            raise SystemExit(f"--experiment table1, row {m.name}: {e}") from None
+        methods[m.name] = dict(ppo=p, reward=r)
+    return dict(dataset=args.dataset, size=size, data_seed=args.seed, warmup=args.warmup, **sft,
+                iterations=args.iterations if args.iterations is not None else rl["iterations"],
+                num_eval=args.num_eval, methods=methods,
+                eval_ppo=asdict(ppo.PPOConfig(**base_ppo)), eval_reward=asdict(RewardConfig(**base_reward)),
+                rm=dict(synthetic_steps=args.rm_steps, human_steps=args.rm_steps, human_prompts=args.human_prompts,
+                        label_noise=0.1), relevance_steps=args.relevance_steps)
+
+
+def check_settings(work: Path, settings: dict) -> None:
+    """A work directory belongs to one set of settings: refuse to mix rows computed under others."""
+    path = work / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise SystemExit(f"{work} holds rows computed with other settings (differs in: {', '.join(diff)}). "
+                             f"Pass --out DIR for a new table, or delete {work} to recompute this one.")
+    else:
+        write_json(path, settings)
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomically: a reader never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring one policy on the test split (§7.4)
+# --------------------------------------------------------------------------------------------
+
+def evaluate_row(policy, tok, test, test_pairs, salient, classifier, settings, device) -> dict:
+    """The table's metrics for one policy: greedy answers for relevance, ROUGE-L, exact-match and
+    answer length; perplexity of the references; the attention reward's terms (the paper's
+    alpha/beta/gamma for every row) on 4 fixed-seed samples per prompt."""
+    ppo_cfg, reward_cfg = ppo.PPOConfig(**settings["eval_ppo"]), RewardConfig(**settings["eval_reward"])
+    preds, em, rl = cagsr.greedy_scores(policy, tok, test, device, ppo_cfg.max_new_tokens)
+    rel = evaluation.relevance(classifier, tok, [r["prompt"] for r in test], preds, device)
+    terms = cagsr.sampled_terms(policy, tok, test, salient, reward_cfg, ppo_cfg, device)
+    return dict(relevance=sum(rel) / len(rel), rouge_l=rl, exact_match=em,
+                perplexity=evaluation.perplexity(policy, test_pairs, device),
+                answer_words=sum(len(evaluation.words(p)) for p in preds) / len(preds),
+                **{k: terms[k] for k in ("reward", "coverage", "focus", "repeat", "sink_share", "length")},
+                examples=[dict(prompt=r["prompt"], answer=p, reference=r["response"]) for r, p in zip(test[:3], preds)])
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+
+def load_policy(sft_state, cfg, device):
+    model = EncoderDecoder(cfg).to(device)
+    model.load_state_dict(sft_state)
+    return model
+
+
+def run_seed(seed, work, settings, tok, splits, salient, classifier, train_prompts, device) -> dict:
+    """Every row of one seed; rows already on disk are read, not recomputed."""
+    sd = work / f"seed{seed}"
+    sd.mkdir(parents=True, exist_ok=True)
+    size = settings["size"]
+    cfg = config_for(size, vocab_size=tok.get_vocab_size())
+    enc = lambda recs: data.encode_records(tok, recs, cfg.max_src_len, cfg.max_tgt_len)
+    test = splits.test[:settings["num_eval"]]
+    test_pairs = enc(test)
+
+    sft_path = sd / "sft.pt"
+    if sft_path.exists():
+        sft_state = torch.load(sft_path, map_location=device, weights_only=False)["model"]
+        sft_seconds = json.loads((sd / "sft.json").read_text())["seconds"]
+        print(f"seed {seed} | SFT: done earlier ({sft_seconds:.0f} s)")
+    else:
+        cagsr.seed_everything(seed)
+        model = EncoderDecoder(cfg).to(device)
+        t0 = time.time()
+        print(f"seed {seed} | SFT: {settings['sft_steps']} steps x {settings['sft_batch_size']}, lr {settings['sft_lr']}")
+        cagsr.train_sft(model, enc(splits.train), enc(splits.val[:200]), steps=settings["sft_steps"],
+                        batch_size=settings["sft_batch_size"], lr=settings["sft_lr"], warmup=settings["warmup"],
+                        eval_every=max(1, settings["sft_steps"] // 3), device=device, seed=seed)
+        sft_seconds = time.time() - t0
+        sft_state = model.state_dict()
+        cagsr.save_checkpoint(sft_path, model=sft_state, model_config=asdict(cfg), tokenizer=data.tokenizer_to_str(tok),
+                              idf=salient.idf, stage="sft", size=size, seed=seed)
+        write_json(sd / "sft.json", dict(seconds=round(sft_seconds, 1)))
+
+    rows = {}
+    for m in METHODS:
+        path = sd / f"{m.name}.json"
+        if path.exists():
+            rows[m.name] = json.loads(path.read_text())
+            print(f"seed {seed} | {m.name}: done earlier ({rows[m.name]['seconds']:.0f} s)")
+            continue
+        t0 = time.time()
+        cagsr.seed_everything(seed)
+        policy = load_policy(sft_state, cfg, device)
+        row = dict(method=m.name, seed=seed)
+        if m.kind != "sft":
+            mset = settings["methods"][m.name]
+            ppo_cfg, reward_cfg = ppo.PPOConfig(**mset["ppo"]), RewardConfig(**mset["reward"])
+            reward_fn = None
+            if m.kind == "synthetic":
+                scorer, row["reward_model"] = baselines.train_synthetic_rm(
+                    policy, tok, splits.train, device, steps=settings["rm"]["synthetic_steps"], seed=seed)
+                reward_fn = baselines.ScorerReward(scorer)
+            elif m.kind == "human":
+                scorer, row["reward_model"] = baselines.train_bt_rm(
+                    policy, tok, splits.train, ppo_cfg, device, num_prompts=settings["rm"]["human_prompts"],
+                    noise=settings["rm"]["label_noise"], steps=settings["rm"]["human_steps"], seed=seed)
+                reward_fn = baselines.ScorerReward(scorer)
+            ref = load_policy(sft_state, cfg, device).eval().requires_grad_(False)
+            optimizer = torch.optim.Adam(policy.parameters(), lr=ppo_cfg.lr)
+            with tqdm(total=settings["iterations"], desc=f"seed {seed} {m.name}", unit="iter", dynamic_ncols=True,
+                      mininterval=1.0, leave=False) as bar:
+                history = ppo.train(policy, ref, optimizer, train_prompts, salient, reward_cfg, ppo_cfg,
+                                    settings["iterations"], seed=seed, progress=bar, reward_fn=reward_fn)
+            row["curve"] = {k: [h.get(k, h["reward"] if k == "attention_reward" else None) for h in history]
+                            for k in CURVE_KEYS}
+            row["skipped_updates"] = sum(h.get("skipped", 0) for h in history)
+        row["metrics"] = evaluate_row(policy, tok, test, test_pairs, salient, classifier, settings, device)
+        row["seconds"] = round(time.time() - t0, 1)
+        write_json(path, row)
+        rows[m.name] = row
+        mt = row["metrics"]
+        print(f"seed {seed} | {m.name:16s} relevance {mt['relevance']:.3f} | ROUGE-L {mt['rouge_l']:.3f} | "
+              f"EM {mt['exact_match']:.3f} | ppl {mt['perplexity']:.3f} | R {mt['reward']:+.4f} | {row['seconds']:.0f} s")
+    return dict(sft_seconds=sft_seconds, rows=rows)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def aggregate(per_seed: dict) -> dict:
+    """{method: {metric: {mean, std, values}, seconds: {...}}} over seeds."""
+    out = {}
+    for m in METHODS:
+        rows = [per_seed[s]["rows"][m.name] for s in sorted(per_seed)]
+        agg = {k: dict(zip(("mean", "std"), mean_std([r["metrics"][k] for r in rows])), values=[r["metrics"][k] for r in rows])
+               for k in METRICS}
+        agg["seconds"] = dict(zip(("mean", "std"), mean_std([r["seconds"] for r in rows])))
+        if "curve" in rows[0]:
+            agg["curve"] = {k: [sum(r["curve"][k][i] for r in rows) / len(rows) for i in range(len(rows[0]["curve"][k]))]
+                            for k in CURVE_KEYS}
+        if "reward_model" in rows[0]:
+            agg["reward_model"] = [r["reward_model"] for r in rows]
+        agg["examples"] = rows[0]["metrics"]["examples"]
+        out[m.name] = agg
+    return out
+
+
+def fmt(a: dict, digits=3) -> str:
+    return f"{a['mean']:.{digits}f} ± {a['std']:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    s, agg, qa = result["settings"], result["rows"], result["is_qa"]
+    lines = [f"# Table 1 on `{s['dataset']}` ({s['size']} preset, {len(result['seeds'])} seeds)", "",
+             f"Written by `{result['command']}` on {result['device']} in {result['wall_minutes']:.1f} min "
+             f"(rows computed in this call; rows reused from an earlier call count at their original cost: "
+             f"{result['compute_minutes']:.1f} min in all). Mean ± sample std over seeds {result['seeds']}; "
+             f"{s['num_eval']} test prompts.", "",
+             "## The paper's columns", "",
+             "| method | relevance | paper | ROUGE-L | paper | human score | paper |", "|---|---|---|---|---|---|---|"]
+    for m in METHODS:
+        p = PAPER_TABLE1.get(m.name)
+        pr = lambda i: f"{p[i]:.2f}" if p else "—"
+        lines.append(f"| {m.label} | {fmt(agg[m.name]['relevance'])} | {pr(0)} | {fmt(agg[m.name]['rouge_l'])} | {pr(1)} "
+                     f"| not measured | {pr(2) if p else '—'} |")
+    lines += ["", "## Every metric", "",
+              "| method | " + ("exact-match | " if qa else "") + "perplexity | R | coverage | focus | repeat | sink share "
+              "| length (tok) | answer words | row time (s) |",
+              "|---|" + "---|" * (10 if qa else 9)]
+    for m in METHODS:
+        a = agg[m.name]
+        cells = ([fmt(a["exact_match"])] if qa else []) + [fmt(a["perplexity"]), fmt(a["reward"], 4), fmt(a["coverage"], 4),
+                                                           fmt(a["focus"], 4), fmt(a["repeat"], 4), fmt(a["sink_share"]),
+                                                           fmt(a["length"], 1), fmt(a["answer_words"], 1),
+                                                           f"{a['seconds']['mean']:.0f}"]
+        lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
+    c = result["classifier"]
+    first = s["methods"]["cagsr"]["ppo"]
+    paper = asdict(ppo.PPOConfig())
+    differs = ", ".join(f"{k} {first[k]} (paper {paper[k]})" for k in ("lr", "baseline", "whiten", "epochs", "minibatches",
+                                                                       "kl_coef") if first[k] != paper[k])
+    lines += ["", "## Notes", "",
+              f"- Relevance: a from-scratch {c['parameters']:,}-parameter Transformer classifier trained on the validation "
+              f"split (on-topic: prompt + its reference; off-topic: prompt + another prompt's reference), frozen, never a "
+              f"reward. On the test split it ranks a prompt's own reference above another's {c['pairwise']:.1%} of the time "
+              f"and classifies {c['accuracy']:.1%} of on/off-topic pairs right. It scores the greedy answers.",
+              "- ROUGE-L, exact-match, relevance and answer words are on greedy answers; R, coverage, focus, repeat, sink "
+              "share (attention on the prompt's special tokens) and length on 4 fixed-seed samples per prompt with the "
+              "paper's alpha/beta/gamma for every row; perplexity is of the test references.",
+              "- The human score column is not measured: no people were asked. The paper's numbers are its Table 1 on its "
+              "Instruction set with a 1.3B pretrained model; ours are a from-scratch model on generated data.",
+              f"- Every RL row: {s['iterations']} iterations x {first['prompts_per_iter']} prompts x {first['num_samples']} "
+              f"candidates from the same SFT model, same prompt order per seed. Settings the paper did not use: "
+              f"{differs or 'none'}."]
+    for m in METHODS:
+        if m.note:
+            lines.append(f"- {m.label}: {m.note}.")
+    for name in ("synthetic_pref", "human_pref_sim"):
+        st = agg[name]["reward_model"]
+        lines.append(f"- {name} reward model per seed: " + "; ".join(", ".join(f"{k} {v:.3g}" if isinstance(v, float) else
+                                                                          f"{k} {v}" for k, v in x.items()) for x in st) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = (("attention_reward", "attention reward R of the rollouts"), ("reward", "the reward each row optimises"),
+              ("kl_ref", "KL to the SFT policy (nats / response)"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (key, title) in zip(axes, panels):
+        for m in METHODS:
+            curve = result["rows"][m.name].get("curve")
+            if curve:
+                ax.plot(range(1, len(curve[key]) + 1), curve[key], label=m.label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("RL iteration")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Table 1 training curves, {result['settings']['dataset']}, mean over {len(result['seeds'])} seeds")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_table1(args, device) -> int:
+    t_start = time.time()
+    size = args.size or "tiny"
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
+    if args.init is not None:
+        raise SystemExit("--experiment table1 trains its own SFT model per seed; it does not take --init")
+    dataset = args.dataset or "instruct"
+    args.dataset = dataset
+    name = Path(dataset).stem if dataset.endswith(".jsonl") else dataset
+    settings = table_settings(args, size, name)
+    work = Path(args.out) if args.out else Path("runs") / f"table1-{name}-{size}"
+    work.mkdir(parents=True, exist_ok=True)
+    check_settings(work, settings)
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    try:
+        splits = data.load_dataset(dataset, seed=args.seed)
+    except ValueError as e:
+        raise SystemExit(f"--dataset: {e}") from None
+
+    tok_path = work / "tokenizer.json"
+    if tok_path.exists():
+        tok = data.tokenizer_from_str(tok_path.read_text())
+    else:
+        tok = data.train_tokenizer(list(data.record_texts(splits.train)), SIZES[size]["vocab_size"])
+        tok_path.write_text(data.tokenizer_to_str(tok))
+    cfg = config_for(size, vocab_size=tok.get_vocab_size())
+    try:
+        train_prompts = [p for p, _ in data.encode_records(tok, splits.train, cfg.max_src_len, cfg.max_tgt_len)]
+    except ValueError as e:
+        raise SystemExit(f"{dataset}: {e}") from None
+    salient = SalientTokens.build(tok, train_prompts)
+
+    clf_cfg = config_for("tiny", vocab_size=tok.get_vocab_size(), max_src_len=cfg.max_src_len, max_tgt_len=cfg.max_tgt_len)
+    clf_path = work / "relevance.pt"
+    if clf_path.exists():
+        saved = torch.load(clf_path, map_location=device, weights_only=False)
+        classifier = PairScorer(clf_cfg).to(device)
+        classifier.load_state_dict(saved["model"])
+        clf_stats = saved["stats"]
+    else:
+        t0 = time.time()
+        classifier = evaluation.train_relevance(tok, splits.val, clf_cfg, device, steps=settings["relevance_steps"])
+        clf_stats = evaluation.relevance_accuracy(classifier, tok, splits.test, device)
+        clf_stats.update(parameters=sum(p.numel() for p in classifier.parameters()), seconds=round(time.time() - t0, 1),
+                         trained_on=f"{len(splits.val)} validation prompts", steps=settings["relevance_steps"])
+        cagsr.save_checkpoint(clf_path, model=classifier.state_dict(), stats=clf_stats)
+    classifier.eval().requires_grad_(False)
+    print(f"relevance classifier: held-out pairwise {clf_stats['pairwise']:.1%}, accuracy {clf_stats['accuracy']:.1%} "
+          f"({len(splits.test)} test prompts)")
+
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    per_seed = {s: run_seed(s, work, settings, tok, splits, salient, classifier, train_prompts, device) for s in seeds}
+    compute = sum(ps["sft_seconds"] + sum(r["seconds"] for r in ps["rows"].values()) for ps in per_seed.values())
+    compute += clf_stats["seconds"]
+    result = dict(command=args.command, device=f"{device} ({torch.get_num_threads()} threads)", seeds=seeds,
+                  wall_minutes=(time.time() - t_start) / 60, compute_minutes=compute / 60,
+                  settings=settings, classifier=clf_stats, is_qa=name.startswith("qa"), paper=PAPER_TABLE1,
+                  rows=aggregate(per_seed), sft_seconds=[per_seed[s]["sft_seconds"] for s in seeds])
+    md = markdown(result)
+    write_json(results / f"table1_{name}.json", result)
+    (results / f"table1_{name}.md.tmp").write_text(md)
+    os.replace(results / f"table1_{name}.md.tmp", results / f"table1_{name}.md")
+    plot(result, results / f"table1_{name}.png")
+    print("\n" + md)
+    print(f"wrote {results / f'table1_{name}.md'}, .json, .png | work directory {work}")
+    return 0
