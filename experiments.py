@@ -83,7 +83,7 @@ TABLE_SFT_STEPS = {"instruct": 600}   # per dataset, where it differs from cagsr
 
 METRICS = ("relevance", "rouge_l", "exact_match", "perplexity", "reward", "coverage", "focus", "repeat",
            "sink_share", "length", "answer_words")
-CURVE_KEYS = ("reward", "attention_reward", "kl_ref", "coverage", "focus", "sink_share", "length")
+CURVE_KEYS = ("reward", "kl_ref", "coverage", "focus", "sink_share", "length")   # per RL iteration, from ppo.train
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,8 +224,7 @@ def run_seed(seed, work, settings, tok, splits, salient, classifier, train_promp
                       mininterval=1.0, leave=False) as bar:
                 history = ppo.train(policy, ref, optimizer, train_prompts, salient, reward_cfg, ppo_cfg,
                                     settings["iterations"], seed=seed, progress=bar, reward_fn=reward_fn)
-            row["curve"] = {k: [h.get(k, h["reward"] if k == "attention_reward" else None) for h in history]
-                            for k in CURVE_KEYS}
+            row["curve"] = {k: [h[k] for h in history] for k in CURVE_KEYS}
             row["skipped_updates"] = sum(h.get("skipped", 0) for h in history)
         row["metrics"] = evaluate_row(policy, tok, test, test_pairs, salient, classifier, settings, device)
         row["seconds"] = round(time.time() - t0, 1)
@@ -269,10 +268,10 @@ def fmt(a: dict, digits=3) -> str:
 def markdown(result: dict) -> str:
     s, agg, qa = result["settings"], result["rows"], result["is_qa"]
     lines = [f"# Table 1 on `{s['dataset']}` ({s['size']} preset, {len(result['seeds'])} seeds)", "",
-             f"Written by `{result['command']}` on {result['device']} in {result['wall_minutes']:.1f} min "
-             f"(rows computed in this call; rows reused from an earlier call count at their original cost: "
-             f"{result['compute_minutes']:.1f} min in all). Mean ± sample std over seeds {result['seeds']}; "
-             f"{s['num_eval']} test prompts.", "",
+             f"Written by `{result['command']}` on {result['device']}. Compute: {result['compute_minutes']:.1f} min "
+             f"in all (the classifier, each seed's SFT, reward models, RL and evaluation, each timed when it ran; "
+             f"rows reused from an earlier call count at their original cost). Mean ± sample std over seeds "
+             f"{result['seeds']}; {s['num_eval']} test prompts.", "",
              "## The paper's columns", "",
              "| method | relevance | paper | ROUGE-L | paper | human score | paper |", "|---|---|---|---|---|---|---|"]
     for m in METHODS:
@@ -323,9 +322,11 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = (("attention_reward", "attention reward R of the rollouts"), ("reward", "the reward each row optimises"),
-              ("kl_ref", "KL to the SFT policy (nats / response)"))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    # coverage and focus are computed on every row's rollouts (the preference rows too); R itself
+    # is not comparable across rows, since the ablations optimise R without one of its terms.
+    panels = (("coverage", "coverage of the rollouts"), ("focus", "focus of the rollouts"),
+              ("reward", "the reward each row optimises"), ("kl_ref", "KL to the SFT policy (nats / response)"))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
     for ax, (key, title) in zip(axes, panels):
         for m in METHODS:
             curve = result["rows"][m.name].get("curve")
@@ -399,7 +400,7 @@ def run_table1(args, device) -> int:
     compute = sum(ps["sft_seconds"] + sum(r["seconds"] for r in ps["rows"].values()) for ps in per_seed.values())
     compute += clf_stats["seconds"]
     result = dict(command=args.command, device=f"{device} ({torch.get_num_threads()} threads)", seeds=seeds,
-                  wall_minutes=(time.time() - t_start) / 60, compute_minutes=compute / 60,
+                  last_call_minutes=(time.time() - t_start) / 60, compute_minutes=compute / 60,
                   settings=settings, classifier=clf_stats, is_qa=name.startswith("qa"), paper=PAPER_TABLE1,
                   rows=aggregate(per_seed), sft_seconds=[per_seed[s]["sft_seconds"] for s in seeds])
     md = markdown(result)
