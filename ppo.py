@@ -219,7 +219,7 @@ def score(model, src, src_mask, salient: SalientTokens, reward_cfg: RewardConfig
     t1 = time.time()
     rep = lambda x: x.repeat_interleave(N, dim=0)                              # (B, S) -> (B*N, S)
     terms = compute_reward(r.attn, r.tokens, r.mask, rep(salient(src, src_mask, reward_cfg)), reward_cfg,
-                           special=rep(special_mask(src, src_mask)))
+                           special=rep(special_mask(src, src_mask)), prompt_mask=rep(src_mask))
     terms["length"] = r.mask.sum(-1).float()
     if reward_fn is not None:
         terms["attention_reward"] = terms["reward"]

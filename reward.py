@@ -196,20 +196,30 @@ def sink_share(attn, special, response_mask):
     return (mass * response_mask).sum(-1) / _num_tokens(response_mask)
 
 
-def drop_special(attn, special):
+def drop_special(attn, special, prompt_mask=None):
     """Abar without the prompt's special tokens, renormalised over the rest: (B, T, S).
-    A step whose attention was all on special tokens becomes all zeros (no distribution)."""
-    kept = attn * (~special)[:, None, :].to(attn.dtype)
-    total = kept.sum(-1, keepdim=True)
-    return torch.where(total > 0, kept / total.clamp(min=1e-12), torch.zeros_like(kept))
+
+    special (B, S) bool; prompt_mask (B, S) bool, True on real prompt tokens (None: every position
+    is real). A step whose attention was *all* on special tokens carries no information about the
+    rest of the prompt, so it becomes the uniform distribution over the real non-special tokens:
+    chance-level coverage and the least focus, never the best (a sink-only step must not look sharp).
+    Steps with no attention at all (after EOS) stay zero."""
+    keep = ~special if prompt_mask is None else prompt_mask & ~special               # (B, S)
+    kept = attn * keep[:, None, :].to(attn.dtype)                                     # (B, T, S)
+    total = kept.sum(-1, keepdim=True)                                                # (B, T, 1)
+    uniform = keep[:, None, :].to(attn.dtype) / keep.sum(-1)[:, None, None].clamp(min=1)
+    sink_only = (total == 0) & (attn.sum(-1, keepdim=True) > 0)
+    return torch.where(total > 0, kept / total.clamp(min=1e-12),
+                       torch.where(sink_only, uniform, torch.zeros_like(kept)))
 
 
-def compute_reward(attn, tokens, response_mask, salient, cfg: RewardConfig, special=None):
+def compute_reward(attn, tokens, response_mask, salient, cfg: RewardConfig, special=None, prompt_mask=None):
     """R(x, y) of §3.2 and each of its terms, one value per candidate.
 
     attn (B, T, S) Abar; tokens (B, T); response_mask (B, T) bool; salient (B, S) from
     SalientTokens; special (B, S) bool marks the prompt's special tokens (needed for the sink share
-    and for cfg.exclude_special). Returns a dict of (B,) tensors: reward, coverage, focus, repeat,
+    and for cfg.exclude_special); prompt_mask (B, S) the real prompt tokens (for exclude_special; see
+    drop_special). Returns a dict of (B,) tensors: reward, coverage, focus, repeat,
     and sink_share (measured on the attention as recorded, before any exclusion)."""
     terms = {}
     if special is not None:
@@ -217,7 +227,7 @@ def compute_reward(attn, tokens, response_mask, salient, cfg: RewardConfig, spec
     if cfg.exclude_special:
         if special is None:
             raise ValueError("RewardConfig.exclude_special needs the prompt's special-token mask")
-        attn = drop_special(attn, special)
+        attn = drop_special(attn, special, prompt_mask)
     terms["coverage"] = coverage(attn, salient, response_mask)
     terms["focus"] = focus(attn, response_mask, cfg.attn_temperature, cfg.entropy_floor)
     terms["repeat"] = repeat_penalty(tokens, response_mask, cfg.ngram, cfg.repeat_count).to(attn.dtype)

@@ -325,15 +325,28 @@ def test_every_term_finite_for_responses_of_length_0_and_1(cfg):
     assert terms["focus"][1].item() == approx(-_np_entropy([0.1, 0.6, 0.0, 0.3]))
 
 
-def test_exclude_special_step_all_on_special_tokens_stays_finite():
-    # A step whose whole attention sits on special tokens has no distribution left: all zeros, H = 0.
-    attn = torch.tensor([[[0.0, 0.0, 1.0]]])
-    special = torch.tensor([[False, False, True]])
-    dropped = reward.drop_special(attn, special)
-    assert dropped.tolist() == [[[0.0, 0.0, 0.0]]]
-    terms = compute_reward(attn, torch.tensor([[2]]), torch.tensor([[True]]),
-                           torch.tensor([[True, False, False]]), RewardConfig(exclude_special=True), special)
-    assert all(torch.isfinite(v).all() for v in terms.values())
+def test_exclude_special_step_all_on_special_tokens_gets_the_least_focus():
+    # Prompt: 2 real tokens, 1 special (EOS), 1 padding. Step 0 attends only to EOS: nothing is left
+    # after the exclusion, so it becomes uniform over the 2 real non-special tokens, [1/2, 1/2, 0, 0]:
+    # entropy log 2 (the most a 2-token distribution can have), coverage of salient {0} = 1/2.
+    # Step 1 attends [0.2, 0.6, 0.2, 0] -> [0.25, 0.75, 0, 0]. Step 2 is after EOS: stays zero.
+    attn = torch.tensor([[[0.0, 0.0, 1.0, 0.0], [0.2, 0.6, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    special = torch.tensor([[False, False, True, False]])
+    prompt_mask = torch.tensor([[True, True, True, False]])
+    dropped = reward.drop_special(attn, special, prompt_mask)
+    assert dropped[0].flatten().tolist() == approx([0.5, 0.5, 0.0, 0.0, 0.25, 0.75, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    mask = torch.tensor([[True, True, False]])
+    terms = compute_reward(attn, torch.tensor([[5, 2, 0]]), mask, torch.tensor([[True, False, False, False]]),
+                           RewardConfig(exclude_special=True), special, prompt_mask)
+    # focus = -(log 2 + H([0.25, 0.75])) / 2; coverage = (0.5 + 0.25) / 2.
+    assert terms["focus"].item() == approx(-(math.log(2) + _np_entropy([0.25, 0.75])) / 2)
+    assert terms["coverage"].item() == approx(0.375)
+    # Staring at the sink is now worse for focus than attending to one real token.
+    sharp = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
+    sink = torch.tensor([[[0.0, 0.0, 1.0, 0.0]]])
+    f = lambda a: compute_reward(a, torch.tensor([[2]]), torch.tensor([[True]]), torch.tensor([[True, False, False, False]]),
+                                 RewardConfig(exclude_special=True), special, prompt_mask)["focus"].item()
+    assert f(sink) < f(sharp)
 
 
 # ------------------------------------------------------------------- salient: IDF rule
