@@ -143,6 +143,9 @@ def build_parser() -> Parser:
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     g.add_argument("--out", default=None, help="run directory (default: a new runs/<time>-<size>-<dataset>)")
     g.add_argument("--overwrite", action="store_true", help="allow --out to name a non-empty directory")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan of the chosen size (parameters, weights, gradients, optimizer, "
+                        "reference policy, activations of one SFT batch) and exit")
     g = p.add_argument_group("SFT (§7.2)")
     g.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps (default: per size)")
     g.add_argument("--sft-batch-size", type=int, default=None, help="SFT batch size in pairs (default: per size)")
@@ -184,6 +187,24 @@ def pick_device(requested: str | None = None) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+# Presets meant for a GPU: on a CPU they would run for days, so they start there only on request.
+GPU_SIZES = ("base", "1.3b")
+
+
+def print_plan(size: str, cfg: ModelConfig, batch: int) -> None:
+    """The memory plan of `size` (model.memory_plan) for one SFT batch at the preset's longest lengths."""
+    from model import memory_plan
+    plan = memory_plan(cfg, batch, cfg.max_src_len, cfg.max_tgt_len, act_bytes=2)
+    gib = lambda b: f"{b / 2**30:8.2f} GiB"
+    print(f"plan for --size {size}: {plan['parameters']:,} parameters")
+    for k in ("weights", "gradients", "optimizer", "reference_policy", "activations", "total"):
+        note = {"optimizer": " (Adam: two float32 moments)", "reference_policy": " (frozen SFT policy for the KL, RL only)",
+                "activations": f" (estimate: one SFT batch of {batch} x ({cfg.max_src_len} + {cfg.max_tgt_len}) tokens, "
+                               f"bf16; the longest the preset allows, so an upper bound for the bundled data)"
+                }.get(k, "")
+        print(f"  {k:17s} {gib(plan[k])}{note}")
 
 
 def make_run_dir(args, size: str) -> Path:
@@ -511,6 +532,10 @@ def main(argv=None) -> int:
     t_start = time.time()
     if args.size is not None and args.size not in SIZES:
         raise SystemExit(f"--size {args.size!r} is not a preset; valid sizes: {', '.join(SIZES)}")
+    if args.dry_run:
+        size = args.size or "tiny"
+        print_plan(size, config_for(size), args.sft_batch_size or SFT_DEFAULTS[size]["sft_batch_size"])
+        return 0
     if args.experiment is not None:
         import experiments                            # imports this module: loaded only when asked for
         if args.num_eval is None:
@@ -524,6 +549,10 @@ def main(argv=None) -> int:
     if args.stage == "sample" and not args.prompt:
         raise SystemExit('--stage sample needs at least one --prompt "..."')
     device = pick_device(args.device)
+    if args.size in GPU_SIZES and device.type == "cpu" and args.device is None:
+        print_plan(args.size, config_for(args.size), SFT_DEFAULTS[args.size]["sft_batch_size"])
+        raise SystemExit(f"--size {args.size} is a GPU preset and no GPU was found: on this CPU it would run for days. "
+                         f"Pass --device cpu to run it here anyway, or --dry-run to see only the plan above.")
     seed_everything(args.seed)
     if args.stage == "sample":
         return run_sample(args, device)

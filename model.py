@@ -513,6 +513,27 @@ def count_params(cfg: ModelConfig) -> int:
         return EncoderDecoder(cfg).num_params()
 
 
+def memory_plan(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int, act_bytes: int = 2) -> dict:
+    """Bytes a training run of `cfg` needs, before it allocates anything (`--dry-run`).
+
+    Weights, gradients and the frozen reference policy in float32 (4 bytes per parameter each),
+    Adam's two moments (8 bytes per parameter), and an *estimate* of the activations a teacher-forced
+    forward keeps for the backward pass on `batch` pairs of (src_len, tgt_len) tokens, `act_bytes`
+    per element (2 under bf16 autocast, 4 in float32). The activation count follows this model's
+    layers, assuming the fused attention (no (T, S) matrices stored): per encoder token about
+    10 D + 2 d_ff elements per layer, per decoder token about 14 D + 2 d_ff per layer, plus the
+    logits (B T V, once in act_bytes and once in float32 for the loss)."""
+    P = count_params(cfg)
+    D, F_ = cfg.d_model, cfg.d_ff
+    enc = batch * src_len * cfg.n_enc_layers * (10 * D + 2 * F_)
+    dec = batch * tgt_len * cfg.n_dec_layers * (14 * D + 2 * F_)
+    logits = batch * tgt_len * cfg.vocab_size
+    plan = dict(parameters=P, weights=4 * P, gradients=4 * P, optimizer=8 * P, reference_policy=4 * P,
+                activations=(enc + dec + logits) * act_bytes + logits * 4)
+    plan["total"] = sum(v for k, v in plan.items() if k != "parameters")
+    return plan
+
+
 if __name__ == "__main__":
     # `python model.py` prints the table of presets in the README.
     print("| size | d_model | heads | enc+dec layers | d_ff | vocab | parameters |")

@@ -142,3 +142,26 @@ def test_cli_cagsr_run_writes_its_run_directory_and_its_checkpoint_serves_sample
     assert ev.returncode == 0, ev.stderr[-2000:]
     # The same checkpoint, set and seed give the same fixed-set reward as the run logged at its end.
     assert f"reward {fixed[20]['reward']:.4f}" in ev.stdout
+
+
+# ---------------------------------------------------------------------------- scale: the plan
+def test_memory_plan_counts_bytes_per_parameter_and_activations_by_hand():
+    from model import ModelConfig, count_params, memory_plan
+    cfg = ModelConfig(vocab_size=100, d_model=8, n_heads=2, n_enc_layers=1, n_dec_layers=2, d_ff=16)
+    P = count_params(cfg)
+    plan = memory_plan(cfg, batch=3, src_len=5, tgt_len=4, act_bytes=2)
+    assert plan["parameters"] == P
+    assert (plan["weights"], plan["gradients"], plan["optimizer"], plan["reference_policy"]) == (4 * P, 4 * P, 8 * P, 4 * P)
+    # encoder: 3*5 tokens x 1 layer x (10*8 + 2*16) = 15 * 112 = 1680; decoder: 3*4 x 2 x (14*8 + 2*16) = 12*2*144
+    # = 3456; logits 3*4*100 = 1200, in bf16 (2 bytes) and again in float32 (4 bytes).
+    assert plan["activations"] == (1680 + 3456 + 1200) * 2 + 1200 * 4
+    assert plan["total"] == 20 * P + plan["activations"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_gpu_preset_without_a_gpu_prints_the_plan_and_refuses(capsys):
+    with pytest.raises(SystemExit, match="GPU preset and no GPU was found.*--device cpu"):
+        cagsr.main(["--size", "1.3b"])
+    assert "1,242,313,729 parameters" in capsys.readouterr().out
+    assert cagsr.main(["--size", "1.3b", "--dry-run"]) == 0
+    assert "optimizer" in capsys.readouterr().out
