@@ -143,6 +143,10 @@ def build_parser() -> Parser:
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     g.add_argument("--out", default=None, help="run directory (default: a new runs/<time>-<size>-<dataset>)")
     g.add_argument("--overwrite", action="store_true", help="allow --out to name a non-empty directory")
+    g.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="bf16 autocast (float32 weights and optimizer) or plain fp32 (default: bf16 on CUDA, else fp32)")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)")
     g.add_argument("--dry-run", action="store_true",
                    help="print the memory plan of the chosen size (parameters, weights, gradients, optimizer, "
                         "reference policy, activations of one SFT batch) and exit")
@@ -205,6 +209,19 @@ def print_plan(size: str, cfg: ModelConfig, batch: int) -> None:
                                f"bf16; the longest the preset allows, so an upper bound for the bundled data)"
                 }.get(k, "")
         print(f"  {k:17s} {gib(plan[k])}{note}")
+
+
+def fused(device) -> dict:
+    """The fused (one-kernel) Adam/AdamW step on CUDA; the default elsewhere."""
+    return dict(fused=True) if torch.device(device).type == "cuda" else {}
+
+
+def autocast(device, precision: str | None):
+    """bf16 autocast for --precision bf16 (the default on CUDA): matmuls in bf16, weights, optimizer
+    state, softmax of the recorded attention, log-probabilities and losses in float32."""
+    device = torch.device(device)
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def make_run_dir(args, size: str) -> Path:
@@ -280,7 +297,7 @@ def train_sft(model, train_pairs, val_pairs, *, steps, batch_size, lr, warmup, e
 
     Every `eval_every` steps: validation loss, and `probe(model)` (a dict of extra metrics, e.g.
     exact-match on a fixed validation subset) when given."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01, **fused(device))
     model.train()
     history, step, t0, tokens, eval_s = [], 0, time.time(), 0, 0.0
     bar = tqdm(total=steps, desc="SFT", unit="step", dynamic_ncols=True, mininterval=1.0)
@@ -433,7 +450,7 @@ def run_rl(args, model, tok, splits, run_dir, log, device, size) -> dict:
     ref_model = EncoderDecoder(model.cfg).to(device)                 # the frozen SFT policy (KL, metrics)
     ref_model.load_state_dict(model.state_dict())
     ref_model.eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)     # §7.2: Adam
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **fused(device))     # §7.2: Adam
     eval_set, test = splits.val[:args.eval_prompts], splits.test[:args.num_eval]
     show = [r["prompt"] for r in test[:3]]
 
@@ -583,6 +600,7 @@ def main(argv=None) -> int:
         overrides["vocab_size"] = tok.get_vocab_size()
         model = EncoderDecoder(config_for(size, **overrides)).to(device)
         print(f"size {size} | overrides {overrides} | device {device}")
+    model.gradient_checkpointing = args.grad_checkpoint
     cfg = model.cfg
     print(f"dataset {args.dataset}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test pairs; "
           f"vocabulary {cfg.vocab_size}; model {model.num_params():,} parameters")
@@ -622,8 +640,10 @@ def main(argv=None) -> int:
             return dict(val_exact_match=greedy_scores(m, tok, probe_set, device)[1])
 
         t0 = time.time()
-        result = train_sft(model, train_pairs, val_pairs, steps=steps, batch_size=batch_size, lr=lr, warmup=args.warmup,
-                           eval_every=args.sft_eval_every, device=device, seed=args.seed, log=log, probe=probe)
+        with autocast(device, args.precision):
+            result = train_sft(model, train_pairs, val_pairs, steps=steps, batch_size=batch_size, lr=lr,
+                               warmup=args.warmup, eval_every=args.sft_eval_every, device=device, seed=args.seed,
+                               log=log, probe=probe)
         sft_seconds = time.time() - t0
         idf = data.idf([p for p, _ in train_pairs], cfg.vocab_size)     # so `--stage sample` can score candidates
         save_checkpoint(run_dir / "sft.pt", model=model.state_dict(), optimizer=result["optimizer"].state_dict(),
@@ -638,7 +658,8 @@ def main(argv=None) -> int:
         print(f"after SFT: held-out exact-match {em:.1%} of {len(test)} test prompts | SFT took {sft_seconds:.0f}s")
 
     if args.stage in ("all", "rl"):
-        run_rl(args, model, tok, splits, run_dir, log, device, size)
+        with autocast(device, args.precision):
+            run_rl(args, model, tok, splits, run_dir, log, device, size)
 
     total = time.time() - t_start
     log(dict(stage="done", total_seconds=round(total, 1)))

@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,6 +292,17 @@ class EncoderDecoder(nn.Module):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(branches))
         nn.init.zeros_(self.value_head.out.weight)
         nn.init.zeros_(self.value_head.out.bias)
+        # Activation (gradient) checkpointing: a run-time switch (`--grad-checkpoint`), not part of
+        # the architecture. When on, every encoder and decoder layer of a pass that builds a graph
+        # keeps only its input and recomputes the rest during the backward pass.
+        self.gradient_checkpointing = False
+
+    def _layer(self, layer, *args, **kwargs):
+        """layer(*args, **kwargs), through torch.utils.checkpoint when checkpointing is on and
+        gradients are being recorded."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+        return layer(*args, **kwargs)
 
     @staticmethod
     def _init_weights(module):
@@ -314,7 +326,7 @@ class EncoderDecoder(nn.Module):
         x = self.drop(self.tok_emb(src) + self.enc_pos(pos))              # (B, S, D)
         key_mask = src_mask[:, None, None, :]                              # (B, 1, 1, S)
         for layer in self.encoder:
-            x = layer(x, key_mask)
+            x = self._layer(layer, x, key_mask)
         return self.enc_ln(x)                                             # (B, S, D)
 
     def value(self, memory, src_mask):
@@ -340,9 +352,11 @@ class EncoderDecoder(nn.Module):
         key_mask = src_mask[:, None, None, :]                              # (B, 1, 1, S)
         maps = []
         for i, layer in enumerate(self.decoder):
-            cache = None if caches is None else caches[i]
-            x, w = layer(x, cross_kv[i], key_mask, need_weights=attention is not None and layer.cross_attn.records,
-                         cache=cache, pos=pos)
+            need = attention is not None and layer.cross_attn.records
+            if caches is None:
+                x, w = self._layer(layer, x, cross_kv[i], key_mask, need_weights=need, pos=pos)
+            else:                                                          # sampling: no graph, KV cache
+                x, w = layer(x, cross_kv[i], key_mask, need_weights=need, cache=caches[i], pos=pos)
             if w is not None:
                 maps.append(w)                                            # (B', H, T, S)
         logits = self.dec_ln(x) @ self.tok_emb.weight.t()                  # (B', T, V), tied head

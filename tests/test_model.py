@@ -258,3 +258,40 @@ def test_overlong_inputs_are_errors():
         model.encode(torch.ones(1, 17, dtype=torch.long), torch.ones(1, 17, dtype=torch.bool))
     with pytest.raises(ValueError, match="max_tgt_len"):
         model(*padded_prompts([3]), torch.ones(1, 25, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------- scale: memory and precision
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    m = EncoderDecoder(config_for("tiny", vocab_size=50, d_model=32, d_ff=64, n_heads=2, last_layers=2))
+    src = torch.randint(4, 50, (3, 7))
+    tgt = torch.randint(4, 50, (3, 5))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.gradient_checkpointing = ckpt
+        logits, abar = m(src, mask, tgt, attention="mean")
+        (logits.logsumexp(-1).mean() + abar.pow(2).sum()).backward()
+        grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_bf16_autocast_keeps_the_recorded_attention_and_log_probs_in_float32():
+    # The CPU stands in for CUDA here: the same autocast rules pick bf16 matmuls on both.
+    torch.manual_seed(0)
+    m = EncoderDecoder(config_for("tiny", vocab_size=50, d_model=32, d_ff=64, n_heads=2)).eval()
+    src = torch.randint(4, 50, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    tgt = torch.randint(4, 50, (2, 5))
+    ref, _ = m(src, mask, tgt)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = m.sample(src, mask, num_samples=2, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
+        logits, _ = m(src, mask, tgt)
+    assert r.attn.dtype == torch.float32 and r.logprobs.dtype == torch.float32
+    sums = r.attn.sum(-1)[r.mask]
+    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - ref).abs().max() < 0.05 * ref.abs().max()
