@@ -1,0 +1,266 @@
+"""Speed of the project's model next to Hugging Face T5, on one fixed workload (README, "Performance").
+
+    python bench.py                  # every benchmark, CPU, 2 threads; `transformers` optional
+    python bench.py --repeats 3      # fewer interleaved rounds
+
+The workload (both systems): d_model 256, 4 + 4 layers, 4 heads, d_ff 1024, vocabulary 8,000, random
+weights; rollouts of 16 prompts x 32 tokens, N = 4 samples each, 48 new tokens, top-k 50, with the
+cross-attention recorded; a training step on 64 x (32 prompt, 48 target) tokens with AdamW.
+
+Each measurement runs in a fresh process (`--worker`), after a warm-up, as the median of several
+calls; the two systems alternate round by round. HF T5 is built with attn_implementation="eager"
+(with SDPA it returns empty cross-attentions) and generate(output_attentions=True,
+return_dict_in_generate=True), which returns every layer's and head's map at every step.
+`transformers` is a benchmark-only dependency: without it, the peer's rows are skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+B, S, N, NEW, TRAIN_B, TRAIN_T = 16, 32, 4, 48, 64, 48
+DIMS = dict(vocab_size=8000, d_model=256, n_heads=4, n_enc_layers=4, n_dec_layers=4, d_ff=1024)
+
+
+def peak_reset():
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def rss_kib(field="VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def timed(fn, calls: int) -> list[float]:
+    fn()                                                                   # warm-up
+    out = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Workers: one system, one task, in its own process; prints one JSON line
+# --------------------------------------------------------------------------------------------
+
+def build(system: str):
+    import torch
+    torch.manual_seed(0)
+    if system == "ours":
+        from model import EncoderDecoder, config_for
+        return EncoderDecoder(config_for("small", **DIMS)).eval()
+    from transformers import T5Config, T5ForConditionalGeneration
+    cfg = T5Config(vocab_size=DIMS["vocab_size"], d_model=DIMS["d_model"], d_kv=DIMS["d_model"] // DIMS["n_heads"],
+                   d_ff=DIMS["d_ff"], num_layers=DIMS["n_enc_layers"], num_decoder_layers=DIMS["n_dec_layers"],
+                   num_heads=DIMS["n_heads"], decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+
+
+def rollout_fn(system, model, new_tokens, record=True):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, DIMS["vocab_size"], (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.bool)
+    if system == "ours":
+        def run():
+            with torch.no_grad():
+                r = model.sample(src, mask, num_samples=N, max_new_tokens=new_tokens, top_k=50,
+                                 record_attention=record, generator=torch.Generator().manual_seed(1))
+            assert r.tokens.size(1) == new_tokens or not r.mask[:, -1].any()
+        return run
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(input_ids=src, attention_mask=mask.long(), do_sample=True, top_k=50,
+                                 num_return_sequences=N, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
+                                 output_attentions=record, return_dict_in_generate=True)
+        if record:
+            assert out.cross_attentions and out.cross_attentions[0][0].numel() > 0, "empty cross-attentions"
+    return run
+
+
+def train_fn(system, model):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, DIMS["vocab_size"], (TRAIN_B, S), generator=g)
+    tgt = torch.randint(4, DIMS["vocab_size"], (TRAIN_B, TRAIN_T), generator=g)
+    mask = torch.ones(TRAIN_B, S, dtype=torch.bool)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if system == "ours":
+        import torch.nn.functional as F
+        tgt_in = torch.cat([torch.full((TRAIN_B, 1), 1), tgt[:, :-1]], 1)
+
+        def loss():
+            logits, _ = model(src, mask, tgt_in)
+            return F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten())
+    else:
+        def loss():
+            return model(input_ids=src, attention_mask=mask.long(), labels=tgt).loss
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss().backward()
+        opt.step()
+    return run
+
+
+def train_flops(model, system) -> float:
+    """6 x (encoder parameters x prompt tokens + decoder and head parameters x target tokens) per
+    step: the matmul FLOPs of forward + backward (attention score FLOPs left out; they are under 5%
+    at these lengths)."""
+    if system == "ours":
+        enc = sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder."))
+        dec = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder.")) + model.tok_emb.weight.numel()
+    else:
+        enc = sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder.block"))
+        dec = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder.block"))
+        dec += model.lm_head.weight.numel()
+    return 6 * (enc * TRAIN_B * S + dec * TRAIN_B * TRAIN_T)
+
+
+def matmul_flops(n=2048, calls=5) -> float:
+    import torch
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n ** 3 / statistics.median(timed(lambda: a @ b, calls))
+
+
+def worker(system: str, task: str, calls: int, threads: int) -> dict:
+    import torch
+    torch.set_num_threads(threads)
+    model = build(system)
+    peak_reset()
+    base = rss_kib()
+    if task == "rollout":
+        times = timed(rollout_fn(system, model, NEW), calls)
+    elif task == "rollout_norecord":
+        times = timed(rollout_fn(system, model, NEW, record=False), calls)
+    elif task == "rollout96":
+        times = timed(rollout_fn(system, model, 2 * NEW), calls)
+    elif task == "capture_pairs":                      # interleaved pairs with / without recording Abar
+        on, off = rollout_fn(system, model, NEW, True), rollout_fn(system, model, NEW, False)
+        on(), off()
+        ratios = []
+        for _ in range(calls):
+            t0 = time.perf_counter(); on(); t1 = time.perf_counter(); off(); t2 = time.perf_counter()
+            ratios.append((t1 - t0) / (t2 - t1))
+        return dict(system=system, task=task, ratios=ratios)
+    elif task == "train":
+        times = timed(train_fn(system, model), calls)
+    elif task == "matmul":
+        return dict(system=system, task=task, flops=matmul_flops())
+    else:
+        raise SystemExit(f"unknown task {task}")
+    out = dict(system=system, task=task, times=times, peak_growth_mib=(rss_kib("VmHWM") - base) / 1024)
+    if task == "train":
+        out["flops_per_step"] = train_flops(model, system)
+    return out
+
+
+def profile_rollout(threads: int) -> int:
+    """Our rollout's time by operator: the model's matmuls and attention against the sampler's
+    full-vocabulary work (topk, softmax, and the exponential draws behind torch.multinomial)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    torch.set_num_threads(threads)
+    run = rollout_fn("ours", build("ours"), NEW)
+    run()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+
+def run_worker(system, task, calls, threads) -> dict:
+    cmd = [sys.executable, __file__, "--worker", system, "--task", task, "--calls", str(calls), "--threads", str(threads)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{system}/{task} failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--task", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--calls", type=int, default=5, help="timed calls per worker, after one warm-up")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds (each a fresh process per system)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--pairs", type=int, default=10, help="interleaved with/without-capture pairs")
+    ap.add_argument("--profile", action="store_true",
+                    help="only profile one of our rollouts (torch.profiler): where the time goes, sampler included")
+    args = ap.parse_args(argv)
+    if args.profile:
+        return profile_rollout(args.threads)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.task, args.calls, args.threads)))
+        return 0
+
+    try:
+        import transformers  # noqa: F401
+        systems = ["ours", "hf"]
+    except ImportError:
+        systems = ["ours"]
+        print("transformers is not installed: the Hugging Face T5 rows are skipped (pip install transformers)")
+    results = {}
+    for task in ("rollout", "rollout96", "train"):
+        for _ in range(args.repeats):
+            for system in systems:                       # interleaved: ours, hf, ours, hf, ...
+                r = run_worker(system, task, args.calls, args.threads)
+                results.setdefault((system, task), []).append(r)
+    pairs = run_worker("ours", "capture_pairs", args.pairs, args.threads)["ratios"]
+    peak = run_worker("ours", "matmul", 5, args.threads)["flops"]
+
+    med = lambda system, task: statistics.median(t for r in results[(system, task)] for t in r["times"])
+    grow = lambda system, task: max(r["peak_growth_mib"] for r in results[(system, task)])
+    print(f"\nworkload: d_model 256, 4+4 layers, 4 heads, d_ff 1024, vocab 8000; rollout {B} prompts x {S} tokens, "
+          f"N={N}, {NEW} new tokens, top-k 50, cross-attention recorded; training {TRAIN_B} x ({S}+{TRAIN_T}) tokens, "
+          f"AdamW; {args.threads} threads; medians over {args.repeats} fresh processes x {args.calls} calls\n")
+    rows = []
+    for system in systems:
+        t = med(system, "rollout")
+        tr = med(system, "train")
+        flops = results[(system, "train")][0]["flops_per_step"]
+        rows.append(dict(system=system, rollout_s=t, candidates_per_s=B * N / t, tokens_per_s=B * N * NEW / t,
+                         rollout_peak_growth_mib=grow(system, "rollout"), growth_96_over_48=med(system, "rollout96") / t,
+                         train_step_s=tr, train_tokens_per_s=TRAIN_B * (S + TRAIN_T) / tr,
+                         train_flops_share=flops / tr / peak))
+    names = {"ours": "cagsr (model.py)", "hf": "HF T5 (eager, output_attentions)"}
+    print(f"{'':34s} {'rollout s':>9s} {'cand/s':>7s} {'tok/s':>7s} {'peak MiB':>8s} {'96/48':>6s} "
+          f"{'train s':>8s} {'train tok/s':>11s} {'FLOP/s share':>12s}")
+    for r in rows:
+        print(f"{names[r['system']]:34s} {r['rollout_s']:9.3f} {r['candidates_per_s']:7.1f} {r['tokens_per_s']:7.0f} "
+              f"{r['rollout_peak_growth_mib']:8.1f} {r['growth_96_over_48']:6.2f} {r['train_step_s']:8.3f} "
+              f"{r['train_tokens_per_s']:11.0f} {r['train_flops_share']:12.1%}")
+    if len(rows) == 2:
+        o, h = rows
+        print(f"\nours / HF: rollout tokens/s x{o['tokens_per_s'] / h['tokens_per_s']:.2f}, rollout peak memory growth "
+              f"x{o['rollout_peak_growth_mib'] / max(h['rollout_peak_growth_mib'], 1e-9):.2f}, "
+              f"training tokens/s x{o['train_tokens_per_s'] / h['train_tokens_per_s']:.2f}")
+    print(f"recording Abar: median rollout time ratio with/without {statistics.median(pairs):.3f} "
+          f"(min {min(pairs):.3f}, max {max(pairs):.3f}, {len(pairs)} interleaved pairs)")
+    print(f"large-matmul FLOP/s on this machine ({args.threads} threads, fp32 2048^3): {peak / 1e9:.1f} GFLOP/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
