@@ -71,7 +71,7 @@ def build(system: str):
     return T5ForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
 
 
-def rollout_fn(system, model, new_tokens, record=True):
+def rollout_fn(system, model, new_tokens, record=True, greedy=False):
     import torch
     g = torch.Generator().manual_seed(0)
     src = torch.randint(4, DIMS["vocab_size"], (B, S), generator=g)
@@ -79,15 +79,18 @@ def rollout_fn(system, model, new_tokens, record=True):
     if system == "ours":
         def run():
             with torch.no_grad():
-                r = model.sample(src, mask, num_samples=N, max_new_tokens=new_tokens, top_k=50,
+                r = model.sample(src, mask, num_samples=N, max_new_tokens=new_tokens, top_k=50, greedy=greedy,
                                  record_attention=record, generator=torch.Generator().manual_seed(1))
             assert r.tokens.size(1) == new_tokens or not r.mask[:, -1].any()
         return run
 
+    # HF refuses num_return_sequences > 1 without sampling: greedy runs on the prompts repeated N times.
+    ids, am, n = (src.repeat_interleave(N, 0), mask.long().repeat_interleave(N, 0), 1) if greedy else (src, mask.long(), N)
+
     def run():
         with torch.no_grad():
-            out = model.generate(input_ids=src, attention_mask=mask.long(), do_sample=True, top_k=50,
-                                 num_return_sequences=N, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
+            out = model.generate(input_ids=ids, attention_mask=am, do_sample=not greedy, top_k=None if greedy else 50,
+                                 num_return_sequences=n, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
                                  output_attentions=record, return_dict_in_generate=True)
         if record:
             assert out.cross_attentions and out.cross_attentions[0][0].numel() > 0, "empty cross-attentions"
@@ -150,6 +153,8 @@ def worker(system: str, task: str, calls: int, threads: int) -> dict:
         times = timed(rollout_fn(system, model, NEW), calls)
     elif task == "rollout_norecord":
         times = timed(rollout_fn(system, model, NEW, record=False), calls)
+    elif task == "rollout_greedy":                     # the same rollout with argmax instead of top-k sampling
+        times = timed(rollout_fn(system, model, NEW, greedy=True), calls)
     elif task == "rollout96":
         times = timed(rollout_fn(system, model, 2 * NEW), calls)
     elif task == "capture_pairs":                      # interleaved pairs with / without recording Abar
@@ -173,16 +178,23 @@ def worker(system: str, task: str, calls: int, threads: int) -> dict:
 
 
 def profile_rollout(threads: int) -> int:
-    """Our rollout's time by operator: the model's matmuls and attention against the sampler's
-    full-vocabulary work (topk, softmax, and the exponential draws behind torch.multinomial)."""
+    """Where one rollout's time goes, by operator (torch.profiler), for each system."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     torch.set_num_threads(threads)
-    run = rollout_fn("ours", build("ours"), NEW)
-    run()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    systems = ["ours"]
+    try:
+        import transformers  # noqa: F401
+        systems.append("hf")
+    except ImportError:
+        print("transformers is not installed: profiling our model only")
+    for system in systems:
+        run = rollout_fn(system, build(system), NEW)
         run()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+        print(f"\n{system}:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
     return 0
 
 
@@ -222,7 +234,7 @@ def main(argv=None) -> int:
         systems = ["ours"]
         print("transformers is not installed: the Hugging Face T5 rows are skipped (pip install transformers)")
     results = {}
-    for task in ("rollout", "rollout96", "train"):
+    for task in ("rollout", "rollout_greedy", "rollout96", "train"):
         for _ in range(args.repeats):
             for system in systems:                       # interleaved: ours, hf, ours, hf, ...
                 r = run_worker(system, task, args.calls, args.threads)
@@ -242,6 +254,7 @@ def main(argv=None) -> int:
         flops = results[(system, "train")][0]["flops_per_step"]
         rows.append(dict(system=system, rollout_s=t, candidates_per_s=B * N / t, tokens_per_s=B * N * NEW / t,
                          rollout_peak_growth_mib=grow(system, "rollout"), growth_96_over_48=med(system, "rollout96") / t,
+                         sampler_share=1 - med(system, "rollout_greedy") / t,
                          train_step_s=tr, train_tokens_per_s=TRAIN_B * (S + TRAIN_T) / tr,
                          train_flops_share=flops / tr / peak))
     names = {"ours": "cagsr (model.py)", "hf": "HF T5 (eager, output_attentions)"}
@@ -256,6 +269,9 @@ def main(argv=None) -> int:
         print(f"\nours / HF: rollout tokens/s x{o['tokens_per_s'] / h['tokens_per_s']:.2f}, rollout peak memory growth "
               f"x{o['rollout_peak_growth_mib'] / max(h['rollout_peak_growth_mib'], 1e-9):.2f}, "
               f"training tokens/s x{o['train_tokens_per_s'] / h['train_tokens_per_s']:.2f}")
+    for r in rows:
+        print(f"{names[r['system']]}: top-k sampling costs {r['sampler_share']:.1%} of the rollout "
+              f"(1 - greedy time / sampling time, same length)")
     print(f"recording Abar: median rollout time ratio with/without {statistics.median(pairs):.3f} "
           f"(min {min(pairs):.3f}, max {max(pairs):.3f}, {len(pairs)} interleaved pairs)")
     print(f"large-matmul FLOP/s on this machine ({args.threads} threads, fp32 2048^3): {peak / 1e9:.1f} GFLOP/s")
