@@ -197,9 +197,12 @@ def pick_device(requested: str | None = None) -> torch.device:
 GPU_SIZES = ("base", "1.3b")
 
 
-def print_plan(size: str, cfg: ModelConfig, batch: int) -> None:
-    """The memory plan of `size` (model.memory_plan) for one SFT batch at the preset's longest lengths."""
+def print_plan(size: str, batch: int | None = None) -> None:
+    """The memory plan of the preset `size` (model.memory_plan) for one SFT batch (default: the
+    size's SFT batch) at the preset's longest lengths."""
     from model import memory_plan
+    cfg = config_for(size)
+    batch = batch or SFT_DEFAULTS[size]["sft_batch_size"]
     plan = memory_plan(cfg, batch, cfg.max_src_len, cfg.max_tgt_len, act_bytes=2)
     gib = lambda b: f"{b / 2**30:8.2f} GiB"
     print(f"plan for --size {size}: {plan['parameters']:,} parameters")
@@ -551,7 +554,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--size {args.size!r} is not a preset; valid sizes: {', '.join(SIZES)}")
     if args.dry_run:
         size = args.size or "tiny"
-        print_plan(size, config_for(size), args.sft_batch_size or SFT_DEFAULTS[size]["sft_batch_size"])
+        print_plan(size, args.sft_batch_size)
         return 0
     if args.experiment is not None:
         import experiments                            # imports this module: loaded only when asked for
@@ -567,7 +570,7 @@ def main(argv=None) -> int:
         raise SystemExit('--stage sample needs at least one --prompt "..."')
     device = pick_device(args.device)
     if args.size in GPU_SIZES and device.type == "cpu" and args.device is None:
-        print_plan(args.size, config_for(args.size), SFT_DEFAULTS[args.size]["sft_batch_size"])
+        print_plan(args.size, args.sft_batch_size)
         raise SystemExit(f"--size {args.size} is a GPU preset and no GPU was found: on this CPU it would run for days. "
                          f"Pass --device cpu to run it here anyway, or --dry-run to see only the plan above.")
     seed_everything(args.seed)

@@ -129,11 +129,15 @@ def check_settings(work: Path, settings: dict) -> None:
         write_json(path, settings)
 
 
-def write_json(path: Path, obj) -> None:
+def write_text(path: Path, text: str) -> None:
     """Atomically: a reader never sees a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,7 +169,7 @@ def load_policy(sft_state, cfg, device):
     return model
 
 
-def run_seed(seed, work, settings, tok, splits, salient, classifier, train_prompts, device) -> dict:
+def run_seed(seed, work, settings, tok, splits, train_pairs, salient, classifier, device) -> dict:
     """Every row of one seed; rows already on disk are read, not recomputed."""
     sd = work / f"seed{seed}"
     sd.mkdir(parents=True, exist_ok=True)
@@ -185,7 +189,7 @@ def run_seed(seed, work, settings, tok, splits, salient, classifier, train_promp
         model = EncoderDecoder(cfg).to(device)
         t0 = time.time()
         print(f"seed {seed} | SFT: {settings['sft_steps']} steps x {settings['sft_batch_size']}, lr {settings['sft_lr']}")
-        cagsr.train_sft(model, enc(splits.train), enc(splits.val[:200]), steps=settings["sft_steps"],
+        cagsr.train_sft(model, train_pairs, enc(splits.val[:200]), steps=settings["sft_steps"],
                         batch_size=settings["sft_batch_size"], lr=settings["sft_lr"], warmup=settings["warmup"],
                         eval_every=max(1, settings["sft_steps"] // 3), device=device, seed=seed)
         sft_seconds = time.time() - t0
@@ -194,6 +198,7 @@ def run_seed(seed, work, settings, tok, splits, salient, classifier, train_promp
                               idf=salient.idf, stage="sft", size=size, seed=seed)
         write_json(sd / "sft.json", dict(seconds=round(sft_seconds, 1)))
 
+    train_prompts = [p for p, _ in train_pairs]
     rows = {}
     for m in METHODS:
         path = sd / f"{m.name}.json"
@@ -219,7 +224,7 @@ def run_seed(seed, work, settings, tok, splits, salient, classifier, train_promp
                     noise=settings["rm"]["label_noise"], steps=settings["rm"]["human_steps"], seed=seed)
                 reward_fn = baselines.ScorerReward(scorer)
             ref = load_policy(sft_state, cfg, device).eval().requires_grad_(False)
-            optimizer = torch.optim.Adam(policy.parameters(), lr=ppo_cfg.lr)
+            optimizer = torch.optim.Adam(policy.parameters(), lr=ppo_cfg.lr, **cagsr.fused(device))
             with tqdm(total=settings["iterations"], desc=f"seed {seed} {m.name}", unit="iter", dynamic_ncols=True,
                       mininterval=1.0, leave=False) as bar:
                 history = ppo.train(policy, ref, optimizer, train_prompts, salient, reward_cfg, ppo_cfg,
@@ -372,10 +377,10 @@ def run_table1(args, device) -> int:
         tok_path.write_text(data.tokenizer_to_str(tok))
     cfg = config_for(size, vocab_size=tok.get_vocab_size())
     try:
-        train_prompts = [p for p, _ in data.encode_records(tok, splits.train, cfg.max_src_len, cfg.max_tgt_len)]
+        train_pairs = data.encode_records(tok, splits.train, cfg.max_src_len, cfg.max_tgt_len)
     except ValueError as e:
         raise SystemExit(f"{dataset}: {e}") from None
-    salient = SalientTokens.build(tok, train_prompts)
+    salient = SalientTokens.build(tok, [p for p, _ in train_pairs])
 
     clf_cfg = config_for("tiny", vocab_size=tok.get_vocab_size(), max_src_len=cfg.max_src_len, max_tgt_len=cfg.max_tgt_len)
     clf_path = work / "relevance.pt"
@@ -396,7 +401,7 @@ def run_table1(args, device) -> int:
           f"({len(splits.test)} test prompts)")
 
     seeds = list(range(args.seed, args.seed + args.seeds))
-    per_seed = {s: run_seed(s, work, settings, tok, splits, salient, classifier, train_prompts, device) for s in seeds}
+    per_seed = {s: run_seed(s, work, settings, tok, splits, train_pairs, salient, classifier, device) for s in seeds}
     compute = sum(ps["sft_seconds"] + sum(r["seconds"] for r in ps["rows"].values()) for ps in per_seed.values())
     compute += clf_stats["seconds"]
     result = dict(command=args.command, device=f"{device} ({torch.get_num_threads()} threads)", seeds=seeds,
@@ -405,8 +410,7 @@ def run_table1(args, device) -> int:
                   rows=aggregate(per_seed), sft_seconds=[per_seed[s]["sft_seconds"] for s in seeds])
     md = markdown(result)
     write_json(results / f"table1_{name}.json", result)
-    (results / f"table1_{name}.md.tmp").write_text(md)
-    os.replace(results / f"table1_{name}.md.tmp", results / f"table1_{name}.md")
+    write_text(results / f"table1_{name}.md", md)
     plot(result, results / f"table1_{name}.png")
     print("\n" + md)
     print(f"wrote {results / f'table1_{name}.md'}, .json, .png | work directory {work}")
