@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (SIZES, EncoderDecoder, ModelConfig, attention, config_for, count_params, filter_logits,
+from model import (SIZES, EncoderDecoder, ModelConfig, attention, config_for, count_params, filter_logits, sample_next,
                    token_logprobs)
 
 BOS, EOS, PAD = 1, 2, 0
@@ -168,6 +168,19 @@ def test_top_k_and_top_p_never_sample_outside_their_sets():
                         break
                 allowed &= nucleus
             assert int(r.tokens[row, t]) in allowed, (kw, row, t)
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=3), dict(top_k=4, top_p=0.6), dict(top_p=0.7), dict()])
+def test_sample_next_draws_from_the_truncated_softmax(kw):
+    # Frequencies of 40,000 draws against softmax(filter_logits(...)), the distribution the
+    # top-k shortcut must reproduce: within 5 binomial standard deviations for every token.
+    logits = torch.log(torch.tensor([0.30, 0.05, 0.25, 0.02, 0.18, 0.20])).expand(40_000, 6)
+    want = torch.softmax(filter_logits(logits[:1], **kw), -1)[0]
+    got = sample_next(logits, generator=torch.Generator().manual_seed(0), **kw)
+    freq = torch.bincount(got, minlength=6).double() / len(got)
+    sd = (want.double() * (1 - want.double()) / len(got)).sqrt()
+    assert ((freq - want.double()).abs() <= 5 * sd + 1e-12).all(), (kw, freq, want)
+    assert (freq[want == 0] == 0).all()
 
 
 def test_filter_logits_on_a_hand_worked_case():
