@@ -147,6 +147,8 @@ def build_parser() -> Parser:
                    help="bf16 autocast (float32 weights and optimizer) or plain fp32 (default: bf16 on CUDA, else fp32)")
     g.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward passes (SFT, PPO update); the sampler stays eager")
     g.add_argument("--dry-run", action="store_true",
                    help="print the memory plan of the chosen size (parameters, weights, gradients, optimizer, "
                         "reference policy, activations of one SFT batch) and exit")
@@ -217,6 +219,46 @@ def print_plan(size: str, batch: int | None = None) -> None:
 def fused(device) -> dict:
     """The fused (one-kernel) Adam/AdamW step on CUDA; the default elsewhere."""
     return dict(fused=True) if torch.device(device).type == "cuda" else {}
+
+
+def init_distributed(args) -> tuple[int, int, torch.device | None]:
+    """Data parallelism under `torchrun --nproc_per_node K cagsr.py ...`, which sets WORLD_SIZE, RANK
+    and LOCAL_RANK: one process per GPU (NCCL), or K CPU processes (gloo) with --device cpu or no GPU.
+    Returns (rank, world, device); (0, 1, None) without torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, None
+    if args.experiment is not None or args.stage in ("sample", "eval") or args.dry_run:
+        what = "--experiment" if args.experiment else "--dry-run" if args.dry_run else f"--stage {args.stage}"
+        raise SystemExit(f"{what} runs in one process; run it with python, not torchrun (WORLD_SIZE={world})")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda")):
+        if local >= torch.cuda.device_count():
+            raise SystemExit(f"torchrun started {world} processes on this node but only {torch.cuda.device_count()} "
+                             f"GPU(s) are visible; use --nproc_per_node {torch.cuda.device_count()}")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank()
+    if rank > 0:                                      # one voice: rank 0 prints, logs and checkpoints
+        sys.stdout = open(os.devnull, "w")
+    print(f"data parallel: {world} processes ({backend}), this is rank {rank} on {device}")
+    return rank, world, device
+
+
+def check_replicas(model, stage: str) -> None:
+    """After a data-parallel stage: every rank must hold the same weights (ppo.replicas_agree)."""
+    rank, world = ppo.rank_and_world()
+    if world == 1:
+        return
+    diff = ppo.replicas_agree(model)
+    if diff != 0.0:
+        raise RuntimeError(f"after {stage}, the weights differ between ranks (checksum difference {diff:g}): "
+                           f"data parallelism is broken; do not use this run")
+    print(f"after {stage}: all {world} ranks hold identical weights (per-tensor checksums agree exactly)")
 
 
 def autocast(device, precision: str | None):
@@ -295,26 +337,32 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
 
 
 def train_sft(model, train_pairs, val_pairs, *, steps, batch_size, lr, warmup, eval_every, device, seed,
-              log=None, probe=None) -> dict:
+              log=None, probe=None, compile=False) -> dict:
     """AdamW on the SFT loss for `steps` steps. Returns the final optimizer and the loss history.
 
     Every `eval_every` steps: validation loss, and `probe(model)` (a dict of extra metrics, e.g.
-    exact-match on a fixed validation subset) when given."""
+    exact-match on a fixed validation subset) when given. Under torchrun each rank trains on its
+    share of every batch through DistributedDataParallel and rank 0 alone evaluates and logs.
+    compile: the training forward through torch.compile."""
+    rank, world = ppo.rank_and_world()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01, **fused(device))
+    net = ppo.data_parallel(model, device, find_unused_parameters=True)      # V(x) has no part in SFT
+    net = torch.compile(net) if compile else net
     model.train()
     history, step, t0, tokens, eval_s = [], 0, time.time(), 0, 0.0
-    bar = tqdm(total=steps, desc="SFT", unit="step", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=steps, desc="SFT", unit="step", dynamic_ncols=True, mininterval=1.0, disable=rank > 0)
     epoch = 0
     while step < steps:
-        for batch in data.batches(train_pairs, batch_size, seed=seed + epoch, shuffle=True):
+        for batch in data.batches(train_pairs, batch_size, seed=seed + epoch, shuffle=True, rank=rank, world=world):
             if step >= steps:
                 break
             batch = to_device(batch, device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, lr, warmup, steps)
-            loss = sft_loss(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"SFT loss is {float(loss)} at step {step}; lower --lr")
+            loss = sft_loss(net, batch)
+            if not ppo.all_finite(loss):
+                raise FloatingPointError(f"SFT loss is not finite at step {step} (rank {rank}: {float(loss)}); "
+                                         f"lower --sft-lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -323,10 +371,11 @@ def train_sft(model, train_pairs, val_pairs, *, steps, batch_size, lr, warmup, e
             tokens += int(batch["src_mask"].sum() + batch["tgt_mask"].sum())
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            if step % eval_every == 0 or step == steps:
+            if rank == 0 and (step % eval_every == 0 or step == steps):
                 t_eval = time.time()
                 row = dict(stage="sft", step=step, train_loss=loss.item(), lr=lr_at(step - 1, lr, warmup, steps),
-                           tokens_per_s=round(tokens / (t_eval - t0 - eval_s)),  # training alone, evaluation excluded
+                           # training alone, evaluation excluded; all ranks' tokens (equal shares)
+                           tokens_per_s=round(tokens * world / (t_eval - t0 - eval_s)),
                            val_loss=mean_nll(model, val_pairs, device))
                 row.update(probe(model) if probe is not None else {})
                 eval_s += time.time() - t_eval
@@ -457,7 +506,11 @@ def run_rl(args, model, tok, splits, run_dir, log, device, size) -> dict:
     eval_set, test = splits.val[:args.eval_prompts], splits.test[:args.num_eval]
     show = [r["prompt"] for r in test[:3]]
 
+    rank, world = ppo.rank_and_world()
+
     def checkpoint(name, iteration, kl_coef):
+        if rank > 0:                                  # rank 0 writes; every rank holds the same weights
+            return
         save_checkpoint(run_dir / name, model=model.state_dict(), optimizer=optimizer.state_dict(),
                         model_config=asdict(model.cfg), tokenizer=data.tokenizer_to_str(tok), idf=salient.idf,
                         stage="rl", iteration=iteration, ppo_config=asdict(cfg), reward_config=asdict(reward_cfg),
@@ -474,23 +527,27 @@ def run_rl(args, model, tok, splits, run_dir, log, device, size) -> dict:
 
     print(f"\nRL: {iterations} iterations x {cfg.prompts_per_iter} prompts x {cfg.num_samples} candidates "
           f"({cfg.algo}, baseline {cfg.baseline}); fixed evaluation set: {len(eval_set)} validation prompts")
-    before = evaluate_policy(model, tok, test, salient, reward_cfg, cfg, device)
-    shown_before = candidates(model, tok, show, salient, reward_cfg, cfg, device, num_samples=2)
-    first = fixed_eval(0)
+    if rank == 0:                                     # evaluation is rank 0's; the others go on to the rollouts
+        before = evaluate_policy(model, tok, test, salient, reward_cfg, cfg, device)
+        shown_before = candidates(model, tok, show, salient, reward_cfg, cfg, device, num_samples=2)
+        first = fixed_eval(0)
 
     def on_iteration(i, row):
         log(row)
-        if i % args.eval_every == 0 or i == iterations:
+        if rank == 0 and (i % args.eval_every == 0 or i == iterations):
             fixed_eval(i)
         if i % args.ckpt_every == 0:
             checkpoint("rl.pt", i, row["kl_coef"])
 
     t0 = time.time()
-    with tqdm(total=iterations, desc="RL", unit="iter", dynamic_ncols=True, mininterval=1.0) as bar:
+    with tqdm(total=iterations, desc="RL", unit="iter", dynamic_ncols=True, mininterval=1.0, disable=rank > 0) as bar:
         history = ppo.train(model, ref_model, optimizer, train_prompts, salient, reward_cfg, cfg, iterations,
-                            seed=args.seed, on_iteration=on_iteration, progress=bar)
+                            seed=args.seed, on_iteration=on_iteration, progress=bar, compile=args.compile)
     rl_seconds = time.time() - t0
+    check_replicas(model, "RL")
     checkpoint("rl.pt", iterations, history[-1]["kl_coef"] if history else cfg.kl_coef)
+    if rank > 0:
+        return {}
     after = evaluate_policy(model, tok, test, salient, reward_cfg, cfg, device)
     shown_after = candidates(model, tok, show, salient, reward_cfg, cfg, device, num_samples=2)
     last = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
@@ -552,6 +609,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     if args.size is not None and args.size not in SIZES:
         raise SystemExit(f"--size {args.size!r} is not a preset; valid sizes: {', '.join(SIZES)}")
+    rank, world, dp_device = init_distributed(args)
     if args.dry_run:
         size = args.size or "tiny"
         print_plan(size, args.sft_batch_size)
@@ -568,7 +626,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--stage {args.stage} needs --init CKPT (a checkpoint written by an earlier run)")
     if args.stage == "sample" and not args.prompt:
         raise SystemExit('--stage sample needs at least one --prompt "..."')
-    device = pick_device(args.device)
+    device = dp_device or pick_device(args.device)
     if args.size in GPU_SIZES and device.type == "cpu" and args.device is None:
         print_plan(args.size, args.sft_batch_size)
         raise SystemExit(f"--size {args.size} is a GPU preset and no GPU was found: on this CPU it would run for days. "
@@ -596,9 +654,18 @@ def main(argv=None) -> int:
         splits = data.load_dataset(args.dataset, seed=args.seed)
     except ValueError as e:                         # DataError included: it names the file and line
         raise SystemExit(f"--dataset: {e}") from None
+    if world > 1:                                   # every rank gets an equal share of each batch
+        sft_b = args.sft_batch_size or SFT_DEFAULTS[size]["sft_batch_size"]
+        for flag, n in (("--prompts-per-iter", rl_configs(args, size)[0].prompts_per_iter), ("--sft-batch-size", sft_b)):
+            if n % world:
+                raise SystemExit(f"{flag} {n} cannot be split evenly over {world} processes: choose a multiple of {world}")
     if args.init is None:
         preset_vocab = overrides.get("vocab_size", SIZES[size]["vocab_size"])
-        tok = data.train_tokenizer(list(data.record_texts(splits.train)), preset_vocab)
+        tok = data.train_tokenizer(list(data.record_texts(splits.train)), preset_vocab) if rank == 0 else None
+        if world > 1:                               # rank 0's tokenizer for all: the vocabularies must agree
+            shared = [data.tokenizer_to_str(tok) if rank == 0 else None]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            tok = data.tokenizer_from_str(shared[0])
         # A run's vocabulary is its tokenizer's; the preset's number is only the BPE target.
         overrides["vocab_size"] = tok.get_vocab_size()
         model = EncoderDecoder(config_for(size, **overrides)).to(device)
@@ -617,9 +684,12 @@ def main(argv=None) -> int:
             print(f"{name} ({len(recs)} prompts): " + " | ".join(f"{k} {v:.4f}" for k, v in res.items()))
         return 0
 
-    run_dir = make_run_dir(args, size)
-    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-    metrics = open(run_dir / "metrics.jsonl", "w")
+    if rank == 0:
+        run_dir = make_run_dir(args, size)
+        (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+        metrics = open(run_dir / "metrics.jsonl", "w")
+    else:                                           # under torchrun only rank 0 writes the run directory
+        run_dir, metrics = None, open(os.devnull, "w")
 
     def log(row):
         metrics.write(json.dumps(row) + "\n")
@@ -646,9 +716,11 @@ def main(argv=None) -> int:
         with autocast(device, args.precision):
             result = train_sft(model, train_pairs, val_pairs, steps=steps, batch_size=batch_size, lr=lr,
                                warmup=args.warmup, eval_every=args.sft_eval_every, device=device, seed=args.seed,
-                               log=log, probe=probe)
+                               log=log, probe=probe, compile=args.compile)
         sft_seconds = time.time() - t0
+        check_replicas(model, "SFT")
         idf = data.idf([p for p, _ in train_pairs], cfg.vocab_size)     # so `--stage sample` can score candidates
+    if args.stage in ("all", "sft") and rank == 0:
         save_checkpoint(run_dir / "sft.pt", model=model.state_dict(), optimizer=result["optimizer"].state_dict(),
                         model_config=asdict(cfg), tokenizer=data.tokenizer_to_str(tok), idf=idf, stage="sft",
                         step=result["steps"], size=size, args=vars(args), rng=rng_state())
@@ -668,6 +740,8 @@ def main(argv=None) -> int:
     log(dict(stage="done", total_seconds=round(total, 1)))
     metrics.close()
     print(f"\ndone in {total / 60:.1f} min | run directory {run_dir}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -663,13 +663,22 @@ def collate_prompts(prompts: list[list[int]], pad_id: int = PAD_ID) -> tuple[tor
     return _pad(prompts, pad_id)
 
 
-def batches(pairs: list, batch_size: int, seed: int = 0, shuffle: bool = True) -> Iterator[dict]:
+def batches(pairs: list, batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0,
+            world: int = 1) -> Iterator[dict]:
     """Collated batches over ``pairs`` (one pass; the last partial batch included).
 
-    Pass a different ``seed`` each epoch (e.g. ``seed + epoch``) for a new order.
+    Pass a different ``seed`` each epoch (e.g. ``seed + epoch``) for a new order. With ``world``
+    data-parallel processes every rank walks the same order and collates only its contiguous
+    share of each batch (sizes differ by at most one); a last batch smaller than ``world`` is left
+    out, since some rank would have nothing.
     """
     order = list(range(len(pairs)))
     if shuffle:
         random.Random(seed).shuffle(order)
     for start in range(0, len(order), batch_size):
-        yield collate([pairs[i] for i in order[start:start + batch_size]])
+        chunk = order[start:start + batch_size]
+        if world > 1:
+            if len(chunk) < world:
+                break
+            chunk = chunk[rank * len(chunk) // world:(rank + 1) * len(chunk) // world]
+        yield collate([pairs[i] for i in chunk])

@@ -17,6 +17,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import data
 from model import token_logprobs
@@ -175,6 +178,98 @@ class AdaptiveKLController:
 
 
 # --------------------------------------------------------------------------------------------
+# Data parallel (`torchrun`): torch's DistributedDataParallel averages the gradients; these are
+# the few other places where the ranks must agree. In a single process each is the plain version.
+# --------------------------------------------------------------------------------------------
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, number of processes): (0, 1) unless torch.distributed is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of x over all ranks (x itself in one process)."""
+    if rank_and_world()[1] > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True when x is finite on every rank: the ranks decide together to skip an update, or one of
+    them would wait forever in DDP's gradient all-reduce."""
+    bad = (~torch.isfinite(x)).sum().to(torch.float32).reshape(1)
+    return bool(all_sum(bad) == 0)
+
+
+def whiten_across_ranks(x, eps=1e-8):
+    """`whiten` with the mean and (biased) standard deviation of the whole batch, every rank's shard
+    together (two all-reduced passes: sum and count, then the squared deviations)."""
+    if rank_and_world()[1] == 1:
+        return whiten(x, eps)
+    total = all_sum(torch.stack([x.sum(), torch.tensor(float(x.numel()), device=x.device, dtype=x.dtype)]))
+    mean = total[0] / total[1]
+    var = all_sum(((x - mean) ** 2).sum().reshape(1))[0] / total[1]
+    return (x - mean) / (var.sqrt() + eps)
+
+
+def mean_over_ranks(row: dict) -> dict:
+    """A log row with every float averaged over the ranks (each holds an equal shard, so the mean of
+    the ranks' means is the mean over the whole batch). Integers, flags and text are left as they are."""
+    if rank_and_world()[1] == 1:
+        return row
+    keys = [k for k, v in row.items() if isinstance(v, float)]
+    if not keys:
+        return row
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = all_sum(torch.tensor([row[k] for k in keys], dtype=torch.float64, device=dev))
+    return {**row, **{k: float(v) / rank_and_world()[1] for k, v in zip(keys, total.tolist())}}
+
+
+class PolicyValue(nn.Module):
+    """The policy's teacher-forced logits and V(x) in one forward pass: the PPO update's only
+    gradient-carrying call, so DistributedDataParallel (which hooks the backward of `forward`) can
+    wrap it. value_only: V(x) on detached encoder states, the value warm-up; no logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, src, src_mask, tgt_in, num_samples, value_only=False):
+        memory = self.model.encode(src, src_mask)                                  # (B, S, D)
+        if value_only:
+            return None, self.model.value(memory.detach(), src_mask)               # None, (B,)
+        logits, _ = self.model.decode(memory, src_mask, tgt_in, num_samples=num_samples)   # (B*N, T, V)
+        return logits, self.model.value(memory, src_mask)                          # (B*N, T, V), (B,)
+
+
+def data_parallel(module, device, find_unused_parameters=False):
+    """`module` wrapped in DistributedDataParallel when running under torchrun, else unchanged.
+    Wrapping broadcasts rank 0's weights, so every rank starts from the same model."""
+    if rank_and_world()[1] == 1:
+        return module
+    device = torch.device(device)
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused_parameters)
+
+
+def replicas_agree(model) -> float:
+    """Largest difference between ranks of per-tensor float64 checksums (sum and sum of squares) of
+    the weights: 0.0 when every rank holds the same model, which data parallelism must keep true.
+    One process: 0.0."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return 0.0
+    sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()])
+                        for p in model.parameters()]).flatten()
+    gathered = [torch.empty_like(sums) for _ in range(world)]
+    dist.all_gather(gathered, sums)
+    return max(float((g - gathered[0]).abs().max()) for g in gathered)
+
+
+# --------------------------------------------------------------------------------------------
 # One iteration: collect a rollout (§5), then update.
 # --------------------------------------------------------------------------------------------
 
@@ -249,18 +344,20 @@ def collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg: PPOConfig
     else:
         advantages = returns.clone()
     if cfg.whiten:
-        advantages = whiten(advantages)
+        advantages = whiten_across_ranks(advantages)                            # the whole batch, all ranks
     terms["kl_ref"] = kl
     exp = Experience(src, src_mask, r.tokens, r.mask, r.logprobs, ref_logprobs, returns, advantages, values, terms)
     return exp, dict(sample_s=sample_s, reward_s=reward_s, ref_s=time.time() - t1)
 
 
-def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, generator=None) -> dict:
+def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, generator=None, policy=None) -> dict:
     """PPO epochs over one rollout (or one REINFORCE step when cfg.algo == "pg").
 
     value_only=True is the value warm-up: the loss is the value loss on detached encoder states, so
     only the value head moves and the policy is unchanged. A minibatch whose loss or gradient norm is
-    not finite is skipped (never applied) and counted in `skipped`."""
+    not finite is skipped (never applied) and counted in `skipped`. policy: the forward pass to
+    differentiate, PolicyValue(model) by default; under torchrun, that wrapped in DDP (`train`)."""
+    policy = PolicyValue(model) if policy is None else policy
     model.eval()                                       # dropout off during updates too
     B, N = exp.src.size(0), cfg.num_samples
     epochs = 1 if cfg.algo == "pg" else cfg.epochs
@@ -272,12 +369,11 @@ def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, 
             rows = (mb[:, None] * N + torch.arange(N, device=mb.device)).flatten()   # candidates of these prompts
             src, src_mask = exp.src[mb], exp.src_mask[mb]
             tokens, mask = exp.tokens[rows], exp.mask[rows]
-            memory = model.encode(src, src_mask)
+            logits, values = policy(src, src_mask, decoder_input(tokens), N, value_only)   # (B*N, T, V), (B,)
+            values = values.repeat_interleave(N)                                   # (B*N,)
             if value_only:
-                values = model.value(memory.detach(), src_mask).repeat_interleave(N)
                 loss = v_loss = value_loss(values, exp.returns[rows])
             else:
-                logits, _ = model.decode(memory, src_mask, decoder_input(tokens), num_samples=N)
                 logprobs = token_logprobs(logits, tokens, cfg.temperature)
                 old = exp.old_logprobs[rows]
                 adv = exp.advantages[rows]
@@ -285,7 +381,6 @@ def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, 
                     p_loss = ppo_policy_loss(logprobs, old, adv, mask, cfg.clip_eps)
                 else:
                     p_loss = pg_loss(logprobs, adv, mask)
-                values = model.value(memory, src_mask).repeat_interleave(N)
                 v_loss = value_loss(values, exp.returns[rows])
                 entropy = token_entropy(logits, mask, cfg.temperature)
                 k3 = k3_kl(logprobs, exp.ref_logprobs[rows], mask)
@@ -301,7 +396,7 @@ def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, 
                     stats["k3_kl"].append(k3.item())
             stats["value_loss"].append(v_loss.item())
             optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
+            if not all_finite(loss):
                 skipped += 1
                 continue
             loss.backward()
@@ -322,13 +417,21 @@ def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, 
 # The loop (§5): rollout, update, repeat.
 # --------------------------------------------------------------------------------------------
 
-def prompt_batches(prompts: list[list[int]], batch_size: int, seed: int):
-    """Endless batches of B prompts, (src, src_mask), reshuffled every pass over the prompts."""
+def prompt_batches(prompts: list[list[int]], batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    """Endless batches of B prompts, (src, src_mask), reshuffled every pass over the prompts.
+
+    With `world` processes, every rank draws the same batch of B and keeps its own contiguous
+    B / world of it: the shards of one iteration are disjoint and together are the batch."""
+    if batch_size % world:
+        raise ValueError(f"{batch_size} prompts per iteration cannot be split evenly over {world} processes; "
+                         f"choose --prompts-per-iter as a multiple of {world}")
+    shard = batch_size // world
     epoch = 0
     while True:
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield data.collate_prompts([prompts[j] for j in order[i:i + batch_size]])
+            mine = order[i + rank * shard:i + (rank + 1) * shard]
+            yield data.collate_prompts([prompts[j] for j in mine])
         epoch += 1
 
 
@@ -344,7 +447,7 @@ def iteration_metrics(exp: Experience, stats: dict, timings: dict, kl_coef: floa
 
 def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfig, cfg: PPOConfig,
           iterations: int, seed: int = 0, start: int = 0, on_iteration=None, progress=None,
-          reward_fn=None) -> list[dict]:
+          reward_fn=None, compile=False) -> list[dict]:
     """CAGSR's RL stage (§5, Figure 1): for each iteration, take prompts_per_iter prompts, sample N
     candidates each while recording the cross-attention, compute R per candidate, compute
     advantages, apply the PPO update. The first cfg.value_warmup iterations fit only V(x).
@@ -352,11 +455,20 @@ def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfi
     prompts: encoded training prompts (lists of ids ending in EOS). on_iteration(i, row) is called
     after every iteration (logging, evaluation, checkpoints). reward_fn, when given, is the reward
     instead of the attention reward (the preference baselines of §7.3; see `score`). A rollout whose reward is not finite
-    is never used for an update: it is skipped and counted. Returns the metric rows."""
+    is never used for an update: it is skipped and counted. Returns the metric rows.
+
+    Under torchrun each rank samples its shard of the prompts (its own random stream), advantages
+    are whitened over the whole batch, the ranks skip an update together, DDP averages the
+    gradients, and every logged float is the mean over the ranks. compile: the update's forward
+    pass through torch.compile (the sampler stays eager)."""
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    rank, world = rank_and_world()
+    gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 * rank)
     cpu_gen = torch.Generator().manual_seed(seed)
-    batches = prompt_batches(prompts, cfg.prompts_per_iter, seed)
+    batches = prompt_batches(prompts, cfg.prompts_per_iter, seed, rank, world)
+    # The value warm-up leaves the encoder and decoder out of the graph: DDP must be told.
+    policy = data_parallel(PolicyValue(model), device, find_unused_parameters=cfg.value_warmup > start)
+    policy = torch.compile(policy) if compile else policy                     # the update's forward only
     kl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
     kl_coef, history = cfg.kl_coef, []
     for i in range(start, start + iterations):
@@ -364,12 +476,13 @@ def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfi
         exp, timings = collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg, kl_coef, gen, reward_fn)
         warmup = i < cfg.value_warmup
         t0 = time.time()
-        if torch.isfinite(exp.returns).all():
-            stats = update(model, optimizer, exp, cfg, value_only=warmup, generator=cpu_gen)
+        if all_finite(exp.returns):
+            stats = update(model, optimizer, exp, cfg, value_only=warmup, generator=cpu_gen, policy=policy)
         else:
-            stats = dict(skipped=1, nonfinite_reward=int((~torch.isfinite(exp.returns)).sum()))
+            stats = dict(skipped=1, nonfinite_reward=int(all_sum((~torch.isfinite(exp.returns)).sum())))
         timings["update_s"] = time.time() - t0
         row = dict(stage="rl", iteration=i + 1, value_warmup=warmup, **iteration_metrics(exp, stats, timings, kl_coef))
+        row = mean_over_ranks(row)
         if kl is not None and not warmup:
             kl_coef = kl.update(row["kl_ref"], exp.tokens.size(0))
         history.append(row)

@@ -165,3 +165,32 @@ def test_gpu_preset_without_a_gpu_prints_the_plan_and_refuses(capsys):
     assert "1,242,313,729 parameters" in capsys.readouterr().out
     assert cagsr.main(["--size", "1.3b", "--dry-run"]) == 0
     assert "optimizer" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compile_changes_speed_not_numbers():
+    """--compile: torch.compile of the SFT forward and of the PPO update's forward (ppo.PolicyValue)
+    gives the eager losses and weights, to float32 rounding."""
+    import ppo
+    from model import EncoderDecoder, ModelConfig
+    from reward import RewardConfig, SalientTokens
+    pairs = [([4 + (i * 7 + j) % 20 for j in range(3 + i % 5)] + [data.EOS_ID],
+              [4 + (i * 3 + j) % 20 for j in range(2 + i % 4)] + [data.EOS_ID]) for i in range(64)]
+    salient = SalientTokens(torch.linspace(0.1, 2.0, 24), torch.arange(24) >= 4, [f" t{i}" for i in range(24)])
+    runs = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = EncoderDecoder(ModelConfig(vocab_size=24, d_model=32, n_heads=2, n_enc_layers=1, n_dec_layers=2,
+                                           d_ff=64, max_src_len=16, max_tgt_len=16))
+        sft = cagsr.train_sft(model, pairs, pairs[:16], steps=4, batch_size=16, lr=1e-3, warmup=2, eval_every=4,
+                              device="cpu", seed=0, compile=compile)
+        ref = EncoderDecoder(model.cfg)
+        ref.load_state_dict(model.state_dict())
+        cfg = ppo.PPOConfig(prompts_per_iter=8, num_samples=2, max_new_tokens=8, lr=1e-3, baseline="group")
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        rows = ppo.train(model, ref.eval(), opt, [p for p, _ in pairs], salient, RewardConfig(), cfg, 1, compile=compile)
+        runs.append((sft["history"][-1]["train_loss"], rows[0]["policy_loss"], torch.cat([p.flatten() for p in model.parameters()])))
+    (sft0, pl0, w0), (sft1, pl1, w1) = runs
+    assert sft1 == pytest.approx(sft0, abs=1e-5) and pl1 == pytest.approx(pl0, abs=1e-5)
+    torch.testing.assert_close(w1, w0, atol=1e-4, rtol=0)           # Adam steps are ~lr = 1e-3 each
+    assert not torch.equal(w0, torch.zeros_like(w0))
