@@ -22,6 +22,7 @@ import math
 import os
 import random
 import shlex
+import signal
 import sys
 import textwrap
 import time
@@ -143,6 +144,8 @@ def build_parser() -> Parser:
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     g.add_argument("--out", default=None, help="run directory (default: a new runs/<time>-<size>-<dataset>)")
     g.add_argument("--overwrite", action="store_true", help="allow --out to name a non-empty directory")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint, with its own settings (args.json)")
     g.add_argument("--precision", default=None, choices=["fp32", "bf16"],
                    help="bf16 autocast (float32 weights and optimizer) or plain fp32 (default: bf16 on CUDA, else fp32)")
     g.add_argument("--grad-checkpoint", action="store_true",
@@ -164,7 +167,8 @@ def build_parser() -> Parser:
     g.add_argument("--iterations", type=int, default=None, help="RL iterations (default: per size)")
     g.add_argument("--eval-every", type=int, default=10, help="score the fixed evaluation set every this many iterations")
     g.add_argument("--eval-prompts", type=int, default=64, help="size of the fixed evaluation set (validation prompts)")
-    g.add_argument("--ckpt-every", type=int, default=50, help="RL checkpoint every this many iterations")
+    g.add_argument("--ckpt-every", type=int, default=50,
+                   help="RL checkpoint every this many iterations (SFT writes one at every --sft-eval-every)")
     add_config_flags(g, ppo.PPOConfig)
     add_config_flags(p.add_argument_group("reward (§3.2)"), RewardConfig)
     g = p.add_argument_group("experiments (§7.3-§7.6; experiments.py)")
@@ -312,6 +316,114 @@ def load_checkpoint(path, device="cpu"):
     return model, data.tokenizer_from_str(ckpt["tokenizer"]), ckpt
 
 
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON row per line. `rows` counts the lines, so a checkpoint records where
+    the log stood and a resumed run first cuts the log back to that line (`keep`), then appends."""
+
+    def __init__(self, path: Path | None, keep: int = 0):
+        self.rows = 0
+        if path is None:                              # ranks > 0 under torchrun: nothing is written
+            self.file = None
+            return
+        lines = path.read_text().splitlines() if keep and path.exists() else []
+        if len(lines) < keep:
+            raise SystemExit(f"{path} has {len(lines)} rows but the checkpoint was written after row {keep}: "
+                             f"the log does not belong to this checkpoint")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines[:keep]))
+        os.replace(tmp, path)
+        self.file, self.rows = open(path, "a"), keep
+
+    def __call__(self, row: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        self.rows += 1
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class StopFlag:
+    """Ctrl-C during training. The first SIGINT asks the loop to stop at the end of the current step
+    or iteration, write a checkpoint and exit; a second one aborts at once. Calling the flag answers
+    "stop now?", the same on every rank under torchrun."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again aborts without one)",
+              file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return ppo.any_rank(self.requested)
+
+
+def resume_settings(args, argv: list[str]) -> tuple[argparse.Namespace, Path | None]:
+    """--resume RUN_DIR: the run's own settings from RUN_DIR/args.json (only --device may be given
+    beside it) and its last checkpoint, rl.pt before sft.pt (None: the run wrote none yet)."""
+    run = Path(args.resume)
+    if not (run / "args.json").is_file():
+        raise SystemExit(f"--resume {run}: no args.json there; give the directory of a run written by cagsr.py")
+    defaults = vars(build_parser().parse_args([]))
+    extra = sorted(k for k, v in vars(args).items() if k not in ("resume", "device", "command") and v != defaults[k])
+    if extra:
+        flags = ", ".join("--" + k.replace("_", "-") for k in extra)
+        raise SystemExit(f"--resume continues the run with its own settings ({run / 'args.json'}); drop {flags} "
+                         f"(only --device may be given), or start a new run")
+    saved = json.loads((run / "args.json").read_text())
+    new = argparse.Namespace(**{**defaults, **saved})
+    new.resume, new.out, new.overwrite = str(run), str(run), True
+    new.device = args.device or saved.get("device")
+    new.command = saved.get("command", "") + f"  [resumed: {args.command}]"
+    for name in ("rl.pt", "sft.pt"):
+        if (run / name).is_file():
+            return new, run / name
+    return new, None
+
+
+def check_resume(path: Path, ckpt: dict, args, overrides: dict, size: str) -> None:
+    """A checkpoint given to --resume must belong to the run: its size, model settings and
+    tokenizer (against the run's other checkpoint) must match; and it must carry the resume state."""
+    where = f"--resume {args.resume}: {path.name}"
+    if "log_rows" not in ckpt:
+        raise SystemExit(f"{where} was written by an older cagsr.py without the state needed to resume; "
+                         f"start a new run with --init {path}")
+    if ckpt.get("size") != size:
+        raise SystemExit(f"{where} is a {ckpt.get('size')} checkpoint but the run is --size {size}: "
+                         f"the file does not belong to this run")
+    for k, v in overrides.items():
+        if ckpt["model_config"].get(k) != v:
+            raise SystemExit(f"{where} has {k}={ckpt['model_config'].get(k)} but the run set {k}={v}: "
+                             f"the file does not belong to this run")
+    other = path.with_name("sft.pt") if path.name == "rl.pt" else None
+    if other is not None and other.is_file():
+        if torch.load(other, map_location="cpu", weights_only=False)["tokenizer"] != ckpt["tokenizer"]:
+            raise SystemExit(f"{where} was written with another tokenizer than {other.name} in the same run "
+                             f"directory: the file does not belong to this run")
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -336,37 +448,71 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """How many batches `data.batches` yields for n pairs (with `world` ranks, a last batch smaller
+    than `world` is left out)."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest and (world == 1 or rest >= world) else 0)
+
+
 def train_sft(model, train_pairs, val_pairs, *, steps, batch_size, lr, warmup, eval_every, device, seed,
-              log=None, probe=None, compile=False) -> dict:
-    """AdamW on the SFT loss for `steps` steps. Returns the final optimizer and the loss history.
+              log=None, probe=None, compile=False, start=0, opt_state=None, on_checkpoint=None,
+              ckpt_every=0, stop=None, max_bad=3) -> dict:
+    """AdamW on the SFT loss for `steps` steps. Returns the final optimizer, the loss history, the
+    steps done and whether `stop` ended it early.
 
     Every `eval_every` steps: validation loss, and `probe(model)` (a dict of extra metrics, e.g.
-    exact-match on a fixed validation subset) when given. Under torchrun each rank trains on its
-    share of every batch through DistributedDataParallel and rank 0 alone evaluates and logs.
-    compile: the training forward through torch.compile."""
+    exact-match on a fixed validation subset) when given. Every `ckpt_every` steps, and when stop()
+    turns True (Ctrl-C), on_checkpoint(step, optimizer). A resumed run passes the step it reached as
+    `start` and the optimizer's state: the data order and learning rate go on from there. A step
+    whose loss or gradient is not finite is skipped (counted; no weight changes), and `max_bad` in a
+    row stop the run with ppo.NonFiniteError.
+
+    Under torchrun each rank trains on its share of every batch through DistributedDataParallel
+    and rank 0 alone evaluates and logs. compile: the training forward through torch.compile."""
     rank, world = ppo.rank_and_world()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01, **fused(device))
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
     net = ppo.data_parallel(model, device, find_unused_parameters=True)      # V(x) has no part in SFT
     net = torch.compile(net) if compile else net
     model.train()
-    history, step, t0, tokens, eval_s = [], 0, time.time(), 0, 0.0
-    bar = tqdm(total=steps, desc="SFT", unit="step", dynamic_ncols=True, mininterval=1.0, disable=rank > 0)
-    epoch = 0
-    while step < steps:
-        for batch in data.batches(train_pairs, batch_size, seed=seed + epoch, shuffle=True, rank=rank, world=world):
+    history, step, t0, tokens, eval_s, bad, skipped, stopped = [], start, time.time(), 0, 0.0, 0, 0, False
+    bar = tqdm(total=steps, initial=start, desc="SFT", unit="step", dynamic_ncols=True, mininterval=1.0,
+               disable=rank > 0)
+    epoch, skip = divmod(start, batches_per_epoch(len(train_pairs), batch_size, world))
+    while step < steps and not stopped:
+        for k, batch in enumerate(data.batches(train_pairs, batch_size, seed=seed + epoch, shuffle=True, rank=rank,
+                                               world=world)):
+            if k < skip:                                   # a resumed run: this epoch's batches done before
+                continue
             if step >= steps:
                 break
             batch = to_device(batch, device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, lr, warmup, steps)
             loss = sft_loss(net, batch)
-            if not ppo.all_finite(loss):
-                raise FloatingPointError(f"SFT loss is not finite at step {step} (rank {rank}: {float(loss)}); "
-                                         f"lower --sft-lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            cause = None
+            if ppo.all_finite(loss):
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                if torch.isfinite(norm):
+                    opt.step()
+                else:
+                    cause = "gradient"
+            else:
+                cause = "loss"
+            if cause is not None:                           # nothing reached the weights
+                opt.zero_grad(set_to_none=True)
+                skipped, bad = skipped + 1, bad + 1
+                tqdm.write(f"step {step + 1}: SFT {cause} not finite; step skipped")
+                if bad >= max_bad:
+                    raise ppo.NonFiniteError(f"SFT steps {step + 2 - bad}-{step + 1}: the {cause} was not finite "
+                                             f"{bad} times in a row; no weight was changed. Lower --sft-lr, or look "
+                                             f"for a bad batch in the data.")
+            else:
+                bad = 0
             step += 1
             tokens += int(batch["src_mask"].sum() + batch["tgt_mask"].sum())
             bar.update(1)
@@ -376,7 +522,7 @@ def train_sft(model, train_pairs, val_pairs, *, steps, batch_size, lr, warmup, e
                 row = dict(stage="sft", step=step, train_loss=loss.item(), lr=lr_at(step - 1, lr, warmup, steps),
                            # training alone, evaluation excluded; all ranks' tokens (equal shares)
                            tokens_per_s=round(tokens * world / (t_eval - t0 - eval_s)),
-                           val_loss=mean_nll(model, val_pairs, device))
+                           val_loss=mean_nll(model, val_pairs, device), skipped=skipped)
                 row.update(probe(model) if probe is not None else {})
                 eval_s += time.time() - t_eval
                 row["elapsed_s"] = round(time.time() - t0, 1)
@@ -387,10 +533,15 @@ def train_sft(model, train_pairs, val_pairs, *, steps, batch_size, lr, warmup, e
                 model.train()
                 if log is not None:
                     log(row)
-        epoch += 1
+            stopped = stop is not None and step < steps and stop()
+            if on_checkpoint is not None and step < steps and (stopped or (ckpt_every and step % ckpt_every == 0)):
+                on_checkpoint(step, opt)
+            if stopped:
+                break
+        epoch, skip = epoch + 1, 0
     bar.close()
     model.eval()
-    return dict(optimizer=opt, history=history, steps=step)
+    return dict(optimizer=opt, history=history, steps=step, stopped=stopped)
 
 
 def prompt_batch(tok, prompts: list[str], device):
@@ -490,7 +641,10 @@ def print_rl_settings(cfg: ppo.PPOConfig, reward_cfg: RewardConfig, iterations: 
     print(f"    iterations       {iterations:>10} | not stated")
 
 
-def run_rl(args, model, tok, splits, run_dir, log, device, size) -> dict:
+def run_rl(args, model, tok, splits, run_dir, log, device, size, resume=None, stop=None) -> dict:
+    """The RL stage with its evaluation, checkpoints and summary. resume: an rl.pt checkpoint dict
+    (`--resume`) to continue from; stop: the Ctrl-C flag. Returns the summary row, or
+    dict(stopped=iteration) when stop() ended it early (a checkpoint is written first)."""
     cfg, reward_cfg, iterations = rl_configs(args, size)
     print_rl_settings(cfg, reward_cfg, iterations)
     try:
@@ -500,21 +654,26 @@ def run_rl(args, model, tok, splits, run_dir, log, device, size) -> dict:
         raise SystemExit(f"{args.dataset}: {e}") from None
     salient = SalientTokens.build(tok, train_prompts)
     ref_model = EncoderDecoder(model.cfg).to(device)                 # the frozen SFT policy (KL, metrics)
-    ref_model.load_state_dict(model.state_dict())
+    ref_model.load_state_dict(resume["ref_model"] if resume else model.state_dict())
     ref_model.eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **fused(device))     # §7.2: Adam
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+    start = resume["iteration"] if resume else 0
     eval_set, test = splits.val[:args.eval_prompts], splits.test[:args.num_eval]
     show = [r["prompt"] for r in test[:3]]
-
     rank, world = ppo.rank_and_world()
+    last = dict(iteration=start, state=resume["train_state"] if resume else None)
 
-    def checkpoint(name, iteration, kl_coef):
+    def checkpoint(iteration, state):
         if rank > 0:                                  # rank 0 writes; every rank holds the same weights
             return
-        save_checkpoint(run_dir / name, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        model_config=asdict(model.cfg), tokenizer=data.tokenizer_to_str(tok), idf=salient.idf,
-                        stage="rl", iteration=iteration, ppo_config=asdict(cfg), reward_config=asdict(reward_cfg),
-                        kl_coef=kl_coef, size=size, args=vars(args), rng=rng_state())
+        save_checkpoint(run_dir / "rl.pt", model=model.state_dict(), optimizer=optimizer.state_dict(),
+                        ref_model=ref_model.state_dict(), model_config=asdict(model.cfg),
+                        tokenizer=data.tokenizer_to_str(tok), idf=salient.idf, stage="rl", iteration=iteration,
+                        iterations=iterations, ppo_config=asdict(cfg), reward_config=asdict(reward_cfg),
+                        kl_coef=state["kl_coef"] if state else cfg.kl_coef, train_state=state, before=before,
+                        shown_before=shown_before, size=size, args=vars(args), rng=rng_state(), log_rows=log.rows)
 
     def fixed_eval(iteration):
         row = dict(stage="rl_eval", iteration=iteration,
@@ -527,30 +686,40 @@ def run_rl(args, model, tok, splits, run_dir, log, device, size) -> dict:
 
     print(f"\nRL: {iterations} iterations x {cfg.prompts_per_iter} prompts x {cfg.num_samples} candidates "
           f"({cfg.algo}, baseline {cfg.baseline}); fixed evaluation set: {len(eval_set)} validation prompts")
-    if rank == 0:                                     # evaluation is rank 0's; the others go on to the rollouts
+    before = shown_before = None
+    if resume:
+        before, shown_before = resume["before"], resume["shown_before"]
+        print(f"resuming RL after iteration {start} of {iterations}")
+    elif rank == 0:                                   # evaluation is rank 0's; the others go on to the rollouts
         before = evaluate_policy(model, tok, test, salient, reward_cfg, cfg, device)
         shown_before = candidates(model, tok, show, salient, reward_cfg, cfg, device, num_samples=2)
-        first = fixed_eval(0)
+        fixed_eval(0)
 
-    def on_iteration(i, row):
+    def on_iteration(i, row, state):
         log(row)
+        last.update(iteration=i, state=state)
         if rank == 0 and (i % args.eval_every == 0 or i == iterations):
             fixed_eval(i)
         if i % args.ckpt_every == 0:
-            checkpoint("rl.pt", i, row["kl_coef"])
+            checkpoint(i, state)
 
     t0 = time.time()
-    with tqdm(total=iterations, desc="RL", unit="iter", dynamic_ncols=True, mininterval=1.0, disable=rank > 0) as bar:
-        history = ppo.train(model, ref_model, optimizer, train_prompts, salient, reward_cfg, cfg, iterations,
-                            seed=args.seed, on_iteration=on_iteration, progress=bar, compile=args.compile)
+    with tqdm(total=iterations, initial=start, desc="RL", unit="iter", dynamic_ncols=True, mininterval=1.0,
+              disable=rank > 0) as bar:
+        ppo.train(model, ref_model, optimizer, train_prompts, salient, reward_cfg, cfg, iterations - start,
+                  seed=args.seed, start=start, on_iteration=on_iteration, progress=bar, compile=args.compile,
+                  resume=resume["train_state"] if resume else None, stop=stop)
     rl_seconds = time.time() - t0
     check_replicas(model, "RL")
-    checkpoint("rl.pt", iterations, history[-1]["kl_coef"] if history else cfg.kl_coef)
+    checkpoint(last["iteration"], last["state"])
+    if last["iteration"] < iterations:                # stopped by Ctrl-C
+        return dict(stopped=last["iteration"])
     if rank > 0:
         return {}
     after = evaluate_policy(model, tok, test, salient, reward_cfg, cfg, device)
     shown_after = candidates(model, tok, show, salient, reward_cfg, cfg, device, num_samples=2)
-    last = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first, last = next(r for r in logged if r["stage"] == "rl_eval"), logged[-1]
 
     print("\nCandidates before -> after RL (2 samples each, fixed seed):")
     for (prompt, b), (_, a) in zip(shown_before, shown_after):
@@ -565,7 +734,7 @@ def run_rl(args, model, tok, splits, run_dir, log, device, size) -> dict:
     for k in keys:
         print(f"{k:12s} {before[k]:10.4f} {after[k]:10.4f}")
     print(f"fixed validation set ({len(eval_set)} prompts): reward {first['reward']:+.4f} -> {last['reward']:+.4f}")
-    skipped = sum(r.get("skipped", 0) for r in history)
+    skipped = sum(r.get("skipped", 0) for r in logged if r["stage"] == "rl")
     summary = dict(stage="rl_summary", iterations=iterations, rl_seconds=round(rl_seconds, 1), skipped_updates=skipped,
                    **{f"before_{k}": before[k] for k in keys}, **{f"after_{k}": after[k] for k in keys})
     log(summary)
@@ -609,6 +778,9 @@ def main(argv=None) -> int:
     t_start = time.time()
     if args.size is not None and args.size not in SIZES:
         raise SystemExit(f"--size {args.size!r} is not a preset; valid sizes: {', '.join(SIZES)}")
+    resume_path = None
+    if args.resume is not None:
+        args, resume_path = resume_settings(args, argv)
     rank, world, dp_device = init_distributed(args)
     if args.dry_run:
         size = args.size or "tiny"
@@ -626,6 +798,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--stage {args.stage} needs --init CKPT (a checkpoint written by an earlier run)")
     if args.stage == "sample" and not args.prompt:
         raise SystemExit('--stage sample needs at least one --prompt "..."')
+    if args.init is not None and args.stage == "all":
+        raise SystemExit("--init with --stage all would retrain the checkpoint; use --stage rl (or --stage sft)")
     device = dp_device or pick_device(args.device)
     if args.size in GPU_SIZES and device.type == "cpu" and args.device is None:
         print_plan(args.size, args.sft_batch_size)
@@ -638,7 +812,17 @@ def main(argv=None) -> int:
     overrides = parse_overrides(args.set)
     if args.last_layers is not None:
         overrides["last_layers"] = args.last_layers
-    if args.init is not None:                       # the model, its size and tokenizer come from the checkpoint
+    resume = None
+    if resume_path is not None:                     # --resume: the model and everything else from its checkpoint
+        model, tok, resume = load_checkpoint(resume_path, device)
+        run_size = args.size or (torch.load(args.init, map_location="cpu", mmap=True, weights_only=False).get("size")
+                                 if args.init else "tiny")
+        check_resume(resume_path, resume, args, {k: v for k, v in overrides.items() if k != "vocab_size"}, run_size)
+        size = resume["size"]
+        where = f"step {resume['step']}" if resume["stage"] == "sft" else f"iteration {resume['iteration']}"
+        print(f"resuming {args.resume} from {resume_path.name} ({resume['stage']}, {where})")
+        ckpt = resume
+    elif args.init is not None:                     # the model, its size and tokenizer come from the checkpoint
         model, tok, ckpt = load_checkpoint(args.init, device)
         size = ckpt.get("size") or ckpt["args"].get("size") or "tiny"
         if args.size is not None and args.size != size:
@@ -649,7 +833,7 @@ def main(argv=None) -> int:
     else:
         size = args.size or "tiny"
     if args.dataset is None:
-        args.dataset = (ckpt["args"].get("dataset") if args.init is not None else None) or "qa"
+        args.dataset = (ckpt["args"].get("dataset") if args.init is not None or resume else None) or "qa"
     try:
         splits = data.load_dataset(args.dataset, seed=args.seed)
     except ValueError as e:                         # DataError included: it names the file and line
@@ -659,7 +843,7 @@ def main(argv=None) -> int:
         for flag, n in (("--prompts-per-iter", rl_configs(args, size)[0].prompts_per_iter), ("--sft-batch-size", sft_b)):
             if n % world:
                 raise SystemExit(f"{flag} {n} cannot be split evenly over {world} processes: choose a multiple of {world}")
-    if args.init is None:
+    if args.init is None and resume is None:
         preset_vocab = overrides.get("vocab_size", SIZES[size]["vocab_size"])
         tok = data.train_tokenizer(list(data.record_texts(splits.train)), preset_vocab) if rank == 0 else None
         if world > 1:                               # rank 0's tokenizer for all: the vocabularies must agree
@@ -686,18 +870,22 @@ def main(argv=None) -> int:
 
     if rank == 0:
         run_dir = make_run_dir(args, size)
-        (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-        metrics = open(run_dir / "metrics.jsonl", "w")
+        if resume_path is None:
+            (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+        log = MetricsLog(run_dir / "metrics.jsonl", keep=resume["log_rows"] if resume else 0)
     else:                                           # under torchrun only rank 0 writes the run directory
-        run_dir, metrics = None, open(os.devnull, "w")
+        run_dir, log = None, MetricsLog(None)
+    if resume is not None:
+        set_rng_state(resume["rng"])
+    stop = StopFlag()
 
-    def log(row):
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
+    def interrupted(stage: str, where: str) -> int:
+        print(f"\ninterrupted: {stage} stopped at {where}; checkpoint written. Continue with:\n"
+              f"    python cagsr.py --resume {run_dir}")
+        log.close()
+        return 130
 
-    if args.stage in ("all", "sft"):
-        if args.init is not None and args.stage == "all":
-            raise SystemExit("--init with --stage all would retrain the checkpoint; use --stage rl (or --stage sft)")
+    if args.stage in ("all", "sft") and not (resume and resume["stage"] == "rl"):
         d = SFT_DEFAULTS[size]
         steps, batch_size, lr = (getattr(args, k) if getattr(args, k) is not None else d[k]
                                  for k in ("sft_steps", "sft_batch_size", "sft_lr"))
@@ -706,39 +894,51 @@ def main(argv=None) -> int:
             train_pairs, val_pairs = enc(splits.train), enc(splits.val)
         except ValueError as e:
             raise SystemExit(f"{args.dataset}: {e}") from None
+        idf = data.idf([p for p, _ in train_pairs], cfg.vocab_size)     # so `--stage sample` can score candidates
         print(f"SFT: {steps} steps x {batch_size} pairs, peak lr {lr}")
         probe_set = splits.val[:200]
 
         def probe(m):  # exact-match on a fixed validation subset: the SFT curve in the README
             return dict(val_exact_match=greedy_scores(m, tok, probe_set, device)[1])
 
+        def sft_checkpoint(step, opt, complete=False):
+            if rank == 0:
+                save_checkpoint(run_dir / "sft.pt", model=model.state_dict(), optimizer=opt.state_dict(),
+                                model_config=asdict(cfg), tokenizer=data.tokenizer_to_str(tok), idf=idf, stage="sft",
+                                step=step, steps=steps, complete=complete, size=size, args=vars(args),
+                                rng=rng_state(), log_rows=log.rows)
+
         t0 = time.time()
-        with autocast(device, args.precision):
+        with autocast(device, args.precision), stop:
             result = train_sft(model, train_pairs, val_pairs, steps=steps, batch_size=batch_size, lr=lr,
                                warmup=args.warmup, eval_every=args.sft_eval_every, device=device, seed=args.seed,
-                               log=log, probe=probe, compile=args.compile)
+                               log=log, probe=probe, compile=args.compile, start=resume["step"] if resume else 0,
+                               opt_state=resume["optimizer"] if resume else None, on_checkpoint=sft_checkpoint,
+                               ckpt_every=args.sft_eval_every, stop=stop)
         sft_seconds = time.time() - t0
         check_replicas(model, "SFT")
-        idf = data.idf([p for p, _ in train_pairs], cfg.vocab_size)     # so `--stage sample` can score candidates
-    if args.stage in ("all", "sft") and rank == 0:
-        save_checkpoint(run_dir / "sft.pt", model=model.state_dict(), optimizer=result["optimizer"].state_dict(),
-                        model_config=asdict(cfg), tokenizer=data.tokenizer_to_str(tok), idf=idf, stage="sft",
-                        step=result["steps"], size=size, args=vars(args), rng=rng_state())
-        test = splits.test[:args.num_eval]
-        preds, em, _ = greedy_scores(model, tok, test, device)
-        print("\nSample answers on held-out test prompts (greedy):")
-        for r, p in list(zip(test, preds))[:5]:
-            print(f"  prompt:    {r['prompt']}\n  model:     {p}\n  reference: {r['response']}\n")
-        log(dict(stage="sft_eval", exact_match=em, num_eval=len(test), sft_seconds=round(sft_seconds, 1)))
-        print(f"after SFT: held-out exact-match {em:.1%} of {len(test)} test prompts | SFT took {sft_seconds:.0f}s")
+        if result["stopped"]:
+            return interrupted("SFT", f"step {result['steps']} of {steps}")
+        sft_checkpoint(result["steps"], result["optimizer"], complete=True)
+        if rank == 0:
+            test = splits.test[:args.num_eval]
+            preds, em, _ = greedy_scores(model, tok, test, device)
+            print("\nSample answers on held-out test prompts (greedy):")
+            for r, p in list(zip(test, preds))[:5]:
+                print(f"  prompt:    {r['prompt']}\n  model:     {p}\n  reference: {r['response']}\n")
+            log(dict(stage="sft_eval", exact_match=em, num_eval=len(test), sft_seconds=round(sft_seconds, 1)))
+            print(f"after SFT: held-out exact-match {em:.1%} of {len(test)} test prompts | SFT took {sft_seconds:.0f}s")
 
     if args.stage in ("all", "rl"):
-        with autocast(device, args.precision):
-            run_rl(args, model, tok, splits, run_dir, log, device, size)
+        with autocast(device, args.precision), stop:
+            summary = run_rl(args, model, tok, splits, run_dir, log, device, size,
+                             resume=resume if resume and resume["stage"] == "rl" else None, stop=stop)
+        if "stopped" in summary:
+            return interrupted("RL", f"iteration {summary['stopped']}")
 
     total = time.time() - t_start
     log(dict(stage="done", total_seconds=round(total, 1)))
-    metrics.close()
+    log.close()
     print(f"\ndone in {total / 60:.1f} min | run directory {run_dir}")
     if world > 1:
         torch.distributed.destroy_process_group()

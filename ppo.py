@@ -215,6 +215,18 @@ def whiten_across_ranks(x, eps=1e-8):
     return (x - mean) / (var.sqrt() + eps)
 
 
+def _collective_device() -> torch.device:
+    """Where small all-reduced tensors live: the GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is True on any rank (Ctrl-C reaches the ranks at different moments)."""
+    if rank_and_world()[1] == 1:
+        return flag
+    return bool(all_sum(torch.tensor([float(flag)], device=_collective_device())) > 0)
+
+
 def mean_over_ranks(row: dict) -> dict:
     """A log row with every float averaged over the ranks (each holds an equal shard, so the mean of
     the ranks' means is the mean over the whole batch). Integers, flags and text are left as they are."""
@@ -223,8 +235,7 @@ def mean_over_ranks(row: dict) -> dict:
     keys = [k for k, v in row.items() if isinstance(v, float)]
     if not keys:
         return row
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    total = all_sum(torch.tensor([row[k] for k in keys], dtype=torch.float64, device=dev))
+    total = all_sum(torch.tensor([row[k] for k in keys], dtype=torch.float64, device=_collective_device()))
     return {**row, **{k: float(v) / rank_and_world()[1] for k, v in zip(keys, total.tolist())}}
 
 
@@ -355,14 +366,15 @@ def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, 
 
     value_only=True is the value warm-up: the loss is the value loss on detached encoder states, so
     only the value head moves and the policy is unchanged. A minibatch whose loss or gradient norm is
-    not finite is skipped (never applied) and counted in `skipped`. policy: the forward pass to
+    not finite is skipped (never applied), counted in `skipped` and named in `skip_cause` ("loss",
+    "gradient"); `applied` counts the optimizer steps taken. policy: the forward pass to
     differentiate, PolicyValue(model) by default; under torchrun, that wrapped in DDP (`train`)."""
     policy = PolicyValue(model) if policy is None else policy
     model.eval()                                       # dropout off during updates too
     B, N = exp.src.size(0), cfg.num_samples
     epochs = 1 if cfg.algo == "pg" else cfg.epochs
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "grad_norm", "k3_kl")}
-    skipped = 0
+    skipped, applied, causes = 0, 0, set()
     for _ in range(epochs):
         order = torch.randperm(B, generator=generator).to(exp.src.device)
         for mb in order.chunk(cfg.minibatches):
@@ -398,6 +410,7 @@ def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, 
             optimizer.zero_grad(set_to_none=True)
             if not all_finite(loss):
                 skipped += 1
+                causes.add("loss")
                 continue
             loss.backward()
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -405,11 +418,15 @@ def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, 
             if not torch.isfinite(norm):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
+                causes.add("gradient")
                 continue
             stats["grad_norm"].append(norm.item())
             optimizer.step()
+            applied += 1
     out = {k: sum(v) / len(v) for k, v in stats.items() if v}
-    out["skipped"] = skipped
+    out.update(skipped=skipped, applied=applied)
+    if causes:
+        out["skip_cause"] = " and ".join(sorted(causes))
     return out
 
 
@@ -417,22 +434,28 @@ def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, 
 # The loop (§5): rollout, update, repeat.
 # --------------------------------------------------------------------------------------------
 
-def prompt_batches(prompts: list[list[int]], batch_size: int, seed: int, rank: int = 0, world: int = 1):
+def prompt_batches(prompts: list[list[int]], batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                   skip: int = 0):
     """Endless batches of B prompts, (src, src_mask), reshuffled every pass over the prompts.
 
     With `world` processes, every rank draws the same batch of B and keeps its own contiguous
-    B / world of it: the shards of one iteration are disjoint and together are the batch."""
+    B / world of it: the shards of one iteration are disjoint and together are the batch.
+    skip: start after that many batches (a resumed run), without collating them."""
     if batch_size % world:
         raise ValueError(f"{batch_size} prompts per iteration cannot be split evenly over {world} processes; "
                          f"choose --prompts-per-iter as a multiple of {world}")
+    if len(prompts) < batch_size:
+        raise ValueError(f"{len(prompts)} training prompts, fewer than the {batch_size} prompts per iteration; "
+                         f"lower --prompts-per-iter or give more data")
     shard = batch_size // world
-    epoch = 0
+    per_pass = len(prompts) // batch_size
+    epoch, skip_in_pass = divmod(skip, per_pass)
     while True:
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        for i in range(0, len(order) - batch_size + 1, batch_size):
+        for i in range(skip_in_pass * batch_size, len(order) - batch_size + 1, batch_size):
             mine = order[i + rank * shard:i + (rank + 1) * shard]
             yield data.collate_prompts([prompts[j] for j in mine])
-        epoch += 1
+        epoch, skip_in_pass = epoch + 1, 0
 
 
 def iteration_metrics(exp: Experience, stats: dict, timings: dict, kl_coef: float) -> dict:
@@ -445,32 +468,48 @@ def iteration_metrics(exp: Experience, stats: dict, timings: dict, kl_coef: floa
     return row
 
 
+class NonFiniteError(RuntimeError):
+    """Updates were skipped `max_bad` iterations in a row because something was not finite."""
+
+
 def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfig, cfg: PPOConfig,
           iterations: int, seed: int = 0, start: int = 0, on_iteration=None, progress=None,
-          reward_fn=None, compile=False) -> list[dict]:
+          reward_fn=None, compile=False, resume: dict | None = None, stop=None, max_bad: int = 3) -> list[dict]:
     """CAGSR's RL stage (§5, Figure 1): for each iteration, take prompts_per_iter prompts, sample N
     candidates each while recording the cross-attention, compute R per candidate, compute
     advantages, apply the PPO update. The first cfg.value_warmup iterations fit only V(x).
 
-    prompts: encoded training prompts (lists of ids ending in EOS). on_iteration(i, row) is called
-    after every iteration (logging, evaluation, checkpoints). reward_fn, when given, is the reward
-    instead of the attention reward (the preference baselines of §7.3; see `score`). A rollout whose reward is not finite
-    is never used for an update: it is skipped and counted. Returns the metric rows.
+    prompts: encoded training prompts (lists of ids ending in EOS). on_iteration(i, row, state) is
+    called after every iteration (logging, evaluation, checkpoints); `state` holds what a
+    checkpoint needs beyond the model and optimizer (the random streams, kl_coef). To continue a
+    run after `start` iterations, pass that `state` back as `resume`: the prompt stream is
+    fast-forwarded and the run goes on as if never stopped. stop(), when given, is asked after every
+    iteration; True ends the loop there (Ctrl-C in cagsr.py). reward_fn, when given, is the reward
+    instead of the attention reward (the preference baselines of §7.3; see `score`).
+
+    Nothing non-finite reaches the weights: a rollout whose reward is not finite is not used, a
+    minibatch whose loss or gradient is not finite is skipped (`update`); both are logged, and after
+    `max_bad` iterations in a row without a single applied step, NonFiniteError names the cause.
 
     Under torchrun each rank samples its shard of the prompts (its own random stream), advantages
     are whitened over the whole batch, the ranks skip an update together, DDP averages the
     gradients, and every logged float is the mean over the ranks. compile: the update's forward
-    pass through torch.compile (the sampler stays eager)."""
+    pass through torch.compile (the sampler stays eager). Returns the metric rows."""
     device = next(model.parameters()).device
     rank, world = rank_and_world()
     gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 * rank)
     cpu_gen = torch.Generator().manual_seed(seed)
-    batches = prompt_batches(prompts, cfg.prompts_per_iter, seed, rank, world)
+    kl_coef, history = cfg.kl_coef, []
+    if resume is not None:
+        gen.set_state(resume["sample_rng"])
+        cpu_gen.set_state(resume["update_rng"])
+        kl_coef = resume["kl_coef"]
+    batches = prompt_batches(prompts, cfg.prompts_per_iter, seed, rank, world, skip=start)
     # The value warm-up leaves the encoder and decoder out of the graph: DDP must be told.
     policy = data_parallel(PolicyValue(model), device, find_unused_parameters=cfg.value_warmup > start)
     policy = torch.compile(policy) if compile else policy                     # the update's forward only
-    kl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
-    kl_coef, history = cfg.kl_coef, []
+    kl = AdaptiveKLController(kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
+    bad = 0
     for i in range(start, start + iterations):
         src, src_mask = (t.to(device) for t in next(batches))
         exp, timings = collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg, kl_coef, gen, reward_fn)
@@ -479,7 +518,9 @@ def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfi
         if all_finite(exp.returns):
             stats = update(model, optimizer, exp, cfg, value_only=warmup, generator=cpu_gen, policy=policy)
         else:
-            stats = dict(skipped=1, nonfinite_reward=int(all_sum((~torch.isfinite(exp.returns)).sum())))
+            n_bad = int(all_sum((~torch.isfinite(exp.returns)).sum()))
+            stats = dict(skipped=1, applied=0, nonfinite_reward=n_bad,
+                         skip_cause=f"reward (not finite for {n_bad} of {exp.returns.numel() * world} candidates)")
         timings["update_s"] = time.time() - t0
         row = dict(stage="rl", iteration=i + 1, value_warmup=warmup, **iteration_metrics(exp, stats, timings, kl_coef))
         row = mean_over_ranks(row)
@@ -490,5 +531,14 @@ def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfi
             progress.update(1)
             progress.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl_ref']:.2f}", refresh=False)
         if on_iteration is not None:
-            on_iteration(i + 1, row)
+            on_iteration(i + 1, row, dict(sample_rng=gen.get_state(), update_rng=cpu_gen.get_state(), kl_coef=kl_coef))
+        bad = bad + 1 if stats["applied"] == 0 and stats["skipped"] > 0 else 0
+        if bad >= max_bad:
+            raise NonFiniteError(
+                f"RL iterations {i + 2 - bad}-{i + 1}: no update applied, {bad} iterations in a row; the "
+                f"{stats['skip_cause']} was not finite. Nothing non-finite reached the weights. Lower --lr, "
+                f"check the reward settings (--alpha/--beta/--gamma, --attn-temperature), or resume from the last "
+                f"checkpoint with other settings.")
+        if stop is not None and stop():
+            break
     return history

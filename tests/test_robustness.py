@@ -1,0 +1,212 @@
+"""Faults and bad input: atomic checkpoints under SIGKILL, exact --resume, Ctrl-C, non-finite
+updates, and the errors a user meets (README, "When things go wrong")."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import cagsr
+import ppo
+from model import EncoderDecoder, ModelConfig
+from reward import RewardConfig, SalientTokens
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--set", "d_model=32", "--set", "d_ff=64", "--set", "n_heads=2", "--set", "vocab_size=400"]
+RUN = ["cagsr.py", "--dataset", "qa-grounded", "--sft-steps", "30", "--sft-eval-every", "10", "--sft-batch-size", "16",
+       "--iterations", "6", "--ckpt-every", "2", "--eval-every", "3", "--prompts-per-iter", "8", "--eval-prompts", "8",
+       "--num-eval", "8", "--seed", "1"] + TINY
+WALL_CLOCK = {"elapsed_s", "tokens_per_s", "sample_s", "reward_s", "ref_s", "update_s", "sft_seconds", "rl_seconds",
+              "total_seconds"}
+
+
+def rows(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def start(args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(run: Path, pred, proc, timeout=300):
+    """Poll metrics.jsonl until some row satisfies pred."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        path = run / "metrics.jsonl"
+        if path.exists() and any(pred(json.loads(x)) for x in path.read_text().splitlines() if x.endswith("}")):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise TimeoutError
+
+
+# ---- exact resume -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    proc = subprocess.run([sys.executable, *RUN, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return rows(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["sft", "rl"])
+def test_killed_run_resumes_to_the_same_log(tmp_path, uninterrupted, when):
+    """SIGKILL mid-SFT (after the step-10 checkpoint) or mid-RL (after iteration 3; the last
+    checkpoint is iteration 2), then --resume: every logged value equals the uninterrupted run's,
+    wall-clock fields aside."""
+    out = tmp_path / "run"
+    proc = start([*RUN, "--out", str(out)])
+    if when == "sft":
+        wait_for(out, lambda r: r["stage"] == "sft" and r["step"] == 20, proc)
+    else:
+        wait_for(out, lambda r: r["stage"] == "rl" and r["iteration"] == 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = torch.load(out / ("rl.pt" if when == "rl" else "sft.pt"), weights_only=False)
+    assert (ckpt["stage"], ckpt.get("iteration", ckpt.get("step"))) in {("sft", 10), ("sft", 20), ("rl", 2)}
+    resumed = subprocess.run([sys.executable, "cagsr.py", "--resume", str(out)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    assert rows(out) == uninterrupted
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_a_checkpoint_exits_cleanly_and_resumes_exactly(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = start([*RUN, "--out", str(out)])
+    wait_for(out, lambda r: r["stage"] == "rl" and r["iteration"] == 3, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "checkpoint written" in stdout and f"--resume {out}" in stdout
+    ckpt = torch.load(out / "rl.pt", weights_only=False)
+    assert ckpt["iteration"] >= 3                                       # written where it stopped, not at 2
+    resumed = subprocess.run([sys.executable, "cagsr.py", "--resume", str(out)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert rows(out) == uninterrupted
+
+
+# ---- atomic checkpoints -------------------------------------------------------------------
+
+WRITER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from cagsr import save_checkpoint
+from pathlib import Path
+path = Path({path!r})
+i = 0
+while True:
+    save_checkpoint(path, i=i, weights=torch.full((1_000_000,), float(i)))
+    print(i, flush=True)
+    i += 1
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    code = WRITER.format(root=str(ROOT), path=str(path))
+    for delay in (0.3, 0.45, 0.6, 0.75, 0.9):                    # different moments of a write
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        time.sleep(delay + 1.5)                                   # after the imports, during the writes
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = torch.load(path, weights_only=False)               # never a half-written file
+        assert torch.equal(ckpt["weights"], torch.full((1_000_000,), float(ckpt["i"])))
+
+
+# ---- non-finite values --------------------------------------------------------------------
+
+def small_setup(**kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, d_model=32, n_heads=2, n_enc_layers=1, n_dec_layers=2, d_ff=64,
+                      max_src_len=12, max_tgt_len=12, last_layers=2)
+    model, ref = EncoderDecoder(cfg), EncoderDecoder(cfg)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, 16, (5,), generator=g).tolist() + [2] for _ in range(16)]
+    salient = SalientTokens(torch.linspace(0.1, 2.0, 16), torch.arange(16) >= 4, [f" t{i}" for i in range(16)])
+    ppo_cfg = ppo.PPOConfig(prompts_per_iter=4, num_samples=2, max_new_tokens=6, lr=1e-3, baseline="group", **kw)
+    return model, ref, prompts, salient, ppo_cfg
+
+
+def test_nonfinite_reward_never_reaches_the_weights_and_stops_the_run_after_three():
+    model, ref, prompts, salient, cfg = small_setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    nan_reward = lambda src, src_mask, tokens, mask: torch.full((tokens.size(0),), float("nan"))
+    seen = []
+    with pytest.raises(ppo.NonFiniteError, match=r"iterations 1-3: no update applied.*reward \(not finite for 8 of 8"):
+        ppo.train(model, ref, opt, prompts, salient, RewardConfig(), cfg, 10, reward_fn=nan_reward,
+                  on_iteration=lambda i, row, state: seen.append(row))
+    assert [r["skipped"] for r in seen] == [1, 1, 1] and all(r["nonfinite_reward"] == 8 for r in seen)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_nonfinite_gradient_is_skipped_and_named():
+    model, ref, prompts, salient, cfg = small_setup()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    src, mask = next(ppo.prompt_batches(prompts, 4, seed=0))
+    exp, _ = ppo.collect(model, ref, src, mask, salient, RewardConfig(), cfg, kl_coef=0.0)
+    with torch.no_grad():
+        model.dec_ln.weight[0] = float("inf")                     # the loss is then inf or nan
+    poisoned = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = ppo.update(model, opt, exp, cfg)
+    assert stats["applied"] == 0 and stats["skipped"] == 1 and stats["skip_cause"] in ("loss", "gradient")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, poisoned[k]) or (torch.isnan(v) == torch.isnan(poisoned[k])).all(), k
+    assert not any(torch.isnan(p).any() for p in model.parameters())
+
+
+def test_sft_skips_nonfinite_steps_and_stops_after_three():
+    model, *_ = small_setup()
+    pairs = [([5, 6, 2], [7, 2])] * 8
+    with torch.no_grad():
+        model.tok_emb.weight[5] = float("nan")
+    with pytest.raises(ppo.NonFiniteError, match=r"SFT steps 1-3: the loss was not finite 3 times in a row"):
+        cagsr.train_sft(model, pairs, pairs, steps=10, batch_size=4, lr=1e-3, warmup=1, eval_every=100,
+                        device="cpu", seed=0)
+
+
+# ---- flags and resume mistakes ------------------------------------------------------------
+
+def test_resume_refuses_other_flags_and_a_directory_without_a_run(tmp_path):
+    with pytest.raises(SystemExit, match="no args.json"):
+        cagsr.main(["--resume", str(tmp_path)])
+    (tmp_path / "args.json").write_text(json.dumps(vars(cagsr.build_parser().parse_args([]))))
+    with pytest.raises(SystemExit, match=r"drop --iterations, --size"):
+        cagsr.main(["--resume", str(tmp_path), "--size", "small", "--iterations", "3"])
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_checkpoint_from_another_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out, vocab in ((a, "400"), (b, "300")):
+        args = ["cagsr.py", "--stage", "sft", "--dataset", "qa-grounded", "--sft-steps", "2", "--sft-eval-every", "2",
+                "--num-eval", "2", "--out", str(out)] + TINY[:-1] + [f"vocab_size={vocab}"]
+        assert subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, timeout=300).returncode == 0
+    # another tokenizer: b's checkpoint dropped into a as its rl.pt
+    ckpt = torch.load(b / "sft.pt", weights_only=False)
+    ckpt.update(stage="rl", iteration=1)
+    torch.save(ckpt, a / "rl.pt")
+    p = subprocess.run([sys.executable, "cagsr.py", "--resume", str(a)], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode != 0 and "another tokenizer than sft.pt" in p.stderr
+    # another size
+    ckpt = torch.load(a / "sft.pt", weights_only=False)
+    ckpt["size"] = "small"
+    torch.save(ckpt, a / "sft.pt")
+    (a / "rl.pt").unlink()
+    p = subprocess.run([sys.executable, "cagsr.py", "--resume", str(a)], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode != 0 and "sft.pt is a small checkpoint but the run is --size tiny" in p.stderr
