@@ -760,6 +760,8 @@ def run_sample(args, device) -> int:
         raise SystemExit(f"--init {args.init}: this checkpoint has no IDF table; it was not written by cagsr.py")
     salient = SalientTokens.from_idf(tok, ckpt["idf"])
     for prompt in args.prompt:
+        if not prompt.strip():
+            raise SystemExit('--prompt is empty: give the text to answer, e.g. --prompt "Where does Stimdol Mellu live?"')
         n = len(data.encode_prompt(tok, prompt))
         if n > model.cfg.max_src_len:
             raise SystemExit(f"--prompt is {n} tokens, over this model's max_src_len={model.cfg.max_src_len}")

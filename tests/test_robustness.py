@@ -210,3 +210,32 @@ def test_resume_refuses_a_checkpoint_from_another_run(tmp_path):
     (a / "rl.pt").unlink()
     p = subprocess.run([sys.executable, "cagsr.py", "--resume", str(a)], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode != 0 and "sft.pt is a small checkpoint but the run is --size tiny" in p.stderr
+
+
+# ---- bad prompts --------------------------------------------------------------------------
+
+def test_prompts_without_salient_tokens_score_finite_terms():
+    """Prompts of special tokens and non-content tokens only (the toy's ids < 4, as punctuation is
+    for a real tokenizer): no salient token, coverage 0, every term finite."""
+    model, ref, _, salient, cfg = small_setup()
+    src = torch.tensor([[3, 1, 3, 2], [2, 0, 0, 0]])                 # <unk> <bos> <unk> <eos>; <eos> alone
+    r, terms, _, _ = ppo.score(model, src, src != 0, salient, RewardConfig(), cfg,
+                               generator=torch.Generator().manual_seed(0))
+    for k in ("reward", "coverage", "focus", "repeat", "sink_share"):
+        assert torch.isfinite(terms[k]).all(), k
+    assert (terms["coverage"] == 0).all()
+
+
+def test_sample_refuses_an_empty_or_overlong_prompt(tmp_path):
+    import data
+    tok = data.train_tokenizer(["where does the cat live ?", "the cat lives in town ."] * 20, 300)
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_heads=2, n_enc_layers=1, n_dec_layers=1,
+                      d_ff=64, max_src_len=8, max_tgt_len=8)
+    path = tmp_path / "m.pt"
+    cagsr.save_checkpoint(path, model=EncoderDecoder(cfg).state_dict(), model_config=cfg.__dict__,
+                          tokenizer=data.tokenizer_to_str(tok), idf=torch.ones(cfg.vocab_size), stage="sft", size="tiny",
+                          args={})
+    with pytest.raises(SystemExit, match="--prompt is empty"):
+        cagsr.main(["--stage", "sample", "--init", str(path), "--prompt", "  "])
+    with pytest.raises(SystemExit, match=r"--prompt is \d+ tokens, over this model's max_src_len=8"):
+        cagsr.main(["--stage", "sample", "--init", str(path), "--prompt", "where does the cat live ? " * 3])
