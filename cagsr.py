@@ -465,8 +465,8 @@ def train_sft(model, train_pairs, val_pairs, *, steps, batch_size, lr, warmup, e
     exact-match on a fixed validation subset) when given. Every `ckpt_every` steps, and when stop()
     turns True (Ctrl-C), on_checkpoint(step, optimizer). A resumed run passes the step it reached as
     `start` and the optimizer's state: the data order and learning rate go on from there. A step
-    whose loss or gradient is not finite is skipped (counted; no weight changes), and `max_bad` in a
-    row stop the run with ppo.NonFiniteError.
+    whose loss or gradient is not finite is skipped (no weight changes; an "sft_skip" row is
+    logged), and `max_bad` in a row stop the run with ppo.NonFiniteError.
 
     Under torchrun each rank trains on its share of every batch through DistributedDataParallel
     and rank 0 alone evaluates and logs. compile: the training forward through torch.compile."""
@@ -477,7 +477,7 @@ def train_sft(model, train_pairs, val_pairs, *, steps, batch_size, lr, warmup, e
     net = ppo.data_parallel(model, device, find_unused_parameters=True)      # V(x) has no part in SFT
     net = torch.compile(net) if compile else net
     model.train()
-    history, step, t0, tokens, eval_s, bad, skipped, stopped = [], start, time.time(), 0, 0.0, 0, 0, False
+    history, step, t0, tokens, eval_s, bad, stopped = [], start, time.time(), 0, 0.0, 0, False
     bar = tqdm(total=steps, initial=start, desc="SFT", unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=rank > 0)
     epoch, skip = divmod(start, batches_per_epoch(len(train_pairs), batch_size, world))
@@ -505,8 +505,10 @@ def train_sft(model, train_pairs, val_pairs, *, steps, batch_size, lr, warmup, e
                 cause = "loss"
             if cause is not None:                           # nothing reached the weights
                 opt.zero_grad(set_to_none=True)
-                skipped, bad = skipped + 1, bad + 1
+                bad += 1
                 tqdm.write(f"step {step + 1}: SFT {cause} not finite; step skipped")
+                if log is not None and rank == 0:
+                    log(dict(stage="sft_skip", step=step + 1, skip_cause=cause))
                 if bad >= max_bad:
                     raise ppo.NonFiniteError(f"SFT steps {step + 2 - bad}-{step + 1}: the {cause} was not finite "
                                              f"{bad} times in a row; no weight was changed. Lower --sft-lr, or look "
@@ -522,7 +524,7 @@ def train_sft(model, train_pairs, val_pairs, *, steps, batch_size, lr, warmup, e
                 row = dict(stage="sft", step=step, train_loss=loss.item(), lr=lr_at(step - 1, lr, warmup, steps),
                            # training alone, evaluation excluded; all ranks' tokens (equal shares)
                            tokens_per_s=round(tokens * world / (t_eval - t0 - eval_s)),
-                           val_loss=mean_nll(model, val_pairs, device), skipped=skipped)
+                           val_loss=mean_nll(model, val_pairs, device))
                 row.update(probe(model) if probe is not None else {})
                 eval_s += time.time() - t_eval
                 row["elapsed_s"] = round(time.time() - t0, 1)
@@ -887,57 +889,65 @@ def main(argv=None) -> int:
         log.close()
         return 130
 
-    if args.stage in ("all", "sft") and not (resume and resume["stage"] == "rl"):
-        d = SFT_DEFAULTS[size]
-        steps, batch_size, lr = (getattr(args, k) if getattr(args, k) is not None else d[k]
-                                 for k in ("sft_steps", "sft_batch_size", "sft_lr"))
-        enc = lambda recs: data.encode_records(tok, recs, cfg.max_src_len, cfg.max_tgt_len, truncate=args.truncate)
-        try:
-            train_pairs, val_pairs = enc(splits.train), enc(splits.val)
-        except ValueError as e:
-            raise SystemExit(f"{args.dataset}: {e}") from None
-        idf = data.idf([p for p, _ in train_pairs], cfg.vocab_size)     # so `--stage sample` can score candidates
-        print(f"SFT: {steps} steps x {batch_size} pairs, peak lr {lr}")
-        probe_set = splits.val[:200]
+    def stages() -> int:
+        if args.stage in ("all", "sft") and not (resume and resume["stage"] == "rl"):
+            d = SFT_DEFAULTS[size]
+            steps, batch_size, lr = (getattr(args, k) if getattr(args, k) is not None else d[k]
+                                     for k in ("sft_steps", "sft_batch_size", "sft_lr"))
+            enc = lambda recs: data.encode_records(tok, recs, cfg.max_src_len, cfg.max_tgt_len, truncate=args.truncate)
+            try:
+                train_pairs, val_pairs = enc(splits.train), enc(splits.val)
+            except ValueError as e:
+                raise SystemExit(f"{args.dataset}: {e}") from None
+            idf = data.idf([p for p, _ in train_pairs], cfg.vocab_size)     # so `--stage sample` can score candidates
+            print(f"SFT: {steps} steps x {batch_size} pairs, peak lr {lr}")
+            probe_set = splits.val[:200]
 
-        def probe(m):  # exact-match on a fixed validation subset: the SFT curve in the README
-            return dict(val_exact_match=greedy_scores(m, tok, probe_set, device)[1])
+            def probe(m):  # exact-match on a fixed validation subset: the SFT curve in the README
+                return dict(val_exact_match=greedy_scores(m, tok, probe_set, device)[1])
 
-        def sft_checkpoint(step, opt, complete=False):
+            def sft_checkpoint(step, opt, complete=False):
+                if rank == 0:
+                    save_checkpoint(run_dir / "sft.pt", model=model.state_dict(), optimizer=opt.state_dict(),
+                                    model_config=asdict(cfg), tokenizer=data.tokenizer_to_str(tok), idf=idf, stage="sft",
+                                    step=step, steps=steps, complete=complete, size=size, args=vars(args),
+                                    rng=rng_state(), log_rows=log.rows)
+
+            t0 = time.time()
+            with autocast(device, args.precision):
+                result = train_sft(model, train_pairs, val_pairs, steps=steps, batch_size=batch_size, lr=lr,
+                                   warmup=args.warmup, eval_every=args.sft_eval_every, device=device, seed=args.seed,
+                                   log=log, probe=probe, compile=args.compile, start=resume["step"] if resume else 0,
+                                   opt_state=resume["optimizer"] if resume else None, on_checkpoint=sft_checkpoint,
+                                   ckpt_every=args.sft_eval_every, stop=stop)
+            sft_seconds = time.time() - t0
+            check_replicas(model, "SFT")
+            if result["stopped"]:
+                return interrupted("SFT", f"step {result['steps']} of {steps}")
+            sft_checkpoint(result["steps"], result["optimizer"], complete=True)
             if rank == 0:
-                save_checkpoint(run_dir / "sft.pt", model=model.state_dict(), optimizer=opt.state_dict(),
-                                model_config=asdict(cfg), tokenizer=data.tokenizer_to_str(tok), idf=idf, stage="sft",
-                                step=step, steps=steps, complete=complete, size=size, args=vars(args),
-                                rng=rng_state(), log_rows=log.rows)
+                test = splits.test[:args.num_eval]
+                preds, em, _ = greedy_scores(model, tok, test, device)
+                print("\nSample answers on held-out test prompts (greedy):")
+                for r, p in list(zip(test, preds))[:5]:
+                    print(f"  prompt:    {r['prompt']}\n  model:     {p}\n  reference: {r['response']}\n")
+                log(dict(stage="sft_eval", exact_match=em, num_eval=len(test), sft_seconds=round(sft_seconds, 1)))
+                print(f"after SFT: held-out exact-match {em:.1%} of {len(test)} test prompts | SFT took {sft_seconds:.0f}s")
 
-        t0 = time.time()
-        with autocast(device, args.precision), stop:
-            result = train_sft(model, train_pairs, val_pairs, steps=steps, batch_size=batch_size, lr=lr,
-                               warmup=args.warmup, eval_every=args.sft_eval_every, device=device, seed=args.seed,
-                               log=log, probe=probe, compile=args.compile, start=resume["step"] if resume else 0,
-                               opt_state=resume["optimizer"] if resume else None, on_checkpoint=sft_checkpoint,
-                               ckpt_every=args.sft_eval_every, stop=stop)
-        sft_seconds = time.time() - t0
-        check_replicas(model, "SFT")
-        if result["stopped"]:
-            return interrupted("SFT", f"step {result['steps']} of {steps}")
-        sft_checkpoint(result["steps"], result["optimizer"], complete=True)
-        if rank == 0:
-            test = splits.test[:args.num_eval]
-            preds, em, _ = greedy_scores(model, tok, test, device)
-            print("\nSample answers on held-out test prompts (greedy):")
-            for r, p in list(zip(test, preds))[:5]:
-                print(f"  prompt:    {r['prompt']}\n  model:     {p}\n  reference: {r['response']}\n")
-            log(dict(stage="sft_eval", exact_match=em, num_eval=len(test), sft_seconds=round(sft_seconds, 1)))
-            print(f"after SFT: held-out exact-match {em:.1%} of {len(test)} test prompts | SFT took {sft_seconds:.0f}s")
+        if args.stage in ("all", "rl"):
+            with autocast(device, args.precision):
+                summary = run_rl(args, model, tok, splits, run_dir, log, device, size,
+                                 resume=resume if resume and resume["stage"] == "rl" else None, stop=stop)
+            if "stopped" in summary:
+                return interrupted("RL", f"iteration {summary['stopped']}")
+        return 0
 
-    if args.stage in ("all", "rl"):
-        with autocast(device, args.precision), stop:
-            summary = run_rl(args, model, tok, splits, run_dir, log, device, size,
-                             resume=resume if resume and resume["stage"] == "rl" else None, stop=stop)
-        if "stopped" in summary:
-            return interrupted("RL", f"iteration {summary['stopped']}")
-
+    with stop:                                      # Ctrl-C from here on: checkpoint, then exit 130
+        code = stages()
+    if code:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+        return code
     total = time.time() - t_start
     log(dict(stage="done", total_seconds=round(total, 1)))
     log.close()

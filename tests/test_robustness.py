@@ -175,9 +175,14 @@ def test_sft_skips_nonfinite_steps_and_stops_after_three():
     pairs = [([5, 6, 2], [7, 2])] * 8
     with torch.no_grad():
         model.tok_emb.weight[5] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logged = []
     with pytest.raises(ppo.NonFiniteError, match=r"SFT steps 1-3: the loss was not finite 3 times in a row"):
         cagsr.train_sft(model, pairs, pairs, steps=10, batch_size=4, lr=1e-3, warmup=1, eval_every=100,
-                        device="cpu", seed=0)
+                        device="cpu", seed=0, log=logged.append)
+    assert logged == [dict(stage="sft_skip", step=i, skip_cause="loss") for i in (1, 2, 3)]
+    for k, v in model.state_dict().items():                            # untouched, the NaN row included
+        assert torch.equal(torch.nan_to_num(v), torch.nan_to_num(before[k])), k
 
 
 # ---- flags and resume mistakes ------------------------------------------------------------
