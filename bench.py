@@ -1,14 +1,17 @@
 """Speed of the project's model next to Hugging Face T5, on one fixed workload (README, "Performance").
 
     python bench.py                  # every benchmark, CPU, 2 threads; `transformers` optional
-    python bench.py --repeats 3      # fewer interleaved rounds
+    python bench.py --repeats 2      # fewer interleaved rounds
+    python bench.py --profile        # where one rollout's time goes, by operator
 
 The workload (both systems): d_model 256, 4 + 4 layers, 4 heads, d_ff 1024, vocabulary 8,000, random
 weights; rollouts of 16 prompts x 32 tokens, N = 4 samples each, 48 new tokens, top-k 50, with the
 cross-attention recorded; a training step on 64 x (32 prompt, 48 target) tokens with AdamW.
 
 Each measurement runs in a fresh process (`--worker`), after a warm-up, as the median of several
-calls; the two systems alternate round by round. HF T5 is built with attn_implementation="eager"
+calls; the two systems alternate round by round. Ratios (capture on/off, 96/48 tokens, greedy/top-k)
+are medians of interleaved pairs inside one process, so that a process running slower throughout
+cancels out. HF T5 is built with attn_implementation="eager"
 (with SDPA it returns empty cross-attentions) and generate(output_attentions=True,
 return_dict_in_generate=True), which returns every layer's and head's map at every step.
 `transformers` is a benchmark-only dependency: without it, the peer's rows are skipped with a message.
@@ -145,6 +148,15 @@ def matmul_flops(n=2048, calls=5) -> float:
     return 2 * n ** 3 / statistics.median(timed(lambda: a @ b, calls))
 
 
+# Ratios measured as interleaved pairs inside one process, so that a process that runs slower
+# throughout (this machine shows up to 30% between fresh processes) cancels out of the ratio.
+PAIRS = {
+    "capture_pairs": (dict(new_tokens=NEW, record=True), dict(new_tokens=NEW, record=False)),   # with / without Abar
+    "growth_pairs": (dict(new_tokens=2 * NEW), dict(new_tokens=NEW)),                             # 96 / 48 tokens
+    "sampler_pairs": (dict(new_tokens=NEW, greedy=True), dict(new_tokens=NEW)),                   # greedy / top-k
+}
+
+
 def worker(system: str, task: str, calls: int, threads: int) -> dict:
     import torch
     torch.set_num_threads(threads)
@@ -162,18 +174,12 @@ def worker(system: str, task: str, calls: int, threads: int) -> dict:
 
     if task == "rollout":
         times = timed(rollout_fn(system, model, NEW), calls, warmed)
-    elif task == "rollout_norecord":
-        times = timed(rollout_fn(system, model, NEW, record=False), calls)
-    elif task == "rollout_greedy":                     # the same rollout with argmax instead of top-k sampling
-        times = timed(rollout_fn(system, model, NEW, greedy=True), calls)
-    elif task == "rollout96":
-        times = timed(rollout_fn(system, model, 2 * NEW), calls)
-    elif task == "capture_pairs":                      # interleaved pairs with / without recording Abar
-        on, off = rollout_fn(system, model, NEW, True), rollout_fn(system, model, NEW, False)
-        on(), off()
+    elif task in PAIRS:                                # interleaved pairs in one process: a / b per pair
+        a, b = (rollout_fn(system, model, **kw) for kw in PAIRS[task])
+        a(), b()
         ratios = []
         for _ in range(calls):
-            t0 = time.perf_counter(); on(); t1 = time.perf_counter(); off(); t2 = time.perf_counter()
+            t0 = time.perf_counter(); a(); t1 = time.perf_counter(); b(); t2 = time.perf_counter()
             ratios.append((t1 - t0) / (t2 - t1))
         return dict(system=system, task=task, ratios=ratios)
     elif task == "train":
@@ -229,9 +235,10 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--task", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--calls", type=int, default=5, help="timed calls per worker, after one warm-up")
-    ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds (each a fresh process per system)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (each a fresh process per system)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    ap.add_argument("--pairs", type=int, default=10, help="interleaved with/without-capture pairs")
+    ap.add_argument("--pairs", type=int, default=10,
+                    help="interleaved pairs for each ratio (capture on/off, 96/48 tokens, greedy/top-k)")
     ap.add_argument("--profile", action="store_true",
                     help="only profile one of our rollouts (torch.profiler): where the time goes, sampler included")
     args = ap.parse_args(argv)
@@ -248,11 +255,13 @@ def main(argv=None) -> int:
         systems = ["ours"]
         print("transformers is not installed: the Hugging Face T5 rows are skipped (pip install transformers)")
     results = {}
-    for task in ("rollout", "rollout_greedy", "rollout96", "train"):
+    for task in ("rollout", "train"):
         for _ in range(args.repeats):
             for system in systems:                       # interleaved: ours, hf, ours, hf, ...
                 r = run_worker(system, task, args.calls, args.threads)
                 results.setdefault((system, task), []).append(r)
+    ratios = {(system, task): run_worker(system, task, args.pairs, args.threads)["ratios"]
+              for task in ("growth_pairs", "sampler_pairs") for system in systems}
     pairs = run_worker("ours", "capture_pairs", args.pairs, args.threads)["ratios"]
     peak = run_worker("ours", "matmul", 5, args.threads)["flops"]
 
@@ -269,8 +278,8 @@ def main(argv=None) -> int:
         rows.append(dict(system=system, rollout_s=t, candidates_per_s=B * N / t, tokens_per_s=B * N * NEW / t,
                          rollout_peak_growth_mib=grow(system, "rollout"),
                          rollout_steady_growth_mib=max(r["steady_growth_mib"] for r in results[(system, "rollout")]),
-                         growth_96_over_48=med(system, "rollout96") / t,
-                         sampler_share=1 - med(system, "rollout_greedy") / t,
+                         growth_96_over_48=statistics.median(ratios[(system, "growth_pairs")]),
+                         sampler_share=1 - statistics.median(ratios[(system, "sampler_pairs")]),
                          train_step_s=tr, train_tokens_per_s=TRAIN_B * (S + TRAIN_T) / tr,
                          train_flops_share=flops / tr / peak))
     names = {"ours": "cagsr (model.py)", "hf": "HF T5 (eager, output_attentions)"}
@@ -288,7 +297,7 @@ def main(argv=None) -> int:
               f"training tokens/s x{o['train_tokens_per_s'] / h['train_tokens_per_s']:.2f}")
     for r in rows:
         print(f"{names[r['system']]}: top-k sampling costs {r['sampler_share']:.1%} of the rollout "
-              f"(1 - greedy time / sampling time, same length)")
+              f"(1 - greedy time / sampling time, same length; median of {args.pairs} interleaved pairs)")
     print("peak MiB: peak RSS above the RSS of the built model, the warm-up call included (libraries' first-call "
           "set-up counts); warm MiB: the same from after the warm-up; the largest over the processes")
     print(f"recording Abar: median rollout time ratio with/without {statistics.median(pairs):.3f} "
