@@ -417,6 +417,10 @@ def check_resume(path: Path, ckpt: dict, args, overrides: dict, size: str) -> No
         if ckpt["model_config"].get(k) != v:
             raise SystemExit(f"{where} has {k}={ckpt['model_config'].get(k)} but the run set {k}={v}: "
                              f"the file does not belong to this run")
+    world = ppo.rank_and_world()[1]
+    if ckpt.get("world", 1) != world:
+        raise SystemExit(f"{where} was written by a run on {ckpt.get('world', 1)} process(es); resume it on as many "
+                         f"(now {world}), since every process's data shard and random stream are in it")
     other = path.with_name("sft.pt") if path.name == "rl.pt" else None
     if other is not None and other.is_file():
         if torch.load(other, map_location="cpu", weights_only=False)["tokenizer"] != ckpt["tokenizer"]:
@@ -675,7 +679,8 @@ def run_rl(args, model, tok, splits, run_dir, log, device, size, resume=None, st
                         tokenizer=data.tokenizer_to_str(tok), idf=salient.idf, stage="rl", iteration=iteration,
                         iterations=iterations, ppo_config=asdict(cfg), reward_config=asdict(reward_cfg),
                         kl_coef=state["kl_coef"] if state else cfg.kl_coef, train_state=state, before=before,
-                        shown_before=shown_before, size=size, args=vars(args), rng=rng_state(), log_rows=log.rows)
+                        shown_before=shown_before, size=size, args=vars(args), rng=rng_state(), log_rows=log.rows,
+                        world=world)
 
     def fixed_eval(iteration):
         row = dict(stage="rl_eval", iteration=iteration,
@@ -911,7 +916,7 @@ def main(argv=None) -> int:
                     save_checkpoint(run_dir / "sft.pt", model=model.state_dict(), optimizer=opt.state_dict(),
                                     model_config=asdict(cfg), tokenizer=data.tokenizer_to_str(tok), idf=idf, stage="sft",
                                     step=step, steps=steps, complete=complete, size=size, args=vars(args),
-                                    rng=rng_state(), log_rows=log.rows)
+                                    rng=rng_state(), log_rows=log.rows, world=world)
 
             t0 = time.time()
             with autocast(device, args.precision):

@@ -239,6 +239,17 @@ def mean_over_ranks(row: dict) -> dict:
     return {**row, **{k: float(v) / rank_and_world()[1] for k, v in zip(keys, total.tolist())}}
 
 
+def all_gather_states(gen: torch.Generator) -> list[torch.Tensor]:
+    """Every rank's state of `gen` (each rank samples with its own stream), in rank order, so one
+    checkpoint can put every rank back where it was. One process: [its state]."""
+    state = gen.get_state()
+    if rank_and_world()[1] == 1:
+        return [state]
+    states = [None] * rank_and_world()[1]
+    dist.all_gather_object(states, state)
+    return states
+
+
 class PolicyValue(nn.Module):
     """The policy's teacher-forced logits and V(x) in one forward pass: the PPO update's only
     gradient-carrying call, so DistributedDataParallel (which hooks the backward of `forward`) can
@@ -501,7 +512,10 @@ def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfi
     cpu_gen = torch.Generator().manual_seed(seed)
     kl_coef, history = cfg.kl_coef, []
     if resume is not None:
-        gen.set_state(resume["sample_rng"])
+        if len(resume["sample_rng"]) != world:
+            raise ValueError(f"the checkpoint holds the sampling streams of {len(resume['sample_rng'])} processes; "
+                             f"resume it with the same number of processes, not {world}")
+        gen.set_state(resume["sample_rng"][rank])
         cpu_gen.set_state(resume["update_rng"])
         kl_coef = resume["kl_coef"]
     batches = prompt_batches(prompts, cfg.prompts_per_iter, seed, rank, world, skip=start)
@@ -531,7 +545,8 @@ def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfi
             progress.update(1)
             progress.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl_ref']:.2f}", refresh=False)
         if on_iteration is not None:
-            on_iteration(i + 1, row, dict(sample_rng=gen.get_state(), update_rng=cpu_gen.get_state(), kl_coef=kl_coef))
+            on_iteration(i + 1, row, dict(sample_rng=all_gather_states(gen), update_rng=cpu_gen.get_state(),
+                                          kl_coef=kl_coef))
         bad = bad + 1 if stats["applied"] == 0 and stats["skipped"] > 0 else 0
         if bad >= max_bad:
             raise NonFiniteError(

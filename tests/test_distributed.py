@@ -7,8 +7,10 @@ This file is also the worker those tests launch: `python tests/test_distributed.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,6 +158,46 @@ def test_torchrun_cli_trains_on_two_processes_and_rank_zero_writes(tmp_path):
     bad = torchrun(common + ["--prompts-per-iter", "7", "--out", str(tmp_path / "bad")])
     assert bad.returncode != 0 and "--prompts-per-iter 7 cannot be split evenly over 2 processes" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+WALL_CLOCK = {"elapsed_s", "tokens_per_s", "sample_s", "reward_s", "ref_s", "update_s", "sft_seconds", "rl_seconds",
+              "total_seconds"}
+
+
+def logged(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_torchrun_run_killed_and_resumed_logs_what_an_uninterrupted_one_does(tmp_path):
+    """Each rank's sampling stream is in the checkpoint, so a 2-process run resumes exactly too."""
+    args = ["cagsr.py", "--dataset", "qa-grounded", "--sft-steps", "6", "--sft-batch-size", "8", "--sft-eval-every", "3",
+            "--iterations", "5", "--ckpt-every", "2", "--eval-every", "2", "--prompts-per-iter", "8", "--num-eval", "8",
+            "--eval-prompts", "8", "--device", "cpu", "--set", "d_model=32", "--set", "d_ff=64", "--set", "n_heads=2",
+            "--set", "vocab_size=400"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert torchrun(args + ["--out", str(whole)]).returncode == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args, "--out", str(part)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for _ in range(6000):                                  # until iteration 3 is logged (checkpoint at 2)
+            path = part / "metrics.jsonl"
+            if path.exists() and '"stage": "rl", "iteration": 3' in path.read_text():
+                break
+            assert proc.poll() is None
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)                    # torchrun and both workers
+        proc.wait()
+    assert torch.load(part / "rl.pt", weights_only=False)["iteration"] == 2
+    resumed = torchrun(["cagsr.py", "--resume", str(part)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert logged(part) == logged(whole)
+    # the same checkpoint on another number of processes is refused
+    single = subprocess.run([sys.executable, "cagsr.py", "--resume", str(part)], cwd=ROOT, capture_output=True, text=True)
+    assert single.returncode != 0 and "resume it on as many (now 1)" in single.stderr
 
 
 if __name__ == "__main__":
