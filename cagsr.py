@@ -428,6 +428,11 @@ def check_resume(path: Path, ckpt: dict, args, overrides: dict, size: str) -> No
                              f"directory: the file does not belong to this run")
 
 
+def peek_size(path) -> str | None:
+    """The preset name a checkpoint was written with, read without loading its tensors (mmap)."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("size")
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -814,6 +819,13 @@ def main(argv=None) -> int:
         print_plan(args.size, args.sft_batch_size)
         raise SystemExit(f"--size {args.size} is a GPU preset and no GPU was found: on this CPU it would run for days. "
                          f"Pass --device cpu to run it here anyway, or --dry-run to see only the plan above.")
+    if (args.init is not None and args.size is None and args.stage in ("sft", "rl") and device.type == "cpu"
+            and args.device is None and Path(args.init).is_file()):
+        init_size = peek_size(args.init)                # before loading what may be gigabytes of weights
+        if init_size in GPU_SIZES:
+            print_plan(init_size, args.sft_batch_size)
+            raise SystemExit(f"--init {args.init} is a {init_size} model, a GPU preset, and no GPU was found: training "
+                             f"it on this CPU would run for days. Pass --device cpu to run it here anyway.")
     seed_everything(args.seed)
     if args.stage == "sample":
         return run_sample(args, device)
@@ -824,8 +836,7 @@ def main(argv=None) -> int:
     resume = None
     if resume_path is not None:                     # --resume: the model and everything else from its checkpoint
         model, tok, resume = load_checkpoint(resume_path, device)
-        run_size = args.size or (torch.load(args.init, map_location="cpu", mmap=True, weights_only=False).get("size")
-                                 if args.init else "tiny")
+        run_size = args.size or (peek_size(args.init) if args.init else "tiny")
         check_resume(resume_path, resume, args, {k: v for k, v in overrides.items() if k != "vocab_size"}, run_size)
         size = resume["size"]
         where = f"step {resume['step']}" if resume["stage"] == "sft" else f"iteration {resume['iteration']}"

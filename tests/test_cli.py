@@ -194,3 +194,17 @@ def test_compile_changes_speed_not_numbers():
     assert sft1 == pytest.approx(sft0, abs=1e-5) and pl1 == pytest.approx(pl0, abs=1e-5)
     torch.testing.assert_close(w1, w0, atol=1e-4, rtol=0)           # Adam steps are ~lr = 1e-3 each
     assert not torch.equal(w0, torch.zeros_like(w0))
+
+
+def test_gpu_preset_checkpoint_given_to_init_is_refused_on_a_cpu(tmp_path, capsys):
+    """The guard reads the --init checkpoint's preset, not only --size (the file is not loaded)."""
+    from model import EncoderDecoder, ModelConfig
+    cfg = ModelConfig(vocab_size=300, d_model=32, n_heads=2, n_enc_layers=1, n_dec_layers=1, d_ff=64)
+    path = tmp_path / "big.pt"
+    cagsr.save_checkpoint(path, model=EncoderDecoder(cfg).state_dict(), model_config=cfg.__dict__, size="1.3b",
+                          stage="sft", args={}, tokenizer="", idf=None)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit, match=r"big\.pt is a 1\.3b model, a GPU preset"):
+        cagsr.main(["--stage", "rl", "--init", str(path)])
+    assert "plan for --size 1.3b" in capsys.readouterr().out
