@@ -306,6 +306,13 @@ def save_checkpoint(path: Path, **state) -> None:
     os.replace(tmp, path)
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temporary file, then rename): a reader never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path, device="cpu"):
     """(model, tokenizer, checkpoint dict) from a file written by `save_checkpoint`."""
     if not Path(path).is_file():
@@ -338,9 +345,7 @@ class MetricsLog:
         if len(lines) < keep:
             raise SystemExit(f"{path} has {len(lines)} rows but the checkpoint was written after row {keep}: "
                              f"the log does not belong to this checkpoint")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines[:keep]))
-        os.replace(tmp, path)
+        write_text(path, "".join(line + "\n" for line in lines[:keep]))
         self.file, self.rows = open(path, "a"), keep
 
     def __call__(self, row: dict) -> None:
@@ -380,7 +385,7 @@ class StopFlag:
         return ppo.any_rank(self.requested)
 
 
-def resume_settings(args, argv: list[str]) -> tuple[argparse.Namespace, Path | None]:
+def resume_settings(args) -> tuple[argparse.Namespace, Path | None]:
     """--resume RUN_DIR: the run's own settings from RUN_DIR/args.json (only --device may be given
     beside it) and its last checkpoint, rl.pt before sft.pt (None: the run wrote none yet)."""
     run = Path(args.resume)
@@ -423,14 +428,15 @@ def check_resume(path: Path, ckpt: dict, args, overrides: dict, size: str) -> No
                          f"(now {world}), since every process's data shard and random stream are in it")
     other = path.with_name("sft.pt") if path.name == "rl.pt" else None
     if other is not None and other.is_file():
-        if torch.load(other, map_location="cpu", weights_only=False)["tokenizer"] != ckpt["tokenizer"]:
+        if peek_checkpoint(other)["tokenizer"] != ckpt["tokenizer"]:
             raise SystemExit(f"{where} was written with another tokenizer than {other.name} in the same run "
                              f"directory: the file does not belong to this run")
 
 
-def peek_size(path) -> str | None:
-    """The preset name a checkpoint was written with, read without loading its tensors (mmap)."""
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("size")
+def peek_checkpoint(path) -> dict:
+    """A checkpoint's fields with its tensors memory-mapped, not read: to check its size or
+    tokenizer before (or instead of) loading what may be gigabytes of weights."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -455,13 +461,6 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
-    """How many batches `data.batches` yields for n pairs (with `world` ranks, a last batch smaller
-    than `world` is left out)."""
-    full, rest = divmod(n, batch_size)
-    return full + (1 if rest and (world == 1 or rest >= world) else 0)
 
 
 def train_sft(model, train_pairs, val_pairs, *, steps, batch_size, lr, warmup, eval_every, device, seed,
@@ -489,12 +488,10 @@ def train_sft(model, train_pairs, val_pairs, *, steps, batch_size, lr, warmup, e
     history, step, t0, tokens, eval_s, bad, stopped = [], start, time.time(), 0, 0.0, 0, False
     bar = tqdm(total=steps, initial=start, desc="SFT", unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=rank > 0)
-    epoch, skip = divmod(start, batches_per_epoch(len(train_pairs), batch_size, world))
+    epoch, skip = divmod(start, data.batches_per_epoch(len(train_pairs), batch_size, world))   # resumed: go on there
     while step < steps and not stopped:
-        for k, batch in enumerate(data.batches(train_pairs, batch_size, seed=seed + epoch, shuffle=True, rank=rank,
-                                               world=world)):
-            if k < skip:                                   # a resumed run: this epoch's batches done before
-                continue
+        for batch in data.batches(train_pairs, batch_size, seed=seed + epoch, shuffle=True, rank=rank, world=world,
+                                  skip=skip):
             if step >= steps:
                 break
             batch = to_device(batch, device)
@@ -794,7 +791,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--size {args.size!r} is not a preset; valid sizes: {', '.join(SIZES)}")
     resume_path = None
     if args.resume is not None:
-        args, resume_path = resume_settings(args, argv)
+        args, resume_path = resume_settings(args)
     rank, world, dp_device = init_distributed(args)
     if args.dry_run:
         size = args.size or "tiny"
@@ -821,7 +818,7 @@ def main(argv=None) -> int:
                          f"Pass --device cpu to run it here anyway, or --dry-run to see only the plan above.")
     if (args.init is not None and args.size is None and args.stage in ("sft", "rl") and device.type == "cpu"
             and args.device is None and Path(args.init).is_file()):
-        init_size = peek_size(args.init)                # before loading what may be gigabytes of weights
+        init_size = peek_checkpoint(args.init).get("size")
         if init_size in GPU_SIZES:
             print_plan(init_size, args.sft_batch_size)
             raise SystemExit(f"--init {args.init} is a {init_size} model, a GPU preset, and no GPU was found: training "
@@ -836,7 +833,7 @@ def main(argv=None) -> int:
     resume = None
     if resume_path is not None:                     # --resume: the model and everything else from its checkpoint
         model, tok, resume = load_checkpoint(resume_path, device)
-        run_size = args.size or (peek_size(args.init) if args.init else "tiny")
+        run_size = args.size or (peek_checkpoint(args.init).get("size") if args.init else "tiny")
         check_resume(resume_path, resume, args, {k: v for k, v in overrides.items() if k != "vocab_size"}, run_size)
         size = resume["size"]
         where = f"step {resume['step']}" if resume["stage"] == "sft" else f"iteration {resume['iteration']}"
@@ -902,7 +899,6 @@ def main(argv=None) -> int:
     def interrupted(stage: str, where: str) -> int:
         print(f"\ninterrupted: {stage} stopped at {where}; checkpoint written. Continue with:\n"
               f"    python cagsr.py --resume {run_dir}")
-        log.close()
         return 130
 
     def stages() -> int:
@@ -960,17 +956,14 @@ def main(argv=None) -> int:
 
     with stop:                                      # Ctrl-C from here on: checkpoint, then exit 130
         code = stages()
-    if code:
-        if world > 1:
-            torch.distributed.destroy_process_group()
-        return code
-    total = time.time() - t_start
-    log(dict(stage="done", total_seconds=round(total, 1)))
+    if code == 0:
+        total = time.time() - t_start
+        log(dict(stage="done", total_seconds=round(total, 1)))
+        print(f"\ndone in {total / 60:.1f} min | run directory {run_dir}")
     log.close()
-    print(f"\ndone in {total / 60:.1f} min | run directory {run_dir}")
     if world > 1:
         torch.distributed.destroy_process_group()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

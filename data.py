@@ -663,22 +663,26 @@ def collate_prompts(prompts: list[list[int]], pad_id: int = PAD_ID) -> tuple[tor
     return _pad(prompts, pad_id)
 
 
+def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """How many batches `batches` yields for n pairs."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest and rest >= world else 0)
+
+
 def batches(pairs: list, batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0,
-            world: int = 1) -> Iterator[dict]:
+            world: int = 1, skip: int = 0) -> Iterator[dict]:
     """Collated batches over ``pairs`` (one pass; the last partial batch included).
 
     Pass a different ``seed`` each epoch (e.g. ``seed + epoch``) for a new order. With ``world``
     data-parallel processes every rank walks the same order and collates only its contiguous
     share of each batch (sizes differ by at most one); a last batch smaller than ``world`` is left
-    out, since some rank would have nothing.
+    out, since some rank would have nothing. ``skip``: start after that many batches of the pass
+    (a resumed run), without collating them.
     """
     order = list(range(len(pairs)))
     if shuffle:
         random.Random(seed).shuffle(order)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        if world > 1:
-            if len(chunk) < world:
-                break
-            chunk = chunk[rank * len(chunk) // world:(rank + 1) * len(chunk) // world]
+    for b in range(skip, batches_per_epoch(len(order), batch_size, world)):
+        chunk = order[b * batch_size:(b + 1) * batch_size]
+        chunk = chunk[rank * len(chunk) // world:(rank + 1) * len(chunk) // world]
         yield collate([pairs[i] for i in chunk])

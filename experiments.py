@@ -129,15 +129,8 @@ def check_settings(work: Path, settings: dict) -> None:
         write_json(path, settings)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Atomically: a reader never sees a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=1))
+    cagsr.write_text(path, json.dumps(obj, indent=1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,7 +403,7 @@ def run_table1(args, device) -> int:
                   rows=aggregate(per_seed), sft_seconds=[per_seed[s]["sft_seconds"] for s in seeds])
     md = markdown(result)
     write_json(results / f"table1_{name}.json", result)
-    write_text(results / f"table1_{name}.md", md)
+    cagsr.write_text(results / f"table1_{name}.md", md)
     plot(result, results / f"table1_{name}.png")
     print("\n" + md)
     print(f"wrote {results / f'table1_{name}.md'}, .json, .png | work directory {work}")

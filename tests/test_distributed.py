@@ -67,7 +67,10 @@ def test_sft_batch_shares_cover_the_batch_once():
     for i in range(3):                                     # 8 = 2 + 3 + 3, and the last batch of 7 = 2 + 2 + 3
         assert parts[0][i] + parts[1][i] + parts[2][i] == whole[i]
     # a last batch smaller than the number of ranks is left out
-    assert len(list(data.batches(pairs[:17], 8, rank=0, world=3))) == 2
+    assert len(list(data.batches(pairs[:17], 8, rank=0, world=3))) == 2 == data.batches_per_epoch(17, 8, 3)
+    # a resumed pass skips batches without changing the ones that follow
+    later = [b["src"][:, 0].tolist() for b in data.batches(pairs, 8, seed=1, rank=1, world=3, skip=1)]
+    assert later == parts[1][1:]
 
 
 def test_single_process_helpers_are_the_plain_versions():
