@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import synthetic
 
 
 def words(text):
@@ -16,17 +17,17 @@ def words(text):
 
 @pytest.fixture(scope="module")
 def qa():
-    return data.make_qa()
+    return synthetic.make_qa()
 
 
 @pytest.fixture(scope="module")
 def grounded():
-    return data.make_qa_grounded()
+    return synthetic.make_qa_grounded()
 
 
 @pytest.fixture(scope="module")
 def instruct():
-    return data.make_instruct()
+    return synthetic.make_instruct()
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +54,11 @@ def test_qa_lengths_follow_paper(qa):
 
 def test_qa_every_template_is_5_to_20_words():
     # Person names are two words, city names one: check the shortest possible fill.
-    for tpl in (t for ts in data.PERSON_QUESTIONS.values() for t in ts):
+    for tpl in (t for ts in synthetic.PERSON_QUESTIONS.values() for t in ts):
         assert 5 <= words(tpl.format(e="Ab Cd")) <= 20, tpl
-    for tpl in (t for ts in data.CITY_QUESTIONS.values() for t in ts):
+    for tpl in (t for ts in synthetic.CITY_QUESTIONS.values() for t in ts):
         assert 5 <= words(tpl.format(e="Abcd")) <= 20, tpl
-    assert min(len(ts) for ts in {**data.PERSON_QUESTIONS, **data.CITY_QUESTIONS}.values()) >= 4
+    assert min(len(ts) for ts in {**synthetic.PERSON_QUESTIONS, **synthetic.CITY_QUESTIONS}.values()) >= 4
 
 
 def test_qa_one_answer_per_fact_several_phrasings(qa):
@@ -70,13 +71,13 @@ def test_qa_one_answer_per_fact_several_phrasings(qa):
 
 
 def test_qa_num_entities_is_a_knob():
-    small = data.make_qa(n=500, num_entities=100)
+    small = synthetic.make_qa(n=500, num_entities=100)
     assert len(small) == 500 and len({r["group"].split(".")[0] for r in small}) <= 100
     with pytest.raises(ValueError, match="num_entities"):
-        data.make_qa(n=5000, num_entities=20)
+        synthetic.make_qa(n=5000, num_entities=20)
 
 
-@pytest.mark.parametrize("make", [data.make_qa, data.make_qa_grounded, data.make_instruct])
+@pytest.mark.parametrize("make", [synthetic.make_qa, synthetic.make_qa_grounded, synthetic.make_instruct])
 def test_generation_is_deterministic(make):
     a, b, c = make(n=1000, seed=3), make(n=1000, seed=3), make(n=1000, seed=4)
     assert a == b
@@ -84,7 +85,7 @@ def test_generation_is_deterministic(make):
 
 
 def test_default_fixture_matches_fresh_generation(qa):
-    assert data.make_qa(seed=0) == qa
+    assert synthetic.make_qa(seed=0) == qa
 
 
 STOP = {"a", "an", "the", "in", "on", "of", "as", "is", "was", "and", "has", "called",
@@ -117,15 +118,15 @@ def _fits(template, text):
 def test_instruct_responses_use_the_topic_words(instruct):
     kinds = {"brainstorm": 0, "explain": 0, "compose": 0}
     for r in instruct:
-        topics = [t for t in data.TOPICS if re.search(rf"\b{t}\b", r["prompt"])]
+        topics = [t for t in synthetic.TOPICS if re.search(rf"\b{t}\b", r["prompt"])]
         assert len(topics) == 1, r
         t = topics[0]
         assert t in r["response"], r
-        assert sum(w in r["response"] for w in data.TOPICS[t]) >= 2, r
+        assert sum(w in r["response"] for w in synthetic.TOPICS[t]) >= 2, r
         assert 10 <= words(r["response"]) <= 60, r
-        kind = [k for k, ts in data.INSTRUCT_PROMPTS.items() if any(_fits(x, r["prompt"]) for x in ts)]
+        kind = [k for k, ts in synthetic.INSTRUCT_PROMPTS.items() if any(_fits(x, r["prompt"]) for x in ts)]
         kinds[kind[0]] += 1
-    assert len(data.TOPICS) >= 30 and min(len(w) for w in data.TOPICS.values()) >= 6
+    assert len(synthetic.TOPICS) >= 30 and min(len(w) for w in synthetic.TOPICS.values()) >= 6
     assert all(1600 <= c <= 1700 for c in kinds.values()), kinds  # three kinds, ~n/3 each
 
 
@@ -227,9 +228,9 @@ def test_round_trip_exact(tok, qa, grounded, instruct):
              for k in ("prompt", "response")]
     texts += ["  Ünïcödé ✓ 日本語, «quotes» — dashes… emoji 🙂!\n\ttabs  ", "literal <eos> and <pad>"]
     for s in texts:
-        assert data.decode(tok, data.encode_response(tok, s)) == s
+        assert data.decode(tok, data.encode(tok, s)) == s
         assert tok.decode(tok.encode(s).ids) == s
-    assert data.UNK_ID not in data.encode_prompt(tok, texts[-2])  # byte-level: no UNK ever
+    assert data.UNK_ID not in data.encode(tok, texts[-2])  # byte-level: no UNK ever
 
 
 def test_tokenizer_deterministic_and_serialisable(tok, qa, instruct):
@@ -278,8 +279,8 @@ def test_idf_hand_computed():
 
 # --------------------------------------------------------------- encoding, batching
 def test_encode_conventions(tok):
-    p = data.encode_prompt(tok, "Where does Varo Kelin live?")
-    r = data.encode_response(tok, "Varo Kelin lives in Tamsa.")
+    p = data.encode(tok, "Where does Varo Kelin live?")
+    r = data.encode(tok, "Varo Kelin lives in Tamsa.")
     assert p[-1] == data.EOS_ID and data.BOS_ID not in p and p.count(data.EOS_ID) == 1
     assert r[-1] == data.EOS_ID and r[:-1] == tok.encode("Varo Kelin lives in Tamsa.").ids
     assert data.decode(tok, [data.BOS_ID] + r + [9, 9, data.PAD_ID]) == "Varo Kelin lives in Tamsa."
@@ -299,7 +300,7 @@ def test_encode_records_overlong_raises_or_truncates_once(tok):
     assert "1 responses" in str(caught[0].message)
     assert [len(p) for p, _ in pairs][1:] == [16, 16] and len(pairs[2][1]) == 16
     assert all(p[-1] == data.EOS_ID and r[-1] == data.EOS_ID for p, r in pairs)
-    assert pairs[0] == (data.encode_prompt(tok, "Short?"), data.encode_response(tok, "Yes."))
+    assert pairs[0] == (data.encode(tok, "Short?"), data.encode(tok, "Yes."))
 
 
 def test_collate_hand_built():

@@ -1,4 +1,4 @@
-"""Tests for reward.py: the CAGSR reward of §3.2 and the decisions of SPEC §2.
+"""Tests for reward.py: the CAGSR reward of §3.2 and the decisions of DECISIONS.md §2.
 
 Every expected number is either worked out by hand from the paper's equations (the arithmetic is
 in the comments) or computed independently here, with plain loops over numpy arrays:
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import data
+import synthetic
 import reward
 from reward import RewardConfig, compute_reward, coverage, focus, repeat_penalty
 
@@ -55,12 +56,12 @@ def test_coverage_hand_computed_bool_salient():
     # candidate 1: t=0: 0.5 + 0 = 0.5; t=1: 0 + 0 = 0; t=2: 0.1 + 0.4 = 0.5.
     #   coverage = (0.5 + 0 + 0.5) / (3 * 2) = 1/6
     assert coverage(HAND_ATTN, salient, HAND_MASK).tolist() == approx([1 / 4, 1 / 6])
-    # 0/1 float weights are the same thing (SPEC §2: the paper's formula when the weights are 0/1).
+    # 0/1 float weights are the same thing (DECISIONS.md §2: the paper's formula when the weights are 0/1).
     assert coverage(HAND_ATTN, salient.float(), HAND_MASK).tolist() == approx([1 / 4, 1 / 6])
 
 
 def test_coverage_hand_computed_idf_weights():
-    # SPEC §2: sum_t sum_j w_j Abar[t, j] / (|y| * sum_j w_j).
+    # DECISIONS.md §2: sum_t sum_j w_j Abar[t, j] / (|y| * sum_j w_j).
     w = torch.tensor([[0.0, 1.0, 3.0, 0.0],    # sum w = 4
                       [2.0, 0.0, 0.0, 1.0]])   # sum w = 3
     # candidate 0: t=0: 1*0.20 + 3*0.30 = 1.1; t=1: 1*0.25 + 3*0.25 = 1.0.
@@ -398,9 +399,9 @@ def test_salient_idf_prompt_with_no_content_is_empty():
 # -------------------------------------------------------------------- salient: NER rule
 @pytest.fixture(scope="module")
 def tok_and_salient():
-    qa = data.make_qa(n=400)
+    qa = synthetic.make_qa(n=400)
     tok = data.train_tokenizer(data.record_texts(qa), 600)
-    prompt_ids = [data.encode_prompt(tok, r["prompt"]) for r in qa]
+    prompt_ids = [data.encode(tok, r["prompt"]) for r in qa]
     return tok, reward.SalientTokens.build(tok, prompt_ids)
 
 
@@ -431,7 +432,7 @@ def _unmark(marked):
 def test_salient_ner_marks_names_and_numbers(tok_and_salient):
     tok, sal = tok_and_salient
     texts = [_unmark(m) for m in NER_CASES]
-    batch = data.collate([(data.encode_prompt(tok, t), [data.EOS_ID]) for t, _ in texts])
+    batch = data.collate([(data.encode(tok, t), [data.EOS_ID]) for t, _ in texts])
     src, src_mask = batch["src"], batch["src_mask"]
     got = sal(src, src_mask, RewardConfig(salient="ner"))
     assert got.dtype == torch.bool and got.shape == src.shape
@@ -456,7 +457,7 @@ def test_salient_ner_marks_names_and_numbers(tok_and_salient):
 def test_salient_tokens_dispatch(tok_and_salient):
     tok, sal = tok_and_salient
     texts = ["Where does Varo Kelin live?", "Kelo was born in 1950. Who is Tamsa?"]
-    batch = data.collate([(data.encode_prompt(tok, t), [data.EOS_ID]) for t in texts])
+    batch = data.collate([(data.encode(tok, t), [data.EOS_ID]) for t in texts])
     src, src_mask = batch["src"], batch["src_mask"]
     idf = sal(src, src_mask, RewardConfig(salient="idf", salient_top_k=3))
     assert idf.tolist() == reward.salient_idf(src, src_mask, sal.idf, sal.content, 3).tolist()
