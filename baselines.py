@@ -6,7 +6,7 @@
   two SFT samples per prompt on 1,000 training prompts by ROUGE-L against the reference, with a
   stated label-noise rate, and a Bradley-Terry reward model is fitted to their choices.
 
-Both reward models are `model.PairScorer`s started from the SFT policy's encoder (as RLHF reward
+Both reward models are `evaluation.PairScorer`s started from the SFT policy's encoder (as RLHF reward
 models start from the SFT model) and are then used by the same PPO loop as CAGSR through
 `ScorerReward`. Kept out of reward.py, which holds only the paper's attention reward.
 """
@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from evaluation import fit_pair_scorer, off_topic_index, pair_scores, pair_tensors, rouge_l
-from model import PairScorer
+from evaluation import PairScorer, fit_pair_scorer, off_topic_index, pair_scores, pair_tensors, prompt_batch, rouge_l
 
 CORRUPTIONS = ("shuffle", "truncate", "repeat", "off_topic")
 
@@ -79,7 +78,7 @@ def bradley_terry_loss(r_chosen, r_rejected):
 
 
 def simulated_preferences(score_a, score_b, noise: float, rng: random.Random) -> tuple[list[tuple[int, bool]], int]:
-    """Simulated annotators (SPEC §5): for each pair prefer the response with the higher score
+    """Simulated annotators (DECISIONS.md §5): for each pair prefer the response with the higher score
     (ROUGE-L against the reference), then flip the choice with probability `noise`. Ties carry no
     preference and are dropped. Returns ([(pair index, a preferred?)] for the kept pairs, number
     of flipped labels)."""
@@ -103,8 +102,8 @@ def sample_pairs(policy, tok, records, cfg, device, seed: int, batch_size: int =
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     for i in range(0, len(records), batch_size):
-        src, src_mask = data.collate_prompts([data.encode_prompt(tok, r["prompt"]) for r in records[i:i + batch_size]])
-        r = policy.sample(src.to(device), src_mask.to(device), num_samples=2, max_new_tokens=cfg.max_new_tokens,
+        src, src_mask = prompt_batch(tok, [r["prompt"] for r in records[i:i + batch_size]], device)
+        r = policy.sample(src, src_mask, num_samples=2, max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen,
                           record_attention=False)
         texts = [data.decode(tok, row.tolist()) for row in r.tokens.cpu()]

@@ -1,7 +1,11 @@
-"""Metrics that judge a response against its reference (§7.4). Never used as a reward.
+"""Judging a policy (§7.4): metrics of a response against its reference, perplexity, the prompt
+relevance classifier (a `PairScorer`), and the scoring of a policy that every stage reports
+(greedy answers, the reward terms of fixed-seed samples, the before/after report).
 
-Kept apart from reward.py on purpose: the CAGSR reward sees only the model's own attention, and
-these metrics see only text; keeping them in separate files keeps that boundary visible.
+Nothing here is ever used as the CAGSR reward. Kept apart from reward.py on purpose: the reward
+sees only the model's own attention, and these metrics see only text; keeping them in separate
+files keeps that boundary visible. (`sampled_terms` reports the reward's terms, computed by
+ppo.score, next to the metrics.)
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import re
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 import data
-from model import ModelConfig, PairScorer
+import ppo
+from model import EncoderDecoder, EncoderLayer, ModelConfig, mean_pool
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -55,6 +61,15 @@ def rouge_l(candidate: str, reference: str) -> float:
 # Perplexity of the policy on held-out references (§7.4)
 # --------------------------------------------------------------------------------------------
 
+def response_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced negative log-likelihood of a collated batch's responses: (the sum over the
+    response tokens, EOS included, of -log p(y_t | x, y_<t); the number of those tokens)."""
+    logits, _ = model(batch["src"], batch["src_mask"], batch["tgt_in"])                   # (B, T, V)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), batch["tgt_out"].flatten(), reduction="none")
+    mask = batch["tgt_mask"].flatten()
+    return (nll * mask).sum(), mask.sum()
+
+
 @torch.no_grad()
 def mean_nll(model, pairs, device, batch_size=128) -> float:
     """Token-weighted mean negative log-likelihood (nats) of the responses of `pairs` (encoded
@@ -63,11 +78,9 @@ def mean_nll(model, pairs, device, batch_size=128) -> float:
     model.eval()
     total, count = 0.0, 0
     for batch in data.batches(pairs, batch_size, shuffle=False):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits, _ = model(batch["src"], batch["src_mask"], batch["tgt_in"])           # (B, T, V)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), batch["tgt_out"].flatten(), reduction="none")
-        total += float((nll * batch["tgt_mask"].flatten()).sum())
-        count += int(batch["tgt_mask"].sum())
+        nll, n = response_nll(model, {k: v.to(device) for k, v in batch.items()})
+        total += float(nll)
+        count += int(n)
     model.train(was_training)
     return total / max(1, count)
 
@@ -80,6 +93,54 @@ def perplexity(model, pairs, device) -> float:
 # --------------------------------------------------------------------------------------------
 # Prompt relevance (§7.4): an on-topic/off-topic classifier, an evaluator only
 # --------------------------------------------------------------------------------------------
+
+class PairScorer(nn.Module):
+    """One scalar per (prompt, response) pair: a Transformer encoder over the two texts side by side
+    (prompt tokens, then response tokens; each with its own learned positions, so the padding of a
+    batch changes nothing), mean-pooled over real tokens, then a linear head.
+
+    Never part of CAGSR. It is the evaluation's relevance classifier (§7.4) and the reward model of
+    the preference baselines (§7.3). `from_policy` starts it from an SFT model's embeddings and
+    encoder, as RLHF reward models start from the SFT model."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, D)
+        self.src_pos = nn.Embedding(cfg.max_src_len, D)                  # prompt positions
+        self.resp_pos = nn.Embedding(cfg.max_tgt_len, D)                 # response positions
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layers))
+        self.ln = nn.LayerNorm(D, bias=False)
+        self.head = nn.Linear(D, 1)
+        self.apply(EncoderDecoder._init_weights)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_policy(cls, policy: "EncoderDecoder") -> "PairScorer":
+        """A scorer with the policy's embeddings, positions and encoder layers copied (not shared)."""
+        scorer = cls(policy.cfg).to(next(policy.parameters()).device)
+        scorer.tok_emb.load_state_dict(policy.tok_emb.state_dict())
+        scorer.src_pos.load_state_dict(policy.enc_pos.state_dict())
+        scorer.resp_pos.load_state_dict(policy.dec_pos.state_dict())
+        scorer.encoder.load_state_dict(policy.encoder.state_dict())
+        return scorer
+
+    def forward(self, src, src_mask, resp, resp_mask):
+        """src (B, S), src_mask (B, S), resp (B, T), resp_mask (B, T) -> logits (B,)."""
+        S, T = src.size(1), resp.size(1)
+        if S > self.cfg.max_src_len or T > self.cfg.max_tgt_len:
+            raise ValueError(f"pair of lengths {S}+{T} exceeds this scorer's max_src_len={self.cfg.max_src_len} "
+                             f"/ max_tgt_len={self.cfg.max_tgt_len}")
+        x = torch.cat([self.tok_emb(src) + self.src_pos(torch.arange(S, device=src.device)),
+                       self.tok_emb(resp) + self.resp_pos(torch.arange(T, device=src.device))], dim=1)  # (B, S+T, D)
+        mask = torch.cat([src_mask, resp_mask], dim=1)                                               # (B, S+T)
+        for layer in self.encoder:
+            x = layer(x, mask[:, None, None, :])
+        pooled = mean_pool(self.ln(x), mask)                              # (B, D)
+        return self.head(pooled).squeeze(-1)                              # (B,)
+
 
 def pair_tensors(pairs, device):
     """(prompt ids, response ids) pairs -> src, src_mask, resp, resp_mask on `device` (PairScorer's inputs)."""
@@ -170,3 +231,93 @@ def relevance_accuracy(scorer, tok, records, device, seed=0) -> dict:
     n = max(1, len(records))
     return dict(pairwise=sum(a > b for a, b in zip(on, off)) / n,
                 accuracy=(sum(a > 0.5 for a in on) + sum(b <= 0.5 for b in off)) / (2 * n))
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring a policy: greedy answers, the reward terms of fixed-seed samples, the report
+# --------------------------------------------------------------------------------------------
+
+def prompt_batch(tok, prompts: list[str], device):
+    """Encode and pad prompts: (src (B, S), src_mask (B, S)) on `device`."""
+    src, src_mask = data.collate_prompts([data.encode(tok, p) for p in prompts])
+    return src.to(device), src_mask.to(device)
+
+
+@torch.no_grad()
+def answer(model, tok, prompts: list[str], device, max_new_tokens=64, batch_size=128) -> list[str]:
+    """Greedy answers to `prompts`, decoded to text."""
+    model.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        r = model.sample(*prompt_batch(tok, prompts[i:i + batch_size], device), greedy=True,
+                         max_new_tokens=max_new_tokens, record_attention=False)
+        out += [data.decode(tok, row.tolist()) for row in r.tokens.cpu()]
+    return out
+
+
+def greedy_scores(model, tok, records, device, max_new_tokens=64) -> tuple[list[str], float, float]:
+    """Greedy answers to the records' prompts, their mean exact-match and mean ROUGE-L (§7.4)."""
+    preds = answer(model, tok, [r["prompt"] for r in records], device, max_new_tokens=max_new_tokens)
+    n = max(1, len(records))
+    return (preds, sum(exact_match(p, r["response"]) for p, r in zip(preds, records)) / n,
+            sum(rouge_l(p, r["response"]) for p, r in zip(preds, records)) / n)
+
+
+@torch.no_grad()
+def sampled_terms(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed=1234, batch_size=64) -> dict:
+    """The mean reward and reward terms of N candidates per prompt sampled with a fixed seed, so two
+    checkpoints are compared on the same random numbers."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sums, count = {}, 0
+    for i in range(0, len(records), batch_size):
+        src, src_mask = prompt_batch(tok, [r["prompt"] for r in records[i:i + batch_size]], device)
+        _, terms, _, _ = ppo.score(model, src, src_mask, salient, reward_cfg, ppo_cfg, gen)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.sum())
+        count += len(terms["reward"])
+    return {k: v / count for k, v in sums.items()}
+
+
+def evaluate_policy(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed=1234) -> dict:
+    """A fixed evaluation: `sampled_terms`, plus exact-match and ROUGE-L of the greedy answers
+    against the references (§7.4)."""
+    out = sampled_terms(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed)
+    _, out["exact_match"], out["rouge_l"] = greedy_scores(model, tok, records, device, ppo_cfg.max_new_tokens)
+    return out
+
+
+@torch.no_grad()
+def candidates(model, tok, prompts, salient, reward_cfg, ppo_cfg, device, num_samples, seed=99) -> list:
+    """[(prompt, [(text, terms of that candidate)] * N)] for printing."""
+    src, src_mask = prompt_batch(tok, prompts, device)
+    r, terms, _, _ = ppo.score(model, src, src_mask, salient, reward_cfg, ppo_cfg,
+                               torch.Generator(device=device).manual_seed(seed), num_samples=num_samples)
+    rows = [(data.decode(tok, r.tokens[i].tolist()), {k: float(v[i]) for k, v in terms.items()})
+            for i in range(r.tokens.size(0))]
+    return [(p, rows[b * num_samples:(b + 1) * num_samples]) for b, p in enumerate(prompts)]
+
+
+def format_candidate(text, t) -> str:
+    """One candidate with its reward and the terms R is made of (§3.2)."""
+    return (f"R {t['reward']:+.3f} (coverage {t['coverage']:.3f}, focus {t['focus']:+.3f}, repeat {t['repeat']:.3f}) "
+            f"| sink {t['sink_share']:.2f} | {text}")
+
+
+REPORT_KEYS = ("reward", "coverage", "focus", "repeat", "sink_share", "length", "exact_match", "rouge_l")
+
+
+def print_report(before: dict, after: dict, shown_before: list, shown_after: list, num_test: int,
+                 num_samples: int) -> None:
+    """The end of the RL stage: the shown candidates before and after RL, then every metric of
+    REPORT_KEYS on the test prompts before and after."""
+    print("\nCandidates before -> after RL (2 samples each, fixed seed):")
+    for (prompt, b), (_, a) in zip(shown_before, shown_after):
+        print(f"  prompt: {prompt}")
+        for text, t in b:
+            print(f"    before  {format_candidate(text, t)}")
+        for text, t in a:
+            print(f"    after   {format_candidate(text, t)}")
+    print(f"\n{'metric':12s} {'before RL':>10s} {'after RL':>10s}   (test split, {num_test} prompts; reward terms on "
+          f"{num_samples} fixed-seed samples per prompt, EM and ROUGE-L on greedy answers)")
+    for k in REPORT_KEYS:
+        print(f"{k:12s} {before[k]:10.4f} {after[k]:10.4f}")

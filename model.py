@@ -19,7 +19,7 @@ So this file does three things a generic seq2seq model does not:
 
 Shapes: B batch of prompts, N samples per prompt, S prompt length, T response length, H heads,
 L layers, D width, V vocabulary. Rows of a B*N batch are ordered so that the N samples of prompt b
-are rows b*N .. b*N+N-1 (SPEC §2).
+are rows b*N .. b*N+N-1 (DECISIONS.md §1).
 """
 
 from __future__ import annotations
@@ -130,6 +130,19 @@ def attention(q, k, v, mask=None, is_causal=False, need_weights=False):
     weights = torch.softmax(scores.float(), dim=-1)                      # (B, H, Tq, Tk)
     out = weights.to(v.dtype) @ v                                        # (B, H, Tq, hd)
     return out, weights
+
+
+def abar(maps):
+    """Abar of §3.2: the mean of the recorded cross-attention over the last L' decoder layers and
+    over heads, Abar[t, j] = (1/L') sum_l A_t^(l)[j] (§3.1 allows one head or the mean over heads;
+    DECISIONS.md §1). maps (B, L', H, T, S) -> (B, T, S)."""
+    return maps.mean(dim=(1, 2))
+
+
+def mean_pool(x, mask):
+    """Mean of x over the positions where mask is True: (B, S, D), (B, S) -> (B, D)."""
+    m = mask.unsqueeze(-1).to(x.dtype)                                    # (B, S, 1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)                         # (B, D)
 
 
 class MultiHeadAttention(nn.Module):
@@ -244,8 +257,7 @@ class ValueHead(nn.Module):
         self.out = nn.Linear(d_model, 1)
 
     def forward(self, memory, src_mask):                                  # (B, S, D), (B, S) -> (B,)
-        m = src_mask.unsqueeze(-1).to(memory.dtype)                       # (B, S, 1)
-        pooled = (memory * m).sum(1) / m.sum(1).clamp(min=1)              # (B, D)
+        pooled = mean_pool(memory, src_mask)                              # (B, D)
         return self.out(torch.tanh(self.hidden(pooled))).squeeze(-1)      # (B,)
 
 
@@ -363,7 +375,7 @@ class EncoderDecoder(nn.Module):
         if attention is None:
             return logits, None
         maps = torch.stack(maps, dim=1)                                    # (B', L', H, T, S)
-        return logits, (maps.mean(dim=(1, 2)) if attention == "mean" else maps)
+        return logits, (abar(maps) if attention == "mean" else maps)
 
     def decode(self, memory, src_mask, tgt_in, num_samples=1, attention=None, tgt_mask=None):
         """Teacher-forced decoder pass.
@@ -399,7 +411,7 @@ class EncoderDecoder(nn.Module):
         once; the decoder's self-attention keys/values are cached, so each step costs one token.
         Each row stops at its own EOS; decoding stops when every row has. top_k / top_p (nucleus)
         truncate the distribution that is sampled from, but the recorded log-probability is always
-        log softmax(logits / temperature) of the sampled token over the whole vocabulary (SPEC §2),
+        log softmax(logits / temperature) of the sampled token over the whole vocabulary (DECISIONS.md §3),
         which is what a teacher-forced pass recomputes. greedy=True takes the argmax.
         """
         if temperature <= 0:
@@ -442,56 +454,6 @@ class EncoderDecoder(nn.Module):
                        attn=torch.stack(maps, 1) if record_attention else None)
 
 
-class PairScorer(nn.Module):
-    """One scalar per (prompt, response) pair: a Transformer encoder over the two texts side by side
-    (prompt tokens, then response tokens; each with its own learned positions, so the padding of a
-    batch changes nothing), mean-pooled over real tokens, then a linear head.
-
-    Never part of CAGSR. It is the evaluation's relevance classifier (§7.4) and the reward model of
-    the preference baselines (§7.3). `from_policy` starts it from an SFT model's embeddings and
-    encoder, as RLHF reward models start from the SFT model."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        D = cfg.d_model
-        self.tok_emb = nn.Embedding(cfg.vocab_size, D)
-        self.src_pos = nn.Embedding(cfg.max_src_len, D)                  # prompt positions
-        self.resp_pos = nn.Embedding(cfg.max_tgt_len, D)                 # response positions
-        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layers))
-        self.ln = nn.LayerNorm(D, bias=False)
-        self.head = nn.Linear(D, 1)
-        self.apply(EncoderDecoder._init_weights)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    @classmethod
-    def from_policy(cls, policy: "EncoderDecoder") -> "PairScorer":
-        """A scorer with the policy's embeddings, positions and encoder layers copied (not shared)."""
-        scorer = cls(policy.cfg).to(next(policy.parameters()).device)
-        scorer.tok_emb.load_state_dict(policy.tok_emb.state_dict())
-        scorer.src_pos.load_state_dict(policy.enc_pos.state_dict())
-        scorer.resp_pos.load_state_dict(policy.dec_pos.state_dict())
-        scorer.encoder.load_state_dict(policy.encoder.state_dict())
-        return scorer
-
-    def forward(self, src, src_mask, resp, resp_mask):
-        """src (B, S), src_mask (B, S), resp (B, T), resp_mask (B, T) -> logits (B,)."""
-        S, T = src.size(1), resp.size(1)
-        if S > self.cfg.max_src_len or T > self.cfg.max_tgt_len:
-            raise ValueError(f"pair of lengths {S}+{T} exceeds this scorer's max_src_len={self.cfg.max_src_len} "
-                             f"/ max_tgt_len={self.cfg.max_tgt_len}")
-        x = torch.cat([self.tok_emb(src) + self.src_pos(torch.arange(S, device=src.device)),
-                       self.tok_emb(resp) + self.resp_pos(torch.arange(T, device=src.device))], dim=1)  # (B, S+T, D)
-        mask = torch.cat([src_mask, resp_mask], dim=1)                                               # (B, S+T)
-        for layer in self.encoder:
-            x = layer(x, mask[:, None, None, :])
-        x = self.ln(x)
-        m = mask.unsqueeze(-1).to(x.dtype)                                # (B, S+T, 1)
-        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1)                   # (B, D)
-        return self.head(pooled).squeeze(-1)                              # (B,)
-
-
 def sample_next(logits, top_k=None, top_p=None, generator=None):
     """One token per row from softmax(filter_logits(logits, top_k, top_p)): (B, V) -> (B,) ids.
 
@@ -529,7 +491,7 @@ def filter_logits(logits, top_k=None, top_p=None):
 def token_logprobs(logits, targets, temperature=1.0):
     """log softmax(logits / temperature)[target] per position: (B, T, V), (B, T) -> (B, T).
 
-    The same quantity the sampler records (SPEC §2), so on the sampled tokens the first PPO epoch's
+    The same quantity the sampler records (DECISIONS.md §3), so on the sampled tokens the first PPO epoch's
     ratio is exactly 1."""
     return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 

@@ -8,7 +8,8 @@ import torch
 import baselines
 import data
 from baselines import bradley_terry_loss, corrupt, simulated_preferences
-from model import EncoderDecoder, PairScorer, config_for
+from evaluation import PairScorer
+from model import EncoderDecoder, config_for
 
 WORDS = "Varo Kelin lives in Tamsa on the river".split()
 

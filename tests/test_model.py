@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (SIZES, EncoderDecoder, ModelConfig, attention, config_for, count_params, filter_logits, sample_next,
+from model import (SIZES, EncoderDecoder, ModelConfig, abar, attention, config_for, count_params, filter_logits, sample_next,
                    token_logprobs)
 
 BOS, EOS, PAD = 1, 2, 0
@@ -88,6 +88,16 @@ def test_abar_is_mean_of_recorded_layers_and_heads_and_a_distribution_over_real_
     assert abar.masked_select(~src_mask[:, None, :].expand_as(abar)).abs().max() == 0
     # No attention requested: no maps.
     assert model(src, src_mask, tgt_in)[1] is None
+
+
+def test_abar_by_hand():
+    """§3.2, Abar[t, j] = (1/L') sum_l A_t^(l)[j], here also averaged over heads. One candidate, L' = 2
+    layers x H = 2 heads, T = 1 step, S = 3 prompt positions; the four maps and their mean by hand:
+    (0.5 + 0.1 + 0.2 + 0.6) / 4 = 0.35, (0.5 + 0.9 + 0.2 + 0.0) / 4 = 0.4, (0 + 0 + 0.6 + 0.4) / 4 = 0.25."""
+    maps = torch.tensor([[[[[0.5, 0.5, 0.0]], [[0.1, 0.9, 0.0]]],                    # layer L-1: heads 1, 2
+                          [[[0.2, 0.2, 0.6]], [[0.6, 0.0, 0.4]]]]])                  # layer L:   heads 1, 2
+    assert maps.shape == (1, 2, 2, 1, 3)                                            # (B, L', H, T, S)
+    torch.testing.assert_close(abar(maps), torch.tensor([[[0.35, 0.4, 0.25]]]))     # (B, T, S)
 
 
 def test_padding_a_batch_does_not_change_any_row():
