@@ -17,21 +17,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 import baselines
-import cagsr
 import data
 import evaluation
 import ppo
-from model import SIZES, EncoderDecoder, PairScorer, config_for
+import runs
+from evaluation import PairScorer
+from model import SIZES, EncoderDecoder, config_for
 from reward import RewardConfig, SalientTokens
+from sft import SFTConfig, train_sft
 
 # Table 1 of the paper (Instruction test set): relevance, ROUGE-L, human score (1-5).
 PAPER_TABLE1 = {
@@ -70,17 +71,6 @@ METHODS = (
 )
 METHOD_NAMES = tuple(m.name for m in METHODS)
 
-# RL settings of the table per size. CPU sizes: the CPU PPO settings of cagsr.py without its KL
-# penalty (the paper has none; the KL row adds it), 2 epochs x 2 minibatches and 15 iterations, so
-# that 3 seeds x 8 RL rows fit in about half an hour per dataset on 2 cores. GPU sizes: the paper's.
-TABLE_RL = {
-    "tiny": dict(iterations=15, ppo=dict(lr=1e-4, baseline="group", whiten=True, epochs=2, minibatches=2)),
-    "small": dict(iterations=15, ppo=dict(lr=1e-4, baseline="group", whiten=True, epochs=2, minibatches=2)),
-    "base": dict(iterations=200, ppo={}),
-    "1.3b": dict(iterations=500, ppo={}),
-}
-TABLE_SFT_STEPS = {"instruct": 600}   # per dataset, where it differs from cagsr.SFT_DEFAULTS (README: the SFT curve)
-
 METRICS = ("relevance", "rouge_l", "exact_match", "perplexity", "reward", "coverage", "focus", "repeat",
            "sink_share", "length", "answer_words")
 CURVE_KEYS = ("reward", "kl_ref", "coverage", "focus", "sink_share", "length")   # per RL iteration, from ppo.train
@@ -90,30 +80,39 @@ CURVE_KEYS = ("reward", "kl_ref", "coverage", "focus", "sink_share", "length")  
 # Settings: what a row depends on (a changed setting never reuses an old row)
 # --------------------------------------------------------------------------------------------
 
-def table_settings(args, size: str, dataset_name: str) -> dict:
-    """Everything the rows of one table depend on, resolved from the per-size defaults and flags."""
-    rl = TABLE_RL[size]
-    base_ppo = dict(rl["ppo"])
-    base_ppo.update({f.name: getattr(args, f.name) for f in fields(ppo.PPOConfig) if getattr(args, f.name, None) is not None})
-    base_reward = {f.name: getattr(args, f.name) for f in fields(RewardConfig) if getattr(args, f.name, None) is not None}
-    sft = dict(cagsr.SFT_DEFAULTS[size])
-    if dataset_name in TABLE_SFT_STEPS:
-        sft["sft_steps"] = TABLE_SFT_STEPS[dataset_name]
-    sft.update({k: getattr(args, k) for k in ("sft_steps", "sft_batch_size", "sft_lr") if getattr(args, k) is not None})
+@dataclass
+class ExperimentConfig:
+    """What `--experiment` runs besides the run's own configs (settings.resolve builds it)."""
+    name: str = "table1"
+    seeds: int = 3
+    """Seeds --seed, --seed+1, ...: one SFT model each."""
+    results_dir: str = "results"
+    """Where the .md, .json and .png tables go."""
+    work_dir: str | None = None
+    """Where each row's result is kept (default runs/table1-<dataset>-<size>)."""
+    rm_steps: int = 300
+    """Training steps of each baseline reward model."""
+    human_prompts: int = 1000
+    """Training prompts the simulated annotators compare two SFT samples on (§7.3: 1,000)."""
+    relevance_steps: int = 600
+    """Training steps of the relevance classifier."""
+
+
+def table_settings(run, exp: ExperimentConfig) -> dict:
+    """Everything the rows of one table depend on: the run's resolved configs (the "table1"
+    profile, settings.resolve) and each row's change to them."""
     methods = {}
     for m in METHODS:
         try:
-            p = asdict(ppo.PPOConfig(**{**base_ppo, **m.ppo}))
-            r = asdict(RewardConfig(**{**base_reward, **m.reward}))
+            methods[m.name] = dict(ppo=asdict(replace(run.ppo, **m.ppo)), reward=asdict(replace(run.reward, **m.reward)))
         except ValueError as e:
             raise SystemExit(f"--experiment table1, row {m.name}: {e}") from None
-        methods[m.name] = dict(ppo=p, reward=r)
-    return dict(dataset=args.dataset, size=size, data_seed=args.seed, warmup=args.warmup, **sft,
-                iterations=args.iterations if args.iterations is not None else rl["iterations"],
-                num_eval=args.num_eval, methods=methods,
-                eval_ppo=asdict(ppo.PPOConfig(**base_ppo)), eval_reward=asdict(RewardConfig(**base_reward)),
-                rm=dict(synthetic_steps=args.rm_steps, human_steps=args.rm_steps, human_prompts=args.human_prompts,
-                        label_noise=0.1), relevance_steps=args.relevance_steps)
+    return dict(dataset=run.dataset, size=run.size, data_seed=run.seed, warmup=run.sft.warmup,
+                sft_steps=run.sft.steps, sft_batch_size=run.sft.batch_size, sft_lr=run.sft.lr,
+                iterations=run.iterations, num_eval=run.num_eval, methods=methods,
+                eval_ppo=asdict(run.ppo), eval_reward=asdict(run.reward),
+                rm=dict(synthetic_steps=exp.rm_steps, human_steps=exp.rm_steps, human_prompts=exp.human_prompts,
+                        label_noise=0.1), relevance_steps=exp.relevance_steps)
 
 
 def check_settings(work: Path, settings: dict) -> None:
@@ -130,7 +129,7 @@ def check_settings(work: Path, settings: dict) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    cagsr.write_text(path, json.dumps(obj, indent=1))
+    runs.write_text(path, json.dumps(obj, indent=1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,9 +141,9 @@ def evaluate_row(policy, tok, test, test_pairs, salient, classifier, settings, d
     answer length; perplexity of the references; the attention reward's terms (the paper's
     alpha/beta/gamma for every row) on 4 fixed-seed samples per prompt."""
     ppo_cfg, reward_cfg = ppo.PPOConfig(**settings["eval_ppo"]), RewardConfig(**settings["eval_reward"])
-    preds, em, rl = cagsr.greedy_scores(policy, tok, test, device, ppo_cfg.max_new_tokens)
+    preds, em, rl = evaluation.greedy_scores(policy, tok, test, device, ppo_cfg.max_new_tokens)
     rel = evaluation.relevance(classifier, tok, [r["prompt"] for r in test], preds, device)
-    terms = cagsr.sampled_terms(policy, tok, test, salient, reward_cfg, ppo_cfg, device)
+    terms = evaluation.sampled_terms(policy, tok, test, salient, reward_cfg, ppo_cfg, device)
     return dict(relevance=sum(rel) / len(rel), rouge_l=rl, exact_match=em,
                 perplexity=evaluation.perplexity(policy, test_pairs, device),
                 answer_words=sum(len(evaluation.words(p)) for p in preds) / len(preds),
@@ -162,36 +161,63 @@ def load_policy(sft_state, cfg, device):
     return model
 
 
+def seed_sft(seed, sd: Path, settings, cfg, tok, splits, train_pairs, salient, device) -> tuple[dict, float]:
+    """The SFT model of one seed (the No-RL row and every RL row's start): (its weights, its seconds),
+    read from sd/sft.pt when an earlier call wrote it."""
+    sft_path = sd / "sft.pt"
+    if sft_path.exists():
+        sft_seconds = json.loads((sd / "sft.json").read_text())["seconds"]
+        print(f"seed {seed} | SFT: done earlier ({sft_seconds:.0f} s)")
+        return runs.load_checkpoint(sft_path, device)[0].state_dict(), sft_seconds
+    runs.seed_everything(seed)
+    model = EncoderDecoder(cfg).to(device)
+    t0 = time.time()
+    print(f"seed {seed} | SFT: {settings['sft_steps']} steps x {settings['sft_batch_size']}, lr {settings['sft_lr']}")
+    sft_cfg = SFTConfig(steps=settings["sft_steps"], batch_size=settings["sft_batch_size"], lr=settings["sft_lr"],
+                        warmup=settings["warmup"], eval_every=max(1, settings["sft_steps"] // 3))
+    val_pairs = data.encode_records(tok, splits.val[:200], cfg.max_src_len, cfg.max_tgt_len)
+    train_sft(model, train_pairs, val_pairs, sft_cfg, device, seed=seed)
+    sft_seconds = time.time() - t0
+    runs.save_checkpoint(sft_path, model, tok, salient.idf, size=settings["size"], dataset=settings["dataset"],
+                         stage="sft", seed=seed)
+    write_json(sd / "sft.json", dict(seconds=round(sft_seconds, 1)))
+    return model.state_dict(), sft_seconds
+
+
+def rl_row(m: Method, seed, settings, policy, sft_state, tok, splits, train_pairs, salient, device) -> dict:
+    """Train `policy` as row `m` says (its reward model first, for the preference rows) with the KL
+    reference `sft_state`: the curve, skipped updates and reward model statistics of the row."""
+    mset, row = settings["methods"][m.name], {}
+    ppo_cfg, reward_cfg = ppo.PPOConfig(**mset["ppo"]), RewardConfig(**mset["reward"])
+    reward_fn = None
+    if m.kind == "synthetic":
+        scorer, row["reward_model"] = baselines.train_synthetic_rm(
+            policy, tok, splits.train, device, steps=settings["rm"]["synthetic_steps"], seed=seed)
+        reward_fn = baselines.ScorerReward(scorer)
+    elif m.kind == "human":
+        scorer, row["reward_model"] = baselines.train_bt_rm(
+            policy, tok, splits.train, ppo_cfg, device, num_prompts=settings["rm"]["human_prompts"],
+            noise=settings["rm"]["label_noise"], steps=settings["rm"]["human_steps"], seed=seed)
+        reward_fn = baselines.ScorerReward(scorer)
+    ref = load_policy(sft_state, policy.cfg, device).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=ppo_cfg.lr, **runs.fused(device))
+    with tqdm(total=settings["iterations"], desc=f"seed {seed} {m.name}", unit="iter", dynamic_ncols=True,
+              mininterval=1.0, leave=False) as bar:
+        history = ppo.train(policy, ref, optimizer, [p for p, _ in train_pairs], salient, reward_cfg, ppo_cfg,
+                            settings["iterations"], seed=seed, progress=bar, reward_fn=reward_fn)
+    row["curve"] = {k: [h[k] for h in history] for k in CURVE_KEYS}
+    row["skipped_updates"] = sum(h.get("skipped", 0) for h in history)
+    return row
+
+
 def run_seed(seed, work, settings, tok, splits, train_pairs, salient, classifier, device) -> dict:
     """Every row of one seed; rows already on disk are read, not recomputed."""
     sd = work / f"seed{seed}"
     sd.mkdir(parents=True, exist_ok=True)
-    size = settings["size"]
-    cfg = config_for(size, vocab_size=tok.get_vocab_size())
-    enc = lambda recs: data.encode_records(tok, recs, cfg.max_src_len, cfg.max_tgt_len)
+    cfg = config_for(settings["size"], vocab_size=tok.get_vocab_size())
     test = splits.test[:settings["num_eval"]]
-    test_pairs = enc(test)
-
-    sft_path = sd / "sft.pt"
-    if sft_path.exists():
-        sft_state = torch.load(sft_path, map_location=device, weights_only=False)["model"]
-        sft_seconds = json.loads((sd / "sft.json").read_text())["seconds"]
-        print(f"seed {seed} | SFT: done earlier ({sft_seconds:.0f} s)")
-    else:
-        cagsr.seed_everything(seed)
-        model = EncoderDecoder(cfg).to(device)
-        t0 = time.time()
-        print(f"seed {seed} | SFT: {settings['sft_steps']} steps x {settings['sft_batch_size']}, lr {settings['sft_lr']}")
-        cagsr.train_sft(model, train_pairs, enc(splits.val[:200]), steps=settings["sft_steps"],
-                        batch_size=settings["sft_batch_size"], lr=settings["sft_lr"], warmup=settings["warmup"],
-                        eval_every=max(1, settings["sft_steps"] // 3), device=device, seed=seed)
-        sft_seconds = time.time() - t0
-        sft_state = model.state_dict()
-        cagsr.save_checkpoint(sft_path, model=sft_state, model_config=asdict(cfg), tokenizer=data.tokenizer_to_str(tok),
-                              idf=salient.idf, stage="sft", size=size, seed=seed)
-        write_json(sd / "sft.json", dict(seconds=round(sft_seconds, 1)))
-
-    train_prompts = [p for p, _ in train_pairs]
+    test_pairs = data.encode_records(tok, test, cfg.max_src_len, cfg.max_tgt_len)
+    sft_state, sft_seconds = seed_sft(seed, sd, settings, cfg, tok, splits, train_pairs, salient, device)
     rows = {}
     for m in METHODS:
         path = sd / f"{m.name}.json"
@@ -200,30 +226,11 @@ def run_seed(seed, work, settings, tok, splits, train_pairs, salient, classifier
             print(f"seed {seed} | {m.name}: done earlier ({rows[m.name]['seconds']:.0f} s)")
             continue
         t0 = time.time()
-        cagsr.seed_everything(seed)
+        runs.seed_everything(seed)
         policy = load_policy(sft_state, cfg, device)
         row = dict(method=m.name, seed=seed)
         if m.kind != "sft":
-            mset = settings["methods"][m.name]
-            ppo_cfg, reward_cfg = ppo.PPOConfig(**mset["ppo"]), RewardConfig(**mset["reward"])
-            reward_fn = None
-            if m.kind == "synthetic":
-                scorer, row["reward_model"] = baselines.train_synthetic_rm(
-                    policy, tok, splits.train, device, steps=settings["rm"]["synthetic_steps"], seed=seed)
-                reward_fn = baselines.ScorerReward(scorer)
-            elif m.kind == "human":
-                scorer, row["reward_model"] = baselines.train_bt_rm(
-                    policy, tok, splits.train, ppo_cfg, device, num_prompts=settings["rm"]["human_prompts"],
-                    noise=settings["rm"]["label_noise"], steps=settings["rm"]["human_steps"], seed=seed)
-                reward_fn = baselines.ScorerReward(scorer)
-            ref = load_policy(sft_state, cfg, device).eval().requires_grad_(False)
-            optimizer = torch.optim.Adam(policy.parameters(), lr=ppo_cfg.lr, **cagsr.fused(device))
-            with tqdm(total=settings["iterations"], desc=f"seed {seed} {m.name}", unit="iter", dynamic_ncols=True,
-                      mininterval=1.0, leave=False) as bar:
-                history = ppo.train(policy, ref, optimizer, train_prompts, salient, reward_cfg, ppo_cfg,
-                                    settings["iterations"], seed=seed, progress=bar, reward_fn=reward_fn)
-            row["curve"] = {k: [h[k] for h in history] for k in CURVE_KEYS}
-            row["skipped_updates"] = sum(h.get("skipped", 0) for h in history)
+            row.update(rl_row(m, seed, settings, policy, sft_state, tok, splits, train_pairs, salient, device))
         row["metrics"] = evaluate_row(policy, tok, test, test_pairs, salient, classifier, settings, device)
         row["seconds"] = round(time.time() - t0, 1)
         write_json(path, row)
@@ -341,24 +348,41 @@ def plot(result: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run_table1(args, device) -> int:
-    t_start = time.time()
-    size = args.size or "tiny"
-    if args.seeds < 1:
-        raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
-    if args.init is not None:
-        raise SystemExit("--experiment table1 trains its own SFT model per seed; it does not take --init")
-    dataset = args.dataset or "instruct"
-    args.dataset = dataset
+def relevance_classifier(work: Path, tok, splits, cfg, settings, device):
+    """The relevance classifier of §7.4 (trained once per dataset on the validation split, frozen) and
+    its held-out statistics; read from work/relevance.pt when an earlier call wrote it."""
+    clf_cfg = config_for("tiny", vocab_size=tok.get_vocab_size(), max_src_len=cfg.max_src_len, max_tgt_len=cfg.max_tgt_len)
+    clf_path = work / "relevance.pt"
+    if clf_path.exists():
+        saved = torch.load(clf_path, map_location=device, weights_only=False)
+        classifier = PairScorer(clf_cfg).to(device)
+        classifier.load_state_dict(saved["model"])
+        clf_stats = saved["stats"]
+    else:
+        t0 = time.time()
+        classifier = evaluation.train_relevance(tok, splits.val, clf_cfg, device, steps=settings["relevance_steps"])
+        clf_stats = evaluation.relevance_accuracy(classifier, tok, splits.test, device)
+        clf_stats.update(parameters=sum(p.numel() for p in classifier.parameters()), seconds=round(time.time() - t0, 1),
+                         trained_on=f"{len(splits.val)} validation prompts", steps=settings["relevance_steps"])
+        runs.atomic_save(clf_path, dict(model=classifier.state_dict(), stats=clf_stats))
+    classifier.eval().requires_grad_(False)
+    print(f"relevance classifier: held-out pairwise {clf_stats['pairwise']:.1%}, accuracy {clf_stats['accuracy']:.1%} "
+          f"({len(splits.test)} test prompts)")
+    return classifier, clf_stats
+
+
+def run_table1(run, device) -> int:
+    """`--experiment table1`: every row of every seed (rows on disk are reused), then results/."""
+    t_start, exp, size, dataset = time.time(), run.experiment, run.size, run.dataset
     name = Path(dataset).stem if dataset.endswith(".jsonl") else dataset
-    settings = table_settings(args, size, name)
-    work = Path(args.out) if args.out else Path("runs") / f"table1-{name}-{size}"
+    settings = table_settings(run, exp)
+    work = Path(exp.work_dir) if exp.work_dir else Path("runs") / f"table1-{name}-{size}"
     work.mkdir(parents=True, exist_ok=True)
     check_settings(work, settings)
-    results = Path(args.results_dir)
+    results = Path(exp.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     try:
-        splits = data.load_dataset(dataset, seed=args.seed)
+        splits = data.load_dataset(dataset, seed=run.seed)
     except ValueError as e:
         raise SystemExit(f"--dataset: {e}") from None
 
@@ -375,35 +399,18 @@ def run_table1(args, device) -> int:
         raise SystemExit(f"{dataset}: {e}") from None
     salient = SalientTokens.build(tok, [p for p, _ in train_pairs])
 
-    clf_cfg = config_for("tiny", vocab_size=tok.get_vocab_size(), max_src_len=cfg.max_src_len, max_tgt_len=cfg.max_tgt_len)
-    clf_path = work / "relevance.pt"
-    if clf_path.exists():
-        saved = torch.load(clf_path, map_location=device, weights_only=False)
-        classifier = PairScorer(clf_cfg).to(device)
-        classifier.load_state_dict(saved["model"])
-        clf_stats = saved["stats"]
-    else:
-        t0 = time.time()
-        classifier = evaluation.train_relevance(tok, splits.val, clf_cfg, device, steps=settings["relevance_steps"])
-        clf_stats = evaluation.relevance_accuracy(classifier, tok, splits.test, device)
-        clf_stats.update(parameters=sum(p.numel() for p in classifier.parameters()), seconds=round(time.time() - t0, 1),
-                         trained_on=f"{len(splits.val)} validation prompts", steps=settings["relevance_steps"])
-        cagsr.save_checkpoint(clf_path, model=classifier.state_dict(), stats=clf_stats)
-    classifier.eval().requires_grad_(False)
-    print(f"relevance classifier: held-out pairwise {clf_stats['pairwise']:.1%}, accuracy {clf_stats['accuracy']:.1%} "
-          f"({len(splits.test)} test prompts)")
-
-    seeds = list(range(args.seed, args.seed + args.seeds))
+    classifier, clf_stats = relevance_classifier(work, tok, splits, cfg, settings, device)
+    seeds = list(range(run.seed, run.seed + exp.seeds))
     per_seed = {s: run_seed(s, work, settings, tok, splits, train_pairs, salient, classifier, device) for s in seeds}
     compute = sum(ps["sft_seconds"] + sum(r["seconds"] for r in ps["rows"].values()) for ps in per_seed.values())
     compute += clf_stats["seconds"]
-    result = dict(command=args.command, device=f"{device} ({torch.get_num_threads()} threads)", seeds=seeds,
+    result = dict(command=run.command, device=f"{device} ({torch.get_num_threads()} threads)", seeds=seeds,
                   last_call_minutes=(time.time() - t_start) / 60, compute_minutes=compute / 60,
                   settings=settings, classifier=clf_stats, is_qa=name.startswith("qa"), paper=PAPER_TABLE1,
                   rows=aggregate(per_seed), sft_seconds=[per_seed[s]["sft_seconds"] for s in seeds])
     md = markdown(result)
     write_json(results / f"table1_{name}.json", result)
-    cagsr.write_text(results / f"table1_{name}.md", md)
+    runs.write_text(results / f"table1_{name}.md", md)
     plot(result, results / f"table1_{name}.png")
     print("\n" + md)
     print(f"wrote {results / f'table1_{name}.md'}, .json, .png | work directory {work}")

@@ -6,9 +6,10 @@ attention reward of §3.2, and update the policy with PPO (or plain REINFORCE wi
     L_PPO     = E[ min(r_t A, clip(r_t, 1 - eps, 1 + eps) A) ]
     A         = R(x, y) - V_theta_old(x)       one sequence-level advantage on every token
 
-The file reads top to bottom: the config, the pure functions (one per equation, each tested),
-then `collect` (a rollout: sample, reward, advantages) and `update` (the PPO epochs). The loop
-that calls them, with logging and checkpoints, is `cagsr.py`'s RL stage.
+The file reads top to bottom: the config and its per-size profiles, the pure functions (one per
+equation, each tested), then `collect` (a rollout: sample, reward, advantages), `update` (the PPO
+epochs) and `train` (the loop of Figure 1). The RL stage of the command line (cagsr.py) adds the
+evaluation, checkpoints and metrics log around `train`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 import data
+import parallel
 from model import token_logprobs
 from reward import RewardConfig, SalientTokens, compute_reward
 
@@ -64,7 +64,7 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     """Gradient-norm clipping (0 = off)."""
     temperature: float = 1.0
-    """Sampling temperature; log-probabilities are of softmax(logits / temperature) (SPEC §2)."""
+    """Sampling temperature; log-probabilities are of softmax(logits / temperature) (DECISIONS.md §3)."""
     top_k: int | None = 50
     """Top-k sampling (§5: "top-k or nucleus sampling"); None = off."""
     top_p: float | None = None
@@ -81,6 +81,23 @@ class PPOConfig:
             raise ValueError("the group baseline needs num_samples >= 2 (the other candidates of the same prompt)")
         if not 1 <= self.minibatches <= self.prompts_per_iter:
             raise ValueError(f"minibatches must be in 1..prompts_per_iter={self.prompts_per_iter}")
+
+
+# Per-size RL settings, two named profiles (DECISIONS.md §4). "run" is `python cagsr.py`: the GPU
+# presets keep the paper's setting (§7.2: PPOConfig's defaults); the CPU presets have their own,
+# chosen by measurement (README, "The RL stage"): at lr 1e-5 nothing moves in the few dozen
+# iterations a CPU affords. "table1" is `--experiment table1`: the CPU settings without the KL
+# penalty (the paper has none; the table's KL row adds it), 2 epochs x 2 minibatches and 15
+# iterations, so that 3 seeds x 8 RL rows fit in about half an hour per dataset on 2 cores.
+# Every run prints its values next to the paper's.
+CPU_PPO = dict(lr=1e-4, baseline="group", whiten=True, kl_coef=0.1, epochs=4, minibatches=4)
+TABLE_CPU_PPO = dict(lr=1e-4, baseline="group", whiten=True, epochs=2, minibatches=2)
+RL_PROFILES = {
+    "run": {"tiny": dict(iterations=40, ppo=CPU_PPO), "small": dict(iterations=40, ppo=CPU_PPO),
+            "base": dict(iterations=500, ppo={}), "1.3b": dict(iterations=500, ppo={})},
+    "table1": {"tiny": dict(iterations=15, ppo=TABLE_CPU_PPO), "small": dict(iterations=15, ppo=TABLE_CPU_PPO),
+               "base": dict(iterations=200, ppo={}), "1.3b": dict(iterations=500, ppo={})},
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,6 +137,18 @@ def group_baseline(rewards, num_samples):
     as in RLOO). rewards (B*N,) with prompt b's candidates at rows b*N .. b*N+N-1 -> (B*N,)."""
     r = rewards.view(-1, num_samples)                                          # (B, N)
     return ((r.sum(1, keepdim=True) - r) / (num_samples - 1)).flatten()
+
+
+def advantage(returns, values, baseline: str, num_samples: int):
+    """A = R - b(x), §4: one sequence-level advantage per candidate, applied to each of its tokens
+    (no GAE, no per-token value; DECISIONS.md §4). returns (B*N,) R minus the KL penalty; values
+    (B*N,) V_old(x) repeated over the N candidates. b(x) is V_old(x) for baseline "value", the mean
+    return of the prompt's other N-1 candidates for "group", 0 for "none". -> (B*N,)"""
+    if baseline == "value":
+        return returns - values
+    if baseline == "group":
+        return returns - group_baseline(returns, num_samples)
+    return returns.clone()
 
 
 def whiten(x, eps=1e-8):
@@ -177,78 +206,20 @@ class AdaptiveKLController:
         return self.coef
 
 
-# --------------------------------------------------------------------------------------------
-# Data parallel (`torchrun`): torch's DistributedDataParallel averages the gradients; these are
-# the few other places where the ranks must agree. In a single process each is the plain version.
-# --------------------------------------------------------------------------------------------
-
-def rank_and_world() -> tuple[int, int]:
-    """(this process's rank, number of processes): (0, 1) unless torch.distributed is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """The sum of x over all ranks (x itself in one process)."""
-    if rank_and_world()[1] > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
-
-
-def all_finite(x: torch.Tensor) -> bool:
-    """True when x is finite on every rank: the ranks decide together to skip an update, or one of
-    them would wait forever in DDP's gradient all-reduce."""
-    bad = (~torch.isfinite(x)).sum().to(torch.float32).reshape(1)
-    return bool(all_sum(bad) == 0)
-
-
 def whiten_across_ranks(x, eps=1e-8):
     """`whiten` with the mean and (biased) standard deviation of the whole batch, every rank's shard
     together (two all-reduced passes: sum and count, then the squared deviations)."""
-    if rank_and_world()[1] == 1:
+    if parallel.rank_and_world()[1] == 1:
         return whiten(x, eps)
-    total = all_sum(torch.stack([x.sum(), torch.tensor(float(x.numel()), device=x.device, dtype=x.dtype)]))
+    total = parallel.all_sum(torch.stack([x.sum(), torch.tensor(float(x.numel()), device=x.device, dtype=x.dtype)]))
     mean = total[0] / total[1]
-    var = all_sum(((x - mean) ** 2).sum().reshape(1))[0] / total[1]
+    var = parallel.all_sum(((x - mean) ** 2).sum().reshape(1))[0] / total[1]
     return (x - mean) / (var.sqrt() + eps)
 
 
-def _collective_device() -> torch.device:
-    """Where small all-reduced tensors live: the GPU under NCCL, the CPU under gloo."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def any_rank(flag: bool) -> bool:
-    """True when `flag` is True on any rank (Ctrl-C reaches the ranks at different moments)."""
-    if rank_and_world()[1] == 1:
-        return flag
-    return bool(all_sum(torch.tensor([float(flag)], device=_collective_device())) > 0)
-
-
-def mean_over_ranks(row: dict) -> dict:
-    """A log row with every float averaged over the ranks (each holds an equal shard, so the mean of
-    the ranks' means is the mean over the whole batch). Integers, flags and text are left as they are."""
-    if rank_and_world()[1] == 1:
-        return row
-    keys = [k for k, v in row.items() if isinstance(v, float)]
-    if not keys:
-        return row
-    total = all_sum(torch.tensor([row[k] for k in keys], dtype=torch.float64, device=_collective_device()))
-    return {**row, **{k: float(v) / rank_and_world()[1] for k, v in zip(keys, total.tolist())}}
-
-
-def all_gather_states(gen: torch.Generator) -> list[torch.Tensor]:
-    """Every rank's state of `gen` (each rank samples with its own stream), in rank order, so one
-    checkpoint can put every rank back where it was. One process: [its state]."""
-    state = gen.get_state()
-    if rank_and_world()[1] == 1:
-        return [state]
-    states = [None] * rank_and_world()[1]
-    dist.all_gather_object(states, state)
-    return states
-
+# --------------------------------------------------------------------------------------------
+# One iteration: collect a rollout (§5), then update.
+# --------------------------------------------------------------------------------------------
 
 class PolicyValue(nn.Module):
     """The policy's teacher-forced logits and V(x) in one forward pass: the PPO update's only
@@ -266,34 +237,6 @@ class PolicyValue(nn.Module):
         logits, _ = self.model.decode(memory, src_mask, tgt_in, num_samples=num_samples)   # (B*N, T, V)
         return logits, self.model.value(memory, src_mask)                          # (B*N, T, V), (B,)
 
-
-def data_parallel(module, device, find_unused_parameters=False):
-    """`module` wrapped in DistributedDataParallel when running under torchrun, else unchanged.
-    Wrapping broadcasts rank 0's weights, so every rank starts from the same model."""
-    if rank_and_world()[1] == 1:
-        return module
-    device = torch.device(device)
-    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
-                                   find_unused_parameters=find_unused_parameters)
-
-
-def replicas_agree(model) -> float:
-    """Largest difference between ranks of per-tensor float64 checksums (sum and sum of squares) of
-    the weights: 0.0 when every rank holds the same model, which data parallelism must keep true.
-    One process: 0.0."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return 0.0
-    sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()])
-                        for p in model.parameters()]).flatten()
-    gathered = [torch.empty_like(sums) for _ in range(world)]
-    dist.all_gather(gathered, sums)
-    return max(float((g - gathered[0]).abs().max()) for g in gathered)
-
-
-# --------------------------------------------------------------------------------------------
-# One iteration: collect a rollout (§5), then update.
-# --------------------------------------------------------------------------------------------
 
 @dataclass
 class Experience:
@@ -358,13 +301,8 @@ def collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg: PPOConfig
     ref_logprobs = token_logprobs(ref_logits, r.tokens, cfg.temperature) * r.mask
     kl = kl_to_reference(r.logprobs, ref_logprobs, r.mask)                    # (B*N,)
     returns = terms["reward"] - kl_coef * kl
-    values = model.value(model.encode(src, src_mask), src_mask).repeat_interleave(N)   # V_old(x)
-    if cfg.baseline == "value":
-        advantages = returns - values
-    elif cfg.baseline == "group":
-        advantages = returns - group_baseline(returns, N)
-    else:
-        advantages = returns.clone()
+    values = model.value(model.encode(src, src_mask), src_mask).repeat_interleave(N)   # V_old(x), (B*N,)
+    advantages = advantage(returns, values, cfg.baseline, N)                  # (B*N,)
     if cfg.whiten:
         advantages = whiten_across_ranks(advantages)                            # the whole batch, all ranks
     terms["kl_ref"] = kl
@@ -418,21 +356,12 @@ def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, 
                     stats["clipfrac"].append(clip_fraction(logprobs, old, mask, cfg.clip_eps).item())
                     stats["k3_kl"].append(k3.item())
             stats["value_loss"].append(v_loss.item())
-            optimizer.zero_grad(set_to_none=True)
-            if not all_finite(loss):
+            cause, norm = parallel.guarded_step(optimizer, loss, cfg.max_grad_norm)
+            if cause is not None:
                 skipped += 1
-                causes.add("loss")
-                continue
-            loss.backward()
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-            if not torch.isfinite(norm):
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                causes.add("gradient")
+                causes.add(cause)
                 continue
             stats["grad_norm"].append(norm.item())
-            optimizer.step()
             applied += 1
     out = {k: sum(v) / len(v) for k, v in stats.items() if v}
     out.update(skipped=skipped, applied=applied)
@@ -480,64 +409,69 @@ def iteration_metrics(exp: Experience, stats: dict, timings: dict, kl_coef: floa
 
 
 class NonFiniteError(RuntimeError):
-    """Updates were skipped `max_bad` iterations in a row because something was not finite."""
+    """Updates were skipped MAX_BAD iterations (or SFT steps) in a row because something was not finite."""
 
 
-def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfig, cfg: PPOConfig,
-          iterations: int, seed: int = 0, start: int = 0, on_iteration=None, progress=None,
-          reward_fn=None, compile=False, resume: dict | None = None, stop=None, max_bad: int = 3) -> list[dict]:
-    """CAGSR's RL stage (§5, Figure 1): for each iteration, take prompts_per_iter prompts, sample N
-    candidates each while recording the cross-attention, compute R per candidate, compute
-    advantages, apply the PPO update. The first cfg.value_warmup iterations fit only V(x).
+MAX_BAD = 3
 
-    prompts: encoded training prompts (lists of ids ending in EOS). on_iteration(i, row, state) is
-    called after every iteration (logging, evaluation, checkpoints); `state` holds what a
-    checkpoint needs beyond the model and optimizer (the random streams, kl_coef). To continue a
-    run after `start` iterations, pass that `state` back as `resume`: the prompt stream is
-    fast-forwarded and the run goes on as if never stopped. stop(), when given, is asked after every
-    iteration; True ends the loop there (Ctrl-C in cagsr.py). reward_fn, when given, is the reward
-    instead of the attention reward (the preference baselines of §7.3; see `score`).
 
-    Nothing non-finite reaches the weights: a rollout whose reward is not finite is not used, a
-    minibatch whose loss or gradient is not finite is skipped (`update`); both are logged, and after
-    `max_bad` iterations in a row without a single applied step, NonFiniteError names the cause.
-
-    Under torchrun each rank samples its shard of the prompts (its own random stream), advantages
-    are whitened over the whole batch, the ranks skip an update together, DDP averages the
-    gradients, and every logged float is the mean over the ranks. compile: the update's forward
-    pass through torch.compile (the sampler stays eager). Returns the metric rows."""
-    device = next(model.parameters()).device
-    rank, world = rank_and_world()
+def _streams(device, seed: int, cfg: PPOConfig, resume: dict | None):
+    """(this rank's sampling stream, the minibatch-order stream, kl_coef, the first iteration): new
+    from `seed`, or where a `train` state left them."""
+    rank, world = parallel.rank_and_world()
     gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 * rank)
     cpu_gen = torch.Generator().manual_seed(seed)
-    kl_coef, history = cfg.kl_coef, []
-    if resume is not None:
-        if len(resume["sample_rng"]) != world:
-            raise ValueError(f"the checkpoint holds the sampling streams of {len(resume['sample_rng'])} processes; "
-                             f"resume it with the same number of processes, not {world}")
-        gen.set_state(resume["sample_rng"][rank])
-        cpu_gen.set_state(resume["update_rng"])
-        kl_coef = resume["kl_coef"]
+    if resume is None:
+        return gen, cpu_gen, cfg.kl_coef, 0
+    if len(resume["sample_rng"]) != world:
+        raise ValueError(f"the checkpoint holds the sampling streams of {len(resume['sample_rng'])} processes; "
+                         f"resume it with the same number of processes, not {world}")
+    gen.set_state(resume["sample_rng"][rank])
+    cpu_gen.set_state(resume["update_rng"])
+    return gen, cpu_gen, resume["kl_coef"], resume["iteration"]
+
+
+def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfig, cfg: PPOConfig, iterations: int,
+          *, seed: int = 0, reward_fn=None, resume: dict | None = None, on_iteration=None, stop=None,
+          progress=None, compile=False) -> list[dict]:
+    """CAGSR's RL stage (§5, Figure 1), up to `iterations` in all: per iteration, sample N candidates
+    for each of prompts_per_iter prompts while recording the cross-attention, compute R, the
+    advantages and the PPO update (the first cfg.value_warmup iterations fit only V(x)).
+
+    prompts: encoded training prompts. reward_fn: a reward instead of the attention reward (§7.3,
+    see `score`). on_iteration(i, row, state) runs after every iteration; `state` (the iteration,
+    random streams, kl_coef) passed back as `resume` continues the run exactly. stop(): True ends
+    the loop (Ctrl-C). progress: a tqdm bar. compile: the update's forward through torch.compile.
+
+    Nothing non-finite reaches the weights: a rollout with a non-finite reward is not used, a
+    minibatch with a non-finite loss or gradient is skipped (`update`), and MAX_BAD iterations in a
+    row without an applied step raise NonFiniteError. Under torchrun each rank samples its shard
+    with its own stream, advantages are whitened over all ranks, the ranks skip together, DDP
+    averages the gradients and logged floats are means over ranks. Returns the metric rows."""
+    device = next(model.parameters()).device
+    rank, world = parallel.rank_and_world()
+    gen, cpu_gen, kl_coef, start = _streams(device, seed, cfg, resume)
+    history = []
     batches = prompt_batches(prompts, cfg.prompts_per_iter, seed, rank, world, skip=start)
     # The value warm-up leaves the encoder and decoder out of the graph: DDP must be told.
-    policy = data_parallel(PolicyValue(model), device, find_unused_parameters=cfg.value_warmup > start)
+    policy = parallel.data_parallel(PolicyValue(model), device, find_unused_parameters=cfg.value_warmup > start)
     policy = torch.compile(policy) if compile else policy                     # the update's forward only
     kl = AdaptiveKLController(kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
     bad = 0
-    for i in range(start, start + iterations):
+    for i in range(start, iterations):
         src, src_mask = (t.to(device) for t in next(batches))
         exp, timings = collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg, kl_coef, gen, reward_fn)
         warmup = i < cfg.value_warmup
         t0 = time.time()
-        if all_finite(exp.returns):
+        if parallel.all_finite(exp.returns):
             stats = update(model, optimizer, exp, cfg, value_only=warmup, generator=cpu_gen, policy=policy)
         else:
-            n_bad = int(all_sum((~torch.isfinite(exp.returns)).sum()))
+            n_bad = int(parallel.all_sum((~torch.isfinite(exp.returns)).sum()))
             stats = dict(skipped=1, applied=0, nonfinite_reward=n_bad,
                          skip_cause=f"reward (not finite for {n_bad} of {exp.returns.numel() * world} candidates)")
         timings["update_s"] = time.time() - t0
         row = dict(stage="rl", iteration=i + 1, value_warmup=warmup, **iteration_metrics(exp, stats, timings, kl_coef))
-        row = mean_over_ranks(row)
+        row = parallel.mean_over_ranks(row)
         if kl is not None and not warmup:
             kl_coef = kl.update(row["kl_ref"], exp.tokens.size(0))
         history.append(row)
@@ -545,10 +479,10 @@ def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfi
             progress.update(1)
             progress.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl_ref']:.2f}", refresh=False)
         if on_iteration is not None:
-            on_iteration(i + 1, row, dict(sample_rng=all_gather_states(gen), update_rng=cpu_gen.get_state(),
-                                          kl_coef=kl_coef))
+            on_iteration(i + 1, row, dict(iteration=i + 1, sample_rng=parallel.all_gather_states(gen),
+                                          update_rng=cpu_gen.get_state(), kl_coef=kl_coef))
         bad = bad + 1 if stats["applied"] == 0 and stats["skipped"] > 0 else 0
-        if bad >= max_bad:
+        if bad >= MAX_BAD:
             raise NonFiniteError(
                 f"RL iterations {i + 2 - bad}-{i + 1}: no update applied, {bad} iterations in a row; the "
                 f"{stats['skip_cause']} was not finite. Nothing non-finite reached the weights. Lower --lr, "

@@ -9,7 +9,7 @@ cross-attention.
 `Abar` (B, T, S) is what model.py records: the mean over heads and over the last L' decoder layers
 (ModelConfig.last_layers) of each response token's attention over the prompt. Every function here
 is pure: tensors in, one number per candidate out, shape (B,). Positions where `response_mask` is
-False (after EOS) contribute nothing, and |y| counts the masked-in tokens (SPEC §2).
+False (after EOS) contribute nothing, and |y| counts the masked-in tokens (DECISIONS.md §2).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+import data
 
 
 @dataclass
@@ -30,7 +32,7 @@ class RewardConfig:
     ngram: int = 2
     """n of the repetition penalty's n-grams (§3.2: bigrams; higher orders are a §6 extension)."""
     repeat_count: bool = False
-    """Use the raw count of repeated n-grams instead of the fraction (SPEC §2 decision: fraction)."""
+    """Use the raw count of repeated n-grams instead of the fraction (DECISIONS.md §2: fraction)."""
     salient: str = "idf"
     """Heuristic for I_x (§3.2): "idf" (top-k content tokens by IDF) or "ner" (capitalised words not at
     a sentence start, and numbers)."""
@@ -44,7 +46,7 @@ class RewardConfig:
     """Lower bound on each step's entropy (§6, against "artificially spiky" attention): below it,
     sharper attention earns no more focus."""
     exclude_special: bool = False
-    """Drop the prompt's special tokens (EOS) from Abar and renormalise (SPEC §2: attention sinks)."""
+    """Drop the prompt's special tokens (EOS) from Abar and renormalise (DECISIONS.md §2: attention sinks)."""
 
 
 def _num_tokens(response_mask):
@@ -56,7 +58,7 @@ def coverage(attn, salient, response_mask):
     """Coverage term, §3.2: the mean over response tokens of the attention mass on I_x, per salient token.
 
     attn (B, T, S) = Abar; salient (B, S): bool mask of I_x, or float weights w_j (IDF weighting,
-    SPEC §2: sum_t sum_j w_j Abar[t, j] / (|y| sum_j w_j), the paper's formula for 0/1 weights);
+    DECISIONS.md §2: sum_t sum_j w_j Abar[t, j] / (|y| sum_j w_j), the paper's formula for 0/1 weights);
     response_mask (B, T) bool. A prompt with no salient token gets 0. -> (B,)
     """
     w = salient.to(attn.dtype)                                                  # (B, S)
@@ -90,7 +92,7 @@ def focus(attn, response_mask, temperature=1.0, entropy_floor=0.0):
 def repeat_penalty(tokens, response_mask, n=2, count=False):
     """Repetition penalty, §3.2: the share of the response's n-grams that repeat an earlier n-gram
     of the same response, (count - distinct) / count, in [0, 1); 0 when it has no n-gram.
-    count=True gives the raw number of repeats (count - distinct) instead (SPEC §2).
+    count=True gives the raw number of repeats (count - distinct) instead (DECISIONS.md §2).
 
     tokens (B, T) long, response_mask (B, T) bool -> (B,). n-grams are taken over the masked-in
     tokens, EOS included (the response as generated)."""
@@ -106,7 +108,7 @@ def repeat_penalty(tokens, response_mask, n=2, count=False):
 
 # --------------------------------------------------------------------------------------------
 # Salient prompt tokens I_x (§3.2): IDF or a cheap named-entity rule. Never special tokens or
-# punctuation (SPEC §2).
+# punctuation (DECISIONS.md §2).
 # --------------------------------------------------------------------------------------------
 
 def salient_idf(src, src_mask, idf, content, top_k, weighted=False):
@@ -126,7 +128,7 @@ def salient_idf(src, src_mask, idf, content, top_k, weighted=False):
 
 
 def salient_ner(src, src_mask, token_strings, content):
-    """The cheap named-entity rule of SPEC §2: every token of a capitalised word that does not start
+    """The cheap named-entity rule of DECISIONS.md §2: every token of a capitalised word that does not start
     a sentence, and of any word containing a digit. No external model. -> (B, S) bool.
 
     token_strings: the decoded text of each vocabulary id (a token that begins a new word begins
@@ -164,13 +166,11 @@ class SalientTokens:
     @classmethod
     def build(cls, tok, train_prompt_ids):
         """From the tokenizer and the encoded training prompts (the IDF statistics of §3.2)."""
-        import data  # reward.py needs data only here, to read the tokenizer
         return cls.from_idf(tok, data.idf(train_prompt_ids, tok.get_vocab_size()))
 
     @classmethod
     def from_idf(cls, tok, idf):
         """From the tokenizer and an IDF table computed earlier (e.g. stored in a checkpoint)."""
-        import data
         return cls(idf, data.content_token_mask(tok),
                    [tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size())])
 
@@ -185,13 +185,13 @@ class SalientTokens:
 
 
 # --------------------------------------------------------------------------------------------
-# Special tokens as attention sinks (SPEC §2), and the total reward.
+# Special tokens as attention sinks (DECISIONS.md §2), and the total reward.
 # --------------------------------------------------------------------------------------------
 
 def sink_share(attn, special, response_mask):
     """Mean over response tokens of the attention mass on the prompt's special tokens: (B,).
 
-    attn (B, T, S), special (B, S) bool. The first place reward hacking shows (SPEC §2)."""
+    attn (B, T, S), special (B, S) bool. The first place reward hacking shows (DECISIONS.md §2)."""
     mass = (attn * special[:, None, :].to(attn.dtype)).sum(-1)                 # (B, T)
     return (mass * response_mask).sum(-1) / _num_tokens(response_mask)
 

@@ -11,6 +11,8 @@ import torch
 
 import cagsr
 import data
+import runs
+import sft
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "d_model=32", "--set", "d_ff=64", "--set", "n_heads=2", "--set", "vocab_size=400"]
@@ -34,12 +36,12 @@ def test_unknown_size_and_bad_overrides_are_refused():
 
 
 def test_device_choice():
-    assert cagsr.pick_device("cpu") == torch.device("cpu")
+    assert runs.pick_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert cagsr.pick_device().type == expected
+    assert runs.pick_device().type == expected
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA is not available"):
-            cagsr.pick_device("cuda")
+            runs.pick_device("cuda")
 
 
 def test_out_dir_holding_files_is_not_overwritten(tmp_path):
@@ -51,18 +53,17 @@ def test_out_dir_holding_files_is_not_overwritten(tmp_path):
 
 def test_default_run_directory_is_new_and_named_after_size_and_dataset(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = cagsr.build_parser().parse_args(["--dataset", "qa-grounded"])
-    first, second = cagsr.make_run_dir(args, "tiny"), cagsr.make_run_dir(args, "tiny")
+    first, second = runs.make_run_dir(None, False, "tiny", "qa-grounded"), runs.make_run_dir(None, False, "tiny", "qa-grounded")
     assert first != second and first.parent.name == second.parent.name == "runs"
     assert first.name.endswith("-tiny-qa-grounded")
     assert second.name.endswith(("-tiny-qa-grounded", "-tiny-qa-grounded-1"))   # -1 when in the same second
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
-    assert cagsr.lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
-    assert cagsr.lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
-    assert cagsr.lr_at(55, 1.0, 10, 100) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
-    assert cagsr.lr_at(100, 1.0, 10, 100) == pytest.approx(0.1)
+    assert sft.lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
+    assert sft.lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
+    assert sft.lr_at(55, 1.0, 10, 100) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert sft.lr_at(100, 1.0, 10, 100) == pytest.approx(0.1)
 
 
 def test_sft_loss_is_the_mean_token_cross_entropy():
@@ -72,7 +73,7 @@ def test_sft_loss_is_the_mean_token_cross_entropy():
     batch = data.collate([([5, 6, 2], [7, 2]), ([4, 2], [8, 5, 6, 2])])
     with torch.no_grad():
         logits, _ = m(batch["src"], batch["src_mask"], batch["tgt_in"])
-        loss = cagsr.sft_loss(m, batch).item()
+        loss = sft.sft_loss(m, batch).item()
     # Independent: average -log p over the 2 + 4 real target tokens, pads excluded.
     terms = [-torch.log_softmax(logits[b, t], -1)[batch["tgt_out"][b, t]]
              for b, n in ((0, 2), (1, 4)) for t in range(n)]
@@ -93,11 +94,11 @@ def test_cli_sft_run_writes_a_loadable_run_directory(tmp_path):
     assert sft_rows[1]["val_loss"] < sft_rows[0]["val_loss"]            # it learns
     assert rows[-2]["stage"] == "sft_eval" and rows[-2]["num_eval"] == 8 and rows[-1]["stage"] == "done"
     assert json.loads((out / "args.json").read_text())["seed"] == 3
-    model, tok, ckpt = cagsr.load_checkpoint(out / "sft.pt")
+    model, tok, ckpt = runs.load_checkpoint(out / "sft.pt")
     assert ckpt["stage"] == "sft" and ckpt["step"] == 30 and ckpt["model_config"]["d_model"] == 32
     assert model.cfg.vocab_size == tok.get_vocab_size() <= 400
     text = "Kelo Varin was born in 1950. When was Kelo Varin born?"
-    assert data.decode(tok, data.encode_prompt(tok, text)) == text
+    assert data.decode(tok, data.encode(tok, text)) == text
     assert not list(out.glob("*.tmp"))                                  # atomic write left nothing behind
 
 
@@ -128,7 +129,7 @@ def test_cli_cagsr_run_writes_its_run_directory_and_its_checkpoint_serves_sample
     assert fixed[20]["reward"] != fixed[0]["reward"]                    # the policy moved
     summary = next(r for r in rows if r["stage"] == "rl_summary")
     assert summary["skipped_updates"] == 0
-    _, _, ckpt = cagsr.load_checkpoint(out / "rl.pt")
+    _, _, ckpt = runs.load_checkpoint(out / "rl.pt")
     assert ckpt["stage"] == "rl" and ckpt["iteration"] == 20 and ckpt["idf"].shape == (ckpt["model_config"]["vocab_size"],)
 
     sample = subprocess.run([sys.executable, "cagsr.py", "--stage", "sample", "--init", str(out / "rl.pt"),
@@ -177,20 +178,20 @@ def test_compile_changes_speed_not_numbers():
     pairs = [([4 + (i * 7 + j) % 20 for j in range(3 + i % 5)] + [data.EOS_ID],
               [4 + (i * 3 + j) % 20 for j in range(2 + i % 4)] + [data.EOS_ID]) for i in range(64)]
     salient = SalientTokens(torch.linspace(0.1, 2.0, 24), torch.arange(24) >= 4, [f" t{i}" for i in range(24)])
-    runs = []
+    results = []
     for compile in (False, True):
         torch.manual_seed(0)
         model = EncoderDecoder(ModelConfig(vocab_size=24, d_model=32, n_heads=2, n_enc_layers=1, n_dec_layers=2,
                                            d_ff=64, max_src_len=16, max_tgt_len=16))
-        sft = cagsr.train_sft(model, pairs, pairs[:16], steps=4, batch_size=16, lr=1e-3, warmup=2, eval_every=4,
-                              device="cpu", seed=0, compile=compile)
+        sft_cfg = sft.SFTConfig(steps=4, batch_size=16, lr=1e-3, warmup=2, eval_every=4)
+        result = sft.train_sft(model, pairs, pairs[:16], sft_cfg, "cpu", seed=0, compile=compile)
         ref = EncoderDecoder(model.cfg)
         ref.load_state_dict(model.state_dict())
         cfg = ppo.PPOConfig(prompts_per_iter=8, num_samples=2, max_new_tokens=8, lr=1e-3, baseline="group")
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         rows = ppo.train(model, ref.eval(), opt, [p for p, _ in pairs], salient, RewardConfig(), cfg, 1, compile=compile)
-        runs.append((sft["history"][-1]["train_loss"], rows[0]["policy_loss"], torch.cat([p.flatten() for p in model.parameters()])))
-    (sft0, pl0, w0), (sft1, pl1, w1) = runs
+        results.append((result["history"][-1]["train_loss"], rows[0]["policy_loss"], torch.cat([p.flatten() for p in model.parameters()])))
+    (sft0, pl0, w0), (sft1, pl1, w1) = results
     assert sft1 == pytest.approx(sft0, abs=1e-5) and pl1 == pytest.approx(pl0, abs=1e-5)
     torch.testing.assert_close(w1, w0, atol=1e-4, rtol=0)           # Adam steps are ~lr = 1e-3 each
     assert not torch.equal(w0, torch.zeros_like(w0))
@@ -201,8 +202,8 @@ def test_gpu_preset_checkpoint_given_to_init_is_refused_on_a_cpu(tmp_path, capsy
     from model import EncoderDecoder, ModelConfig
     cfg = ModelConfig(vocab_size=300, d_model=32, n_heads=2, n_enc_layers=1, n_dec_layers=1, d_ff=64)
     path = tmp_path / "big.pt"
-    cagsr.save_checkpoint(path, model=EncoderDecoder(cfg).state_dict(), model_config=cfg.__dict__, size="1.3b",
-                          stage="sft", args={}, tokenizer="", idf=None)
+    tok = data.train_tokenizer(["a cat", "a dog"] * 10, 300)
+    runs.save_checkpoint(path, EncoderDecoder(cfg), tok, None, size="1.3b", dataset="qa", stage="sft")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit, match=r"big\.pt is a 1\.3b model, a GPU preset"):

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import parallel  # noqa: E402
 import ppo  # noqa: E402
 from model import EncoderDecoder, ModelConfig  # noqa: E402
 from reward import RewardConfig, SalientTokens  # noqa: E402
@@ -75,11 +76,11 @@ def test_sft_batch_shares_cover_the_batch_once():
 
 def test_single_process_helpers_are_the_plain_versions():
     x = torch.tensor([1.0, 2.0, 3.0, 10.0])
-    assert ppo.rank_and_world() == (0, 1)
+    assert parallel.rank_and_world() == (0, 1)
     torch.testing.assert_close(ppo.whiten_across_ranks(x), ppo.whiten(x), rtol=0, atol=0)
-    assert ppo.all_finite(x) and not ppo.all_finite(torch.tensor([1.0, float("nan")]))
+    assert parallel.all_finite(x) and not parallel.all_finite(torch.tensor([1.0, float("nan")]))
     row = dict(reward=0.5, iteration=3)
-    assert ppo.mean_over_ranks(row) is row and ppo.replicas_agree(torch.nn.Linear(2, 2)) == 0.0
+    assert parallel.mean_over_ranks(row) is row and parallel.replicas_agree(torch.nn.Linear(2, 2)) == 0.0
 
 
 # ---- two processes ------------------------------------------------------------------------
@@ -112,11 +113,11 @@ def worker(out: Path) -> None:
     if rank == 1:
         exp.advantages[:] = float("nan")
     before_skip = {k: v.clone() for k, v in model.state_dict().items()}
-    skip_stats = ppo.update(model, opt, exp, ppo_cfg, policy=ppo.data_parallel(ppo.PolicyValue(model), "cpu"))
+    skip_stats = ppo.update(model, opt, exp, ppo_cfg, policy=parallel.data_parallel(ppo.PolicyValue(model), "cpu"))
     changed_by_skip = any(not torch.equal(before_skip[k], v) for k, v in model.state_dict().items())
     torch.save(dict(state=model.state_dict(), initial=initial, rows=rows, x=x, white=ppo.whiten_across_ranks(x),
                     skipped=skip_stats["skipped"], changed_by_skip=changed_by_skip,
-                    agree=ppo.replicas_agree(model)), out / f"rank{rank}.pt")
+                    agree=parallel.replicas_agree(model)), out / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 

@@ -73,6 +73,18 @@ def test_value_loss_group_baseline_and_whitening():
     assert float(w.mean()) == pytest.approx(0, abs=1e-6) and float(w.std(unbiased=False)) == pytest.approx(1, rel=1e-5)
 
 
+def test_advantage_by_hand():
+    """A = R - b(x), §4, one number per candidate. Two prompts x N = 2 candidates: returns 1, 3 | 0, 4,
+    V_old(x) = 0.5 for prompt 0 and 2 for prompt 1 (repeated over its candidates)."""
+    returns = torch.tensor([1.0, 3.0, 0.0, 4.0])
+    values = torch.tensor([0.5, 0.5, 2.0, 2.0])
+    assert ppo.advantage(returns, values, "value", 2).tolist() == [0.5, 2.5, -2.0, 2.0]
+    # group: each candidate minus the other candidate of its prompt: 1 - 3, 3 - 1, 0 - 4, 4 - 0
+    assert ppo.advantage(returns, values, "group", 2).tolist() == [-2.0, 2.0, -4.0, 4.0]
+    none = ppo.advantage(returns, values, "none", 2)
+    assert none.tolist() == [1.0, 3.0, 0.0, 4.0] and none.data_ptr() != returns.data_ptr()
+
+
 def test_kl_estimates_and_diagnostics_on_hand_worked_cases():
     lp = torch.tensor([[-1.0, -2.0, -3.0]])
     ref = torch.tensor([[-1.5, -2.0, -1.0]])

@@ -15,8 +15,10 @@ import torch
 
 import cagsr
 import ppo
+import runs
 from model import EncoderDecoder, ModelConfig
 from reward import RewardConfig, SalientTokens
+from sft import SFTConfig, train_sft
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "d_model=32", "--set", "d_ff=64", "--set", "n_heads=2", "--set", "vocab_size=400"]
@@ -104,12 +106,12 @@ def test_ctrl_c_writes_a_checkpoint_exits_cleanly_and_resumes_exactly(tmp_path, 
 WRITER = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from cagsr import save_checkpoint
+from runs import atomic_save
 from pathlib import Path
 path = Path({path!r})
 i = 0
 while True:
-    save_checkpoint(path, i=i, weights=torch.full((1_000_000,), float(i)))
+    atomic_save(path, dict(i=i, weights=torch.full((1_000_000,), float(i))))
     print(i, flush=True)
     i += 1
 """
@@ -178,8 +180,8 @@ def test_sft_skips_nonfinite_steps_and_stops_after_three():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     logged = []
     with pytest.raises(ppo.NonFiniteError, match=r"SFT steps 1-3: the loss was not finite 3 times in a row"):
-        cagsr.train_sft(model, pairs, pairs, steps=10, batch_size=4, lr=1e-3, warmup=1, eval_every=100,
-                        device="cpu", seed=0, log=logged.append)
+        train_sft(model, pairs, pairs, SFTConfig(steps=10, batch_size=4, lr=1e-3, warmup=1, eval_every=100), "cpu",
+                  seed=0, log=logged.append)
     assert logged == [dict(stage="sft_skip", step=i, skip_cause="loss") for i in (1, 2, 3)]
     for k, v in model.state_dict().items():                            # untouched, the NaN row included
         assert torch.equal(torch.nan_to_num(v), torch.nan_to_num(before[k])), k
@@ -237,9 +239,8 @@ def test_sample_refuses_an_empty_or_overlong_prompt(tmp_path):
     cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_heads=2, n_enc_layers=1, n_dec_layers=1,
                       d_ff=64, max_src_len=8, max_tgt_len=8)
     path = tmp_path / "m.pt"
-    cagsr.save_checkpoint(path, model=EncoderDecoder(cfg).state_dict(), model_config=cfg.__dict__,
-                          tokenizer=data.tokenizer_to_str(tok), idf=torch.ones(cfg.vocab_size), stage="sft", size="tiny",
-                          args={})
+    runs.save_checkpoint(path, EncoderDecoder(cfg), tok, torch.ones(cfg.vocab_size), size="tiny", dataset="qa",
+                         stage="sft")
     with pytest.raises(SystemExit, match="--prompt is empty"):
         cagsr.main(["--stage", "sample", "--init", str(path), "--prompt", "  "])
     with pytest.raises(SystemExit, match=r"--prompt is \d+ tokens, over this model's max_src_len=8"):

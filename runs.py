@@ -1,0 +1,264 @@
+"""The plumbing of a run: the device, the run directory, checkpoints (one layout), resuming, the
+metrics log, Ctrl-C and random states. Nothing here knows about the paper; every stage uses it.
+
+A run directory (runs/<time>-<size>-<dataset>/ unless --out is given) holds args.json (the run's
+settings), metrics.jsonl (one JSON row per evaluation, iteration and summary) and checkpoints:
+sft.pt, rl.pt. Every checkpoint has the layout of `checkpoint_state`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import parallel
+from model import EncoderDecoder, ModelConfig
+
+CHECKPOINT_FORMAT = 2
+"""1: written before checkpoints had one layout (no "format", "dataset" only inside "args"); still loads."""
+REQUIRED = ("model", "model_config", "tokenizer", "idf", "size", "stage")
+
+
+# --------------------------------------------------------------------------------------------
+# Device
+# --------------------------------------------------------------------------------------------
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """cuda, then mps, then cpu; an explicit request that this machine cannot serve is an error."""
+    if requested is not None:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"--device {requested}: CUDA is not available on this machine")
+        if requested == "mps" and not torch.backends.mps.is_available():
+            raise SystemExit("--device mps: MPS is not available on this machine")
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device, precision: str | None):
+    """bf16 autocast for --precision bf16 (the default on CUDA): matmuls in bf16, weights, optimizer
+    state, softmax of the recorded attention, log-probabilities and losses in float32."""
+    device = torch.device(device)
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def fused(device) -> dict:
+    """The fused (one-kernel) Adam/AdamW step on CUDA; the default elsewhere."""
+    return dict(fused=True) if torch.device(device).type == "cuda" else {}
+
+
+# --------------------------------------------------------------------------------------------
+# Random states
+# --------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# Files: atomic writes, checkpoints
+# --------------------------------------------------------------------------------------------
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temporary file, then rename): a reader never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_save(path: Path, obj) -> None:
+    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash at any
+    moment leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_state(model, tok, idf, *, size: str, dataset: str | None, stage: str, **extra) -> dict:
+    """The one checkpoint layout: the policy's weights and config, its tokenizer, the IDF table of
+    the training prompts (computed once per run; every stage scores salient tokens with it, §3.2),
+    the preset, the dataset and the stage; `extra` adds what resuming needs (optimizer, step or
+    iteration, random states, ...)."""
+    return dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(model.cfg),
+                tokenizer=data.tokenizer_to_str(tok), idf=idf, size=size, dataset=dataset, stage=stage, **extra)
+
+
+def save_checkpoint(path: Path, model, tok, idf, **fields) -> None:
+    """`checkpoint_state(model, tok, idf, **fields)`, written atomically to `path`."""
+    atomic_save(path, checkpoint_state(model, tok, idf, **fields))
+
+
+def _upgrade(ckpt: dict, where: str) -> dict:
+    """A checkpoint in the current layout; one written by an older cagsr.py (format 1) is read as
+    far as it can be, anything else is a clear error."""
+    if not isinstance(ckpt, dict):
+        raise SystemExit(f"{where}: not a checkpoint written by cagsr.py (a {type(ckpt).__name__}, not a dict)")
+    if ckpt.get("format", 1) == 1:
+        args = ckpt.get("args") or {}
+        ckpt = {**ckpt, "format": 1, "size": ckpt.get("size") or args.get("size") or "tiny",
+                "dataset": ckpt.get("dataset") or args.get("dataset")}
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise SystemExit(f"{where}: not a policy checkpoint written by cagsr.py (missing {', '.join(missing)})")
+    if ckpt["format"] > CHECKPOINT_FORMAT:
+        raise SystemExit(f"{where}: written by a newer cagsr.py (checkpoint format {ckpt['format']}); update the code")
+    return ckpt
+
+
+def peek_checkpoint(path) -> dict:
+    """A checkpoint's fields with its tensors memory-mapped, not read: to check its size or
+    tokenizer before (or instead of) loading what may be gigabytes of weights."""
+    return _upgrade(torch.load(path, map_location="cpu", mmap=True, weights_only=False), str(path))
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, tokenizer, checkpoint dict) from a file written by `save_checkpoint`."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--init {path}: no such checkpoint file")
+    ckpt = _upgrade(torch.load(path, map_location=device, weights_only=False), str(path))
+    model = EncoderDecoder(ModelConfig(**ckpt["model_config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model, data.tokenizer_from_str(ckpt["tokenizer"]), ckpt
+
+
+# --------------------------------------------------------------------------------------------
+# The run directory, resuming, the metrics log
+# --------------------------------------------------------------------------------------------
+
+def make_run_dir(out: str | None, overwrite: bool, size: str, dataset: str) -> Path:
+    """--out, or a new runs/<time>-<size>-<dataset>/ (new for every run, even two in the same second)."""
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = Path(dataset).stem if dataset.endswith(".jsonl") else dataset
+        path = Path("runs") / f"{stamp}-{size}-{name}"
+        i = 1
+        while path.exists():
+            path = path.with_name(f"{stamp}-{size}-{name}-{i}")
+            i += 1
+    else:
+        path = Path(out)
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise SystemExit(f"--out {path} already holds files; choose another directory or pass --overwrite")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def read_run(run_dir: str) -> tuple[dict, Path | None]:
+    """--resume RUN_DIR: the run's own settings (args.json) and its last checkpoint, rl.pt before
+    sft.pt (None: the run wrote none yet)."""
+    run = Path(run_dir)
+    if not (run / "args.json").is_file():
+        raise SystemExit(f"--resume {run}: no args.json there; give the directory of a run written by cagsr.py")
+    saved = json.loads((run / "args.json").read_text())
+    return saved, next((run / n for n in ("rl.pt", "sft.pt") if (run / n).is_file()), None)
+
+
+def check_resume(path: Path, ckpt: dict, run_dir: str, overrides: dict, size: str) -> None:
+    """A checkpoint given to --resume must belong to the run: its size, model settings and
+    tokenizer (against the run's other checkpoint) must match; and it must carry the resume state."""
+    where = f"--resume {run_dir}: {path.name}"
+    if "log_rows" not in ckpt:
+        raise SystemExit(f"{where} was written by an older cagsr.py without the state needed to resume; "
+                         f"start a new run with --init {path}")
+    if ckpt["size"] != size:
+        raise SystemExit(f"{where} is a {ckpt['size']} checkpoint but the run is --size {size}: "
+                         f"the file does not belong to this run")
+    for k, v in overrides.items():
+        if ckpt["model_config"].get(k) != v:
+            raise SystemExit(f"{where} has {k}={ckpt['model_config'].get(k)} but the run set {k}={v}: "
+                             f"the file does not belong to this run")
+    world = parallel.rank_and_world()[1]
+    if ckpt.get("world", 1) != world:
+        raise SystemExit(f"{where} was written by a run on {ckpt.get('world', 1)} process(es); resume it on as many "
+                         f"(now {world}), since every process's data shard and random stream are in it")
+    other = path.with_name("sft.pt") if path.name == "rl.pt" else None
+    if other is not None and other.is_file() and peek_checkpoint(other)["tokenizer"] != ckpt["tokenizer"]:
+        raise SystemExit(f"{where} was written with another tokenizer than {other.name} in the same run "
+                         f"directory: the file does not belong to this run")
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON row per line. `rows` counts the lines, so a checkpoint records where
+    the log stood and a resumed run first cuts the log back to that line (`keep`), then appends."""
+
+    def __init__(self, path: Path | None, keep: int = 0):
+        self.rows = 0
+        if path is None:                              # ranks > 0 under torchrun: nothing is written
+            self.file = None
+            return
+        lines = path.read_text().splitlines() if keep and path.exists() else []
+        if len(lines) < keep:
+            raise SystemExit(f"{path} has {len(lines)} rows but the checkpoint was written after row {keep}: "
+                             f"the log does not belong to this checkpoint")
+        write_text(path, "".join(line + "\n" for line in lines[:keep]))
+        self.file, self.rows = open(path, "a"), keep
+
+    def __call__(self, row: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        self.rows += 1
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class StopFlag:
+    """Ctrl-C during training. The first SIGINT asks the loop to stop at the end of the current step
+    or iteration, write a checkpoint and exit; a second one aborts at once. Calling the flag answers
+    "stop now?", the same on every rank under torchrun."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again aborts without one)",
+              file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return parallel.any_rank(self.requested)
