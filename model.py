@@ -37,6 +37,34 @@ from torch.utils.checkpoint import checkpoint
 # Configuration: one dataclass, one dict of sizes.
 # --------------------------------------------------------------------------------------------
 
+class ConfigError(ValueError):
+    """A config field holds a value it cannot take. `field` names it (a flag of the same name, with
+    dashes, sets it), `what` says what it must be."""
+
+    def __init__(self, field: str, value, what: str):
+        self.field, self.value, self.what = field, value, what
+        super().__init__(f"{field} must be {what}, got {value!r}")
+
+
+def finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Rules for `check_fields`: (predicate, what the value must be).
+AT_LEAST_1 = (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1")
+AT_LEAST_0 = (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0")
+POSITIVE = (lambda v: finite_number(v) and v > 0, "a positive, finite number")
+NON_NEGATIVE = (lambda v: finite_number(v) and v >= 0, "a finite number >= 0")
+FINITE = (finite_number, "a finite number")
+
+
+def check_fields(cfg, rules: dict) -> None:
+    """Raise ConfigError for the first field of `cfg` whose value breaks its rule."""
+    for name, (ok, what) in rules.items():
+        if not ok(getattr(cfg, name)):
+            raise ConfigError(name, getattr(cfg, name), what)
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 3000
@@ -61,15 +89,13 @@ class ModelConfig:
     """Residual dropout. RL turns it off during rollouts and updates anyway."""
 
     def __post_init__(self):
+        check_fields(self, {name: AT_LEAST_1 for name in ("vocab_size", "d_model", "n_heads", "n_enc_layers",
+                                                          "n_dec_layers", "d_ff", "max_src_len", "max_tgt_len")})
+        check_fields(self, dict(dropout=(lambda v: 0 <= v < 1, "in [0, 1)")))
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+            raise ConfigError("d_model", self.d_model, f"divisible by n_heads={self.n_heads}")
         if not 1 <= self.last_layers <= self.n_dec_layers:
-            raise ValueError(f"last_layers (L' of §3.2) must be in 1..n_dec_layers={self.n_dec_layers}, "
-                             f"got {self.last_layers}")
-        for name in ("vocab_size", "d_model", "n_heads", "n_enc_layers", "n_dec_layers", "d_ff",
-                     "max_src_len", "max_tgt_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+            raise ConfigError("last_layers", self.last_layers, f"in 1..n_dec_layers={self.n_dec_layers} (L' of §3.2)")
 
 
 # Named presets (minGPT style). `python cagsr.py --size NAME` is a lookup here, nothing else.

@@ -22,14 +22,15 @@ from torch import nn
 
 import data
 import parallel
-from model import token_logprobs
+from model import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, ConfigError, finite_number, check_fields, token_logprobs
 from reward import RewardConfig, SalientTokens, compute_reward
 
 
 @dataclass
 class PPOConfig:
     algo: str = "ppo"
-    """"ppo" (§4) or "pg": REINFORCE with a baseline, the "standard policy gradient" the paper compares with."""
+    """"ppo" (§4) or "pg": REINFORCE with a baseline, the "standard policy gradient" the paper compares
+    with: one epoch over each rollout, one step per minibatch (on-policy only with minibatches 1)."""
     prompts_per_iter: int = 64
     """Prompts per iteration (§7.2: 64)."""
     num_samples: int = 4
@@ -48,7 +49,8 @@ class PPOConfig:
     whiten: bool = False
     """Normalise advantages to mean 0 and std 1 over the rollout."""
     value_coef: float = 0.1
-    """Weight of the value loss (V(x) - R)^2 in the total loss (used only with baseline "value")."""
+    """Weight of the value loss (V(x) - R)^2 in the total loss (used only with baseline "value"; the
+    paper states none, 0.1 is the project's choice)."""
     value_warmup: int = 0
     """Iterations at the start that fit only the value head on the SFT policy's samples."""
     entropy_coef: float = 0.0
@@ -62,26 +64,40 @@ class PPOConfig:
     kl_k3_coef: float = 0.0
     """Optional k3 KL estimate to the SFT policy as a loss term (GRPO-style), instead of or beside kl_coef."""
     max_grad_norm: float = 1.0
-    """Gradient-norm clipping (0 = off)."""
+    """Gradient-norm clipping (0 = off; the paper states none, 1.0 is the project's choice)."""
     temperature: float = 1.0
     """Sampling temperature; log-probabilities are of softmax(logits / temperature) (DECISIONS.md §3)."""
     top_k: int | None = 50
-    """Top-k sampling (§5: "top-k or nucleus sampling"); None = off."""
+    """Top-k sampling (§5 names "top-k or nucleus sampling" without a k; 50 is the project's choice); none = off."""
     top_p: float | None = None
-    """Nucleus sampling; None = off."""
+    """Nucleus sampling; none = off."""
     max_new_tokens: int = 64
-    """Longest sampled response."""
+    """Longest sampled response (the project's choice: the paper states none)."""
 
     def __post_init__(self):
-        if self.algo not in ("ppo", "pg"):
-            raise ValueError(f"algo must be 'ppo' or 'pg', got {self.algo!r}")
-        if self.baseline not in ("value", "group", "none"):
-            raise ValueError(f"baseline must be 'value', 'group' or 'none', got {self.baseline!r}")
+        check_fields(self, dict(
+            algo=(lambda v: v in ("ppo", "pg"), "'ppo' or 'pg'"),
+            baseline=(lambda v: v in ("value", "group", "none"), "'value', 'group' or 'none'"),
+            prompts_per_iter=AT_LEAST_1, num_samples=AT_LEAST_1, lr=POSITIVE, clip_eps=POSITIVE, epochs=AT_LEAST_1,
+            minibatches=AT_LEAST_1, value_coef=NON_NEGATIVE, value_warmup=AT_LEAST_0, entropy_coef=NON_NEGATIVE,
+            kl_coef=NON_NEGATIVE, kl_target=(lambda v: v is None or POSITIVE[0](v), "a positive number, or none"),
+            kl_horizon=AT_LEAST_1, kl_k3_coef=NON_NEGATIVE, max_grad_norm=NON_NEGATIVE, temperature=POSITIVE,
+            top_k=(lambda v: v is None or AT_LEAST_1[0](v), "a whole number >= 1, or none"),
+            top_p=(lambda v: v is None or (finite_number(v) and 0 < v <= 1), "in (0, 1], or none"),
+            max_new_tokens=AT_LEAST_1))
         if self.baseline == "group" and self.num_samples < 2:
-            raise ValueError("the group baseline needs num_samples >= 2 (the other candidates of the same prompt)")
-        if not 1 <= self.minibatches <= self.prompts_per_iter:
-            raise ValueError(f"minibatches must be in 1..prompts_per_iter={self.prompts_per_iter}")
+            raise ConfigError("num_samples", self.num_samples, "at least 2 with the group baseline (the other "
+                              "candidates of the same prompt), or use --baseline value")
+        if self.prompts_per_iter % self.minibatches:
+            raise ConfigError("minibatches", self.minibatches, f"a divisor of prompts_per_iter={self.prompts_per_iter} "
+                              f"(every minibatch takes the same number of prompts)")
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise ConfigError("kl_target", self.kl_target, "given with a starting kl_coef > 0: the adaptive "
+                              "controller multiplies kl_coef, so from 0 it would stay 0 (add e.g. --kl-coef 0.1)")
 
+
+# What the paper states (§4, §7.2): every other PPOConfig field is the project's choice.
+PAPER = dict(algo="ppo", prompts_per_iter=64, num_samples=4, lr=1e-5, clip_eps=0.2, baseline="value", kl_coef=0.0)
 
 # Per-size RL settings, two named profiles (DECISIONS.md §4). "run" is `python cagsr.py`: the GPU
 # presets keep the paper's setting (§7.2: PPOConfig's defaults); the CPU presets have their own,
@@ -104,10 +120,16 @@ RL_PROFILES = {
 # Pure functions, one per equation.
 # --------------------------------------------------------------------------------------------
 
+def masked(x, mask):
+    """x where mask is True, 0 elsewhere: positions after EOS may hold extreme log-probabilities
+    (below -88 the exp of a difference overflows), so every non-linear function below sees the
+    masked value, never the raw one (inf * 0 would be NaN)."""
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_mean(x, mask):
     """Mean of x over the positions where mask is True (all valid response tokens of the batch)."""
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    return masked(x, mask).sum() / mask.sum().clamp(min=1).to(x.dtype)
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2):
@@ -115,7 +137,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2):
 
     logprobs, old_logprobs (B, T); advantages (B,), one per sequence, applied to each of its tokens;
     mask (B, T) bool. -> scalar."""
-    ratio = torch.exp(logprobs - old_logprobs)                                 # r_t, (B, T)
+    ratio = torch.exp(masked(logprobs - old_logprobs, mask))                   # r_t, (B, T)
     A = advantages[:, None]                                                    # (B, 1)
     surrogate = torch.minimum(ratio * A, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A)
     return -masked_mean(surrogate, mask)
@@ -159,26 +181,26 @@ def whiten(x, eps=1e-8):
 def kl_to_reference(logprobs, ref_logprobs, mask):
     """Per-sequence KL estimate to the SFT policy: the sum over response tokens of the k1 estimate
     log pi(y_t) - log pi_sft(y_t) (InstructGPT). (B, T) x2, (B, T) -> (B,)."""
-    return ((logprobs - ref_logprobs) * mask).sum(-1)
+    return masked(logprobs - ref_logprobs, mask).sum(-1)
 
 
 def k3_kl(logprobs, ref_logprobs, mask):
     """The k3 estimate of KL(pi || pi_ref) per token, exp(d) - 1 - d with d = log pi_ref - log pi:
     non-negative, unbiased, and differentiable in logprobs. Averaged over valid tokens -> scalar."""
-    d = ref_logprobs - logprobs
+    d = masked(ref_logprobs - logprobs, mask)
     return masked_mean(torch.exp(d) - 1 - d, mask)
 
 
 def approx_kl(logprobs, old_logprobs, mask):
     """How far an update moved the policy from the one that sampled: mean k3 estimate
     (r - 1) - log r over valid tokens (the `approx_kl` of PPO implementations)."""
-    log_ratio = logprobs - old_logprobs
+    log_ratio = masked(logprobs - old_logprobs, mask)
     return masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)
 
 
 def clip_fraction(logprobs, old_logprobs, mask, clip_eps):
     """Share of valid tokens whose ratio lies outside [1 - eps, 1 + eps]."""
-    return masked_mean(((logprobs - old_logprobs).exp() - 1).abs().gt(clip_eps).float(), mask)
+    return masked_mean((masked(logprobs - old_logprobs, mask).exp() - 1).abs().gt(clip_eps).float(), mask)
 
 
 def explained_variance(predicted, target):
@@ -298,7 +320,7 @@ def collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg: PPOConfig
     t1 = time.time()
     tgt_in = decoder_input(r.tokens)
     ref_logits, _ = ref_model(src, src_mask, tgt_in, num_samples=N)
-    ref_logprobs = token_logprobs(ref_logits, r.tokens, cfg.temperature) * r.mask
+    ref_logprobs = masked(token_logprobs(ref_logits, r.tokens, cfg.temperature), r.mask)
     kl = kl_to_reference(r.logprobs, ref_logprobs, r.mask)                    # (B*N,)
     returns = terms["reward"] - kl_coef * kl
     values = model.value(model.encode(src, src_mask), src_mask).repeat_interleave(N)   # V_old(x), (B*N,)
@@ -311,7 +333,7 @@ def collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg: PPOConfig
 
 
 def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, generator=None, policy=None) -> dict:
-    """PPO epochs over one rollout (or one REINFORCE step when cfg.algo == "pg").
+    """PPO epochs over one rollout (cfg.algo "pg": one epoch of REINFORCE steps, one per minibatch).
 
     value_only=True is the value warm-up: the loss is the value loss on detached encoder states, so
     only the value head moves and the policy is unchanged. A minibatch whose loss or gradient norm is
@@ -345,10 +367,16 @@ def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, 
                 v_loss = value_loss(values, exp.returns[rows])
                 entropy = token_entropy(logits, mask, cfg.temperature)
                 k3 = k3_kl(logprobs, exp.ref_logprobs[rows], mask)
-                # V(x) is trained only when it is the baseline: with the shared encoder, a value loss
-                # nobody uses would still move the policy's attention.
-                v_weight = cfg.value_coef if cfg.baseline == "value" else 0.0
-                loss = p_loss + v_weight * v_loss - cfg.entropy_coef * entropy + cfg.kl_k3_coef * k3
+                # A term joins the loss only when its coefficient is non-zero (0 * NaN is NaN). V(x) is
+                # trained only when it is the baseline: with the shared encoder, a value loss nobody
+                # uses would still move the policy's attention.
+                loss = p_loss
+                if cfg.baseline == "value" and cfg.value_coef:
+                    loss = loss + cfg.value_coef * v_loss
+                if cfg.entropy_coef:
+                    loss = loss - cfg.entropy_coef * entropy
+                if cfg.kl_k3_coef:
+                    loss = loss + cfg.kl_k3_coef * k3
                 with torch.no_grad():
                     stats["policy_loss"].append(p_loss.item())
                     stats["entropy"].append(entropy.item())

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import data
+from model import AT_LEAST_1, FINITE, NON_NEGATIVE, POSITIVE, check_fields
 
 
 @dataclass
@@ -47,6 +48,15 @@ class RewardConfig:
     sharper attention earns no more focus."""
     exclude_special: bool = False
     """Drop the prompt's special tokens (EOS) from Abar and renormalise (DECISIONS.md §2: attention sinks)."""
+
+    def __post_init__(self):
+        check_fields(self, dict(alpha=FINITE, beta=FINITE, gamma=FINITE, ngram=AT_LEAST_1,
+                                salient=(lambda v: v in ("idf", "ner"), "'idf' or 'ner'"), salient_top_k=AT_LEAST_1,
+                                attn_temperature=POSITIVE, entropy_floor=NON_NEGATIVE))
+
+
+# What the paper states (§3.2, §7.2): every other RewardConfig field is an option of the project's.
+PAPER = dict(alpha=1.0, beta=0.5, gamma=1.0, ngram=2)
 
 
 def _num_tokens(response_mask):

@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 import data
 import parallel
 from evaluation import mean_nll, response_nll
+from model import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_fields
 from ppo import MAX_BAD, NonFiniteError
-from runs import fused
+from runs import fused, progress
 
 
 @dataclass
@@ -33,6 +34,10 @@ class SFTConfig:
     """Linear warm-up steps, then cosine decay to lr/10."""
     eval_every: int = 250
     """Validation (and, in a run, a checkpoint) every this many steps."""
+
+    def __post_init__(self):
+        check_fields(self, dict(steps=AT_LEAST_1, batch_size=AT_LEAST_1, lr=POSITIVE, warmup=AT_LEAST_0,
+                                eval_every=AT_LEAST_1))
 
 
 # Per-size defaults, next to the config they fill. The budget of `tiny` is a deliberate trade-off
@@ -119,8 +124,7 @@ def train_sft(model, train_pairs, val_pairs, cfg: SFTConfig, device, *, seed=0, 
     model.train()
     history, step, bad, stopped = [], start, 0, False
     timing = dict(t0=time.time(), tokens=0, eval_s=0.0)
-    bar = tqdm(total=cfg.steps, initial=start, desc="SFT", unit="step", dynamic_ncols=True, mininterval=1.0,
-               disable=rank > 0)
+    bar = progress(total=cfg.steps, initial=start, desc="SFT", unit="step")
     epoch, skip = divmod(start, data.batches_per_epoch(len(train_pairs), cfg.batch_size, world))   # resumed: go on there
     while step < cfg.steps and not stopped:
         for batch in data.batches(train_pairs, cfg.batch_size, seed=seed + epoch, shuffle=True, rank=rank,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ppo
-from model import EncoderDecoder, ModelConfig
+from model import ConfigError, EncoderDecoder, ModelConfig
 from reward import RewardConfig, SalientTokens, compute_reward
 
 
@@ -90,9 +90,9 @@ def test_kl_estimates_and_diagnostics_on_hand_worked_cases():
     ref = torch.tensor([[-1.5, -2.0, -1.0]])
     mask = torch.tensor([[True, True, False]])
     # k1 summed over the 2 valid tokens: (-1 + 1.5) + (-2 + 2) = 0.5
-    assert ppo.kl_to_reference(lp, ref, mask).tolist() == [0.5]
+    assert ppo.kl_to_reference(lp.detach(), ref, mask).tolist() == [0.5]
     # k3 per token with d = ref - lp: d = -0.5 -> e^-0.5 - 1 + 0.5; d = 0 -> 0; mean over 2 tokens
-    assert float(ppo.k3_kl(lp, ref, mask)) == pytest.approx((math.exp(-0.5) - 0.5) / 2, rel=1e-6)
+    assert float(ppo.k3_kl(lp.detach(), ref, mask)) == pytest.approx((math.exp(-0.5) - 0.5) / 2, rel=1e-6)
     assert float(ppo.approx_kl(lp, lp, mask)) == 0
     # ratios e^0.1 (inside 1 +- 0.2) and e^0.3 (outside): half the valid tokens clip
     assert float(ppo.clip_fraction(torch.tensor([[0.1, 0.3, 5.0]]), torch.zeros(1, 3), mask, 0.2)) == 0.5
@@ -115,11 +115,17 @@ def test_token_entropy_of_uniform_logits_is_log_v():
     assert float(ppo.token_entropy(logits, mask)) == pytest.approx(math.log(8), rel=1e-6)
 
 
-def test_config_is_checked():
-    with pytest.raises(ValueError, match="algo"):
-        ppo.PPOConfig(algo="dpo")
-    with pytest.raises(ValueError, match="num_samples >= 2"):
-        ppo.PPOConfig(baseline="group", num_samples=1)
+@pytest.mark.parametrize("kw, field", [
+    (dict(algo="dpo"), "algo"), (dict(baseline="group", num_samples=1), "num_samples"),
+    (dict(num_samples=0), "num_samples"), (dict(lr=float("nan")), "lr"), (dict(lr=-1e-4), "lr"),
+    (dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=0), "top_k"),
+    (dict(prompts_per_iter=64, minibatches=3), "minibatches"), (dict(kl_target=1.0, kl_coef=0.0), "kl_target"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(clip_eps=float("inf")), "clip_eps")])
+def test_config_is_checked(kw, field):
+    with pytest.raises(ConfigError) as e:
+        ppo.PPOConfig(**kw)
+    assert e.value.field == field
+    ppo.PPOConfig(kl_target=1.0, kl_coef=0.1, prompts_per_iter=64, minibatches=4)      # the legal neighbours
 
 
 # ---- one rollout and update on a small model ----------------------------------------------
@@ -211,11 +217,129 @@ def test_the_loop_raises_a_reward_it_can_see():
                         top_k=None, epochs=2)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(1)
+
+    def share_of_7(src, src_mask, tokens, mask):                      # the reward, given to collect
+        return ((tokens == 7) & mask).sum(1).float() / mask.sum(1)
+
     shares = []
     for _ in range(12):
-        exp, _ = ppo.collect(policy, ref, src, src_mask, salient, RewardConfig(), cfg, 0.0, gen)
-        share = ((exp.tokens == 7) & exp.mask).sum(1).float() / exp.mask.sum(1)
-        exp.returns, exp.advantages = share, share - ppo.group_baseline(share, 4)
+        exp, _ = ppo.collect(policy, ref, src, src_mask, salient, RewardConfig(), cfg, 0.0, gen, reward_fn=share_of_7)
         ppo.update(policy, opt, exp, cfg)
-        shares.append(float(share.mean()))
+        shares.append(float(exp.terms["reward"].mean()))
     assert shares[0] < 0.2 and shares[-1] > 0.8, shares
+
+
+# ---- collect's returns and advantages against computations by hand -----------------------------
+
+def teacher_forced_logprobs(model, exp, temperature):
+    """log softmax(logits / T)[y_t] of every sampled token, one (prompt, candidate) at a time."""
+    out = torch.zeros(exp.tokens.shape)
+    for row in range(exp.tokens.size(0)):
+        b = row // 3
+        n = int(exp.mask[row].sum())
+        y = exp.tokens[row, :n][None]
+        logits, _ = model(exp.src[b:b + 1], exp.src_mask[b:b + 1], ppo.decoder_input(y))
+        out[row, :n] = torch.log_softmax(logits[0].double() / temperature, -1).gather(-1, y[0, :, None])[:, 0].float()
+    return out
+
+
+def test_kl_penalised_return_in_collect_against_a_reference_that_differs():
+    """returns = R - kl_coef * sum_t (log pi(y_t) - log pi_sft(y_t)), both at the sampling temperature."""
+    policy, _, _, _, salient = setup_rollout()
+    ref = small_policy(seed=5)                                      # another model: the KL is far from 0
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, 12, (3, 6), generator=g)
+    cfg = ppo.PPOConfig(num_samples=3, prompts_per_iter=3, max_new_tokens=10, baseline="none", temperature=0.7)
+    exp, _ = ppo.collect(policy, ref, src, src != 0, salient, RewardConfig(), cfg, kl_coef=0.5,
+                         generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        kl = (teacher_forced_logprobs(policy, exp, 0.7) - teacher_forced_logprobs(ref, exp, 0.7)).sum(1)
+    assert kl.abs().min() > 0.05                                    # the two models really differ
+    torch.testing.assert_close(exp.terms["kl_ref"], kl, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(exp.returns, exp.terms["reward"] - 0.5 * kl, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(exp.advantages, exp.returns)         # baseline "none": A = R
+
+
+def test_group_baseline_on_penalised_returns_then_whitening_inside_collect():
+    policy, _, _, _, salient = setup_rollout()
+    ref = small_policy(seed=5)
+    src = torch.randint(4, 12, (4, 6), generator=torch.Generator().manual_seed(2))
+    cfg = ppo.PPOConfig(num_samples=3, prompts_per_iter=4, max_new_tokens=10, baseline="group", whiten=True)
+    exp, _ = ppo.collect(policy, ref, src, src != 0, salient, RewardConfig(), cfg, kl_coef=0.3,
+                         generator=torch.Generator().manual_seed(3))
+    returns = (exp.terms["reward"] - 0.3 * exp.terms["kl_ref"]).double().tolist()
+    centred = []
+    for b in range(4):                                              # each candidate minus its 2 siblings' mean
+        group = returns[3 * b:3 * b + 3]
+        centred += [r - (sum(group) - r) / 2 for r in group]
+    mean = sum(centred) / len(centred)
+    std = math.sqrt(sum((c - mean) ** 2 for c in centred) / len(centred))
+    expected = torch.tensor([(c - mean) / (std + 1e-8) for c in centred], dtype=torch.float64)
+    torch.testing.assert_close(exp.advantages.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_advantage_uses_a_trained_value_head_and_the_value_regression_lowers_its_loss():
+    """A = R - V_old(x) with V fitted: after value-only updates (which lower the value loss), V(x) is
+    far from 0 and the advantages are the returns minus V computed by hand from the head's weights."""
+    policy, _, exp, cfg, salient = setup_rollout(baseline="value")
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-2)
+    losses = [ppo.update(policy, opt, exp, cfg, value_only=True)["value_loss"] for _ in range(30)]
+    assert losses[-1] < 0.2 * losses[0]
+    new, _ = ppo.collect(policy, small_policy(), exp.src, exp.src_mask, salient, RewardConfig(), cfg, kl_coef=0.1,
+                         generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        memory = policy.encode(exp.src, exp.src_mask)                                    # (B, S, D)
+        head = policy.value_head
+        v = []
+        for b in range(exp.src.size(0)):                               # mean over real prompt tokens, MLP by hand
+            pooled = memory[b, exp.src_mask[b]].mean(0)
+            v.append(float(head.out.weight[0] @ torch.tanh(head.hidden.weight @ pooled + head.hidden.bias)
+                           + head.out.bias[0]))
+    values = torch.tensor(v).repeat_interleave(3)
+    assert values.abs().min() > 0.05
+    torch.testing.assert_close(new.values, values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new.advantages, new.returns - values, atol=1e-5, rtol=1e-5)
+
+
+def test_masking_comes_before_exp_at_positions_after_eos():
+    """After EOS the log-probability of PAD can be below -88 (seen: -120), where exp(difference)
+    overflows; every estimate masks first, so the loss and its gradient stay finite and equal the
+    values over the valid tokens alone."""
+    lp = torch.tensor([[-0.5, -1.0, -120.0, -300.0]], requires_grad=True)
+    ref = torch.tensor([[-0.7, -0.4, 0.0, 0.0]])
+    old = torch.tensor([[-0.6, -1.1, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False, False]])
+    d = [-0.7 + 0.5, -0.4 + 1.0]                                    # log pi_ref - log pi on the two valid tokens
+    assert float(ppo.k3_kl(lp.detach(), ref, mask)) == pytest.approx(sum(math.exp(x) - 1 - x for x in d) / 2, rel=1e-6)
+    assert ppo.kl_to_reference(lp.detach(), ref, mask).tolist() == pytest.approx([0.2 - 0.6])
+    r = [math.exp(0.1), math.exp(0.1)]                              # ratios on the valid tokens
+    assert float(ppo.approx_kl(lp.detach(), old, mask)) == pytest.approx(sum(x - 1 - math.log(x) for x in r) / 2, rel=1e-5)
+    assert float(ppo.clip_fraction(lp.detach(), old, mask, 0.2)) == 0.0
+    loss = ppo.ppo_policy_loss(lp, old, torch.tensor([2.0]), mask) + 0.0 * ppo.k3_kl(lp, ref, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(lp.grad).all() and (lp.grad[0, 2:] == 0).all()
+
+
+def test_an_update_with_extreme_log_probs_after_eos_is_applied_when_k3_is_off():
+    policy, _, exp, cfg, _ = setup_rollout(baseline="group")
+    exp.ref_logprobs = torch.where(exp.mask, exp.ref_logprobs, torch.full_like(exp.ref_logprobs, -1e4))
+    assert (~exp.mask).any()
+    stats = ppo.update(policy, torch.optim.Adam(policy.parameters(), lr=cfg.lr), exp, cfg)     # kl_k3_coef 0
+    assert stats["skipped"] == 0 and stats["applied"] == 1 and math.isfinite(stats["k3_kl"])
+
+
+def test_the_adaptive_kl_controller_moves_kl_coef_inside_the_loop():
+    """Each logged kl_coef is the previous one moved by the controller (Ziegler et al.): times
+    1 + clip(KL / target - 1, -0.2, 0.2) * samples / horizon, from the KL that iteration logged."""
+    policy, ref = small_policy(), small_policy(seed=5)
+    prompts = [[4 + (i * 5 + j) % 8 for j in range(4)] + [2] for i in range(12)]
+    salient = SalientTokens(torch.ones(12), torch.arange(12) >= 4, [f" t{i}" for i in range(12)])
+    cfg = ppo.PPOConfig(prompts_per_iter=4, num_samples=2, max_new_tokens=6, baseline="group", lr=1e-3,
+                        kl_coef=0.2, kl_target=0.5, kl_horizon=40)
+    rows = ppo.train(policy, ref, torch.optim.Adam(policy.parameters(), lr=1e-3), prompts, salient, RewardConfig(),
+                     cfg, 4, seed=0)
+    coef = 0.2
+    for row in rows:
+        assert row["kl_coef"] == pytest.approx(coef)
+        coef *= 1 + min(max(row["kl_ref"] / 0.5 - 1, -0.2), 0.2) * 8 / 40
+    assert len({round(r["kl_coef"], 9) for r in rows}) == 4          # it moved every iteration
