@@ -120,10 +120,12 @@ def _encode(tok, scorer, triples):
                                scorer.cfg.max_src_len, scorer.cfg.max_tgt_len)
 
 
-def train_synthetic_rm(policy, tok, records, device, steps=400, batch_size=64, lr=3e-4, seed=0) -> tuple[PairScorer, dict]:
+def train_synthetic_rm(policy, tok, records, held_out, device, steps=400, batch_size=64, lr=3e-4,
+                       seed=0) -> tuple[PairScorer, dict]:
     """The Synthetic Preference reward model (§7.3): a PairScorer from the SFT encoder, binary
-    cross-entropy on references (1) versus corrupted references (0) of the training prompts, fresh
-    corruptions every pass. Returns (scorer, stats)."""
+    cross-entropy on references (1) versus corrupted references (0) of the training `records`, fresh
+    corruptions every pass. Returns (scorer, stats); stats["label_accuracy"] is measured on the
+    references and fresh corruptions of `held_out` records, which training never sees."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     scorer = PairScorer.from_policy(policy)
@@ -141,11 +143,12 @@ def train_synthetic_rm(policy, tok, records, device, steps=400, batch_size=64, l
         return F.binary_cross_entropy_with_logits(scorer(*pair_tensors([p for p, _ in batch], device)), labels)
 
     losses = fit_pair_scorer(scorer, loss_at, steps, lr, desc="synthetic-preference RM")
-    held_out = synthetic_examples(records[:500], random.Random(seed + 1))   # fresh corruptions
-    logits = pair_scores(scorer, _encode(tok, scorer, held_out), device)
-    labels = torch.tensor([lab for *_, lab in held_out])
+    examples = synthetic_examples(held_out, random.Random(seed + 1))
+    logits = pair_scores(scorer, _encode(tok, scorer, examples), device)
+    labels = torch.tensor([lab for *_, lab in examples])
     return scorer, dict(final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])),
-                        label_accuracy=float(((logits > 0).float() == labels).float().mean()))
+                        label_accuracy=float(((logits > 0).float() == labels).float().mean()),
+                        held_out_records=len(held_out))
 
 
 def train_bt_rm(policy, tok, records, ppo_cfg, device, num_prompts=1000, noise=0.1, steps=300, batch_size=64,

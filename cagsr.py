@@ -15,6 +15,7 @@ and sft.py; the run's plumbing (run directory, checkpoints, resume, metrics log)
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import shlex
 import sys
@@ -33,7 +34,7 @@ import settings
 from evaluation import REPORT_KEYS, candidates, evaluate_policy, format_candidate, greedy_scores, print_report
 from model import SIZES, EncoderDecoder, config_for
 from reward import RewardConfig, SalientTokens
-from sft import train_sft
+from sft import SFT_DEFAULTS, train_sft
 
 
 # --------------------------------------------------------------------------------------------
@@ -41,16 +42,22 @@ from sft import train_sft
 # --------------------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but an unknown flag is answered with the list of the valid ones."""
+    """argparse, but an unknown flag is answered with the nearest valid one and the list of them all."""
 
     def error(self, message):
         valid = sorted(o for a in self._actions for o in a.option_strings if o.startswith("--"))
-        self.exit(2, f"{self.prog}: error: {message}\nvalid flags: {' '.join(valid)}\n")
+        unknown = [w.split("=")[0] for w in message.split() if w.startswith("--") and w.split("=")[0] not in valid]
+        near = [f"did you mean {m[0]} (not {w})?\n" for w in unknown if (m := difflib.get_close_matches(w, valid, 1))]
+        self.exit(2, f"{self.prog}: error: {message}\n{''.join(near)}valid flags: {' '.join(valid)}\n")
+
+
+def sft_default(field: str) -> str:
+    return settings.per_size({size: d[field] for size, d in SFT_DEFAULTS.items()})
 
 
 def build_parser() -> Parser:
     p = Parser(description="CAGSR (arXiv 2502.10482): SFT, then RL with a reward from the model's own "
-                           "cross-attention.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           "cross-attention. Defaults that depend on the preset are given per size.")
     g = p.add_argument_group("run")
     g.add_argument("--size", default=None, help=f"model preset: {', '.join(SIZES)} (default: tiny, or the --init checkpoint's)")
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -61,12 +68,12 @@ def build_parser() -> Parser:
                    help=f"one of {', '.join(data.DATASETS)}, or a PATH.jsonl with prompt/response fields "
                         "(default: qa, or the --init checkpoint's)")
     g.add_argument("--stage", default="all", choices=["all", "sft", "rl", "sample", "eval"],
-                   help="all = SFT then RL; rl/sample/eval start from --init")
+                   help="all = SFT then RL; rl/sample/eval start from --init (default: all)")
     g.add_argument("--init", default=None, metavar="CKPT", help="checkpoint to start the stage from")
     g.add_argument("--prompt", action="append", default=[], help="prompt(s) for --stage sample (repeatable)")
     g.add_argument("--truncate", action="store_true",
                    help="truncate over-long prompts/responses (with a warning) instead of failing")
-    g.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and sampling")
+    g.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and sampling (default: 0)")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     g.add_argument("--out", default=None, help="run directory (default: a new runs/<time>-<size>-<dataset>)")
     g.add_argument("--overwrite", action="store_true", help="allow --out to name a non-empty directory")
@@ -82,48 +89,33 @@ def build_parser() -> Parser:
                    help="print the memory plan of the chosen size (parameters, weights, gradients, optimizer, "
                         "reference policy, activations of one SFT batch) and exit")
     g = p.add_argument_group("SFT (§7.2)")
-    g.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps (default: per size)")
-    g.add_argument("--sft-batch-size", type=int, default=None, help="SFT batch size in pairs (default: per size)")
-    g.add_argument("--sft-lr", type=float, default=None, help="SFT peak learning rate, AdamW (default: per size)")
-    g.add_argument("--warmup", type=int, default=100, help="SFT linear warm-up steps, then cosine decay to lr/10")
-    g.add_argument("--sft-eval-every", type=int, default=250, help="SFT validation every this many steps")
+    g.add_argument("--sft-steps", type=int, default=None, help=f"SFT optimizer steps (default: {sft_default('steps')})")
+    g.add_argument("--sft-batch-size", type=int, default=None, help=f"SFT batch size in pairs (default: {sft_default('batch_size')})")
+    g.add_argument("--sft-lr", type=float, default=None, help=f"SFT peak learning rate, AdamW (default: {sft_default('lr')})")
+    g.add_argument("--warmup", type=int, default=100, help="SFT linear warm-up steps, then cosine decay to lr/10 (default: 100)")
+    g.add_argument("--sft-eval-every", type=int, default=250, help="SFT validation and checkpoint every this many steps (default: 250)")
     g.add_argument("--num-eval", type=int, default=None,
                    help="held-out test prompts scored (default: 500 before and after RL; 300 per table row)")
     g = p.add_argument_group("RL (§4, §5)")
-    g.add_argument("--iterations", type=int, default=None, help="RL iterations (default: per size)")
-    g.add_argument("--eval-every", type=int, default=10, help="score the fixed evaluation set every this many iterations")
-    g.add_argument("--eval-prompts", type=int, default=64, help="size of the fixed evaluation set (validation prompts)")
+    g.add_argument("--iterations", type=int, default=None, help=f"RL iterations (default: {settings.per_size({k: v['iterations'] for k, v in ppo.RL_PROFILES['run'].items()})}; "
+                        f"table1: {settings.per_size({k: v['iterations'] for k, v in ppo.RL_PROFILES['table1'].items()})})")
+    g.add_argument("--eval-every", type=int, default=10, help="score the fixed evaluation set every this many iterations (default: 10)")
+    g.add_argument("--eval-prompts", type=int, default=64, help="size of the fixed evaluation set, in validation prompts (default: 64)")
     g.add_argument("--ckpt-every", type=int, default=50,
-                   help="RL checkpoint every this many iterations (SFT writes one at every --sft-eval-every)")
-    settings.add_config_flags(g, ppo.PPOConfig)
+                   help="RL checkpoint every this many iterations (default: 50)")
+    settings.add_config_flags(g, ppo.PPOConfig, ppo.RL_PROFILES["run"])
     settings.add_config_flags(p.add_argument_group("reward (§3.2)"), RewardConfig)
     g = p.add_argument_group("experiments (§7.3-§7.6; experiments.py)")
     g.add_argument("--experiment", default=None, choices=["table1"],
                    help="table1: every baseline, CAGSR variant and ablation of Table 1 per seed, into --results-dir "
                         "(default dataset instruct; --out sets the work directory, default runs/table1-<dataset>-<size>)")
-    g.add_argument("--seeds", type=int, default=3, help="table1: seeds --seed, --seed+1, ... (one SFT model each)")
-    g.add_argument("--results-dir", default="results", help="table1: where the .md, .json and .png tables go")
-    g.add_argument("--rm-steps", type=int, default=300, help="table1: training steps of each baseline reward model")
+    g.add_argument("--seeds", type=int, default=3, help="table1: seeds --seed, --seed+1, ... (one SFT model each; default: 3)")
+    g.add_argument("--results-dir", default="results", help="table1: where the .md, .json and .png tables go (default: results)")
+    g.add_argument("--rm-steps", type=int, default=300, help="table1: training steps of each baseline reward model (default: 300)")
     g.add_argument("--human-prompts", type=int, default=1000,
-                   help="table1: training prompts the simulated annotators compare two SFT samples on (§7.3: 1,000)")
-    g.add_argument("--relevance-steps", type=int, default=600, help="table1: training steps of the relevance classifier")
+                   help="table1: training prompts the simulated annotators compare two SFT samples on (§7.3; default: 1000)")
+    g.add_argument("--relevance-steps", type=int, default=600, help="table1: training steps of the relevance classifier (default: 600)")
     return p
-
-
-def resumed(parser, args, command: str):
-    """--resume RUN_DIR: a new namespace with the run's own settings (RUN_DIR/args.json; only
-    --device may be given beside it), the command line to record, and the run's last checkpoint."""
-    saved, path = runs.read_run(args.resume)
-    defaults = vars(parser.parse_args([]))
-    extra = sorted(k for k, v in vars(args).items() if k not in ("resume", "device") and v != defaults[k])
-    if extra:
-        flags = ", ".join("--" + k.replace("_", "-") for k in extra)
-        raise SystemExit(f"--resume continues the run with its own settings ({args.resume}/args.json); drop {flags} "
-                         f"(only --device may be given), or start a new run")
-    new = argparse.Namespace(**{**defaults, **{k: v for k, v in saved.items() if k in defaults}})
-    new.resume, new.out, new.overwrite = args.resume, args.resume, True
-    new.device = args.device or saved.get("device")
-    return new, saved.get("command", "") + f"  [resumed: {command}]", path
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,14 +145,14 @@ def prepare(run, device) -> Setup:
     runs.seed_everything(run.seed)
     ckpt = resume = None
     if run.resume_from is not None:                 # the model and everything else from its checkpoint
-        model, tok, resume = runs.load_checkpoint(run.resume_from, device)
+        model, tok, resume = runs.load_checkpoint(run.resume_from, device, "--resume")
         overrides = {k: v for k, v in run.model_overrides.items() if k != "vocab_size"}
         runs.check_resume(run.resume_from, resume, run.resume, overrides, run.size)
         where = f"step {resume['step']}" if resume["stage"] == "sft" else f"iteration {resume['iteration']}"
         print(f"resuming {run.resume} from {run.resume_from.name} ({resume['stage']}, {where})")
         ckpt = resume
     elif run.init is not None:                      # the model, its size and tokenizer come from the checkpoint
-        model, tok, ckpt = runs.load_checkpoint(run.init, device)
+        model, tok, ckpt = runs.load_checkpoint(run.init, device, "--init")
         print(f"loaded {run.init}: stage {ckpt['stage']}, size {run.size}, {model.num_params():,} parameters")
     try:
         splits = data.load_dataset(run.dataset, seed=run.seed)
@@ -181,6 +173,9 @@ def prepare(run, device) -> Setup:
     print(f"dataset {run.dataset}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test pairs; "
           f"vocabulary {cfg.vocab_size}; model {model.num_params():,} parameters")
     train_pairs = _encode(run, tok, splits.train, cfg)
+    if run.stage in ("all", "rl") and len(train_pairs) < run.ppo.prompts_per_iter:
+        raise SystemExit(f"{run.dataset}: {len(train_pairs)} training prompts, fewer than --prompts-per-iter "
+                         f"{run.ppo.prompts_per_iter}; lower --prompts-per-iter or give more data")
     idf = ckpt["idf"] if ckpt is not None else data.idf([p for p, _ in train_pairs], cfg.vocab_size)
     return Setup(model, tok, idf, splits, train_pairs, resume)
 
@@ -286,8 +281,7 @@ def rl_stage(run, s: Setup, device, run_dir, log, stop) -> int | None:
                                               device, num_samples=2))
         fixed_eval(0)
     t0 = time.time()
-    with tqdm(total=run.iterations, initial=last["iteration"], desc="RL", unit="iter", dynamic_ncols=True,
-              mininterval=1.0, disable=rank > 0) as bar:
+    with runs.progress(total=run.iterations, initial=last["iteration"], desc="RL", unit="iter") as bar:
         ppo.train(model, ref_model, optimizer, [p for p, _ in s.train_pairs], salient, reward_cfg, cfg, run.iterations,
                   seed=run.seed, resume=state, on_iteration=on_iteration, stop=stop, progress=bar, compile=run.compile)
     rl_seconds = time.time() - t0
@@ -320,7 +314,7 @@ def train(run, s: Setup, device, t_start: float) -> int:
     if rank == 0:
         run_dir = runs.make_run_dir(run.out, run.overwrite, run.size, run.dataset)
         if run.resume_from is None:
-            (run_dir / "args.json").write_text(json.dumps(run.args, indent=2))
+            runs.write_text(run_dir / "args.json", json.dumps(run.args, indent=2))
         log = runs.MetricsLog(run_dir / "metrics.jsonl", keep=s.resume["log_rows"] if s.resume else 0)
     else:                                           # under torchrun only rank 0 writes the run directory
         run_dir, log = None, runs.MetricsLog(None)
@@ -343,7 +337,7 @@ def train(run, s: Setup, device, t_start: float) -> int:
 
 def sample_stage(run, device) -> int:
     """--stage sample: N candidates per --prompt with their reward terms."""
-    model, tok, ckpt = runs.load_checkpoint(run.init, device)
+    model, tok, ckpt = runs.load_checkpoint(run.init, device, "--init")
     salient = SalientTokens.from_idf(tok, ckpt["idf"])
     for prompt in run.prompts:
         n = len(data.encode(tok, prompt))
@@ -373,8 +367,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     command, resume_from = " ".join(["python cagsr.py", *map(shlex.quote, argv)]), None
     if args.resume is not None:
-        args, command, resume_from = resumed(parser, args, command)
+        args, command, resume_from = settings.resumed(vars(parser.parse_args([])), args, command)
     run = settings.resolve(args, command, resume_from)
+    if run.resume is not None and runs.run_complete(run.resume):
+        print(f"--resume {run.resume}: this run is complete (its metrics.jsonl ends with the 'done' row); nothing was "
+              f"changed. For more RL, start a new run: --stage rl --init {run.resume}/rl.pt")
+        return 0
     rank, world, dp_device = parallel.init(run.device, settings.single_process(run))
     if run.stage == "dry-run":
         settings.print_plan(run.size, run.sft.batch_size)
@@ -394,4 +392,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except runs.UsageError as e:                       # refused before any work: argparse's status for usage
+        print(f"cagsr.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -17,10 +17,10 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 import data
 import ppo
+import runs
 from model import EncoderDecoder, EncoderLayer, ModelConfig, mean_pool
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -163,7 +163,7 @@ def fit_pair_scorer(scorer, loss_at, steps: int, lr: float, desc: str) -> list[f
     opt = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=0.01)
     scorer.train()
     losses = []
-    for step in tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0, leave=False):
+    for step in runs.progress(range(steps), desc=desc, unit="step", leave=False):
         loss = loss_at(step)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss is {float(loss)} at step {step}; lower the learning rate")

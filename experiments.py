@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 import baselines
 import data
@@ -56,13 +55,16 @@ class Method:
 METHODS = (
     Method("no_rl", "No-RL baseline (SFT)", "sft"),
     Method("synthetic_pref", "Synthetic Preference RL", "synthetic",
-           note="reward model fitted to references (good) vs shuffled/truncated/repeated/off-topic references (bad)"),
+           note="reward model fitted to references (good) vs shuffled/truncated/repeated/off-topic references (bad) "
+                "of the training split"),
     Method("human_pref_sim", "Human Preference RL (limited, simulated)", "human",
            note="Bradley-Terry reward model fitted to simulated annotators who prefer by ROUGE-L against the "
                 "reference (10% label noise): this row has an edge on ROUGE-L"),
     Method("cagsr", "CAGSR (PPO)", "cagsr", note="the attention reward of §3.2, alpha/beta/gamma 1/0.5/1"),
     Method("cagsr_pg", "CAGSR (plain policy gradient)", "cagsr", ppo=dict(algo="pg"),
-           note="one REINFORCE step per rollout instead of PPO epochs"),
+           note="REINFORCE with the group baseline instead of PPO: one epoch over each rollout, one step per "
+                "minibatch (2 in the CPU profile), so after the first step the samples are slightly off-policy and, "
+                "unlike PPO, no ratio corrects for it"),
     Method("cagsr_kl", "CAGSR (PPO) + KL to SFT (0.1)", "cagsr", ppo=dict(kl_coef=0.1),
            note="not in the paper: a k1 KL penalty to the SFT policy, coefficient 0.1"),
     Method("ablate_coverage", "CAGSR without coverage", "cagsr", reward=dict(alpha=0.0), note="§7.6: alpha = 0"),
@@ -106,7 +108,7 @@ def table_settings(run, exp: ExperimentConfig) -> dict:
         try:
             methods[m.name] = dict(ppo=asdict(replace(run.ppo, **m.ppo)), reward=asdict(replace(run.reward, **m.reward)))
         except ValueError as e:
-            raise SystemExit(f"--experiment table1, row {m.name}: {e}") from None
+            raise runs.UsageError(f"--experiment table1, row {m.name}: {e}") from None
     return dict(dataset=run.dataset, size=run.size, data_seed=run.seed, warmup=run.sft.warmup,
                 sft_steps=run.sft.steps, sft_batch_size=run.sft.batch_size, sft_lr=run.sft.lr,
                 iterations=run.iterations, num_eval=run.num_eval, methods=methods,
@@ -122,7 +124,7 @@ def check_settings(work: Path, settings: dict) -> None:
         old = json.loads(path.read_text())
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
-            raise SystemExit(f"{work} holds rows computed with other settings (differs in: {', '.join(diff)}). "
+            raise runs.UsageError(f"{work} holds rows computed with other settings (differs in: {', '.join(diff)}). "
                              f"Pass --out DIR for a new table, or delete {work} to recompute this one.")
     else:
         write_json(path, settings)
@@ -191,8 +193,8 @@ def rl_row(m: Method, seed, settings, policy, sft_state, tok, splits, train_pair
     ppo_cfg, reward_cfg = ppo.PPOConfig(**mset["ppo"]), RewardConfig(**mset["reward"])
     reward_fn = None
     if m.kind == "synthetic":
-        scorer, row["reward_model"] = baselines.train_synthetic_rm(
-            policy, tok, splits.train, device, steps=settings["rm"]["synthetic_steps"], seed=seed)
+        scorer, row["reward_model"] = baselines.train_synthetic_rm(       # accuracy on held-out validation records
+            policy, tok, splits.train, splits.val[:500], device, steps=settings["rm"]["synthetic_steps"], seed=seed)
         reward_fn = baselines.ScorerReward(scorer)
     elif m.kind == "human":
         scorer, row["reward_model"] = baselines.train_bt_rm(
@@ -201,8 +203,7 @@ def rl_row(m: Method, seed, settings, policy, sft_state, tok, splits, train_pair
         reward_fn = baselines.ScorerReward(scorer)
     ref = load_policy(sft_state, policy.cfg, device).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(policy.parameters(), lr=ppo_cfg.lr, **runs.fused(device))
-    with tqdm(total=settings["iterations"], desc=f"seed {seed} {m.name}", unit="iter", dynamic_ncols=True,
-              mininterval=1.0, leave=False) as bar:
+    with runs.progress(total=settings["iterations"], desc=f"seed {seed} {m.name}", unit="iter", leave=False) as bar:
         history = ppo.train(policy, ref, optimizer, [p for p, _ in train_pairs], salient, reward_cfg, ppo_cfg,
                             settings["iterations"], seed=seed, progress=bar, reward_fn=reward_fn)
     row["curve"] = {k: [h[k] for h in history] for k in CURVE_KEYS}
@@ -297,9 +298,9 @@ def markdown(result: dict) -> str:
         lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
     c = result["classifier"]
     first = s["methods"]["cagsr"]["ppo"]
-    paper = asdict(ppo.PPOConfig())
-    differs = ", ".join(f"{k} {first[k]} (paper {paper[k]})" for k in ("lr", "baseline", "whiten", "epochs", "minibatches",
-                                                                       "kl_coef") if first[k] != paper[k])
+    differs = ", ".join(f"{k} {first[k]} (paper {v})" for k, v in ppo.PAPER.items() if first[k] != v)
+    unstated = ", ".join(f"{k} {first[k]}" for k in ("whiten", "epochs", "minibatches", "temperature", "top_k", "top_p",
+                                                     "max_grad_norm", "max_new_tokens"))
     lines += ["", "## Notes", "",
               f"- Relevance: a from-scratch {c['parameters']:,}-parameter Transformer classifier trained on the validation "
               f"split (on-topic: prompt + its reference; off-topic: prompt + another prompt's reference), frozen, never a "
@@ -311,8 +312,8 @@ def markdown(result: dict) -> str:
               "- The human score column is not measured: no people were asked. The paper's numbers are its Table 1 on its "
               "Instruction set with a 1.3B pretrained model; ours are a from-scratch model on generated data.",
               f"- Every RL row: {s['iterations']} iterations x {first['prompts_per_iter']} prompts x {first['num_samples']} "
-              f"candidates from the same SFT model, same prompt order per seed. Settings the paper did not use: "
-              f"{differs or 'none'}."]
+              f"candidates from the same SFT model, same prompt order per seed. Settings that differ from the paper's: "
+              f"{differs or 'none'}; settings the paper does not state (the project's choice): {unstated}."]
     for m in METHODS:
         if m.note:
             lines.append(f"- {m.label}: {m.note}.")
@@ -391,7 +392,7 @@ def run_table1(run, device) -> int:
         tok = data.tokenizer_from_str(tok_path.read_text())
     else:
         tok = data.train_tokenizer(list(data.record_texts(splits.train)), SIZES[size]["vocab_size"])
-        tok_path.write_text(data.tokenizer_to_str(tok))
+        runs.write_text(tok_path, data.tokenizer_to_str(tok))
     cfg = config_for(size, vocab_size=tok.get_vocab_size())
     try:
         train_pairs = data.encode_records(tok, splits.train, cfg.max_src_len, cfg.max_tgt_len)

@@ -19,10 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import data
 import parallel
 from model import EncoderDecoder, ModelConfig
+
+class UsageError(SystemExit):
+    """A flag or an input file the run cannot take, refused before any work. The message names the
+    flag or file, what was wrong and what to do; the command line exits with status 2 (argparse's
+    convention for usage errors), while errors found at run time exit with status 1."""
+
 
 CHECKPOINT_FORMAT = 2
 """1: written before checkpoints had one layout (no "format", "dataset" only inside "args"); still loads."""
@@ -37,9 +44,9 @@ def pick_device(requested: str | None = None) -> torch.device:
     """cuda, then mps, then cpu; an explicit request that this machine cannot serve is an error."""
     if requested is not None:
         if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise SystemExit(f"--device {requested}: CUDA is not available on this machine")
+            raise UsageError(f"--device {requested}: CUDA is not available on this machine")
         if requested == "mps" and not torch.backends.mps.is_available():
-            raise SystemExit("--device mps: MPS is not available on this machine")
+            raise UsageError("--device mps: MPS is not available on this machine")
         return torch.device(requested)
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -59,6 +66,14 @@ def autocast(device, precision: str | None):
 def fused(device) -> dict:
     """The fused (one-kernel) Adam/AdamW step on CUDA; the default elsewhere."""
     return dict(fused=True) if torch.device(device).type == "cuda" else {}
+
+
+def progress(iterable=None, **kw):
+    """A tqdm progress bar (dynamic width, redrawn at most once a second), drawn by rank 0 only. No
+    other `disable` is passed, so TQDM_DISABLE=1 and the other TQDM_* environment settings apply."""
+    if parallel.rank_and_world()[0] > 0:
+        kw["disable"] = True
+    return tqdm(iterable, dynamic_ncols=True, mininterval=1.0, **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,30 +141,45 @@ def _upgrade(ckpt: dict, where: str) -> dict:
     """A checkpoint in the current layout; one written by an older cagsr.py (format 1) is read as
     far as it can be, anything else is a clear error."""
     if not isinstance(ckpt, dict):
-        raise SystemExit(f"{where}: not a checkpoint written by cagsr.py (a {type(ckpt).__name__}, not a dict)")
+        raise UsageError(f"{where}: not a checkpoint written by cagsr.py (a {type(ckpt).__name__}, not a dict)")
     if ckpt.get("format", 1) == 1:
         args = ckpt.get("args") or {}
         ckpt = {**ckpt, "format": 1, "size": ckpt.get("size") or args.get("size") or "tiny",
                 "dataset": ckpt.get("dataset") or args.get("dataset")}
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
-        raise SystemExit(f"{where}: not a policy checkpoint written by cagsr.py (missing {', '.join(missing)})")
+        raise UsageError(f"{where}: not a policy checkpoint written by cagsr.py (missing {', '.join(missing)})")
     if ckpt["format"] > CHECKPOINT_FORMAT:
-        raise SystemExit(f"{where}: written by a newer cagsr.py (checkpoint format {ckpt['format']}); update the code")
+        raise UsageError(f"{where}: written by a newer cagsr.py (checkpoint format {ckpt['format']}); update the code")
     return ckpt
 
 
-def peek_checkpoint(path) -> dict:
+def _read(path, flag: str, **load_kw) -> dict:
+    """torch.load of a checkpoint file named by `flag`, or a UsageError that says what is wrong with it."""
+    path, where = Path(path), f"{flag} {path}".strip()
+    if path.is_dir():
+        raise UsageError(f"{where} is a directory, but {flag or 'this'} takes a checkpoint file written by cagsr.py "
+                         f"(a run's sft.pt or rl.pt); to continue the run in a directory, use --resume {path}")
+    if not path.is_file():
+        raise UsageError(f"{where}: no such checkpoint file")
+    try:
+        obj = torch.load(path, weights_only=False, **load_kw)
+    except Exception as e:                           # pickle, zip and torch errors alike: the file is not usable
+        raise UsageError(f"{where}: cannot be read as a checkpoint ({type(e).__name__}): it was not written by "
+                         f"torch.save, or it was cut short (a copy that did not finish). Give a .pt file written by "
+                         f"cagsr.py, a run's sft.pt or rl.pt") from None
+    return _upgrade(obj, where)
+
+
+def peek_checkpoint(path, flag: str = "") -> dict:
     """A checkpoint's fields with its tensors memory-mapped, not read: to check its size or
     tokenizer before (or instead of) loading what may be gigabytes of weights."""
-    return _upgrade(torch.load(path, map_location="cpu", mmap=True, weights_only=False), str(path))
+    return _read(path, flag, map_location="cpu", mmap=True)
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", flag: str = ""):
     """(model, tokenizer, checkpoint dict) from a file written by `save_checkpoint`."""
-    if not Path(path).is_file():
-        raise SystemExit(f"--init {path}: no such checkpoint file")
-    ckpt = _upgrade(torch.load(path, map_location=device, weights_only=False), str(path))
+    ckpt = _read(path, flag, map_location=device)
     model = EncoderDecoder(ModelConfig(**ckpt["model_config"])).to(device)
     model.load_state_dict(ckpt["model"])
     return model, data.tokenizer_from_str(ckpt["tokenizer"]), ckpt
@@ -172,7 +202,7 @@ def make_run_dir(out: str | None, overwrite: bool, size: str, dataset: str) -> P
     else:
         path = Path(out)
         if path.exists() and any(path.iterdir()) and not overwrite:
-            raise SystemExit(f"--out {path} already holds files; choose another directory or pass --overwrite")
+            raise UsageError(f"--out {path} already holds files; choose another directory or pass --overwrite")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -182,9 +212,16 @@ def read_run(run_dir: str) -> tuple[dict, Path | None]:
     sft.pt (None: the run wrote none yet)."""
     run = Path(run_dir)
     if not (run / "args.json").is_file():
-        raise SystemExit(f"--resume {run}: no args.json there; give the directory of a run written by cagsr.py")
+        raise UsageError(f"--resume {run}: no args.json there; give the directory of a run written by cagsr.py")
     saved = json.loads((run / "args.json").read_text())
     return saved, next((run / n for n in ("rl.pt", "sft.pt") if (run / n).is_file()), None)
+
+
+def run_complete(run_dir: str) -> bool:
+    """True when the run in `run_dir` finished: its metrics log ends with the "done" row."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return bool(lines) and json.loads(lines[-1]).get("stage") == "done"
 
 
 def check_resume(path: Path, ckpt: dict, run_dir: str, overrides: dict, size: str) -> None:
@@ -192,22 +229,22 @@ def check_resume(path: Path, ckpt: dict, run_dir: str, overrides: dict, size: st
     tokenizer (against the run's other checkpoint) must match; and it must carry the resume state."""
     where = f"--resume {run_dir}: {path.name}"
     if "log_rows" not in ckpt:
-        raise SystemExit(f"{where} was written by an older cagsr.py without the state needed to resume; "
+        raise UsageError(f"{where} was written by an older cagsr.py without the state needed to resume; "
                          f"start a new run with --init {path}")
     if ckpt["size"] != size:
-        raise SystemExit(f"{where} is a {ckpt['size']} checkpoint but the run is --size {size}: "
+        raise UsageError(f"{where} is a {ckpt['size']} checkpoint but the run is --size {size}: "
                          f"the file does not belong to this run")
     for k, v in overrides.items():
         if ckpt["model_config"].get(k) != v:
-            raise SystemExit(f"{where} has {k}={ckpt['model_config'].get(k)} but the run set {k}={v}: "
+            raise UsageError(f"{where} has {k}={ckpt['model_config'].get(k)} but the run set {k}={v}: "
                              f"the file does not belong to this run")
     world = parallel.rank_and_world()[1]
     if ckpt.get("world", 1) != world:
-        raise SystemExit(f"{where} was written by a run on {ckpt.get('world', 1)} process(es); resume it on as many "
+        raise UsageError(f"{where} was written by a run on {ckpt.get('world', 1)} process(es); resume it on as many "
                          f"(now {world}), since every process's data shard and random stream are in it")
     other = path.with_name("sft.pt") if path.name == "rl.pt" else None
     if other is not None and other.is_file() and peek_checkpoint(other)["tokenizer"] != ckpt["tokenizer"]:
-        raise SystemExit(f"{where} was written with another tokenizer than {other.name} in the same run "
+        raise UsageError(f"{where} was written with another tokenizer than {other.name} in the same run "
                          f"directory: the file does not belong to this run")
 
 

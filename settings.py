@@ -13,13 +13,19 @@ import argparse
 import ast
 import inspect
 import textwrap
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
+
 import ppo
+import reward
 import runs
+from runs import UsageError
 from experiments import ExperimentConfig
-from model import SIZES, ModelConfig, config_for, memory_plan
+from data import DATASETS
+from model import SIZES, ConfigError, ModelConfig, config_for, memory_plan
 from reward import RewardConfig
 from sft import SFT_DEFAULTS, TABLE_SFT_STEPS, SFTConfig, sft_config
 
@@ -73,16 +79,24 @@ def _optional(kind):
     return parse
 
 
-def add_config_flags(group, cls, skip=()):
+def per_size(values: dict) -> str:
+    """{size: value} as help text: "X" when every size has it, else "X (tiny/small), Y (base/1.3b)"."""
+    groups: dict = {}
+    for size, v in values.items():
+        groups.setdefault("none" if v is None else str(v), []).append(size)
+    return next(iter(groups)) if len(groups) == 1 else ", ".join(f"{v} ({'/'.join(s)})" for v, s in groups.items())
+
+
+def add_config_flags(group, cls, profile: dict | None = None):
     """One flag per field of the dataclass `cls` (--clip-eps for clip_eps), default None = "the run's
-    default", so a run can print which values the user set."""
+    default", so a run can print which values the user set. The help gives the default of every
+    preset: the field's own, or the per-size `profile`'s (ppo.RL_PROFILES["run"])."""
     docs = field_docs(cls)
     kinds = {"int": int, "float": float, "str": str, "int | None": _optional(int), "float | None": _optional(float)}
     for f in fields(cls):
-        if f.name in skip:
-            continue
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{docs.get(f.name, '')} (paper/default: {f.default})".replace("%", "%%")
+        default = per_size({size: p["ppo"].get(f.name, f.default) for size, p in (profile or {"": {"ppo": {}}}).items()})
+        help_ = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
         if f.type == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
@@ -96,13 +110,13 @@ def parse_overrides(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+            raise UsageError(f"--set expects FIELD=VALUE, got {item!r}")
         if key not in types:
-            raise SystemExit(f"--set: unknown ModelConfig field {key!r}; valid fields: {', '.join(sorted(types))}")
+            raise UsageError(f"--set: unknown ModelConfig field {key!r}; valid fields: {', '.join(sorted(types))}")
         try:
             out[key] = float(value) if types[key] in (float, "float") else int(value)
         except ValueError:
-            raise SystemExit(f"--set {key}: {value!r} is not a number") from None
+            raise UsageError(f"--set {key}: {value!r} is not a number") from None
     return out
 
 
@@ -111,69 +125,111 @@ def _flags(args, cls) -> dict:
     return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
 
 
+SFT_FLAGS = dict(steps="--sft-steps", batch_size="--sft-batch-size", lr="--sft-lr", warmup="--warmup",
+                 eval_every="--sft-eval-every")
+
+
+@contextmanager
+def flag_errors(flag_of=lambda field: "--" + field.replace("_", "-"), where: str = ""):
+    """A config's ConfigError as the UsageError of the flag that set the field."""
+    try:
+        yield
+    except ConfigError as e:
+        flag = flag_of(e.field)
+        raise UsageError(f"{where}{flag}{'' if flag.endswith('=') else ' '}{e.value}: must be {e.what}") from None
+
+
 def rl_configs(args, size: str, profile: str) -> tuple[ppo.PPOConfig, RewardConfig, int]:
     """PPOConfig, RewardConfig and the iteration count: the profile's per-size values, then the flags."""
     defaults = ppo.RL_PROFILES[profile][size]
-    try:
+    with flag_errors():
         cfg = ppo.PPOConfig(**{**defaults["ppo"], **_flags(args, ppo.PPOConfig)})
         reward_cfg = RewardConfig(**_flags(args, RewardConfig))
-    except ValueError as e:
-        raise SystemExit(f"RL settings: {e}") from None
     return cfg, reward_cfg, args.iterations if args.iterations is not None else defaults["iterations"]
 
 
-def _init_checkpoint(args) -> dict | None:
-    """The --init checkpoint's fields, peeked (tensors memory-mapped, not read); None without one."""
-    if args.init is None:
-        return None
-    if not Path(args.init).is_file():
-        raise SystemExit(f"--init {args.init}: no such checkpoint file")
-    return runs.peek_checkpoint(args.init)
+def _at_least_1(**flags) -> None:
+    for name, value in flags.items():
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
 
 
 def _check_stage(args) -> None:
     if args.stage in ("rl", "sample", "eval") and args.init is None:
-        raise SystemExit(f"--stage {args.stage} needs --init CKPT (a checkpoint written by an earlier run)")
+        raise UsageError(f"--stage {args.stage} needs --init CKPT (a checkpoint written by an earlier run)")
     if args.stage == "sample" and not args.prompt:
-        raise SystemExit('--stage sample needs at least one --prompt "..."')
+        raise UsageError('--stage sample needs at least one --prompt "..."')
     if args.stage == "sample" and any(not p.strip() for p in args.prompt):
-        raise SystemExit('--prompt is empty: give the text to answer, e.g. --prompt "Where does Stimdol Mellu live?"')
+        raise UsageError('--prompt is empty: give the text to answer, e.g. --prompt "Where does Stimdol Mellu live?"')
     if args.init is not None and args.stage == "all":
-        raise SystemExit("--init with --stage all would retrain the checkpoint; use --stage rl (or --stage sft)")
+        raise UsageError("--init with --stage all would retrain the checkpoint; use --stage rl (or --stage sft)")
+
+
+def _check_paths(args, dataset: str, experiment: bool) -> None:
+    """--dataset names a dataset or an existing .jsonl file; --out and --results-dir are directories;
+    a new run's --out holds no files unless --overwrite; --device names a device."""
+    if dataset not in DATASETS and not (dataset.endswith(".jsonl") and Path(dataset).is_file()):
+        what = "no such file" if dataset.endswith(".jsonl") else f"not one of {', '.join(DATASETS)}, nor a .jsonl file"
+        raise UsageError(f"--dataset {dataset}: {what}; give a bundled dataset's name or your own PATH.jsonl")
+    for flag, path in (("--out", args.out), ("--results-dir", args.results_dir if experiment else None)):
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            raise UsageError(f"{flag} {path} is a file; give a directory (it is created when missing)")
+    out = Path(args.out) if args.out else None
+    if out and out.is_dir() and any(out.iterdir()) and not (args.overwrite or args.resume or experiment):
+        raise UsageError(f"--out {out} already holds files; choose another directory or pass --overwrite")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device}: not a device; use cuda, cuda:N, mps or cpu") from None
 
 
 def _experiment(args) -> ExperimentConfig:
-    if args.seeds < 1:
-        raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
+    _at_least_1(seeds=args.seeds, rm_steps=args.rm_steps, human_prompts=args.human_prompts,
+                relevance_steps=args.relevance_steps)
     if args.init is not None:
-        raise SystemExit("--experiment table1 trains its own SFT model per seed; it does not take --init")
+        raise UsageError("--experiment table1 trains its own SFT model per seed; it does not take --init")
     return ExperimentConfig(name=args.experiment, seeds=args.seeds, results_dir=args.results_dir, work_dir=args.out,
                             rm_steps=args.rm_steps, human_prompts=args.human_prompts,
                             relevance_steps=args.relevance_steps)
 
 
-def resolve(args, command: str, resume_from: Path | None = None) -> Run:
-    """The `Run` of these flags. Size and dataset come from the flags, else from the --init checkpoint,
-    else the defaults (tiny; qa, or instruct for --experiment table1)."""
-    if args.size is not None and args.size not in SIZES:
-        raise SystemExit(f"--size {args.size!r} is not a preset; valid sizes: {', '.join(SIZES)}")
-    experiment = _experiment(args) if args.experiment is not None else None
-    if experiment is None and not args.dry_run:
-        _check_stage(args)
-    init = None if experiment or args.dry_run else _init_checkpoint(args)
-    size = args.size or (init["size"] if init else "tiny")
-    if init is not None and args.size is not None and args.size != init["size"] and args.resume is None:
-        raise SystemExit(f"--size {args.size} does not match the --init checkpoint, which is a {init['size']} model")
+def _model(args, size: str, init: dict | None) -> dict:
+    """The --set/--last-layers overrides, checked against the preset they change."""
     overrides = parse_overrides(args.set)
     if args.last_layers is not None:
         overrides["last_layers"] = args.last_layers
     if init is not None and overrides and args.resume is None:
-        raise SystemExit(f"--set/--last-layers cannot change a model loaded with --init ({overrides})")
+        raise UsageError(f"--set/--last-layers cannot change a model loaded with --init ({overrides})")
+    if init is None:
+        with flag_errors(lambda f: "--last-layers" if f == "last_layers" and args.last_layers is not None
+                         else f"--set {f}="):
+            config_for(size, **overrides)
+    return overrides
+
+
+def resolve(args, command: str, resume_from: Path | None = None) -> Run:
+    """The `Run` of these flags, every setting checked. Size and dataset come from the flags, else from
+    the --init checkpoint, else the defaults (tiny; qa, or instruct for --experiment table1)."""
+    if args.size is not None and args.size not in SIZES:
+        raise UsageError(f"--size {args.size!r} is not a preset; valid sizes: {', '.join(SIZES)}")
+    experiment = _experiment(args) if args.experiment is not None else None
+    if experiment is None and not args.dry_run:
+        _check_stage(args)
+    init = None if experiment or args.dry_run or args.init is None else runs.peek_checkpoint(args.init, "--init")
+    size = args.size or (init["size"] if init else "tiny")
+    if init is not None and args.size is not None and args.size != init["size"] and args.resume is None:
+        raise UsageError(f"--size {args.size} does not match the --init checkpoint, which is a {init['size']} model")
+    overrides = _model(args, size, init)
     dataset = args.dataset or (init and init["dataset"]) or ("instruct" if experiment else "qa")
+    _check_paths(args, dataset, experiment is not None)
+    _at_least_1(iterations=args.iterations, eval_every=args.eval_every, eval_prompts=args.eval_prompts,
+                ckpt_every=args.ckpt_every, num_eval=args.num_eval)
     name = Path(dataset).stem if dataset.endswith(".jsonl") else dataset
     steps = args.sft_steps if args.sft_steps is not None or not experiment else TABLE_SFT_STEPS.get(name)
-    sft = sft_config(size, steps=steps, batch_size=args.sft_batch_size, lr=args.sft_lr, warmup=args.warmup,
-                     eval_every=args.sft_eval_every)
+    with flag_errors(SFT_FLAGS.get):
+        sft = sft_config(size, steps=steps, batch_size=args.sft_batch_size, lr=args.sft_lr, warmup=args.warmup,
+                         eval_every=args.sft_eval_every)
     ppo_cfg, reward_cfg, iterations = rl_configs(args, size, "table1" if experiment else "run")
     num_eval = args.num_eval if args.num_eval is not None else (300 if experiment else 500)
     stage = "dry-run" if args.dry_run else "experiment" if experiment else args.stage
@@ -185,6 +241,22 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
                truncate=args.truncate, device=args.device, precision=args.precision,
                grad_checkpoint=args.grad_checkpoint, compile=args.compile, out=args.out, overwrite=args.overwrite,
                experiment=experiment)
+
+
+def resumed(defaults: dict, args, command: str):
+    """--resume RUN_DIR: a new namespace with the run's own settings (RUN_DIR/args.json; only
+    --device may be given beside it), the command line to record, and the run's last checkpoint.
+    defaults: every flag's default (the parser's)."""
+    saved, path = runs.read_run(args.resume)
+    extra = sorted(k for k, v in vars(args).items() if k not in ("resume", "device") and v != defaults[k])
+    if extra:
+        flags = ", ".join("--" + k.replace("_", "-") for k in extra)
+        raise UsageError(f"--resume continues the run with its own settings ({args.resume}/args.json); drop {flags} "
+                         f"(only --device may be given), or start a new run")
+    new = argparse.Namespace(**{**defaults, **{k: v for k, v in saved.items() if k in defaults}})
+    new.resume, new.out, new.overwrite = args.resume, args.resume, True
+    new.device = args.device or saved.get("device")
+    return new, saved.get("command", "") + f"  [resumed: {command}]", path
 
 
 def single_process(run: Run) -> str | None:
@@ -203,13 +275,13 @@ def check_device(run: Run, device, world: int) -> None:
     if run.device is None and device.type == "cpu" and (by_flag or by_init):
         print_plan(run.size, run.sft.batch_size)
         if by_flag:
-            raise SystemExit(f"--size {run.size} is a GPU preset and no GPU was found: on this CPU it would run for "
+            raise UsageError(f"--size {run.size} is a GPU preset and no GPU was found: on this CPU it would run for "
                              f"days. Pass --device cpu to run it here anyway, or --dry-run to see only the plan above.")
-        raise SystemExit(f"--init {run.init} is a {run.size} model, a GPU preset, and no GPU was found: training it "
+        raise UsageError(f"--init {run.init} is a {run.size} model, a GPU preset, and no GPU was found: training it "
                          f"on this CPU would run for days. Pass --device cpu to run it here anyway.")
     for flag, n in (("--prompts-per-iter", run.ppo.prompts_per_iter), ("--sft-batch-size", run.sft.batch_size)):
         if world > 1 and n % world:
-            raise SystemExit(f"{flag} {n} cannot be split evenly over {world} processes: choose a multiple of {world}")
+            raise UsageError(f"{flag} {n} cannot be split evenly over {world} processes: choose a multiple of {world}")
 
 
 def print_plan(size: str, batch: int | None = None) -> None:
@@ -227,11 +299,12 @@ def print_plan(size: str, batch: int | None = None) -> None:
 
 
 def print_rl_settings(cfg: ppo.PPOConfig, reward_cfg: RewardConfig, iterations: int) -> None:
-    """This run's RL settings next to the paper's (§7.2), '*' where they differ."""
-    paper, paper_reward = ppo.PPOConfig(), RewardConfig()
-    print("RL settings (this run | the paper, §7.2; '*' = differs):")
-    for obj, ref in ((cfg, paper), (reward_cfg, paper_reward)):
+    """This run's RL settings next to the paper's (§4, §7.2): '*' where they differ, '-' where the
+    paper states no value (ppo.PAPER, reward.PAPER)."""
+    print("RL settings (this run | the paper, §7.2; '*' = differs, '-' = the paper states none):")
+    for obj, paper in ((cfg, ppo.PAPER), (reward_cfg, reward.PAPER)):
         for f in fields(obj):
-            mine, theirs = getattr(obj, f.name), getattr(ref, f.name)
-            print(f"  {'*' if mine != theirs else ' '} {f.name:16s} {mine!s:>10} | {theirs}")
-    print(f"    iterations       {iterations:>10} | not stated")
+            mine = getattr(obj, f.name)
+            mark = "-" if f.name not in paper else "*" if mine != paper[f.name] else " "
+            print(f"  {mark} {f.name:16s} {mine!s:>10} | {paper.get(f.name, 'not stated')}")
+    print(f"  - iterations       {iterations:>10} | not stated")

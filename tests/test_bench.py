@@ -11,9 +11,19 @@ def test_bench_workers_measure_our_model():
     g = bench.worker("ours", "growth_pairs", calls=2, threads=2)
     assert len(g["ratios"]) == 2 and all(1.2 < x < 4 for x in g["ratios"])   # 96 tokens cost more than 48
     t = bench.worker("ours", "train", calls=1, threads=2)
-    # 6 x (encoder params x 64*32 prompt tokens + (decoder params + tied head) x 64*48 target tokens).
+    # The step's FLOPs (the 6 x parameters x tokens convention) against the matrix products torch counts
+    # in one real step (FlopCounterMode: aten.mm, forward and backward). The convention counts every
+    # decoder parameter at the 64 x 48 target tokens, but the cross-attention keys and values
+    # (2 D^2 per layer) run on the 64 x 32 prompt tokens, and it counts the LayerNorm weights (2 D per
+    # encoder layer, 3 D per decoder layer), which make no matrix product.
+    from torch.utils.flop_counter import FlopCounterMode
     from model import EncoderDecoder, config_for
     m = EncoderDecoder(config_for("small", **bench.DIMS))
-    enc = sum(p.numel() for n, p in m.named_parameters() if n.startswith("encoder."))
-    dec = sum(p.numel() for n, p in m.named_parameters() if n.startswith("decoder.")) + m.tok_emb.weight.numel()
-    assert t["flops_per_step"] == 6 * (enc * 64 * 32 + dec * 64 * 48)
+    step = bench.train_fn("ours", m)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    counted = sum(v for k, v in counter.get_flop_counts()["Global"].items() if str(k) in ("aten.mm", "aten.addmm"))
+    D, L = bench.DIMS["d_model"], bench.DIMS["n_dec_layers"]
+    cross_kv = 6 * L * 2 * D * D * 64 * (48 - 32)
+    layer_norms = 6 * (2 * D * bench.DIMS["n_enc_layers"] * 64 * 32 + 3 * D * L * 64 * 48)
+    assert t["flops_per_step"] - cross_kv - layer_norms == counted

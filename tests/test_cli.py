@@ -144,6 +144,13 @@ def test_cli_cagsr_run_writes_its_run_directory_and_its_checkpoint_serves_sample
     # The same checkpoint, set and seed give the same fixed-set reward as the run logged at its end.
     assert f"reward {fixed[20]['reward']:.4f}" in ev.stdout
 
+    # --resume of the finished run says so and changes nothing.
+    files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    again = subprocess.run([sys.executable, "cagsr.py", "--resume", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and "this run is complete" in again.stdout, again.stderr[-2000:]
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == files
+
 
 # ---------------------------------------------------------------------------- scale: the plan
 def test_memory_plan_counts_bytes_per_parameter_and_activations_by_hand():

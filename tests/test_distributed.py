@@ -6,6 +6,7 @@ This file is also the worker those tests launch: `python tests/test_distributed.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -77,7 +78,9 @@ def test_sft_batch_shares_cover_the_batch_once():
 def test_single_process_helpers_are_the_plain_versions():
     x = torch.tensor([1.0, 2.0, 3.0, 10.0])
     assert parallel.rank_and_world() == (0, 1)
-    torch.testing.assert_close(ppo.whiten_across_ranks(x), ppo.whiten(x), rtol=0, atol=0)
+    # mean 4, biased variance (9 + 4 + 1 + 36) / 4 = 12.5: (x - 4) / sqrt(12.5)
+    expected = torch.tensor([-3.0, -2.0, -1.0, 6.0]) / math.sqrt(12.5)
+    torch.testing.assert_close(ppo.whiten_across_ranks(x), expected, rtol=1e-6, atol=1e-6)
     assert parallel.all_finite(x) and not parallel.all_finite(torch.tensor([1.0, float("nan")]))
     row = dict(reward=0.5, iteration=3)
     assert parallel.mean_over_ranks(row) is row and parallel.replicas_agree(torch.nn.Linear(2, 2)) == 0.0

@@ -251,14 +251,20 @@ def test_compute_reward_ablations_remove_exactly_their_term(weights):
 
 def test_compute_reward_options_reach_the_terms():
     attn, tokens, mask, salient, _, _ = _random_batch(seed=2)
+    tokens[0] = torch.tensor([5, 6, 7, 5, 6, 7])                             # 4 trigrams, 3 distinct: 1 repeat
     w = salient * torch.linspace(0.5, 3.0, salient.size(1))                  # IDF-like weights
     cfg = RewardConfig(ngram=3, repeat_count=True, attn_temperature=0.7, entropy_floor=0.4)
     ref = _np_terms(attn, tokens, mask, w, n=3, tau=0.7, floor=0.4)
     got = compute_reward(attn, tokens, mask, w, cfg)
     assert got["coverage"].tolist() == approx(ref["coverage"].tolist())
     assert got["focus"].tolist() == approx(ref["focus"].tolist())
-    count = repeat_penalty(tokens, mask, n=3, count=True)
-    assert got["repeat"].tolist() == approx(count.tolist())
+    # the raw count of repeated trigrams, by hand: count - distinct over the masked-in tokens
+    counts = []
+    for row, m in zip(tokens.tolist(), mask.tolist()):
+        y = [t for t, keep in zip(row, m) if keep]
+        grams = [tuple(y[i:i + 3]) for i in range(len(y) - 2)]
+        counts.append(float(len(grams) - len(set(grams))))
+    assert counts[0] == 1.0 and got["repeat"].tolist() == approx(counts)
 
 
 def test_sink_share_matches_a_loop():

@@ -15,7 +15,6 @@ import torch
 
 import cagsr
 import ppo
-import runs
 from model import EncoderDecoder, ModelConfig
 from reward import RewardConfig, SalientTokens
 from sft import SFTConfig, train_sft
@@ -233,14 +232,8 @@ def test_prompts_without_salient_tokens_score_finite_terms():
     assert (terms["coverage"] == 0).all()
 
 
-def test_sample_refuses_an_empty_or_overlong_prompt(tmp_path):
-    import data
-    tok = data.train_tokenizer(["where does the cat live ?", "the cat lives in town ."] * 20, 300)
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_heads=2, n_enc_layers=1, n_dec_layers=1,
-                      d_ff=64, max_src_len=8, max_tgt_len=8)
-    path = tmp_path / "m.pt"
-    runs.save_checkpoint(path, EncoderDecoder(cfg), tok, torch.ones(cfg.vocab_size), size="tiny", dataset="qa",
-                         stage="sft")
+def test_sample_refuses_an_empty_or_overlong_prompt(checkpoint):
+    path = checkpoint                                                # max_src_len 8 (tests/conftest.py)
     with pytest.raises(SystemExit, match="--prompt is empty"):
         cagsr.main(["--stage", "sample", "--init", str(path), "--prompt", "  "])
     with pytest.raises(SystemExit, match=r"--prompt is \d+ tokens, over this model's max_src_len=8"):
