@@ -332,6 +332,32 @@ def collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg: PPOConfig
     return exp, dict(sample_s=sample_s, reward_s=reward_s, ref_s=time.time() - t1)
 
 
+def policy_objective(logits, tokens, mask, exp: Experience, rows, v_loss, cfg: PPOConfig):
+    """The loss of one minibatch: the PPO (or PG) policy loss, plus the value loss (baseline "value"),
+    minus the entropy bonus, plus the k3 KL term. A term joins only when its coefficient is non-zero
+    (0 * NaN is NaN). V(x) is trained only when it is the baseline: with the shared encoder, a value
+    loss nobody uses would still move the policy's attention. Returns (loss, logged statistics)."""
+    logprobs = token_logprobs(logits, tokens, cfg.temperature)                # (B*N, T)
+    old, adv = exp.old_logprobs[rows], exp.advantages[rows]
+    if cfg.algo == "ppo":
+        p_loss = ppo_policy_loss(logprobs, old, adv, mask, cfg.clip_eps)
+    else:
+        p_loss = pg_loss(logprobs, adv, mask)
+    entropy = token_entropy(logits, mask, cfg.temperature)
+    k3 = k3_kl(logprobs, exp.ref_logprobs[rows], mask)
+    loss = p_loss
+    if cfg.baseline == "value" and cfg.value_coef:
+        loss = loss + cfg.value_coef * v_loss
+    if cfg.entropy_coef:
+        loss = loss - cfg.entropy_coef * entropy
+    if cfg.kl_k3_coef:
+        loss = loss + cfg.kl_k3_coef * k3
+    with torch.no_grad():
+        stats = dict(policy_loss=p_loss.item(), entropy=entropy.item(), approx_kl=approx_kl(logprobs, old, mask).item(),
+                     clipfrac=clip_fraction(logprobs, old, mask, cfg.clip_eps).item(), k3_kl=k3.item())
+    return loss, stats
+
+
 def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, generator=None, policy=None) -> dict:
     """PPO epochs over one rollout (cfg.algo "pg": one epoch of REINFORCE steps, one per minibatch).
 
@@ -354,35 +380,13 @@ def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, 
             tokens, mask = exp.tokens[rows], exp.mask[rows]
             logits, values = policy(src, src_mask, decoder_input(tokens), N, value_only)   # (B*N, T, V), (B,)
             values = values.repeat_interleave(N)                                   # (B*N,)
+            v_loss = value_loss(values, exp.returns[rows])
             if value_only:
-                loss = v_loss = value_loss(values, exp.returns[rows])
+                loss = v_loss
             else:
-                logprobs = token_logprobs(logits, tokens, cfg.temperature)
-                old = exp.old_logprobs[rows]
-                adv = exp.advantages[rows]
-                if cfg.algo == "ppo":
-                    p_loss = ppo_policy_loss(logprobs, old, adv, mask, cfg.clip_eps)
-                else:
-                    p_loss = pg_loss(logprobs, adv, mask)
-                v_loss = value_loss(values, exp.returns[rows])
-                entropy = token_entropy(logits, mask, cfg.temperature)
-                k3 = k3_kl(logprobs, exp.ref_logprobs[rows], mask)
-                # A term joins the loss only when its coefficient is non-zero (0 * NaN is NaN). V(x) is
-                # trained only when it is the baseline: with the shared encoder, a value loss nobody
-                # uses would still move the policy's attention.
-                loss = p_loss
-                if cfg.baseline == "value" and cfg.value_coef:
-                    loss = loss + cfg.value_coef * v_loss
-                if cfg.entropy_coef:
-                    loss = loss - cfg.entropy_coef * entropy
-                if cfg.kl_k3_coef:
-                    loss = loss + cfg.kl_k3_coef * k3
-                with torch.no_grad():
-                    stats["policy_loss"].append(p_loss.item())
-                    stats["entropy"].append(entropy.item())
-                    stats["approx_kl"].append(approx_kl(logprobs, old, mask).item())
-                    stats["clipfrac"].append(clip_fraction(logprobs, old, mask, cfg.clip_eps).item())
-                    stats["k3_kl"].append(k3.item())
+                loss, terms = policy_objective(logits, tokens, mask, exp, rows, v_loss, cfg)
+                for k, v in terms.items():
+                    stats[k].append(v)
             stats["value_loss"].append(v_loss.item())
             cause, norm = parallel.guarded_step(optimizer, loss, cfg.max_grad_norm)
             if cause is not None:
