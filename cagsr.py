@@ -145,9 +145,7 @@ def prepare(run, device) -> Setup:
     runs.seed_everything(run.seed)
     ckpt = resume = None
     if run.resume_from is not None:                 # the model and everything else from its checkpoint
-        model, tok, resume = runs.load_checkpoint(run.resume_from, device, "--resume")
-        overrides = {k: v for k, v in run.model_overrides.items() if k != "vocab_size"}
-        runs.check_resume(run.resume_from, resume, run.resume, overrides, run.size)
+        model, tok, resume = runs.load_checkpoint(run.resume_from, device, "--resume")    # checked in main
         where = f"step {resume['step']}" if resume["stage"] == "sft" else f"iteration {resume['iteration']}"
         print(f"resuming {run.resume} from {run.resume_from.name} ({resume['stage']}, {where})")
         ckpt = resume
@@ -369,16 +367,16 @@ def main(argv=None) -> int:
     if args.resume is not None:
         args, command, resume_from = settings.resumed(vars(parser.parse_args([])), args, command)
     run = settings.resolve(args, command, resume_from)
-    if run.resume is not None and runs.run_complete(run.resume):
-        print(f"--resume {run.resume}: this run is complete (its metrics.jsonl ends with the 'done' row); nothing was "
-              f"changed. For more RL, start a new run: --stage rl --init {run.resume}/rl.pt")
-        return 0
     rank, world, dp_device = parallel.init(run.device, settings.single_process(run))
     if run.stage == "dry-run":
         settings.print_plan(run.size, run.sft.batch_size)
         return 0
     device = dp_device or runs.pick_device(run.device)
     settings.check_device(run, device, world)
+    if run.resume is not None and settings.resume_complete(run):
+        print(f"--resume {run.resume}: this run is complete (its metrics.jsonl ends with the 'done' row); nothing was "
+              f"changed. For more RL, start a new run: --stage rl --init {run.resume}/rl.pt")
+        return 0
     try:
         if run.stage == "experiment":
             return experiments.run_table1(run, device)

@@ -485,8 +485,10 @@ def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfi
     gen, cpu_gen, kl_coef, start = _streams(device, seed, cfg, resume)
     history = []
     batches = prompt_batches(prompts, cfg.prompts_per_iter, seed, rank, world, skip=start)
-    # The value warm-up leaves the encoder and decoder out of the graph: DDP must be told.
-    policy = parallel.data_parallel(PolicyValue(model), device, find_unused_parameters=cfg.value_warmup > start)
+    # DDP must be told when a parameter gets no gradient: the encoder and decoder in the value warm-up,
+    # the value head when V(x) is not the baseline (its loss then joins no update).
+    unused = cfg.value_warmup > start or not (cfg.baseline == "value" and cfg.value_coef)
+    policy = parallel.data_parallel(PolicyValue(model), device, find_unused_parameters=unused)
     policy = torch.compile(policy) if compile else policy                     # the update's forward only
     kl = AdaptiveKLController(kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
     bad = 0

@@ -259,6 +259,16 @@ def resumed(defaults: dict, args, command: str):
     return new, saved.get("command", "") + f"  [resumed: {command}]", path
 
 
+def resume_complete(run: Run) -> bool:
+    """--resume: its last checkpoint must belong to the run (size, model settings, tokenizer, number of
+    processes; peeked, not loaded), then True when the run already finished."""
+    if run.resume_from is not None:
+        overrides = {k: v for k, v in run.model_overrides.items() if k != "vocab_size"}
+        runs.check_resume(run.resume_from, runs.peek_checkpoint(run.resume_from, "--resume"), run.resume, overrides,
+                          run.size)
+    return runs.run_complete(run.resume)
+
+
 def single_process(run: Run) -> str | None:
     """Why `run` must not run under torchrun, or None when it may."""
     if run.stage in ("experiment", "dry-run"):

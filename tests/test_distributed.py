@@ -162,7 +162,7 @@ def test_torchrun_cli_trains_on_two_processes_and_rank_zero_writes(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if r["stage"] == "rl"] == [1, 2]
     # An impossible combination is refused before any work, naming the flag.
-    bad = torchrun(common + ["--prompts-per-iter", "7", "--out", str(tmp_path / "bad")])
+    bad = torchrun(common + ["--prompts-per-iter", "7", "--minibatches", "1", "--out", str(tmp_path / "bad")])
     assert bad.returncode != 0 and "--prompts-per-iter 7 cannot be split evenly over 2 processes" in bad.stderr
     assert not (tmp_path / "bad").exists()
 
