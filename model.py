@@ -56,6 +56,12 @@ AT_LEAST_0 = (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0")
 POSITIVE = (lambda v: finite_number(v) and v > 0, "a positive, finite number")
 NON_NEGATIVE = (lambda v: finite_number(v) and v >= 0, "a finite number >= 0")
 FINITE = (finite_number, "a finite number")
+BOOL = (lambda v: isinstance(v, bool), "True or False")
+
+
+def one_of(*choices):
+    """A `check_fields` rule: the value is one of `choices`."""
+    return (lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
 
 
 def check_fields(cfg, rules: dict) -> None:
@@ -80,22 +86,60 @@ class ModelConfig:
     d_ff: int = 512
     """Hidden width of the feed-forward blocks."""
     max_src_len: int = 128
-    """Longest prompt, in tokens including its EOS (learned absolute positions)."""
+    """Longest prompt, in tokens including its EOS (the size of the learned absolute position table;
+    a limit only with relative positions)."""
     max_tgt_len: int = 128
     """Longest response, in tokens including its EOS."""
     last_layers: int = 1
     """L' of §3.2: how many of the last decoder layers record cross-attention (1 or 3 in the paper)."""
     dropout: float = 0.0
     """Residual dropout. RL turns it off during rollouts and updates anyway."""
+    # The architecture variants below default to the from-scratch model; the T5 family sets its own.
+    norm: str = "layernorm"
+    """"layernorm" (bias-free LayerNorm, its own eps 1e-5) or "rmsnorm" (T5: x / rms(x) * weight, no mean, no bias)."""
+    norm_eps: float = 1e-6
+    """Epsilon of "rmsnorm" (T5's layer_norm_epsilon); "layernorm" ignores it."""
+    position: str = "absolute"
+    """"absolute" (learned enc_pos / dec_pos tables) or "relative" (T5's bucketed relative position bias)."""
+    rel_buckets: int = 32
+    """Buckets of the relative position bias (T5's relative_attention_num_buckets)."""
+    rel_max_distance: int = 128
+    """Relative distance from which positions share the last bucket (T5's relative_attention_max_distance)."""
+    scale_scores: bool = True
+    """Divide the attention scores by sqrt(head width); T5 does not (its initialisation absorbs the scale)."""
+    d_kv: int | None = None
+    """Width of one attention head; None = d_model // n_heads. n_heads * d_kv may differ from d_model."""
+    ffn: str = "gelu"
+    """Feed-forward block: "gelu" out(gelu(up x)), "relu" (T5 v1.0) out(relu(up x)), or "gated-gelu"
+    (T5 v1.1, flan-T5, mT5) out(gelu_tanh(gate x) * up x)."""
+    tie_head: bool = True
+    """Logits = h @ tok_emb^T (tied); False = a separate lm_head (flan-T5, mT5)."""
+    scale_head: bool = False
+    """Multiply the decoder output by d_model^-0.5 before the head (T5 v1.0, whose head is tied)."""
 
     def __post_init__(self):
         check_fields(self, {name: AT_LEAST_1 for name in ("vocab_size", "d_model", "n_heads", "n_enc_layers",
-                                                          "n_dec_layers", "d_ff", "max_src_len", "max_tgt_len")})
-        check_fields(self, dict(dropout=(lambda v: 0 <= v < 1, "in [0, 1)")))
-        if self.d_model % self.n_heads:
+                                                          "n_dec_layers", "d_ff", "max_src_len", "max_tgt_len",
+                                                          "rel_buckets", "rel_max_distance")})
+        check_fields(self, dict(dropout=(lambda v: 0 <= v < 1, "in [0, 1)"), norm_eps=POSITIVE,
+                                norm=one_of("layernorm", "rmsnorm"), position=one_of("absolute", "relative"),
+                                ffn=one_of("gelu", "relu", "gated-gelu"), scale_scores=BOOL, tie_head=BOOL,
+                                scale_head=BOOL, d_kv=(lambda v: v is None or AT_LEAST_1[0](v),
+                                                       "None or " + AT_LEAST_1[1])))
+        if self.rel_buckets < 4:                                           # 2 exact + 2 log buckets per side
+            raise ConfigError("rel_buckets", self.rel_buckets, "at least 4")
+        if self.rel_max_distance <= self.rel_buckets // 2:
+            raise ConfigError("rel_max_distance", self.rel_max_distance,
+                              f"greater than rel_buckets // 2 = {self.rel_buckets // 2} (the exact distances)")
+        if self.d_kv is None and self.d_model % self.n_heads:
             raise ConfigError("d_model", self.d_model, f"divisible by n_heads={self.n_heads}")
         if not 1 <= self.last_layers <= self.n_dec_layers:
             raise ConfigError("last_layers", self.last_layers, f"in 1..n_dec_layers={self.n_dec_layers} (L' of §3.2)")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head: d_kv, else d_model // n_heads."""
+        return self.d_model // self.n_heads if self.d_kv is None else self.d_kv
 
 
 # Named presets (minGPT style). `python cagsr.py --size NAME` is a lookup here, nothing else.
@@ -133,29 +177,101 @@ def config_for(size: str, **overrides) -> ModelConfig:
 # Attention: one function, weights on request.
 # --------------------------------------------------------------------------------------------
 
-def attention(q, k, v, mask=None, is_causal=False, need_weights=False):
-    """Scaled dot-product attention softmax(q k^T / sqrt(d)) v, returning (out, weights).
+def attention(q, k, v, mask=None, is_causal=False, need_weights=False, scale=None):
+    """Scaled dot-product attention softmax(q k^T * scale + mask) v, returning (out, weights).
 
-    q: (B, H, Tq, hd); k, v: (B, H, Tk, hd); mask: bool, broadcastable to (B, H, Tq, Tk),
-    True where a query may attend. With need_weights=False this is the fused
-    F.scaled_dot_product_attention and weights is None; with need_weights=True it is the
-    explicit softmax, written out so the recorded weights are exactly the ones applied to v.
+    q: (B, H, Tq, hd); k, v: (B, H, Tk, hd); mask broadcastable to (B, H, Tq, Tk): bool, True where
+    a query may attend, or float, added to the scores (a relative position bias with -inf where a
+    query may not attend, from `additive_mask`). scale: None = 1/sqrt(hd); T5 uses 1.0.
+    With need_weights=False this is the fused F.scaled_dot_product_attention and weights is None;
+    with need_weights=True it is the explicit softmax, written out so the recorded weights are
+    exactly the ones applied to v.
     """
     if not need_weights:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)                                        # bf16 autocast: SDPA wants one dtype
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
         return out, None
     hd = q.size(-1)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)                   # (B, H, Tq, Tk)
+    scores = q @ k.transpose(-2, -1)                                       # (B, H, Tq, Tk)
+    scores = scores / math.sqrt(hd) if scale is None else scores * scale
     if is_causal:
         Tq, Tk = scores.shape[-2:]
         causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
         mask = causal if mask is None else mask & causal
-    if mask is not None:
+    if mask is not None and mask.is_floating_point():
+        scores = scores + mask
+    elif mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     # Softmax in float32 so recorded maps sum to 1 to float32 precision even under bf16 autocast.
     weights = torch.softmax(scores.float(), dim=-1)                      # (B, H, Tq, Tk)
     out = weights.to(v.dtype) @ v                                        # (B, H, Tq, hd)
     return out, weights
+
+
+def relative_position_bucket(rel, bidirectional: bool, num_buckets: int, max_distance: int):
+    """T5's bucket of each relative position rel = key position - query position (Raffel et al. 2020,
+    §2.1; the arithmetic of transformers' T5Attention._relative_position_bucket, bit for bit).
+
+    Half the buckets hold the exact distances 0 .. max_exact-1, the other half logarithmically wider
+    bins up to max_distance, beyond which every distance shares the last bucket. Bidirectional (the
+    encoder): keys after the query use a second set of num_buckets // 2 buckets. Unidirectional (the
+    decoder): keys after the query fall in bucket 0, like distance 0, so a causal mask is still needed.
+    rel: long tensor (any shape) -> long tensor of buckets in [0, num_buckets), same shape.
+    """
+    buckets = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (rel > 0).long() * num_buckets
+        rel = rel.abs()
+    else:
+        rel = -torch.min(rel, torch.zeros_like(rel))                        # distance into the past, >= 0
+    max_exact = num_buckets // 2
+    # The log in float32, as the reference: float64 can move a distance at a bin edge to the next bucket.
+    large = max_exact + (torch.log(rel.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).to(torch.long)
+    large = torch.min(large, torch.full_like(large, num_buckets - 1))
+    return buckets + torch.where(rel < max_exact, rel, large)
+
+
+def additive_mask(bias, mask=None, is_causal=False):
+    """The float mask `attention` adds to the scores: the relative position bias (1, H, Tq, Tk), and
+    -inf where the bool key mask (B, 1, 1, Tk) or causality (key after query, queries being the
+    last Tq of Tk positions) forbids attending. -> (B or 1, H, Tq, Tk)."""
+    Tq, Tk = bias.shape[-2:]
+    allowed = mask
+    if is_causal:
+        causal = torch.ones(Tq, Tk, dtype=torch.bool, device=bias.device).tril(Tk - Tq)   # (Tq, Tk)
+        allowed = causal if allowed is None else allowed & causal
+    if allowed is None:
+        return bias
+    return torch.where(allowed, bias, torch.full((), float("-inf"), dtype=bias.dtype, device=bias.device))
+
+
+def rms_norm(x, weight, eps: float):
+    """T5's layer norm (Raffel et al. 2020, §2.1): x / sqrt(mean(x^2) + eps) * weight, no mean
+    subtraction and no bias; the mean of squares in float32 even for half-precision x. (..., D)."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)                     # (..., 1)
+    return weight * (x * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """`rms_norm` with a learned weight (starts at ones)."""
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The normalisation `cfg.norm` names, over d_model."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, bias=False)
 
 
 def abar(maps):
@@ -173,18 +289,32 @@ def mean_pool(x, mask):
 
 class MultiHeadAttention(nn.Module):
     """Multi-head attention. `records=True` marks the cross-attention of the last L' decoder
-    layers (§3.2): only those may be asked for their weights."""
+    layers (§3.2): only those may be asked for their weights. `relative_bias=True` gives it the
+    stack's table of relative position biases (T5: the first layer's self-attention owns it, the
+    other layers of the stack reuse the bias it computes)."""
 
-    def __init__(self, cfg: ModelConfig, records: bool = False):
+    def __init__(self, cfg: ModelConfig, records: bool = False, relative_bias: bool = False):
         super().__init__()
-        self.n_heads, self.records = cfg.n_heads, records
-        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.n_heads, self.d_head, self.records = cfg.n_heads, cfg.head_dim, records
+        self.scale = None if cfg.scale_scores else 1.0                   # None: 1/sqrt(d_head)
+        inner = cfg.n_heads * cfg.head_dim                                 # may differ from d_model
+        self.q = nn.Linear(cfg.d_model, inner, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * inner, bias=False)
+        self.out = nn.Linear(inner, cfg.d_model, bias=False)
+        if relative_bias:
+            self.rel_bias = nn.Embedding(cfg.rel_buckets, cfg.n_heads)
+            self.rel_buckets, self.rel_max_distance = cfg.rel_buckets, cfg.rel_max_distance
 
-    def heads(self, x):                                                  # (B, T, D) -> (B, H, T, hd)
-        B, T, D = x.shape
-        return x.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)
+    def heads(self, x):                                                  # (B, T, H*hd) -> (B, H, T, hd)
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.d_head).transpose(1, 2)
+
+    def position_bias(self, q_pos, k_len: int, bidirectional: bool):
+        """The relative position bias of queries at positions q_pos (Tq,) against keys at positions
+        0 .. k_len-1, one value per head from this block's table: (1, H, Tq, Tk)."""
+        rel = torch.arange(k_len, device=q_pos.device)[None, :] - q_pos[:, None]   # (Tq, Tk)
+        buckets = relative_position_bucket(rel, bidirectional, self.rel_buckets, self.rel_max_distance)
+        return self.rel_bias(buckets).permute(2, 0, 1).unsqueeze(0)      # (1, H, Tq, Tk)
 
     def project_kv(self, x):
         """Keys and values of `x`, each (B, H, T, hd). Cross-attention calls this once per prompt."""
@@ -201,14 +331,14 @@ class MultiHeadAttention(nn.Module):
         if need_weights and not self.records:
             raise RuntimeError("this attention block does not record its weights: only the cross-attention of the "
                                "last `last_layers` decoder layers does (ModelConfig.last_layers, L' of §3.2)")
-        Bq, Tq, D = x.shape
+        Bq, Tq, _ = x.shape
         B = k.size(0)
         G = Bq // B
         assert Bq == B * G, f"query batch {Bq} is not a multiple of key batch {B}"
         assert G == 1 or not is_causal, "folding samples into one query sequence is for cross-attention only"
-        q = self.heads(self.q(x).reshape(B, G * Tq, D))                    # (B, H, G*Tq, hd)
-        y, w = attention(q, k, v, mask=mask, is_causal=is_causal, need_weights=need_weights)
-        y = y.transpose(1, 2).reshape(Bq, Tq, D)                           # (B', Tq, D)
+        q = self.heads(self.q(x).reshape(B, G * Tq, -1))                   # (B, H, G*Tq, hd)
+        y, w = attention(q, k, v, mask=mask, is_causal=is_causal, need_weights=need_weights, scale=self.scale)
+        y = y.transpose(1, 2).reshape(Bq, Tq, -1)                          # (B', Tq, H*hd)
         if w is not None:
             H, Tk = w.size(1), w.size(-1)
             w = w.view(B, H, G, Tq, Tk).transpose(1, 2).reshape(Bq, H, Tq, Tk)  # (B', H, Tq, Tk)
@@ -216,25 +346,34 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """cfg.ffn: "gelu" out(gelu(up x)); "relu" out(relu(up x)) (T5 v1.0); "gated-gelu"
+    out(gelu_tanh(gate x) * up x) (T5 v1.1, flan-T5, mT5: GELU with the tanh approximation)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.kind = cfg.ffn
+        if cfg.ffn == "gated-gelu":
+            self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.out = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
-    def forward(self, x):
-        return self.out(F.gelu(self.up(x)))
+    def forward(self, x):                                                 # (..., D) -> (..., D)
+        if self.kind == "gated-gelu":
+            return self.out(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
+        return self.out(F.relu(self.up(x)) if self.kind == "relu" else F.gelu(self.up(x)))
 
 
 class EncoderLayer(nn.Module):
     """Pre-norm: x + SelfAttn(LN(x)), then x + FF(LN(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, relative_bias: bool = False):
         super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model, bias=False), nn.LayerNorm(cfg.d_model, bias=False)
-        self.attn, self.ff = MultiHeadAttention(cfg), FeedForward(cfg)
+        self.ln1, self.ln2 = make_norm(cfg), make_norm(cfg)
+        self.attn, self.ff = MultiHeadAttention(cfg, relative_bias=relative_bias), FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, mask):
+        """mask: bool (B, 1, 1, S), or float (B, H, S, S) with the relative position bias folded in."""
         h = self.ln1(x)
         k, v = self.attn.project_kv(h)
         x = x + self.drop(self.attn(h, k, v, mask=mask)[0])
@@ -244,28 +383,30 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm: causal self-attention, cross-attention to the prompt, feed-forward."""
 
-    def __init__(self, cfg: ModelConfig, records: bool):
+    def __init__(self, cfg: ModelConfig, records: bool, relative_bias: bool = False):
         super().__init__()
-        self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(cfg.d_model, bias=False) for _ in range(3))
-        self.self_attn = MultiHeadAttention(cfg)
+        self.ln1, self.ln2, self.ln3 = (make_norm(cfg) for _ in range(3))
+        self.self_attn = MultiHeadAttention(cfg, relative_bias=relative_bias)
         self.cross_attn = MultiHeadAttention(cfg, records=records)
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cross_kv, src_mask, need_weights=False, cache=None, pos=0):
+    def forward(self, x, cross_kv, src_mask, need_weights=False, cache=None, pos=0, self_mask=None):
         """x: (B', T, D). cross_kv: this layer's prompt keys/values, each (B, H, S, hd).
         cache: None (teacher forcing, causal mask) or (k, v) buffers (B', H, Tmax, hd) that this
-        call fills at positions pos .. pos+T-1 and then attends over 0 .. pos+T-1."""
+        call fills at positions pos .. pos+T-1 and then attends over 0 .. pos+T-1.
+        self_mask: None, or the float mask of the self-attention (relative positions: the bias of
+        queries pos .. pos+T-1 against keys 0 .. pos+T-1, causal mask folded in), (1, H, T, pos+T)."""
         h = self.ln1(x)
         k, v = self.self_attn.project_kv(h)
         if cache is None:
-            a, _ = self.self_attn(h, k, v, is_causal=True)
+            a, _ = self.self_attn(h, k, v, mask=self_mask, is_causal=self_mask is None)
         else:
             ck, cv = cache
             assert x.size(1) == 1, "the KV cache is filled one token at a time"
             ck[:, :, pos:pos + 1], cv[:, :, pos:pos + 1] = k, v
-            # The one new query sees every cached position, so no mask is needed.
-            a, _ = self.self_attn(h, ck[:, :, :pos + 1], cv[:, :, :pos + 1])
+            # The one new query sees every cached position, so no causal mask is needed.
+            a, _ = self.self_attn(h, ck[:, :, :pos + 1], cv[:, :, :pos + 1], mask=self_mask)
         x = x + self.drop(a)
         a, w = self.cross_attn(self.ln2(x), *cross_kv, mask=src_mask, need_weights=need_weights)
         x = x + self.drop(a)
@@ -305,20 +446,25 @@ class Rollout:
 # --------------------------------------------------------------------------------------------
 
 class EncoderDecoder(nn.Module):
-    """Pre-norm encoder-decoder Transformer with tied embeddings (T5/BART-like, §7.2)."""
+    """Pre-norm encoder-decoder Transformer with tied embeddings (T5/BART-like, §7.2). The
+    ModelConfig's architecture fields also make it the T5 family."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         D = cfg.d_model
-        self.tok_emb = nn.Embedding(cfg.vocab_size, D)                   # shared: encoder, decoder, LM head
-        self.enc_pos = nn.Embedding(cfg.max_src_len, D)
-        self.dec_pos = nn.Embedding(cfg.max_tgt_len, D)
-        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layers))
+        relative = cfg.position == "relative"
+        self.tok_emb = nn.Embedding(cfg.vocab_size, D)                   # shared: encoder, decoder, (tied) LM head
+        self.enc_pos = None if relative else nn.Embedding(cfg.max_src_len, D)
+        self.dec_pos = None if relative else nn.Embedding(cfg.max_tgt_len, D)
+        # Relative positions: one bias table per stack, in its first layer's self-attention.
+        self.encoder = nn.ModuleList(EncoderLayer(cfg, relative_bias=relative and i == 0)
+                                     for i in range(cfg.n_enc_layers))
         first_recording = cfg.n_dec_layers - cfg.last_layers            # layers L-L'+1 .. L record (§3.2)
-        self.decoder = nn.ModuleList(DecoderLayer(cfg, records=i >= first_recording)
+        self.decoder = nn.ModuleList(DecoderLayer(cfg, records=i >= first_recording, relative_bias=relative and i == 0)
                                      for i in range(cfg.n_dec_layers))
-        self.enc_ln, self.dec_ln = nn.LayerNorm(D, bias=False), nn.LayerNorm(D, bias=False)
+        self.enc_ln, self.dec_ln = make_norm(cfg), make_norm(cfg)
+        self.lm_head = None if cfg.tie_head else nn.Linear(D, cfg.vocab_size, bias=False)
         self.value_head = ValueHead(D)
         self.drop = nn.Dropout(cfg.dropout)
         self.apply(self._init_weights)
@@ -353,6 +499,13 @@ class EncoderDecoder(nn.Module):
         """All parameters, tied embedding counted once, value head included."""
         return sum(p.numel() for p in self.parameters())
 
+    def head(self, h):
+        """Logits of the final decoder states: (B', T, D) -> (B', T, V). T5 v1.0 scales h by
+        d_model^-0.5 first (scale_head); the head is tok_emb^T when tied, else lm_head."""
+        if self.cfg.scale_head:
+            h = h * self.cfg.d_model ** -0.5
+        return h @ self.tok_emb.weight.t() if self.lm_head is None else self.lm_head(h)
+
     # ---- encoder ---------------------------------------------------------------------------
 
     def encode(self, src, src_mask):
@@ -361,10 +514,15 @@ class EncoderDecoder(nn.Module):
         if S > self.cfg.max_src_len:
             raise ValueError(f"prompt length {S} exceeds max_src_len={self.cfg.max_src_len}")
         pos = torch.arange(S, device=src.device)
-        x = self.drop(self.tok_emb(src) + self.enc_pos(pos))              # (B, S, D)
         key_mask = src_mask[:, None, None, :]                              # (B, 1, 1, S)
+        if self.enc_pos is None:                                           # relative: bidirectional bias
+            x = self.drop(self.tok_emb(src))                               # (B, S, D)
+            mask = additive_mask(self.encoder[0].attn.position_bias(pos, S, bidirectional=True), key_mask)
+        else:
+            x = self.drop(self.tok_emb(src) + self.enc_pos(pos))          # (B, S, D)
+            mask = key_mask
         for layer in self.encoder:
-            x = self._layer(layer, x, key_mask)
+            x = self._layer(layer, x, mask)
         return self.enc_ln(x)                                             # (B, S, D)
 
     def value(self, memory, src_mask):
@@ -386,18 +544,26 @@ class EncoderDecoder(nn.Module):
         T = y.size(1)
         if pos + T > self.cfg.max_tgt_len:
             raise ValueError(f"response length {pos + T} exceeds max_tgt_len={self.cfg.max_tgt_len}")
-        x = self.drop(self.tok_emb(y) + self.dec_pos(torch.arange(pos, pos + T, device=y.device)))
+        positions = torch.arange(pos, pos + T, device=y.device)
+        if self.dec_pos is None:                                           # relative: causal bias, rows pos .. pos+T-1
+            x = self.drop(self.tok_emb(y))                                 # (B', T, D)
+            bias = self.decoder[0].self_attn.position_bias(positions, pos + T, bidirectional=False)
+            self_mask = additive_mask(bias, is_causal=True)                # (1, H, T, pos+T)
+        else:
+            x = self.drop(self.tok_emb(y) + self.dec_pos(positions))       # (B', T, D)
+            self_mask = None
         key_mask = src_mask[:, None, None, :]                              # (B, 1, 1, S)
         maps = []
         for i, layer in enumerate(self.decoder):
             need = attention is not None and layer.cross_attn.records
             if caches is None:
-                x, w = self._layer(layer, x, cross_kv[i], key_mask, need_weights=need, pos=pos)
+                x, w = self._layer(layer, x, cross_kv[i], key_mask, need_weights=need, pos=pos, self_mask=self_mask)
             else:                                                          # sampling: no graph, KV cache
-                x, w = layer(x, cross_kv[i], key_mask, need_weights=need, cache=caches[i], pos=pos)
+                x, w = layer(x, cross_kv[i], key_mask, need_weights=need, cache=caches[i], pos=pos,
+                             self_mask=self_mask)
             if w is not None:
                 maps.append(w)                                            # (B', H, T, S)
-        logits = self.dec_ln(x) @ self.tok_emb.weight.t()                  # (B', T, V), tied head
+        logits = self.head(self.dec_ln(x))                                 # (B', T, V)
         if attention is None:
             return logits, None
         maps = torch.stack(maps, dim=1)                                    # (B', L', H, T, S)
@@ -451,7 +617,7 @@ class EncoderDecoder(nn.Module):
         BN, dev = B * num_samples, src.device
         memory = self.encode(src, src_mask)                                # (B, S, D), once per prompt
         cross_kv = self.cross_kv(memory)                                   # per layer, (B, H, S, hd) each
-        hd = self.cfg.d_model // self.cfg.n_heads
+        hd = self.cfg.head_dim
         caches = [(memory.new_empty(BN, self.cfg.n_heads, max_new_tokens, hd),
                    memory.new_empty(BN, self.cfg.n_heads, max_new_tokens, hd)) for _ in self.decoder]
         y = torch.full((BN, 1), bos_id, dtype=torch.long, device=dev)      # decoder input at step t
@@ -535,19 +701,23 @@ def memory_plan(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int, act_by
     Adam's two moments (8 bytes per parameter), and an *estimate* of the activations a teacher-forced
     forward keeps for the backward pass on `batch` pairs of (src_len, tgt_len) tokens, `act_bytes`
     per element (2 under bf16 autocast, 4 in float32). The activation count follows this model's
-    layers, assuming the fused attention (no (T, S) matrices stored): per encoder token about
-    10 D + 2 d_ff elements per layer, per decoder token about 14 D + 2 d_ff per layer, plus the
-    logits (B T V, once in act_bytes and once in float32 for the loss)."""
+    layers, assuming the fused attention (no (T, S) matrices stored). With A = n_heads * head width
+    (the attention's inner width, = D unless d_kv says otherwise) and f = 2 d_ff (4 d_ff for the
+    gated FFN: gate, up, GELU, product): per encoder token about 6 D + 4 A + f elements per layer,
+    per decoder token about 8 D + 6 A + f per layer, plus the logits (B T V, once in act_bytes and
+    once in float32 for the loss). Relative positions add each stack's float32 attention mask with
+    the bias folded in, B H S^2 + B H T^2, built once per stack. An untied head is in P."""
     P = count_params(cfg)
-    D, F_ = cfg.d_model, cfg.d_ff
-    enc = batch * src_len * cfg.n_enc_layers * (10 * D + 2 * F_)
-    dec = batch * tgt_len * cfg.n_dec_layers * (14 * D + 2 * F_)
+    D, A = cfg.d_model, cfg.n_heads * cfg.head_dim
+    f = (4 if cfg.ffn == "gated-gelu" else 2) * cfg.d_ff
+    enc = batch * src_len * cfg.n_enc_layers * (6 * D + 4 * A + f)
+    dec = batch * tgt_len * cfg.n_dec_layers * (8 * D + 6 * A + f)
     logits = batch * tgt_len * cfg.vocab_size
+    masks = batch * cfg.n_heads * (src_len ** 2 + tgt_len ** 2) if cfg.position == "relative" else 0
     plan = dict(parameters=P, weights=4 * P, gradients=4 * P, optimizer=8 * P, reference_policy=4 * P,
-                activations=(enc + dec + logits) * act_bytes + logits * 4)
+                activations=(enc + dec + logits) * act_bytes + (logits + masks) * 4)
     plan["total"] = sum(v for k, v in plan.items() if k != "parameters")
     return plan
-
 
 if __name__ == "__main__":
     # `python model.py` prints the table of presets in the README.
