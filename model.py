@@ -24,8 +24,10 @@ are rows b*N .. b*N+N-1 (DECISIONS.md §1).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -94,7 +96,7 @@ class ModelConfig:
     """L' of §3.2: how many of the last decoder layers record cross-attention (1 or 3 in the paper)."""
     dropout: float = 0.0
     """Residual dropout. RL turns it off during rollouts and updates anyway."""
-    # The architecture variants below default to the from-scratch model; the T5 family sets its own.
+    # The architecture variants below default to the from-scratch model; `from_pretrained` sets T5's.
     norm: str = "layernorm"
     """"layernorm" (bias-free LayerNorm, its own eps 1e-5) or "rmsnorm" (T5: x / rms(x) * weight, no mean, no bias)."""
     norm_eps: float = 1e-6
@@ -447,7 +449,7 @@ class Rollout:
 
 class EncoderDecoder(nn.Module):
     """Pre-norm encoder-decoder Transformer with tied embeddings (T5/BART-like, §7.2). The
-    ModelConfig's architecture fields also make it the T5 family."""
+    ModelConfig's architecture fields also make it the T5 family (`from_pretrained`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -718,6 +720,167 @@ def memory_plan(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int, act_by
                 activations=(enc + dec + logits) * act_bytes + (logits + masks) * 4)
     plan["total"] = sum(v for k, v in plan.items() if k != "parameters")
     return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Pretrained T5-family snapshots, read from a local directory (nothing is downloaded).
+# --------------------------------------------------------------------------------------------
+
+T5_FFN = {"relu": "relu", "gelu": "gelu", "gated-gelu": "gated-gelu", "gated-gelu_new": "gated-gelu"}
+"""feed_forward_proj of a T5 config.json -> ModelConfig.ffn ("gated-gelu" is transformers' tanh GELU)."""
+
+T5_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+"""Weights some snapshots store as copies of shared.weight: read only to check that they are copies."""
+
+T5_UNUSED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+"""Weights old snapshots store that T5 never uses (no position bias on cross-attention)."""
+
+
+def load_hf_config(path) -> dict:
+    """The config.json of the snapshot directory `path`, as a dict."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: no config.json; from_pretrained reads a local Hugging Face T5 snapshot "
+                         f"directory (config.json plus model.safetensors or pytorch_model.bin)")
+    return json.loads((path / "config.json").read_text())
+
+
+def config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
+    """The ModelConfig of a T5-family config.json (as a dict), ModelConfig fields in `overrides` on top.
+
+    Reads no weights, so `--dry-run` can plan a snapshot from its config alone. The decoder output is
+    scaled by d_model^-0.5 iff `scale_decoder_outputs` says so (transformers 5 writes it), else iff
+    `tie_word_embeddings` is true (its default: T5 v1.0). The head is tied unless tie_word_embeddings
+    is false; `from_pretrained` settles that from the weights (a stored lm_head.weight that differs
+    from shared.weight is an untied head). Position limits are 512 (relative positions need no
+    table); last_layers is 1. T5's dropout is ignored (0)."""
+    model_type = hf_config.get("model_type")
+    if model_type not in ("t5", "mt5"):
+        raise ValueError(f"model_type {model_type!r} is not supported: from_pretrained reads the T5 family "
+                         f"(model_type 't5' or 'mt5')")
+    missing = [k for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers") if k not in hf_config]
+    if missing:
+        raise ValueError(f"config.json lacks {', '.join(missing)}")
+    proj = hf_config.get("feed_forward_proj", "relu")
+    if proj not in T5_FFN:
+        raise ValueError(f"feed_forward_proj {proj!r} is not supported; supported: {', '.join(T5_FFN)}")
+    tied = hf_config.get("tie_word_embeddings") is not False
+    scale = hf_config.get("scale_decoder_outputs")
+    cfg = dict(vocab_size=hf_config["vocab_size"], d_model=hf_config["d_model"], n_heads=hf_config["num_heads"],
+               d_kv=hf_config["d_kv"], d_ff=hf_config["d_ff"], n_enc_layers=hf_config["num_layers"],
+               n_dec_layers=hf_config.get("num_decoder_layers") or hf_config["num_layers"],
+               max_src_len=512, max_tgt_len=512, last_layers=1, norm="rmsnorm",
+               norm_eps=hf_config.get("layer_norm_epsilon", 1e-6), position="relative",
+               rel_buckets=hf_config.get("relative_attention_num_buckets", 32),
+               rel_max_distance=hf_config.get("relative_attention_max_distance", 128), scale_scores=False,
+               ffn=T5_FFN[proj], tie_head=tied, scale_head=tied if scale is None else bool(scale))
+    unknown = sorted(set(overrides) - {f.name for f in fields(ModelConfig)})
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid fields: "
+                         f"{', '.join(sorted(f.name for f in fields(ModelConfig)))}")
+    return ModelConfig(**{**cfg, **overrides})
+
+
+def read_weights(path) -> dict:
+    """Every tensor of the snapshot directory `path`, floating ones cast to float32 (bf16 and fp16
+    snapshots): model.safetensors, sharded safetensors (model.safetensors.index.json), or
+    pytorch_model.bin (read with weights_only=True)."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif (path / "model.safetensors.index.json").is_file():
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        files = [path / name for name in sorted(set(index["weight_map"].values()))]
+    elif (path / "pytorch_model.bin").is_file():
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return {k: t.float() if t.is_floating_point() else t for k, t in state.items()}
+    else:
+        raise ValueError(f"{path}: no weights file; expected model.safetensors, model.safetensors.index.json "
+                         f"(sharded) or pytorch_model.bin")
+    from safetensors.torch import load_file
+    return {k: t.float() if t.is_floating_point() else t for f in files for k, t in load_file(f).items()}
+
+
+def t5_names(cfg: ModelConfig) -> dict:
+    """Our parameter name -> the T5 weight name(s) it is made of (k and v stack into our fused kv).
+    Every parameter but the value head's, which starts fresh."""
+    names = {"tok_emb.weight": ("shared.weight",), "enc_ln.weight": ("encoder.final_layer_norm.weight",),
+             "dec_ln.weight": ("decoder.final_layer_norm.weight",)}
+    if not cfg.tie_head:
+        names["lm_head.weight"] = ("lm_head.weight",)
+    ff = {"up": "wi", "out": "wo"} if cfg.ffn != "gated-gelu" else {"gate": "wi_0", "up": "wi_1", "out": "wo"}
+
+    def attn(ours, theirs, owns_bias):
+        n = {f"{ours}.q.weight": (f"{theirs}.q.weight",), f"{ours}.kv.weight": (f"{theirs}.k.weight", f"{theirs}.v.weight"),
+             f"{ours}.out.weight": (f"{theirs}.o.weight",)}
+        if owns_bias and cfg.position == "relative":
+            n[f"{ours}.rel_bias.weight"] = (f"{theirs}.relative_attention_bias.weight",)
+        return n
+
+    for stack, n_layers, blocks in (("encoder", cfg.n_enc_layers, ("SelfAttention", None, "DenseReluDense")),
+                                    ("decoder", cfg.n_dec_layers, ("SelfAttention", "EncDecAttention", "DenseReluDense"))):
+        for i in range(n_layers):
+            ours, theirs = f"{stack}.{i}", f"{stack}.block.{i}.layer"
+            self_attn = "attn" if stack == "encoder" else "self_attn"
+            names.update(attn(f"{ours}.{self_attn}", f"{theirs}.0.SelfAttention", owns_bias=i == 0))
+            if stack == "decoder":
+                names.update(attn(f"{ours}.cross_attn", f"{theirs}.1.EncDecAttention", owns_bias=False))
+            ff_at = 1 if stack == "encoder" else 2
+            names.update({f"{ours}.ff.{o}.weight": (f"{theirs}.{ff_at}.DenseReluDense.{t}.weight",) for o, t in ff.items()})
+            for j in range(ff_at + 1):                                     # ln1, ln2 (, ln3): one per sub-layer
+                names[f"{ours}.ln{j + 1}.weight"] = (f"{theirs}.{j}.layer_norm.weight",)
+    return names
+
+
+def load_t5_weights(model: EncoderDecoder, weights: dict) -> None:
+    """Copy the T5 `weights` (name -> float32 tensor) into `model`, after checking that every weight
+    the model needs is there with its shape and that no other weight is."""
+    params = dict(model.named_parameters())
+    names = t5_names(model.cfg)
+    assert set(names) == {n for n in params if not n.startswith("value_head.")}, "t5_names is out of date"
+    needed = [key for theirs in names.values() for key in theirs]
+    absent = [key for key in needed if key not in weights]
+    if absent:
+        raise ValueError(f"missing weight(s) {', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}")
+    known = set(needed) | set(T5_COPIES) | set(T5_UNUSED) | ({"lm_head.weight"} if model.cfg.tie_head else set())
+    extra = sorted(set(weights) - known)
+    if extra:
+        raise ValueError(f"unexpected weight(s) {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}: "
+                         f"not part of a {model.cfg.n_enc_layers}+{model.cfg.n_dec_layers}-layer T5 with "
+                         f"ffn={model.cfg.ffn!r}, tie_head={model.cfg.tie_head}")
+    for ours, theirs in names.items():
+        want = (params[ours].shape[0] // len(theirs), *params[ours].shape[1:])
+        for key in theirs:
+            if tuple(weights[key].shape) != want:
+                raise ValueError(f"weight {key} has shape {tuple(weights[key].shape)}, the config expects {want}")
+    for key in T5_COPIES + (("lm_head.weight",) if model.cfg.tie_head else ()):
+        if key in weights and not torch.equal(weights[key], weights["shared.weight"]):
+            raise ValueError(f"weight {key} differs from shared.weight, but this model has one table for it")
+    with torch.no_grad():
+        for ours, theirs in names.items():
+            params[ours].copy_(torch.cat([weights[key] for key in theirs]))
+
+
+def from_pretrained(path, **overrides) -> EncoderDecoder:
+    """The EncoderDecoder of the T5-family snapshot (T5 v1.0, v1.1, flan-T5, mT5) in the local
+    directory `path`: config.json plus model.safetensors, sharded safetensors or pytorch_model.bin.
+
+    The weights load exactly (transformers' T5ForConditionalGeneration gives the same logits and
+    cross-attention). The head is untied iff lm_head.weight is stored and differs from shared.weight;
+    the embedding keeps all its rows (flan-T5: 32,128, more than the tokenizer's pieces). The value
+    head V(x) starts fresh (zero output). `overrides` are ModelConfig fields, e.g. last_layers (L' of
+    §3.2), max_src_len; an override that changes the architecture makes the weights not fit (an error).
+    """
+    cfg = config_from_hf(load_hf_config(path), **overrides)       # model_type and fields checked first
+    weights = read_weights(path)
+    head, shared = weights.get("lm_head.weight"), weights.get("shared.weight")
+    tied = head is None or (shared is not None and head.shape == shared.shape and torch.equal(head, shared))
+    if "tie_head" not in overrides:
+        cfg = replace(cfg, tie_head=tied)
+    model = EncoderDecoder(cfg)
+    load_t5_weights(model, weights)
+    return model
+
 
 if __name__ == "__main__":
     # `python model.py` prints the table of presets in the README.

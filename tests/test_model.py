@@ -321,7 +321,7 @@ def test_bf16_autocast_keeps_the_recorded_attention_and_log_probs_in_float32():
 
 
 # ---------------------------------------------------------------------------- T5-family options
-# The defaults are the from-scratch model above.
+# The defaults are the from-scratch model above; from_pretrained (tests/test_pretrained.py) sets T5's.
 
 def test_default_model_is_unchanged():
     """The README's `tiny` preset: 1,352,449 parameters, and the same names as before the T5 options."""
