@@ -24,8 +24,10 @@ are rows b*N .. b*N+N-1 (DECISIONS.md §1).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -56,6 +58,12 @@ AT_LEAST_0 = (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0")
 POSITIVE = (lambda v: finite_number(v) and v > 0, "a positive, finite number")
 NON_NEGATIVE = (lambda v: finite_number(v) and v >= 0, "a finite number >= 0")
 FINITE = (finite_number, "a finite number")
+BOOL = (lambda v: isinstance(v, bool), "True or False")
+
+
+def one_of(*choices):
+    """A `check_fields` rule: the value is one of `choices`."""
+    return (lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
 
 
 def check_fields(cfg, rules: dict) -> None:
@@ -80,22 +88,60 @@ class ModelConfig:
     d_ff: int = 512
     """Hidden width of the feed-forward blocks."""
     max_src_len: int = 128
-    """Longest prompt, in tokens including its EOS (learned absolute positions)."""
+    """Longest prompt, in tokens including its EOS (the size of the learned absolute position table;
+    a limit only with relative positions)."""
     max_tgt_len: int = 128
     """Longest response, in tokens including its EOS."""
     last_layers: int = 1
     """L' of §3.2: how many of the last decoder layers record cross-attention (1 or 3 in the paper)."""
     dropout: float = 0.0
     """Residual dropout. RL turns it off during rollouts and updates anyway."""
+    # The architecture variants below default to the from-scratch model; `from_pretrained` sets T5's.
+    norm: str = "layernorm"
+    """"layernorm" (bias-free LayerNorm, its own eps 1e-5) or "rmsnorm" (T5: x / rms(x) * weight, no mean, no bias)."""
+    norm_eps: float = 1e-6
+    """Epsilon of "rmsnorm" (T5's layer_norm_epsilon); "layernorm" ignores it."""
+    position: str = "absolute"
+    """"absolute" (learned enc_pos / dec_pos tables) or "relative" (T5's bucketed relative position bias)."""
+    rel_buckets: int = 32
+    """Buckets of the relative position bias (T5's relative_attention_num_buckets)."""
+    rel_max_distance: int = 128
+    """Relative distance from which positions share the last bucket (T5's relative_attention_max_distance)."""
+    scale_scores: bool = True
+    """Divide the attention scores by sqrt(head width); T5 does not (its initialisation absorbs the scale)."""
+    d_kv: int | None = None
+    """Width of one attention head; None = d_model // n_heads. n_heads * d_kv may differ from d_model."""
+    ffn: str = "gelu"
+    """Feed-forward block: "gelu" out(gelu(up x)), "relu" (T5 v1.0) out(relu(up x)), or "gated-gelu"
+    (T5 v1.1, flan-T5, mT5) out(gelu_tanh(gate x) * up x)."""
+    tie_head: bool = True
+    """Logits = h @ tok_emb^T (tied); False = a separate lm_head (flan-T5, mT5)."""
+    scale_head: bool = False
+    """Multiply the decoder output by d_model^-0.5 before the head (T5 v1.0, whose head is tied)."""
 
     def __post_init__(self):
         check_fields(self, {name: AT_LEAST_1 for name in ("vocab_size", "d_model", "n_heads", "n_enc_layers",
-                                                          "n_dec_layers", "d_ff", "max_src_len", "max_tgt_len")})
-        check_fields(self, dict(dropout=(lambda v: 0 <= v < 1, "in [0, 1)")))
-        if self.d_model % self.n_heads:
+                                                          "n_dec_layers", "d_ff", "max_src_len", "max_tgt_len",
+                                                          "rel_buckets", "rel_max_distance")})
+        check_fields(self, dict(dropout=(lambda v: 0 <= v < 1, "in [0, 1)"), norm_eps=POSITIVE,
+                                norm=one_of("layernorm", "rmsnorm"), position=one_of("absolute", "relative"),
+                                ffn=one_of("gelu", "relu", "gated-gelu"), scale_scores=BOOL, tie_head=BOOL,
+                                scale_head=BOOL, d_kv=(lambda v: v is None or AT_LEAST_1[0](v),
+                                                       "None or " + AT_LEAST_1[1])))
+        if self.rel_buckets < 4:                                           # 2 exact + 2 log buckets per side
+            raise ConfigError("rel_buckets", self.rel_buckets, "at least 4")
+        if self.rel_max_distance <= self.rel_buckets // 2:
+            raise ConfigError("rel_max_distance", self.rel_max_distance,
+                              f"greater than rel_buckets // 2 = {self.rel_buckets // 2} (the exact distances)")
+        if self.d_kv is None and self.d_model % self.n_heads:
             raise ConfigError("d_model", self.d_model, f"divisible by n_heads={self.n_heads}")
         if not 1 <= self.last_layers <= self.n_dec_layers:
             raise ConfigError("last_layers", self.last_layers, f"in 1..n_dec_layers={self.n_dec_layers} (L' of §3.2)")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head: d_kv, else d_model // n_heads."""
+        return self.d_model // self.n_heads if self.d_kv is None else self.d_kv
 
 
 # Named presets (minGPT style). `python cagsr.py --size NAME` is a lookup here, nothing else.
@@ -133,29 +179,101 @@ def config_for(size: str, **overrides) -> ModelConfig:
 # Attention: one function, weights on request.
 # --------------------------------------------------------------------------------------------
 
-def attention(q, k, v, mask=None, is_causal=False, need_weights=False):
-    """Scaled dot-product attention softmax(q k^T / sqrt(d)) v, returning (out, weights).
+def attention(q, k, v, mask=None, is_causal=False, need_weights=False, scale=None):
+    """Scaled dot-product attention softmax(q k^T * scale + mask) v, returning (out, weights).
 
-    q: (B, H, Tq, hd); k, v: (B, H, Tk, hd); mask: bool, broadcastable to (B, H, Tq, Tk),
-    True where a query may attend. With need_weights=False this is the fused
-    F.scaled_dot_product_attention and weights is None; with need_weights=True it is the
-    explicit softmax, written out so the recorded weights are exactly the ones applied to v.
+    q: (B, H, Tq, hd); k, v: (B, H, Tk, hd); mask broadcastable to (B, H, Tq, Tk): bool, True where
+    a query may attend, or float, added to the scores (a relative position bias with -inf where a
+    query may not attend, from `additive_mask`). scale: None = 1/sqrt(hd); T5 uses 1.0.
+    With need_weights=False this is the fused F.scaled_dot_product_attention and weights is None;
+    with need_weights=True it is the explicit softmax, written out so the recorded weights are
+    exactly the ones applied to v.
     """
     if not need_weights:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)                                        # bf16 autocast: SDPA wants one dtype
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
         return out, None
     hd = q.size(-1)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)                   # (B, H, Tq, Tk)
+    scores = q @ k.transpose(-2, -1)                                       # (B, H, Tq, Tk)
+    scores = scores / math.sqrt(hd) if scale is None else scores * scale
     if is_causal:
         Tq, Tk = scores.shape[-2:]
         causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
         mask = causal if mask is None else mask & causal
-    if mask is not None:
+    if mask is not None and mask.is_floating_point():
+        scores = scores + mask
+    elif mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     # Softmax in float32 so recorded maps sum to 1 to float32 precision even under bf16 autocast.
     weights = torch.softmax(scores.float(), dim=-1)                      # (B, H, Tq, Tk)
     out = weights.to(v.dtype) @ v                                        # (B, H, Tq, hd)
     return out, weights
+
+
+def relative_position_bucket(rel, bidirectional: bool, num_buckets: int, max_distance: int):
+    """T5's bucket of each relative position rel = key position - query position (Raffel et al. 2020,
+    §2.1; the arithmetic of transformers' T5Attention._relative_position_bucket, bit for bit).
+
+    Half the buckets hold the exact distances 0 .. max_exact-1, the other half logarithmically wider
+    bins up to max_distance, beyond which every distance shares the last bucket. Bidirectional (the
+    encoder): keys after the query use a second set of num_buckets // 2 buckets. Unidirectional (the
+    decoder): keys after the query fall in bucket 0, like distance 0, so a causal mask is still needed.
+    rel: long tensor (any shape) -> long tensor of buckets in [0, num_buckets), same shape.
+    """
+    buckets = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (rel > 0).long() * num_buckets
+        rel = rel.abs()
+    else:
+        rel = -torch.min(rel, torch.zeros_like(rel))                        # distance into the past, >= 0
+    max_exact = num_buckets // 2
+    # The log in float32, as the reference: float64 can move a distance at a bin edge to the next bucket.
+    large = max_exact + (torch.log(rel.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).to(torch.long)
+    large = torch.min(large, torch.full_like(large, num_buckets - 1))
+    return buckets + torch.where(rel < max_exact, rel, large)
+
+
+def additive_mask(bias, mask=None, is_causal=False):
+    """The float mask `attention` adds to the scores: the relative position bias (1, H, Tq, Tk), and
+    -inf where the bool key mask (B, 1, 1, Tk) or causality (key after query, queries being the
+    last Tq of Tk positions) forbids attending. -> (B or 1, H, Tq, Tk)."""
+    Tq, Tk = bias.shape[-2:]
+    allowed = mask
+    if is_causal:
+        causal = torch.ones(Tq, Tk, dtype=torch.bool, device=bias.device).tril(Tk - Tq)   # (Tq, Tk)
+        allowed = causal if allowed is None else allowed & causal
+    if allowed is None:
+        return bias
+    return torch.where(allowed, bias, torch.full((), float("-inf"), dtype=bias.dtype, device=bias.device))
+
+
+def rms_norm(x, weight, eps: float):
+    """T5's layer norm (Raffel et al. 2020, §2.1): x / sqrt(mean(x^2) + eps) * weight, no mean
+    subtraction and no bias; the mean of squares in float32 even for half-precision x. (..., D)."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)                     # (..., 1)
+    return weight * (x * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """`rms_norm` with a learned weight (starts at ones)."""
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The normalisation `cfg.norm` names, over d_model."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, bias=False)
 
 
 def abar(maps):
@@ -173,18 +291,32 @@ def mean_pool(x, mask):
 
 class MultiHeadAttention(nn.Module):
     """Multi-head attention. `records=True` marks the cross-attention of the last L' decoder
-    layers (§3.2): only those may be asked for their weights."""
+    layers (§3.2): only those may be asked for their weights. `relative_bias=True` gives it the
+    stack's table of relative position biases (T5: the first layer's self-attention owns it, the
+    other layers of the stack reuse the bias it computes)."""
 
-    def __init__(self, cfg: ModelConfig, records: bool = False):
+    def __init__(self, cfg: ModelConfig, records: bool = False, relative_bias: bool = False):
         super().__init__()
-        self.n_heads, self.records = cfg.n_heads, records
-        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.n_heads, self.d_head, self.records = cfg.n_heads, cfg.head_dim, records
+        self.scale = None if cfg.scale_scores else 1.0                   # None: 1/sqrt(d_head)
+        inner = cfg.n_heads * cfg.head_dim                                 # may differ from d_model
+        self.q = nn.Linear(cfg.d_model, inner, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * inner, bias=False)
+        self.out = nn.Linear(inner, cfg.d_model, bias=False)
+        if relative_bias:
+            self.rel_bias = nn.Embedding(cfg.rel_buckets, cfg.n_heads)
+            self.rel_buckets, self.rel_max_distance = cfg.rel_buckets, cfg.rel_max_distance
 
-    def heads(self, x):                                                  # (B, T, D) -> (B, H, T, hd)
-        B, T, D = x.shape
-        return x.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)
+    def heads(self, x):                                                  # (B, T, H*hd) -> (B, H, T, hd)
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.d_head).transpose(1, 2)
+
+    def position_bias(self, q_pos, k_len: int, bidirectional: bool):
+        """The relative position bias of queries at positions q_pos (Tq,) against keys at positions
+        0 .. k_len-1, one value per head from this block's table: (1, H, Tq, Tk)."""
+        rel = torch.arange(k_len, device=q_pos.device)[None, :] - q_pos[:, None]   # (Tq, Tk)
+        buckets = relative_position_bucket(rel, bidirectional, self.rel_buckets, self.rel_max_distance)
+        return self.rel_bias(buckets).permute(2, 0, 1).unsqueeze(0)      # (1, H, Tq, Tk)
 
     def project_kv(self, x):
         """Keys and values of `x`, each (B, H, T, hd). Cross-attention calls this once per prompt."""
@@ -201,14 +333,14 @@ class MultiHeadAttention(nn.Module):
         if need_weights and not self.records:
             raise RuntimeError("this attention block does not record its weights: only the cross-attention of the "
                                "last `last_layers` decoder layers does (ModelConfig.last_layers, L' of §3.2)")
-        Bq, Tq, D = x.shape
+        Bq, Tq, _ = x.shape
         B = k.size(0)
         G = Bq // B
         assert Bq == B * G, f"query batch {Bq} is not a multiple of key batch {B}"
         assert G == 1 or not is_causal, "folding samples into one query sequence is for cross-attention only"
-        q = self.heads(self.q(x).reshape(B, G * Tq, D))                    # (B, H, G*Tq, hd)
-        y, w = attention(q, k, v, mask=mask, is_causal=is_causal, need_weights=need_weights)
-        y = y.transpose(1, 2).reshape(Bq, Tq, D)                           # (B', Tq, D)
+        q = self.heads(self.q(x).reshape(B, G * Tq, -1))                   # (B, H, G*Tq, hd)
+        y, w = attention(q, k, v, mask=mask, is_causal=is_causal, need_weights=need_weights, scale=self.scale)
+        y = y.transpose(1, 2).reshape(Bq, Tq, -1)                          # (B', Tq, H*hd)
         if w is not None:
             H, Tk = w.size(1), w.size(-1)
             w = w.view(B, H, G, Tq, Tk).transpose(1, 2).reshape(Bq, H, Tq, Tk)  # (B', H, Tq, Tk)
@@ -216,25 +348,34 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """cfg.ffn: "gelu" out(gelu(up x)); "relu" out(relu(up x)) (T5 v1.0); "gated-gelu"
+    out(gelu_tanh(gate x) * up x) (T5 v1.1, flan-T5, mT5: GELU with the tanh approximation)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.kind = cfg.ffn
+        if cfg.ffn == "gated-gelu":
+            self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.out = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
-    def forward(self, x):
-        return self.out(F.gelu(self.up(x)))
+    def forward(self, x):                                                 # (..., D) -> (..., D)
+        if self.kind == "gated-gelu":
+            return self.out(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
+        return self.out(F.relu(self.up(x)) if self.kind == "relu" else F.gelu(self.up(x)))
 
 
 class EncoderLayer(nn.Module):
     """Pre-norm: x + SelfAttn(LN(x)), then x + FF(LN(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, relative_bias: bool = False):
         super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model, bias=False), nn.LayerNorm(cfg.d_model, bias=False)
-        self.attn, self.ff = MultiHeadAttention(cfg), FeedForward(cfg)
+        self.ln1, self.ln2 = make_norm(cfg), make_norm(cfg)
+        self.attn, self.ff = MultiHeadAttention(cfg, relative_bias=relative_bias), FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, mask):
+        """mask: bool (B, 1, 1, S), or float (B, H, S, S) with the relative position bias folded in."""
         h = self.ln1(x)
         k, v = self.attn.project_kv(h)
         x = x + self.drop(self.attn(h, k, v, mask=mask)[0])
@@ -244,28 +385,30 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm: causal self-attention, cross-attention to the prompt, feed-forward."""
 
-    def __init__(self, cfg: ModelConfig, records: bool):
+    def __init__(self, cfg: ModelConfig, records: bool, relative_bias: bool = False):
         super().__init__()
-        self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(cfg.d_model, bias=False) for _ in range(3))
-        self.self_attn = MultiHeadAttention(cfg)
+        self.ln1, self.ln2, self.ln3 = (make_norm(cfg) for _ in range(3))
+        self.self_attn = MultiHeadAttention(cfg, relative_bias=relative_bias)
         self.cross_attn = MultiHeadAttention(cfg, records=records)
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cross_kv, src_mask, need_weights=False, cache=None, pos=0):
+    def forward(self, x, cross_kv, src_mask, need_weights=False, cache=None, pos=0, self_mask=None):
         """x: (B', T, D). cross_kv: this layer's prompt keys/values, each (B, H, S, hd).
         cache: None (teacher forcing, causal mask) or (k, v) buffers (B', H, Tmax, hd) that this
-        call fills at positions pos .. pos+T-1 and then attends over 0 .. pos+T-1."""
+        call fills at positions pos .. pos+T-1 and then attends over 0 .. pos+T-1.
+        self_mask: None, or the float mask of the self-attention (relative positions: the bias of
+        queries pos .. pos+T-1 against keys 0 .. pos+T-1, causal mask folded in), (1, H, T, pos+T)."""
         h = self.ln1(x)
         k, v = self.self_attn.project_kv(h)
         if cache is None:
-            a, _ = self.self_attn(h, k, v, is_causal=True)
+            a, _ = self.self_attn(h, k, v, mask=self_mask, is_causal=self_mask is None)
         else:
             ck, cv = cache
             assert x.size(1) == 1, "the KV cache is filled one token at a time"
             ck[:, :, pos:pos + 1], cv[:, :, pos:pos + 1] = k, v
-            # The one new query sees every cached position, so no mask is needed.
-            a, _ = self.self_attn(h, ck[:, :, :pos + 1], cv[:, :, :pos + 1])
+            # The one new query sees every cached position, so no causal mask is needed.
+            a, _ = self.self_attn(h, ck[:, :, :pos + 1], cv[:, :, :pos + 1], mask=self_mask)
         x = x + self.drop(a)
         a, w = self.cross_attn(self.ln2(x), *cross_kv, mask=src_mask, need_weights=need_weights)
         x = x + self.drop(a)
@@ -305,20 +448,25 @@ class Rollout:
 # --------------------------------------------------------------------------------------------
 
 class EncoderDecoder(nn.Module):
-    """Pre-norm encoder-decoder Transformer with tied embeddings (T5/BART-like, §7.2)."""
+    """Pre-norm encoder-decoder Transformer with tied embeddings (T5/BART-like, §7.2). The
+    ModelConfig's architecture fields also make it the T5 family (`from_pretrained`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         D = cfg.d_model
-        self.tok_emb = nn.Embedding(cfg.vocab_size, D)                   # shared: encoder, decoder, LM head
-        self.enc_pos = nn.Embedding(cfg.max_src_len, D)
-        self.dec_pos = nn.Embedding(cfg.max_tgt_len, D)
-        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layers))
+        relative = cfg.position == "relative"
+        self.tok_emb = nn.Embedding(cfg.vocab_size, D)                   # shared: encoder, decoder, (tied) LM head
+        self.enc_pos = None if relative else nn.Embedding(cfg.max_src_len, D)
+        self.dec_pos = None if relative else nn.Embedding(cfg.max_tgt_len, D)
+        # Relative positions: one bias table per stack, in its first layer's self-attention.
+        self.encoder = nn.ModuleList(EncoderLayer(cfg, relative_bias=relative and i == 0)
+                                     for i in range(cfg.n_enc_layers))
         first_recording = cfg.n_dec_layers - cfg.last_layers            # layers L-L'+1 .. L record (§3.2)
-        self.decoder = nn.ModuleList(DecoderLayer(cfg, records=i >= first_recording)
+        self.decoder = nn.ModuleList(DecoderLayer(cfg, records=i >= first_recording, relative_bias=relative and i == 0)
                                      for i in range(cfg.n_dec_layers))
-        self.enc_ln, self.dec_ln = nn.LayerNorm(D, bias=False), nn.LayerNorm(D, bias=False)
+        self.enc_ln, self.dec_ln = make_norm(cfg), make_norm(cfg)
+        self.lm_head = None if cfg.tie_head else nn.Linear(D, cfg.vocab_size, bias=False)
         self.value_head = ValueHead(D)
         self.drop = nn.Dropout(cfg.dropout)
         self.apply(self._init_weights)
@@ -353,6 +501,13 @@ class EncoderDecoder(nn.Module):
         """All parameters, tied embedding counted once, value head included."""
         return sum(p.numel() for p in self.parameters())
 
+    def head(self, h):
+        """Logits of the final decoder states: (B', T, D) -> (B', T, V). T5 v1.0 scales h by
+        d_model^-0.5 first (scale_head); the head is tok_emb^T when tied, else lm_head."""
+        if self.cfg.scale_head:
+            h = h * self.cfg.d_model ** -0.5
+        return h @ self.tok_emb.weight.t() if self.lm_head is None else self.lm_head(h)
+
     # ---- encoder ---------------------------------------------------------------------------
 
     def encode(self, src, src_mask):
@@ -361,10 +516,15 @@ class EncoderDecoder(nn.Module):
         if S > self.cfg.max_src_len:
             raise ValueError(f"prompt length {S} exceeds max_src_len={self.cfg.max_src_len}")
         pos = torch.arange(S, device=src.device)
-        x = self.drop(self.tok_emb(src) + self.enc_pos(pos))              # (B, S, D)
         key_mask = src_mask[:, None, None, :]                              # (B, 1, 1, S)
+        if self.enc_pos is None:                                           # relative: bidirectional bias
+            x = self.drop(self.tok_emb(src))                               # (B, S, D)
+            mask = additive_mask(self.encoder[0].attn.position_bias(pos, S, bidirectional=True), key_mask)
+        else:
+            x = self.drop(self.tok_emb(src) + self.enc_pos(pos))          # (B, S, D)
+            mask = key_mask
         for layer in self.encoder:
-            x = self._layer(layer, x, key_mask)
+            x = self._layer(layer, x, mask)
         return self.enc_ln(x)                                             # (B, S, D)
 
     def value(self, memory, src_mask):
@@ -386,18 +546,26 @@ class EncoderDecoder(nn.Module):
         T = y.size(1)
         if pos + T > self.cfg.max_tgt_len:
             raise ValueError(f"response length {pos + T} exceeds max_tgt_len={self.cfg.max_tgt_len}")
-        x = self.drop(self.tok_emb(y) + self.dec_pos(torch.arange(pos, pos + T, device=y.device)))
+        positions = torch.arange(pos, pos + T, device=y.device)
+        if self.dec_pos is None:                                           # relative: causal bias, rows pos .. pos+T-1
+            x = self.drop(self.tok_emb(y))                                 # (B', T, D)
+            bias = self.decoder[0].self_attn.position_bias(positions, pos + T, bidirectional=False)
+            self_mask = additive_mask(bias, is_causal=True)                # (1, H, T, pos+T)
+        else:
+            x = self.drop(self.tok_emb(y) + self.dec_pos(positions))       # (B', T, D)
+            self_mask = None
         key_mask = src_mask[:, None, None, :]                              # (B, 1, 1, S)
         maps = []
         for i, layer in enumerate(self.decoder):
             need = attention is not None and layer.cross_attn.records
             if caches is None:
-                x, w = self._layer(layer, x, cross_kv[i], key_mask, need_weights=need, pos=pos)
+                x, w = self._layer(layer, x, cross_kv[i], key_mask, need_weights=need, pos=pos, self_mask=self_mask)
             else:                                                          # sampling: no graph, KV cache
-                x, w = layer(x, cross_kv[i], key_mask, need_weights=need, cache=caches[i], pos=pos)
+                x, w = layer(x, cross_kv[i], key_mask, need_weights=need, cache=caches[i], pos=pos,
+                             self_mask=self_mask)
             if w is not None:
                 maps.append(w)                                            # (B', H, T, S)
-        logits = self.dec_ln(x) @ self.tok_emb.weight.t()                  # (B', T, V), tied head
+        logits = self.head(self.dec_ln(x))                                 # (B', T, V)
         if attention is None:
             return logits, None
         maps = torch.stack(maps, dim=1)                                    # (B', L', H, T, S)
@@ -451,7 +619,7 @@ class EncoderDecoder(nn.Module):
         BN, dev = B * num_samples, src.device
         memory = self.encode(src, src_mask)                                # (B, S, D), once per prompt
         cross_kv = self.cross_kv(memory)                                   # per layer, (B, H, S, hd) each
-        hd = self.cfg.d_model // self.cfg.n_heads
+        hd = self.cfg.head_dim
         caches = [(memory.new_empty(BN, self.cfg.n_heads, max_new_tokens, hd),
                    memory.new_empty(BN, self.cfg.n_heads, max_new_tokens, hd)) for _ in self.decoder]
         y = torch.full((BN, 1), bos_id, dtype=torch.long, device=dev)      # decoder input at step t
@@ -535,18 +703,183 @@ def memory_plan(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int, act_by
     Adam's two moments (8 bytes per parameter), and an *estimate* of the activations a teacher-forced
     forward keeps for the backward pass on `batch` pairs of (src_len, tgt_len) tokens, `act_bytes`
     per element (2 under bf16 autocast, 4 in float32). The activation count follows this model's
-    layers, assuming the fused attention (no (T, S) matrices stored): per encoder token about
-    10 D + 2 d_ff elements per layer, per decoder token about 14 D + 2 d_ff per layer, plus the
-    logits (B T V, once in act_bytes and once in float32 for the loss)."""
+    layers, assuming the fused attention (no (T, S) matrices stored). With A = n_heads * head width
+    (the attention's inner width, = D unless d_kv says otherwise) and f = 2 d_ff (4 d_ff for the
+    gated FFN: gate, up, GELU, product): per encoder token about 6 D + 4 A + f elements per layer,
+    per decoder token about 8 D + 6 A + f per layer, plus the logits (B T V, once in act_bytes and
+    once in float32 for the loss). Relative positions add each stack's float32 attention mask with
+    the bias folded in, B H S^2 + B H T^2, built once per stack. An untied head is in P."""
     P = count_params(cfg)
-    D, F_ = cfg.d_model, cfg.d_ff
-    enc = batch * src_len * cfg.n_enc_layers * (10 * D + 2 * F_)
-    dec = batch * tgt_len * cfg.n_dec_layers * (14 * D + 2 * F_)
+    D, A = cfg.d_model, cfg.n_heads * cfg.head_dim
+    f = (4 if cfg.ffn == "gated-gelu" else 2) * cfg.d_ff
+    enc = batch * src_len * cfg.n_enc_layers * (6 * D + 4 * A + f)
+    dec = batch * tgt_len * cfg.n_dec_layers * (8 * D + 6 * A + f)
     logits = batch * tgt_len * cfg.vocab_size
+    masks = batch * cfg.n_heads * (src_len ** 2 + tgt_len ** 2) if cfg.position == "relative" else 0
     plan = dict(parameters=P, weights=4 * P, gradients=4 * P, optimizer=8 * P, reference_policy=4 * P,
-                activations=(enc + dec + logits) * act_bytes + logits * 4)
+                activations=(enc + dec + logits) * act_bytes + (logits + masks) * 4)
     plan["total"] = sum(v for k, v in plan.items() if k != "parameters")
     return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Pretrained T5-family snapshots, read from a local directory (nothing is downloaded).
+# --------------------------------------------------------------------------------------------
+
+T5_FFN = {"relu": "relu", "gelu": "gelu", "gated-gelu": "gated-gelu", "gated-gelu_new": "gated-gelu"}
+"""feed_forward_proj of a T5 config.json -> ModelConfig.ffn ("gated-gelu" is transformers' tanh GELU)."""
+
+T5_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+"""Weights some snapshots store as copies of shared.weight: read only to check that they are copies."""
+
+T5_UNUSED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+"""Weights old snapshots store that T5 never uses (no position bias on cross-attention)."""
+
+
+def load_hf_config(path) -> dict:
+    """The config.json of the snapshot directory `path`, as a dict."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: no config.json; from_pretrained reads a local Hugging Face T5 snapshot "
+                         f"directory (config.json plus model.safetensors or pytorch_model.bin)")
+    return json.loads((path / "config.json").read_text())
+
+
+def config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
+    """The ModelConfig of a T5-family config.json (as a dict), ModelConfig fields in `overrides` on top.
+
+    Reads no weights, so `--dry-run` can plan a snapshot from its config alone. The decoder output is
+    scaled by d_model^-0.5 iff `scale_decoder_outputs` says so (transformers 5 writes it), else iff
+    `tie_word_embeddings` is true (its default: T5 v1.0). The head is tied unless tie_word_embeddings
+    is false; `from_pretrained` settles that from the weights (a stored lm_head.weight that differs
+    from shared.weight is an untied head). Position limits are 512 (relative positions need no
+    table); last_layers is 1. T5's dropout is ignored (0)."""
+    model_type = hf_config.get("model_type")
+    if model_type not in ("t5", "mt5"):
+        raise ValueError(f"model_type {model_type!r} is not supported: from_pretrained reads the T5 family "
+                         f"(model_type 't5' or 'mt5')")
+    missing = [k for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers") if k not in hf_config]
+    if missing:
+        raise ValueError(f"config.json lacks {', '.join(missing)}")
+    proj = hf_config.get("feed_forward_proj", "relu")
+    if proj not in T5_FFN:
+        raise ValueError(f"feed_forward_proj {proj!r} is not supported; supported: {', '.join(T5_FFN)}")
+    tied = hf_config.get("tie_word_embeddings") is not False
+    scale = hf_config.get("scale_decoder_outputs")
+    cfg = dict(vocab_size=hf_config["vocab_size"], d_model=hf_config["d_model"], n_heads=hf_config["num_heads"],
+               d_kv=hf_config["d_kv"], d_ff=hf_config["d_ff"], n_enc_layers=hf_config["num_layers"],
+               n_dec_layers=hf_config.get("num_decoder_layers") or hf_config["num_layers"],
+               max_src_len=512, max_tgt_len=512, last_layers=1, norm="rmsnorm",
+               norm_eps=hf_config.get("layer_norm_epsilon", 1e-6), position="relative",
+               rel_buckets=hf_config.get("relative_attention_num_buckets", 32),
+               rel_max_distance=hf_config.get("relative_attention_max_distance", 128), scale_scores=False,
+               ffn=T5_FFN[proj], tie_head=tied, scale_head=tied if scale is None else bool(scale))
+    unknown = sorted(set(overrides) - {f.name for f in fields(ModelConfig)})
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid fields: "
+                         f"{', '.join(sorted(f.name for f in fields(ModelConfig)))}")
+    return ModelConfig(**{**cfg, **overrides})
+
+
+def read_weights(path) -> dict:
+    """Every tensor of the snapshot directory `path`, floating ones cast to float32 (bf16 and fp16
+    snapshots): model.safetensors, sharded safetensors (model.safetensors.index.json), or
+    pytorch_model.bin (read with weights_only=True)."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif (path / "model.safetensors.index.json").is_file():
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        files = [path / name for name in sorted(set(index["weight_map"].values()))]
+    elif (path / "pytorch_model.bin").is_file():
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return {k: t.float() if t.is_floating_point() else t for k, t in state.items()}
+    else:
+        raise ValueError(f"{path}: no weights file; expected model.safetensors, model.safetensors.index.json "
+                         f"(sharded) or pytorch_model.bin")
+    from safetensors.torch import load_file
+    return {k: t.float() if t.is_floating_point() else t for f in files for k, t in load_file(f).items()}
+
+
+def t5_names(cfg: ModelConfig) -> dict:
+    """Our parameter name -> the T5 weight name(s) it is made of (k and v stack into our fused kv).
+    Every parameter but the value head's, which starts fresh."""
+    names = {"tok_emb.weight": ("shared.weight",), "enc_ln.weight": ("encoder.final_layer_norm.weight",),
+             "dec_ln.weight": ("decoder.final_layer_norm.weight",)}
+    if not cfg.tie_head:
+        names["lm_head.weight"] = ("lm_head.weight",)
+    ff = {"up": "wi", "out": "wo"} if cfg.ffn != "gated-gelu" else {"gate": "wi_0", "up": "wi_1", "out": "wo"}
+
+    def attn(ours, theirs, owns_bias):
+        n = {f"{ours}.q.weight": (f"{theirs}.q.weight",), f"{ours}.kv.weight": (f"{theirs}.k.weight", f"{theirs}.v.weight"),
+             f"{ours}.out.weight": (f"{theirs}.o.weight",)}
+        if owns_bias and cfg.position == "relative":
+            n[f"{ours}.rel_bias.weight"] = (f"{theirs}.relative_attention_bias.weight",)
+        return n
+
+    for stack, n_layers, blocks in (("encoder", cfg.n_enc_layers, ("SelfAttention", None, "DenseReluDense")),
+                                    ("decoder", cfg.n_dec_layers, ("SelfAttention", "EncDecAttention", "DenseReluDense"))):
+        for i in range(n_layers):
+            ours, theirs = f"{stack}.{i}", f"{stack}.block.{i}.layer"
+            self_attn = "attn" if stack == "encoder" else "self_attn"
+            names.update(attn(f"{ours}.{self_attn}", f"{theirs}.0.SelfAttention", owns_bias=i == 0))
+            if stack == "decoder":
+                names.update(attn(f"{ours}.cross_attn", f"{theirs}.1.EncDecAttention", owns_bias=False))
+            ff_at = 1 if stack == "encoder" else 2
+            names.update({f"{ours}.ff.{o}.weight": (f"{theirs}.{ff_at}.DenseReluDense.{t}.weight",) for o, t in ff.items()})
+            for j in range(ff_at + 1):                                     # ln1, ln2 (, ln3): one per sub-layer
+                names[f"{ours}.ln{j + 1}.weight"] = (f"{theirs}.{j}.layer_norm.weight",)
+    return names
+
+
+def load_t5_weights(model: EncoderDecoder, weights: dict) -> None:
+    """Copy the T5 `weights` (name -> float32 tensor) into `model`, after checking that every weight
+    the model needs is there with its shape and that no other weight is."""
+    params = dict(model.named_parameters())
+    names = t5_names(model.cfg)
+    assert set(names) == {n for n in params if not n.startswith("value_head.")}, "t5_names is out of date"
+    needed = [key for theirs in names.values() for key in theirs]
+    absent = [key for key in needed if key not in weights]
+    if absent:
+        raise ValueError(f"missing weight(s) {', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}")
+    known = set(needed) | set(T5_COPIES) | set(T5_UNUSED) | ({"lm_head.weight"} if model.cfg.tie_head else set())
+    extra = sorted(set(weights) - known)
+    if extra:
+        raise ValueError(f"unexpected weight(s) {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}: "
+                         f"not part of a {model.cfg.n_enc_layers}+{model.cfg.n_dec_layers}-layer T5 with "
+                         f"ffn={model.cfg.ffn!r}, tie_head={model.cfg.tie_head}")
+    for ours, theirs in names.items():
+        want = (params[ours].shape[0] // len(theirs), *params[ours].shape[1:])
+        for key in theirs:
+            if tuple(weights[key].shape) != want:
+                raise ValueError(f"weight {key} has shape {tuple(weights[key].shape)}, the config expects {want}")
+    for key in T5_COPIES + (("lm_head.weight",) if model.cfg.tie_head else ()):
+        if key in weights and not torch.equal(weights[key], weights["shared.weight"]):
+            raise ValueError(f"weight {key} differs from shared.weight, but this model has one table for it")
+    with torch.no_grad():
+        for ours, theirs in names.items():
+            params[ours].copy_(torch.cat([weights[key] for key in theirs]))
+
+
+def from_pretrained(path, **overrides) -> EncoderDecoder:
+    """The EncoderDecoder of the T5-family snapshot (T5 v1.0, v1.1, flan-T5, mT5) in the local
+    directory `path`: config.json plus model.safetensors, sharded safetensors or pytorch_model.bin.
+
+    The weights load exactly (transformers' T5ForConditionalGeneration gives the same logits and
+    cross-attention). The head is untied iff lm_head.weight is stored and differs from shared.weight;
+    the embedding keeps all its rows (flan-T5: 32,128, more than the tokenizer's pieces). The value
+    head V(x) starts fresh (zero output). `overrides` are ModelConfig fields, e.g. last_layers (L' of
+    §3.2), max_src_len; an override that changes the architecture makes the weights not fit (an error).
+    """
+    cfg = config_from_hf(load_hf_config(path), **overrides)       # model_type and fields checked first
+    weights = read_weights(path)
+    head, shared = weights.get("lm_head.weight"), weights.get("shared.weight")
+    tied = head is None or (shared is not None and head.shape == shared.shape and torch.equal(head, shared))
+    if "tie_head" not in overrides:
+        cfg = replace(cfg, tie_head=tied)
+    model = EncoderDecoder(cfg)
+    load_t5_weights(model, weights)
+    return model
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (SIZES, EncoderDecoder, ModelConfig, abar, attention, config_for, count_params, filter_logits, sample_next,
-                   token_logprobs)
+from model import (SIZES, ConfigError, EncoderDecoder, ModelConfig, abar, additive_mask, attention, config_for,
+                   count_params, filter_logits, memory_plan, relative_position_bucket, rms_norm, sample_next, token_logprobs)
 
 BOS, EOS, PAD = 1, 2, 0
 
@@ -318,3 +318,132 @@ def test_bf16_autocast_keeps_the_recorded_attention_and_log_probs_in_float32():
     assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
     assert logits.dtype == torch.bfloat16
     assert (logits.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# ---------------------------------------------------------------------------- T5-family options
+# The defaults are the from-scratch model above; from_pretrained (tests/test_pretrained.py) sets T5's.
+
+def test_default_model_is_unchanged():
+    """The README's `tiny` preset: 1,352,449 parameters, and the same names as before the T5 options."""
+    m = EncoderDecoder(config_for("tiny"))
+    assert m.num_params() == count_params(config_for("tiny")) == 1_352_449
+    attn = ["q.weight", "kv.weight", "out.weight"]
+    enc = [f"encoder.{i}.{n}" for i in range(2) for n in
+           ["ln1.weight", "ln2.weight", *(f"attn.{a}" for a in attn), "ff.up.weight", "ff.out.weight"]]
+    dec = [f"decoder.{i}.{n}" for i in range(2) for n in
+           ["ln1.weight", "ln2.weight", "ln3.weight", *(f"self_attn.{a}" for a in attn),
+            *(f"cross_attn.{a}" for a in attn), "ff.up.weight", "ff.out.weight"]]
+    assert [n for n, _ in m.named_parameters()] == ["tok_emb.weight", "enc_pos.weight", "dec_pos.weight", *enc, *dec,
+                                                    "enc_ln.weight", "dec_ln.weight", "value_head.hidden.weight",
+                                                    "value_head.hidden.bias", "value_head.out.weight",
+                                                    "value_head.out.bias"]
+    assert m.lm_head is None and isinstance(m.enc_ln, torch.nn.LayerNorm) and m.enc_ln.eps == 1e-5
+
+
+T5_LIKE = [
+    # flan-T5 / T5 v1.1: RMS norm, relative positions, no score scaling, 4 heads of 12 (48 != d_model 32),
+    # gated GELU, untied head; small buckets so that ~20 positions reach the last one.
+    dict(norm="rmsnorm", position="relative", scale_scores=False, d_kv=12, ffn="gated-gelu", tie_head=False,
+         rel_buckets=8, rel_max_distance=16),
+    # T5 v1.0: ReLU, tied and scaled head.
+    dict(norm="rmsnorm", position="relative", scale_scores=False, ffn="relu", scale_head=True, rel_buckets=8,
+         rel_max_distance=16),
+]
+
+
+def t5_like(kw):
+    model = small_model(**kw)
+    with torch.no_grad():                                     # position biases that matter
+        for layer in (model.encoder[0].attn, model.decoder[0].self_attn):
+            torch.nn.init.normal_(layer.rel_bias.weight, std=2.0)
+    return model
+
+
+@pytest.mark.parametrize("kw", T5_LIKE)
+def test_t5_options_cached_sampling_reproduces_teacher_forced_pass(kw):
+    model = t5_like(kw)
+    src, src_mask = padded_prompts([14, 3, 9])
+    r = model.sample(src, src_mask, num_samples=3, max_new_tokens=20, temperature=1.0,
+                     generator=torch.Generator().manual_seed(0))
+    assert r.tokens.shape[1] > 3
+    lp, abar_ = teacher_forced(model, src, src_mask, r, 3, 1.0)
+    torch.testing.assert_close(r.logprobs, lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r.attn, abar_, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kw", T5_LIKE)
+def test_t5_options_padding_a_batch_does_not_change_any_row(kw):
+    model = t5_like(kw)
+    src, src_mask = padded_prompts([14, 2, 9])
+    tgt_in = torch.randint(3, 11, (3, 18))
+    logits, maps = model(src, src_mask, tgt_in, attention="layers")
+    for b in range(3):
+        s = int(src_mask[b].sum())
+        lone_logits, lone_maps = model(src[b:b + 1, :s], src_mask[b:b + 1, :s], tgt_in[b:b + 1], attention="layers")
+        torch.testing.assert_close(logits[b], lone_logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(maps[b, ..., :s], lone_maps[0], atol=1e-5, rtol=1e-5)
+
+
+def test_t5_options_modules_and_parameter_count():
+    """One bias table per stack (its first layer's self-attention), no absolute positions, the
+    attention's inner width n_heads * d_kv, gated FFN, untied head: counted by hand."""
+    cfg = ModelConfig(vocab_size=11, d_model=32, n_heads=4, n_enc_layers=2, n_dec_layers=3, d_ff=64, **T5_LIKE[0])
+    m = EncoderDecoder(cfg)
+    assert m.enc_pos is None and m.dec_pos is None
+    owners = sorted(n for n, _ in m.named_parameters() if "rel_bias" in n)
+    assert owners == ["decoder.0.self_attn.rel_bias.weight", "encoder.0.attn.rel_bias.weight"]
+    D, A, F_, V_, H = 32, 48, 64, 11, 4
+    enc = 2 * (4 * D * A + 3 * D * F_ + 2 * D)                 # q, kv, out; gate, up, out; 2 RMS norms
+    dec = 3 * (8 * D * A + 3 * D * F_ + 3 * D)
+    value = D * D + D + D + 1
+    assert m.num_params() == count_params(cfg) == V_ * D + enc + dec + 2 * D + 2 * 8 * H + V_ * D + value
+    # The memory plan follows the inner width A and the gated FFN (4 d_ff), plus the relative masks.
+    plan = memory_plan(cfg, batch=3, src_len=5, tgt_len=4, act_bytes=2)
+    acts = 3 * 5 * 2 * (6 * D + 4 * A + 4 * F_) + 3 * 4 * 3 * (8 * D + 6 * A + 4 * F_)
+    assert plan["activations"] == (acts + 3 * 4 * V_) * 2 + (3 * 4 * V_ + 3 * H * (25 + 16)) * 4
+
+
+def test_rms_norm_by_hand():
+    x = torch.tensor([[3.0, -4.0]])                            # mean of squares 12.5
+    w = torch.tensor([1.0, 2.0])
+    torch.testing.assert_close(rms_norm(x, w, 0.0), torch.tensor([[3.0, -8.0]]) / math.sqrt(12.5))
+
+
+def test_relative_buckets_by_hand():
+    """num_buckets 8, max_distance 16. Decoder (unidirectional): distances 0..3 exact; 4..15 in
+    buckets 4 + floor(log(d/4) / log(4) * 4): 4-5 -> 4, 6-7 -> 5, 8-11 -> 6, 12-15 -> 7, and 16
+    on -> 7; keys after the query -> 0. Encoder (bidirectional): 4 buckets a side (keys after the
+    query in 4..7), 0 and 1 exact, then 2 + floor(log(d/2) / log(8) * 2): 2-6 -> 2, 7 on -> 3."""
+    rel = -torch.tensor([0, 1, 3, 4, 5, 6, 8, 11, 12, 15, 16, 100])
+    assert relative_position_bucket(rel, False, 8, 16).tolist() == [0, 1, 3, 4, 4, 5, 6, 6, 7, 7, 7, 7]
+    assert relative_position_bucket(torch.tensor([1, 5]), False, 8, 16).tolist() == [0, 0]
+    assert relative_position_bucket(torch.tensor([0, -1, 1, 2, 3, 4, 7, 8, 100]), True, 8, 16).tolist() == \
+        [0, 1, 5, 6, 6, 6, 7, 7, 7]
+
+
+def test_biased_attention_explicit_equals_fused_and_by_hand():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    bias = torch.randn(1, 3, 5, 5, generator=g)
+    keys = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    keys[1, ..., 3:] = False
+    for m in (additive_mask(bias, keys), additive_mask(bias, is_causal=True)):
+        fused, _ = attention(q, k, v, mask=m, scale=1.0)
+        explicit, w = attention(q, k, v, mask=m, need_weights=True, scale=1.0)
+        torch.testing.assert_close(explicit, fused, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(w, (q @ k.transpose(-2, -1) + m).softmax(-1), atol=1e-6, rtol=1e-5)
+    assert w[0].triu(1).abs().max() == 0
+
+
+@pytest.mark.parametrize("field, value", [("norm", "batchnorm"), ("position", "rotary"), ("ffn", "swiglu"),
+                                          ("d_kv", 0), ("norm_eps", 0.0), ("tie_head", 1), ("rel_buckets", 0),
+                                          ("rel_buckets", 3), ("rel_max_distance", 16)])
+def test_t5_option_values_are_checked(field, value):
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig(**{field: value})
+
+
+def test_d_model_need_not_divide_by_heads_with_d_kv():
+    assert ModelConfig(d_model=30, n_heads=4, d_kv=8).head_dim == 8
+    with pytest.raises(ConfigError, match="divisible by n_heads=4"):
+        ModelConfig(d_model=30, n_heads=4)
