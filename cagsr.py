@@ -4,12 +4,10 @@
     python cagsr.py                                   # the main job: SFT then CAGSR, on a CPU
     python cagsr.py --stage rl --init runs/X/sft.pt   # RL from a saved SFT model
     python cagsr.py --stage sample --init runs/X/rl.pt --prompt "Where does Varo Kelin live?"
-    python cagsr.py --stage eval --init runs/X/rl.pt
-    python cagsr.py --help
+    python cagsr.py --stage eval --init runs/X/rl.pt      # python cagsr.py --help lists every flag
 
-This file is the command line only: the parser, `main` (parse, resolve the configs and check them
-in settings.py, dispatch) and the stages' wiring. The method lives in model.py, reward.py, ppo.py
-and sft.py; the run's plumbing (run directory, checkpoints, resume, metrics log) in runs.py.
+The command line only: the parser, `main` (parse, resolve and check the configs in settings.py,
+dispatch) and the stages' wiring; the method is model.py, reward.py, ppo.py, sft.py; plumbing runs.py.
 """
 
 from __future__ import annotations
@@ -178,7 +176,7 @@ def prepare(run, device) -> Setup:
     return Setup(model, tok, idf, splits, train_pairs, resume)
 
 
-def interrupted(run_dir, stage: str, where: str) -> int:
+def interrupted(run_dir, stage: str, where: str) -> int:                # Ctrl-C: the checkpoint is written
     print(f"\ninterrupted: {stage} stopped at {where}; checkpoint written. Continue with:\n"
           f"    python cagsr.py --resume {run_dir}")
     return 130
@@ -368,26 +366,31 @@ def main(argv=None) -> int:
         args, command, resume_from = settings.resumed(vars(parser.parse_args([])), args, command)
     run = settings.resolve(args, command, resume_from)
     rank, world, dp_device = parallel.init(run.device, settings.single_process(run))
+    try:
+        return dispatch(run, dp_device, world, t_start)
+    finally:
+        parallel.close()
+
+
+def dispatch(run, device, world: int, t_start: float) -> int:
+    """The stage `run` names, after the checks that need the device and the number of processes.
+    device: torchrun's for this rank, else None (chosen here)."""
     if run.stage == "dry-run":
         settings.print_plan(run.size, run.sft.batch_size)
         return 0
-    device = dp_device or runs.pick_device(run.device)
+    device = device or runs.pick_device(run.device)
     settings.check_device(run, device, world)
     if run.resume is not None and settings.resume_complete(run):
         print(f"--resume {run.resume}: this run is complete (its metrics.jsonl ends with the 'done' row); nothing was "
               f"changed. For more RL, start a new run: --stage rl --init {run.resume}/rl.pt")
         return 0
-    try:
-        if run.stage == "experiment":
-            return experiments.run_table1(run, device)
-        if run.stage == "sample":
-            runs.seed_everything(run.seed)
-            return sample_stage(run, device)
-        setup = prepare(run, device)
-        return eval_stage(run, setup, device) if run.stage == "eval" else train(run, setup, device, t_start)
-    finally:
-        parallel.close()
-
+    if run.stage == "experiment":
+        return experiments.run_table1(run, device)
+    if run.stage == "sample":
+        runs.seed_everything(run.seed)
+        return sample_stage(run, device)
+    setup = prepare(run, device)
+    return eval_stage(run, setup, device) if run.stage == "eval" else train(run, setup, device, t_start)
 
 if __name__ == "__main__":
     try:
