@@ -220,9 +220,8 @@ def sft_stage(run, s: Setup, device, run_dir, log, stop) -> int | None:
 
 def rl_models(model, cfg, resume, device):
     """The frozen SFT policy (for the KL penalty and the metrics) and Adam (§7.2), new or resumed."""
-    ref_model = EncoderDecoder(model.cfg).to(device)
-    ref_model.load_state_dict(resume["ref_model"] if resume else model.state_dict())
-    ref_model.eval().requires_grad_(False)
+    ref_model = runs.policy_from_state(resume["ref_model"] if resume else model.state_dict(), model.cfg, device,
+                                       frozen=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **runs.fused(device))
     if resume:
         optimizer.load_state_dict(resume["optimizer"])

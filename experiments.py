@@ -157,12 +157,6 @@ def evaluate_row(policy, tok, test, test_pairs, salient, classifier, settings, d
 # The table
 # --------------------------------------------------------------------------------------------
 
-def load_policy(sft_state, cfg, device):
-    model = EncoderDecoder(cfg).to(device)
-    model.load_state_dict(sft_state)
-    return model
-
-
 def seed_sft(seed, sd: Path, settings, cfg, tok, splits, train_pairs, salient, device) -> tuple[dict, float]:
     """The SFT model of one seed (the No-RL row and every RL row's start): (its weights, its seconds),
     read from sd/sft.pt when an earlier call wrote it."""
@@ -201,7 +195,7 @@ def rl_row(m: Method, seed, settings, policy, sft_state, tok, splits, train_pair
             policy, tok, splits.train, ppo_cfg, device, num_prompts=settings["rm"]["human_prompts"],
             noise=settings["rm"]["label_noise"], steps=settings["rm"]["human_steps"], seed=seed)
         reward_fn = baselines.ScorerReward(scorer)
-    ref = load_policy(sft_state, policy.cfg, device).eval().requires_grad_(False)
+    ref = runs.policy_from_state(sft_state, policy.cfg, device, frozen=True)
     optimizer = torch.optim.Adam(policy.parameters(), lr=ppo_cfg.lr, **runs.fused(device))
     with runs.progress(total=settings["iterations"], desc=f"seed {seed} {m.name}", unit="iter", leave=False) as bar:
         history = ppo.train(policy, ref, optimizer, [p for p, _ in train_pairs], salient, reward_cfg, ppo_cfg,
@@ -228,7 +222,7 @@ def run_seed(seed, work, settings, tok, splits, train_pairs, salient, classifier
             continue
         t0 = time.time()
         runs.seed_everything(seed)
-        policy = load_policy(sft_state, cfg, device)
+        policy = runs.policy_from_state(sft_state, cfg, device)
         row = dict(method=m.name, seed=seed)
         if m.kind != "sft":
             row.update(rl_row(m, seed, settings, policy, sft_state, tok, splits, train_pairs, salient, device))

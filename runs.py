@@ -177,17 +177,31 @@ def peek_checkpoint(path, flag: str = "") -> dict:
     return _read(path, flag, map_location="cpu", mmap=True)
 
 
+def policy_from_state(state: dict, cfg: ModelConfig, device, frozen: bool = False) -> EncoderDecoder:
+    """An EncoderDecoder of `cfg` holding the weights `state`; frozen: in eval mode without gradients
+    (the reference policy of the KL penalty)."""
+    model = EncoderDecoder(cfg).to(device)
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False) if frozen else model
+
+
 def load_checkpoint(path, device="cpu", flag: str = ""):
     """(model, tokenizer, checkpoint dict) from a file written by `save_checkpoint`."""
     ckpt = _read(path, flag, map_location=device)
-    model = EncoderDecoder(ModelConfig(**ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["model"])
+    model = policy_from_state(ckpt["model"], ModelConfig(**ckpt["model_config"]), device)
     return model, data.tokenizer_from_str(ckpt["tokenizer"]), ckpt
 
 
 # --------------------------------------------------------------------------------------------
 # The run directory, resuming, the metrics log
 # --------------------------------------------------------------------------------------------
+
+def check_out(out: str, overwrite: bool) -> None:
+    """--out must not hold files of another run, unless --overwrite."""
+    path = Path(out)
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UsageError(f"--out {path} already holds files; choose another directory or pass --overwrite")
+
 
 def make_run_dir(out: str | None, overwrite: bool, size: str, dataset: str) -> Path:
     """--out, or a new runs/<time>-<size>-<dataset>/ (new for every run, even two in the same second)."""
@@ -200,9 +214,8 @@ def make_run_dir(out: str | None, overwrite: bool, size: str, dataset: str) -> P
             path = path.with_name(f"{stamp}-{size}-{name}-{i}")
             i += 1
     else:
+        check_out(out, overwrite)
         path = Path(out)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise UsageError(f"--out {path} already holds files; choose another directory or pass --overwrite")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

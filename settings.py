@@ -174,9 +174,8 @@ def _check_paths(args, dataset: str, experiment: bool) -> None:
     for flag, path in (("--out", args.out), ("--results-dir", args.results_dir if experiment else None)):
         if path is not None and Path(path).exists() and not Path(path).is_dir():
             raise UsageError(f"{flag} {path} is a file; give a directory (it is created when missing)")
-    out = Path(args.out) if args.out else None
-    if out and out.is_dir() and any(out.iterdir()) and not (args.overwrite or args.resume or experiment):
-        raise UsageError(f"--out {out} already holds files; choose another directory or pass --overwrite")
+    if args.out is not None and not experiment:                # the table's work directory is meant to be reused
+        runs.check_out(args.out, args.overwrite or args.resume is not None)
     if args.device is not None:
         try:
             torch.device(args.device)
