@@ -100,13 +100,13 @@ def sample_pairs(policy, tok, records, cfg, device, seed: int, batch_size: int =
     """Two samples per prompt from `policy` with the RL sampling settings of `cfg` (a PPOConfig)."""
     policy.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = []
+    out, sp = [], data.specials(tok)
     for i in range(0, len(records), batch_size):
         src, src_mask = prompt_batch(tok, [r["prompt"] for r in records[i:i + batch_size]], device)
         r = policy.sample(src, src_mask, num_samples=2, max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen,
-                          record_attention=False)
-        texts = [data.decode(tok, row.tolist()) for row in r.tokens.cpu()]
+                          record_attention=False, **sp.sample_ids())
+        texts = [data.decode(tok, row.tolist(), sp) for row in r.tokens.cpu()]
         out += list(zip(texts[0::2], texts[1::2]))
     return out
 
@@ -130,6 +130,7 @@ def train_synthetic_rm(policy, tok, records, held_out, device, steps=400, batch_
     torch.manual_seed(seed)
     scorer = PairScorer.from_policy(policy)
     pool: list = []
+    sp = data.specials(tok)
 
     def loss_at(step):
         batch = []
@@ -140,11 +141,11 @@ def train_synthetic_rm(policy, tok, records, held_out, device, steps=400, batch_
                 rng.shuffle(pool)
             batch.append(pool.pop())
         labels = torch.tensor([lab for _, lab in batch], device=device)
-        return F.binary_cross_entropy_with_logits(scorer(*pair_tensors([p for p, _ in batch], device)), labels)
+        return F.binary_cross_entropy_with_logits(scorer(*pair_tensors([p for p, _ in batch], device, sp)), labels)
 
     losses = fit_pair_scorer(scorer, loss_at, steps, lr, desc="synthetic-preference RM")
     examples = synthetic_examples(held_out, random.Random(seed + 1))
-    logits = pair_scores(scorer, _encode(tok, scorer, examples), device)
+    logits = pair_scores(scorer, _encode(tok, scorer, examples), device, sp)
     labels = torch.tensor([lab for *_, lab in examples])
     return scorer, dict(final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])),
                         label_accuracy=float(((logits > 0).float() == labels).float().mean()),
@@ -175,16 +176,16 @@ def train_bt_rm(policy, tok, records, ppo_cfg, device, num_prompts=1000, noise=0
         p, (a, b) = chosen_records[i]["prompt"], samples[i]
         win.append((p, a if prefer_a else b))
         lose.append((p, b if prefer_a else a))
-    win_ids, lose_ids = _encode(tok, scorer, win), _encode(tok, scorer, lose)
+    win_ids, lose_ids, sp = _encode(tok, scorer, win), _encode(tok, scorer, lose), data.specials(tok)
 
     def loss_at(step):
         idx = [rng.randrange(len(win_ids)) for _ in range(batch_size)]
-        return bradley_terry_loss(scorer(*pair_tensors([win_ids[i] for i in idx], device)),
-                                  scorer(*pair_tensors([lose_ids[i] for i in idx], device)))
+        return bradley_terry_loss(scorer(*pair_tensors([win_ids[i] for i in idx], device, sp)),
+                                  scorer(*pair_tensors([lose_ids[i] for i in idx], device, sp)))
 
     fit_pair_scorer(scorer, loss_at, steps, lr, desc="simulated-human BT RM")
-    stats["fit_accuracy"] = float((pair_scores(scorer, win_ids, device) > pair_scores(scorer, lose_ids, device))
-                                  .float().mean())
+    wins = pair_scores(scorer, win_ids, device, sp) > pair_scores(scorer, lose_ids, device, sp)
+    stats["fit_accuracy"] = float(wins.float().mean())
     return scorer, stats
 
 

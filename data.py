@@ -3,7 +3,11 @@ datasets of §7.1 are synthetic.py.
 
 Records are plain dicts ``{"prompt": str, "response": str}``, optionally with ``"group"`` (QA:
 the fact id). Encoding is T5-style: prompt ids end in EOS (no BOS on the encoder side); the
-decoder reads ``[BOS] + response[:-1]`` and predicts ``response`` (which ends in EOS).
+decoder reads ``[start] + response[:-1]`` and predicts ``response`` (which ends in EOS).
+
+The special ids belong to the tokenizer, not to this module: ``specials(tok)`` reads them (ours:
+pad 0, start = BOS 1, EOS 2; T5: pad 0, EOS 1, start = pad), and everything that pads, starts
+the decoder, stops at EOS or skips special tokens takes that record (DECISIONS.md §8).
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import json
 import random
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -19,8 +24,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import synthetic
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
-SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # order fixes their ids 0..3
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # order fixes their ids 0..3 in the tokenizers trained here
+T5_EOS = "</s>"
 DATASETS = synthetic.DATASETS
 
 
@@ -152,6 +157,37 @@ def record_texts(records: Iterable[dict]) -> Iterator[str]:
         yield r["response"]
 
 
+@dataclass(frozen=True)
+class Specials:
+    """The special ids of one tokenizer (DECISIONS.md §8): what pads a batch, starts the decoder and
+    ends a sequence, and which ids are special (never content, the prompt's attention sinks).
+    Read from the tokenizer by `specials(tok)` and stored in every checkpoint."""
+    pad: int
+    start: int                 # the decoder's first input: BOS here, pad for T5
+    eos: int
+    special: tuple             # every special id, sorted (T5: pad, EOS, UNK and the <extra_id_*> sentinels)
+    appends_eos: bool = False  # the tokenizer's post-processor ends every encoding in EOS itself (T5)
+
+    def sample_ids(self) -> dict:
+        """The keywords of `EncoderDecoder.sample`."""
+        return dict(bos_id=self.start, eos_id=self.eos, pad_id=self.pad)
+
+
+def specials(tok: Tokenizer) -> Specials:
+    """The special ids of `tok`: a tokenizer trained here (<pad> <bos> <eos> <unk>) or a T5-family
+    one (<pad>, </s>, the decoder starting from pad). Every token the tokenizer marks special is in
+    `special`. ValueError if it has no pad or EOS token."""
+    pad = tok.token_to_id(PAD)
+    eos = tok.token_to_id(EOS) if tok.token_to_id(EOS) is not None else tok.token_to_id(T5_EOS)
+    if pad is None or eos is None:
+        raise ValueError(f"the tokenizer has no {PAD} or no {EOS}/{T5_EOS} token; cagsr needs a pad and an "
+                         f"end-of-sequence token (T5's tokenizer.json has both)")
+    start = tok.token_to_id(BOS) if tok.token_to_id(BOS) is not None else pad
+    marked = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    probe = tok.encode("a").ids
+    return Specials(pad, start, eos, tuple(sorted(marked | {pad, start, eos})), probe[-1:] == [eos])
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE with PAD/BOS/EOS/UNK at ids 0..3 and no post-processor.
 
@@ -168,7 +204,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
                                   show_progress=False)
     tok.train_from_iterator(list(texts), trainer)
     tok.encode_special_tokens = True  # a literal "<eos>" in user text is text, not EOS
-    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [PAD_ID, BOS_ID, EOS_ID, UNK_ID]
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
     return tok
 
 
@@ -184,16 +220,49 @@ def tokenizer_from_str(s: str) -> Tokenizer:
     return tok
 
 
-def content_token_mask(tok: Tokenizer) -> torch.Tensor:
+def snapshot_tokenizer(path) -> Tokenizer:
+    """The tokenizer.json of a Hugging Face snapshot directory, as the `tokenizers` library reads it,
+    with any truncation or padding it carries turned off (a snapshot's tokenizer.json may cut every
+    text at 512 tokens without a word; here over-long texts are refused or cut with a warning, see
+    `encode_records`). T5's post-processor appends </s> itself (`Specials.appends_eos`)."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        if (path / "spiece.model").is_file():
+            raise ValueError(f"{path} ships only spiece.model (a SentencePiece model) and no tokenizer.json, which "
+                             f"is what cagsr reads. Write one once, where transformers and sentencepiece are "
+                             f"installed: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
+        raise ValueError(f"{path}: no tokenizer.json; a snapshot for --init needs its tokenizer")
+    try:
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as e:
+        raise ValueError(f"{path / 'tokenizer.json'}: not readable by the tokenizers library ({e})") from None
+    tok.no_truncation()
+    tok.no_padding()
+    tok.encode_special_tokens = True
+    specials(tok)                     # a tokenizer without pad or EOS is refused here, before any work
+    return tok
+
+
+def token_texts(tok: Tokenizer) -> list[str]:
+    """The text of every id as it reads inside a longer text: a piece that begins a word begins with
+    a space. Byte-level BPE decodes its "Ġ" to that space; a SentencePiece piece marks it with "▁",
+    which a Metaspace decode of the piece alone drops, so it is read from the piece itself."""
+    out = tok.decode_batch([[i] for i in range(tok.get_vocab_size())], skip_special_tokens=False)
+    return [(" " + t if (tok.id_to_token(i) or "").startswith("\u2581") and not t[:1].isspace() else t)
+            for i, t in enumerate(out)]
+
+
+def content_token_mask(tok: Tokenizer, sp: Specials | None = None, texts: list[str] | None = None) -> torch.Tensor:
     """(V,) bool: True where a token can be salient (§3.2, DECISIONS.md §2).
 
-    Special tokens and tokens with no letter or digit once decoded (spaces,
-    punctuation, partial UTF-8 bytes) are never salient.
+    Special tokens (`Specials.special`: T5's sentinels too) and tokens with no letter or digit once
+    decoded (spaces, "▁", punctuation, partial UTF-8 bytes) are never salient. texts: `token_texts(tok)`
+    when the caller has it already.
     """
-    V = tok.get_vocab_size()
-    special = set(range(len(SPECIAL_TOKENS)))
-    return torch.tensor([i not in special and any(ch.isalnum() for ch in tok.decode([i]))
-                         for i in range(V)], dtype=torch.bool)
+    special = set((sp or specials(tok)).special)
+    texts = token_texts(tok) if texts is None else texts
+    return torch.tensor([i not in special and any(ch.isalnum() for ch in t) for i, t in enumerate(texts)],
+                        dtype=torch.bool)
 
 
 def idf(prompt_ids: list[list[int]], vocab_size: int) -> torch.Tensor:
@@ -205,18 +274,22 @@ def idf(prompt_ids: list[list[int]], vocab_size: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ encoding, batches
-def encode(tok: Tokenizer, text: str) -> list[int]:
-    """Token ids + EOS, for a prompt (T5-style: the encoder sees no BOS) or a response (the decoder
-    is fed ``[BOS] + ids[:-1]``, see ``collate``)."""
-    return tok.encode(text).ids + [EOS_ID]
+def encode(tok: Tokenizer, text: str, sp: Specials | None = None) -> list[int]:
+    """Token ids ending in one EOS, for a prompt (T5-style: the encoder sees no BOS) or a response
+    (the decoder is fed ``[start] + ids[:-1]``, see ``collate``). A tokenizer that appends EOS
+    itself (T5) is not given a second one. sp: `specials(tok)`, read again when not given."""
+    sp = sp or specials(tok)
+    ids = tok.encode(text).ids
+    return ids if sp.appends_eos and ids[-1:] == [sp.eos] else ids + [sp.eos]
 
 
-def decode(tok: Tokenizer, ids) -> str:
-    """Text of ``ids`` (list or 1-D tensor) up to the first EOS, without PAD/BOS."""
+def decode(tok: Tokenizer, ids, sp: Specials | None = None) -> str:
+    """Text of ``ids`` (list or 1-D tensor) up to the first EOS, without pad and start tokens."""
+    sp = sp or specials(tok)
     ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-    if EOS_ID in ids:
-        ids = ids[:ids.index(EOS_ID)]
-    return tok.decode([i for i in ids if i not in (PAD_ID, BOS_ID)], skip_special_tokens=False)
+    if sp.eos in ids:
+        ids = ids[:ids.index(sp.eos)]
+    return tok.decode([i for i in ids if i not in (sp.pad, sp.start)], skip_special_tokens=False)
 
 
 def encode_records(tok: Tokenizer, records: list[dict], max_prompt_len: int,
@@ -224,17 +297,18 @@ def encode_records(tok: Tokenizer, records: list[dict], max_prompt_len: int,
     """(prompt ids, response ids) per record; lengths count the EOS. Nothing is cut silently."""
     if min(max_prompt_len, max_response_len) < 1:
         raise ValueError("max_prompt_len and max_response_len must be at least 1 (room for EOS)")
+    sp = specials(tok)
     pairs, cut = [], {"prompt": 0, "response": 0}
     for idx, r in enumerate(records):
         pair = []
         for key, limit in (("prompt", max_prompt_len), ("response", max_response_len)):
-            ids = encode(tok, r[key])
+            ids = encode(tok, r[key], sp)
             if len(ids) > limit:
                 if not truncate:
                     raise ValueError(f"record {idx}: {key} is {len(ids)} tokens (with EOS), over the "
                                      f"limit of {limit}; pass truncate=True or use a larger model "
                                      f"max length")
-                ids = ids[:limit - 1] + [EOS_ID]  # keep EOS so the sequence still ends
+                ids = ids[:limit - 1] + [sp.eos]  # keep EOS so the sequence still ends
                 cut[key] += 1
             pair.append(ids)
         pairs.append(tuple(pair))
@@ -254,27 +328,27 @@ def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
-def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int = PAD_ID) -> dict:
-    """Right-pad a batch to its own maxima; teacher forcing shifts the response by one.
+def collate(pairs: list[tuple[list[int], list[int]]], sp: Specials) -> dict:
+    """Right-pad a batch to its own maxima with sp.pad; teacher forcing shifts the response by one.
 
-    src (B, S), src_mask (B, S) True on real prompt tokens; tgt_in (B, T) = [BOS] + r[:-1];
+    src (B, S), src_mask (B, S) True on real prompt tokens; tgt_in (B, T) = [sp.start] + r[:-1];
     tgt_out (B, T) = r; tgt_mask (B, T) True up to and including EOS.
     """
     for b, (p, r) in enumerate(pairs):
-        if not p or not r or r[-1] != EOS_ID:
-            raise ValueError(f"pair {b}: prompt must be non-empty and response must end in EOS")
-    src, src_mask = _pad([p for p, _ in pairs], pad_id)                     # (B, S)
-    tgt_in, _ = _pad([[BOS_ID] + r[:-1] for _, r in pairs], pad_id)         # (B, T)
-    tgt_out, tgt_mask = _pad([r for _, r in pairs], pad_id)                 # (B, T)
+        if not p or not r or r[-1] != sp.eos:
+            raise ValueError(f"pair {b}: prompt must be non-empty and response must end in EOS (id {sp.eos})")
+    src, src_mask = _pad([p for p, _ in pairs], sp.pad)                     # (B, S)
+    tgt_in, _ = _pad([[sp.start] + r[:-1] for _, r in pairs], sp.pad)       # (B, T)
+    tgt_out, tgt_mask = _pad([r for _, r in pairs], sp.pad)                 # (B, T)
     return {"src": src, "src_mask": src_mask, "tgt_in": tgt_in, "tgt_out": tgt_out,
             "tgt_mask": tgt_mask}
 
 
-def collate_prompts(prompts: list[list[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad encoded prompts alone (for sampling): src (B, S), src_mask (B, S)."""
+def collate_prompts(prompts: list[list[int]], sp: Specials) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad encoded prompts alone (for sampling) with sp.pad: src (B, S), src_mask (B, S)."""
     if not all(prompts):
         raise ValueError("every prompt must be non-empty (it ends in EOS)")
-    return _pad(prompts, pad_id)
+    return _pad(prompts, sp.pad)
 
 
 def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
@@ -283,7 +357,7 @@ def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
     return full + (1 if rest and rest >= world else 0)
 
 
-def batches(pairs: list, batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0,
+def batches(pairs: list, batch_size: int, sp: Specials, seed: int = 0, shuffle: bool = True, rank: int = 0,
             world: int = 1, skip: int = 0) -> Iterator[dict]:
     """Collated batches over ``pairs`` (one pass; the last partial batch included).
 
@@ -299,4 +373,4 @@ def batches(pairs: list, batch_size: int, seed: int = 0, shuffle: bool = True, r
     for b in range(skip, batches_per_epoch(len(order), batch_size, world)):
         chunk = order[b * batch_size:(b + 1) * batch_size]
         chunk = chunk[rank * len(chunk) // world:(rank + 1) * len(chunk) // world]
-        yield collate([pairs[i] for i in chunk])
+        yield collate([pairs[i] for i in chunk], sp)

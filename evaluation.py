@@ -71,13 +71,14 @@ def response_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def mean_nll(model, pairs, device, batch_size=128) -> float:
+def mean_nll(model, pairs, device, sp: data.Specials, batch_size=128) -> float:
     """Token-weighted mean negative log-likelihood (nats) of the responses of `pairs` (encoded
-    (prompt ids, response ids)) under `model`, teacher-forced. Perplexity is exp of this."""
+    (prompt ids, response ids); sp: their tokenizer's special ids) under `model`, teacher-forced.
+    Perplexity is exp of this."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in data.batches(pairs, batch_size, shuffle=False):
+    for batch in data.batches(pairs, batch_size, sp, shuffle=False):
         nll, n = response_nll(model, {k: v.to(device) for k, v in batch.items()})
         total += float(nll)
         count += int(n)
@@ -85,9 +86,9 @@ def mean_nll(model, pairs, device, batch_size=128) -> float:
     return total / max(1, count)
 
 
-def perplexity(model, pairs, device) -> float:
+def perplexity(model, pairs, device, sp: data.Specials) -> float:
     """exp(mean token NLL) of the references (§7.4: perplexity on a held-out set)."""
-    return math.exp(mean_nll(model, pairs, device))
+    return math.exp(mean_nll(model, pairs, device, sp))
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,17 +143,17 @@ class PairScorer(nn.Module):
         return self.head(pooled).squeeze(-1)                              # (B,)
 
 
-def pair_tensors(pairs, device):
+def pair_tensors(pairs, device, sp: data.Specials):
     """(prompt ids, response ids) pairs -> src, src_mask, resp, resp_mask on `device` (PairScorer's inputs)."""
-    b = data.collate(pairs)
+    b = data.collate(pairs, sp)
     return b["src"].to(device), b["src_mask"].to(device), b["tgt_out"].to(device), b["tgt_mask"].to(device)
 
 
 @torch.no_grad()
-def pair_scores(scorer, pairs, device, batch_size=256) -> torch.Tensor:
+def pair_scores(scorer, pairs, device, sp: data.Specials, batch_size=256) -> torch.Tensor:
     """The scorer's logit for every (prompt ids, response ids) pair: (len(pairs),) on the CPU."""
     scorer.eval()
-    out = [scorer(*pair_tensors(pairs[i:i + batch_size], device)).float().cpu()
+    out = [scorer(*pair_tensors(pairs[i:i + batch_size], device, sp)).float().cpu()
            for i in range(0, len(pairs), batch_size)]
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -196,7 +197,7 @@ def train_relevance(tok, records, cfg: ModelConfig, device, steps=600, batch_siz
     on-topic (1), (prompt, another prompt's reference) off-topic (0), binary cross-entropy, fresh
     off-topic pairings every step. Train it on prompts no reward model sees (the validation split)."""
     pairs = data.encode_records(tok, records, cfg.max_src_len, cfg.max_tgt_len)
-    responses = [r["response"] for r in records]
+    responses, sp = [r["response"] for r in records], data.specials(tok)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     scorer = PairScorer(cfg).to(device)
@@ -206,7 +207,7 @@ def train_relevance(tok, records, cfg: ModelConfig, device, steps=600, batch_siz
         other = [off_topic_index(i, responses, rng) for i in idx]
         batch = [pairs[i] for i in idx] + [(pairs[i][0], pairs[j][1]) for i, j in zip(idx, other)]
         labels = torch.tensor([1.0] * len(idx) + [0.0] * len(idx), device=device)
-        return F.binary_cross_entropy_with_logits(scorer(*pair_tensors(batch, device)), labels)
+        return F.binary_cross_entropy_with_logits(scorer(*pair_tensors(batch, device, sp)), labels)
 
     fit_pair_scorer(scorer, loss_at, steps, lr, desc="relevance classifier")
     return scorer
@@ -216,7 +217,7 @@ def relevance(scorer, tok, prompts: list[str], responses: list[str], device) -> 
     """Prompt relevance in [0, 1] (§7.4): the classifier's probability that `response` is on topic."""
     pairs = data.encode_records(tok, [dict(prompt=p, response=r) for p, r in zip(prompts, responses)],
                                 scorer.cfg.max_src_len, scorer.cfg.max_tgt_len)      # too long: an error, never cut
-    return torch.sigmoid(pair_scores(scorer, pairs, device)).tolist()
+    return torch.sigmoid(pair_scores(scorer, pairs, device, data.specials(tok))).tolist()
 
 
 def relevance_accuracy(scorer, tok, records, device, seed=0) -> dict:
@@ -239,7 +240,8 @@ def relevance_accuracy(scorer, tok, records, device, seed=0) -> dict:
 
 def prompt_batch(tok, prompts: list[str], device):
     """Encode and pad prompts: (src (B, S), src_mask (B, S)) on `device`."""
-    src, src_mask = data.collate_prompts([data.encode(tok, p) for p in prompts])
+    sp = data.specials(tok)
+    src, src_mask = data.collate_prompts([data.encode(tok, p, sp) for p in prompts], sp)
     return src.to(device), src_mask.to(device)
 
 
@@ -247,11 +249,11 @@ def prompt_batch(tok, prompts: list[str], device):
 def answer(model, tok, prompts: list[str], device, max_new_tokens=64, batch_size=128) -> list[str]:
     """Greedy answers to `prompts`, decoded to text."""
     model.eval()
-    out = []
+    out, sp = [], data.specials(tok)
     for i in range(0, len(prompts), batch_size):
         r = model.sample(*prompt_batch(tok, prompts[i:i + batch_size], device), greedy=True,
-                         max_new_tokens=max_new_tokens, record_attention=False)
-        out += [data.decode(tok, row.tolist()) for row in r.tokens.cpu()]
+                         max_new_tokens=max_new_tokens, record_attention=False, **sp.sample_ids())
+        out += [data.decode(tok, row.tolist(), sp) for row in r.tokens.cpu()]
     return out
 
 
@@ -268,10 +270,10 @@ def sampled_terms(model, tok, records, salient, reward_cfg, ppo_cfg, device, see
     """The mean reward and reward terms of N candidates per prompt sampled with a fixed seed, so two
     checkpoints are compared on the same random numbers."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    sums, count = {}, 0
+    sums, count, sp = {}, 0, data.specials(tok)
     for i in range(0, len(records), batch_size):
         src, src_mask = prompt_batch(tok, [r["prompt"] for r in records[i:i + batch_size]], device)
-        _, terms, _, _ = ppo.score(model, src, src_mask, salient, reward_cfg, ppo_cfg, gen)
+        _, terms, _, _ = ppo.score(model, src, src_mask, salient, reward_cfg, ppo_cfg, sp, gen)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.sum())
         count += len(terms["reward"])
@@ -290,9 +292,10 @@ def evaluate_policy(model, tok, records, salient, reward_cfg, ppo_cfg, device, s
 def candidates(model, tok, prompts, salient, reward_cfg, ppo_cfg, device, num_samples, seed=99) -> list:
     """[(prompt, [(text, terms of that candidate)] * N)] for printing."""
     src, src_mask = prompt_batch(tok, prompts, device)
-    r, terms, _, _ = ppo.score(model, src, src_mask, salient, reward_cfg, ppo_cfg,
+    sp = data.specials(tok)
+    r, terms, _, _ = ppo.score(model, src, src_mask, salient, reward_cfg, ppo_cfg, sp,
                                torch.Generator(device=device).manual_seed(seed), num_samples=num_samples)
-    rows = [(data.decode(tok, r.tokens[i].tolist()), {k: float(v[i]) for k, v in terms.items()})
+    rows = [(data.decode(tok, r.tokens[i].tolist(), sp), {k: float(v[i]) for k, v in terms.items()})
             for i in range(r.tokens.size(0))]
     return [(p, rows[b * num_samples:(b + 1) * num_samples]) for b, p in enumerate(prompts)]
 

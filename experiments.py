@@ -147,7 +147,7 @@ def evaluate_row(policy, tok, test, test_pairs, salient, classifier, settings, d
     rel = evaluation.relevance(classifier, tok, [r["prompt"] for r in test], preds, device)
     terms = evaluation.sampled_terms(policy, tok, test, salient, reward_cfg, ppo_cfg, device)
     return dict(relevance=sum(rel) / len(rel), rouge_l=rl, exact_match=em,
-                perplexity=evaluation.perplexity(policy, test_pairs, device),
+                perplexity=evaluation.perplexity(policy, test_pairs, device, data.specials(tok)),
                 answer_words=sum(len(evaluation.words(p)) for p in preds) / len(preds),
                 **{k: terms[k] for k in ("reward", "coverage", "focus", "repeat", "sink_share", "length")},
                 examples=[dict(prompt=r["prompt"], answer=p, reference=r["response"]) for r, p in zip(test[:3], preds)])
@@ -172,7 +172,7 @@ def seed_sft(seed, sd: Path, settings, cfg, tok, splits, train_pairs, salient, d
     sft_cfg = SFTConfig(steps=settings["sft_steps"], batch_size=settings["sft_batch_size"], lr=settings["sft_lr"],
                         warmup=settings["warmup"], eval_every=max(1, settings["sft_steps"] // 3))
     val_pairs = data.encode_records(tok, splits.val[:200], cfg.max_src_len, cfg.max_tgt_len)
-    train_sft(model, train_pairs, val_pairs, sft_cfg, device, seed=seed)
+    train_sft(model, train_pairs, val_pairs, sft_cfg, device, specials=data.specials(tok), seed=seed)
     sft_seconds = time.time() - t0
     runs.save_checkpoint(sft_path, model, tok, salient.idf, size=settings["size"], dataset=settings["dataset"],
                          stage="sft", seed=seed)
@@ -199,7 +199,8 @@ def rl_row(m: Method, seed, settings, policy, sft_state, tok, splits, train_pair
     optimizer = torch.optim.Adam(policy.parameters(), lr=ppo_cfg.lr, **runs.fused(device))
     with runs.progress(total=settings["iterations"], desc=f"seed {seed} {m.name}", unit="iter", leave=False) as bar:
         history = ppo.train(policy, ref, optimizer, [p for p, _ in train_pairs], salient, reward_cfg, ppo_cfg,
-                            settings["iterations"], seed=seed, progress=bar, reward_fn=reward_fn)
+                            settings["iterations"], specials=data.specials(tok), seed=seed, progress=bar,
+                            reward_fn=reward_fn)
     row["curve"] = {k: [h[k] for h in history] for k in CURVE_KEYS}
     row["skipped_updates"] = sum(h.get("skipped", 0) for h in history)
     return row

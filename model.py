@@ -597,8 +597,8 @@ class EncoderDecoder(nn.Module):
 
     @torch.no_grad()
     def sample(self, src, src_mask, num_samples=1, max_new_tokens=64, temperature=1.0, top_k=None,
-               top_p=None, greedy=False, record_attention=True, generator=None, bos_id=1, eos_id=2,
-               pad_id=0) -> Rollout:
+               top_p=None, greedy=False, record_attention=True, generator=None, *, bos_id, eos_id,
+               pad_id) -> Rollout:
         """Sample N candidate responses per prompt (§5, Figure 1) with a KV cache.
 
         The encoder runs once per prompt and each layer's cross-attention keys/values are computed
@@ -606,7 +606,9 @@ class EncoderDecoder(nn.Module):
         Each row stops at its own EOS; decoding stops when every row has. top_k / top_p (nucleus)
         truncate the distribution that is sampled from, but the recorded log-probability is always
         log softmax(logits / temperature) of the sampled token over the whole vocabulary (DECISIONS.md §3),
-        which is what a teacher-forced pass recomputes. greedy=True takes the argmax.
+        which is what a teacher-forced pass recomputes. greedy=True takes the argmax. bos_id (the
+        decoder's first input: BOS, or pad for T5), eos_id and pad_id are the tokenizer's
+        (data.Specials.sample_ids()); they have no default, since they differ between tokenizers.
         """
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax)")

@@ -105,14 +105,17 @@ PAPER = dict(algo="ppo", prompts_per_iter=64, num_samples=4, lr=1e-5, clip_eps=0
 # iterations a CPU affords. "table1" is `--experiment table1`: the CPU settings without the KL
 # penalty (the paper has none; the table's KL row adds it), 2 epochs x 2 minibatches and 15
 # iterations, so that 3 seeds x 8 RL rows fit in about half an hour per dataset on 2 cores.
-# Every run prints its values next to the paper's.
+# "pretrained" (--init with a T5 snapshot) keeps the paper's setting, lr 1e-5 included: the paper's own
+# case is a pretrained model. Every run prints its values next to the paper's.
 CPU_PPO = dict(lr=1e-4, baseline="group", whiten=True, kl_coef=0.1, epochs=4, minibatches=4)
 TABLE_CPU_PPO = dict(lr=1e-4, baseline="group", whiten=True, epochs=2, minibatches=2)
 RL_PROFILES = {
     "run": {"tiny": dict(iterations=40, ppo=CPU_PPO), "small": dict(iterations=40, ppo=CPU_PPO),
-            "base": dict(iterations=500, ppo={}), "1.3b": dict(iterations=500, ppo={})},
+            "base": dict(iterations=500, ppo={}), "1.3b": dict(iterations=500, ppo={}),
+            "pretrained": dict(iterations=200, ppo={})},
     "table1": {"tiny": dict(iterations=15, ppo=TABLE_CPU_PPO), "small": dict(iterations=15, ppo=TABLE_CPU_PPO),
-               "base": dict(iterations=200, ppo={}), "1.3b": dict(iterations=500, ppo={})},
+               "base": dict(iterations=200, ppo={}), "1.3b": dict(iterations=500, ppo={}),
+               "pretrained": dict(iterations=200, ppo={})},
 }
 
 
@@ -266,6 +269,7 @@ class Experience:
     src: torch.Tensor            # (B, S)
     src_mask: torch.Tensor       # (B, S)
     tokens: torch.Tensor         # (B*N, T)
+    tgt_in: torch.Tensor         # (B*N, T) [start] + tokens[:-1], the decoder input that predicts them
     mask: torch.Tensor           # (B*N, T)
     old_logprobs: torch.Tensor   # (B*N, T) log pi_old(y_t), as sampled
     ref_logprobs: torch.Tensor   # (B*N, T) log pi_sft(y_t)
@@ -275,33 +279,37 @@ class Experience:
     terms: dict                  # reward terms per candidate, each (B*N,)
 
 
-def special_mask(src, src_mask):
-    """(B, S) bool: the prompt's special tokens (PAD/BOS/EOS/UNK ids), the usual attention sinks."""
-    return (src < len(data.SPECIAL_TOKENS)) & src_mask
+def special_mask(src, src_mask, special_ids):
+    """(B, S) bool: the prompt's special tokens (data.Specials.special: EOS, UNK, T5's sentinels, ...),
+    the usual attention sinks."""
+    return torch.isin(src, torch.tensor(special_ids, device=src.device)) & src_mask
 
 
-def decoder_input(tokens, bos_id=data.BOS_ID):
-    """[BOS] + y[:-1]: the teacher-forced decoder input that predicts `tokens`. (B, T) -> (B, T)."""
-    return torch.cat([torch.full_like(tokens[:, :1], bos_id), tokens[:, :-1]], dim=1)
+def decoder_input(tokens, start_id: int):
+    """[start] + y[:-1]: the teacher-forced decoder input that predicts `tokens` (start: BOS, or pad
+    for T5; data.Specials.start). (B, T) -> (B, T)."""
+    return torch.cat([torch.full_like(tokens[:, :1], start_id), tokens[:, :-1]], dim=1)
 
 
 @torch.no_grad()
-def score(model, src, src_mask, salient: SalientTokens, reward_cfg: RewardConfig, cfg: PPOConfig,
+def score(model, src, src_mask, salient: SalientTokens, reward_cfg: RewardConfig, cfg: PPOConfig, sp: data.Specials,
           generator=None, num_samples=None, reward_fn=None):
     """Sample candidates with the recorded Abar and compute the reward of §3.2.
 
     reward_fn(src, src_mask, tokens, mask) -> (B*N,), when given, replaces the attention reward as
     terms["reward"] (the preference baselines of §7.3); the attention reward is then kept as
     terms["attention_reward"], so every method's rollouts are measured on the same terms.
+    sp: the tokenizer's special ids (start, EOS, pad, the sinks).
     Returns (Rollout, terms dict of (B*N,) tensors, seconds spent sampling, seconds on the reward)."""
     N = num_samples or cfg.num_samples
     t0 = time.time()
     r = model.sample(src, src_mask, num_samples=N, max_new_tokens=cfg.max_new_tokens,
-                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator,
+                     **sp.sample_ids())
     t1 = time.time()
     rep = lambda x: x.repeat_interleave(N, dim=0)                              # (B, S) -> (B*N, S)
     terms = compute_reward(r.attn, r.tokens, r.mask, rep(salient(src, src_mask, reward_cfg)), reward_cfg,
-                           special=rep(special_mask(src, src_mask)), prompt_mask=rep(src_mask))
+                           special=rep(special_mask(src, src_mask, sp.special)), prompt_mask=rep(src_mask))
     terms["length"] = r.mask.sum(-1).float()
     if reward_fn is not None:
         terms["attention_reward"] = terms["reward"]
@@ -310,15 +318,16 @@ def score(model, src, src_mask, salient: SalientTokens, reward_cfg: RewardConfig
 
 
 @torch.no_grad()
-def collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg: PPOConfig, kl_coef: float, generator=None,
-            reward_fn=None):
+def collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg: PPOConfig, kl_coef: float, sp: data.Specials,
+            generator=None, reward_fn=None):
     """One rollout (§5, Figure 1): N candidates per prompt, their reward, the KL penalty to the SFT
     policy, and advantages A = R - b(x). `reward_fn`: see `score`. Returns (Experience, timings in seconds)."""
     model.eval()                                       # dropout off during rollouts (Huang et al.)
     N = cfg.num_samples
-    r, terms, sample_s, reward_s = score(model, src, src_mask, salient, reward_cfg, cfg, generator, reward_fn=reward_fn)
+    r, terms, sample_s, reward_s = score(model, src, src_mask, salient, reward_cfg, cfg, sp, generator,
+                                         reward_fn=reward_fn)
     t1 = time.time()
-    tgt_in = decoder_input(r.tokens)
+    tgt_in = decoder_input(r.tokens, sp.start)
     ref_logits, _ = ref_model(src, src_mask, tgt_in, num_samples=N)
     ref_logprobs = masked(token_logprobs(ref_logits, r.tokens, cfg.temperature), r.mask)
     kl = kl_to_reference(r.logprobs, ref_logprobs, r.mask)                    # (B*N,)
@@ -328,7 +337,7 @@ def collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg: PPOConfig
     if cfg.whiten:
         advantages = whiten_across_ranks(advantages)                            # the whole batch, all ranks
     terms["kl_ref"] = kl
-    exp = Experience(src, src_mask, r.tokens, r.mask, r.logprobs, ref_logprobs, returns, advantages, values, terms)
+    exp = Experience(src, src_mask, r.tokens, tgt_in, r.mask, r.logprobs, ref_logprobs, returns, advantages, values, terms)
     return exp, dict(sample_s=sample_s, reward_s=reward_s, ref_s=time.time() - t1)
 
 
@@ -378,7 +387,7 @@ def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, 
             rows = (mb[:, None] * N + torch.arange(N, device=mb.device)).flatten()   # candidates of these prompts
             src, src_mask = exp.src[mb], exp.src_mask[mb]
             tokens, mask = exp.tokens[rows], exp.mask[rows]
-            logits, values = policy(src, src_mask, decoder_input(tokens), N, value_only)   # (B*N, T, V), (B,)
+            logits, values = policy(src, src_mask, exp.tgt_in[rows], N, value_only)   # (B*N, T, V), (B,)
             values = values.repeat_interleave(N)                                   # (B*N,)
             v_loss = value_loss(values, exp.returns[rows])
             if value_only:
@@ -406,8 +415,8 @@ def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, 
 # The loop (§5): rollout, update, repeat.
 # --------------------------------------------------------------------------------------------
 
-def prompt_batches(prompts: list[list[int]], batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                   skip: int = 0):
+def prompt_batches(prompts: list[list[int]], batch_size: int, seed: int, sp: data.Specials, rank: int = 0,
+                   world: int = 1, skip: int = 0):
     """Endless batches of B prompts, (src, src_mask), reshuffled every pass over the prompts.
 
     With `world` processes, every rank draws the same batch of B and keeps its own contiguous
@@ -426,7 +435,7 @@ def prompt_batches(prompts: list[list[int]], batch_size: int, seed: int, rank: i
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         for i in range(skip_in_pass * batch_size, len(order) - batch_size + 1, batch_size):
             mine = order[i + rank * shard:i + (rank + 1) * shard]
-            yield data.collate_prompts([prompts[j] for j in mine])
+            yield data.collate_prompts([prompts[j] for j in mine], sp)
         epoch, skip_in_pass = epoch + 1, 0
 
 
@@ -464,13 +473,13 @@ def _streams(device, seed: int, cfg: PPOConfig, resume: dict | None):
 
 
 def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfig, cfg: PPOConfig, iterations: int,
-          *, seed: int = 0, reward_fn=None, resume: dict | None = None, on_iteration=None, stop=None,
+          *, specials: data.Specials, seed: int = 0, reward_fn=None, resume: dict | None = None, on_iteration=None, stop=None,
           progress=None, compile=False) -> list[dict]:
     """CAGSR's RL stage (§5, Figure 1), up to `iterations` in all: per iteration, sample N candidates
     for each of prompts_per_iter prompts while recording the cross-attention, compute R, the
     advantages and the PPO update (the first cfg.value_warmup iterations fit only V(x)).
 
-    prompts: encoded training prompts. reward_fn: a reward instead of the attention reward (§7.3,
+    prompts: encoded training prompts; specials: their tokenizer's special ids. reward_fn: a reward instead of the attention reward (§7.3,
     see `score`). on_iteration(i, row, state) runs after every iteration; `state` (the iteration,
     random streams, kl_coef) passed back as `resume` continues the run exactly. stop(): True ends
     the loop (Ctrl-C). progress: a tqdm bar. compile: the update's forward through torch.compile.
@@ -484,7 +493,7 @@ def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfi
     rank, world = parallel.rank_and_world()
     gen, cpu_gen, kl_coef, start = _streams(device, seed, cfg, resume)
     history = []
-    batches = prompt_batches(prompts, cfg.prompts_per_iter, seed, rank, world, skip=start)
+    batches = prompt_batches(prompts, cfg.prompts_per_iter, seed, specials, rank, world, skip=start)
     # DDP must be told when a parameter gets no gradient: the encoder and decoder in the value warm-up,
     # the value head when V(x) is not the baseline (its loss then joins no update).
     unused = cfg.value_warmup > start or not (cfg.baseline == "value" and cfg.value_coef)
@@ -494,7 +503,8 @@ def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfi
     bad = 0
     for i in range(start, iterations):
         src, src_mask = (t.to(device) for t in next(batches))
-        exp, timings = collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg, kl_coef, gen, reward_fn)
+        exp, timings = collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg, kl_coef, specials, gen,
+                               reward_fn)
         warmup = i < cfg.value_warmup
         t0 = time.time()
         if parallel.all_finite(exp.returns):

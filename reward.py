@@ -141,8 +141,8 @@ def salient_ner(src, src_mask, token_strings, content):
     """The cheap named-entity rule of DECISIONS.md §2: every token of a capitalised word that does not start
     a sentence, and of any word containing a digit. No external model. -> (B, S) bool.
 
-    token_strings: the decoded text of each vocabulary id (a token that begins a new word begins
-    with a space); content (V,) bool: tokens with a letter or digit (data.content_token_mask)."""
+    token_strings: the text of each vocabulary id (data.token_texts: a token that begins a new word
+    begins with a space, SentencePiece's "▁" included); content (V,) bool: tokens with a letter or digit (data.content_token_mask)."""
     out = torch.zeros_like(src_mask)
     for b, (row, m) in enumerate(zip(src.tolist(), src_mask.tolist())):
         text, words, current = "", [], None          # words: (positions, starts a sentence?)
@@ -181,8 +181,8 @@ class SalientTokens:
     @classmethod
     def from_idf(cls, tok, idf):
         """From the tokenizer and an IDF table computed earlier (e.g. stored in a checkpoint)."""
-        return cls(idf, data.content_token_mask(tok),
-                   [tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size())])
+        texts = data.token_texts(tok)
+        return cls(idf, data.content_token_mask(tok, texts=texts), texts)
 
     def __call__(self, src, src_mask, cfg: RewardConfig):
         """(B, S): bool mask of I_x, or float IDF weights when cfg.idf_weighted."""

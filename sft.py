@@ -1,5 +1,6 @@
 """The SFT stage (§7.2): the paper's initial policy is the model fine-tuned with cross-entropy on the
-task. Here there is no pretrained model, so SFT trains from scratch: AdamW (betas 0.9/0.98, weight
+task. The presets train from scratch; `--init` with a T5 snapshot fine-tunes pretrained weights
+(the "pretrained" profile of SFT_DEFAULTS). AdamW (betas 0.9/0.98, weight
 decay 0.01), linear warm-up then cosine decay to a tenth, gradient-norm clipping at 1.
 
     L_SFT = - (1 / sum_b |y_b|) * sum_b sum_t log p_theta(y_t | x, y_<t)      (teacher forcing)
@@ -48,6 +49,9 @@ SFT_DEFAULTS = {
     "small": dict(steps=3000, batch_size=64, lr=1e-3),
     "base": dict(steps=10000, batch_size=64, lr=5e-4),
     "1.3b": dict(steps=20000, batch_size=64, lr=1e-4),
+    # --init with a snapshot: pretrained weights want a small step (the tiny preset's 2e-3 would wreck
+    # them); 1e-4 with AdamW is the usual rate for fine-tuning T5.
+    "pretrained": dict(steps=1000, batch_size=16, lr=1e-4),
 }
 # `--experiment table1` trains fewer steps where the validation loss is flat earlier (README, Table 1).
 TABLE_SFT_STEPS = {"instruct": 600}
@@ -82,14 +86,14 @@ def _skipped(step: int, cause: str, bad: int, log) -> None:
                              f"no weight was changed. Lower --sft-lr, or look for a bad batch in the data.")
 
 
-def _evaluate(model, loss, step, cfg, val_pairs, device, probe, timing) -> dict:
+def _evaluate(model, loss, step, cfg, val_pairs, sp, device, probe, timing) -> dict:
     """The row logged every cfg.eval_every steps: training loss, learning rate, throughput (training
     alone, all ranks' tokens), validation loss and `probe(model)`."""
     t_eval = time.time()
     row = dict(stage="sft", step=step, train_loss=loss.item(), lr=lr_at(step - 1, cfg.lr, cfg.warmup, cfg.steps),
                tokens_per_s=round(timing["tokens"] * parallel.rank_and_world()[1]
                                   / (t_eval - timing["t0"] - timing["eval_s"])),
-               val_loss=mean_nll(model, val_pairs, device))
+               val_loss=mean_nll(model, val_pairs, device, sp))
     row.update(probe(model) if probe is not None else {})
     timing["eval_s"] += time.time() - t_eval
     row["elapsed_s"] = round(time.time() - timing["t0"], 1)
@@ -100,10 +104,10 @@ def _evaluate(model, loss, step, cfg, val_pairs, device, probe, timing) -> dict:
     return row
 
 
-def train_sft(model, train_pairs, val_pairs, cfg: SFTConfig, device, *, seed=0, log=None, probe=None,
-              resume: dict | None = None, on_checkpoint=None, stop=None, compile=False) -> dict:
+def train_sft(model, train_pairs, val_pairs, cfg: SFTConfig, device, *, specials: data.Specials, seed=0, log=None,
+              probe=None, resume: dict | None = None, on_checkpoint=None, stop=None, compile=False) -> dict:
     """AdamW on L_SFT for cfg.steps steps. Returns the final optimizer, the loss history, the steps
-    done and whether `stop` ended it early.
+    done and whether `stop` ended it early. specials: the special ids of the pairs' tokenizer.
 
     Every cfg.eval_every steps: validation loss and `probe(model)` (a dict of extra metrics, e.g.
     exact-match on a fixed validation subset), logged with `log`; then on_checkpoint(step, optimizer),
@@ -127,7 +131,7 @@ def train_sft(model, train_pairs, val_pairs, cfg: SFTConfig, device, *, seed=0, 
     bar = progress(total=cfg.steps, initial=start, desc="SFT", unit="step")
     epoch, skip = divmod(start, data.batches_per_epoch(len(train_pairs), cfg.batch_size, world))   # resumed: go on there
     while step < cfg.steps and not stopped:
-        for batch in data.batches(train_pairs, cfg.batch_size, seed=seed + epoch, shuffle=True, rank=rank,
+        for batch in data.batches(train_pairs, cfg.batch_size, specials, seed=seed + epoch, shuffle=True, rank=rank,
                                   world=world, skip=skip):
             if step >= cfg.steps:
                 break
@@ -144,7 +148,7 @@ def train_sft(model, train_pairs, val_pairs, cfg: SFTConfig, device, *, seed=0, 
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
-                history.append(_evaluate(model, loss, step, cfg, val_pairs, device, probe, timing))
+                history.append(_evaluate(model, loss, step, cfg, val_pairs, specials, device, probe, timing))
                 if log is not None:
                     log(history[-1])
             stopped = stop is not None and step < cfg.steps and stop()

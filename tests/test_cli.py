@@ -15,6 +15,7 @@ import runs
 import sft
 
 ROOT = Path(__file__).resolve().parents[1]
+SP = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))   # our tokenizer's ids, for hand-built batches
 TINY = ["--set", "d_model=32", "--set", "d_ff=64", "--set", "n_heads=2", "--set", "vocab_size=400"]
 
 
@@ -70,7 +71,7 @@ def test_sft_loss_is_the_mean_token_cross_entropy():
     torch.manual_seed(0)
     from model import EncoderDecoder, ModelConfig
     m = EncoderDecoder(ModelConfig(vocab_size=9, d_model=16, n_heads=2, n_enc_layers=1, n_dec_layers=1, d_ff=32))
-    batch = data.collate([([5, 6, 2], [7, 2]), ([4, 2], [8, 5, 6, 2])])
+    batch = data.collate([([5, 6, 2], [7, 2]), ([4, 2], [8, 5, 6, 2])], SP)
     with torch.no_grad():
         logits, _ = m(batch["src"], batch["src_mask"], batch["tgt_in"])
         loss = sft.sft_loss(m, batch).item()
@@ -182,8 +183,8 @@ def test_compile_changes_speed_not_numbers():
     import ppo
     from model import EncoderDecoder, ModelConfig
     from reward import RewardConfig, SalientTokens
-    pairs = [([4 + (i * 7 + j) % 20 for j in range(3 + i % 5)] + [data.EOS_ID],
-              [4 + (i * 3 + j) % 20 for j in range(2 + i % 4)] + [data.EOS_ID]) for i in range(64)]
+    pairs = [([4 + (i * 7 + j) % 20 for j in range(3 + i % 5)] + [SP.eos],
+              [4 + (i * 3 + j) % 20 for j in range(2 + i % 4)] + [SP.eos]) for i in range(64)]
     salient = SalientTokens(torch.linspace(0.1, 2.0, 24), torch.arange(24) >= 4, [f" t{i}" for i in range(24)])
     results = []
     for compile in (False, True):
@@ -191,12 +192,13 @@ def test_compile_changes_speed_not_numbers():
         model = EncoderDecoder(ModelConfig(vocab_size=24, d_model=32, n_heads=2, n_enc_layers=1, n_dec_layers=2,
                                            d_ff=64, max_src_len=16, max_tgt_len=16))
         sft_cfg = sft.SFTConfig(steps=4, batch_size=16, lr=1e-3, warmup=2, eval_every=4)
-        result = sft.train_sft(model, pairs, pairs[:16], sft_cfg, "cpu", seed=0, compile=compile)
+        result = sft.train_sft(model, pairs, pairs[:16], sft_cfg, "cpu", specials=SP, seed=0, compile=compile)
         ref = EncoderDecoder(model.cfg)
         ref.load_state_dict(model.state_dict())
         cfg = ppo.PPOConfig(prompts_per_iter=8, num_samples=2, max_new_tokens=8, lr=1e-3, baseline="group")
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        rows = ppo.train(model, ref.eval(), opt, [p for p, _ in pairs], salient, RewardConfig(), cfg, 1, compile=compile)
+        rows = ppo.train(model, ref.eval(), opt, [p for p, _ in pairs], salient, RewardConfig(), cfg, 1, specials=SP,
+                         compile=compile)
         results.append((result["history"][-1]["train_loss"], rows[0]["policy_loss"], torch.cat([p.flatten() for p in model.parameters()])))
     (sft0, pl0, w0), (sft1, pl1, w1) = results
     assert sft1 == pytest.approx(sft0, abs=1e-5) and pl1 == pytest.approx(pl0, abs=1e-5)

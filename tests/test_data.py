@@ -6,9 +6,15 @@ import warnings
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 import data
+import reward
 import synthetic
+
+# The special ids of a tokenizer trained by data.train_tokenizer (<pad> <bos> <eos> <unk> at 0..3), spelled out
+# for the tests that build batches without a tokenizer at hand.
+SP = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))
 
 
 def words(text):
@@ -230,7 +236,7 @@ def test_round_trip_exact(tok, qa, grounded, instruct):
     for s in texts:
         assert data.decode(tok, data.encode(tok, s)) == s
         assert tok.decode(tok.encode(s).ids) == s
-    assert data.UNK_ID not in data.encode(tok, texts[-2])  # byte-level: no UNK ever
+    assert tok.token_to_id(data.UNK) not in data.encode(tok, texts[-2])  # byte-level: no UNK ever
 
 
 def test_tokenizer_deterministic_and_serialisable(tok, qa, instruct):
@@ -279,11 +285,12 @@ def test_idf_hand_computed():
 
 # --------------------------------------------------------------- encoding, batching
 def test_encode_conventions(tok):
+    eos, bos, pad = (tok.token_to_id(t) for t in (data.EOS, data.BOS, data.PAD))
     p = data.encode(tok, "Where does Varo Kelin live?")
     r = data.encode(tok, "Varo Kelin lives in Tamsa.")
-    assert p[-1] == data.EOS_ID and data.BOS_ID not in p and p.count(data.EOS_ID) == 1
-    assert r[-1] == data.EOS_ID and r[:-1] == tok.encode("Varo Kelin lives in Tamsa.").ids
-    assert data.decode(tok, [data.BOS_ID] + r + [9, 9, data.PAD_ID]) == "Varo Kelin lives in Tamsa."
+    assert p[-1] == eos and bos not in p and p.count(eos) == 1
+    assert r[-1] == eos and r[:-1] == tok.encode("Varo Kelin lives in Tamsa.").ids
+    assert data.decode(tok, [bos] + r + [9, 9, pad]) == "Varo Kelin lives in Tamsa."
     assert data.decode(tok, torch.tensor(r + [0, 0])) == "Varo Kelin lives in Tamsa."
 
 
@@ -299,13 +306,14 @@ def test_encode_records_overlong_raises_or_truncates_once(tok):
     assert len(caught) == 1 and "truncated 2 prompts" in str(caught[0].message)
     assert "1 responses" in str(caught[0].message)
     assert [len(p) for p, _ in pairs][1:] == [16, 16] and len(pairs[2][1]) == 16
-    assert all(p[-1] == data.EOS_ID and r[-1] == data.EOS_ID for p, r in pairs)
+    eos = tok.token_to_id(data.EOS)
+    assert all(p[-1] == eos and r[-1] == eos for p, r in pairs)
     assert pairs[0] == (data.encode(tok, "Short?"), data.encode(tok, "Yes."))
 
 
 def test_collate_hand_built():
     pairs = [([5, 6, 2], [7, 8, 2]), ([9, 2], [2])]
-    b = data.collate(pairs)
+    b = data.collate(pairs, SP)
     assert b["src"].tolist() == [[5, 6, 2], [9, 2, 0]]
     assert b["src_mask"].tolist() == [[True, True, True], [True, True, False]]
     assert b["tgt_in"].tolist() == [[1, 7, 8], [1, 0, 0]]
@@ -316,24 +324,125 @@ def test_collate_hand_built():
     m = b["tgt_mask"][:, 1:]
     assert torch.equal(b["tgt_in"][:, 1:][m], b["tgt_out"][:, :-1][m])
     with pytest.raises(ValueError, match="end in EOS"):
-        data.collate([([5, 2], [7, 8])])
+        data.collate([([5, 2], [7, 8])], SP)
 
 
 def test_batches_cover_everything_deterministically():
     pairs = [([i + 4, 2], [i + 4] * (i % 3) + [2]) for i in range(10)]
-    got = list(data.batches(pairs, batch_size=4, seed=1))
+    got = list(data.batches(pairs, batch_size=4, sp=SP, seed=1))
     assert [b["src"].shape[0] for b in got] == [4, 4, 2]
     assert sorted(int(x) for b in got for x in b["src"][:, 0]) == list(range(4, 14))
-    again = list(data.batches(pairs, batch_size=4, seed=1))
+    again = list(data.batches(pairs, batch_size=4, sp=SP, seed=1))
     assert all(torch.equal(x["tgt_out"], y["tgt_out"]) for x, y in zip(got, again))
-    plain = list(data.batches(pairs, batch_size=4, seed=1, shuffle=False))
+    plain = list(data.batches(pairs, batch_size=4, sp=SP, seed=1, shuffle=False))
     assert plain[0]["src"][:, 0].tolist() == [4, 5, 6, 7]
     assert plain[0]["tgt_out"].shape == (4, 3)  # T is the batch's own maximum
 
 
 def test_collate_prompts_pads_like_collate():
-    prompts = [[5, 6, data.EOS_ID], [7, data.EOS_ID]]
-    src, mask = data.collate_prompts(prompts)
-    full = data.collate([(p, [data.EOS_ID]) for p in prompts])
+    prompts = [[5, 6, 2], [7, 2]]
+    src, mask = data.collate_prompts(prompts, SP)
+    full = data.collate([(p, [2]) for p in prompts], SP)
     assert src.tolist() == [[5, 6, 2], [7, 2, 0]] and torch.equal(src, full["src"])
     assert mask.tolist() == [[True, True, True], [True, True, False]] and torch.equal(mask, full["src_mask"])
+
+
+# --------------------------------------------------------------- special ids from the tokenizer
+def test_specials_of_our_tokenizer(tok):
+    sp = data.specials(tok)
+    assert (sp.pad, sp.start, sp.eos, sp.special, sp.appends_eos) == (0, 1, 2, (0, 1, 2, 3), False)
+    assert sp == SP and sp.sample_ids() == dict(bos_id=1, eos_id=2, pad_id=0)
+
+
+# A T5-style vocabulary written out by hand: id = position in this list. "<pad>" 0, "</s>" 1, "<unk>" 2,
+# then SentencePiece pieces ("▁" starts a word), then single letters; the sentinels come after (38, 39).
+T5_PIECES = ["<pad>", "</s>", "<unk>", "\u2581", "\u2581the", "\u2581Paris", "\u2581is", "\u2581in", "\u2581France",
+             "\u2581where", "s"] + [c for c in "abcdefghijklmnopqrtuvwxyzPF"]
+T5_SENTINELS = ["<extra_id_0>", "<extra_id_1>"]
+T5_ID = {p: i for i, p in enumerate(T5_PIECES + T5_SENTINELS)}
+
+
+@pytest.fixture
+def t5_dir(tmp_path):
+    """A snapshot directory holding only a tiny T5-style tokenizer.json: Unigram pieces, Metaspace, a
+    post-processor that appends </s>, sentinels as special tokens, and truncation (4 tokens) and padding
+    (to 12) switched on, as some snapshots ship them."""
+    scores = [(p, 0.0 if i < 3 else -1.0 if len(p) > 2 else -2.0 if p == "\u2581" else -5.0)
+              for i, p in enumerate(T5_PIECES)]
+    t = Tokenizer(models.Unigram(scores, unk_id=2))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    t.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    t.add_special_tokens(["<pad>", "</s>", "<unk>"] + T5_SENTINELS)
+    t.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    t.enable_truncation(max_length=4)
+    t.enable_padding(pad_id=0, pad_token="<pad>", length=12)
+    assert [t.token_to_id(s) for s in T5_SENTINELS] == [T5_ID[s] for s in T5_SENTINELS]   # the layout above
+    t.save(str(tmp_path / "tokenizer.json"))
+    return tmp_path
+
+
+def test_a_t5_style_snapshot_tokenizer(t5_dir):
+    tok = data.snapshot_tokenizer(t5_dir)
+    assert tok.truncation is None and tok.padding is None          # both turned off
+    sp = data.specials(tok)
+    assert (sp.pad, sp.start, sp.eos, sp.appends_eos) == (0, 0, 1, True)
+    assert set(sp.special) == {0, 1, 2, 38, 39} and list(sp.special) == sorted(sp.special)
+    assert sp.sample_ids() == dict(bos_id=0, eos_id=1, pad_id=0)
+    ids = data.encode(tok, "the Paris")
+    assert ids == [T5_ID["\u2581the"], T5_ID["\u2581Paris"], 1] == [4, 5, 1]   # one EOS: the post-processor's
+    assert data.encode(tok, "the Paris", sp) == ids
+    long = "where is Paris the Paris is in France"                      # 8 pieces + EOS, over the 4 shipped
+    want = [T5_ID["\u2581" + w] for w in long.split()] + [1]
+    assert data.encode(tok, long, sp) == want and len(want) == 9
+    assert data.decode(tok, ids, sp) == "the Paris"
+    assert data.decode(tok, [0] + want + [0, 0], sp) == long            # start/pad dropped, cut at EOS
+    content = data.content_token_mask(tok, sp)
+    for piece in ("<pad>", "</s>", "<unk>", "\u2581", *T5_SENTINELS):
+        assert not content[T5_ID[piece]], piece
+    for piece in ("\u2581Paris", "\u2581the", "s", "a"):
+        assert content[T5_ID[piece]], piece
+    texts = data.token_texts(tok)
+    assert len(texts) == 40
+    assert texts[T5_ID["\u2581Paris"]] == " Paris" and texts[T5_ID["\u2581where"]] == " where"
+    assert texts[T5_ID["s"]] == "s" and texts[T5_ID["P"]] == "P"
+
+
+def test_collate_with_t5_specials_starts_the_decoder_from_pad(t5_dir):
+    sp = data.specials(data.snapshot_tokenizer(t5_dir))
+    b = data.collate([([5, 6, 1], [7, 8, 1]), ([9, 1], [1])], sp)
+    assert b["src"].tolist() == [[5, 6, 1], [9, 1, 0]]
+    assert b["tgt_in"].tolist() == [[0, 7, 8], [0, 0, 0]]              # start id 0, then pad 0
+    assert b["tgt_out"].tolist() == [[7, 8, 1], [1, 0, 0]]
+    assert b["tgt_mask"].tolist() == [[True, True, True], [True, False, False]]
+    with pytest.raises(ValueError, match=r"end in EOS \(id 1\)"):
+        data.collate([([5, 1], [7, 2])], sp)                           # 2 is <unk> here, not EOS
+    src, mask = data.collate_prompts([[5, 6, 1], [9, 1]], sp)
+    assert src.tolist() == [[5, 6, 1], [9, 1, 0]] and mask.tolist() == [[True] * 3, [True, True, False]]
+
+
+def test_snapshot_tokenizer_refuses_a_directory_without_tokenizer_json(tmp_path):
+    (tmp_path / "spiece.model").write_bytes(b"\x00not a real sentencepiece model")
+    with pytest.raises(ValueError) as e:
+        data.snapshot_tokenizer(tmp_path)
+    assert "spiece.model" in str(e.value) and "tokenizer.json" in str(e.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"no tokenizer\.json") as e:
+        data.snapshot_tokenizer(empty)
+    assert "spiece.model" not in str(e.value)
+
+
+def test_salient_ner_on_sentencepiece_pieces(t5_dir):
+    """The NER rule reads word starts from "▁": a capitalised word after the start is salient, the
+    sentence's first word and lower-case words are not."""
+    tok = data.snapshot_tokenizer(t5_dir)
+    sp = data.specials(tok)
+    prompts = [data.encode(tok, t, sp) for t in ("where is Paris", "Paris is in France")]
+    assert prompts == [[9, 6, 5, 1], [5, 6, 7, 8, 1]]
+    src, mask = data.collate_prompts(prompts, sp)
+    salient = reward.SalientTokens.from_idf(tok, torch.ones(tok.get_vocab_size()))
+    got = salient(src, mask, reward.RewardConfig(salient="ner"))
+    assert got.tolist() == [[False, False, True, False, False],          # "▁Paris"; not "▁where", "▁is", EOS, pad
+                            [False, False, False, True, False]]          # "▁France"; "▁Paris" starts the sentence
+    texts = data.token_texts(tok)
+    assert torch.equal(got, reward.salient_ner(src, mask, texts, data.content_token_mask(tok, sp, texts)))

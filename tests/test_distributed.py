@@ -27,11 +27,12 @@ from model import EncoderDecoder, ModelConfig  # noqa: E402
 from reward import RewardConfig, SalientTokens  # noqa: E402
 
 V = 16
+SP = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))   # our tokenizer's ids: the toy vocabulary's 0..3
 
 
 def prompts(n=40, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(4, V, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist() + [data.EOS_ID]
+    return [torch.randint(4, V, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist() + [SP.eos]
             for _ in range(n)]
 
 
@@ -43,8 +44,8 @@ def salient():
 
 def test_prompt_shards_are_disjoint_and_make_up_the_batch():
     ps = prompts()
-    whole = ppo.prompt_batches(ps, 8, seed=3)
-    shards = [ppo.prompt_batches(ps, 8, seed=3, rank=r, world=4) for r in range(4)]
+    whole = ppo.prompt_batches(ps, 8, seed=3, sp=SP)
+    shards = [ppo.prompt_batches(ps, 8, seed=3, sp=SP, rank=r, world=4) for r in range(4)]
     for _ in range(7):                                     # past the end of a pass: reshuffled
         src, mask = next(whole)
         rows = [tuple(s[m].tolist()) for s, m in zip(src, mask)]
@@ -58,20 +59,20 @@ def test_prompt_shards_are_disjoint_and_make_up_the_batch():
 
 def test_prompts_per_iteration_must_split_evenly():
     with pytest.raises(ValueError, match="multiple of 3"):
-        next(ppo.prompt_batches(prompts(), 8, seed=0, rank=0, world=3))
+        next(ppo.prompt_batches(prompts(), 8, seed=0, sp=SP, rank=0, world=3))
 
 
 def test_sft_batch_shares_cover_the_batch_once():
-    pairs = [([4 + i % 10, data.EOS_ID], [5, data.EOS_ID]) for i in range(23)]
-    whole = [b["src"][:, 0].tolist() for b in data.batches(pairs, 8, seed=1)]
-    parts = [[b["src"][:, 0].tolist() for b in data.batches(pairs, 8, seed=1, rank=r, world=3)] for r in range(3)]
+    pairs = [([4 + i % 10, SP.eos], [5, SP.eos]) for i in range(23)]
+    whole = [b["src"][:, 0].tolist() for b in data.batches(pairs, 8, SP, seed=1)]
+    parts = [[b["src"][:, 0].tolist() for b in data.batches(pairs, 8, SP, seed=1, rank=r, world=3)] for r in range(3)]
     assert [len(p) for p in parts] == [3, 3, 3]
     for i in range(3):                                     # 8 = 2 + 3 + 3, and the last batch of 7 = 2 + 2 + 3
         assert parts[0][i] + parts[1][i] + parts[2][i] == whole[i]
     # a last batch smaller than the number of ranks is left out
-    assert len(list(data.batches(pairs[:17], 8, rank=0, world=3))) == 2 == data.batches_per_epoch(17, 8, 3)
+    assert len(list(data.batches(pairs[:17], 8, SP, rank=0, world=3))) == 2 == data.batches_per_epoch(17, 8, 3)
     # a resumed pass skips batches without changing the ones that follow
-    later = [b["src"][:, 0].tolist() for b in data.batches(pairs, 8, seed=1, rank=1, world=3, skip=1)]
+    later = [b["src"][:, 0].tolist() for b in data.batches(pairs, 8, SP, seed=1, rank=1, world=3, skip=1)]
     assert later == parts[1][1:]
 
 
@@ -108,11 +109,12 @@ def worker(out: Path) -> None:
     ppo_cfg = ppo.PPOConfig(prompts_per_iter=8, num_samples=3, max_new_tokens=8, lr=1e-3, whiten=True,
                             value_warmup=1, epochs=2, minibatches=2)
     opt = torch.optim.Adam(model.parameters(), lr=ppo_cfg.lr)
-    rows = ppo.train(model, ref, opt, prompts(), salient(), RewardConfig(), ppo_cfg, iterations=2, seed=0)
+    rows = ppo.train(model, ref, opt, prompts(), salient(), RewardConfig(), ppo_cfg, iterations=2, specials=SP,
+                     seed=0)
     x = torch.randn(5 + rank, generator=torch.Generator().manual_seed(rank))   # unequal shards on purpose
     # A rollout whose returns are NaN on rank 1 only: both ranks must skip, or rank 0 would hang in DDP.
-    src, mask = next(ppo.prompt_batches(prompts(), 8, seed=5, rank=rank, world=2))
-    exp, _ = ppo.collect(model, ref, src, mask, salient(), RewardConfig(), ppo_cfg, kl_coef=0.0)
+    src, mask = next(ppo.prompt_batches(prompts(), 8, seed=5, sp=SP, rank=rank, world=2))
+    exp, _ = ppo.collect(model, ref, src, mask, salient(), RewardConfig(), ppo_cfg, kl_coef=0.0, sp=SP)
     if rank == 1:
         exp.advantages[:] = float("nan")
     before_skip = {k: v.clone() for k, v in model.state_dict().items()}

@@ -78,22 +78,25 @@ def test_exact_match_ignores_case_and_punctuation():
 
 
 # ------------------------------------------------------------------------- perplexity
-def test_perplexity_is_exp_of_the_mean_token_nll():
+@pytest.mark.parametrize("start", [1, 0])                 # ours (BOS 1), T5's (the decoder starts from pad 0)
+def test_perplexity_is_exp_of_the_mean_token_nll(start):
     import math
     import torch
+    import data
     from model import EncoderDecoder, config_for
     torch.manual_seed(0)
     model = EncoderDecoder(config_for("tiny", vocab_size=40, d_model=32, d_ff=64, n_heads=2))
+    sp = data.Specials(pad=0, start=start, eos=2, special=(0, 1, 2, 3))
     pairs = [([5, 6, 2], [7, 8, 9, 2]), ([10, 2], [11, 2]), ([12, 13, 14, 15, 2], [16, 2])]
-    # Second computation: one pair at a time, no padding, log-softmax by hand.
+    # Second computation: one pair at a time, no padding, the decoder fed [start] + r[:-1], log-softmax by hand.
     total, count = 0.0, 0
     for p, r in pairs:
-        logits, _ = model(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.bool), torch.tensor([[1] + r[:-1]]))
+        logits, _ = model(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.bool), torch.tensor([[start] + r[:-1]]))
         logp = logits[0] - logits[0].logsumexp(-1, keepdim=True)
         total -= sum(logp[t, r[t]].item() for t in range(len(r)))
         count += len(r)
-    assert evaluation.mean_nll(model, pairs, "cpu", batch_size=2) == pytest.approx(total / count, rel=1e-5)
-    assert evaluation.perplexity(model, pairs, "cpu") == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert evaluation.mean_nll(model, pairs, "cpu", sp, batch_size=2) == pytest.approx(total / count, rel=1e-5)
+    assert evaluation.perplexity(model, pairs, "cpu", sp) == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
 # ------------------------------------------------------------------------- relevance

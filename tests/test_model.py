@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from model import (SIZES, ConfigError, EncoderDecoder, ModelConfig, abar, additive_mask, attention, config_for,
                    count_params, filter_logits, memory_plan, relative_position_bucket, rms_norm, sample_next, token_logprobs)
 
-BOS, EOS, PAD = 1, 2, 0
+BOS, EOS, PAD = 1, 2, 0                       # the ids of our tokenizer (data.train_tokenizer)
+IDS = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD)  # EncoderDecoder.sample's keywords for them
+T5_IDS = dict(bos_id=0, eos_id=1, pad_id=0)      # T5's: the decoder starts from pad, EOS is 1
 
 
 def small_model(seed=0, vocab_size=11, **kw):
@@ -31,8 +33,8 @@ def padded_prompts(lengths, vocab_size=11, seed=1):
     return src.masked_fill(~mask, PAD), mask
 
 
-def teacher_forced(model, src, src_mask, rollout, N, temperature):
-    tgt_in = torch.cat([torch.full_like(rollout.tokens[:, :1], BOS), rollout.tokens[:, :-1]], 1)
+def teacher_forced(model, src, src_mask, rollout, N, temperature, start=BOS):
+    tgt_in = torch.cat([torch.full_like(rollout.tokens[:, :1], start), rollout.tokens[:, :-1]], 1)
     logits, abar = model(src, src_mask, tgt_in, num_samples=N, attention="mean", tgt_mask=rollout.mask)
     lp = token_logprobs(logits, rollout.tokens, temperature) * rollout.mask
     return lp, abar
@@ -115,16 +117,18 @@ def test_padding_a_batch_does_not_change_any_row():
 
 # ---- the sampler ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("ids", [IDS, T5_IDS], ids=["ours", "t5"])
 @pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=4), dict(top_p=0.8),
                                 dict(greedy=True, temperature=1.3)])
-def test_cached_sampling_reproduces_teacher_forced_pass(kw):
+def test_cached_sampling_reproduces_teacher_forced_pass(kw, ids):
     model = small_model()
     src, src_mask = padded_prompts([6, 3, 5])
     N = 3
     g = torch.Generator().manual_seed(0)
-    r = model.sample(src, src_mask, num_samples=N, max_new_tokens=20, generator=g, **kw)
+    r = model.sample(src, src_mask, num_samples=N, max_new_tokens=20, generator=g, **kw, **ids)
     assert r.tokens.shape[0] == 9 and r.attn.shape == (9, r.tokens.shape[1], 6)
-    lp, abar = teacher_forced(model, src, src_mask, r, N, kw.get("temperature", 1.0))
+    # the teacher-forced decoder input starts from the sampler's first input, bos_id
+    lp, abar = teacher_forced(model, src, src_mask, r, N, kw.get("temperature", 1.0), start=ids["bos_id"])
     torch.testing.assert_close(r.logprobs, lp, atol=1e-5, rtol=0)
     torch.testing.assert_close(r.attn, abar, atol=1e-5, rtol=0)
     # Rows of prompt b are b*N .. b*N+N-1: their attention is zero exactly on b's padding.
@@ -135,10 +139,13 @@ def test_cached_sampling_reproduces_teacher_forced_pass(kw):
         assert r.attn[row][:, ~src_mask[b]].abs().sum() == 0
 
 
-def test_each_row_stops_at_its_own_eos():
+@pytest.mark.parametrize("ids", [IDS, T5_IDS], ids=["ours", "t5"])
+def test_each_row_stops_at_its_own_eos(ids):
+    EOS, PAD = ids["eos_id"], ids["pad_id"]
     model = small_model(vocab_size=5)  # EOS is 1 of 5 tokens: rows finish at different steps
     src, src_mask = padded_prompts([4, 4], vocab_size=5)
-    r = model.sample(src, src_mask, num_samples=8, max_new_tokens=24, generator=torch.Generator().manual_seed(3))
+    r = model.sample(src, src_mask, num_samples=8, max_new_tokens=24, generator=torch.Generator().manual_seed(3),
+                     **ids)
     lengths = r.mask.sum(1)
     assert len(set(lengths.tolist())) > 1, "test needs rows of different lengths"
     for row in range(16):
@@ -160,7 +167,7 @@ def test_top_k_and_top_p_never_sample_outside_their_sets():
     src, src_mask = padded_prompts([5, 3], vocab_size=20)
     for kw in (dict(top_k=3), dict(top_p=0.5), dict(top_k=5, top_p=0.7)):
         r = model.sample(src, src_mask, num_samples=16, max_new_tokens=10, temperature=1.5,
-                         generator=torch.Generator().manual_seed(1), **kw)
+                         generator=torch.Generator().manual_seed(1), **kw, **IDS)
         tgt_in = torch.cat([torch.full_like(r.tokens[:, :1], BOS), r.tokens[:, :-1]], 1)
         logits = model(src, src_mask, tgt_in, num_samples=16)[0] / 1.5    # (B*N, T, V)
         for row, t in r.mask.nonzero().tolist():
@@ -206,7 +213,7 @@ def test_seeded_sampling_is_reproducible():
     model = small_model(vocab_size=20)
     src, src_mask = padded_prompts([5, 3], vocab_size=20)
     run = lambda seed: model.sample(src, src_mask, num_samples=4, max_new_tokens=12, temperature=2.0,
-                                    generator=torch.Generator().manual_seed(seed))
+                                    generator=torch.Generator().manual_seed(seed), **IDS)
     a, b, c = run(7), run(7), run(8)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs) and torch.equal(a.attn, b.attn)
     assert not torch.equal(a.tokens, c.tokens)
@@ -215,9 +222,22 @@ def test_seeded_sampling_is_reproducible():
 def test_sampling_without_recording_returns_no_attention_and_the_same_tokens():
     model = small_model(vocab_size=20)
     src, src_mask = padded_prompts([5, 3], vocab_size=20)
-    a = model.sample(src, src_mask, num_samples=2, generator=torch.Generator().manual_seed(0))
-    b = model.sample(src, src_mask, num_samples=2, generator=torch.Generator().manual_seed(0), record_attention=False)
+    a = model.sample(src, src_mask, num_samples=2, generator=torch.Generator().manual_seed(0), **IDS)
+    b = model.sample(src, src_mask, num_samples=2, generator=torch.Generator().manual_seed(0), record_attention=False,
+                     **IDS)
     assert b.attn is None and torch.equal(a.tokens, b.tokens)
+
+
+def test_sample_has_no_default_special_ids():
+    """The ids differ between tokenizers (ours: BOS 1, EOS 2; T5: start = pad 0, EOS 1), so the sampler
+    takes them only by keyword and has no default to fall back on silently."""
+    model = small_model()
+    src, src_mask = padded_prompts([3])
+    for missing in IDS:
+        with pytest.raises(TypeError, match=missing):
+            model.sample(src, src_mask, **{k: v for k, v in IDS.items() if k != missing})
+    with pytest.raises(TypeError):
+        model.sample(src, src_mask, 1, 8, 1.0, None, None, False, True, None, BOS, EOS, PAD)   # not positionally
 
 
 # ---- value head --------------------------------------------------------------------------
@@ -311,7 +331,7 @@ def test_bf16_autocast_keeps_the_recorded_attention_and_log_probs_in_float32():
     tgt = torch.randint(4, 50, (2, 5))
     ref, _ = m(src, mask, tgt)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        r = m.sample(src, mask, num_samples=2, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
+        r = m.sample(src, mask, num_samples=2, max_new_tokens=5, generator=torch.Generator().manual_seed(0), **IDS)
         logits, _ = m(src, mask, tgt)
     assert r.attn.dtype == torch.float32 and r.logprobs.dtype == torch.float32
     sums = r.attn.sum(-1)[r.mask]
@@ -364,7 +384,7 @@ def test_t5_options_cached_sampling_reproduces_teacher_forced_pass(kw):
     model = t5_like(kw)
     src, src_mask = padded_prompts([14, 3, 9])
     r = model.sample(src, src_mask, num_samples=3, max_new_tokens=20, temperature=1.0,
-                     generator=torch.Generator().manual_seed(0))
+                     generator=torch.Generator().manual_seed(0), **IDS)
     assert r.tokens.shape[1] > 3
     lp, abar_ = teacher_forced(model, src, src_mask, r, 3, 1.0)
     torch.testing.assert_close(r.logprobs, lp, atol=1e-5, rtol=0)

@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import ppo
 from model import ConfigError, EncoderDecoder, ModelConfig
 from reward import RewardConfig, SalientTokens, compute_reward
+
+# The toy vocabulary keeps our tokenizer's special ids: <pad> 0, <bos> 1 (the decoder's start), <eos> 2, <unk> 3.
+SP = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))
 
 
 def random_batch(seed=0, B=5, T=7):
@@ -140,7 +144,7 @@ def small_policy(seed=0):
     return m
 
 
-def setup_rollout(baseline="value", **kw):
+def setup_rollout(baseline="value", sp=SP, **kw):
     policy = small_policy()
     ref = small_policy()
     g = torch.Generator().manual_seed(0)
@@ -152,19 +156,25 @@ def setup_rollout(baseline="value", **kw):
     content = torch.arange(12) >= 4
     salient = SalientTokens(idf, content, [f" t{i}" for i in range(12)])
     cfg = ppo.PPOConfig(num_samples=3, prompts_per_iter=3, max_new_tokens=10, baseline=baseline, lr=1e-3, **kw)
-    exp, _ = ppo.collect(policy, ref, src, src_mask, salient, RewardConfig(), cfg, kl_coef=0.1,
+    exp, _ = ppo.collect(policy, ref, src, src_mask, salient, RewardConfig(), cfg, kl_coef=0.1, sp=sp,
                          generator=torch.Generator().manual_seed(1))
     return policy, ref, exp, cfg, salient
 
 
 def test_reward_is_computed_on_the_attention_the_policy_really_had():
     policy, ref, exp, cfg, salient = setup_rollout()
+    # The decoder input stored with the rollout: BOS (1), then the sampled tokens shifted right by one.
+    tgt_in = torch.cat([torch.ones_like(exp.tokens[:, :1]), exp.tokens[:, :-1]], 1)
+    assert torch.equal(exp.tgt_in, tgt_in) and torch.equal(ppo.decoder_input(exp.tokens, SP.start), tgt_in)
+    # The prompt's special tokens are its EOS at position 3 (src holds no other id below 4; pads are masked).
+    special = torch.zeros_like(exp.src_mask)
+    special[:, 3] = True
+    assert torch.equal(ppo.special_mask(exp.src, exp.src_mask, SP.special), special)
     # A fresh teacher-forced pass over the sampled responses gives the same Abar, hence the same reward.
-    _, abar = policy(exp.src, exp.src_mask, ppo.decoder_input(exp.tokens), num_samples=3, attention="mean",
-                     tgt_mask=exp.mask)
+    _, abar = policy(exp.src, exp.src_mask, tgt_in, num_samples=3, attention="mean", tgt_mask=exp.mask)
     rep = lambda x: x.repeat_interleave(3, 0)
     fresh = compute_reward(abar, exp.tokens, exp.mask, rep(salient(exp.src, exp.src_mask, RewardConfig())),
-                           RewardConfig(), special=rep(ppo.special_mask(exp.src, exp.src_mask)))
+                           RewardConfig(), special=rep(special))
     for k in ("reward", "coverage", "focus", "repeat", "sink_share"):
         torch.testing.assert_close(exp.terms[k], fresh[k], atol=1e-5, rtol=0)
     # The experience's pieces: returns = R - kl_coef * KL to the frozen SFT copy; A = returns - V_old(x)
@@ -173,8 +183,15 @@ def test_reward_is_computed_on_the_attention_the_policy_really_had():
     assert (exp.terms["sink_share"] > 0).all()
 
 
-def test_first_epoch_ratio_is_one_and_an_update_moves_the_policy():
-    policy, _, exp, cfg, _ = setup_rollout(baseline="group")
+# T5's convention: the decoder starts from pad (0). The update must feed the decoder the rollout's own input
+# (exp.tgt_in), or the first epoch's ratio would not be 1.
+T5_LIKE = data.Specials(pad=0, start=0, eos=2, special=(0, 1, 2, 3))
+
+
+@pytest.mark.parametrize("sp", [SP, T5_LIKE], ids=["bos-start", "pad-start"])
+def test_first_epoch_ratio_is_one_and_an_update_moves_the_policy(sp):
+    policy, _, exp, cfg, _ = setup_rollout(baseline="group", sp=sp)
+    assert (exp.tgt_in[:, 0] == sp.start).all() and torch.equal(exp.tgt_in[:, 1:], exp.tokens[:, :-1])
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     stats = ppo.update(policy, opt, exp, cfg)
@@ -223,7 +240,8 @@ def test_the_loop_raises_a_reward_it_can_see():
 
     shares = []
     for _ in range(12):
-        exp, _ = ppo.collect(policy, ref, src, src_mask, salient, RewardConfig(), cfg, 0.0, gen, reward_fn=share_of_7)
+        exp, _ = ppo.collect(policy, ref, src, src_mask, salient, RewardConfig(), cfg, 0.0, SP, gen,
+                             reward_fn=share_of_7)
         ppo.update(policy, opt, exp, cfg)
         shares.append(float(exp.terms["reward"].mean()))
     assert shares[0] < 0.2 and shares[-1] > 0.8, shares
@@ -238,7 +256,7 @@ def teacher_forced_logprobs(model, exp, temperature):
         b = row // 3
         n = int(exp.mask[row].sum())
         y = exp.tokens[row, :n][None]
-        logits, _ = model(exp.src[b:b + 1], exp.src_mask[b:b + 1], ppo.decoder_input(y))
+        logits, _ = model(exp.src[b:b + 1], exp.src_mask[b:b + 1], torch.cat([torch.ones_like(y[:, :1]), y[:, :-1]], 1))
         out[row, :n] = torch.log_softmax(logits[0].double() / temperature, -1).gather(-1, y[0, :, None])[:, 0].float()
     return out
 
@@ -250,7 +268,7 @@ def test_kl_penalised_return_in_collect_against_a_reference_that_differs():
     g = torch.Generator().manual_seed(0)
     src = torch.randint(4, 12, (3, 6), generator=g)
     cfg = ppo.PPOConfig(num_samples=3, prompts_per_iter=3, max_new_tokens=10, baseline="none", temperature=0.7)
-    exp, _ = ppo.collect(policy, ref, src, src != 0, salient, RewardConfig(), cfg, kl_coef=0.5,
+    exp, _ = ppo.collect(policy, ref, src, src != 0, salient, RewardConfig(), cfg, kl_coef=0.5, sp=SP,
                          generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         kl = (teacher_forced_logprobs(policy, exp, 0.7) - teacher_forced_logprobs(ref, exp, 0.7)).sum(1)
@@ -265,7 +283,7 @@ def test_group_baseline_on_penalised_returns_then_whitening_inside_collect():
     ref = small_policy(seed=5)
     src = torch.randint(4, 12, (4, 6), generator=torch.Generator().manual_seed(2))
     cfg = ppo.PPOConfig(num_samples=3, prompts_per_iter=4, max_new_tokens=10, baseline="group", whiten=True)
-    exp, _ = ppo.collect(policy, ref, src, src != 0, salient, RewardConfig(), cfg, kl_coef=0.3,
+    exp, _ = ppo.collect(policy, ref, src, src != 0, salient, RewardConfig(), cfg, kl_coef=0.3, sp=SP,
                          generator=torch.Generator().manual_seed(3))
     returns = (exp.terms["reward"] - 0.3 * exp.terms["kl_ref"]).double().tolist()
     centred = []
@@ -286,7 +304,7 @@ def test_advantage_uses_a_trained_value_head_and_the_value_regression_lowers_its
     losses = [ppo.update(policy, opt, exp, cfg, value_only=True)["value_loss"] for _ in range(30)]
     assert losses[-1] < 0.2 * losses[0]
     new, _ = ppo.collect(policy, small_policy(), exp.src, exp.src_mask, salient, RewardConfig(), cfg, kl_coef=0.1,
-                         generator=torch.Generator().manual_seed(4))
+                         sp=SP, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         memory = policy.encode(exp.src, exp.src_mask)                                    # (B, S, D)
         head = policy.value_head
@@ -337,7 +355,7 @@ def test_the_adaptive_kl_controller_moves_kl_coef_inside_the_loop():
     cfg = ppo.PPOConfig(prompts_per_iter=4, num_samples=2, max_new_tokens=6, baseline="group", lr=1e-3,
                         kl_coef=0.2, kl_target=0.5, kl_horizon=40)
     rows = ppo.train(policy, ref, torch.optim.Adam(policy.parameters(), lr=1e-3), prompts, salient, RewardConfig(),
-                     cfg, 4, seed=0)
+                     cfg, 4, specials=SP, seed=0)
     coef = 0.2
     for row in rows:
         assert row["kl_coef"] == pytest.approx(coef)

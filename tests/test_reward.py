@@ -314,7 +314,7 @@ def test_every_term_finite_for_responses_of_length_0_and_1(cfg):
     S, T = 4, 3
     attn = torch.zeros(2, T, S)
     attn[1, 0] = torch.tensor([0.1, 0.6, 0.0, 0.3])         # length 1: only EOS was generated
-    tokens = torch.tensor([[0, 0, 0], [data.EOS_ID, 0, 0]])
+    tokens = torch.tensor([[0, 0, 0], [2, 0, 0]])             # 2: <eos> of our tokenizer, 0: <pad>
     mask = torch.tensor([[False, False, False], [True, False, False]])
     special = torch.tensor([[False, False, False, True]] * 2)
     for salient in (torch.tensor([[True, True, False, False]] * 2), torch.tensor([[0.0, 2.0, 1.0, 0.0]] * 2)):
@@ -438,7 +438,8 @@ def _unmark(marked):
 def test_salient_ner_marks_names_and_numbers(tok_and_salient):
     tok, sal = tok_and_salient
     texts = [_unmark(m) for m in NER_CASES]
-    batch = data.collate([(data.encode(tok, t), [data.EOS_ID]) for t, _ in texts])
+    sp = data.specials(tok)
+    batch = data.collate([(data.encode(tok, t, sp), [sp.eos]) for t, _ in texts], sp)
     src, src_mask = batch["src"], batch["src_mask"]
     got = sal(src, src_mask, RewardConfig(salient="ner"))
     assert got.dtype == torch.bool and got.shape == src.shape
@@ -446,7 +447,7 @@ def test_salient_ner_marks_names_and_numbers(tok_and_salient):
     for b, (text, spans) in enumerate(texts):
         enc = tok.encode(text)
         n = len(enc.ids)
-        assert src[b, :n].tolist() == enc.ids and src[b, n] == data.EOS_ID
+        assert src[b, :n].tolist() == enc.ids and src[b, n] == tok.token_to_id(data.EOS)
         # expected: the tokens whose character span overlaps a bracketed word
         expected = [any(start < w_end and w_start < end for w_start, w_end in spans)
                     for start, end in enc.offsets]
@@ -463,7 +464,8 @@ def test_salient_ner_marks_names_and_numbers(tok_and_salient):
 def test_salient_tokens_dispatch(tok_and_salient):
     tok, sal = tok_and_salient
     texts = ["Where does Varo Kelin live?", "Kelo was born in 1950. Who is Tamsa?"]
-    batch = data.collate([(data.encode(tok, t), [data.EOS_ID]) for t in texts])
+    sp = data.specials(tok)
+    batch = data.collate([(data.encode(tok, t, sp), [sp.eos]) for t in texts], sp)
     src, src_mask = batch["src"], batch["src_mask"]
     idf = sal(src, src_mask, RewardConfig(salient="idf", salient_top_k=3))
     assert idf.tolist() == reward.salient_idf(src, src_mask, sal.idf, sal.content, 3).tolist()

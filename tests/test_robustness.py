@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import cagsr
+import data
 import ppo
 from model import EncoderDecoder, ModelConfig
 from reward import RewardConfig, SalientTokens
@@ -24,6 +25,7 @@ TINY = ["--set", "d_model=32", "--set", "d_ff=64", "--set", "n_heads=2", "--set"
 RUN = ["cagsr.py", "--dataset", "qa-grounded", "--sft-steps", "30", "--sft-eval-every", "10", "--sft-batch-size", "16",
        "--iterations", "6", "--ckpt-every", "2", "--eval-every", "3", "--prompts-per-iter", "8", "--eval-prompts", "8",
        "--num-eval", "8", "--seed", "1"] + TINY
+SP = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))   # our tokenizer's ids: the toy vocabulary's 0..3
 WALL_CLOCK = {"elapsed_s", "tokens_per_s", "sample_s", "reward_s", "ref_s", "update_s", "sft_seconds", "rl_seconds",
               "total_seconds"}
 
@@ -150,7 +152,7 @@ def test_nonfinite_reward_never_reaches_the_weights_and_stops_the_run_after_thre
     nan_reward = lambda src, src_mask, tokens, mask: torch.full((tokens.size(0),), float("nan"))
     seen = []
     with pytest.raises(ppo.NonFiniteError, match=r"iterations 1-3: no update applied.*reward \(not finite for 8 of 8"):
-        ppo.train(model, ref, opt, prompts, salient, RewardConfig(), cfg, 10, reward_fn=nan_reward,
+        ppo.train(model, ref, opt, prompts, salient, RewardConfig(), cfg, 10, specials=SP, reward_fn=nan_reward,
                   on_iteration=lambda i, row, state: seen.append(row))
     assert [r["skipped"] for r in seen] == [1, 1, 1] and all(r["nonfinite_reward"] == 8 for r in seen)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -159,8 +161,8 @@ def test_nonfinite_reward_never_reaches_the_weights_and_stops_the_run_after_thre
 def test_a_nonfinite_gradient_is_skipped_and_named():
     model, ref, prompts, salient, cfg = small_setup()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    src, mask = next(ppo.prompt_batches(prompts, 4, seed=0))
-    exp, _ = ppo.collect(model, ref, src, mask, salient, RewardConfig(), cfg, kl_coef=0.0)
+    src, mask = next(ppo.prompt_batches(prompts, 4, seed=0, sp=SP))
+    exp, _ = ppo.collect(model, ref, src, mask, salient, RewardConfig(), cfg, kl_coef=0.0, sp=SP)
     with torch.no_grad():
         model.dec_ln.weight[0] = float("inf")                     # the loss is then inf or nan
     poisoned = {k: v.clone() for k, v in model.state_dict().items()}
@@ -180,7 +182,7 @@ def test_sft_skips_nonfinite_steps_and_stops_after_three():
     logged = []
     with pytest.raises(ppo.NonFiniteError, match=r"SFT steps 1-3: the loss was not finite 3 times in a row"):
         train_sft(model, pairs, pairs, SFTConfig(steps=10, batch_size=4, lr=1e-3, warmup=1, eval_every=100), "cpu",
-                  seed=0, log=logged.append)
+                  specials=SP, seed=0, log=logged.append)
     assert logged == [dict(stage="sft_skip", step=i, skip_cause="loss") for i in (1, 2, 3)]
     for k, v in model.state_dict().items():                            # untouched, the NaN row included
         assert torch.equal(torch.nan_to_num(v), torch.nan_to_num(before[k])), k
@@ -225,7 +227,7 @@ def test_prompts_without_salient_tokens_score_finite_terms():
     for a real tokenizer): no salient token, coverage 0, every term finite."""
     model, ref, _, salient, cfg = small_setup()
     src = torch.tensor([[3, 1, 3, 2], [2, 0, 0, 0]])                 # <unk> <bos> <unk> <eos>; <eos> alone
-    r, terms, _, _ = ppo.score(model, src, src != 0, salient, RewardConfig(), cfg,
+    r, terms, _, _ = ppo.score(model, src, src != 0, salient, RewardConfig(), cfg, SP,
                                generator=torch.Generator().manual_seed(0))
     for k in ("reward", "coverage", "focus", "repeat", "sink_share"):
         assert torch.isfinite(terms[k]).all(), k
