@@ -5,6 +5,7 @@
     python cagsr.py --stage rl --init runs/X/sft.pt   # RL from a saved SFT model
     python cagsr.py --stage sample --init runs/X/rl.pt --prompt "Where does Varo Kelin live?"
     python cagsr.py --stage eval --init runs/X/rl.pt      # python cagsr.py --help lists every flag
+    python cagsr.py --init ~/snapshots/flan-t5-base       # SFT then CAGSR from a pretrained T5 snapshot
 
 The command line only: the parser, `main` (parse, resolve and check the configs in settings.py,
 dispatch) and the stages' wiring; the method is model.py, reward.py, ppo.py, sft.py; plumbing runs.py.
@@ -67,7 +68,9 @@ def build_parser() -> Parser:
                         "(default: qa, or the --init checkpoint's)")
     g.add_argument("--stage", default="all", choices=["all", "sft", "rl", "sample", "eval"],
                    help="all = SFT then RL; rl/sample/eval start from --init (default: all)")
-    g.add_argument("--init", default=None, metavar="CKPT", help="checkpoint to start the stage from")
+    g.add_argument("--init", default=None, metavar="CKPT|DIR",
+                   help="a checkpoint to start the stage from, or a local Hugging Face T5 snapshot directory "
+                        "(config.json, weights, tokenizer.json; size 'pretrained')")
     g.add_argument("--prompt", action="append", default=[], help="prompt(s) for --stage sample (repeatable)")
     g.add_argument("--truncate", action="store_true",
                    help="truncate over-long prompts/responses (with a warning) instead of failing")
@@ -125,6 +128,7 @@ class Setup:
     """What the training and evaluation stages start from."""
     model: EncoderDecoder
     tok: object
+    specials: data.Specials         # the tokenizer's special ids
     idf: torch.Tensor               # (V,) over the training prompts, computed once per run (§3.2)
     splits: data.Splits
     train_pairs: list
@@ -138,6 +142,33 @@ def _encode(run, tok, records, cfg):
         raise SystemExit(f"{run.dataset}: {e}") from None
 
 
+def _splits(run) -> data.Splits:
+    try:
+        return data.load_dataset(run.dataset, seed=run.seed)
+    except ValueError as e:                         # DataError included: it names the file and line
+        raise SystemExit(f"--dataset: {e}") from None
+
+
+def snapshot_idf(run, prompts, vocab_size: int) -> torch.Tensor:
+    """The IDF table of a run from a bare snapshot, which has none: from --dataset's training prompts."""
+    print(f"IDF (§3.2): the snapshot has none; computed from --dataset {run.dataset}'s {len(prompts)} training "
+          f"prompts with the snapshot's tokenizer")
+    return data.idf(prompts, vocab_size)
+
+
+def new_model(run, splits, device):
+    """A preset's fresh model and a tokenizer trained on the training split (rank 0's, under torchrun)."""
+    rank, world = parallel.rank_and_world()
+    target = run.model_overrides.get("vocab_size", SIZES[run.size]["vocab_size"])
+    tok = data.train_tokenizer(list(data.record_texts(splits.train)), target) if rank == 0 else None
+    if world > 1:                                   # rank 0's tokenizer for all: the vocabularies must agree
+        tok = data.tokenizer_from_str(parallel.broadcast_object(data.tokenizer_to_str(tok) if rank == 0 else None))
+    # A run's vocabulary is its tokenizer's; the preset's number is only the BPE target.
+    overrides = {**run.model_overrides, "vocab_size": tok.get_vocab_size()}
+    print(f"size {run.size} | overrides {overrides} | device {device}")
+    return EncoderDecoder(config_for(run.size, **overrides)).to(device), tok
+
+
 def prepare(run, device) -> Setup:
     """The model (--resume, --init or new), its tokenizer, the data and the IDF table."""
     runs.seed_everything(run.seed)
@@ -147,23 +178,13 @@ def prepare(run, device) -> Setup:
         where = f"step {resume['step']}" if resume["stage"] == "sft" else f"iteration {resume['iteration']}"
         print(f"resuming {run.resume} from {run.resume_from.name} ({resume['stage']}, {where})")
         ckpt = resume
-    elif run.init is not None:                      # the model, its size and tokenizer come from the checkpoint
-        model, tok, ckpt = runs.load_checkpoint(run.init, device, "--init")
+    elif run.init is not None:                      # the model and tokenizer: a checkpoint's or a snapshot's
+        model, tok, ckpt = runs.load_init(run.init, device, "--init", run.model_overrides)
         print(f"loaded {run.init}: stage {ckpt['stage']}, size {run.size}, {model.num_params():,} parameters")
-    try:
-        splits = data.load_dataset(run.dataset, seed=run.seed)
-    except ValueError as e:                         # DataError included: it names the file and line
-        raise SystemExit(f"--dataset: {e}") from None
+    splits = _splits(run)
     if ckpt is None:
-        rank, world = parallel.rank_and_world()
-        target = run.model_overrides.get("vocab_size", SIZES[run.size]["vocab_size"])
-        tok = data.train_tokenizer(list(data.record_texts(splits.train)), target) if rank == 0 else None
-        if world > 1:                               # rank 0's tokenizer for all: the vocabularies must agree
-            tok = data.tokenizer_from_str(parallel.broadcast_object(data.tokenizer_to_str(tok) if rank == 0 else None))
-        # A run's vocabulary is its tokenizer's; the preset's number is only the BPE target.
-        overrides = {**run.model_overrides, "vocab_size": tok.get_vocab_size()}
-        model = EncoderDecoder(config_for(run.size, **overrides)).to(device)
-        print(f"size {run.size} | overrides {overrides} | device {device}")
+        model, tok = new_model(run, splits, device)
+    settings.print_profile(run)
     model.gradient_checkpointing = run.grad_checkpoint
     cfg = model.cfg
     print(f"dataset {run.dataset}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test pairs; "
@@ -172,8 +193,12 @@ def prepare(run, device) -> Setup:
     if run.stage in ("all", "rl") and len(train_pairs) < run.ppo.prompts_per_iter:
         raise SystemExit(f"{run.dataset}: {len(train_pairs)} training prompts, fewer than --prompts-per-iter "
                          f"{run.ppo.prompts_per_iter}; lower --prompts-per-iter or give more data")
-    idf = ckpt["idf"] if ckpt is not None else data.idf([p for p, _ in train_pairs], cfg.vocab_size)
-    return Setup(model, tok, idf, splits, train_pairs, resume)
+    prompts = [p for p, _ in train_pairs]
+    if ckpt is None or ckpt["idf"] is None:         # a new model, or a bare snapshot
+        idf = data.idf(prompts, cfg.vocab_size) if ckpt is None else snapshot_idf(run, prompts, cfg.vocab_size)
+    else:
+        idf = ckpt["idf"]
+    return Setup(model, tok, data.specials(tok), idf, splits, train_pairs, resume)
 
 
 def interrupted(run_dir, stage: str, where: str) -> int:                # Ctrl-C: the checkpoint is written
@@ -199,7 +224,7 @@ def sft_stage(run, s: Setup, device, run_dir, log, stop) -> int | None:
 
     t0 = time.time()
     with runs.autocast(device, run.precision):
-        result = train_sft(s.model, s.train_pairs, val_pairs, cfg, device, seed=run.seed, log=log,
+        result = train_sft(s.model, s.train_pairs, val_pairs, cfg, device, specials=s.specials, seed=run.seed, log=log,
                            probe=lambda m: dict(val_exact_match=greedy_scores(m, s.tok, probe_set, device)[1]),
                            resume=resume, on_checkpoint=checkpoint, stop=stop, compile=run.compile)
     sft_seconds = time.time() - t0
@@ -278,7 +303,8 @@ def rl_stage(run, s: Setup, device, run_dir, log, stop) -> int | None:
     t0 = time.time()
     with runs.progress(total=run.iterations, initial=last["iteration"], desc="RL", unit="iter") as bar:
         ppo.train(model, ref_model, optimizer, [p for p, _ in s.train_pairs], salient, reward_cfg, cfg, run.iterations,
-                  seed=run.seed, resume=state, on_iteration=on_iteration, stop=stop, progress=bar, compile=run.compile)
+                  specials=s.specials, seed=run.seed, resume=state, on_iteration=on_iteration, stop=stop, progress=bar,
+                  compile=run.compile)
     rl_seconds = time.time() - t0
     parallel.check_replicas(model, "RL")
     checkpoint(last["iteration"], last["state"])
@@ -332,8 +358,11 @@ def train(run, s: Setup, device, t_start: float) -> int:
 
 def sample_stage(run, device) -> int:
     """--stage sample: N candidates per --prompt with their reward terms."""
-    model, tok, ckpt = runs.load_checkpoint(run.init, device, "--init")
-    salient = SalientTokens.from_idf(tok, ckpt["idf"])
+    model, tok, ckpt = runs.load_init(run.init, device, "--init", run.model_overrides)
+    idf = ckpt["idf"]
+    if idf is None:
+        idf = snapshot_idf(run, [p for p, _ in _encode(run, tok, _splits(run).train, model.cfg)], model.cfg.vocab_size)
+    salient = SalientTokens.from_idf(tok, idf)
     for prompt in run.prompts:
         n = len(data.encode(tok, prompt))
         if n > model.cfg.max_src_len:
@@ -375,7 +404,7 @@ def dispatch(run, device, world: int, t_start: float) -> int:
     """The stage `run` names, after the checks that need the device and the number of processes.
     device: torchrun's for this rank, else None (chosen here)."""
     if run.stage == "dry-run":
-        settings.print_plan(run.size, run.sft.batch_size)
+        settings.print_plan(run)
         return 0
     device = device or runs.pick_device(run.device)
     settings.check_device(run, device, world)

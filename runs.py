@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 import data
 import parallel
-from model import EncoderDecoder, ModelConfig
+from model import ConfigError, EncoderDecoder, ModelConfig, config_from_hf, from_pretrained, load_hf_config
+
 
 class UsageError(SystemExit):
     """A flag or an input file the run cannot take, refused before any work. The message names the
@@ -127,9 +128,10 @@ def checkpoint_state(model, tok, idf, *, size: str, dataset: str | None, stage: 
     """The one checkpoint layout: the policy's weights and config, its tokenizer, the IDF table of
     the training prompts (computed once per run; every stage scores salient tokens with it, §3.2),
     the preset, the dataset and the stage; `extra` adds what resuming needs (optimizer, step or
-    iteration, random states, ...)."""
+    iteration, random states, ...). The tokenizer's special ids are stored beside it (data.Specials)."""
     return dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(model.cfg),
-                tokenizer=data.tokenizer_to_str(tok), idf=idf, size=size, dataset=dataset, stage=stage, **extra)
+                tokenizer=data.tokenizer_to_str(tok), specials=asdict(data.specials(tok)), idf=idf, size=size,
+                dataset=dataset, stage=stage, **extra)
 
 
 def save_checkpoint(path: Path, model, tok, idf, **fields) -> None:
@@ -158,8 +160,10 @@ def _read(path, flag: str, **load_kw) -> dict:
     """torch.load of a checkpoint file named by `flag`, or a UsageError that says what is wrong with it."""
     path, where = Path(path), f"{flag} {path}".strip()
     if path.is_dir():
-        raise UsageError(f"{where} is a directory, but {flag or 'this'} takes a checkpoint file written by cagsr.py "
-                         f"(a run's sft.pt or rl.pt); to continue the run in a directory, use --resume {path}")
+        raise UsageError(f"{where} is a directory without a config.json: {flag or 'this'} takes a checkpoint file "
+                         f"written by cagsr.py (a run's sft.pt or rl.pt) or a Hugging Face snapshot directory "
+                         f"(config.json, weights, tokenizer.json); to continue the run in a directory, use "
+                         f"--resume {path}")
     if not path.is_file():
         raise UsageError(f"{where}: no such checkpoint file")
     try:
@@ -189,7 +193,64 @@ def load_checkpoint(path, device="cpu", flag: str = ""):
     """(model, tokenizer, checkpoint dict) from a file written by `save_checkpoint`."""
     ckpt = _read(path, flag, map_location=device)
     model = policy_from_state(ckpt["model"], ModelConfig(**ckpt["model_config"]), device)
-    return model, data.tokenizer_from_str(ckpt["tokenizer"]), ckpt
+    tok = data.tokenizer_from_str(ckpt["tokenizer"])
+    if "specials" in ckpt and data.Specials(**ckpt["specials"]) != data.specials(tok):
+        raise UsageError(f"{flag} {path}: its stored special ids {ckpt['specials']} are not its tokenizer's; the "
+                         f"file was changed after cagsr.py wrote it")
+    return model, tok, ckpt
+
+
+# --------------------------------------------------------------------------------------------
+# --init: a checkpoint file, or a Hugging Face snapshot directory
+# --------------------------------------------------------------------------------------------
+
+PRETRAINED = "pretrained"
+"""The `size` of a run from a snapshot: its model comes from config.json, its defaults from the
+"pretrained" profile (sft.SFT_DEFAULTS, ppo.RL_PROFILES)."""
+
+
+def is_snapshot(path) -> bool:
+    """A directory holding a config.json: what `model.from_pretrained` reads."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def snapshot_config(path, overrides: dict, flag: str = "--init") -> ModelConfig:
+    """The ModelConfig of a snapshot from its config.json alone (no weights read), `overrides` on top."""
+    try:
+        return config_from_hf(load_hf_config(path), **overrides)
+    except ConfigError:
+        raise                                        # settings.flag_errors names the --set flag
+    except (ValueError, json.JSONDecodeError) as e:
+        raise UsageError(f"{flag} {path}: {e}") from None
+
+
+def peek_init(path, flag: str = "--init", overrides: dict | None = None, tokenizer: bool = True) -> dict:
+    """What `--init` names, checked without reading weights: a checkpoint file's fields (peeked), or for
+    a snapshot {"size": "pretrained", "dataset": None, "snapshot_config": ModelConfig} after reading its
+    config.json and, when `tokenizer`, its tokenizer.json."""
+    if not is_snapshot(path):
+        return peek_checkpoint(path, flag)
+    cfg = snapshot_config(path, overrides or {}, flag)
+    if tokenizer:
+        try:
+            data.snapshot_tokenizer(path)
+        except ValueError as e:
+            raise UsageError(f"{flag} {e}") from None
+    return dict(size=PRETRAINED, dataset=None, stage=PRETRAINED, snapshot_config=cfg)
+
+
+def load_init(path, device, flag: str = "--init", overrides: dict | None = None):
+    """(model, tokenizer, checkpoint dict) of `--init`: a checkpoint file (`load_checkpoint`), or a
+    snapshot: its weights through `model.from_pretrained` (ModelConfig `overrides` on top, e.g.
+    last_layers), its tokenizer.json, a fresh value head, and no IDF table yet (idf None)."""
+    if not is_snapshot(path):
+        return load_checkpoint(path, device, flag)
+    tok = data.snapshot_tokenizer(path)                          # before the weights: a bad tokenizer fails fast
+    try:
+        model = from_pretrained(path, **(overrides or {})).to(device)
+    except ValueError as e:
+        raise SystemExit(f"{flag} {path}: {e}") from None
+    return model, tok, dict(size=PRETRAINED, dataset=None, stage=PRETRAINED, idf=None, snapshot=str(path))
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,12 +25,13 @@ import runs
 from runs import UsageError
 from experiments import ExperimentConfig
 from data import DATASETS
-from model import SIZES, ConfigError, ModelConfig, config_for, memory_plan
+from model import SIZES, ConfigError, ModelConfig, config_for, count_params, memory_plan
 from reward import RewardConfig
-from sft import SFT_DEFAULTS, TABLE_SFT_STEPS, SFTConfig, sft_config
+from sft import TABLE_SFT_STEPS, SFTConfig, sft_config
 
 # Presets meant for a GPU: on a CPU they would run for days, so they start there only on request.
 GPU_SIZES = ("base", "1.3b")
+GPU_SNAPSHOT_PARAMS = 500_000_000     # flan-T5-large (783M) and up: a snapshot that large trains on a GPU
 
 
 @dataclass
@@ -47,7 +48,8 @@ class Run:
     num_eval: int
     command: str
     args: dict                       # the settings as args.json and the checkpoints record them
-    init: str | None = None
+    init: str | None = None          # a checkpoint file, or a snapshot directory (size "pretrained")
+    model_config: ModelConfig | None = None   # a snapshot's, from its config.json and --set (for --dry-run)
     resume: str | None = None        # the run directory of --resume
     resume_from: Path | None = None  # its last checkpoint (None: it wrote none yet)
     model_overrides: dict = field(default_factory=dict)
@@ -103,8 +105,20 @@ def add_config_flags(group, cls, profile: dict | None = None):
             group.add_argument(flag, type=kinds[f.type], default=None, metavar=f.name.upper(), help=help_)
 
 
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ValueError
+    return text.lower() == "true"
+
+
+SET_TYPES = {"int": (int, "an integer"), "float": (float, "a number"), "str": (str, "a word"),
+             "bool": (_bool, "true or false"), "int | None": (_optional(int), "an integer or none")}
+
+
 def parse_overrides(items: list[str]) -> dict:
-    """`--set d_model=64 --set last_layers=2` -> {"d_model": 64, "last_layers": 2}, typed by ModelConfig."""
+    """`--set d_model=64 --set ffn=gated-gelu --set tie_head=false` -> {"d_model": 64, ...}, each value
+    typed by its ModelConfig field (int, float, word, true/false, or none where None is allowed);
+    ModelConfig itself then checks the values (settings.flag_errors names the flag)."""
     types = {f.name: f.type for f in fields(ModelConfig)}
     out = {}
     for item in items:
@@ -113,10 +127,11 @@ def parse_overrides(items: list[str]) -> dict:
             raise UsageError(f"--set expects FIELD=VALUE, got {item!r}")
         if key not in types:
             raise UsageError(f"--set: unknown ModelConfig field {key!r}; valid fields: {', '.join(sorted(types))}")
+        kind, what = SET_TYPES[types[key]]
         try:
-            out[key] = float(value) if types[key] in (float, "float") else int(value)
+            out[key] = kind(value)
         except ValueError:
-            raise UsageError(f"--set {key}: {value!r} is not a number") from None
+            raise UsageError(f"--set {key}={value}: must be {what}") from None
     return out
 
 
@@ -156,13 +171,15 @@ def _at_least_1(**flags) -> None:
 
 def _check_stage(args) -> None:
     if args.stage in ("rl", "sample", "eval") and args.init is None:
-        raise UsageError(f"--stage {args.stage} needs --init CKPT (a checkpoint written by an earlier run)")
+        raise UsageError(f"--stage {args.stage} needs --init CKPT (a checkpoint written by an earlier run, or a "
+                         f"Hugging Face snapshot directory)")
     if args.stage == "sample" and not args.prompt:
         raise UsageError('--stage sample needs at least one --prompt "..."')
     if args.stage == "sample" and any(not p.strip() for p in args.prompt):
         raise UsageError('--prompt is empty: give the text to answer, e.g. --prompt "Where does Stimdol Mellu live?"')
-    if args.init is not None and args.stage == "all":
-        raise UsageError("--init with --stage all would retrain the checkpoint; use --stage rl (or --stage sft)")
+    if args.init is not None and args.stage == "all" and args.resume is None and not runs.is_snapshot(args.init):
+        raise UsageError("--init CKPT with --stage all would retrain the checkpoint; use --stage rl (or --stage sft). "
+                         "(--init with a snapshot directory and --stage all is SFT from the snapshot, then CAGSR.)")
 
 
 def _check_paths(args, dataset: str, experiment: bool) -> None:
@@ -187,24 +204,46 @@ def _experiment(args) -> ExperimentConfig:
     _at_least_1(seeds=args.seeds, rm_steps=args.rm_steps, human_prompts=args.human_prompts,
                 relevance_steps=args.relevance_steps)
     if args.init is not None:
-        raise UsageError("--experiment table1 trains its own SFT model per seed; it does not take --init")
+        raise UsageError("--experiment table1 trains its own SFT model per seed from scratch; it does not take --init "
+                         "(a table from a snapshot is not built yet)")
     return ExperimentConfig(name=args.experiment, seeds=args.seeds, results_dir=args.results_dir, work_dir=args.out,
                             rm_steps=args.rm_steps, human_prompts=args.human_prompts,
                             relevance_steps=args.relevance_steps)
 
 
-def _model(args, size: str, init: dict | None) -> dict:
-    """The --set/--last-layers overrides, checked against the preset they change."""
+SNAPSHOT_SETTABLE = {"last_layers", "max_src_len", "max_tgt_len", "dropout"}
+"""The ModelConfig fields --set may change on a snapshot: the others would make its weights not fit."""
+
+
+def _model(args, resume_from: Path | None) -> tuple[dict, dict | None, str]:
+    """The --set/--last-layers overrides, checked against the preset or the snapshot they change; what
+    --init names (peeked, weights unread); and the size: --size, the checkpoint's, "pretrained" for a
+    snapshot, else tiny. A resumed run's last checkpoint stands for --init (the snapshot or file it
+    started from may be gone)."""
     overrides = parse_overrides(args.set)
     if args.last_layers is not None:
         overrides["last_layers"] = args.last_layers
-    if init is not None and overrides and args.resume is None:
-        raise UsageError(f"--set/--last-layers cannot change a model loaded with --init ({overrides})")
-    if init is None:
-        with flag_errors(lambda f: "--last-layers" if f == "last_layers" and args.last_layers is not None
-                         else f"--set {f}="):
+    if resume_from is not None:
+        init = runs.peek_checkpoint(resume_from, "--resume")
+        return overrides, init, init["size"]
+    snapshot = args.init is not None and runs.is_snapshot(args.init)
+    if snapshot and args.size is not None and args.resume is None:
+        raise UsageError(f"--size {args.size} cannot reshape the snapshot --init {args.init}: its shape is its "
+                         f"config.json's (change single fields with --set FIELD=VALUE)")
+    shaped = sorted(set(overrides) - SNAPSHOT_SETTABLE)
+    if snapshot and shaped and args.resume is None:
+        raise UsageError(f"--set {shaped[0]}: the architecture of the snapshot --init {args.init} is its config.json's; "
+                         f"with a snapshot only {', '.join(sorted(SNAPSHOT_SETTABLE))} may be set")
+    peek = args.init is not None and args.experiment is None and (snapshot or not args.dry_run)
+    with flag_errors(lambda f: "--last-layers" if f == "last_layers" and args.last_layers is not None
+                     else f"--set {f}="):
+        init = runs.peek_init(args.init, "--init", overrides, tokenizer=not args.dry_run) if peek else None
+        if init is not None and not snapshot and overrides and args.resume is None:
+            raise UsageError(f"--set/--last-layers cannot change a model loaded from a checkpoint ({overrides})")
+        size = args.size or (init["size"] if init else "tiny")
+        if init is None:
             config_for(size, **overrides)
-    return overrides
+    return overrides, init, size
 
 
 def resolve(args, command: str, resume_from: Path | None = None) -> Run:
@@ -215,11 +254,9 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
     experiment = _experiment(args) if args.experiment is not None else None
     if experiment is None and not args.dry_run:
         _check_stage(args)
-    init = None if experiment or args.dry_run or args.init is None else runs.peek_checkpoint(args.init, "--init")
-    size = args.size or (init["size"] if init else "tiny")
+    overrides, init, size = _model(args, resume_from)
     if init is not None and args.size is not None and args.size != init["size"] and args.resume is None:
         raise UsageError(f"--size {args.size} does not match the --init checkpoint, which is a {init['size']} model")
-    overrides = _model(args, size, init)
     dataset = args.dataset or (init and init["dataset"]) or ("instruct" if experiment else "qa")
     _check_paths(args, dataset, experiment is not None)
     _at_least_1(iterations=args.iterations, eval_every=args.eval_every, eval_prompts=args.eval_prompts,
@@ -235,6 +272,7 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
     recorded = {**vars(args), "command": command, "dataset": dataset, "num_eval": num_eval}
     return Run(stage=stage, size=size, dataset=dataset, seed=args.seed, sft=sft, ppo=ppo_cfg, reward=reward_cfg,
                iterations=iterations, num_eval=num_eval, command=command, args=recorded, init=args.init,
+               model_config=init.get("snapshot_config") if init else None,
                resume=args.resume, resume_from=resume_from, model_overrides=overrides, eval_every=args.eval_every,
                eval_prompts=args.eval_prompts, ckpt_every=args.ckpt_every, prompts=list(args.prompt),
                truncate=args.truncate, device=args.device, precision=args.precision,
@@ -277,34 +315,45 @@ def single_process(run: Run) -> str | None:
 
 def check_device(run: Run, device, world: int) -> None:
     """Checks that need the device and the number of processes: a GPU preset (by --size or by the
-    --init checkpoint) is refused on a CPU unless --device cpu asks for it; every process must get
-    an equal share of each batch."""
+    --init checkpoint) or a snapshot of over GPU_SNAPSHOT_PARAMS parameters is refused on a CPU
+    unless --device cpu asks for it; every process must get an equal share of each batch."""
     by_flag = run.args["size"] in GPU_SIZES and run.stage not in ("dry-run", "experiment")
     by_init = run.init is not None and run.args["size"] is None and run.size in GPU_SIZES and run.stage in ("sft", "rl")
-    if run.device is None and device.type == "cpu" and (by_flag or by_init):
-        print_plan(run.size, run.sft.batch_size)
+    big = run.model_config is not None and count_params(run.model_config) > GPU_SNAPSHOT_PARAMS
+    by_snapshot = big and run.stage in ("all", "sft", "rl")
+    if run.device is None and device.type == "cpu" and (by_flag or by_init or by_snapshot):
+        print_plan(run)
         if by_flag:
             raise UsageError(f"--size {run.size} is a GPU preset and no GPU was found: on this CPU it would run for "
                              f"days. Pass --device cpu to run it here anyway, or --dry-run to see only the plan above.")
-        raise UsageError(f"--init {run.init} is a {run.size} model, a GPU preset, and no GPU was found: training it "
-                         f"on this CPU would run for days. Pass --device cpu to run it here anyway.")
+        what = f"a {run.size} model, a GPU preset" if by_init else f"a snapshot of over {GPU_SNAPSHOT_PARAMS:,} parameters"
+        raise UsageError(f"--init {run.init} is {what}, and no GPU was found: training it on this CPU would run for "
+                         f"days. Pass --device cpu to run it here anyway.")
     for flag, n in (("--prompts-per-iter", run.ppo.prompts_per_iter), ("--sft-batch-size", run.sft.batch_size)):
         if world > 1 and n % world:
             raise UsageError(f"{flag} {n} cannot be split evenly over {world} processes: choose a multiple of {world}")
 
 
-def print_plan(size: str, batch: int | None = None) -> None:
-    """The memory plan of the preset `size` (model.memory_plan) for one SFT batch (default: the
-    size's SFT batch) at the preset's longest lengths."""
-    cfg = config_for(size)
-    batch = batch or SFT_DEFAULTS[size]["batch_size"]
+def print_plan(run: Run) -> None:
+    """The memory plan (model.memory_plan) of the run's model, the preset with --set or a snapshot's
+    config.json, for one SFT batch of the run at the model's longest lengths."""
+    cfg = run.model_config or config_for(run.size, **run.model_overrides)
+    batch = run.sft.batch_size
     plan = memory_plan(cfg, batch, cfg.max_src_len, cfg.max_tgt_len, act_bytes=2)
-    print(f"plan for --size {size}: {plan['parameters']:,} parameters")
+    what = f"--init {run.init} (from its config.json)" if run.model_config else f"--size {run.size}"
+    print(f"plan for {what}: {plan['parameters']:,} parameters")
     notes = {"optimizer": " (Adam: two float32 moments)", "reference_policy": " (frozen SFT policy for the KL, RL only)",
              "activations": f" (estimate: one SFT batch of {batch} x ({cfg.max_src_len} + {cfg.max_tgt_len}) tokens, "
-                            f"bf16; the longest the preset allows, so an upper bound for the bundled data)"}
+                            f"bf16; the longest the model allows, so an upper bound for the bundled data)"}
     for k in ("weights", "gradients", "optimizer", "reference_policy", "activations", "total"):
         print(f"  {k:17s} {plan[k] / 2**30:8.2f} GiB{notes.get(k, '')}")
+
+
+def print_profile(run: Run) -> None:
+    """A run from a snapshot says which defaults it fine-tunes with (the "pretrained" profile)."""
+    if run.size == runs.PRETRAINED and run.stage in ("all", "sft", "rl"):
+        print(f"profile pretrained (fine-tuning a snapshot): SFT AdamW lr {run.sft.lr}, {run.sft.steps} steps x "
+              f"{run.sft.batch_size} pairs; RL Adam lr {run.ppo.lr} (the paper's), {run.iterations} iterations")
 
 
 def print_rl_settings(cfg: ppo.PPOConfig, reward_cfg: RewardConfig, iterations: int) -> None:

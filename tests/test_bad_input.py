@@ -54,7 +54,7 @@ def test_an_init_that_is_not_a_checkpoint_file_is_refused(tmp_path, checkpoint):
     half = tmp_path / "half.pt"
     half.write_bytes(checkpoint.read_bytes()[:checkpoint.stat().st_size // 2])
     for init, message in ((notes, "cannot be read as a checkpoint"), (half, "cannot be read as a checkpoint"),
-                          (tmp_path, "is a directory, but --init takes a checkpoint file"),
+                          (tmp_path, "is a directory without a config.json: --init takes a checkpoint file"),
                           (tmp_path / "none.pt", "no such checkpoint file")):
         with pytest.raises(runs.UsageError, match=re.escape(f"--init {init}") + ".*" + re.escape(message)):
             cagsr.main(["--stage", "eval", "--init", str(init)])
@@ -99,7 +99,9 @@ def test_help_states_each_default_and_whose_it_is(capsys):
         cagsr.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in out
-    assert "Adam learning rate (§7.2: 1e-5). (default: 0.0001 (tiny/small), 1e-05 (base/1.3b))" in out
+    # the "pretrained" profile (--init with a snapshot) keeps the paper's RL lr and fine-tunes SFT at 1e-4
+    assert "Adam learning rate (§7.2: 1e-5). (default: 0.0001 (tiny/small), 1e-05 (base/1.3b/pretrained))" in out
+    assert "(default: 0.002 (tiny), 0.001 (small), 0.0005 (base), 0.0001 (1.3b/pretrained))" in out    # --sft-lr
     assert "the paper states none, 1.0 is the project's choice" in out                # max_grad_norm
 
 
