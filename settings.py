@@ -223,9 +223,13 @@ def _model(args, resume_from: Path | None) -> tuple[dict, dict | None, str]:
     overrides = parse_overrides(args.set)
     if args.last_layers is not None:
         overrides["last_layers"] = args.last_layers
-    if resume_from is not None:
+    if resume_from is not None:                  # the size the run started with, checked against its checkpoint
         init = runs.peek_checkpoint(resume_from, "--resume")
-        return overrides, init, init["size"]
+        if args.init is None or args.size is not None:
+            return overrides, init, args.size or "tiny"
+        if runs.is_snapshot(args.init) or Path(args.init).is_file():
+            return overrides, init, runs.peek_init(args.init, "--init", overrides, tokenizer=False)["size"]
+        return overrides, init, init["size"]     # what it started from is gone: the checkpoint's word
     snapshot = args.init is not None and runs.is_snapshot(args.init)
     if snapshot and args.size is not None and args.resume is None:
         raise UsageError(f"--size {args.size} cannot reshape the snapshot --init {args.init}: its shape is its "
