@@ -27,3 +27,19 @@ def test_bench_workers_measure_our_model():
     cross_kv = 6 * L * 2 * D * D * 64 * (48 - 32)
     layer_norms = 6 * (2 * D * bench.DIMS["n_enc_layers"] * 64 * 32 + 3 * D * L * 64 * 48)
     assert t["flops_per_step"] - cross_kv - layer_norms == counted
+
+
+@pytest.mark.slow
+def test_same_weights_on_a_tiny_snapshot(tmp_path):
+    """The same-weights comparison's code on a tiny snapshot of the same layout (bench.SAME["tiny"]):
+    both implementations load it, greedy tokens are equal and Abar within 1e-4, and one timed
+    sampled rollout of each makes all its tokens."""
+    pytest.importorskip("transformers")
+    bench.make_snapshot(tmp_path, "tiny")
+    check = bench.same_weights_check(tmp_path, "tiny")
+    assert check["tokens_equal"] and check["max_map_diff"] < 1e-4
+    assert check["tokens"] == check["rows"] * check["new"] == 2 * 2 * 8       # no row ended: every position compared
+    assert check["distinct"] >= 4                                              # not one repeated token
+    for system in ("ours", "hf"):
+        r = bench.same_weights_worker(system, tmp_path, "tiny", calls=1, threads=2)
+        assert len(r["times"]) == 1 and r["times"][0] > 0 and r["peak_growth_mib"] >= 0
