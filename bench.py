@@ -1,4 +1,4 @@
-"""Speed of the project's model next to Hugging Face T5, on one fixed workload (README, "Performance").
+"""Speed of the project's model next to Hugging Face T5, on fixed workloads (README, "Performance").
 
     python bench.py                  # every benchmark, CPU, 2 threads; `transformers` optional
     python bench.py --repeats 2      # fewer interleaved rounds
@@ -29,7 +29,7 @@ the mean of generate's maps of those layers and heads). Rollout: 16 prompts x 25
 samples, 64 new tokens, top-k 50, maps recorded, decoder started from pad 0, EOS 1. Sampled outputs
 differ (different samplers, see SAMPLERS). One rollout takes ~12 s (ours) to ~21 s (HF) on 2 idle
 cores, minutes when other processes compete for them, so each system gets --sw-rounds fresh
-processes (default 3) of one warm-up and --sw-calls timed calls (default 1): about 5 minutes in all.
+processes (default 3) of one warm-up and --sw-calls timed calls (default 1): about 4 minutes in all.
 tests/test_bench.py runs the same functions on SAME["tiny"].
 """
 
@@ -363,21 +363,26 @@ def same_weights_worker(system: str, path, shape: str, calls: int, threads: int)
 
 
 def print_profile(name: str, run, rows=12) -> None:
-    """Profile one call of run() after a warm-up call (torch.profiler, CPU) and print its operators
-    by self CPU time, then the matrix products' share: the FLOPs the profiler counts (mm, addmm, bmm;
-    not those inside the fused scaled_dot_product_attention), their time and rate."""
+    """Time one call of run() after a warm-up, then profile a third (torch.profiler, CPU) and print
+    its operators by self CPU time, the heaviest (operator, input shapes) pairs, and the matrix
+    products' share: the FLOPs the profiler counts (mm, addmm, bmm; not those inside the fused
+    scaled_dot_product_attention), their time and rate. The profiler slows memory-bound operators
+    (copy_, cat) most: the operator time is printed beside the unprofiled call's."""
     from torch.profiler import ProfilerActivity, profile
-    run()
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    wall = timed(run, 1)[0]
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
         run()
-    ops = prof.key_averages()
     print(f"\n{name}:")
-    print(ops.table(sort_by="self_cpu_time_total", row_limit=rows))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows // 2,
+                                                             max_name_column_width=30, max_shapes_column_width=70))
+    ops = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in ops) / 1e6                   # seconds
     mm = [e for e in ops if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")]
     flops, mm_s = sum(e.flops for e in mm), sum(e.self_cpu_time_total for e in mm) / 1e6
-    print(f"{name}: {total:.2f} s of operator time; matrix products ({', '.join(sorted(e.key for e in mm))}): "
-          f"{flops / 1e12:.2f} TFLOP in {mm_s:.2f} s ({mm_s / total:.0%} of the time), {flops / mm_s / 1e9:.0f} GFLOP/s")
+    print(f"{name}: one call {wall:.2f} s unprofiled, {total:.2f} s of operator time profiled; matrix products "
+          f"({', '.join(sorted(e.key for e in mm))}): {flops / 1e12:.2f} TFLOP in {mm_s:.2f} s "
+          f"({mm_s / total:.0%} of the operator time), {flops / mm_s / 1e9:.0f} GFLOP/s")
 
 
 def peer_available(what: str) -> bool:
@@ -508,8 +513,9 @@ def same_weights(args, shape="base") -> None:
 
 
 def print_same_weights(check: dict, results: dict, args, shape: str) -> None:
-    """The same-weights figures: the check, then tokens/s (B*N*new / median time) and peak growth
-    (the largest over the processes) of both systems, and ours / HF."""
+    """The same-weights figures: the check, then the rollout time (median, min, max over the timed
+    calls), tokens/s (B*N*new / median time) and peak growth (the largest over the processes) of
+    both systems, and ours / HF."""
     w, t5 = SAME[shape], SAME[shape]["t5"]
     print(f"\nsame weights: one random T5 v1.0-layout snapshot (relu, tied head), d_model {t5['d_model']}, "
           f"{t5['num_layers']}+{t5['num_decoder_layers']} layers, {t5['num_heads']} heads, d_kv {t5['d_kv']}, "
@@ -523,13 +529,14 @@ def print_same_weights(check: dict, results: dict, args, shape: str) -> None:
     print(f"rollout: {w['B']} prompts x {w['S']} tokens, N={w['N']}, {w['new']} new tokens, top-k {TOP_K}, "
           f"cross-attention recorded; {args.threads} threads; {args.sw_rounds} fresh process(es) per system x "
           f"{args.sw_calls} timed call(s) after one warm-up\n")
-    print(f"{'':34s} {'rollout s':>9s} {'tok/s':>7s} {'peak MiB':>8s} {'warm MiB':>8s}")
+    print(f"{'':34s} {'rollout s':>9s} {'min':>6s} {'max':>6s} {'tok/s':>7s} {'peak MiB':>8s} {'warm MiB':>8s}")
     rows = {}
     for system, rs in results.items():
-        t = statistics.median(x for r in rs for x in r["times"])
+        times = [x for r in rs for x in r["times"]]
+        t = statistics.median(times)
         rows[system] = (w["B"] * w["N"] * w["new"] / t, max(r["peak_growth_mib"] for r in rs))
-        print(f"{NAMES[system]:34s} {t:9.2f} {rows[system][0]:7.1f} {rows[system][1]:8.1f} "
-              f"{max(r['steady_growth_mib'] for r in rs):8.1f}")
+        print(f"{NAMES[system]:34s} {t:9.2f} {min(times):6.2f} {max(times):6.2f} {rows[system][0]:7.1f} "
+              f"{rows[system][1]:8.1f} {max(r['steady_growth_mib'] for r in rs):8.1f}")
     (to, mo), (th, mh) = rows["ours"], rows["hf"]
     print(f"ours / HF: tokens/s x{to / th:.2f}, peak memory growth x{mo / mh:.2f}")
 
