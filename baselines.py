@@ -102,7 +102,7 @@ def sample_pairs(policy, tok, records, cfg, device, seed: int, batch_size: int =
     gen = torch.Generator(device=device).manual_seed(seed)
     out, sp = [], data.specials(tok)
     for i in range(0, len(records), batch_size):
-        src, src_mask = prompt_batch(tok, [r["prompt"] for r in records[i:i + batch_size]], device)
+        src, src_mask = prompt_batch(tok, [r["prompt"] for r in records[i:i + batch_size]], device, sp)
         r = policy.sample(src, src_mask, num_samples=2, max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen,
                           record_attention=False, **sp.sample_ids())

@@ -238,9 +238,8 @@ def relevance_accuracy(scorer, tok, records, device, seed=0) -> dict:
 # Scoring a policy: greedy answers, the reward terms of fixed-seed samples, the report
 # --------------------------------------------------------------------------------------------
 
-def prompt_batch(tok, prompts: list[str], device):
-    """Encode and pad prompts: (src (B, S), src_mask (B, S)) on `device`."""
-    sp = data.specials(tok)
+def prompt_batch(tok, prompts: list[str], device, sp: data.Specials):
+    """Encode and pad prompts (sp: the tokenizer's special ids): (src (B, S), src_mask (B, S)) on `device`."""
     src, src_mask = data.collate_prompts([data.encode(tok, p, sp) for p in prompts], sp)
     return src.to(device), src_mask.to(device)
 
@@ -251,7 +250,7 @@ def answer(model, tok, prompts: list[str], device, max_new_tokens=64, batch_size
     model.eval()
     out, sp = [], data.specials(tok)
     for i in range(0, len(prompts), batch_size):
-        r = model.sample(*prompt_batch(tok, prompts[i:i + batch_size], device), greedy=True,
+        r = model.sample(*prompt_batch(tok, prompts[i:i + batch_size], device, sp), greedy=True,
                          max_new_tokens=max_new_tokens, record_attention=False, **sp.sample_ids())
         out += [data.decode(tok, row.tolist(), sp) for row in r.tokens.cpu()]
     return out
@@ -272,7 +271,7 @@ def sampled_terms(model, tok, records, salient, reward_cfg, ppo_cfg, device, see
     gen = torch.Generator(device=device).manual_seed(seed)
     sums, count, sp = {}, 0, data.specials(tok)
     for i in range(0, len(records), batch_size):
-        src, src_mask = prompt_batch(tok, [r["prompt"] for r in records[i:i + batch_size]], device)
+        src, src_mask = prompt_batch(tok, [r["prompt"] for r in records[i:i + batch_size]], device, sp)
         _, terms, _, _ = ppo.score(model, src, src_mask, salient, reward_cfg, ppo_cfg, sp, gen)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.sum())
@@ -291,8 +290,8 @@ def evaluate_policy(model, tok, records, salient, reward_cfg, ppo_cfg, device, s
 @torch.no_grad()
 def candidates(model, tok, prompts, salient, reward_cfg, ppo_cfg, device, num_samples, seed=99) -> list:
     """[(prompt, [(text, terms of that candidate)] * N)] for printing."""
-    src, src_mask = prompt_batch(tok, prompts, device)
     sp = data.specials(tok)
+    src, src_mask = prompt_batch(tok, prompts, device, sp)
     r, terms, _, _ = ppo.score(model, src, src_mask, salient, reward_cfg, ppo_cfg, sp,
                                torch.Generator(device=device).manual_seed(seed), num_samples=num_samples)
     rows = [(data.decode(tok, r.tokens[i].tolist(), sp), {k: float(v[i]) for k, v in terms.items()})
