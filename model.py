@@ -441,6 +441,10 @@ class Rollout:
     """(B*N, T) bool: True on the response's tokens up to and including EOS."""
     attn: torch.Tensor | None
     """(B*N, T, S) float: Abar recorded while decoding (§3.2), 0 after EOS and on prompt padding."""
+    certainty: torch.Tensor | None = None
+    """(B*N, T) float: `token_self_certainty` of softmax(logits / temperature) at each step, 0 after EOS."""
+    entropy: torch.Tensor | None = None
+    """(B*N, T) float: `token_entropy` of softmax(logits / temperature) at each step, 0 after EOS."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -626,7 +630,7 @@ class EncoderDecoder(nn.Module):
                    memory.new_empty(BN, self.cfg.n_heads, max_new_tokens, hd)) for _ in self.decoder]
         y = torch.full((BN, 1), bos_id, dtype=torch.long, device=dev)      # decoder input at step t
         done = torch.zeros(BN, dtype=torch.bool, device=dev)
-        tokens, logprobs, masks, maps = [], [], [], []
+        tokens, logprobs, masks, maps, certainty, entropy = [], [], [], [], [], []
         for t in range(max_new_tokens):
             logits, abar = self._decode(y, cross_kv, src_mask, "mean" if record_attention else None,
                                         caches=caches, pos=t)
@@ -639,6 +643,8 @@ class EncoderDecoder(nn.Module):
             tokens.append(nxt)
             logprobs.append(torch.where(live, lp, torch.zeros_like(lp)))
             masks.append(live)
+            certainty.append(token_self_certainty(logits) * live)         # (BN,): one number per token, never
+            entropy.append(token_entropy(logits) * live)                  # a (BN, T, V) tensor kept
             if record_attention:
                 maps.append(abar[:, -1] * live[:, None])                  # (BN, S)
             done = done | (nxt == eos_id)
@@ -647,7 +653,8 @@ class EncoderDecoder(nn.Module):
             y = nxt[:, None]
         return Rollout(tokens=torch.stack(tokens, 1), logprobs=torch.stack(logprobs, 1),
                        mask=torch.stack(masks, 1),
-                       attn=torch.stack(maps, 1) if record_attention else None)
+                       attn=torch.stack(maps, 1) if record_attention else None,
+                       certainty=torch.stack(certainty, 1), entropy=torch.stack(entropy, 1))
 
 
 def sample_next(logits, top_k=None, top_p=None, generator=None):
@@ -690,6 +697,23 @@ def token_logprobs(logits, targets, temperature=1.0):
     The same quantity the sampler records (DECISIONS.md §3), so on the sampled tokens the first PPO epoch's
     ratio is exactly 1."""
     return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def token_self_certainty(logits):
+    """Self-certainty of one next-token distribution (Intuitor, arXiv 2505.19590): KL(U || softmax(z))
+    = logsumexp(z) - mean_j z_j - log V, in nats; 0 for a uniform distribution, large when peaked.
+    z: the full-vocabulary logits / temperature, never truncated or -inf (T5's padded vocabulary rows
+    are ordinary logits). (..., V) -> (...)."""
+    z = logits.float()
+    return torch.logsumexp(z, -1) - z.mean(-1) - math.log(z.size(-1))
+
+
+def token_entropy(logits):
+    """Entropy H(softmax(z)) = logsumexp(z) - sum_j p_j z_j of one next-token distribution, in nats
+    (EM-RL, arXiv 2505.15134, minimises it). z: logits / temperature, as in `token_self_certainty`.
+    (..., V) -> (...)."""
+    z = logits.float()
+    return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -22,7 +22,7 @@ from torch import nn
 
 import data
 import parallel
-from model import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, ConfigError, finite_number, check_fields, token_logprobs
+from model import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, ConfigError, finite_number, check_fields, token_entropy, token_logprobs
 from reward import RewardConfig, SalientTokens, compute_reward
 
 
@@ -105,6 +105,8 @@ PAPER = dict(algo="ppo", prompts_per_iter=64, num_samples=4, lr=1e-5, clip_eps=0
 # iterations a CPU affords. "table1" is `--experiment table1`: the CPU settings without the KL
 # penalty (the paper has none; the table's KL row adds it), 2 epochs x 2 minibatches and 15
 # iterations, so that 3 seeds x 8 RL rows fit in about half an hour per dataset on 2 cores.
+# "rewards" is `--experiment rewards` (reward_study.py): the table1 settings with 20 iterations, so
+# that the fixed set is scored at iterations 0, 10 and 20 of 7 RL rows x 3 seeds.
 # "pretrained" (--init with a T5 snapshot) keeps the paper's setting, lr 1e-5 included: the paper's own
 # case is a pretrained model. Every run prints its values next to the paper's.
 CPU_PPO = dict(lr=1e-4, baseline="group", whiten=True, kl_coef=0.1, epochs=4, minibatches=4)
@@ -116,6 +118,9 @@ RL_PROFILES = {
     "table1": {"tiny": dict(iterations=15, ppo=TABLE_CPU_PPO), "small": dict(iterations=15, ppo=TABLE_CPU_PPO),
                "base": dict(iterations=200, ppo={}), "1.3b": dict(iterations=500, ppo={}),
                "pretrained": dict(iterations=200, ppo={})},
+    "rewards": {"tiny": dict(iterations=20, ppo=TABLE_CPU_PPO), "small": dict(iterations=20, ppo=TABLE_CPU_PPO),
+                "base": dict(iterations=200, ppo={}), "1.3b": dict(iterations=500, ppo={}),
+                "pretrained": dict(iterations=200, ppo={})},
 }
 
 
@@ -212,10 +217,10 @@ def explained_variance(predicted, target):
     return float("nan") if var == 0 else float(1 - (target - predicted).var(unbiased=False) / var)
 
 
-def token_entropy(logits, mask, temperature=1.0):
-    """Mean entropy of softmax(logits / temperature) over valid tokens: (B, T, V), (B, T) -> scalar."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+def mean_entropy(logits, mask, temperature=1.0):
+    """Mean entropy of softmax(logits / temperature) over valid tokens (the entropy bonus):
+    (B, T, V), (B, T) -> scalar. Per token: model.token_entropy."""
+    return masked_mean(token_entropy(logits.float() / temperature), mask)
 
 
 class AdaptiveKLController:
@@ -296,8 +301,10 @@ def score(model, src, src_mask, salient: SalientTokens, reward_cfg: RewardConfig
           generator=None, num_samples=None, reward_fn=None):
     """Sample candidates with the recorded Abar and compute the reward of §3.2.
 
-    reward_fn(src, src_mask, tokens, mask) -> (B*N,), when given, replaces the attention reward as
-    terms["reward"] (the preference baselines of §7.3); the attention reward is then kept as
+    reward_fn(src, src_mask, rollout, terms) -> (B*N,), when given, replaces the attention reward as
+    terms["reward"] (the preference baselines of §7.3, the rival rewards of baselines.py); it sees
+    the whole model.Rollout (tokens, mask, log-probs, the per-token self-certainty and entropy,
+    Abar) and the attention reward's terms. The attention reward is then kept as
     terms["attention_reward"], so every method's rollouts are measured on the same terms.
     sp: the tokenizer's special ids (start, EOS, pad, the sinks).
     Returns (Rollout, terms dict of (B*N,) tensors, seconds spent sampling, seconds on the reward)."""
@@ -313,7 +320,7 @@ def score(model, src, src_mask, salient: SalientTokens, reward_cfg: RewardConfig
     terms["length"] = r.mask.sum(-1).float()
     if reward_fn is not None:
         terms["attention_reward"] = terms["reward"]
-        terms["reward"] = reward_fn(src, src_mask, r.tokens, r.mask)
+        terms["reward"] = reward_fn(src, src_mask, r, dict(terms))
     return r, terms, t1 - t0, time.time() - t1
 
 
@@ -352,7 +359,7 @@ def policy_objective(logits, tokens, mask, exp: Experience, rows, v_loss, cfg: P
         p_loss = ppo_policy_loss(logprobs, old, adv, mask, cfg.clip_eps)
     else:
         p_loss = pg_loss(logprobs, adv, mask)
-    entropy = token_entropy(logits, mask, cfg.temperature)
+    entropy = mean_entropy(logits, mask, cfg.temperature)
     k3 = k3_kl(logprobs, exp.ref_logprobs[rows], mask)
     loss = p_loss
     if cfg.baseline == "value" and cfg.value_coef:

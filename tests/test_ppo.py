@@ -116,7 +116,7 @@ def test_adaptive_kl_controller():
 def test_token_entropy_of_uniform_logits_is_log_v():
     logits = torch.zeros(2, 3, 8)
     mask = torch.ones(2, 3, dtype=torch.bool)
-    assert float(ppo.token_entropy(logits, mask)) == pytest.approx(math.log(8), rel=1e-6)
+    assert float(ppo.mean_entropy(logits, mask)) == pytest.approx(math.log(8), rel=1e-6)
 
 
 @pytest.mark.parametrize("kw, field", [
@@ -235,8 +235,8 @@ def test_the_loop_raises_a_reward_it_can_see():
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(1)
 
-    def share_of_7(src, src_mask, tokens, mask):                      # the reward, given to collect
-        return ((tokens == 7) & mask).sum(1).float() / mask.sum(1)
+    def share_of_7(src, src_mask, r, terms):                          # the reward, given to collect
+        return ((r.tokens == 7) & r.mask).sum(1).float() / r.mask.sum(1)
 
     shares = []
     for _ in range(12):

@@ -149,7 +149,7 @@ def test_nonfinite_reward_never_reaches_the_weights_and_stops_the_run_after_thre
     model, ref, prompts, salient, cfg = small_setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    nan_reward = lambda src, src_mask, tokens, mask: torch.full((tokens.size(0),), float("nan"))
+    nan_reward = lambda src, src_mask, r, terms: torch.full((r.tokens.size(0),), float("nan"))
     seen = []
     with pytest.raises(ppo.NonFiniteError, match=r"iterations 1-3: no update applied.*reward \(not finite for 8 of 8"):
         ppo.train(model, ref, opt, prompts, salient, RewardConfig(), cfg, 10, specials=SP, reward_fn=nan_reward,
