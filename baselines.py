@@ -1,4 +1,5 @@
-"""The baselines CAGSR is compared with (§7.3): reward models that are *not* the model's attention.
+"""The baselines CAGSR is compared with (§7.3) and the rival internal rewards (reward_study.py): every
+reward here is *not* the model's attention.
 
 - Synthetic Preference RL: a reward model trained on automatically generated good/bad labels
   (the reference is good; a shuffled, truncated, repeated or off-topic version of it is bad).
@@ -9,6 +10,23 @@
 Both reward models are `evaluation.PairScorer`s started from the SFT policy's encoder (as RLHF reward
 models start from the SFT model) and are then used by the same PPO loop as CAGSR through
 `ScorerReward`. Kept out of reward.py, which holds only the paper's attention reward.
+
+The rival rewards (the second half of the file) are pure functions of one rollout: its tokens, the
+policy's logits at the sampled positions (full vocabulary, divided by the sampling temperature,
+before top-k/top-p: the distribution the log-probs use) and the recorded Abar.
+
+- self-certainty (Intuitor, arXiv 2505.19590): mean over the response of KL(U || softmax(z_t));
+- negative entropy (EM-RL, arXiv 2505.15134): minus the mean token entropy;
+- mean token log-probability (trajectory probability, as in TTRL's family of rewards);
+- random: Bernoulli(0.5) per candidate, the spurious-reward control (arXiv 2506.10947);
+- oracle: ROUGE-L against the reference, the positive control; it reads the answer, so no
+  self-supervised reward may use it;
+- hybrid (§6, §9): the attention reward plus a weight times a reward model fitted on limited
+  (simulated) human preference labels; not self-supervised.
+
+The sampler records the per-token self-certainty and entropy (model.Rollout), so a reward never
+needs the (B*N, T, V) logits; `self_certainty` and `neg_entropy` below, on logits, call the same
+per-token functions (model.token_self_certainty, model.token_entropy).
 """
 
 from __future__ import annotations
@@ -19,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+from model import token_entropy, token_logprobs, token_self_certainty
 from evaluation import PairScorer, fit_pair_scorer, off_topic_index, pair_scores, pair_tensors, prompt_batch, rouge_l
 
 CORRUPTIONS = ("shuffle", "truncate", "repeat", "off_topic")
@@ -197,6 +216,110 @@ class ScorerReward:
         self.scorer = scorer.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def __call__(self, src, src_mask, tokens, mask):             # (B, S), (B, S), (B*N, T), (B*N, T) -> (B*N,)
-        N = tokens.size(0) // src.size(0)
-        return self.scorer(src.repeat_interleave(N, 0), src_mask.repeat_interleave(N, 0), tokens, mask).float()
+    def __call__(self, src, src_mask, r, terms=None):            # (B, S), (B, S), Rollout of B*N -> (B*N,)
+        N = r.tokens.size(0) // src.size(0)
+        return self.scorer(src.repeat_interleave(N, 0), src_mask.repeat_interleave(N, 0), r.tokens, r.mask).float()
+
+
+# --------------------------------------------------------------------------------------------
+# Rival internal rewards: pure functions (the equations) ...
+# --------------------------------------------------------------------------------------------
+
+def response_mean(x, response_mask):
+    """Mean of a per-token quantity over each response's tokens (EOS included): (B, T), (B, T) -> (B,)."""
+    m = response_mask.to(x.dtype)
+    return (x * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def self_certainty(logits, response_mask):
+    """Self-certainty (Intuitor): mean over response tokens of KL(U || softmax(z_t)) = logsumexp(z_t)
+    - mean_j z_t,j - log V. logits: full-vocabulary logits / temperature. (B, T, V), (B, T) -> (B,)."""
+    return response_mean(token_self_certainty(logits), response_mask)
+
+
+def neg_entropy(logits, response_mask):
+    """Minus the mean entropy of softmax(z_t) over response tokens (EM-RL's reward). (B, T, V), (B, T) -> (B,)."""
+    return -response_mean(token_entropy(logits), response_mask)
+
+
+def mean_logprob(logits, tokens, response_mask):
+    """Mean log softmax(z_t)[y_t] over response tokens (trajectory probability per token). (B, T, V), (B, T), (B, T) -> (B,)."""
+    return response_mean(token_logprobs(logits, tokens), response_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# ... and the same rewards from a rollout, as PPO rewards (ppo.score's reward_fn)
+# --------------------------------------------------------------------------------------------
+
+class RolloutReward:
+    """A rival reward from what the sampler recorded: "self_certainty", "neg_entropy" or "logprob".
+    Equal to the pure function above on the teacher-forced logits of the same tokens (tested)."""
+    KINDS = ("self_certainty", "neg_entropy", "logprob")
+
+    def __init__(self, kind: str):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown rollout reward {kind!r}; valid: {', '.join(self.KINDS)}")
+        self.kind = kind
+
+    def __call__(self, src, src_mask, r, terms=None):            # Rollout of B*N -> (B*N,)
+        if self.kind == "self_certainty":
+            return response_mean(r.certainty, r.mask)
+        if self.kind == "neg_entropy":
+            return -response_mean(r.entropy, r.mask)
+        return response_mean(r.logprobs, r.mask)
+
+
+class RandomReward:
+    """Bernoulli(0.5) per candidate from its own seeded stream: the spurious-reward control."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, src, src_mask, r, terms=None):            # Rollout of B*N -> (B*N,)
+        n = r.tokens.size(0)
+        return torch.bernoulli(torch.full((n,), 0.5), generator=self.gen).to(r.tokens.device)
+
+
+class OracleReward:
+    """ROUGE-L of each candidate against its prompt's reference: the positive control (it reads the
+    answer). references: {prompt token ids (tuple, as encoded): [reference texts]}; with several
+    references the best ROUGE-L counts."""
+
+    def __init__(self, tok, references: dict):
+        self.tok, self.sp, self.references = tok, data.specials(tok), references
+
+    @classmethod
+    def from_records(cls, tok, records):
+        refs: dict = {}
+        sp = data.specials(tok)
+        for rec in records:
+            refs.setdefault(tuple(data.encode(tok, rec["prompt"], sp)), []).append(rec["response"])
+        return cls(tok, refs)
+
+    def texts(self, src, src_mask, r) -> list[tuple[str, list[str]]]:
+        """(candidate text, its prompt's references) per candidate."""
+        N = r.tokens.size(0) // src.size(0)
+        out = []
+        for i, row in enumerate(r.tokens.cpu()):
+            b = i // N
+            key = tuple(src[b][src_mask[b]].tolist())
+            if key not in self.references:
+                raise KeyError(f"oracle reward: prompt {i // N} of the batch has no reference")
+            out.append((data.decode(self.tok, row.tolist(), self.sp), self.references[key]))
+        return out
+
+    def __call__(self, src, src_mask, r, terms=None):            # Rollout of B*N -> (B*N,)
+        scores = [max(rouge_l(text, ref) for ref in refs) for text, refs in self.texts(src, src_mask, r)]
+        return torch.tensor(scores, device=r.tokens.device)
+
+
+class HybridReward:
+    """§6 and §9's combination: the attention reward (terms["reward"] of ppo.score) plus `weight`
+    times a reward model fitted on limited human preference labels (simulated here: train_bt_rm).
+    Not self-supervised."""
+
+    def __init__(self, scorer: PairScorer, weight: float):
+        self.rm, self.weight = ScorerReward(scorer), weight
+
+    def __call__(self, src, src_mask, r, terms):                 # Rollout of B*N, attention terms -> (B*N,)
+        return terms["reward"] + self.weight * self.rm(src, src_mask, r)

@@ -9,7 +9,7 @@ import baselines
 import data
 from baselines import bradley_terry_loss, corrupt, simulated_preferences
 from evaluation import PairScorer
-from model import EncoderDecoder, config_for
+from model import EncoderDecoder, Rollout, config_for
 
 WORDS = "Varo Kelin lives in Tamsa on the river".split()
 
@@ -106,7 +106,8 @@ def test_scorer_reward_scores_each_candidate_with_its_own_prompt():
     src = torch.tensor([[5, 6, 2], [7, 2, 0]])
     tokens = torch.tensor([[8, 2, 0], [9, 9, 2], [8, 2, 0], [10, 2, 0]])     # N = 2 candidates per prompt
     mask = tokens > 0
-    got = baselines.ScorerReward(scorer)(src, src > 0, tokens, mask)
+    rollout = Rollout(tokens=tokens, logprobs=torch.zeros(tokens.shape), mask=mask, attn=None)
+    got = baselines.ScorerReward(scorer)(src, src > 0, rollout)
     for row in range(4):
         b = row // 2
         want = scorer(src[b:b + 1, :3 - (b == 1)], torch.ones(1, 3 - (b == 1), dtype=torch.bool),
