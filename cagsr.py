@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 import data
 import experiments
+import reward_study
 import parallel
 import ppo
 import runs
@@ -107,14 +108,19 @@ def build_parser() -> Parser:
     settings.add_config_flags(g, ppo.PPOConfig, ppo.RL_PROFILES["run"])
     settings.add_config_flags(p.add_argument_group("reward (§3.2)"), RewardConfig)
     g = p.add_argument_group("experiments (§7.3-§7.6; experiments.py)")
-    g.add_argument("--experiment", default=None, choices=["table1"],
+    g.add_argument("--experiment", default=None, choices=["table1", "rewards"],
                    help="table1: every baseline, CAGSR variant and ablation of Table 1 per seed, into --results-dir "
-                        "(default dataset instruct; --out sets the work directory, default runs/table1-<dataset>-<size>)")
-    g.add_argument("--seeds", type=int, default=3, help="table1: seeds --seed, --seed+1, ... (one SFT model each; default: 3)")
-    g.add_argument("--results-dir", default="results", help="table1: where the .md, .json and .png tables go (default: results)")
-    g.add_argument("--rm-steps", type=int, default=300, help="table1: training steps of each baseline reward model (default: 300)")
+                        "(default dataset instruct; --out sets the work directory, default runs/table1-<dataset>-<size>). "
+                        "rewards: the attention reward against self-certainty, negative entropy, log-probability, "
+                        "random and oracle controls and the hybrid, each measured against correctness "
+                        "(reward_study.py; work directory runs/rewards-<dataset>-<size>)")
+    g.add_argument("--seeds", type=int, default=3, help="table1, rewards: seeds --seed, --seed+1, ... (one SFT model each; default: 3)")
+    g.add_argument("--results-dir", default="results", help="table1, rewards: where the .md, .json and .png tables go (default: results)")
+    g.add_argument("--rm-steps", type=int, default=300, help="table1, rewards: training steps of each baseline reward model (default: 300)")
+    g.add_argument("--hybrid-weight", type=float, default=1.0,
+                   help="rewards: weight of the preference reward model in the hybrid reward (default: 1.0)")
     g.add_argument("--human-prompts", type=int, default=1000,
-                   help="table1: training prompts the simulated annotators compare two SFT samples on (§7.3; default: 1000)")
+                   help="table1, rewards: training prompts the simulated annotators compare two SFT samples on (§7.3; default: 1000)")
     g.add_argument("--relevance-steps", type=int, default=600, help="table1: training steps of the relevance classifier (default: 600)")
     return p
 
@@ -413,7 +419,7 @@ def dispatch(run, device, world: int, t_start: float) -> int:
               f"changed. For more RL, start a new run: --stage rl --init {run.resume}/rl.pt")
         return 0
     if run.stage == "experiment":
-        return experiments.run_table1(run, device)
+        return (reward_study.run_rewards if run.experiment.name == "rewards" else experiments.run_table1)(run, device)
     if run.stage == "sample":
         runs.seed_everything(run.seed)
         return sample_stage(run, device)

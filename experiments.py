@@ -15,7 +15,6 @@ regenerated from those files: table1_<dataset>.md, .json and .png (training curv
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -32,6 +31,7 @@ from evaluation import PairScorer
 from model import SIZES, EncoderDecoder, config_for
 from reward import RewardConfig, SalientTokens
 from sft import SFTConfig, train_sft
+from stats import mean_std
 
 # Table 1 of the paper (Instruction test set): relevance, ROUGE-L, human score (1-5).
 PAPER_TABLE1 = {
@@ -98,6 +98,8 @@ class ExperimentConfig:
     """Training prompts the simulated annotators compare two SFT samples on (§7.3: 1,000)."""
     relevance_steps: int = 600
     """Training steps of the relevance classifier."""
+    hybrid_weight: float = 1.0
+    """rewards: the weight of the preference reward model in the hybrid reward (attention + weight x RM)."""
 
 
 def table_settings(run, exp: ExperimentConfig) -> dict:
@@ -237,13 +239,6 @@ def run_seed(seed, work, settings, tok, splits, train_pairs, salient, classifier
     return dict(sft_seconds=sft_seconds, rows=rows)
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0 for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
-
-
 def aggregate(per_seed: dict) -> dict:
     """{method: {metric: {mean, std, values}, seconds: {...}}} over seeds."""
     out = {}
@@ -337,6 +332,12 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("RL iteration")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Table 1 training curves, {result['settings']['dataset']}, mean over {len(result['seeds'])} seeds")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, save to a temporary file and rename over `path` (never half a .png), close."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -367,21 +368,29 @@ def relevance_classifier(work: Path, tok, splits, cfg, settings, device):
     return classifier, clf_stats
 
 
-def run_table1(run, device) -> int:
-    """`--experiment table1`: every row of every seed (rows on disk are reused), then results/."""
-    t_start, exp, size, dataset = time.time(), run.experiment, run.size, run.dataset
-    name = Path(dataset).stem if dataset.endswith(".jsonl") else dataset
-    settings = table_settings(run, exp)
-    work = Path(exp.work_dir) if exp.work_dir else Path("runs") / f"table1-{name}-{size}"
-    work.mkdir(parents=True, exist_ok=True)
-    check_settings(work, settings)
-    results = Path(exp.results_dir)
-    results.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Shared:
+    """What every seed of an experiment shares: the splits, the tokenizer (trained once, kept in the
+    work directory), the model config, the encoded training pairs, the salient tokens and the
+    relevance classifier with its held-out statistics."""
+    name: str
+    splits: object
+    tok: object
+    cfg: object
+    train_pairs: list
+    salient: SalientTokens
+    classifier: PairScorer
+    clf_stats: dict
+
+
+def shared_setup(run, work: Path, settings: dict, device) -> Shared:
+    """The splits, tokenizer, encoded pairs, salient tokens and relevance classifier of an experiment
+    (`work` holds the tokenizer and classifier, so a later call reuses them)."""
+    dataset, size = run.dataset, run.size
     try:
         splits = data.load_dataset(dataset, seed=run.seed)
     except ValueError as e:
         raise SystemExit(f"--dataset: {e}") from None
-
     tok_path = work / "tokenizer.json"
     if tok_path.exists():
         tok = data.tokenizer_from_str(tok_path.read_text())
@@ -394,15 +403,42 @@ def run_table1(run, device) -> int:
     except ValueError as e:
         raise SystemExit(f"{dataset}: {e}") from None
     salient = SalientTokens.build(tok, [p for p, _ in train_pairs])
-
     classifier, clf_stats = relevance_classifier(work, tok, splits, cfg, settings, device)
+    return Shared(dataset_name(dataset), splits, tok, cfg, train_pairs, salient, classifier, clf_stats)
+
+
+def dataset_name(dataset: str) -> str:
+    """qa, instruct, or a .jsonl file's stem."""
+    return Path(dataset).stem if dataset.endswith(".jsonl") else dataset
+
+
+def work_dir(run, kind: str) -> Path:
+    """The experiment's work directory (--out, else runs/<kind>-<dataset>-<size>), created, with its
+    results directory."""
+    exp = run.experiment
+    work = Path(exp.work_dir) if exp.work_dir else Path("runs") / f"{kind}-{dataset_name(run.dataset)}-{run.size}"
+    work.mkdir(parents=True, exist_ok=True)
+    Path(exp.results_dir).mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def run_table1(run, device) -> int:
+    """`--experiment table1`: every row of every seed (rows on disk are reused), then results/."""
+    t_start, exp = time.time(), run.experiment
+    settings = table_settings(run, exp)
+    work = work_dir(run, "table1")
+    check_settings(work, settings)
+    results = Path(exp.results_dir)
+    sh = shared_setup(run, work, settings, device)
+    name, tok, splits = sh.name, sh.tok, sh.splits
     seeds = list(range(run.seed, run.seed + exp.seeds))
-    per_seed = {s: run_seed(s, work, settings, tok, splits, train_pairs, salient, classifier, device) for s in seeds}
+    per_seed = {s: run_seed(s, work, settings, tok, splits, sh.train_pairs, sh.salient, sh.classifier, device)
+                for s in seeds}
     compute = sum(ps["sft_seconds"] + sum(r["seconds"] for r in ps["rows"].values()) for ps in per_seed.values())
-    compute += clf_stats["seconds"]
+    compute += sh.clf_stats["seconds"]
     result = dict(command=run.command, device=f"{device} ({torch.get_num_threads()} threads)", seeds=seeds,
                   last_call_minutes=(time.time() - t_start) / 60, compute_minutes=compute / 60,
-                  settings=settings, classifier=clf_stats, is_qa=name.startswith("qa"), paper=PAPER_TABLE1,
+                  settings=settings, classifier=sh.clf_stats, is_qa=name.startswith("qa"), paper=PAPER_TABLE1,
                   rows=aggregate(per_seed), sft_seconds=[per_seed[s]["sft_seconds"] for s in seeds])
     md = markdown(result)
     write_json(results / f"table1_{name}.json", result)

@@ -4,7 +4,8 @@ PPOConfig, RewardConfig), and where those settings are checked.
 
 `resolve(args, command)` reads the argparse namespace (never changing it) and returns a `Run`;
 the stages see only the `Run`. The per-size defaults live next to the configs they fill:
-sft.SFT_DEFAULTS and ppo.RL_PROFILES ("run" for `python cagsr.py`, "table1" for the Table 1 runner).
+sft.SFT_DEFAULTS and ppo.RL_PROFILES ("run" for `python cagsr.py`, "table1" for the Table 1 runner, "rewards" for the
+reward comparison).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import math
 import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -27,7 +29,7 @@ from experiments import ExperimentConfig
 from data import DATASETS
 from model import SIZES, ConfigError, ModelConfig, config_for, count_params, memory_plan
 from reward import RewardConfig
-from sft import TABLE_SFT_STEPS, SFTConfig, sft_config
+from sft import REWARDS_SFT_STEPS, TABLE_SFT_STEPS, SFTConfig, sft_config
 
 # Presets meant for a GPU: on a CPU they would run for days, so they start there only on request.
 GPU_SIZES = ("base", "1.3b")
@@ -203,12 +205,14 @@ def _check_paths(args, dataset: str, experiment: bool) -> None:
 def _experiment(args) -> ExperimentConfig:
     _at_least_1(seeds=args.seeds, rm_steps=args.rm_steps, human_prompts=args.human_prompts,
                 relevance_steps=args.relevance_steps)
+    if not (math.isfinite(args.hybrid_weight) and args.hybrid_weight >= 0):
+        raise UsageError(f"--hybrid-weight {args.hybrid_weight}: must be a finite number >= 0")
     if args.init is not None:
-        raise UsageError("--experiment table1 trains its own SFT model per seed from scratch; it does not take --init "
+        raise UsageError(f"--experiment {args.experiment} trains its own SFT model per seed from scratch; it does not take --init "
                          "(a table from a snapshot is not built yet)")
     return ExperimentConfig(name=args.experiment, seeds=args.seeds, results_dir=args.results_dir, work_dir=args.out,
                             rm_steps=args.rm_steps, human_prompts=args.human_prompts,
-                            relevance_steps=args.relevance_steps)
+                            relevance_steps=args.relevance_steps, hybrid_weight=args.hybrid_weight)
 
 
 SNAPSHOT_SETTABLE = {"last_layers", "max_src_len", "max_tgt_len", "dropout"}
@@ -266,11 +270,13 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
     _at_least_1(iterations=args.iterations, eval_every=args.eval_every, eval_prompts=args.eval_prompts,
                 ckpt_every=args.ckpt_every, num_eval=args.num_eval)
     name = Path(dataset).stem if dataset.endswith(".jsonl") else dataset
-    steps = args.sft_steps if args.sft_steps is not None or not experiment else TABLE_SFT_STEPS.get(name)
+    profile = experiment.name if experiment else "run"                  # "table1" | "rewards" | "run"
+    steps = args.sft_steps if args.sft_steps is not None or not experiment else \
+        {"table1": TABLE_SFT_STEPS, "rewards": REWARDS_SFT_STEPS}[profile].get(name)
     with flag_errors(SFT_FLAGS.get):
         sft = sft_config(size, steps=steps, batch_size=args.sft_batch_size, lr=args.sft_lr, warmup=args.warmup,
                          eval_every=args.sft_eval_every)
-    ppo_cfg, reward_cfg, iterations = rl_configs(args, size, "table1" if experiment else "run")
+    ppo_cfg, reward_cfg, iterations = rl_configs(args, size, profile)
     num_eval = args.num_eval if args.num_eval is not None else (300 if experiment else 500)
     stage = "dry-run" if args.dry_run else "experiment" if experiment else args.stage
     recorded = {**vars(args), "command": command, "dataset": dataset, "num_eval": num_eval}

@@ -6,13 +6,14 @@ import pytest
 
 import cagsr
 import experiments
+import stats
 
 
 def test_mean_std_is_the_sample_standard_deviation():
     # values 1, 2, 4: mean 7/3; squared deviations 16/9, 1/9, 25/9 sum to 42/9; / (n - 1) = 21/9.
-    mean, std = experiments.mean_std([1.0, 2.0, 4.0])
+    mean, std = stats.mean_std([1.0, 2.0, 4.0])
     assert mean == pytest.approx(7 / 3) and std == pytest.approx(math.sqrt(21 / 9))
-    assert experiments.mean_std([0.5]) == (0.5, 0.0)
+    assert stats.mean_std([0.5]) == (0.5, 0.0)
 
 
 def test_every_row_of_the_paper_and_the_ablations_is_there():

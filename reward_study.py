@@ -1,0 +1,433 @@
+"""Which self-supervised reward works? The attention reward of §3.2 against the internal rewards the
+field uses since the paper, with a positive and a random control, each measured against correctness
+(README, "Which internal reward?"):
+
+    python cagsr.py --experiment rewards --dataset qa --seeds 3
+    python cagsr.py --experiment rewards --dataset instruct --seeds 3
+
+Per seed: one SFT policy, trained for fewer steps than Table 1's (sft.REWARDS_SFT_STEPS) so that
+there is room to improve; one Bradley-Terry reward model on simulated limited human preferences
+(the hybrid row's); then one PPO run per reward (baselines.py), all from that SFT policy, with the
+same prompts in the same order. Every `eval_every` iterations the fixed evaluation set (validation
+prompts, N candidates each, a fixed sampling seed) is scored by every reward and by correctness
+(exact-match on qa, relevance on instruct, ROUGE-L on both): the Spearman correlations within and
+across prompts are the curves of the plot. Each row ends with greedy answers on the test split.
+
+Rows are written to the work directory (runs/rewards-<dataset>-<size>/) as soon as they are done,
+so an interrupted run continues where it stopped (run the same command again); then results/ is
+regenerated: rewards_<dataset>.md, .json and .png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import baselines
+import data
+import evaluation
+import ppo
+import runs
+import stats
+from evaluation import PairScorer
+from experiments import check_settings, seed_sft, shared_setup, work_dir, write_json
+from reward import RewardConfig
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    label: str
+    kind: str        # "start" | "self-supervised" | "control" | "not self-supervised"
+    source: str
+
+
+ROWS = (
+    Row("sft", "SFT (start of every row)", "start", "the supervised policy every row starts from"),
+    Row("cagsr", "Attention reward (CAGSR, PPO)", "self-supervised", "§3.2: coverage + focus - repetition"),
+    Row("self_certainty", "Self-certainty", "self-supervised", "Intuitor, arXiv 2505.19590"),
+    Row("neg_entropy", "Negative entropy", "self-supervised", "EM-RL, arXiv 2505.15134"),
+    Row("logprob", "Mean token log-probability", "self-supervised", "trajectory probability, TTRL's family"),
+    Row("random", "Random, Bernoulli(0.5)", "control", "spurious-reward control, arXiv 2506.10947"),
+    Row("oracle", "Oracle: ROUGE-L vs reference", "control", "positive control: it reads the answer"),
+    Row("hybrid", "Hybrid: attention + RM", "not self-supervised", "§6, §9: attention reward + weight x reward "
+        "model on limited (simulated) human preferences"),
+)
+ROW_NAMES = tuple(r.name for r in ROWS)
+REWARDS = ("attention", "self_certainty", "neg_entropy", "logprob", "random", "oracle", "hybrid")
+OWN_REWARD = {"cagsr": "attention", **{r: r for r in REWARDS if r != "attention"}}
+METRICS = ("exact_match", "rouge_l", "relevance")
+EVAL_SEED = 1234
+
+
+def study_settings(run) -> dict:
+    """Everything the rows depend on (a changed setting never reuses an old row)."""
+    exp = run.experiment
+    return dict(study="rewards", dataset=run.dataset, size=run.size, data_seed=run.seed, warmup=run.sft.warmup,
+                sft_steps=run.sft.steps, sft_batch_size=run.sft.batch_size, sft_lr=run.sft.lr,
+                iterations=run.iterations, num_eval=run.num_eval, eval_every=run.eval_every,
+                eval_prompts=run.eval_prompts, ppo=asdict(run.ppo), reward=asdict(run.reward),
+                rm=dict(human_steps=exp.rm_steps, human_prompts=exp.human_prompts, label_noise=0.1),
+                hybrid_weight=exp.hybrid_weight, relevance_steps=exp.relevance_steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Rewards and correctness on the fixed evaluation set
+# --------------------------------------------------------------------------------------------
+
+def row_reward(name: str, sh, rm: PairScorer, settings: dict, seed: int):
+    """The reward_fn of ppo.train for row `name` (None: the attention reward)."""
+    if name == "cagsr":
+        return None
+    if name in baselines.RolloutReward.KINDS:
+        return baselines.RolloutReward(name)
+    if name == "random":
+        return baselines.RandomReward(seed)
+    if name == "oracle":
+        return baselines.OracleReward.from_records(sh.tok, sh.splits.train)
+    if name == "hybrid":
+        return baselines.HybridReward(rm, settings["hybrid_weight"])
+    raise ValueError(f"row {name!r} has no reward")
+
+
+def correlations(reward, correct, n: int) -> dict:
+    """Spearman of one reward with one correctness measure: within each prompt's n candidates (mean
+    over prompts not all tied; `skipped` counts the others) and across prompts (per-prompt means)."""
+    within, skipped = stats.within_prompt_spearman(reward, correct, n)
+    across = stats.spearman(np.asarray(reward).reshape(-1, n).mean(1), np.asarray(correct).reshape(-1, n).mean(1))
+    none = lambda v: None if math.isnan(v) else v                    # JSON has no NaN: undefined is null
+    return dict(within=none(within), skipped=skipped, across=none(across))
+
+
+@torch.no_grad()
+def fixed_eval(policy, sh, fixed: list[dict], rm: PairScorer, settings: dict, device) -> dict:
+    """Every reward and correctness on N fixed-seed candidates per fixed prompt: their means, the
+    per-prompt correctness, and each reward's Spearman with correctness and with ROUGE-L."""
+    policy.eval()
+    ppo_cfg, reward_cfg, sp, tok = ppo.PPOConfig(**settings["ppo"]), RewardConfig(**settings["reward"]), \
+        data.specials(sh.tok), sh.tok
+    N, prompts = ppo_cfg.num_samples, [r["prompt"] for r in fixed]
+    src, src_mask = evaluation.prompt_batch(tok, prompts, device, sp)
+    gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
+    r, terms, _, _ = ppo.score(policy, src, src_mask, sh.salient, reward_cfg, ppo_cfg, sp, gen)
+    oracle = baselines.OracleReward.from_records(tok, fixed)
+    rewards = dict(attention=terms["reward"], random=baselines.RandomReward(EVAL_SEED)(src, src_mask, r),
+                   oracle=oracle(src, src_mask, r), hybrid=baselines.HybridReward(rm, settings["hybrid_weight"])(
+                       src, src_mask, r, terms),
+                   **{k: baselines.RolloutReward(k)(src, src_mask, r) for k in baselines.RolloutReward.KINDS})
+    texts = [t for t, _ in oracle.texts(src, src_mask, r)]
+    refs = [rec["response"] for rec in fixed for _ in range(N)]
+    rouge = [evaluation.rouge_l(t, ref) for t, ref in zip(texts, refs)]
+    if is_qa(settings):
+        correct = [evaluation.exact_match(t, ref) for t, ref in zip(texts, refs)]
+    else:
+        correct = evaluation.relevance(sh.classifier, tok, [p for p in prompts for _ in range(N)], texts, device)
+    rewards = {k: v.float().cpu().numpy() for k, v in rewards.items()}
+    return dict(correct=float(np.mean(correct)), rouge_l=float(np.mean(rouge)),
+                per_prompt_correct=np.asarray(correct).reshape(-1, N).mean(1).tolist(),
+                rewards={k: float(v.mean()) for k, v in rewards.items()},
+                vs_correct={k: correlations(v, correct, N) for k, v in rewards.items()},
+                vs_rouge={k: correlations(v, rouge, N) for k, v in rewards.items()})
+
+
+def is_qa(settings: dict) -> bool:
+    return Path(settings["dataset"]).stem.startswith("qa")
+
+
+def test_metrics(policy, sh, test: list[dict], device, max_new_tokens: int) -> dict:
+    """Greedy answers on the test prompts: per-prompt exact-match, ROUGE-L and relevance, and 3 examples."""
+    prompts = [r["prompt"] for r in test]
+    preds = evaluation.answer(policy, sh.tok, prompts, device, max_new_tokens=max_new_tokens)
+    return dict(exact_match=[evaluation.exact_match(p, r["response"]) for p, r in zip(preds, test)],
+                rouge_l=[evaluation.rouge_l(p, r["response"]) for p, r in zip(preds, test)],
+                relevance=evaluation.relevance(sh.classifier, sh.tok, prompts, preds, device),
+                examples=[dict(prompt=r["prompt"], answer=p, reference=r["response"]) for r, p in zip(test[:3], preds)])
+
+
+# --------------------------------------------------------------------------------------------
+# One seed: SFT, the preference reward model, every row
+# --------------------------------------------------------------------------------------------
+
+def seed_rm(seed: int, sd: Path, settings: dict, sft_state: dict, sh, device) -> tuple[PairScorer, dict]:
+    """The hybrid row's reward model (baselines.train_bt_rm on SFT samples), kept in sd/rm.pt."""
+    path = sd / "rm.pt"
+    policy = runs.policy_from_state(sft_state, sh.cfg, device)
+    scorer = PairScorer.from_policy(policy)
+    if path.exists():
+        saved = torch.load(path, map_location=device, weights_only=False)
+        scorer.load_state_dict(saved["model"])
+        return scorer.eval().requires_grad_(False), saved["stats"]
+    t0 = time.time()
+    rm = settings["rm"]
+    scorer, rm_stats = baselines.train_bt_rm(policy, sh.tok, sh.splits.train, ppo.PPOConfig(**settings["ppo"]), device,
+                                             num_prompts=rm["human_prompts"], noise=rm["label_noise"],
+                                             steps=rm["human_steps"], seed=seed)
+    rm_stats["seconds"] = round(time.time() - t0, 1)
+    runs.atomic_save(path, dict(model=scorer.state_dict(), stats=rm_stats))
+    return scorer.eval().requires_grad_(False), rm_stats
+
+
+def run_row(name: str, seed: int, settings: dict, sh, sft_state, rm, fixed, test, start: dict, device) -> dict:
+    """Row `name` of one seed: PPO with its reward from the SFT policy (none for "sft"), the fixed set
+    scored every eval_every iterations (`start` is iteration 0), then the test metrics."""
+    t0 = time.time()
+    runs.seed_everything(seed)
+    policy = runs.policy_from_state(sft_state, sh.cfg, device)
+    curve, skipped = [dict(iteration=0, **start)], 0
+    if name != "sft":
+        ppo_cfg, every = ppo.PPOConfig(**settings["ppo"]), settings["eval_every"]
+
+        def on_iteration(i, row, state):
+            if i % every == 0 or i == settings["iterations"]:
+                curve.append(dict(iteration=i, **fixed_eval(policy, sh, fixed, rm, settings, device)))
+
+        ref = runs.policy_from_state(sft_state, sh.cfg, device, frozen=True)
+        optimizer = torch.optim.Adam(policy.parameters(), lr=ppo_cfg.lr, **runs.fused(device))
+        with runs.progress(total=settings["iterations"], desc=f"seed {seed} {name}", unit="iter", leave=False) as bar:
+            history = ppo.train(policy, ref, optimizer, [p for p, _ in sh.train_pairs], sh.salient,
+                                RewardConfig(**settings["reward"]), ppo_cfg, settings["iterations"],
+                                specials=data.specials(sh.tok), seed=seed, progress=bar, on_iteration=on_iteration,
+                                reward_fn=row_reward(name, sh, rm, settings, seed))
+        skipped = sum(h.get("skipped", 0) for h in history)
+    metrics = test_metrics(policy, sh, test, device, settings["ppo"]["max_new_tokens"])
+    return dict(row=name, seed=seed, curve=curve, skipped_updates=skipped, test=metrics,
+                seconds=round(time.time() - t0, 1))
+
+
+def run_seed(seed: int, work: Path, settings: dict, sh, device) -> dict:
+    """Every row of one seed; rows already on disk are read, not recomputed."""
+    sd = work / f"seed{seed}"
+    sd.mkdir(parents=True, exist_ok=True)
+    test = sh.splits.test[:settings["num_eval"]]
+    fixed = sh.splits.val[:settings["eval_prompts"]]
+    sft_state, sft_seconds = seed_sft(seed, sd, settings, sh.cfg, sh.tok, sh.splits, sh.train_pairs, sh.salient, device)
+    rm, rm_stats = seed_rm(seed, sd, settings, sft_state, sh, device)
+    start = None
+    rows = {}
+    for name in ROW_NAMES:
+        path = sd / f"row_{name}.json"           # (sft.json is the SFT timing of seed_sft)
+        if path.exists():
+            rows[name] = json.loads(path.read_text())
+            print(f"seed {seed} | {name}: done earlier ({rows[name]['seconds']:.0f} s)")
+            continue
+        if start is None:                        # iteration 0: the SFT policy, the same for every row
+            start = fixed_eval(runs.policy_from_state(sft_state, sh.cfg, device), sh, fixed, rm, settings, device)
+        rows[name] = row = run_row(name, seed, settings, sh, sft_state, rm, fixed, test, start, device)
+        write_json(path, row)
+        t, last = row["test"], row["curve"][-1]
+        print(f"seed {seed} | {name:14s} test EM {np.mean(t['exact_match']):.3f} ROUGE-L {np.mean(t['rouge_l']):.3f} "
+              f"relevance {np.mean(t['relevance']):.3f} | fixed set correctness {last['correct']:.3f} | "
+              f"{row['seconds']:.0f} s")
+    return dict(sft_seconds=sft_seconds, rm=rm_stats, rows=rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Over seeds: differences with paired bootstrap intervals, curves, collapse
+# --------------------------------------------------------------------------------------------
+
+def _nanmean(values) -> float | None:
+    """Mean of the defined values (None: an undefined correlation); None when none is defined."""
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def mean_curve(rows: list[dict]) -> list[dict]:
+    """Each evaluation point averaged over seeds (undefined correlations, a seed whose candidates were
+    all tied, left out of the mean)."""
+    out = []
+    for points in zip(*(r["curve"] for r in rows)):
+        corr = lambda key: {k: {f: _nanmean([p[key][k][f] for p in points]) for f in ("within", "across", "skipped")}
+                            for k in REWARDS}
+        out.append(dict(iteration=points[0]["iteration"], correct=_nanmean([p["correct"] for p in points]),
+                        rouge_l=_nanmean([p["rouge_l"] for p in points]),
+                        rewards={k: _nanmean([p["rewards"][k] for p in points]) for k in REWARDS},
+                        vs_correct=corr("vs_correct"), vs_rouge=corr("vs_rouge")))
+    return out
+
+
+def collapse_step(curve: list[dict], start_lo: float):
+    """The first evaluation (its iteration) at which the fixed set's correctness is below the lower
+    end of the start's 95% bootstrap interval; None if it never is."""
+    return next((p["iteration"] for p in curve[1:] if p["correct"] < start_lo), None)
+
+
+def summarize(per_seed: dict, seeds: list[int]) -> dict:
+    """Per row: every metric's mean, std and values over seeds and its difference from SFT (per-prompt
+    metric averaged over seeds, paired bootstrap over prompts, 10,000 resamples, seed 0); the curve
+    averaged over seeds; the collapse step; seconds."""
+    per_prompt = lambda name, m: np.mean([per_seed[s]["rows"][name]["test"][m] for s in seeds], axis=0)
+    start_pp = np.mean([per_seed[s]["rows"]["sft"]["curve"][0]["per_prompt_correct"] for s in seeds], axis=0)
+    start = stats.mean_interval(start_pp, seed=0)
+    out = dict(start_correct=start)
+    for name in ROW_NAMES:
+        rows = [per_seed[s]["rows"][name] for s in seeds]
+        metrics = {}
+        for m in METRICS:
+            values = [float(np.mean(r["test"][m])) for r in rows]
+            mean, std = stats.mean_std(values)
+            diff = None if name == "sft" else stats.paired_difference(per_prompt(name, m), per_prompt("sft", m), seed=0)
+            metrics[m] = dict(mean=mean, std=std, values=values, diff=diff)
+        curve = mean_curve(rows)
+        out[name] = dict(metrics=metrics, curve=curve, collapse=collapse_step(curve, start["lo"]),
+                         skipped_updates=sum(r["skipped_updates"] for r in rows),
+                         seconds=stats.mean_std([r["seconds"] for r in rows])[0], examples=rows[0]["test"]["examples"])
+    return out
+
+
+def headroom(summary: dict) -> dict:
+    """Does the oracle row beat SFT on ROUGE-L, with a 95% paired interval above 0?"""
+    d = summary["oracle"]["metrics"]["rouge_l"]["diff"]
+    return dict(ok=bool(d["lo"] > 0), **d)
+
+
+# --------------------------------------------------------------------------------------------
+# results/rewards_<dataset>.md, .json, .png
+# --------------------------------------------------------------------------------------------
+
+def _cell(m: dict, pct=False) -> str:
+    f = (lambda v: f"{100 * v:+.1f}") if pct else (lambda v: f"{v:+.3f}")
+    g = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3f}")
+    diff = "" if m["diff"] is None else f"{f(m['diff']['diff'])} [{f(m['diff']['lo'])}, {f(m['diff']['hi'])}]" + \
+        (" *" if m["diff"]["excludes_0"] else "") + "<br>"
+    return f"{diff}{g(m['mean'])} ± {g(m['std'])}"
+
+
+def _r(v) -> str:
+    return "—" if v is None else f"{v:+.2f}"
+
+
+def _rho(c: dict) -> str:
+    return "—" if c["within"] is None else f"{c['within']:+.2f} ({c['skipped']:.0f})"
+
+
+def markdown(result: dict) -> str:
+    s, summ, h, qa = result["settings"], result["rows"], result["headroom"], result["is_qa"]
+    correct = "exact-match" if qa else "relevance"
+    check = (f"**Headroom check: passed.** The oracle row raises ROUGE-L by {h['diff']:+.3f} "
+             f"[{h['lo']:+.3f}, {h['hi']:+.3f}] over SFT (95% paired bootstrap over {s['num_eval']} test prompts): "
+             f"RL from this SFT policy can improve, so a reward that does not improve it says something."
+             if h["ok"] else
+             f"**HEADROOM CHECK FAILED: THIS COMPARISON CANNOT SHOW ANYTHING.** The oracle row changes ROUGE-L by "
+             f"{h['diff']:+.3f} [{h['lo']:+.3f}, {h['hi']:+.3f}] (95% paired bootstrap): even a reward that reads "
+             f"the answer does not beat SFT here, so no row's failure to do so is evidence against its reward.")
+    lines = [f"# Which internal reward? `{s['dataset']}` ({s['size']} preset, {len(result['seeds'])} seeds)", "",
+             f"Written by `{result['command']}` on {result['device']}. Compute: {result['compute_minutes']:.1f} min "
+             f"in all (rows reused from an earlier call count at their original cost).", "", check, "",
+             "## Test metrics (greedy answers)", "",
+             f"Each cell: the difference from SFT with its 95% paired bootstrap interval (per-prompt metric averaged "
+             f"over seeds, 10,000 resamples over {s['num_eval']} test prompts; * = the interval excludes 0), then the "
+             f"mean ± std over seeds. Exact-match and relevance in %.", "",
+             "| row | kind | exact-match (%) | ROUGE-L | relevance (%) | updates skipped |", "|---|---|---|---|---|---|"]
+    for r in ROWS:
+        m = summ[r.name]["metrics"]
+        lines.append(f"| {r.label} | {r.kind} | {_cell(m['exact_match'], True)} | {_cell(m['rouge_l'])} | "
+                     f"{_cell(m['relevance'], True)} | {summ[r.name]['skipped_updates']} |")
+    st = summ["sft"]["curve"][0]
+    lines += ["", "## Each reward against correctness, on the SFT policy's candidates", "",
+              f"{s['eval_prompts']} fixed validation prompts x {s['ppo']['num_samples']} candidates (sampling seed "
+              f"{EVAL_SEED}). Within: Spearman (ties averaged) among a prompt's candidates, mean over the prompts whose "
+              f"candidates are not all tied (prompts skipped in brackets, mean over seeds); across: Spearman of the "
+              f"per-prompt means. Correctness is {correct}.", "",
+              f"| reward | within vs {correct} | across vs {correct} | within vs ROUGE-L | across vs ROUGE-L |",
+              "|---|---|---|---|---|"]
+    for k in REWARDS:
+        c, g = st["vs_correct"][k], st["vs_rouge"][k]
+        lines.append(f"| {k} | {_rho(c)} | {_r(c['across'])} | {_rho(g)} | {_r(g['across'])} |")
+    sc = result["rows"]["start_correct"]
+    lines += ["", "## Training its own reward: correlation and collapse", "",
+              f"On the fixed set every {s['eval_every']} iterations of {s['iterations']} (mean over seeds). Collapse: the "
+              f"first evaluation at which the fixed set's {correct} falls below the lower end of its start's 95% "
+              f"interval ({sc['mean']:.3f} [{sc['lo']:.3f}, {sc['hi']:.3f}]).", "",
+              f"| row | own reward, start → end | within ρ of own reward vs {correct}, per evaluation | "
+              f"fixed-set {correct}, per evaluation | collapse |", "|---|---|---|---|---|"]
+    for r in ROWS[1:]:
+        cur, own = summ[r.name]["curve"], OWN_REWARD[r.name]
+        rho = " → ".join(_r(p["vs_correct"][own]["within"]) for p in cur)
+        lines.append(f"| {r.label} | {cur[0]['rewards'][own]:+.3f} → {cur[-1]['rewards'][own]:+.3f} | {rho} | "
+                     + " → ".join(f"{p['correct']:.3f}" for p in cur)
+                     + f" | {'none' if summ[r.name]['collapse'] is None else 'iteration ' + str(summ[r.name]['collapse'])} |")
+    rm = "; ".join(f"seed {sd}: {x['pairs']} pairs, fit accuracy {x['fit_accuracy']:.3f}" for sd, x in result["rm"].items())
+    lines += ["", "## Notes", "",
+              f"- Every RL row: {s['iterations']} PPO iterations x {s['ppo']['prompts_per_iter']} prompts x "
+              f"{s['ppo']['num_samples']} candidates (lr {s['ppo']['lr']}, baseline {s['ppo']['baseline']}, whitened "
+              f"advantages, {s['ppo']['epochs']} epochs x {s['ppo']['minibatches']} minibatches, no KL penalty) from "
+              f"one SFT policy per seed trained {s['sft_steps']} steps x {s['sft_batch_size']}, the same prompts in the "
+              f"same order; only the reward differs.",
+              "- Self-certainty, negative entropy and log-probability are read from the sampler's records: the "
+              "full-vocabulary logits / temperature before top-k, the distribution of the PPO log-probs.",
+              f"- Hybrid: attention reward + {s['hybrid_weight']} x a Bradley-Terry reward model fitted on "
+              f"{s['rm']['human_prompts']} simulated human comparisons (annotators who prefer by ROUGE-L, "
+              f"{s['rm']['label_noise']:.0%} label noise): {rm}. It uses labels, so it is not self-supervised.",
+              "- Random and oracle are controls, not methods: random shows what RL does with a reward that carries no "
+              "information; oracle (ROUGE-L against the reference, the answer itself) shows that RL can improve here.",
+              f"- Relevance: the frozen classifier of Table 1 (held-out pairwise {result['classifier']['pairwise']:.1%})."]
+    for r in ROWS:
+        lines.append(f"- {r.label}: {r.source}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from experiments import save_figure
+    correct = "exact-match" if result["is_qa"] else "relevance"
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
+    for r in ROWS[1:]:
+        cur, own = result["rows"][r.name]["curve"], OWN_REWARD[r.name]
+        its = [p["iteration"] for p in cur]
+        nan = lambda v: float("nan") if v is None else v
+        line, = axes[0].plot(its, [nan(p["vs_correct"][own]["within"]) for p in cur], marker="o", label=r.label)
+        axes[1].plot(its, [nan(p["vs_correct"][own]["across"]) for p in cur], marker="o", color=line.get_color())
+        axes[2].plot(its, [p["correct"] for p in cur], marker="o", color=line.get_color())
+        c = result["rows"][r.name]["collapse"]
+        if c is not None:
+            axes[2].plot([c], [next(p["correct"] for p in cur if p["iteration"] == c)], "x", ms=12, mew=2.5,
+                         color=line.get_color())
+    sc = result["rows"]["start_correct"]
+    axes[2].axhspan(sc["lo"], sc["hi"], color="grey", alpha=0.2, label="start's 95% interval")
+    titles = (f"within-prompt Spearman, own reward vs {correct}", f"across-prompt Spearman, own reward vs {correct}",
+              f"fixed-set {correct} (x: collapse)")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("RL iteration")
+    axes[0].axhline(0, color="black", lw=0.5)
+    axes[1].axhline(0, color="black", lw=0.5)
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    fig.suptitle(f"Which internal reward? {result['settings']['dataset']}, mean over {len(result['seeds'])} seeds")
+    save_figure(fig, path)
+
+
+def run_rewards(run, device) -> int:
+    """`--experiment rewards`: every row of every seed (rows on disk are reused), then results/."""
+    t_start, exp = time.time(), run.experiment
+    settings = study_settings(run)
+    work = work_dir(run, "rewards")
+    check_settings(work, settings)
+    sh = shared_setup(run, work, settings, device)
+    seeds = list(range(run.seed, run.seed + exp.seeds))
+    per_seed = {s: run_seed(s, work, settings, sh, device) for s in seeds}
+    compute = sh.clf_stats["seconds"] + sum(ps["sft_seconds"] + ps["rm"]["seconds"] + sum(r["seconds"] for r in
+                                            ps["rows"].values()) for ps in per_seed.values())
+    summary = summarize(per_seed, seeds)
+    result = dict(command=run.command, device=f"{device} ({torch.get_num_threads()} threads)", seeds=seeds,
+                  last_call_minutes=(time.time() - t_start) / 60, compute_minutes=compute / 60, settings=settings,
+                  classifier=sh.clf_stats, is_qa=is_qa(settings), headroom=headroom(summary), rows=summary,
+                  rm={s: per_seed[s]["rm"] for s in seeds})
+    results, md = Path(exp.results_dir), markdown(result)
+    write_json(results / f"rewards_{sh.name}.json", result)
+    runs.write_text(results / f"rewards_{sh.name}.md", md)
+    plot(result, results / f"rewards_{sh.name}.png")
+    print("\n" + md)
+    if not result["headroom"]["ok"]:
+        print("WARNING: the headroom check failed (the oracle row does not beat SFT on ROUGE-L): this comparison "
+              "cannot show anything; see the table's header.")
+    print(f"wrote {results / f'rewards_{sh.name}.md'}, .json, .png | work directory {work}")
+    return 0

@@ -1,0 +1,92 @@
+"""The statistics of the reward comparison (reward_study.py): the paired bootstrap interval of a
+difference, the mean's bootstrap interval, and Spearman's rank correlation with ties.
+
+Plain numpy, no torch: every function takes lists or arrays of per-prompt (or per-candidate)
+numbers and returns floats.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+RESAMPLES = 10_000
+"""Bootstrap resamples (the issue's 10,000)."""
+
+
+def percentile_interval(stats, level: float = 0.95) -> tuple[float, float]:
+    """The (1 - level) / 2 and (1 + level) / 2 percentiles of bootstrap statistics (linear
+    interpolation between order statistics, numpy's default)."""
+    lo, hi = np.percentile(np.asarray(stats, dtype=np.float64), [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def bootstrap_means(x, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
+    """The means of `resamples` resamples of x (drawn with replacement, same size), seeded: (n,) -> (resamples,)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"bootstrap needs a non-empty list of numbers, got shape {x.shape}")
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))
+    return x[idx].mean(axis=1)
+
+
+def mean_interval(x, resamples: int = RESAMPLES, seed: int = 0, level: float = 0.95) -> dict:
+    """The mean of x and its percentile bootstrap interval: {mean, lo, hi}."""
+    lo, hi = percentile_interval(bootstrap_means(x, resamples, seed), level)
+    return dict(mean=float(np.mean(x)), lo=lo, hi=hi)
+
+
+def paired_difference(a, b, resamples: int = RESAMPLES, seed: int = 0, level: float = 0.95) -> dict:
+    """mean(a - b) over paired items (prompts) with its paired percentile bootstrap interval: the
+    prompts are resampled together, so a[i] and b[i] stay paired. {diff, lo, hi, excludes_0}."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired bootstrap: {a.shape} and {b.shape} are not the same prompts")
+    r = mean_interval(a - b, resamples, seed, level)
+    return dict(diff=r["mean"], lo=r["lo"], hi=r["hi"], excludes_0=bool(r["lo"] > 0 or r["hi"] < 0))
+
+
+def ranks(x) -> np.ndarray:
+    """Ranks 1..n with ties given the mean of the ranks they span ("average" ranks): [10, 20, 20, 30]
+    -> [1, 2.5, 2.5, 4]."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    r = np.empty(x.size)
+    sorted_x = x[order]
+    i = 0
+    while i < x.size:
+        j = i
+        while j + 1 < x.size and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        r[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def spearman(x, y) -> float:
+    """Spearman's rho with ties: the Pearson correlation of the average ranks. NaN when either side
+    is constant (all tied: no ranking to correlate)."""
+    rx, ry = ranks(x), ranks(y)
+    if len(rx) != len(ry):
+        raise ValueError(f"spearman: {len(rx)} and {len(ry)} values")
+    dx, dy = rx - rx.mean(), ry - ry.mean()
+    den = math.sqrt(float((dx * dx).sum() * (dy * dy).sum()))
+    return float((dx * dy).sum() / den) if den > 0 else float("nan")
+
+
+def within_prompt_spearman(reward, correct, num_samples: int) -> tuple[float, int]:
+    """Spearman of reward with correctness among each prompt's N candidates (rows b*N .. b*N+N-1),
+    averaged over the prompts where it is defined: (mean rho, prompts skipped because their
+    rewards or their correctness were all tied). NaN when every prompt is skipped."""
+    reward, correct = np.asarray(reward, dtype=np.float64), np.asarray(correct, dtype=np.float64)
+    rhos = [spearman(reward[i:i + num_samples], correct[i:i + num_samples]) for i in range(0, len(reward), num_samples)]
+    kept = [r for r in rhos if not math.isnan(r)]
+    return (float(np.mean(kept)) if kept else float("nan")), len(rhos) - len(kept)
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)

@@ -1,0 +1,249 @@
+"""The rival internal rewards (baselines.py), the statistics (stats.py) and the reward comparison
+(reward_study.py): each reward against an independent computation, the bootstrap and Spearman on
+hand-worked cases, and a smoke run of `--experiment rewards`."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import baselines
+import cagsr
+import data
+import ppo
+import reward_study
+import runs
+import stats
+from evaluation import PairScorer
+from model import EncoderDecoder, Rollout, config_for
+from reward import RewardConfig, SalientTokens
+
+SP = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))   # the toy vocabulary's ids
+
+
+def random_logits(seed=0, B=3, T=5, V=11):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g) * 3
+    mask = torch.arange(T)[None, :] < torch.tensor([5, 2, 3])[:, None]
+    return logits, mask
+
+
+def per_row_mean(values, mask):
+    """A plain loop: the mean of values[b][t] over the response tokens of row b."""
+    return [sum(values[b][t] for t in range(mask.shape[1]) if mask[b, t]) / int(mask[b].sum())
+            for b in range(mask.shape[0])]
+
+
+# ---- each reward against an independent computation ---------------------------------------------
+
+def test_self_certainty_is_the_kl_of_uniform_from_the_token_distribution():
+    logits, mask = random_logits()
+    p = np.exp(logits.double().numpy())
+    p /= p.sum(-1, keepdims=True)
+    V = p.shape[-1]
+    kl = (1 / V * np.log((1 / V) / p)).sum(-1)                 # KL(U || p) = sum_j u_j log(u_j / p_j)
+    want = per_row_mean(kl, mask)
+    assert baselines.self_certainty(logits, mask).tolist() == pytest.approx(want, rel=1e-5)
+    # Uniform logits are certain of nothing: 0.
+    assert baselines.self_certainty(torch.zeros(1, 2, 7), torch.ones(1, 2, dtype=torch.bool)).item() == \
+        pytest.approx(0.0, abs=1e-6)
+
+
+def test_neg_entropy_is_minus_the_mean_entropy_of_each_token_distribution():
+    logits, mask = random_logits(seed=1)
+    p = np.exp(logits.double().numpy())
+    p /= p.sum(-1, keepdims=True)
+    entropy = -(p * np.log(p)).sum(-1)
+    want = [-v for v in per_row_mean(entropy, mask)]
+    assert baselines.neg_entropy(logits, mask).tolist() == pytest.approx(want, rel=1e-5)
+    # Uniform over V: entropy log V.
+    assert baselines.neg_entropy(torch.zeros(1, 1, 8), torch.ones(1, 1, dtype=torch.bool)).item() == \
+        pytest.approx(-math.log(8), rel=1e-6)
+
+
+def test_mean_logprob_is_the_mean_log_probability_of_the_tokens():
+    logits, mask = random_logits(seed=2)
+    tokens = torch.randint(0, logits.size(-1), mask.shape, generator=torch.Generator().manual_seed(3))
+    z = logits.double().numpy()
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, tokens.numpy()[..., None], -1)[..., 0]
+    assert baselines.mean_logprob(logits, tokens, mask).tolist() == pytest.approx(per_row_mean(picked, mask), rel=1e-5)
+
+
+def test_the_sampler_records_the_same_per_token_quantities_as_teacher_forcing():
+    # Sampled with temperature 0.7 and top-k 4: the recorded self-certainty and entropy are of the full
+    # softmax(logits / 0.7), which a teacher-forced pass over the same tokens recomputes.
+    torch.manual_seed(0)
+    model = EncoderDecoder(config_for("tiny", vocab_size=40, d_model=32, d_ff=64, n_heads=2, n_enc_layers=1,
+                                      n_dec_layers=2, last_layers=1)).eval()
+    src = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0]])
+    r = model.sample(src, src > 0, num_samples=3, max_new_tokens=6, temperature=0.7, top_k=4,
+                     generator=torch.Generator().manual_seed(1), **SP.sample_ids())
+    logits, _ = model(src, src > 0, ppo.decoder_input(r.tokens, SP.start), num_samples=3)
+    z = logits / 0.7
+    rows = dict(self_certainty=baselines.self_certainty(z, r.mask), neg_entropy=baselines.neg_entropy(z, r.mask),
+                logprob=baselines.mean_logprob(z, r.tokens, r.mask))
+    for kind, want in rows.items():
+        got = baselines.RolloutReward(kind)(src, src > 0, r)
+        assert torch.allclose(got, want, atol=1e-4), kind
+    assert float(r.certainty[~r.mask].abs().sum()) == 0 and float(r.entropy[~r.mask].abs().sum()) == 0
+
+
+def test_random_reward_is_a_seeded_fair_coin_per_candidate():
+    r = Rollout(tokens=torch.zeros(4000, 3, dtype=torch.long), logprobs=torch.zeros(4000, 3),
+                mask=torch.ones(4000, 3, dtype=torch.bool), attn=None)
+    a = baselines.RandomReward(5)(None, None, r)
+    assert set(a.tolist()) == {0.0, 1.0}
+    assert abs(float(a.mean()) - 0.5) < 0.03                   # 4,000 draws: std 0.008
+    assert torch.equal(a, baselines.RandomReward(5)(None, None, r))
+    assert not torch.equal(a, baselines.RandomReward(6)(None, None, r))
+
+
+def toy_tokenizer():
+    texts = ["where does varo live", "varo lives in tamsa", "what is kelin", "kelin is a river"] * 20
+    return data.train_tokenizer(texts, 300)
+
+
+def test_oracle_reward_is_the_rouge_l_of_each_candidate_against_its_reference():
+    tok = toy_tokenizer()
+    sp = data.specials(tok)
+    records = [dict(prompt="where does varo live", response="varo lives in tamsa"),
+               dict(prompt="what is kelin", response="kelin is a river")]
+    oracle = baselines.OracleReward.from_records(tok, records)
+    src, src_mask = data.collate_prompts([data.encode(tok, r["prompt"], sp) for r in records], sp)
+    # Two candidates per prompt. ROUGE-L F1 by hand: LCS / lengths.
+    cands = ["varo lives in tamsa", "tamsa", "kelin is a", "river kelin"]
+    ids = [data.encode(tok, c, sp) for c in cands]
+    T = max(map(len, ids))
+    tokens = torch.tensor([x + [sp.pad] * (T - len(x)) for x in ids])
+    r = Rollout(tokens=tokens, logprobs=torch.zeros(tokens.shape), mask=tokens != sp.pad, attn=None)
+    got = oracle(src, src_mask, r).tolist()
+    # 1) identical: 1. 2) LCS 1, P 1/1, R 1/4: F = 2 * 1 * 0.25 / 1.25 = 0.4.
+    # 3) LCS 3, P 3/3, R 3/4: F = 2 * 0.75 / 1.75 = 6/7. 4) LCS 1 ("river" or "kelin"), P 1/2, R 1/4: F = 1/3.
+    assert got == pytest.approx([1.0, 0.4, 6 / 7, 1 / 3], abs=1e-6)
+
+
+def test_hybrid_reward_adds_the_weighted_reward_model_to_the_attention_reward():
+    torch.manual_seed(0)
+    policy = EncoderDecoder(config_for("tiny", vocab_size=50, d_model=32, d_ff=64, n_heads=2))
+    scorer = PairScorer.from_policy(policy)
+    torch.nn.init.constant_(scorer.head.bias, 1.5)              # head weight 0: the RM says 1.5 for everything
+    src = torch.tensor([[5, 6, 2]])
+    tokens = torch.tensor([[8, 2], [9, 2]])
+    r = Rollout(tokens=tokens, logprobs=torch.zeros(2, 2), mask=tokens > 0, attn=None)
+    got = baselines.HybridReward(scorer, 0.4)(src, src > 0, r, dict(reward=torch.tensor([-0.7, -0.2])))
+    assert got.tolist() == pytest.approx([-0.7 + 0.4 * 1.5, -0.2 + 0.4 * 1.5], abs=1e-6)
+
+
+def test_the_rival_rewards_run_inside_ppo_score_and_keep_the_attention_reward():
+    torch.manual_seed(0)
+    model = EncoderDecoder(config_for("tiny", vocab_size=40, d_model=32, d_ff=64, n_heads=2)).eval()
+    src = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0]])
+    salient = SalientTokens(idf=torch.ones(40), content=torch.ones(40, dtype=torch.bool), token_strings=None)
+    cfg = ppo.PPOConfig(num_samples=2, max_new_tokens=5)
+    gen = lambda: torch.Generator().manual_seed(3)
+    r, plain, _, _ = ppo.score(model, src, src > 0, salient, RewardConfig(), cfg, SP, gen())
+    _, terms, _, _ = ppo.score(model, src, src > 0, salient, RewardConfig(), cfg, SP, gen(),
+                               reward_fn=baselines.RolloutReward("neg_entropy"))
+    assert torch.equal(terms["attention_reward"], plain["reward"])
+    assert torch.allclose(terms["reward"], -baselines.response_mean(r.entropy, r.mask))
+
+
+# ---- statistics on hand-worked cases ------------------------------------------------------------
+
+def test_bootstrap_interval_of_a_mean_on_a_hand_worked_case():
+    # x = [0, 0, 0, 1]: a resample's mean is Binomial(4, 1/4) / 4. P(0) = 81/256 = 0.316 > 2.5%, so the
+    # lower end is 0; P(mean <= 0.5) = 243/256 = 0.949 < 97.5% <= P(mean <= 0.75) = 255/256, so the upper
+    # end is 0.75.
+    r = stats.mean_interval([0, 0, 0, 1], seed=0)
+    assert r == dict(mean=0.25, lo=0.0, hi=0.75)
+    # Paired: a - b = [1, 0]: resample means 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4: [0, 1], includes 0.
+    d = stats.paired_difference([1.0, 2.0], [0.0, 2.0], seed=3)
+    assert (d["diff"], d["lo"], d["hi"], d["excludes_0"]) == (0.5, 0.0, 1.0, False)
+    # A constant gain: every resample says 1.
+    assert stats.paired_difference([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])["excludes_0"] is True
+    with pytest.raises(ValueError, match="not the same prompts"):
+        stats.paired_difference([1.0, 2.0], [1.0])
+
+
+def test_bootstrap_is_seeded():
+    x = np.random.default_rng(0).normal(size=50)
+    assert stats.mean_interval(x, seed=7) == stats.mean_interval(x, seed=7)
+    assert stats.mean_interval(x, seed=7) != stats.mean_interval(x, seed=8)
+
+
+def test_spearman_with_ties_on_a_hand_worked_case():
+    # ranks x: [1, 2.5, 2.5, 4], y: [1, 3, 2, 4]; deviations from 2.5: [-1.5, 0, 0, 1.5], [-1.5, .5, -.5, 1.5];
+    # sum of products 4.5, sums of squares 4.5 and 5: rho = 4.5 / sqrt(22.5).
+    assert stats.ranks([10, 20, 20, 30]).tolist() == [1, 2.5, 2.5, 4]
+    assert stats.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert stats.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert math.isnan(stats.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_within_prompt_spearman_skips_all_tied_prompts_and_counts_them():
+    reward = [1, 2, 3, 5, 5, 5, 3, 2, 1]
+    correct = [0, 0, 1, 0, 1, 1, 1, 1, 1]
+    # Prompt 1: ranks [1, 2, 3] vs [1.5, 1.5, 3]; deviations [-1, 0, 1] and [-.5, -.5, 1]: products sum to 1.5,
+    # squares to 2 and 1.5: rho = 1.5 / sqrt(3) = 0.866. Prompt 2: rewards all tied;
+    # prompt 3: correctness all tied. Mean over the one defined prompt, two skipped.
+    rho, skipped = stats.within_prompt_spearman(reward, correct, 3)
+    assert rho == pytest.approx(1.5 / math.sqrt(3)) and skipped == 2
+
+
+def test_collapse_is_the_first_evaluation_below_the_start_interval():
+    curve = [dict(iteration=0, correct=0.6), dict(iteration=10, correct=0.55), dict(iteration=20, correct=0.4),
+             dict(iteration=30, correct=0.3)]
+    assert reward_study.collapse_step(curve, start_lo=0.5) == 20
+    assert reward_study.collapse_step(curve, start_lo=0.2) is None
+
+
+# ---- the experiment ----------------------------------------------------------------------------
+
+SMOKE = ["--experiment", "rewards", "--dataset", "qa", "--seeds", "1", "--sft-steps", "30", "--iterations", "2",
+         "--eval-every", "1", "--max-new-tokens", "12", "--rm-steps", "3", "--relevance-steps", "3",
+         "--human-prompts", "24", "--num-eval", "8", "--eval-prompts", "6"]
+
+
+@pytest.mark.slow
+def test_rewards_smoke_run_writes_every_row_and_resumes(tmp_path, capsys):
+    work, results = tmp_path / "work", tmp_path / "results"
+    argv = SMOKE + ["--out", str(work), "--results-dir", str(results)]
+    assert cagsr.main(argv) == 0
+    out = json.loads((results / "rewards_qa.json").read_text())
+    assert set(reward_study.ROW_NAMES) <= set(out["rows"])
+    assert {"sft", "cagsr", "self_certainty", "neg_entropy", "logprob", "random", "oracle", "hybrid"} == \
+        set(reward_study.ROW_NAMES)
+    for name in reward_study.ROW_NAMES:
+        row = out["rows"][name]
+        assert [p["iteration"] for p in row["curve"]] == ([0] if name == "sft" else [0, 1, 2])
+        for m in reward_study.METRICS:
+            assert math.isfinite(row["metrics"][m]["mean"]) and len(row["metrics"][m]["values"]) == 1
+            if name != "sft":
+                d = row["metrics"][m]["diff"]
+                assert d["lo"] <= d["diff"] <= d["hi"]
+        assert "collapse" in row
+    # The oracle's own reward at iteration 0 is the ROUGE-L of the same candidates: their correlation is 1.
+    start = out["rows"]["oracle"]["curve"][0]
+    assert start["rewards"]["oracle"] == pytest.approx(start["rouge_l"])
+    assert set(out["headroom"]) >= {"ok", "diff", "lo", "hi"}
+    md = (results / "rewards_qa.md").read_text()
+    assert "Headroom check" in md or "HEADROOM CHECK FAILED" in md
+    for label in ("Self-certainty", "Negative entropy", "Random", "Oracle", "Hybrid", "not self-supervised"):
+        assert label in md
+    assert (results / "rewards_qa.png").stat().st_size > 0
+    capsys.readouterr()
+
+    assert cagsr.main(argv) == 0                    # every row reused, the same numbers written
+    assert capsys.readouterr().out.count("done earlier") == len(reward_study.ROWS) + 1     # SFT + every row
+    again = json.loads((results / "rewards_qa.json").read_text())
+    assert again["rows"] == out["rows"]
+
+
+def test_rewards_experiment_refuses_a_bad_hybrid_weight(tmp_path):
+    for bad in ("nan", "-1"):
+        with pytest.raises(runs.UsageError, match=f"--hybrid-weight {bad}.*: must be a finite number >= 0"):
+            cagsr.main(["--experiment", "rewards", "--dataset", "qa", "--hybrid-weight", bad,
+                        "--out", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()                      # refused before any work
