@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import token_entropy, token_logprobs, token_self_certainty
 from evaluation import PairScorer, fit_pair_scorer, off_topic_index, pair_scores, pair_tensors, prompt_batch, rouge_l
+from model import token_entropy, token_logprobs, token_self_certainty
 
 CORRUPTIONS = ("shuffle", "truncate", "repeat", "off_topic")
 

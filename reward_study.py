@@ -303,7 +303,7 @@ def _r(v) -> str:
 
 
 def _rho(c: dict) -> str:
-    return "—" if c["within"] is None else f"{c['within']:+.2f} ({c['skipped']:.0f})"
+    return f"{_r(c['within'])} ({c['skipped']:.0f})"
 
 
 def markdown(result: dict) -> str:
