@@ -83,6 +83,18 @@ def _optional(kind):
     return parse
 
 
+OFF = "none"
+"""What `--top-k none` (and every flag of an optional field) parses to: given, and meaning None. The flags
+default to None for "not given", so None itself cannot say "set to none"; `_flags` turns OFF into None."""
+
+
+def _optional_flag(kind):
+    def parse(text):
+        return OFF if text.lower() in ("none", "off") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def per_size(values: dict) -> str:
     """{size: value} as help text: "X" when every size has it, else "X (tiny/small), Y (base/1.3b)"."""
     groups: dict = {}
@@ -96,7 +108,8 @@ def add_config_flags(group, cls, profile: dict | None = None):
     default", so a run can print which values the user set. The help gives the default of every
     preset: the field's own, or the per-size `profile`'s (ppo.RL_PROFILES["run"])."""
     docs = field_docs(cls)
-    kinds = {"int": int, "float": float, "str": str, "int | None": _optional(int), "float | None": _optional(float)}
+    kinds = {"int": int, "float": float, "str": str, "int | None": _optional_flag(int),
+             "float | None": _optional_flag(float)}
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = per_size({size: p["ppo"].get(f.name, f.default) for size, p in (profile or {"": {"ppo": {}}}).items()})
@@ -138,8 +151,10 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def _flags(args, cls) -> dict:
-    """The fields of the config dataclass `cls` that the user set (flags default to None)."""
-    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+    """The fields of the config dataclass `cls` that the user set (flags default to None; OFF, a flag set
+    to none, is None)."""
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+    return {k: None if v == OFF else v for k, v in given.items()}
 
 
 SFT_FLAGS = dict(steps="--sft-steps", batch_size="--sft-batch-size", lr="--sft-lr", warmup="--warmup",

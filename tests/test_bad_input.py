@@ -145,3 +145,15 @@ def test_the_synthetic_reward_model_is_scored_on_held_out_records():
     _, stats = baselines.train_synthetic_rm(EncoderDecoder(cfg), tok, records, held_out, "cpu", steps=3, batch_size=8)
     assert stats["held_out_records"] == 3
     assert math.isclose(stats["label_accuracy"] * 6, round(stats["label_accuracy"] * 6), abs_tol=1e-6)
+
+
+def test_a_flag_set_to_none_turns_its_setting_off():
+    # Flags default to None ("not given"), so `--top-k none` once meant "not given" and the profile's
+    # top-k 50 stayed on without a word. Now none is a value: the setting is off.
+    resolve = lambda *argv: settings.resolve(cagsr.build_parser().parse_args(list(argv)), "test")
+    assert resolve().ppo.top_k == 50
+    assert resolve("--top-k", "none").ppo.top_k is None
+    assert resolve("--top-k", "off", "--experiment", "rewards").ppo.top_k is None
+    assert resolve("--top-k", "7").ppo.top_k == 7
+    assert resolve("--kl-coef", "0.1", "--kl-target", "2").ppo.kl_target == 2.0
+    assert resolve("--kl-coef", "0.1", "--kl-target", "none").ppo.kl_target is None
