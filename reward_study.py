@@ -36,7 +36,7 @@ import ppo
 import runs
 import stats
 from evaluation import PairScorer
-from experiments import check_settings, seed_sft, shared_setup, work_dir, write_json
+from experiments import check_settings, save_figure, seed_sft, shared_setup, work_dir, write_json
 from reward import RewardConfig
 
 
@@ -157,14 +157,14 @@ def test_metrics(policy, sh, test: list[dict], device, max_new_tokens: int) -> d
 def seed_rm(seed: int, sd: Path, settings: dict, sft_state: dict, sh, device) -> tuple[PairScorer, dict]:
     """The hybrid row's reward model (baselines.train_bt_rm on SFT samples), kept in sd/rm.pt."""
     path = sd / "rm.pt"
-    policy = runs.policy_from_state(sft_state, sh.cfg, device)
-    scorer = PairScorer.from_policy(policy)
     if path.exists():
         saved = torch.load(path, map_location=device, weights_only=False)
+        scorer = PairScorer(sh.cfg).to(device)
         scorer.load_state_dict(saved["model"])
         return scorer.eval().requires_grad_(False), saved["stats"]
     t0 = time.time()
     rm = settings["rm"]
+    policy = runs.policy_from_state(sft_state, sh.cfg, device)
     scorer, rm_stats = baselines.train_bt_rm(policy, sh.tok, sh.splits.train, ppo.PPOConfig(**settings["ppo"]), device,
                                              num_prompts=rm["human_prompts"], noise=rm["label_noise"],
                                              steps=rm["human_steps"], seed=seed)
@@ -376,7 +376,6 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from experiments import save_figure
     correct = "exact-match" if result["is_qa"] else "relevance"
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
     for r in ROWS[1:]:
