@@ -1,4 +1,6 @@
 """bench.py runs: one worker call per task on our model (the peer is optional and not needed here)."""
+import statistics
+
 import pytest
 
 import bench
@@ -8,8 +10,10 @@ import bench
 def test_bench_workers_measure_our_model():
     r = bench.worker("ours", "rollout", calls=1, threads=2)
     assert len(r["times"]) == 1 and r["times"][0] > 0 and r["peak_growth_mib"] >= 0
-    g = bench.worker("ours", "growth_pairs", calls=2, threads=2)
-    assert len(g["ratios"]) == 2 and all(1.2 < x < 4 for x in g["ratios"])   # 96 tokens cost more than 48
+    # 96 tokens cost more than 48: the median of 5 paired ratios, the figure bench.py reports (growth_96_over_48),
+    # so that one pair timed while another process ran (ratios 0.58 and 6.0 in one CI run) does not decide it.
+    g = bench.worker("ours", "growth_pairs", calls=5, threads=2)
+    assert len(g["ratios"]) == 5 and 1.2 < statistics.median(g["ratios"]) < 4
     t = bench.worker("ours", "train", calls=1, threads=2)
     # The step's FLOPs (the 6 x parameters x tokens convention) against the matrix products torch counts
     # in one real step (FlopCounterMode: aten.mm, forward and backward). The convention counts every
