@@ -138,6 +138,11 @@ def load_jsonl(path: str) -> list[dict]:
     return records
 
 
+def dataset_name(name_or_path: str) -> str:
+    """The short name of a dataset, for directories and result files: qa, instruct, or a .jsonl file's stem."""
+    return Path(name_or_path).stem if str(name_or_path).endswith(".jsonl") else name_or_path
+
+
 def load_dataset(name_or_path: str, seed: int = 0) -> Splits:
     """A bundled dataset at the paper's size (§7.1) or a user .jsonl file, split 80/10/10."""
     if name_or_path in synthetic.MAKERS:

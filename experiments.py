@@ -404,19 +404,14 @@ def shared_setup(run, work: Path, settings: dict, device) -> Shared:
         raise SystemExit(f"{dataset}: {e}") from None
     salient = SalientTokens.build(tok, [p for p, _ in train_pairs])
     classifier, clf_stats = relevance_classifier(work, tok, splits, cfg, settings, device)
-    return Shared(dataset_name(dataset), splits, tok, cfg, train_pairs, salient, classifier, clf_stats)
-
-
-def dataset_name(dataset: str) -> str:
-    """qa, instruct, or a .jsonl file's stem."""
-    return Path(dataset).stem if dataset.endswith(".jsonl") else dataset
+    return Shared(data.dataset_name(dataset), splits, tok, cfg, train_pairs, salient, classifier, clf_stats)
 
 
 def work_dir(run, kind: str) -> Path:
     """The experiment's work directory (--out, else runs/<kind>-<dataset>-<size>), created, with its
     results directory."""
     exp = run.experiment
-    work = Path(exp.work_dir) if exp.work_dir else Path("runs") / f"{kind}-{dataset_name(run.dataset)}-{run.size}"
+    work = Path(exp.work_dir) if exp.work_dir else Path("runs") / f"{kind}-{data.dataset_name(run.dataset)}-{run.size}"
     work.mkdir(parents=True, exist_ok=True)
     Path(exp.results_dir).mkdir(parents=True, exist_ok=True)
     return work

@@ -268,7 +268,7 @@ def make_run_dir(out: str | None, overwrite: bool, size: str, dataset: str) -> P
     """--out, or a new runs/<time>-<size>-<dataset>/ (new for every run, even two in the same second)."""
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        name = Path(dataset).stem if dataset.endswith(".jsonl") else dataset
+        name = data.dataset_name(dataset)
         path = Path("runs") / f"{stamp}-{size}-{name}"
         i = 1
         while path.exists():

@@ -26,7 +26,7 @@ import reward
 import runs
 from runs import UsageError
 from experiments import ExperimentConfig
-from data import DATASETS
+from data import DATASETS, dataset_name
 from model import SIZES, ConfigError, ModelConfig, config_for, count_params, memory_plan
 from reward import RewardConfig
 from sft import REWARDS_SFT_STEPS, TABLE_SFT_STEPS, SFTConfig, sft_config
@@ -284,7 +284,7 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
     _check_paths(args, dataset, experiment is not None)
     _at_least_1(iterations=args.iterations, eval_every=args.eval_every, eval_prompts=args.eval_prompts,
                 ckpt_every=args.ckpt_every, num_eval=args.num_eval)
-    name = Path(dataset).stem if dataset.endswith(".jsonl") else dataset
+    name = dataset_name(dataset)
     profile = experiment.name if experiment else "run"                  # "table1" | "rewards" | "run"
     steps = args.sft_steps if args.sft_steps is not None or not experiment else \
         {"table1": TABLE_SFT_STEPS, "rewards": REWARDS_SFT_STEPS}[profile].get(name)
