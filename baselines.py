@@ -304,13 +304,17 @@ class OracleReward:
             b = i // N
             key = tuple(src[b][src_mask[b]].tolist())
             if key not in self.references:
-                raise KeyError(f"oracle reward: prompt {i // N} of the batch has no reference")
+                raise KeyError(f"oracle reward: prompt {b} of the batch has no reference")
             out.append((data.decode(self.tok, row.tolist(), self.sp), self.references[key]))
         return out
 
+    @staticmethod
+    def scores(texts: list[tuple[str, list[str]]]) -> list[float]:
+        """The best ROUGE-L of each candidate against its references (`texts`' pairs)."""
+        return [max(rouge_l(text, ref) for ref in refs) for text, refs in texts]
+
     def __call__(self, src, src_mask, r, terms=None):            # Rollout of B*N -> (B*N,)
-        scores = [max(rouge_l(text, ref) for ref in refs) for text, refs in self.texts(src, src_mask, r)]
-        return torch.tensor(scores, device=r.tokens.device)
+        return torch.tensor(self.scores(self.texts(src, src_mask, r)), device=r.tokens.device)
 
 
 class HybridReward:

@@ -116,12 +116,12 @@ def fixed_eval(policy, sh, fixed: list[dict], rm: PairScorer, settings: dict, de
     src, src_mask = evaluation.prompt_batch(tok, prompts, device, sp)
     gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
     r, terms, _, _ = ppo.score(policy, src, src_mask, sh.salient, reward_cfg, ppo_cfg, sp, gen)
-    oracle = baselines.OracleReward.from_records(tok, fixed)
+    pairs = baselines.OracleReward.from_records(tok, fixed).texts(src, src_mask, r)    # decoded once
     rewards = dict(attention=terms["reward"], random=baselines.RandomReward(EVAL_SEED)(src, src_mask, r),
-                   oracle=oracle(src, src_mask, r), hybrid=baselines.HybridReward(rm, settings["hybrid_weight"])(
-                       src, src_mask, r, terms),
+                   oracle=torch.tensor(baselines.OracleReward.scores(pairs)),
+                   hybrid=baselines.HybridReward(rm, settings["hybrid_weight"])(src, src_mask, r, terms),
                    **{k: baselines.RolloutReward(k)(src, src_mask, r) for k in baselines.RolloutReward.KINDS})
-    texts = [t for t, _ in oracle.texts(src, src_mask, r)]
+    texts = [t for t, _ in pairs]
     refs = [rec["response"] for rec in fixed for _ in range(N)]
     rouge = [evaluation.rouge_l(t, ref) for t, ref in zip(texts, refs)]
     if is_qa(settings):
@@ -137,7 +137,7 @@ def fixed_eval(policy, sh, fixed: list[dict], rm: PairScorer, settings: dict, de
 
 
 def is_qa(settings: dict) -> bool:
-    return Path(settings["dataset"]).stem.startswith("qa")
+    return data.dataset_name(settings["dataset"]).startswith("qa")
 
 
 def test_metrics(policy, sh, test: list[dict], device, max_new_tokens: int) -> dict:
