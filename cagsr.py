@@ -42,11 +42,14 @@ from sft import SFT_DEFAULTS, train_sft
 # --------------------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but an unknown flag is answered with the nearest valid one and the list of them all."""
+    """argparse, but an unknown flag is answered with the nearest valid one and the list of them all;
+    any other error (a bad value, a missing argument) with argparse's message alone."""
 
     def error(self, message):
+        if not message.startswith("unrecognized arguments:"):
+            self.exit(2, f"{self.prog}: error: {message}\n")
         valid = sorted(o for a in self._actions for o in a.option_strings if o.startswith("--"))
-        unknown = [w.split("=")[0] for w in message.split() if w.startswith("--") and w.split("=")[0] not in valid]
+        unknown = [w.split("=")[0] for w in message.split()[2:] if w.startswith("--") and w.split("=")[0] not in valid]
         near = [f"did you mean {m[0]} (not {w})?\n" for w in unknown if (m := difflib.get_close_matches(w, valid, 1))]
         self.exit(2, f"{self.prog}: error: {message}\n{''.join(near)}valid flags: {' '.join(valid)}\n")
 
@@ -78,7 +81,8 @@ def build_parser() -> Parser:
     g.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and sampling (default: 0)")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     g.add_argument("--out", default=None, help="run directory (default: a new runs/<time>-<size>-<dataset>)")
-    g.add_argument("--overwrite", action="store_true", help="allow --out to name a non-empty directory")
+    g.add_argument("--overwrite", action="store_true", help="allow --out to name a non-empty directory; with --experiment, allow replacing "
+                        "the tables already in --results-dir")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint, with its own settings (args.json)")
     g.add_argument("--precision", default=None, choices=["fp32", "bf16"],
@@ -145,7 +149,7 @@ def _encode(run, tok, records, cfg):
     try:
         return data.encode_records(tok, records, cfg.max_src_len, cfg.max_tgt_len, truncate=run.truncate)
     except ValueError as e:
-        raise SystemExit(f"{run.dataset}: {e}") from None
+        raise SystemExit(f"--dataset {run.dataset}: {e}") from None
 
 
 def _splits(run) -> data.Splits:
@@ -153,6 +157,31 @@ def _splits(run) -> data.Splits:
         return data.load_dataset(run.dataset, seed=run.seed)
     except ValueError as e:                         # DataError included: it names the file and line
         raise SystemExit(f"--dataset: {e}") from None
+
+
+def _checked_splits(run, splits: data.Splits, tok, cfg) -> data.Splits:
+    """The splits with their held-out records checked before anything is written: a validation and a
+    test pair at least, and none over the model's lengths (an error, or left out under --truncate: a
+    cut prompt would be another question)."""
+    held_out = {}
+    for name in ("val", "test"):
+        records = getattr(splits, name)
+        try:
+            data.encode_records(tok, records, cfg.max_src_len, cfg.max_tgt_len)
+            held_out[name] = records
+        except data.DataError as e:
+            if not run.truncate:
+                raise SystemExit(f"--dataset {run.dataset}: {e}") from None
+            sp = data.specials(tok)
+            held_out[name] = [r for r in records if len(data.encode(tok, r["prompt"], sp)) <= cfg.max_src_len
+                              and len(data.encode(tok, r["response"], sp)) <= cfg.max_tgt_len]
+            print(f"--truncate: {len(records) - len(held_out[name])} over-long {name} records left out of evaluation")
+    splits = data.Splits(splits.train, held_out["val"], held_out["test"])
+    try:
+        data.check_splits(splits)
+    except data.DataError as e:
+        raise SystemExit(f"--dataset {run.dataset}: {e}") from None
+    return splits
 
 
 def snapshot_idf(run, prompts, vocab_size: int) -> torch.Tensor:
@@ -196,6 +225,7 @@ def prepare(run, device) -> Setup:
     print(f"dataset {run.dataset}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test pairs; "
           f"vocabulary {cfg.vocab_size}; model {model.num_params():,} parameters")
     train_pairs = _encode(run, tok, splits.train, cfg)
+    splits = _checked_splits(run, splits, tok, cfg)
     if run.stage in ("all", "rl") and len(train_pairs) < run.ppo.prompts_per_iter:
         raise SystemExit(f"{run.dataset}: {len(train_pairs)} training prompts, fewer than --prompts-per-iter "
                          f"{run.ppo.prompts_per_iter}; lower --prompts-per-iter or give more data")

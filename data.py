@@ -89,7 +89,8 @@ _FORMAT = 'each line must be a JSON object like {"prompt": "...", "response": ".
 def load_jsonl(path: str) -> list[dict]:
     """Read ``{"prompt", "response"}`` records (one JSON object a line, blank lines skipped).
 
-    Other fields are ignored, except a string ``group`` which is kept (see ``split``).
+    Other fields are ignored, except a string ``group`` which is kept (see ``split``). Each record
+    also keeps its ``line`` in the file, so a later check (``encode_records``) can name it.
     Bytes are decoded line by line so a bad byte is reported with its line number.
     """
     try:
@@ -118,7 +119,7 @@ def load_jsonl(path: str) -> list[dict]:
             raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); {_FORMAT}") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}; {_FORMAT}")
-        rec = {}
+        rec = {"line": lineno}
         for key in ("prompt", "response"):
             if key not in obj:
                 raise DataError(f"{where}: field '{key}' is missing; {_FORMAT}")
@@ -136,6 +137,16 @@ def load_jsonl(path: str) -> list[dict]:
     if not records:
         raise DataError(f"{path}: no records (the file is empty or only blank lines); {_FORMAT}")
     return records
+
+
+def check_splits(splits: Splits) -> None:
+    """A DataError when the split left no validation or no test pair: SFT reports its validation loss,
+    RL its fixed evaluation set and the held-out test prompts, and none of these can be empty."""
+    n = (len(splits.train), len(splits.val), len(splits.test))
+    if not (splits.val and splits.test):
+        raise DataError(f"{sum(n)} records split into {n[0]} train / {n[1]} validation / {n[2]} test pairs; a run "
+                        f"needs at least one validation and one test pair (10% each, records sharing a prompt stay "
+                        f"together): give at least 6 records with distinct prompts")
 
 
 def dataset_name(name_or_path: str) -> str:
@@ -299,20 +310,23 @@ def decode(tok: Tokenizer, ids, sp: Specials | None = None) -> str:
 
 def encode_records(tok: Tokenizer, records: list[dict], max_prompt_len: int,
                    max_response_len: int, truncate: bool = False) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) per record; lengths count the EOS. Nothing is cut silently."""
+    """(prompt ids, response ids) per record; lengths count the EOS. Nothing is cut silently: an
+    over-long text is a DataError naming the record (its file line, for records of `load_jsonl`)
+    and the limit (the model's max_src_len or max_tgt_len), unless `truncate`."""
     if min(max_prompt_len, max_response_len) < 1:
         raise ValueError("max_prompt_len and max_response_len must be at least 1 (room for EOS)")
     sp = specials(tok)
     pairs, cut = [], {"prompt": 0, "response": 0}
     for idx, r in enumerate(records):
         pair = []
-        for key, limit in (("prompt", max_prompt_len), ("response", max_response_len)):
+        for key, limit, field in (("prompt", max_prompt_len, "max_src_len"), ("response", max_response_len, "max_tgt_len")):
             ids = encode(tok, r[key], sp)
             if len(ids) > limit:
                 if not truncate:
-                    raise ValueError(f"record {idx}: {key} is {len(ids)} tokens (with EOS), over the "
-                                     f"limit of {limit}; pass truncate=True or use a larger model "
-                                     f"max length")
+                    where = f"line {r['line']}" if "line" in r else f"record {idx}"
+                    raise DataError(f"{where}: {key} is {len(ids)} tokens (with EOS), over the model's {field} "
+                                    f"of {limit}; shorten it, or pass --truncate to cut over-long texts with a "
+                                    f"warning (truncate=True in code)")
                 ids = ids[:limit - 1] + [sp.eos]  # keep EOS so the sequence still ends
                 cut[key] += 1
             pair.append(ids)

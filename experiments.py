@@ -385,36 +385,41 @@ class Shared:
 
 def shared_setup(run, work: Path, settings: dict, device) -> Shared:
     """The splits, tokenizer, encoded pairs, salient tokens and relevance classifier of an experiment
-    (`work` holds the tokenizer and classifier, so a later call reuses them)."""
+    (`work` holds the tokenizer and classifier, so a later call reuses them). The data are checked
+    before anything is written; then the work and results directories are made and `work` is bound to
+    `settings` (check_settings)."""
     dataset, size = run.dataset, run.size
     try:
         splits = data.load_dataset(dataset, seed=run.seed)
+        data.check_splits(splits)
     except ValueError as e:
-        raise SystemExit(f"--dataset: {e}") from None
+        raise SystemExit(f"--dataset {dataset}: {e}") from None
     tok_path = work / "tokenizer.json"
     if tok_path.exists():
         tok = data.tokenizer_from_str(tok_path.read_text())
     else:
         tok = data.train_tokenizer(list(data.record_texts(splits.train)), SIZES[size]["vocab_size"])
-        runs.write_text(tok_path, data.tokenizer_to_str(tok))
     cfg = config_for(size, vocab_size=tok.get_vocab_size())
     try:
         train_pairs = data.encode_records(tok, splits.train, cfg.max_src_len, cfg.max_tgt_len)
+        for held_out in (splits.val, splits.test):
+            data.encode_records(tok, held_out, cfg.max_src_len, cfg.max_tgt_len)
     except ValueError as e:
-        raise SystemExit(f"{dataset}: {e}") from None
+        raise SystemExit(f"--dataset {dataset}: {e}") from None
+    work.mkdir(parents=True, exist_ok=True)
+    Path(run.experiment.results_dir).mkdir(parents=True, exist_ok=True)
+    check_settings(work, settings)
+    if not tok_path.exists():
+        runs.write_text(tok_path, data.tokenizer_to_str(tok))
     salient = SalientTokens.build(tok, [p for p, _ in train_pairs])
     classifier, clf_stats = relevance_classifier(work, tok, splits, cfg, settings, device)
     return Shared(data.dataset_name(dataset), splits, tok, cfg, train_pairs, salient, classifier, clf_stats)
 
 
 def work_dir(run, kind: str) -> Path:
-    """The experiment's work directory (--out, else runs/<kind>-<dataset>-<size>), created, with its
-    results directory."""
+    """The experiment's work directory: --out, else runs/<kind>-<dataset>-<size> (made by shared_setup)."""
     exp = run.experiment
-    work = Path(exp.work_dir) if exp.work_dir else Path("runs") / f"{kind}-{data.dataset_name(run.dataset)}-{run.size}"
-    work.mkdir(parents=True, exist_ok=True)
-    Path(exp.results_dir).mkdir(parents=True, exist_ok=True)
-    return work
+    return Path(exp.work_dir) if exp.work_dir else Path("runs") / f"{kind}-{data.dataset_name(run.dataset)}-{run.size}"
 
 
 def run_table1(run, device) -> int:
@@ -422,7 +427,6 @@ def run_table1(run, device) -> int:
     t_start, exp = time.time(), run.experiment
     settings = table_settings(run, exp)
     work = work_dir(run, "table1")
-    check_settings(work, settings)
     results = Path(exp.results_dir)
     sh = shared_setup(run, work, settings, device)
     name, tok, splits = sh.name, sh.tok, sh.splits

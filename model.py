@@ -41,10 +41,11 @@ from torch.utils.checkpoint import checkpoint
 
 class ConfigError(ValueError):
     """A config field holds a value it cannot take. `field` names it (a flag of the same name, with
-    dashes, sets it), `what` says what it must be."""
+    dashes, sets it), `what` says what it must be; `related` names the other field the rule reads
+    (n_heads for d_model), so a command line can blame the one of the two the user set."""
 
-    def __init__(self, field: str, value, what: str):
-        self.field, self.value, self.what = field, value, what
+    def __init__(self, field: str, value, what: str, related: str | None = None):
+        self.field, self.value, self.what, self.related = field, value, what, related
         super().__init__(f"{field} must be {what}, got {value!r}")
 
 
@@ -134,9 +135,10 @@ class ModelConfig:
             raise ConfigError("rel_max_distance", self.rel_max_distance,
                               f"greater than rel_buckets // 2 = {self.rel_buckets // 2} (the exact distances)")
         if self.d_kv is None and self.d_model % self.n_heads:
-            raise ConfigError("d_model", self.d_model, f"divisible by n_heads={self.n_heads}")
+            raise ConfigError("d_model", self.d_model, f"divisible by n_heads={self.n_heads}", related="n_heads")
         if not 1 <= self.last_layers <= self.n_dec_layers:
-            raise ConfigError("last_layers", self.last_layers, f"in 1..n_dec_layers={self.n_dec_layers} (L' of §3.2)")
+            raise ConfigError("last_layers", self.last_layers, f"in 1..n_dec_layers={self.n_dec_layers} (L' of §3.2)",
+                              related="n_dec_layers")
 
     @property
     def head_dim(self) -> int:
@@ -768,7 +770,18 @@ def load_hf_config(path) -> dict:
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: no config.json; from_pretrained reads a local Hugging Face T5 snapshot "
                          f"directory (config.json plus model.safetensors or pytorch_model.bin)")
-    return json.loads((path / "config.json").read_text())
+    return read_json(path / "config.json")
+
+
+def read_json(path: Path) -> dict:
+    """A snapshot's JSON file as a dict; ValueError naming the file when it is not a JSON object."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the snapshot is damaged, copy it again") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: a JSON {type(obj).__name__}, not an object; the snapshot is damaged, copy it again")
+    return obj
 
 
 def config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
@@ -810,21 +823,37 @@ def config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
 def read_weights(path) -> dict:
     """Every tensor of the snapshot directory `path`, floating ones cast to float32 (bf16 and fp16
     snapshots): model.safetensors, sharded safetensors (model.safetensors.index.json), or
-    pytorch_model.bin (read with weights_only=True)."""
+    pytorch_model.bin (read with weights_only=True). ValueError naming the file that is missing,
+    cut short or not a weights file."""
     path = Path(path)
     if (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
     elif (path / "model.safetensors.index.json").is_file():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
+        index = read_json(path / "model.safetensors.index.json")
+        if not isinstance(index.get("weight_map"), dict):
+            raise ValueError(f"{path / 'model.safetensors.index.json'}: no weight_map; the snapshot is damaged")
         files = [path / name for name in sorted(set(index["weight_map"].values()))]
     elif (path / "pytorch_model.bin").is_file():
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        return {k: t.float() if t.is_floating_point() else t for k, t in state.items()}
+        files = [path / "pytorch_model.bin"]
     else:
         raise ValueError(f"{path}: no weights file; expected model.safetensors, model.safetensors.index.json "
                          f"(sharded) or pytorch_model.bin")
-    from safetensors.torch import load_file
-    return {k: t.float() if t.is_floating_point() else t for f in files for k, t in load_file(f).items()}
+    return {k: t.float() if t.is_floating_point() else t for f in files for k, t in read_weights_file(f).items()}
+
+
+def read_weights_file(file: Path) -> dict:
+    """The tensors of one .safetensors or pytorch_model.bin file."""
+    if not file.is_file():
+        raise ValueError(f"{file}: missing, though the snapshot's index names it; copy the snapshot again")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(file)
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:                   # safetensors', zip's and pickle's errors alike: the file is unusable
+        reason = " ".join(str(e).split())[:200]
+        raise ValueError(f"{file}: cannot be read as weights ({type(e).__name__}: {reason}); it was probably cut "
+                         f"short by a download or copy that did not finish: copy the snapshot again") from None
 
 
 def t5_names(cfg: ModelConfig) -> dict:

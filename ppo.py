@@ -87,13 +87,14 @@ class PPOConfig:
             max_new_tokens=AT_LEAST_1))
         if self.baseline == "group" and self.num_samples < 2:
             raise ConfigError("num_samples", self.num_samples, "at least 2 with the group baseline (the other "
-                              "candidates of the same prompt), or use --baseline value")
+                              "candidates of the same prompt), or use --baseline value", related="baseline")
         if self.prompts_per_iter % self.minibatches:
             raise ConfigError("minibatches", self.minibatches, f"a divisor of prompts_per_iter={self.prompts_per_iter} "
-                              f"(every minibatch takes the same number of prompts)")
+                              f"(every minibatch takes the same number of prompts)", related="prompts_per_iter")
         if self.kl_target is not None and self.kl_coef == 0:
             raise ConfigError("kl_target", self.kl_target, "given with a starting kl_coef > 0: the adaptive "
-                              "controller multiplies kl_coef, so from 0 it would stay 0 (add e.g. --kl-coef 0.1)")
+                              "controller multiplies kl_coef, so from 0 it would stay 0 (add e.g. --kl-coef 0.1)",
+                              related="kl_coef")
 
 
 # What the paper states (§4, §7.2): every other PPOConfig field is the project's choice.

@@ -36,7 +36,7 @@ import ppo
 import runs
 import stats
 from evaluation import PairScorer
-from experiments import check_settings, save_figure, seed_sft, shared_setup, work_dir, write_json
+from experiments import save_figure, seed_sft, shared_setup, work_dir, write_json
 from reward import RewardConfig
 
 
@@ -409,7 +409,6 @@ def run_rewards(run, device) -> int:
     t_start, exp = time.time(), run.experiment
     settings = study_settings(run)
     work = work_dir(run, "rewards")
-    check_settings(work, settings)
     sh = shared_setup(run, work, settings, device)
     seeds = list(range(run.seed, run.seed + exp.seeds))
     per_seed = {s: run_seed(s, work, settings, sh, device) for s in seeds}

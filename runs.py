@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -169,9 +170,11 @@ def _read(path, flag: str, **load_kw) -> dict:
     try:
         obj = torch.load(path, weights_only=False, **load_kw)
     except Exception as e:                           # pickle, zip and torch errors alike: the file is not usable
+        advice = ("this run's checkpoint is damaged: restore it from a copy, or move it away to resume from "
+                  "the run's earlier checkpoint (rl.pt falls back to sft.pt), or start a new run"
+                  if flag == "--resume" else "give a .pt file written by cagsr.py, a run's sft.pt or rl.pt")
         raise UsageError(f"{where}: cannot be read as a checkpoint ({type(e).__name__}): it was not written by "
-                         f"torch.save, or it was cut short (a copy that did not finish). Give a .pt file written by "
-                         f"cagsr.py, a run's sft.pt or rl.pt") from None
+                         f"torch.save, or it was cut short (a copy that did not finish); {advice}") from None
     return _upgrade(obj, where)
 
 
@@ -256,6 +259,21 @@ def load_init(path, device, flag: str = "--init", overrides: dict | None = None)
 # --------------------------------------------------------------------------------------------
 # The run directory, resuming, the metrics log
 # --------------------------------------------------------------------------------------------
+
+def check_writable(flag: str, path) -> None:
+    """The directory `path` can be created (or is there) and written: tried by making and removing a
+    scratch directory in it or in its nearest existing parent, so a read-only file system, /sys or a
+    path under a file is refused before any work, with the path and the reason."""
+    path = Path(path).absolute()
+    base = next(p for p in (path, *path.parents) if p.exists())
+    if not base.is_dir():
+        raise UsageError(f"{flag} {path}: cannot be created, {base} is a file; give a directory path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cagsr-probe-", dir=base))
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot {'write in' if base == path else 'be created in'} {base} "
+                         f"({e.strerror}); give a directory on a writable disk") from None
+
 
 def check_out(out: str, overwrite: bool) -> None:
     """--out must not hold files of another run, unless --overwrite."""

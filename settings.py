@@ -162,20 +162,29 @@ SFT_FLAGS = dict(steps="--sft-steps", batch_size="--sft-batch-size", lr="--sft-l
 
 
 @contextmanager
-def flag_errors(flag_of=lambda field: "--" + field.replace("_", "-"), where: str = ""):
-    """A config's ConfigError as the UsageError of the flag that set the field."""
+def flag_errors(flag_of=lambda field: "--" + field.replace("_", "-"), where: str = "", given: dict | None = None):
+    """A config's ConfigError as the UsageError of the flag that set the field. given: the fields the
+    user set ({field: value}); when the rule broken reads two fields (ConfigError.related) and the user
+    set only the other one, the error names that one: the user's setting, not the default it met."""
     try:
         yield
     except ConfigError as e:
-        flag = flag_of(e.field)
-        raise UsageError(f"{where}{flag}{'' if flag.endswith('=') else ' '}{e.value}: must be {e.what}") from None
+        def named(field, value):
+            flag = flag_of(field)
+            return f"{flag}{'' if flag.endswith('=') else ' '}{value}"
+        if given is not None and e.field not in given and e.related in given:
+            raise UsageError(f"{where}{named(e.related, given[e.related])}: {e.field} is {e.value} (the default; not "
+                             f"set), which must be {e.what}; choose another {flag_of(e.related).rstrip('=')}, or "
+                             f"give {flag_of(e.field).rstrip('=')} too") from None
+        raise UsageError(f"{where}{named(e.field, e.value)}: must be {e.what}") from None
 
 
 def rl_configs(args, size: str, profile: str) -> tuple[ppo.PPOConfig, RewardConfig, int]:
     """PPOConfig, RewardConfig and the iteration count: the profile's per-size values, then the flags."""
     defaults = ppo.RL_PROFILES[profile][size]
-    with flag_errors():
-        cfg = ppo.PPOConfig(**{**defaults["ppo"], **_flags(args, ppo.PPOConfig)})
+    given = _flags(args, ppo.PPOConfig)
+    with flag_errors(given=given):
+        cfg = ppo.PPOConfig(**{**defaults["ppo"], **given})
         reward_cfg = RewardConfig(**_flags(args, RewardConfig))
     return cfg, reward_cfg, args.iterations if args.iterations is not None else defaults["iterations"]
 
@@ -210,11 +219,29 @@ def _check_paths(args, dataset: str, experiment: bool) -> None:
             raise UsageError(f"{flag} {path} is a file; give a directory (it is created when missing)")
     if args.out is not None and not experiment:                # the table's work directory is meant to be reused
         runs.check_out(args.out, args.overwrite or args.resume is not None)
+    if experiment or (args.stage in ("all", "sft", "rl") and not args.dry_run):
+        runs.check_writable("--out", args.out or "runs")
+    if experiment:
+        runs.check_writable("--results-dir", args.results_dir)
+        _check_results(args, dataset)
     if args.device is not None:
         try:
             torch.device(args.device)
         except RuntimeError:
             raise UsageError(f"--device {args.device}: not a device; use cuda, cuda:N, mps or cpu") from None
+
+
+def result_files(kind: str, results_dir: str, dataset: str) -> list[Path]:
+    """The files `--experiment kind` writes: <results_dir>/<kind>_<dataset>.md, .json and .png."""
+    return [Path(results_dir) / f"{kind}_{dataset_name(dataset)}.{ext}" for ext in ("md", "json", "png")]
+
+
+def _check_results(args, dataset: str) -> None:
+    """An experiment never replaces result files (the project's committed tables) unless --overwrite."""
+    there = [str(p) for p in result_files(args.experiment, args.results_dir, dataset) if p.exists()]
+    if there and not args.overwrite:
+        raise UsageError(f"--experiment {args.experiment} would replace {', '.join(there)}; pass --results-dir DIR "
+                         f"to write the tables elsewhere, or --overwrite to replace them")
 
 
 def _experiment(args) -> ExperimentConfig:
@@ -259,7 +286,7 @@ def _model(args, resume_from: Path | None) -> tuple[dict, dict | None, str]:
                          f"with a snapshot only {', '.join(sorted(SNAPSHOT_SETTABLE))} may be set")
     peek = args.init is not None and args.experiment is None and (snapshot or not args.dry_run)
     with flag_errors(lambda f: "--last-layers" if f == "last_layers" and args.last_layers is not None
-                     else f"--set {f}="):
+                     else f"--set {f}=", given=overrides):
         init = runs.peek_init(args.init, "--init", overrides, tokenizer=not args.dry_run) if peek else None
         if init is not None and not snapshot and overrides and args.resume is None:
             raise UsageError(f"--set/--last-layers cannot change a model loaded from a checkpoint ({overrides})")

@@ -1,5 +1,8 @@
 """Fixtures shared by the test files."""
 
+import hashlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,3 +21,18 @@ def checkpoint(tmp_path):
     runs.save_checkpoint(path, EncoderDecoder(cfg), tok, torch.ones(cfg.vocab_size), size="tiny", dataset="qa",
                          stage="sft")
     return path
+
+
+def digest(folder: Path) -> dict:
+    """Every file under `folder` with the SHA-256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def results_at_start() -> dict:
+    """results/ as it was before the first test ran (tests/test_zz_results_unchanged.py checks it after the last)."""
+    return digest(RESULTS)

@@ -33,7 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
     (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
     (["--num-samples", "0", "--baseline", "value"], "--num-samples 0: must be a whole number >= 1"),
     (["--num-samples", "1", "--baseline", "group"], "--num-samples 1: must be at least 2 with the group baseline"),
-    (["--prompts-per-iter", "10"], "--minibatches 4: must be a divisor of prompts_per_iter=10"),
+    (["--prompts-per-iter", "10"], "--prompts-per-iter 10: minibatches is 4 (the default; not set), which must be a "
+                                   "divisor of prompts_per_iter=10"),
+    (["--prompts-per-iter", "10", "--minibatches", "3"], "--minibatches 3: must be a divisor of prompts_per_iter=10"),
+    (["--set", "n_heads=3"], "--set n_heads=3: d_model is 128 (the default; not set), which must be divisible by "
+                             "n_heads=3"),
     (["--kl-target", "2", "--kl-coef", "0"], "--kl-target 2.0: must be given with a starting kl_coef > 0"),
     (["--set", "d_model=30"], "--set d_model=30: must be divisible by n_heads=4"),
     (["--dataset", "nope"], "--dataset nope: not one of qa, qa-grounded, instruct, nor a .jsonl file"),
@@ -147,10 +151,11 @@ def test_the_synthetic_reward_model_is_scored_on_held_out_records():
     assert math.isclose(stats["label_accuracy"] * 6, round(stats["label_accuracy"] * 6), abs_tol=1e-6)
 
 
-def test_a_flag_set_to_none_turns_its_setting_off():
+def test_a_flag_set_to_none_turns_its_setting_off(tmp_path):
     # Flags default to None ("not given"), so `--top-k none` once meant "not given" and the profile's
     # top-k 50 stayed on without a word. Now none is a value: the setting is off.
-    resolve = lambda *argv: settings.resolve(cagsr.build_parser().parse_args(list(argv)), "test")
+    resolve = lambda *argv: settings.resolve(cagsr.build_parser().parse_args(
+        [*argv, "--results-dir", str(tmp_path)]), "test")
     assert resolve().ppo.top_k == 50
     assert resolve("--top-k", "none").ppo.top_k is None
     assert resolve("--top-k", "off", "--experiment", "rewards").ppo.top_k is None

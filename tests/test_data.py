@@ -207,7 +207,8 @@ def test_jsonl_round_trip_and_blank_lines(tmp_path):
     lines.insert(5, "")
     lines.insert(9, "   ")
     path = _write(tmp_path, ("\r\n".join(lines) + "\n").encode("utf-8"))
-    assert data.load_jsonl(path) == records
+    lineno = [i + 1 for i, line in enumerate(lines) if line.strip()]        # blank lines skipped, still counted
+    assert data.load_jsonl(path) == [{"line": n, **r} for n, r in zip(lineno, records)]
     s = data.load_dataset(path)
     assert (len(s.train), len(s.val), len(s.test)) == (24, 3, 3)
 
@@ -298,7 +299,7 @@ def test_encode_records_overlong_raises_or_truncates_once(tok):
     records = [{"prompt": "Short?", "response": "Yes."},
                {"prompt": "word " * 40, "response": "Yes."},
                {"prompt": "word " * 30, "response": "no " * 30}]
-    with pytest.raises(ValueError, match=r"record 1: prompt is \d+ tokens .*limit of 16.*truncate=True"):
+    with pytest.raises(ValueError, match=r"record 1: prompt is \d+ tokens .*max_src_len of 16.*--truncate"):
         data.encode_records(tok, records, max_prompt_len=16, max_response_len=16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

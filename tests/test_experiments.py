@@ -6,6 +6,7 @@ import pytest
 
 import cagsr
 import experiments
+import runs
 import stats
 
 
@@ -49,7 +50,13 @@ def test_table1_smoke_run_writes_every_row_and_resumes(tmp_path, capsys):
     assert (results / "table1_qa.png").stat().st_size > 0
     capsys.readouterr()
 
-    # A second call reuses every row (nothing is recomputed) and writes the same numbers.
+    # A second call is refused before any work: it would replace the tables (nothing changes on disk) ...
+    written = {p.name: p.read_bytes() for p in results.iterdir()}
+    with pytest.raises(runs.UsageError, match=r"would replace .*table1_qa\.md.*--overwrite"):
+        cagsr.main(argv)
+    assert {p.name: p.read_bytes() for p in results.iterdir()} == written
+    # ... and with --overwrite it reuses every row (nothing is recomputed) and writes the same numbers.
+    argv += ["--overwrite"]
     assert cagsr.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("done earlier") == len(experiments.METHODS) + 1          # SFT + every row

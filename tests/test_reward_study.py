@@ -235,6 +235,11 @@ def test_rewards_smoke_run_writes_every_row_and_resumes(tmp_path, capsys):
     assert (results / "rewards_qa.png").stat().st_size > 0
     capsys.readouterr()
 
+    written = {p.name: p.read_bytes() for p in results.iterdir()}
+    with pytest.raises(runs.UsageError, match=r"would replace .*rewards_qa\.md.*--overwrite"):
+        cagsr.main(argv)                            # the tables are never replaced without asking
+    assert {p.name: p.read_bytes() for p in results.iterdir()} == written
+    argv += ["--overwrite"]
     assert cagsr.main(argv) == 0                    # every row reused, the same numbers written
     assert capsys.readouterr().out.count("done earlier") == len(reward_study.ROWS) + 1     # SFT + every row
     again = json.loads((results / "rewards_qa.json").read_text())
