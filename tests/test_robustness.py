@@ -124,7 +124,8 @@ def test_sigkill_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path)
     code = WRITER.format(root=str(ROOT), path=str(path))
     for delay in (0.3, 0.45, 0.6, 0.75, 0.9):                    # different moments of a write
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        time.sleep(delay + 1.5)                                   # after the imports, during the writes
+        proc.stdout.readline()                                    # the first write is done (imports can be slow)
+        time.sleep(delay)                                         # then a moment during the later writes
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         ckpt = torch.load(path, weights_only=False)               # never a half-written file
