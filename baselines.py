@@ -19,8 +19,8 @@ before top-k/top-p: the distribution the log-probs use) and the recorded Abar.
 - negative entropy (EM-RL, arXiv 2505.15134): minus the mean token entropy;
 - mean token log-probability (trajectory probability, as in TTRL's family of rewards);
 - random: Bernoulli(0.5) per candidate, the spurious-reward control (arXiv 2506.10947);
-- oracle: ROUGE-L against the reference, the positive control; it reads the answer, so no
-  self-supervised reward may use it;
+- oracle: the task's correctness against the reference (exact-match on QA, reference_match on
+  free-form tasks), the positive control; it reads the answer, so no self-supervised reward may use it;
 - hybrid (§6, §9): the attention reward plus a weight times a reward model fitted on limited
   (simulated) human preference labels; not self-supervised.
 
@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from evaluation import PairScorer, fit_pair_scorer, off_topic_index, pair_scores, pair_tensors, prompt_batch, rouge_l
+from evaluation import (PairScorer, exact_match, fit_pair_scorer, off_topic_index, pair_scores, pair_tensors,
+                        prompt_batch, rouge_l)
 from model import token_entropy, token_logprobs, token_self_certainty
 
 CORRUPTIONS = ("shuffle", "truncate", "repeat", "off_topic")
@@ -281,20 +282,22 @@ class RandomReward:
 
 
 class OracleReward:
-    """ROUGE-L of each candidate against its prompt's reference: the positive control (it reads the
-    answer). references: {prompt token ids (tuple, as encoded): [reference texts]}; with several
-    references the best ROUGE-L counts."""
+    """The task's correctness of each candidate against its prompt's reference: the positive control
+    (it reads the answer). correct: evaluation.exact_match on the QA tasks, reference_match on free-form
+    ones (evaluation.CORRECTNESS); neither can be won by leaving the answer out (DECISIONS.md §9).
+    references: {prompt token ids (tuple, as encoded): [reference texts]}; with several references
+    the best score counts."""
 
-    def __init__(self, tok, references: dict):
-        self.tok, self.sp, self.references = tok, data.specials(tok), references
+    def __init__(self, tok, references: dict, correct=exact_match):
+        self.tok, self.sp, self.references, self.correct = tok, data.specials(tok), references, correct
 
     @classmethod
-    def from_records(cls, tok, records):
+    def from_records(cls, tok, records, correct=exact_match):
         refs: dict = {}
         sp = data.specials(tok)
         for rec in records:
             refs.setdefault(tuple(data.encode(tok, rec["prompt"], sp)), []).append(rec["response"])
-        return cls(tok, refs)
+        return cls(tok, refs, correct)
 
     def texts(self, src, src_mask, r) -> list[tuple[str, list[str]]]:
         """(candidate text, its prompt's references) per candidate."""
@@ -308,10 +311,9 @@ class OracleReward:
             out.append((data.decode(self.tok, row.tolist(), self.sp), self.references[key]))
         return out
 
-    @staticmethod
-    def scores(texts: list[tuple[str, list[str]]]) -> list[float]:
-        """The best ROUGE-L of each candidate against its references (`texts`' pairs)."""
-        return [max(rouge_l(text, ref) for ref in refs) for text, refs in texts]
+    def scores(self, texts: list[tuple[str, list[str]]]) -> list[float]:
+        """The best correctness of each candidate against its references (`texts`' pairs)."""
+        return [max(self.correct(text, ref) for ref in refs) for text, refs in texts]
 
     def __call__(self, src, src_mask, r, terms=None):            # Rollout of B*N -> (B*N,)
         return torch.tensor(self.scores(self.texts(src, src_mask, r)), device=r.tokens.device)
@@ -327,3 +329,32 @@ class HybridReward:
 
     def __call__(self, src, src_mask, r, terms):                 # Rollout of B*N, attention terms -> (B*N,)
         return terms["reward"] + self.weight * self.rm(src, src_mask, r)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry behind --reward NAME (the command line and the experiments)
+# --------------------------------------------------------------------------------------------
+
+REWARD_NAMES = ("attention", "self-certainty", "neg-entropy", "logprob", "random", "oracle", "hybrid")
+"""--reward NAME: the paper's attention reward (§3.2, the default), the rival internal rewards, the
+random and oracle controls, and the hybrid (not self-supervised)."""
+
+
+def make_reward(name: str, *, tok=None, records=None, seed: int = 0, correct=exact_match, rm: PairScorer | None = None,
+                hybrid_weight: float = 1.0):
+    """ppo.train's reward_fn for `--reward name`; None for "attention" (ppo.score's own reward).
+    records: the training records (the oracle's clean references); correct: the task's correctness
+    (the oracle); rm: the hybrid's preference reward model (train_bt_rm); seed: the random control's."""
+    if name == "attention":
+        return None
+    if name in ("self-certainty", "neg-entropy", "logprob"):
+        return RolloutReward(name.replace("-", "_"))
+    if name == "random":
+        return RandomReward(seed)
+    if name == "oracle":
+        return OracleReward.from_records(tok, records, correct)
+    if name == "hybrid":
+        if rm is None:
+            raise ValueError("the hybrid reward needs its preference reward model (train_bt_rm)")
+        return HybridReward(rm, hybrid_weight)
+    raise ValueError(f"unknown reward {name!r}; valid: {', '.join(REWARD_NAMES)}")

@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+import baselines
 import data
+import evaluation
 import experiments
 import reward_study
 import parallel
@@ -69,7 +71,7 @@ def build_parser() -> Parser:
                    help="L' of §3.2: decoder layers whose cross-attention is recorded (preset: 1)")
     g.add_argument("--dataset", default=None,
                    help=f"one of {', '.join(data.DATASETS)}, or a PATH.jsonl with prompt/response fields "
-                        "(default: qa, or the --init checkpoint's)")
+                        "(default: qa-grounded, or the --init checkpoint's; instruct for --experiment)")
     g.add_argument("--stage", default="all", choices=["all", "sft", "rl", "sample", "eval"],
                    help="all = SFT then RL; rl/sample/eval start from --init (default: all)")
     g.add_argument("--init", default=None, metavar="CKPT|DIR",
@@ -98,6 +100,13 @@ def build_parser() -> Parser:
     g.add_argument("--sft-steps", type=int, default=None, help=f"SFT optimizer steps (default: {sft_default('steps')})")
     g.add_argument("--sft-batch-size", type=int, default=None, help=f"SFT batch size in pairs (default: {sft_default('batch_size')})")
     g.add_argument("--sft-lr", type=float, default=None, help=f"SFT peak learning rate, AdamW (default: {sft_default('lr')})")
+    g.add_argument("--sft-noise", type=float, default=None, metavar="P",
+                   help="replace a seeded share P of the SFT training responses with plausible wrong ones "
+                        "(qa-grounded: the distractor's answer; instruct: another instruction's response; a JSONL: "
+                        "each record's 'wrong' field), so RL has good and bad behaviours to choose between; "
+                        "evaluation and the oracle keep the clean references (default: "
+                        f"{', '.join(f'{v} on {k}' for k, v in settings.SFT_NOISE.items())} when SFT starts from "
+                        "scratch, else 0)")
     g.add_argument("--warmup", type=int, default=100, help="SFT linear warm-up steps, then cosine decay to lr/10 (default: 100)")
     g.add_argument("--sft-eval-every", type=int, default=250, help="SFT validation and checkpoint every this many steps (default: 250)")
     g.add_argument("--num-eval", type=int, default=None,
@@ -109,6 +118,11 @@ def build_parser() -> Parser:
     g.add_argument("--eval-prompts", type=int, default=64, help="size of the fixed evaluation set, in validation prompts (default: 64)")
     g.add_argument("--ckpt-every", type=int, default=50,
                    help="RL checkpoint every this many iterations (default: 50)")
+    g.add_argument("--reward", default="attention", choices=baselines.REWARD_NAMES,
+                   help="the RL reward: attention (§3.2, the paper's), the rival internal rewards self-certainty, "
+                        "neg-entropy, logprob, the controls random and oracle (the task's correctness against the "
+                        "reference), or hybrid (attention + --hybrid-weight x a preference reward model trained "
+                        "with --rm-steps on --human-prompts; not self-supervised) (default: attention)")
     settings.add_config_flags(g, ppo.PPOConfig, ppo.RL_PROFILES["run"])
     settings.add_config_flags(p.add_argument_group("reward (§3.2)"), RewardConfig)
     g = p.add_argument_group("experiments (§7.3-§7.6; experiments.py)")
@@ -120,11 +134,11 @@ def build_parser() -> Parser:
                         "(reward_study.py; work directory runs/rewards-<dataset>-<size>)")
     g.add_argument("--seeds", type=int, default=3, help="table1, rewards: seeds --seed, --seed+1, ... (one SFT model each; default: 3)")
     g.add_argument("--results-dir", default="results", help="table1, rewards: where the .md, .json and .png tables go (default: results)")
-    g.add_argument("--rm-steps", type=int, default=300, help="table1, rewards: training steps of each baseline reward model (default: 300)")
+    g.add_argument("--rm-steps", type=int, default=300, help="table1, rewards, --reward hybrid: training steps of each baseline reward model (default: 300)")
     g.add_argument("--hybrid-weight", type=float, default=1.0,
-                   help="rewards: weight of the preference reward model in the hybrid reward (default: 1.0)")
+                   help="rewards, --reward hybrid: weight of the preference reward model in the hybrid reward (default: 1.0)")
     g.add_argument("--human-prompts", type=int, default=1000,
-                   help="table1, rewards: training prompts the simulated annotators compare two SFT samples on (§7.3; default: 1000)")
+                   help="table1, rewards, --reward hybrid: training prompts the simulated annotators compare two SFT samples on (§7.3; default: 1000)")
     g.add_argument("--relevance-steps", type=int, default=600, help="table1: training steps of the relevance classifier (default: 600)")
     return p
 
@@ -141,7 +155,9 @@ class Setup:
     specials: data.Specials         # the tokenizer's special ids
     idf: torch.Tensor               # (V,) over the training prompts, computed once per run (§3.2)
     splits: data.Splits
-    train_pairs: list
+    train_pairs: list               # the clean training pairs: RL's prompts, the oracle's references
+    sft_pairs: list                 # what SFT trains on: train_pairs with --sft-noise's share made wrong
+    corrupted: int                  # how many SFT responses --sft-noise replaced
     resume: dict | None             # the --resume checkpoint
 
 
@@ -229,12 +245,31 @@ def prepare(run, device) -> Setup:
     if run.stage in ("all", "rl") and len(train_pairs) < run.ppo.prompts_per_iter:
         raise SystemExit(f"{run.dataset}: {len(train_pairs)} training prompts, fewer than --prompts-per-iter "
                          f"{run.ppo.prompts_per_iter}; lower --prompts-per-iter or give more data")
+    sft_pairs, corrupted = sft_data(run, tok, splits.train, cfg, train_pairs)
     prompts = [p for p, _ in train_pairs]
     if ckpt is None or ckpt["idf"] is None:         # a new model, or a bare snapshot
         idf = data.idf(prompts, cfg.vocab_size) if ckpt is None else snapshot_idf(run, prompts, cfg.vocab_size)
     else:
         idf = ckpt["idf"]
-    return Setup(model, tok, data.specials(tok), idf, splits, train_pairs, resume)
+    return Setup(model, tok, data.specials(tok), idf, splits, train_pairs, sft_pairs, corrupted, resume)
+
+
+def sft_data(run, tok, records, cfg, train_pairs) -> tuple[list, int]:
+    """SFT's training pairs: the clean ones, or with --sft-noise a seeded share made wrong (data.sft_noise)."""
+    if not run.sft_noise:
+        return train_pairs, 0
+    try:
+        noisy, corrupted = data.sft_noise(records, run.sft_noise, run.seed, off_topic=run.dataset == "instruct")
+    except data.DataError as e:
+        raise SystemExit(f"--dataset {run.dataset}: {e}") from None
+    print(f"--sft-noise {run.sft_noise}: {len(corrupted)} of {len(records)} SFT training responses replaced by wrong "
+          f"ones; RL, evaluation and the oracle keep the clean references")
+    return _encode(run, tok, noisy, cfg), len(corrupted)
+
+
+def task_correctness(run):
+    """The dataset's correctness measure (evaluation.CORRECTNESS): exact-match on QA, else reference_match."""
+    return evaluation.CORRECTNESS[evaluation.correctness_of(run.dataset)]
 
 
 def interrupted(run_dir, stage: str, where: str) -> int:                # Ctrl-C: the checkpoint is written
@@ -260,7 +295,7 @@ def sft_stage(run, s: Setup, device, run_dir, log, stop) -> int | None:
 
     t0 = time.time()
     with runs.autocast(device, run.precision):
-        result = train_sft(s.model, s.train_pairs, val_pairs, cfg, device, specials=s.specials, seed=run.seed, log=log,
+        result = train_sft(s.model, s.sft_pairs, val_pairs, cfg, device, specials=s.specials, seed=run.seed, log=log,
                            probe=lambda m: dict(val_exact_match=greedy_scores(m, s.tok, probe_set, device)[1]),
                            resume=resume, on_checkpoint=checkpoint, stop=stop, compile=run.compile)
     sft_seconds = time.time() - t0
@@ -274,7 +309,8 @@ def sft_stage(run, s: Setup, device, run_dir, log, stop) -> int | None:
         print("\nSample answers on held-out test prompts (greedy):")
         for r, p in list(zip(test, preds))[:5]:
             print(f"  prompt:    {r['prompt']}\n  model:     {p}\n  reference: {r['response']}\n")
-        log(dict(stage="sft_eval", exact_match=em, num_eval=len(test), sft_seconds=round(sft_seconds, 1)))
+        log(dict(stage="sft_eval", exact_match=em, num_eval=len(test), sft_seconds=round(sft_seconds, 1),
+                 sft_noise=run.sft_noise, corrupted=s.corrupted))
         print(f"after SFT: held-out exact-match {em:.1%} of {len(test)} test prompts | SFT took {sft_seconds:.0f}s")
     return None
 
@@ -289,15 +325,32 @@ def rl_models(model, cfg, resume, device):
     return ref_model, optimizer
 
 
+def rl_reward(run, s: Setup, sft_policy, device):
+    """ppo.train's reward_fn for --reward (baselines.make_reward; None: the attention reward). The
+    hybrid's preference reward model is fitted here first, on samples of the SFT policy (§7.3)."""
+    rm = None
+    if run.reward_name == "hybrid":
+        h = run.hybrid
+        rm, rm_stats = baselines.train_bt_rm(sft_policy, s.tok, s.splits.train, run.ppo, device,
+                                             num_prompts=h["human_prompts"], steps=h["rm_steps"], seed=run.seed)
+        print(f"hybrid reward: attention + {h['weight']} x a Bradley-Terry reward model on {rm_stats['pairs']} "
+              f"simulated preference pairs (not self-supervised)")
+        rm = rm.eval().requires_grad_(False)
+    return baselines.make_reward(run.reward_name, tok=s.tok, records=s.splits.train, seed=run.seed,
+                                 correct=task_correctness(run), rm=rm, hybrid_weight=run.hybrid.get("weight", 1.0))
+
+
 def rl_stage(run, s: Setup, device, run_dir, log, stop) -> int | None:
     """CAGSR (§4, §5): the RL loop with the fixed-set evaluation every run.eval_every iterations,
     checkpoints, and the before/after report. Returns 130 when Ctrl-C stopped it, else None."""
     cfg, reward_cfg, model = run.ppo, run.reward, s.model
     settings.print_rl_settings(cfg, reward_cfg, run.iterations)
+    print(f"  - reward           {run.reward_name:>10} | attention (§3.2)")
     resume = s.resume if s.resume is not None and s.resume["stage"] == "rl" else None
     rank, world = parallel.rank_and_world()
     salient = SalientTokens.from_idf(s.tok, s.idf)
     ref_model, optimizer = rl_models(model, cfg, resume, device)
+    reward_fn, correct = rl_reward(run, s, ref_model, device), task_correctness(run)
     eval_set, test = s.splits.val[:run.eval_prompts], s.splits.test[:run.num_eval]
     state = {**resume["train_state"], "iteration": resume["iteration"]} if resume and resume["train_state"] else None
     last = dict(iteration=resume["iteration"] if resume else 0, state=state)
@@ -313,11 +366,12 @@ def rl_stage(run, s: Setup, device, run_dir, log, stop) -> int | None:
 
     def fixed_eval(iteration):
         row = dict(stage="rl_eval", iteration=iteration,
-                   **evaluate_policy(model, s.tok, eval_set, salient, reward_cfg, cfg, device))
+                   **evaluate_policy(model, s.tok, eval_set, salient, reward_cfg, cfg, device, correct=correct))
         log(row)
         tqdm.write(f"iter {iteration:4d} | fixed-set reward {row['reward']:+.4f} (cov {row['coverage']:.3f} "
                    f"focus {row['focus']:+.3f} rep {row['repeat']:.3f}) | sink {row['sink_share']:.3f} | "
-                   f"EM {row['exact_match']:.1%} | ROUGE-L {row['rouge_l']:.3f}")
+                   f"EM {row['exact_match']:.1%} | ROUGE-L {row['rouge_l']:.3f} | sampled T {cfg.temperature}: "
+                   f"correct {row['sampled_correct']:.1%}, pass@{cfg.num_samples} {row['pass_at_n']:.1%}")
 
     def on_iteration(i, row, state):
         log(row)
@@ -332,7 +386,7 @@ def rl_stage(run, s: Setup, device, run_dir, log, stop) -> int | None:
     if resume:
         print(f"resuming RL after iteration {last['iteration']} of {run.iterations}")
     elif rank == 0:                                   # evaluation is rank 0's; the others go on to the rollouts
-        report = dict(before=evaluate_policy(model, s.tok, test, salient, reward_cfg, cfg, device),
+        report = dict(before=evaluate_policy(model, s.tok, test, salient, reward_cfg, cfg, device, correct=correct),
                       shown_before=candidates(model, s.tok, [r["prompt"] for r in test[:3]], salient, reward_cfg, cfg,
                                               device, num_samples=2))
         fixed_eval(0)
@@ -340,7 +394,7 @@ def rl_stage(run, s: Setup, device, run_dir, log, stop) -> int | None:
     with runs.progress(total=run.iterations, initial=last["iteration"], desc="RL", unit="iter") as bar:
         ppo.train(model, ref_model, optimizer, [p for p, _ in s.train_pairs], salient, reward_cfg, cfg, run.iterations,
                   specials=s.specials, seed=run.seed, resume=state, on_iteration=on_iteration, stop=stop, progress=bar,
-                  compile=run.compile)
+                  compile=run.compile, reward_fn=reward_fn)
     rl_seconds = time.time() - t0
     parallel.check_replicas(model, "RL")
     checkpoint(last["iteration"], last["state"])
@@ -353,15 +407,20 @@ def rl_stage(run, s: Setup, device, run_dir, log, stop) -> int | None:
 
 def rl_summary(run, s: Setup, report, salient, test, eval_set, rl_seconds, run_dir, log, device) -> None:
     """After RL: the test prompts scored again, the before/after report, the summary row."""
-    after = evaluate_policy(s.model, s.tok, test, salient, run.reward, run.ppo, device)
+    correctness = evaluation.correctness_of(run.dataset)
+    after = evaluate_policy(s.model, s.tok, test, salient, run.reward, run.ppo, device,
+                            correct=evaluation.CORRECTNESS[correctness])
     shown_after = candidates(s.model, s.tok, [r["prompt"] for r in test[:3]], salient, run.reward, run.ppo, device,
                              num_samples=2)
-    print_report(report["before"], after, report["shown_before"], shown_after, len(test), run.ppo.num_samples)
+    print_report(report["before"], after, report["shown_before"], shown_after, len(test), run.ppo.num_samples,
+                 correctness)
     logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     first, last = next(r for r in logged if r["stage"] == "rl_eval"), logged[-1]
     print(f"fixed validation set ({len(eval_set)} prompts): reward {first['reward']:+.4f} -> {last['reward']:+.4f}")
     skipped = sum(r.get("skipped", 0) for r in logged if r["stage"] == "rl")
     log(dict(stage="rl_summary", iterations=run.iterations, rl_seconds=round(rl_seconds, 1), skipped_updates=skipped,
+             reward_name=run.reward_name, temperature=run.ppo.temperature, sft_noise=run.sft_noise,
+             correctness=correctness, num_samples=run.ppo.num_samples,
              **{f"before_{k}": report["before"][k] for k in REPORT_KEYS}, **{f"after_{k}": after[k] for k in REPORT_KEYS}))
 
 
@@ -415,7 +474,7 @@ def eval_stage(run, s: Setup, device) -> int:
     """--stage eval: the fixed evaluation set and the test prompts, scored (`evaluate_policy`)."""
     salient = SalientTokens.from_idf(s.tok, s.idf)
     for name, recs in (("fixed validation set", s.splits.val[:run.eval_prompts]), ("test", s.splits.test[:run.num_eval])):
-        res = evaluate_policy(s.model, s.tok, recs, salient, run.reward, run.ppo, device)
+        res = evaluate_policy(s.model, s.tok, recs, salient, run.reward, run.ppo, device, correct=task_correctness(run))
         print(f"{name} ({len(recs)} prompts): " + " | ".join(f"{k} {v:.4f}" for k, v in res.items()))
     return 0
 

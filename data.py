@@ -89,7 +89,8 @@ _FORMAT = 'each line must be a JSON object like {"prompt": "...", "response": ".
 def load_jsonl(path: str) -> list[dict]:
     """Read ``{"prompt", "response"}`` records (one JSON object a line, blank lines skipped).
 
-    Other fields are ignored, except a string ``group`` which is kept (see ``split``). Each record
+    Other fields are ignored, except a string ``group`` (see ``split``) and ``wrong`` (a plausible
+    wrong response, what ``--sft-noise`` trains on, see ``sft_noise``), which are kept. Each record
     also keeps its ``line`` in the file, so a later check (``encode_records``) can name it.
     Bytes are decoded line by line so a bad byte is reported with its line number.
     """
@@ -129,10 +130,11 @@ def load_jsonl(path: str) -> list[dict]:
             if not obj[key].strip():
                 raise DataError(f"{where}: field '{key}' is empty; give it some text or drop the line")
             rec[key] = obj[key]
-        if "group" in obj:
-            if not isinstance(obj["group"], str):
-                raise DataError(f"{where}: field 'group' must be a string when present")
-            rec["group"] = obj["group"]
+        for key in ("group", "wrong"):
+            if key in obj:
+                if not isinstance(obj[key], str) or not obj[key].strip():
+                    raise DataError(f"{where}: field '{key}' must be a non-empty string when present")
+                rec[key] = obj[key]
         records.append(rec)
     if not records:
         raise DataError(f"{path}: no records (the file is empty or only blank lines); {_FORMAT}")
@@ -147,6 +149,40 @@ def check_splits(splits: Splits) -> None:
         raise DataError(f"{sum(n)} records split into {n[0]} train / {n[1]} validation / {n[2]} test pairs; a run "
                         f"needs at least one validation and one test pair (10% each, records sharing a prompt stay "
                         f"together): give at least 6 records with distinct prompts")
+
+
+def sft_noise(records: list[dict], share: float, seed: int, off_topic: bool = False) -> tuple[list[dict], list[int]]:
+    """SFT data with known mistakes, so the SFT policy has good and bad behaviours for RL to choose
+    between (headroom by construction; DECISIONS.md §5). Exactly round(share * n) records, drawn with
+    `seed`, get a wrong response in place of the reference: their own ``wrong`` field (qa-grounded: the
+    distractor's answer; a user's JSONL), or with `off_topic` (instruct) the response to another
+    instruction of `records`. The records given are not changed: evaluation, relevance and the oracle
+    keep the clean references. Records whose `wrong` equals their response (a distractor that happens to
+    say the same) are never drawn. Returns (the noisy copy, the indices corrupted)."""
+    if not 0 <= share < 1:
+        raise ValueError(f"the noise share must be in [0, 1), got {share}")
+    lacking = next((r for r in records if "wrong" not in r), None)
+    if not off_topic and lacking is not None:
+        where = f"line {lacking['line']}" if "line" in lacking else f"record {records.index(lacking)}"
+        raise DataError(f"{where}: no 'wrong' field; --sft-noise replaces a share of the SFT responses with each "
+                        f"record's plausible wrong response, so every record needs one (\"wrong\": \"...\")")
+    rng = random.Random(seed)
+    eligible = [i for i, r in enumerate(records) if off_topic or r["wrong"] != r["response"]]   # a wrong that is wrong
+    count = round(share * len(records))
+    if count > len(eligible):
+        raise DataError(f"--sft-noise {share}: {count} responses to replace, but only {len(eligible)} records have a "
+                        f"'wrong' response that differs from theirs")
+    corrupted = sorted(rng.sample(eligible, count))
+    noisy = list(records)
+    for i in corrupted:
+        if off_topic:
+            j = next(j for j in iter(lambda: rng.randrange(len(records)), None)
+                     if records[j]["response"] != records[i]["response"])
+            wrong = records[j]["response"]
+        else:
+            wrong = records[i]["wrong"]
+        noisy[i] = {**records[i], "response": wrong}
+    return noisy, corrupted
 
 
 def dataset_name(name_or_path: str) -> str:

@@ -37,24 +37,46 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(words(prediction) == words(reference))
 
 
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F-measure (§7.4: the paper scores responses by ROUGE-L against references): the F1 of
-    LCS precision LCS/|candidate| and recall LCS/|reference|, over `words`. 0.0 when either side
-    has no words or nothing in common."""
-    c, r = words(candidate), words(reference)
-    if not c or not r:
-        return 0.0
+def lcs(c: list[str], r: list[str]) -> int:
+    """Length of the longest common subsequence of two word lists."""
     prev = [0] * (len(r) + 1)                      # prev[j]: LCS length of the words of c so far and r[:j]
     for ci in c:
         cur = [0]
         for j, rj in enumerate(r, start=1):
             cur.append(prev[j - 1] + 1 if ci == rj else max(prev[j], cur[j - 1]))
         prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
+    return prev[-1]
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F-measure (§7.4: the paper scores responses by ROUGE-L against references): the F1 of
+    LCS precision LCS/|candidate| and recall LCS/|reference|, over `words`. 0.0 when either side
+    has no words or nothing in common."""
+    c, r = words(candidate), words(reference)
+    common = lcs(c, r) if c and r else 0
+    if common == 0:
         return 0.0
-    precision, recall = lcs / len(c), lcs / len(r)
+    precision, recall = common / len(c), common / len(r)
     return 2 * precision * recall / (precision + recall)
+
+
+def reference_match(candidate: str, reference: str) -> float:
+    """LCS / max(|candidate|, |reference|) over `words`: the smaller of ROUGE-L's precision and recall.
+    The correctness of a free-form task (instruct) and its oracle (DECISIONS.md §9): unlike F1, leaving
+    a word out costs as much as getting it wrong (recall), and padding costs too (precision), so
+    neither is a way to win it. 1.0 only for the reference's words in order; 0.0 with no words."""
+    c, r = words(candidate), words(reference)
+    return lcs(c, r) / max(len(c), len(r)) if c and r else 0.0
+
+
+CORRECTNESS = {"exact_match": exact_match, "reference_match": reference_match}
+"""The task's correctness, one per task: exact-match for short answers (the QA datasets),
+reference_match for free-form responses (instruct, a user's JSONL)."""
+
+
+def correctness_of(dataset: str) -> str:
+    """The name of `dataset`'s correctness measure (CORRECTNESS)."""
+    return "exact_match" if data.dataset_name(dataset).startswith("qa") else "reference_match"
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,26 +286,43 @@ def greedy_scores(model, tok, records, device, max_new_tokens=64) -> tuple[list[
             sum(rouge_l(p, r["response"]) for p, r in zip(preds, records)) / n)
 
 
+def sample_correctness(texts: list[str], references: list[str], n: int, correct=exact_match) -> tuple[float, float]:
+    """(mean correctness of the samples, mean over prompts of the best of each prompt's n samples):
+    texts and references hold n consecutive candidates per prompt. With exact-match the second is
+    pass@n, the share of prompts that at least one sample answers right."""
+    scores = torch.tensor([correct(t, ref) for t, ref in zip(texts, references)], dtype=torch.float64).view(-1, n)
+    return float(scores.mean()), float(scores.max(dim=1).values.mean())
+
+
 @torch.no_grad()
-def sampled_terms(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed=1234, batch_size=64) -> dict:
-    """The mean reward and reward terms of N candidates per prompt sampled with a fixed seed, so two
-    checkpoints are compared on the same random numbers."""
+def sampled_terms(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed=1234, batch_size=64,
+                  correct=exact_match) -> dict:
+    """The mean reward and reward terms of N candidates per prompt sampled with a fixed seed at the RL
+    temperature (so two checkpoints are compared on the same random numbers), and how correct those
+    samples are: `sampled_correct` and `pass_at_n` (`sample_correctness` with `correct`)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    sums, count, sp = {}, 0, data.specials(tok)
+    sums, count, sp, N = {}, 0, data.specials(tok), ppo_cfg.num_samples
+    texts, references = [], []
     for i in range(0, len(records), batch_size):
-        src, src_mask = prompt_batch(tok, [r["prompt"] for r in records[i:i + batch_size]], device, sp)
-        _, terms, _, _ = ppo.score(model, src, src_mask, salient, reward_cfg, ppo_cfg, sp, gen)
+        batch = records[i:i + batch_size]
+        src, src_mask = prompt_batch(tok, [r["prompt"] for r in batch], device, sp)
+        rollout, terms, _, _ = ppo.score(model, src, src_mask, salient, reward_cfg, ppo_cfg, sp, gen)
+        texts += [data.decode(tok, row.tolist(), sp) for row in rollout.tokens.cpu()]
+        references += [r["response"] for r in batch for _ in range(N)]
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.sum())
         count += len(terms["reward"])
-    return {k: v / count for k, v in sums.items()}
+    out = {k: v / count for k, v in sums.items()}
+    out["sampled_correct"], out["pass_at_n"] = sample_correctness(texts, references, N, correct)
+    return out
 
 
-def evaluate_policy(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed=1234) -> dict:
-    """A fixed evaluation: `sampled_terms`, plus exact-match and ROUGE-L of the greedy answers
-    against the references (§7.4)."""
-    out = sampled_terms(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed)
-    _, out["exact_match"], out["rouge_l"] = greedy_scores(model, tok, records, device, ppo_cfg.max_new_tokens)
+def evaluate_policy(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed=1234, correct=exact_match) -> dict:
+    """A fixed evaluation: `sampled_terms`, plus exact-match, ROUGE-L and the task's correctness
+    (`correct`) of the greedy answers against the references (§7.4)."""
+    out = sampled_terms(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed, correct=correct)
+    preds, out["exact_match"], out["rouge_l"] = greedy_scores(model, tok, records, device, ppo_cfg.max_new_tokens)
+    out["correct"] = sum(correct(p, r["response"]) for p, r in zip(preds, records)) / max(1, len(records))
     return out
 
 
@@ -305,11 +344,12 @@ def format_candidate(text, t) -> str:
             f"| sink {t['sink_share']:.2f} | {text}")
 
 
-REPORT_KEYS = ("reward", "coverage", "focus", "repeat", "sink_share", "length", "exact_match", "rouge_l")
+REPORT_KEYS = ("reward", "coverage", "focus", "repeat", "sink_share", "length", "exact_match", "rouge_l", "correct",
+               "sampled_correct", "pass_at_n")
 
 
 def print_report(before: dict, after: dict, shown_before: list, shown_after: list, num_test: int,
-                 num_samples: int) -> None:
+                 num_samples: int, correctness: str = "exact_match") -> None:
     """The end of the RL stage: the shown candidates before and after RL, then every metric of
     REPORT_KEYS on the test prompts before and after."""
     print("\nCandidates before -> after RL (2 samples each, fixed seed):")
@@ -319,7 +359,8 @@ def print_report(before: dict, after: dict, shown_before: list, shown_after: lis
             print(f"    before  {format_candidate(text, t)}")
         for text, t in a:
             print(f"    after   {format_candidate(text, t)}")
-    print(f"\n{'metric':12s} {'before RL':>10s} {'after RL':>10s}   (test split, {num_test} prompts; reward terms on "
-          f"{num_samples} fixed-seed samples per prompt, EM and ROUGE-L on greedy answers)")
+    print(f"\n{'metric':15s} {'before RL':>10s} {'after RL':>10s}   (test split, {num_test} prompts; reward terms, "
+          f"sampled_correct and pass_at_n on {num_samples} fixed-seed samples per prompt at the RL temperature; "
+          f"exact_match, rouge_l and correct on greedy answers; correct: {correctness})")
     for k in REPORT_KEYS:
-        print(f"{k:12s} {before[k]:10.4f} {after[k]:10.4f}")
+        print(f"{k:15s} {before[k]:10.4f} {after[k]:10.4f}")

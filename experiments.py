@@ -112,7 +112,7 @@ def table_settings(run, exp: ExperimentConfig) -> dict:
         except ValueError as e:
             raise runs.UsageError(f"--experiment table1, row {m.name}: {e}") from None
     return dict(dataset=run.dataset, size=run.size, data_seed=run.seed, warmup=run.sft.warmup,
-                sft_steps=run.sft.steps, sft_batch_size=run.sft.batch_size, sft_lr=run.sft.lr,
+                sft_steps=run.sft.steps, sft_batch_size=run.sft.batch_size, sft_lr=run.sft.lr, sft_noise=run.sft_noise,
                 iterations=run.iterations, num_eval=run.num_eval, methods=methods,
                 eval_ppo=asdict(run.ppo), eval_reward=asdict(run.reward),
                 rm=dict(synthetic_steps=exp.rm_steps, human_steps=exp.rm_steps, human_prompts=exp.human_prompts,
@@ -159,9 +159,10 @@ def evaluate_row(policy, tok, test, test_pairs, salient, classifier, settings, d
 # The table
 # --------------------------------------------------------------------------------------------
 
-def seed_sft(seed, sd: Path, settings, cfg, tok, splits, train_pairs, salient, device) -> tuple[dict, float]:
-    """The SFT model of one seed (the No-RL row and every RL row's start): (its weights, its seconds),
-    read from sd/sft.pt when an earlier call wrote it."""
+def seed_sft(seed, sd: Path, settings, cfg, tok, splits, sft_pairs, salient, device) -> tuple[dict, float]:
+    """The SFT model of one seed (the No-RL row and every RL row's start), trained on `sft_pairs` (with
+    --sft-noise, a share made wrong): (its weights, its seconds), read from sd/sft.pt when an earlier
+    call wrote it."""
     sft_path = sd / "sft.pt"
     if sft_path.exists():
         sft_seconds = json.loads((sd / "sft.json").read_text())["seconds"]
@@ -174,7 +175,7 @@ def seed_sft(seed, sd: Path, settings, cfg, tok, splits, train_pairs, salient, d
     sft_cfg = SFTConfig(steps=settings["sft_steps"], batch_size=settings["sft_batch_size"], lr=settings["sft_lr"],
                         warmup=settings["warmup"], eval_every=max(1, settings["sft_steps"] // 3))
     val_pairs = data.encode_records(tok, splits.val[:200], cfg.max_src_len, cfg.max_tgt_len)
-    train_sft(model, train_pairs, val_pairs, sft_cfg, device, specials=data.specials(tok), seed=seed)
+    train_sft(model, sft_pairs, val_pairs, sft_cfg, device, specials=data.specials(tok), seed=seed)
     sft_seconds = time.time() - t0
     runs.save_checkpoint(sft_path, model, tok, salient.idf, size=settings["size"], dataset=settings["dataset"],
                          stage="sft", seed=seed)
@@ -208,14 +209,14 @@ def rl_row(m: Method, seed, settings, policy, sft_state, tok, splits, train_pair
     return row
 
 
-def run_seed(seed, work, settings, tok, splits, train_pairs, salient, classifier, device) -> dict:
+def run_seed(seed, work, settings, tok, splits, train_pairs, sft_pairs, salient, classifier, device) -> dict:
     """Every row of one seed; rows already on disk are read, not recomputed."""
     sd = work / f"seed{seed}"
     sd.mkdir(parents=True, exist_ok=True)
     cfg = config_for(settings["size"], vocab_size=tok.get_vocab_size())
     test = splits.test[:settings["num_eval"]]
     test_pairs = data.encode_records(tok, test, cfg.max_src_len, cfg.max_tgt_len)
-    sft_state, sft_seconds = seed_sft(seed, sd, settings, cfg, tok, splits, train_pairs, salient, device)
+    sft_state, sft_seconds = seed_sft(seed, sd, settings, cfg, tok, splits, sft_pairs, salient, device)
     rows = {}
     for m in METHODS:
         path = sd / f"{m.name}.json"
@@ -377,7 +378,8 @@ class Shared:
     splits: object
     tok: object
     cfg: object
-    train_pairs: list
+    train_pairs: list               # clean: RL's prompts, the oracle's references
+    sft_pairs: list                 # what SFT trains on: with --sft-noise, a share made wrong
     salient: SalientTokens
     classifier: PairScorer
     clf_stats: dict
@@ -402,6 +404,9 @@ def shared_setup(run, work: Path, settings: dict, device) -> Shared:
     cfg = config_for(size, vocab_size=tok.get_vocab_size())
     try:
         train_pairs = data.encode_records(tok, splits.train, cfg.max_src_len, cfg.max_tgt_len)
+        noisy = data.sft_noise(splits.train, run.sft_noise, run.seed, off_topic=dataset == "instruct")[0] \
+            if run.sft_noise else splits.train
+        sft_pairs = data.encode_records(tok, noisy, cfg.max_src_len, cfg.max_tgt_len)
         for held_out in (splits.val, splits.test):
             data.encode_records(tok, held_out, cfg.max_src_len, cfg.max_tgt_len)
     except ValueError as e:
@@ -413,7 +418,7 @@ def shared_setup(run, work: Path, settings: dict, device) -> Shared:
         runs.write_text(tok_path, data.tokenizer_to_str(tok))
     salient = SalientTokens.build(tok, [p for p, _ in train_pairs])
     classifier, clf_stats = relevance_classifier(work, tok, splits, cfg, settings, device)
-    return Shared(data.dataset_name(dataset), splits, tok, cfg, train_pairs, salient, classifier, clf_stats)
+    return Shared(data.dataset_name(dataset), splits, tok, cfg, train_pairs, sft_pairs, salient, classifier, clf_stats)
 
 
 def work_dir(run, kind: str) -> Path:
@@ -431,7 +436,8 @@ def run_table1(run, device) -> int:
     sh = shared_setup(run, work, settings, device)
     name, tok, splits = sh.name, sh.tok, sh.splits
     seeds = list(range(run.seed, run.seed + exp.seeds))
-    per_seed = {s: run_seed(s, work, settings, tok, splits, sh.train_pairs, sh.salient, sh.classifier, device)
+    per_seed = {s: run_seed(s, work, settings, tok, splits, sh.train_pairs, sh.sft_pairs, sh.salient, sh.classifier,
+                            device)
                 for s in seeds}
     compute = sum(ps["sft_seconds"] + sum(r["seconds"] for r in ps["rows"].values()) for ps in per_seed.values())
     compute += sh.clf_stats["seconds"]

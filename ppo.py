@@ -66,11 +66,14 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     """Gradient-norm clipping (0 = off; the paper states none, 1.0 is the project's choice)."""
     temperature: float = 1.0
-    """Sampling temperature; log-probabilities are of softmax(logits / temperature) (DECISIONS.md §3)."""
-    top_k: int | None = 50
-    """Top-k sampling (§5 names "top-k or nucleus sampling" without a k; 50 is the project's choice); none = off."""
+    """Sampling temperature: RL draws from softmax(logits / temperature) over the whole vocabulary, the
+    distribution of the ratio, the KL and the rival rewards (DECISIONS.md §3). CPU profiles: chosen by
+    measurement (README, "The RL stage")."""
+    top_k: int | None = None
+    """Top-k sampling for --stage sample and display only (§5 names "top-k or nucleus sampling"); RL refuses
+    it, since its log-probabilities are of the full softmax (DECISIONS.md §3); none = off."""
     top_p: float | None = None
-    """Nucleus sampling; none = off."""
+    """Nucleus sampling for --stage sample and display only, refused in RL like top_k; none = off."""
     max_new_tokens: int = 64
     """Longest sampled response (the project's choice: the paper states none)."""
 
@@ -97,6 +100,18 @@ class PPOConfig:
                               related="kl_coef")
 
 
+def check_on_policy(cfg: PPOConfig) -> None:
+    """RL samples from the distribution its ratio r_t, its KL estimate and the rival rewards use:
+    softmax(logits / T) over the whole vocabulary. Top-k or top-p would draw from a truncated one, so
+    tail tokens would never be sampled and never pushed down, and the k1 KL could turn negative (a
+    bonus); a ConfigError here, before any work (DECISIONS.md §3)."""
+    for name in ("top_k", "top_p"):
+        if getattr(cfg, name) is not None:
+            raise ConfigError(name, getattr(cfg, name), "none in RL: RL samples from the full softmax at the RL "
+                              "temperature, the distribution of its log-probabilities (top-k/top-p are for "
+                              "--stage sample)")
+
+
 # What the paper states (§4, §7.2): every other PPOConfig field is the project's choice.
 PAPER = dict(algo="ppo", prompts_per_iter=64, num_samples=4, lr=1e-5, clip_eps=0.2, baseline="value", kl_coef=0.0)
 
@@ -110,13 +125,13 @@ PAPER = dict(algo="ppo", prompts_per_iter=64, num_samples=4, lr=1e-5, clip_eps=0
 # that the fixed set is scored at iterations 0, 10 and 20 of 7 RL rows x 3 seeds.
 # "pretrained" (--init with a T5 snapshot) keeps the paper's setting, lr 1e-5 included: the paper's own
 # case is a pretrained model. Every run prints its values next to the paper's.
-CPU_PPO = dict(lr=1e-4, baseline="group", whiten=True, kl_coef=0.1, epochs=4, minibatches=4)
-TABLE_CPU_PPO = dict(lr=1e-4, baseline="group", whiten=True, epochs=2, minibatches=2)
+CPU_PPO = dict(lr=3e-5, baseline="group", whiten=True, kl_coef=0.1, epochs=4, minibatches=4, temperature=0.5)
+TABLE_CPU_PPO = dict(lr=3e-5, baseline="group", whiten=True, epochs=4, minibatches=4, temperature=0.5)
 RL_PROFILES = {
     "run": {"tiny": dict(iterations=40, ppo=CPU_PPO), "small": dict(iterations=40, ppo=CPU_PPO),
             "base": dict(iterations=500, ppo={}), "1.3b": dict(iterations=500, ppo={}),
             "pretrained": dict(iterations=200, ppo={})},
-    "table1": {"tiny": dict(iterations=15, ppo=TABLE_CPU_PPO), "small": dict(iterations=15, ppo=TABLE_CPU_PPO),
+    "table1": {"tiny": dict(iterations=20, ppo=TABLE_CPU_PPO), "small": dict(iterations=20, ppo=TABLE_CPU_PPO),
                "base": dict(iterations=200, ppo={}), "1.3b": dict(iterations=500, ppo={}),
                "pretrained": dict(iterations=200, ppo={})},
     "rewards": {"tiny": dict(iterations=20, ppo=TABLE_CPU_PPO), "small": dict(iterations=20, ppo=TABLE_CPU_PPO),
@@ -497,6 +512,7 @@ def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfi
     row without an applied step raise NonFiniteError. Under torchrun each rank samples its shard
     with its own stream, advantages are whitened over all ranks, the ranks skip together, DDP
     averages the gradients and logged floats are means over ranks. Returns the metric rows."""
+    check_on_policy(cfg)
     device = next(model.parameters()).device
     rank, world = parallel.rank_and_world()
     gen, cpu_gen, kl_coef, start = _streams(device, seed, cfg, resume)

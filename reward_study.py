@@ -10,7 +10,7 @@ there is room to improve; one Bradley-Terry reward model on simulated limited hu
 (the hybrid row's); then one PPO run per reward (baselines.py), all from that SFT policy, with the
 same prompts in the same order. Every `eval_every` iterations the fixed evaluation set (validation
 prompts, N candidates each, a fixed sampling seed) is scored by every reward and by correctness
-(exact-match on qa, relevance on instruct, ROUGE-L on both): the Spearman correlations within and
+(exact-match on the QA tasks, reference match on instruct; ROUGE-L on both): the Spearman correlations within and
 across prompts are the curves of the plot. Each row ends with greedy answers on the test split.
 
 Rows are written to the work directory (runs/rewards-<dataset>-<size>/) as soon as they are done,
@@ -46,23 +46,27 @@ class Row:
     label: str
     kind: str        # "start" | "self-supervised" | "control" | "not self-supervised"
     source: str
+    reward: str | None = None    # its --reward name (baselines.REWARD_NAMES); None: no RL
 
 
 ROWS = (
     Row("sft", "SFT (start of every row)", "start", "the supervised policy every row starts from"),
-    Row("cagsr", "Attention reward (CAGSR, PPO)", "self-supervised", "§3.2: coverage + focus - repetition"),
-    Row("self_certainty", "Self-certainty", "self-supervised", "Intuitor, arXiv 2505.19590"),
-    Row("neg_entropy", "Negative entropy", "self-supervised", "EM-RL, arXiv 2505.15134"),
-    Row("logprob", "Mean token log-probability", "self-supervised", "trajectory probability, TTRL's family"),
-    Row("random", "Random, Bernoulli(0.5)", "control", "spurious-reward control, arXiv 2506.10947"),
-    Row("oracle", "Oracle: ROUGE-L vs reference", "control", "positive control: it reads the answer"),
+    Row("cagsr", "Attention reward (CAGSR, PPO)", "self-supervised", "§3.2: coverage + focus - repetition", "attention"),
+    Row("self_certainty", "Self-certainty", "self-supervised", "Intuitor, arXiv 2505.19590", "self-certainty"),
+    Row("neg_entropy", "Negative entropy", "self-supervised", "EM-RL, arXiv 2505.15134", "neg-entropy"),
+    Row("logprob", "Mean token log-probability", "self-supervised", "trajectory probability, TTRL's family", "logprob"),
+    Row("random", "Random, Bernoulli(0.5)", "control", "spurious-reward control, arXiv 2506.10947", "random"),
+    Row("oracle", "Oracle: correctness vs reference", "control", "positive control: it reads the answer (exact-match "
+        "on QA, reference match on instruct)", "oracle"),
     Row("hybrid", "Hybrid: attention + RM", "not self-supervised", "§6, §9: attention reward + weight x reward "
-        "model on limited (simulated) human preferences"),
+        "model on limited (simulated) human preferences", "hybrid"),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 REWARDS = ("attention", "self_certainty", "neg_entropy", "logprob", "random", "oracle", "hybrid")
 OWN_REWARD = {"cagsr": "attention", **{r: r for r in REWARDS if r != "attention"}}
-METRICS = ("exact_match", "rouge_l", "relevance")
+METRICS = ("correct", "rouge_l", "relevance")
+"""Test metrics of every row: the task's correctness (exact-match on QA, reference match on instruct;
+evaluation.CORRECTNESS), ROUGE-L and the relevance classifier's, on greedy answers."""
 EVAL_SEED = 1234
 
 
@@ -70,7 +74,7 @@ def study_settings(run) -> dict:
     """Everything the rows depend on (a changed setting never reuses an old row)."""
     exp = run.experiment
     return dict(study="rewards", dataset=run.dataset, size=run.size, data_seed=run.seed, warmup=run.sft.warmup,
-                sft_steps=run.sft.steps, sft_batch_size=run.sft.batch_size, sft_lr=run.sft.lr,
+                sft_steps=run.sft.steps, sft_batch_size=run.sft.batch_size, sft_lr=run.sft.lr, sft_noise=run.sft_noise,
                 iterations=run.iterations, num_eval=run.num_eval, eval_every=run.eval_every,
                 eval_prompts=run.eval_prompts, ppo=asdict(run.ppo), reward=asdict(run.reward),
                 rm=dict(human_steps=exp.rm_steps, human_prompts=exp.human_prompts, label_noise=0.1),
@@ -82,18 +86,15 @@ def study_settings(run) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def row_reward(name: str, sh, rm: PairScorer, settings: dict, seed: int):
-    """The reward_fn of ppo.train for row `name` (None: the attention reward)."""
-    if name == "cagsr":
-        return None
-    if name in baselines.RolloutReward.KINDS:
-        return baselines.RolloutReward(name)
-    if name == "random":
-        return baselines.RandomReward(seed)
-    if name == "oracle":
-        return baselines.OracleReward.from_records(sh.tok, sh.splits.train)
-    if name == "hybrid":
-        return baselines.HybridReward(rm, settings["hybrid_weight"])
-    raise ValueError(f"row {name!r} has no reward")
+    """The reward_fn of ppo.train for row `name` (None: the attention reward): the registry behind --reward."""
+    row = next(r for r in ROWS if r.name == name)
+    return baselines.make_reward(row.reward, tok=sh.tok, records=sh.splits.train, seed=seed, correct=correctness(settings),
+                                 rm=rm, hybrid_weight=settings["hybrid_weight"])
+
+
+def correctness(settings: dict):
+    """The task's correctness measure (evaluation.CORRECTNESS): exact-match on QA, reference match else."""
+    return evaluation.CORRECTNESS[evaluation.correctness_of(settings["dataset"])]
 
 
 def correlations(reward, correct, n: int) -> dict:
@@ -116,20 +117,19 @@ def fixed_eval(policy, sh, fixed: list[dict], rm: PairScorer, settings: dict, de
     src, src_mask = evaluation.prompt_batch(tok, prompts, device, sp)
     gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
     r, terms, _, _ = ppo.score(policy, src, src_mask, sh.salient, reward_cfg, ppo_cfg, sp, gen)
-    pairs = baselines.OracleReward.from_records(tok, fixed).texts(src, src_mask, r)    # decoded once
+    oracle = baselines.OracleReward.from_records(tok, fixed, correctness(settings))
+    pairs = oracle.texts(src, src_mask, r)                                              # decoded once
     rewards = dict(attention=terms["reward"], random=baselines.RandomReward(EVAL_SEED)(src, src_mask, r),
-                   oracle=torch.tensor(baselines.OracleReward.scores(pairs)),
+                   oracle=torch.tensor(oracle.scores(pairs)),
                    hybrid=baselines.HybridReward(rm, settings["hybrid_weight"])(src, src_mask, r, terms),
                    **{k: baselines.RolloutReward(k)(src, src_mask, r) for k in baselines.RolloutReward.KINDS})
     texts = [t for t, _ in pairs]
     refs = [rec["response"] for rec in fixed for _ in range(N)]
     rouge = [evaluation.rouge_l(t, ref) for t, ref in zip(texts, refs)]
-    if is_qa(settings):
-        correct = [evaluation.exact_match(t, ref) for t, ref in zip(texts, refs)]
-    else:
-        correct = evaluation.relevance(sh.classifier, tok, [p for p in prompts for _ in range(N)], texts, device)
+    correct = [correctness(settings)(t, ref) for t, ref in zip(texts, refs)]
     rewards = {k: v.float().cpu().numpy() for k, v in rewards.items()}
     return dict(correct=float(np.mean(correct)), rouge_l=float(np.mean(rouge)),
+                pass_at_n=float(np.asarray(correct).reshape(-1, N).max(1).mean()),
                 per_prompt_correct=np.asarray(correct).reshape(-1, N).mean(1).tolist(),
                 rewards={k: float(v.mean()) for k, v in rewards.items()},
                 vs_correct={k: correlations(v, correct, N) for k, v in rewards.items()},
@@ -140,11 +140,11 @@ def is_qa(settings: dict) -> bool:
     return data.dataset_name(settings["dataset"]).startswith("qa")
 
 
-def test_metrics(policy, sh, test: list[dict], device, max_new_tokens: int) -> dict:
-    """Greedy answers on the test prompts: per-prompt exact-match, ROUGE-L and relevance, and 3 examples."""
+def test_metrics(policy, sh, test: list[dict], device, settings: dict) -> dict:
+    """Greedy answers on the test prompts: per-prompt correctness, ROUGE-L and relevance, and 3 examples."""
     prompts = [r["prompt"] for r in test]
-    preds = evaluation.answer(policy, sh.tok, prompts, device, max_new_tokens=max_new_tokens)
-    return dict(exact_match=[evaluation.exact_match(p, r["response"]) for p, r in zip(preds, test)],
+    preds = evaluation.answer(policy, sh.tok, prompts, device, max_new_tokens=settings["ppo"]["max_new_tokens"])
+    return dict(correct=[correctness(settings)(p, r["response"]) for p, r in zip(preds, test)],
                 rouge_l=[evaluation.rouge_l(p, r["response"]) for p, r in zip(preds, test)],
                 relevance=evaluation.relevance(sh.classifier, sh.tok, prompts, preds, device),
                 examples=[dict(prompt=r["prompt"], answer=p, reference=r["response"]) for r, p in zip(test[:3], preds)])
@@ -195,7 +195,7 @@ def run_row(name: str, seed: int, settings: dict, sh, sft_state, rm, fixed, test
                                 specials=data.specials(sh.tok), seed=seed, progress=bar, on_iteration=on_iteration,
                                 reward_fn=row_reward(name, sh, rm, settings, seed))
         skipped = sum(h.get("skipped", 0) for h in history)
-    metrics = test_metrics(policy, sh, test, device, settings["ppo"]["max_new_tokens"])
+    metrics = test_metrics(policy, sh, test, device, settings)
     return dict(row=name, seed=seed, curve=curve, skipped_updates=skipped, test=metrics,
                 seconds=round(time.time() - t0, 1))
 
@@ -206,7 +206,7 @@ def run_seed(seed: int, work: Path, settings: dict, sh, device) -> dict:
     sd.mkdir(parents=True, exist_ok=True)
     test = sh.splits.test[:settings["num_eval"]]
     fixed = sh.splits.val[:settings["eval_prompts"]]
-    sft_state, sft_seconds = seed_sft(seed, sd, settings, sh.cfg, sh.tok, sh.splits, sh.train_pairs, sh.salient, device)
+    sft_state, sft_seconds = seed_sft(seed, sd, settings, sh.cfg, sh.tok, sh.splits, sh.sft_pairs, sh.salient, device)
     rm, rm_stats = seed_rm(seed, sd, settings, sft_state, sh, device)
     start = None
     rows = {}
@@ -221,7 +221,7 @@ def run_seed(seed: int, work: Path, settings: dict, sh, device) -> dict:
         rows[name] = row = run_row(name, seed, settings, sh, sft_state, rm, fixed, test, start, device)
         write_json(path, row)
         t, last = row["test"], row["curve"][-1]
-        print(f"seed {seed} | {name:14s} test EM {np.mean(t['exact_match']):.3f} ROUGE-L {np.mean(t['rouge_l']):.3f} "
+        print(f"seed {seed} | {name:14s} test correct {np.mean(t['correct']):.3f} ROUGE-L {np.mean(t['rouge_l']):.3f} "
               f"relevance {np.mean(t['relevance']):.3f} | fixed set correctness {last['correct']:.3f} | "
               f"{row['seconds']:.0f} s")
     return dict(sft_seconds=sft_seconds, rm=rm_stats, rows=rows)
@@ -245,6 +245,7 @@ def mean_curve(rows: list[dict]) -> list[dict]:
         corr = lambda key: {k: {f: _nanmean([p[key][k][f] for p in points]) for f in ("within", "across", "skipped")}
                             for k in REWARDS}
         out.append(dict(iteration=points[0]["iteration"], correct=_nanmean([p["correct"] for p in points]),
+                        pass_at_n=_nanmean([p["pass_at_n"] for p in points]),
                         rouge_l=_nanmean([p["rouge_l"] for p in points]),
                         rewards={k: _nanmean([p["rewards"][k] for p in points]) for k in REWARDS},
                         vs_correct=corr("vs_correct"), vs_rouge=corr("vs_rouge")))
@@ -281,8 +282,8 @@ def summarize(per_seed: dict, seeds: list[int]) -> dict:
 
 
 def headroom(summary: dict) -> dict:
-    """Does the oracle row beat SFT on ROUGE-L, with a 95% paired interval above 0?"""
-    d = summary["oracle"]["metrics"]["rouge_l"]["diff"]
+    """Does the oracle row beat SFT on the task's correctness, with a 95% paired interval above 0?"""
+    d = summary["oracle"]["metrics"]["correct"]["diff"]
     return dict(ok=bool(d["lo"] > 0), **d)
 
 
@@ -308,12 +309,12 @@ def _rho(c: dict) -> str:
 
 def markdown(result: dict) -> str:
     s, summ, h, qa = result["settings"], result["rows"], result["headroom"], result["is_qa"]
-    correct = "exact-match" if qa else "relevance"
-    check = (f"**Headroom check: passed.** The oracle row raises ROUGE-L by {h['diff']:+.3f} "
+    correct = "exact-match" if qa else "reference match"
+    check = (f"**Headroom check: passed.** The oracle row raises {correct} by {h['diff']:+.3f} "
              f"[{h['lo']:+.3f}, {h['hi']:+.3f}] over SFT (95% paired bootstrap over {s['num_eval']} test prompts): "
              f"RL from this SFT policy can improve, so a reward that does not improve it says something."
              if h["ok"] else
-             f"**HEADROOM CHECK FAILED: THIS COMPARISON CANNOT SHOW ANYTHING.** The oracle row changes ROUGE-L by "
+             f"**HEADROOM CHECK FAILED: THIS COMPARISON CANNOT SHOW ANYTHING.** The oracle row changes {correct} by "
              f"{h['diff']:+.3f} [{h['lo']:+.3f}, {h['hi']:+.3f}] (95% paired bootstrap): even a reward that reads "
              f"the answer does not beat SFT here, so no row's failure to do so is evidence against its reward.")
     lines = [f"# Which internal reward? `{s['dataset']}` ({s['size']} preset, {len(result['seeds'])} seeds)", "",
@@ -322,12 +323,18 @@ def markdown(result: dict) -> str:
              "## Test metrics (greedy answers)", "",
              f"Each cell: the difference from SFT with its 95% paired bootstrap interval (per-prompt metric averaged "
              f"over seeds, 10,000 resamples over {s['num_eval']} test prompts; * = the interval excludes 0), then the "
-             f"mean ± std over seeds. Exact-match and relevance in %.", "",
-             "| row | kind | exact-match (%) | ROUGE-L | relevance (%) | updates skipped |", "|---|---|---|---|---|---|"]
+             f"mean ± std over seeds. {correct.capitalize()} and relevance in %. Sampled: the fixed set's "
+             f"{s['ppo']['num_samples']} candidates per prompt at the RL temperature {s['ppo']['temperature']} at the "
+             f"last evaluation (mean {correct} of the samples / pass@{s['ppo']['num_samples']}, the best of each "
+             f"prompt's), mean over seeds.", "",
+             f"| row | kind | {correct} (%) | ROUGE-L | relevance (%) | sampled: {correct} / pass@"
+             f"{s['ppo']['num_samples']} (%) | updates skipped |", "|---|---|---|---|---|---|---|"]
     for r in ROWS:
         m = summ[r.name]["metrics"]
-        lines.append(f"| {r.label} | {r.kind} | {_cell(m['exact_match'], True)} | {_cell(m['rouge_l'])} | "
-                     f"{_cell(m['relevance'], True)} | {summ[r.name]['skipped_updates']} |")
+        end = summ[r.name]["curve"][-1]
+        lines.append(f"| {r.label} | {r.kind} | {_cell(m['correct'], True)} | {_cell(m['rouge_l'])} | "
+                     f"{_cell(m['relevance'], True)} | {100 * end['correct']:.1f} / {100 * end['pass_at_n']:.1f} | "
+                     f"{summ[r.name]['skipped_updates']} |")
     st = summ["sft"]["curve"][0]
     lines += ["", "## Each reward against correctness, on the SFT policy's candidates", "",
               f"{s['eval_prompts']} fixed validation prompts x {s['ppo']['num_samples']} candidates (sampling seed "
@@ -356,16 +363,22 @@ def markdown(result: dict) -> str:
     lines += ["", "## Notes", "",
               f"- Every RL row: {s['iterations']} PPO iterations x {s['ppo']['prompts_per_iter']} prompts x "
               f"{s['ppo']['num_samples']} candidates (lr {s['ppo']['lr']}, baseline {s['ppo']['baseline']}, whitened "
-              f"advantages, {s['ppo']['epochs']} epochs x {s['ppo']['minibatches']} minibatches, no KL penalty) from "
+              f"advantages, {s['ppo']['epochs']} epochs x {s['ppo']['minibatches']} minibatches, no KL penalty, samples "
+              f"from the full softmax at temperature {s['ppo']['temperature']}) from "
               f"one SFT policy per seed trained {s['sft_steps']} steps x {s['sft_batch_size']}, the same prompts in the "
               f"same order; only the reward differs.",
               "- Self-certainty, negative entropy and log-probability are read from the sampler's records: the "
-              "full-vocabulary logits / temperature before top-k, the distribution of the PPO log-probs.",
+              "full-vocabulary logits / temperature, the distribution RL samples from and the PPO log-probs use.",
               f"- Hybrid: attention reward + {s['hybrid_weight']} x a Bradley-Terry reward model fitted on "
               f"{s['rm']['human_prompts']} simulated human comparisons (annotators who prefer by ROUGE-L, "
               f"{s['rm']['label_noise']:.0%} label noise): {rm}. It uses labels, so it is not self-supervised.",
               "- Random and oracle are controls, not methods: random shows what RL does with a reward that carries no "
-              "information; oracle (ROUGE-L against the reference, the answer itself) shows that RL can improve here.",
+              f"information; oracle ({correct} against the clean reference, the answer itself) shows that RL can "
+              f"improve here.",
+              f"- SFT data: {s['sft_noise']:.0%} of the training responses replaced by plausible wrong ones "
+              f"(--sft-noise; qa-grounded: the distractor's answer, instruct: another instruction's response), so the "
+              f"SFT policy has right and wrong behaviours to choose between; evaluation and the oracle use the clean "
+              f"references.",
               f"- Relevance: the frozen classifier of Table 1 (held-out pairwise {result['classifier']['pairwise']:.1%})."]
     for r in ROWS:
         lines.append(f"- {r.label}: {r.source}.")
@@ -376,7 +389,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    correct = "exact-match" if result["is_qa"] else "relevance"
+    correct = "exact-match" if result["is_qa"] else "reference match"
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
     for r in ROWS[1:]:
         cur, own = result["rows"][r.name]["curve"], OWN_REWARD[r.name]
@@ -425,7 +438,7 @@ def run_rewards(run, device) -> int:
     plot(result, results / f"rewards_{sh.name}.png")
     print("\n" + md)
     if not result["headroom"]["ok"]:
-        print("WARNING: the headroom check failed (the oracle row does not beat SFT on ROUGE-L): this comparison "
+        print("WARNING: the headroom check failed (the oracle row does not beat SFT on correctness): this comparison "
               "cannot show anything; see the table's header.")
     print(f"wrote {results / f'rewards_{sh.name}.md'}, .json, .png | work directory {work}")
     return 0

@@ -67,6 +67,9 @@ class Run:
     out: str | None = None
     overwrite: bool = False
     experiment: ExperimentConfig | None = None
+    reward_name: str = "attention"   # --reward: the RL reward (baselines.REWARD_NAMES)
+    sft_noise: float = 0.0           # --sft-noise: the share of SFT training responses made wrong (data.sft_noise)
+    hybrid: dict = field(default_factory=dict)   # --reward hybrid: rm_steps, human_prompts, weight
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -244,11 +247,46 @@ def _check_results(args, dataset: str) -> None:
                          f"to write the tables elsewhere, or --overwrite to replace them")
 
 
+def _check_hybrid_weight(weight: float) -> None:
+    if not (math.isfinite(weight) and weight >= 0):
+        raise UsageError(f"--hybrid-weight {weight}: must be a finite number >= 0")
+
+
+SFT_NOISE = {"qa-grounded": 0.3, "instruct": 0.3}
+"""--sft-noise when not given, for a run that trains its SFT model: the bundled tasks with a plausible wrong
+answer get 30% of their SFT responses made wrong (headroom by construction, DECISIONS.md §5; chosen by
+measurement, README "The RL stage"); every other dataset, and a run from --init, none."""
+
+
+def sft_noise(args, dataset: str, experiment: bool) -> float:
+    """--sft-noise, else SFT_NOISE's default for a run or experiment that trains SFT from scratch."""
+    if args.sft_noise is not None:
+        return args.sft_noise
+    from_scratch = experiment or (args.stage in ("all", "sft") and args.init is None)
+    return SFT_NOISE.get(dataset_name(dataset), 0.0) if from_scratch else 0.0
+
+
+def _check_rl_choices(args, dataset: str, experiment: bool) -> None:
+    """--sft-noise and --reward: where they apply and what they can take."""
+    if args.sft_noise is not None and not (math.isfinite(args.sft_noise) and 0 <= args.sft_noise < 1):
+        raise UsageError(f"--sft-noise {args.sft_noise}: must be a share in [0, 1), e.g. 0.3")
+    if args.sft_noise and dataset_name(dataset) == "qa":
+        raise UsageError("--sft-noise on qa: closed-book QA has no plausible wrong answer to train on; use "
+                         "--dataset qa-grounded (the distractor's answer) or instruct (an off-topic response)")
+    if args.sft_noise and not experiment and args.stage not in ("all", "sft"):
+        raise UsageError(f"--sft-noise changes the SFT training data; --stage {args.stage} trains no SFT model")
+    if args.reward == "hybrid":
+        _at_least_1(rm_steps=args.rm_steps, human_prompts=args.human_prompts)
+        _check_hybrid_weight(args.hybrid_weight)
+    if experiment and args.reward != "attention":
+        raise UsageError(f"--reward {args.reward}: --experiment {args.experiment} sets each row's reward itself; "
+                         f"drop --reward")
+
+
 def _experiment(args) -> ExperimentConfig:
     _at_least_1(seeds=args.seeds, rm_steps=args.rm_steps, human_prompts=args.human_prompts,
                 relevance_steps=args.relevance_steps)
-    if not (math.isfinite(args.hybrid_weight) and args.hybrid_weight >= 0):
-        raise UsageError(f"--hybrid-weight {args.hybrid_weight}: must be a finite number >= 0")
+    _check_hybrid_weight(args.hybrid_weight)
     if args.init is not None:
         raise UsageError(f"--experiment {args.experiment} trains its own SFT model per seed from scratch; it does not take --init "
                          "(a table from a snapshot is not built yet)")
@@ -307,7 +345,7 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
     overrides, init, size = _model(args, resume_from)
     if init is not None and args.size is not None and args.size != init["size"] and args.resume is None:
         raise UsageError(f"--size {args.size} does not match the --init checkpoint, which is a {init['size']} model")
-    dataset = args.dataset or (init and init["dataset"]) or ("instruct" if experiment else "qa")
+    dataset = args.dataset or (init and init["dataset"]) or ("instruct" if experiment else "qa-grounded")
     _check_paths(args, dataset, experiment is not None)
     _at_least_1(iterations=args.iterations, eval_every=args.eval_every, eval_prompts=args.eval_prompts,
                 ckpt_every=args.ckpt_every, num_eval=args.num_eval)
@@ -319,6 +357,10 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
         sft = sft_config(size, steps=steps, batch_size=args.sft_batch_size, lr=args.sft_lr, warmup=args.warmup,
                          eval_every=args.sft_eval_every)
     ppo_cfg, reward_cfg, iterations = rl_configs(args, size, profile)
+    if experiment or args.stage in ("all", "rl"):
+        with flag_errors(given=_flags(args, ppo.PPOConfig)):
+            ppo.check_on_policy(ppo_cfg)
+    _check_rl_choices(args, dataset, experiment is not None)
     num_eval = args.num_eval if args.num_eval is not None else (300 if experiment else 500)
     stage = "dry-run" if args.dry_run else "experiment" if experiment else args.stage
     recorded = {**vars(args), "command": command, "dataset": dataset, "num_eval": num_eval}
@@ -329,7 +371,8 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
                eval_prompts=args.eval_prompts, ckpt_every=args.ckpt_every, prompts=list(args.prompt),
                truncate=args.truncate, device=args.device, precision=args.precision,
                grad_checkpoint=args.grad_checkpoint, compile=args.compile, out=args.out, overwrite=args.overwrite,
-               experiment=experiment)
+               experiment=experiment, reward_name=args.reward, sft_noise=sft_noise(args, dataset, experiment is not None),
+               hybrid=dict(rm_steps=args.rm_steps, human_prompts=args.human_prompts, weight=args.hybrid_weight))
 
 
 def resumed(defaults: dict, args, command: str):

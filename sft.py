@@ -57,7 +57,7 @@ SFT_DEFAULTS = {
 TABLE_SFT_STEPS = {"instruct": 600}
 # `--experiment rewards` starts from a weaker SFT policy, so that a reward that knows the answer (the
 # oracle row) has room to raise ROUGE-L; the runner checks that it does (README, "Which internal reward?").
-REWARDS_SFT_STEPS = {"qa": 600, "instruct": 200}
+REWARDS_SFT_STEPS = {"qa": 600, "qa-grounded": 300, "instruct": 200}
 
 
 def sft_config(size: str, **overrides) -> SFTConfig:

@@ -221,6 +221,8 @@ def make_qa_grounded(n: int = 10_000, seed: int = 0, num_entities: int = 750) ->
     The distractor is another fact about the same entity or about another entity
     (sometimes the same attribute), in random order, so the answer must be copied
     from the right clause: exactly what cross-attention coverage (§3.2) rewards.
+    ``wrong`` is the plausible mistake: the distractor's predicate said of the asked entity
+    (what ``--sft-noise`` puts in the SFT data, data.sft_noise).
     """
     rng = random.Random(seed)
     world = make_world(num_entities, seed)
@@ -243,14 +245,15 @@ def make_qa_grounded(n: int = 10_000, seed: int = 0, num_entities: int = 750) ->
             if (k2, j) == (kind, i):
                 continue
             attr2 = attr if k2 == kind and rng.random() < 0.5 else rng.choice(attrs2)
-            clauses = [f"{name} {fact}", f"{_name(world, k2, j)} {_predicate(world, k2, j, attr2)}"]
+            other = _predicate(world, k2, j, attr2)
+            clauses = [f"{name} {fact}", f"{_name(world, k2, j)} {other}"]
             rng.shuffle(clauses)
             context = rng.choice(("{}, and {}.", "{}, while {}.", "{}. {}.")).format(*clauses)
         questions = PERSON_QUESTIONS[attr] if kind == "p" else CITY_QUESTIONS[attr]
         prompt = f"{context} {rng.choice(questions).format(e=name)}"
         if prompt not in seen:
             seen.add(prompt)
-            records.append({"prompt": prompt, "response": f"{name} {fact}."})
+            records.append({"prompt": prompt, "response": f"{name} {fact}.", "wrong": f"{name} {other}."})
     if len(records) < n:
         raise ValueError(f"could only draw {len(records)} distinct grounded prompts; raise num_entities")
     return records

@@ -104,7 +104,7 @@ def test_help_states_each_default_and_whose_it_is(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in out
     # the "pretrained" profile (--init with a snapshot) keeps the paper's RL lr and fine-tunes SFT at 1e-4
-    assert "Adam learning rate (§7.2: 1e-5). (default: 0.0001 (tiny/small), 1e-05 (base/1.3b/pretrained))" in out
+    assert "Adam learning rate (§7.2: 1e-5). (default: 3e-05 (tiny/small), 1e-05 (base/1.3b/pretrained))" in out
     assert "(default: 0.002 (tiny), 0.001 (small), 0.0005 (base), 0.0001 (1.3b/pretrained))" in out    # --sft-lr
     assert "the paper states none, 1.0 is the project's choice" in out                # max_grad_norm
 
@@ -151,14 +151,14 @@ def test_the_synthetic_reward_model_is_scored_on_held_out_records():
     assert math.isclose(stats["label_accuracy"] * 6, round(stats["label_accuracy"] * 6), abs_tol=1e-6)
 
 
-def test_a_flag_set_to_none_turns_its_setting_off(tmp_path):
-    # Flags default to None ("not given"), so `--top-k none` once meant "not given" and the profile's
-    # top-k 50 stayed on without a word. Now none is a value: the setting is off.
+def test_a_flag_set_to_none_turns_its_setting_off(tmp_path, checkpoint):
+    # Flags default to None ("not given"), so `--top-k none` once meant "not given" and a profile's value
+    # stayed on without a word. Now none is a value: the setting is off.
     resolve = lambda *argv: settings.resolve(cagsr.build_parser().parse_args(
         [*argv, "--results-dir", str(tmp_path)]), "test")
-    assert resolve().ppo.top_k == 50
-    assert resolve("--top-k", "none").ppo.top_k is None
-    assert resolve("--top-k", "off", "--experiment", "rewards").ppo.top_k is None
-    assert resolve("--top-k", "7").ppo.top_k == 7
+    sample = ("--stage", "sample", "--init", str(checkpoint), "--prompt", "a?")
+    assert resolve(*sample, "--top-k", "7").ppo.top_k == 7
+    assert resolve(*sample, "--top-k", "7", "--top-k", "none").ppo.top_k is None
+    assert resolve().ppo.kl_coef == 0.1                                            # the CPU profile's
     assert resolve("--kl-coef", "0.1", "--kl-target", "2").ppo.kl_target == 2.0
-    assert resolve("--kl-coef", "0.1", "--kl-target", "none").ppo.kl_target is None
+    assert resolve("--kl-coef", "0.1", "--kl-target", "2", "--kl-target", "off").ppo.kl_target is None

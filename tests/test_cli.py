@@ -1,6 +1,7 @@
 """cagsr.py: flags, device choice, checkpoints, and the real CLI run as a subprocess."""
 
 import json
+import re
 import math
 import subprocess
 import sys
@@ -218,3 +219,67 @@ def test_gpu_preset_checkpoint_given_to_init_is_refused_on_a_cpu(tmp_path, capsy
     with pytest.raises(SystemExit, match=r"big\.pt is a 1\.3b model, a GPU preset"):
         cagsr.main(["--stage", "rl", "--init", str(path)])
     assert "plan for --size 1.3b" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- --reward, --sft-noise
+
+def noisy_jsonl(tmp_path) -> Path:
+    path = tmp_path / "facts.jsonl"
+    path.write_text("".join(json.dumps(dict(prompt=f"Ana {i} lives in Lima {i}. Where does Ana {i} live?",
+                                            response=f"Ana {i} lives in Lima {i}.", wrong=f"Ana {i} lives in Oslo."))
+                            + "\n" for i in range(40)))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["attention", "self-certainty", "neg-entropy", "logprob", "random", "oracle", "hybrid"])
+def test_each_reward_trains_a_tiny_run_and_is_recorded(tmp_path, name):
+    out = tmp_path / "run"
+    argv = ["--dataset", str(noisy_jsonl(tmp_path)), "--sft-noise", "0.25", "--sft-steps", "3", "--iterations", "2",
+            "--prompts-per-iter", "4", "--minibatches", "1", "--num-samples", "2", "--max-new-tokens", "6",
+            "--eval-every", "2", "--eval-prompts", "2", "--num-eval", "4", "--rm-steps", "2", "--human-prompts", "4",
+            "--reward", name, "--out", str(out)] + TINY
+    assert cagsr.main(argv) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = next(r for r in rows if r["stage"] == "rl_summary")
+    assert summary["reward_name"] == name and summary["sft_noise"] == 0.25 and summary["temperature"] == 0.5
+    assert next(r for r in rows if r["stage"] == "sft_eval")["corrupted"] == 8                  # round(0.25 * 32)
+    rl = [r for r in rows if r["stage"] == "rl"]
+    if name == "random":                        # Bernoulli(0.5) rewards: the mean of 8 candidates is k/8
+        assert all(abs(r["reward"] * 8 - round(r["reward"] * 8)) < 1e-6 for r in rl)
+    if name == "oracle":                        # exact-match against clean references: k/8 in [0, 1]
+        assert all(0 <= r["reward"] <= 1 and abs(r["reward"] * 8 - round(r["reward"] * 8)) < 1e-6 for r in rl)
+    assert json.loads((out / "args.json").read_text())["reward"] == name
+
+
+def test_sft_noise_trains_sft_on_the_wrong_responses_and_keeps_the_clean_ones_for_rl_and_evaluation(tmp_path):
+    path = noisy_jsonl(tmp_path)
+    args = cagsr.build_parser().parse_args(["--dataset", str(path), "--sft-noise", "0.25", "--prompts-per-iter", "4",
+                                            "--minibatches", "1"] + TINY)
+    run = cagsr.settings.resolve(args, "test")
+    s = cagsr.prepare(run, torch.device("cpu"))
+    clean = data.encode_records(s.tok, s.splits.train, 64, 64)
+    assert s.train_pairs == clean and s.corrupted == 8 == round(0.25 * len(clean))
+    differ = [i for i, (a, b) in enumerate(zip(s.sft_pairs, clean)) if a != b]
+    assert len(differ) == 8 and all(s.sft_pairs[i][0] == clean[i][0] for i in differ)        # same prompt
+    assert all("Oslo" in data.decode(s.tok, s.sft_pairs[i][1], s.specials) for i in differ)  # the wrong answer
+    assert all("Oslo" not in r["response"] for r in s.splits.train + s.splits.val + s.splits.test)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top-k", "50"], "--top-k 50: must be none in RL"),
+    (["--experiment", "table1", "--top-p", "0.9"], "--top-p 0.9: must be none in RL"),
+    (["--sft-noise", "0.3", "--dataset", "qa"], "--sft-noise on qa: closed-book QA has no plausible wrong answer"),
+    (["--sft-noise", "1.5", "--dataset", "instruct"], "--sft-noise 1.5: must be a share in [0, 1)"),
+    (["--experiment", "rewards", "--reward", "oracle"], "--reward oracle: --experiment rewards sets each row's reward"),
+])
+def test_off_policy_sampling_and_misplaced_noise_or_reward_are_refused(tmp_path, argv, message):
+    with pytest.raises(runs.UsageError, match=re.escape(message)):
+        cagsr.main(argv + ["--out", str(tmp_path / "run"), "--results-dir", str(tmp_path / "results")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_sample_may_still_use_top_k(checkpoint, capsys):
+    assert cagsr.main(["--stage", "sample", "--init", str(checkpoint), "--prompt", "where does the cat live ?",
+                       "--top-k", "3", "--num-samples", "2", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.count("coverage ") == 2

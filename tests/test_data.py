@@ -447,3 +447,42 @@ def test_salient_ner_on_sentencepiece_pieces(t5_dir):
                             [False, False, False, True, False]]          # "▁France"; "▁Paris" starts the sentence
     texts = data.token_texts(tok)
     assert torch.equal(got, reward.salient_ner(src, mask, texts, data.content_token_mask(tok, sp, texts)))
+
+
+# ---- --sft-noise: SFT data with known mistakes ------------------------------------------------
+
+@pytest.mark.parametrize("share, n", [(0.3, 40), (0.25, 10), (0.0, 7), (0.5, 3)])
+def test_sft_noise_replaces_exactly_round_p_n_seeded_responses_with_the_wrong_ones(share, n):
+    records = [dict(prompt=f"q{i}", response=f"right {i}", wrong=f"wrong {i}") for i in range(n)]
+    before = [dict(r) for r in records]
+    noisy, corrupted = data.sft_noise(records, share, seed=5)
+    assert len(corrupted) == round(share * n) == sum(r["response"].startswith("wrong") for r in noisy)
+    assert all(noisy[i]["response"] == f"wrong {i}" for i in corrupted)
+    assert all(noisy[i] is records[i] for i in range(n) if i not in corrupted)
+    assert records == before                                                  # the clean references are kept
+    assert data.sft_noise(records, share, seed=5)[1] == corrupted             # seeded
+    if 0 < len(corrupted) < n - 1:
+        assert any(data.sft_noise(records, share, seed=s)[1] != corrupted for s in range(6, 12))
+
+
+def test_sft_noise_off_topic_takes_another_instructions_response_and_a_jsonl_needs_wrong(tmp_path):
+    records = [dict(prompt=f"q{i}", response=f"answer {i % 5}") for i in range(20)]
+    noisy, corrupted = data.sft_noise(records, 0.5, seed=0, off_topic=True)
+    responses = {r["response"] for r in records}
+    for i in corrupted:
+        assert noisy[i]["response"] in responses and noisy[i]["response"] != records[i]["response"]
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a?", "response": "b.", "wrong": "c."}\n{"prompt": "d?", "response": "e."}\n')
+    with pytest.raises(data.DataError, match="line 2: no 'wrong' field"):
+        data.sft_noise(data.load_jsonl(str(path)), 0.5, seed=0)
+
+
+def test_qa_grounded_wrong_answers_say_the_distractors_predicate_of_the_asked_entity():
+    records = synthetic.make_qa_grounded(200, seed=0)
+    for r in records:
+        assert r["wrong"].split()[0] == r["response"].split()[0]                # the asked entity ...
+        assert set(re.findall(r"\w+", r["wrong"])) <= set(re.findall(r"\w+", r["prompt"]))     # ... the prompt's words
+    same = [r for r in records if r["wrong"] == r["response"]]     # another entity that happens to share the value
+    assert len(same) < 0.05 * len(records)
+    _, corrupted = data.sft_noise(records, 0.3, seed=0)
+    assert all(records[i]["wrong"] != records[i]["response"] for i in corrupted)        # never drawn

@@ -361,3 +361,28 @@ def test_the_adaptive_kl_controller_moves_kl_coef_inside_the_loop():
         assert row["kl_coef"] == pytest.approx(coef)
         coef *= 1 + min(max(row["kl_ref"] / 0.5 - 1, -0.2), 0.2) * 8 / 40
     assert len({round(r["kl_coef"], 9) for r in rows}) == 4          # it moved every iteration
+
+
+# ---- on-policy sampling (DECISIONS.md §3) ----------------------------------------------------
+
+def test_an_rl_rollout_draws_from_the_full_softmax_at_the_rl_temperature():
+    """The first tokens of 6,000 RL candidates, against softmax(logits / T) from a separate teacher-forced
+    pass: total-variation distance under 0.05 (its expectation here is about 0.02)."""
+    policy, T, n = small_policy(), 0.7, 6000
+    src = torch.tensor([[5, 6, 7, 8, 2]])
+    cfg = ppo.PPOConfig(num_samples=n, prompts_per_iter=1, max_new_tokens=1, temperature=T)
+    salient = SalientTokens(torch.ones(12), torch.arange(12) >= 4, [f" t{i}" for i in range(12)])
+    rollout, *_ = ppo.score(policy, src, src > 0, salient, RewardConfig(), cfg, SP, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, _ = policy(src, src > 0, torch.tensor([[SP.start]]))                      # (1, 1, V)
+    expected = torch.softmax(logits[0, 0].double() / T, -1).numpy()
+    counts = np.bincount(rollout.tokens[:, 0].numpy(), minlength=12) / n
+    assert 0.5 * np.abs(counts - expected).sum() < 0.05
+    assert (counts[expected < 0.01] > 0).all()      # the tail (5 ids under 1%, 11+ draws expected each) is drawn
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=50), dict(top_p=0.9)])
+def test_rl_refuses_top_k_and_top_p(kw):
+    cfg = ppo.PPOConfig(**kw)                                  # legal for --stage sample ...
+    with pytest.raises(ConfigError, match="none in RL"):       # ... refused by RL before any work
+        ppo.train(small_policy(), small_policy(), None, [[5, 6, 2]], None, RewardConfig(), cfg, 1, specials=SP)

@@ -11,6 +11,7 @@ import torch
 import baselines
 import cagsr
 import data
+import evaluation
 import ppo
 import reward_study
 import runs
@@ -105,23 +106,54 @@ def toy_tokenizer():
     return data.train_tokenizer(texts, 300)
 
 
-def test_oracle_reward_is_the_rouge_l_of_each_candidate_against_its_reference():
+@pytest.mark.parametrize("correct, expected", [
+    # 1) identical. 2) "tamsa": LCS 1 of 1 and 4 words. 3) "kelin is a": LCS 3 of 3 and 4. 4) "river kelin": LCS 1 of 2 and 4.
+    (evaluation.exact_match, [1.0, 0.0, 0.0, 0.0]),
+    (evaluation.reference_match, [1.0, 1 / 4, 3 / 4, 1 / 4]),               # LCS / max(|candidate|, |reference|)
+    (evaluation.rouge_l, [1.0, 0.4, 6 / 7, 1 / 3]),        # F1: 2PR/(P+R) with P, R = 1, 1/4; 1, 3/4; 1/2, 1/4
+])
+def test_oracle_reward_is_the_given_correctness_of_each_candidate_against_its_reference(correct, expected):
     tok = toy_tokenizer()
     sp = data.specials(tok)
     records = [dict(prompt="where does varo live", response="varo lives in tamsa"),
                dict(prompt="what is kelin", response="kelin is a river")]
-    oracle = baselines.OracleReward.from_records(tok, records)
+    oracle = baselines.OracleReward.from_records(tok, records, correct)
     src, src_mask = data.collate_prompts([data.encode(tok, r["prompt"], sp) for r in records], sp)
-    # Two candidates per prompt. ROUGE-L F1 by hand: LCS / lengths.
+    # Two candidates per prompt.
     cands = ["varo lives in tamsa", "tamsa", "kelin is a", "river kelin"]
     ids = [data.encode(tok, c, sp) for c in cands]
     T = max(map(len, ids))
     tokens = torch.tensor([x + [sp.pad] * (T - len(x)) for x in ids])
     r = Rollout(tokens=tokens, logprobs=torch.zeros(tokens.shape), mask=tokens != sp.pad, attn=None)
-    got = oracle(src, src_mask, r).tolist()
-    # 1) identical: 1. 2) LCS 1, P 1/1, R 1/4: F = 2 * 1 * 0.25 / 1.25 = 0.4.
-    # 3) LCS 3, P 3/3, R 3/4: F = 2 * 0.75 / 1.75 = 6/7. 4) LCS 1 ("river" or "kelin"), P 1/2, R 1/4: F = 1/3.
-    assert got == pytest.approx([1.0, 0.4, 6 / 7, 1 / 3], abs=1e-6)
+    assert oracle(src, src_mask, r).tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_oracle_cannot_be_won_by_leaving_the_answer_out():
+    """The three cases that ROUGE-L F1 got wrong: it pays the omission 0.889 and the wrong year 0.8, so PPO
+    learned to drop the answer. Exact-match (QA) and reference match (instruct) pay the right answer alone
+    the most, and the omission no more than the wrong answer."""
+    ref, right, omitted, wrong = "X was born in 1942.", "X was born in 1942.", "X was born in.", "X was born in 1999."
+    assert [evaluation.exact_match(c, ref) for c in (right, omitted, wrong)] == [1.0, 0.0, 0.0]
+    # LCS 5 of 5; 4 of max(4, 5); 4 of max(5, 5)
+    assert [evaluation.reference_match(c, ref) for c in (right, omitted, wrong)] == pytest.approx([1.0, 0.8, 0.8])
+    # F1 for the record: omission 2 * 1 * 0.8 / 1.8 = 0.889 above the wrong answer's 0.8
+    assert [evaluation.rouge_l(c, ref) for c in (omitted, wrong)] == pytest.approx([16 / 18, 0.8])
+    assert evaluation.reference_match(ref + " " + ref, ref) == pytest.approx(0.5)        # padding does not pay either
+
+
+def test_the_reward_registry_builds_each_named_reward():
+    tok = toy_tokenizer()
+    records = [dict(prompt="where does varo live", response="varo lives in tamsa")]
+    made = {name: baselines.make_reward(name, tok=tok, records=records, seed=0, rm=PairScorer.from_policy(
+                EncoderDecoder(config_for("tiny", vocab_size=300, d_model=32, d_ff=64, n_heads=2))))
+            for name in baselines.REWARD_NAMES}
+    assert made["attention"] is None                                    # ppo.score's own attention reward
+    assert [made[n].kind for n in ("self-certainty", "neg-entropy", "logprob")] == \
+        ["self_certainty", "neg_entropy", "logprob"]
+    assert isinstance(made["random"], baselines.RandomReward) and isinstance(made["hybrid"], baselines.HybridReward)
+    assert made["oracle"].correct is evaluation.exact_match                # the default: QA's correctness
+    with pytest.raises(ValueError, match="unknown reward 'rouge'"):
+        baselines.make_reward("rouge")
 
 
 def test_hybrid_reward_adds_the_weighted_reward_model_to_the_attention_reward():
@@ -224,9 +256,10 @@ def test_rewards_smoke_run_writes_every_row_and_resumes(tmp_path, capsys):
                 d = row["metrics"][m]["diff"]
                 assert d["lo"] <= d["diff"] <= d["hi"]
         assert "collapse" in row
-    # The oracle's own reward at iteration 0 is the ROUGE-L of the same candidates: their correlation is 1.
+    # The oracle's own reward at iteration 0 is the correctness (exact-match on qa) of the same candidates.
     start = out["rows"]["oracle"]["curve"][0]
-    assert start["rewards"]["oracle"] == pytest.approx(start["rouge_l"])
+    assert start["rewards"]["oracle"] == pytest.approx(start["correct"])
+    assert start["correct"] <= start["pass_at_n"] <= min(1.0, 4 * start["correct"])      # pass@4 of the same
     assert set(out["headroom"]) >= {"ok", "diff", "lo", "hi"}
     md = (results / "rewards_qa.md").read_text()
     assert "Headroom check" in md or "HEADROOM CHECK FAILED" in md
