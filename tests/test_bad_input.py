@@ -121,7 +121,7 @@ def test_settings_the_paper_does_not_state_are_not_printed_as_the_papers(capsys)
     for name in ("top_k", "max_grad_norm", "value_coef", "max_new_tokens", "epochs"):
         assert lines[name].startswith("  -") and lines[name].endswith("| not stated"), lines[name]
     assert lines["lr"].startswith("  *") and lines["lr"].endswith("| 1e-05")
-    table = experiments.markdown(json.loads((ROOT / "results" / "table1_qa.json").read_text()))
+    table = experiments.markdown(json.loads((ROOT / "results" / "earlier" / "table1_qa.json").read_text()))
     stated = table[table.index("settings the paper does not state"):].splitlines()[0]
     assert "top_k 50" in stated and "max_grad_norm 1.0" in stated
 

@@ -44,13 +44,15 @@ def refused(args, cwd, status, *expected) -> str:
 
 # ---- 1. the experiments never replace results without being asked -----------------------------
 
-@pytest.mark.parametrize("kind", ["rewards", "table1"])
-def test_an_experiment_refuses_to_replace_the_committed_results(tmp_path, kind):
-    before, table = tree_digest(ROOT / "results"), f"{kind}_qa"
-    assert table + ".md" in before                                # the committed table is there to protect
+@pytest.mark.parametrize("kind, dataset, folder", [("rewards", "qa-grounded", "results"),
+                                                  ("rewards", "instruct", "results"),
+                                                  ("table1", "qa", "results/earlier")])
+def test_an_experiment_refuses_to_replace_the_committed_results(tmp_path, kind, dataset, folder):
+    before, table = tree_digest(ROOT / "results"), f"{folder}/{kind}_{dataset}"
+    assert (ROOT / (table + ".md")).is_file()                    # the committed table is there to protect
     work = tmp_path / "work"
-    line = refused(["--experiment", kind, "--dataset", "qa", "--seeds", "1", "--sft-steps", "30", "--iterations", "1",
-                    "--out", work], ROOT, 2, f"results/{table}.md", f"results/{table}.json", "--overwrite")
+    line = refused(["--experiment", kind, "--dataset", dataset, "--seeds", "1", "--sft-steps", "30", "--iterations",
+                    "1", "--out", work, "--results-dir", folder], ROOT, 2, f"{table}.md", f"{table}.json", "--overwrite")
     assert "--results-dir" in line
     assert tree_digest(ROOT / "results") == before and not work.exists()
 
@@ -78,19 +80,14 @@ def damage(folder: Path, case: str) -> str:
     if case == "safetensors cut short":
         weights_file(folder / "model.safetensors", cut=True)
         return "model.safetensors"
-    if case == "shard cut short":
-        weights_file(folder / "model-00001-of-00002.safetensors", cut=False)
-        weights_file(folder / "model-00002-of-00002.safetensors", cut=True)
-        index = {"weight_map": {"shared.weight": "model-00001-of-00002.safetensors",
-                                "lm_head.weight": "model-00002-of-00002.safetensors"}}
+    if case in ("shard cut short", "shard missing"):                 # two shards; the second cut or absent
+        shards = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+        weights_file(folder / shards[0], cut=False)
+        if case == "shard cut short":
+            weights_file(folder / shards[1], cut=True)
+        index = {"weight_map": {"shared.weight": shards[0], "lm_head.weight": shards[1]}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-        return "model-00002-of-00002.safetensors"
-    if case == "shard missing":
-        weights_file(folder / "model-00001-of-00002.safetensors", cut=False)
-        index = {"weight_map": {"shared.weight": "model-00001-of-00002.safetensors",
-                                "lm_head.weight": "model-00002-of-00002.safetensors"}}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-        return "model-00002-of-00002.safetensors"
+        return shards[1]
     if case == "pytorch_model.bin corrupt":
         (folder / "pytorch_model.bin").write_bytes(os.urandom(4096))
         return "pytorch_model.bin"

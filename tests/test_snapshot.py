@@ -139,7 +139,7 @@ def test_the_pipeline_runs_from_a_snapshot(snapshot, tmp_path):
     out = tmp_path / "run"
     r = cli("--init", snapshot, "--stage", "sample", "--prompt", "Where does Stimdol Mellu live?")
     assert r.returncode == 0, r.stderr
-    assert "IDF (§3.2): the snapshot has none; computed from --dataset qa's" in r.stdout
+    assert "IDF (§3.2): the snapshot has none; computed from --dataset qa-grounded's" in r.stdout
     assert r.stdout.count("coverage") == 4 and "prompt: Where does Stimdol Mellu live?" in r.stdout
 
     r = cli("--init", snapshot, "--dataset", "qa", "--sft-steps", 10, "--iterations", 2, "--out", out)
