@@ -176,27 +176,14 @@ def _splits(run) -> data.Splits:
 
 
 def _checked_splits(run, splits: data.Splits, tok, cfg) -> data.Splits:
-    """The splits with their held-out records checked before anything is written: a validation and a
-    test pair at least, and none over the model's lengths (an error, or left out under --truncate: a
-    cut prompt would be another question)."""
-    held_out = {}
-    for name in ("val", "test"):
-        records = getattr(splits, name)
-        try:
-            data.encode_records(tok, records, cfg.max_src_len, cfg.max_tgt_len)
-            held_out[name] = records
-        except data.DataError as e:
-            if not run.truncate:
-                raise SystemExit(f"--dataset {run.dataset}: {e}") from None
-            sp = data.specials(tok)
-            held_out[name] = [r for r in records if len(data.encode(tok, r["prompt"], sp)) <= cfg.max_src_len
-                              and len(data.encode(tok, r["response"], sp)) <= cfg.max_tgt_len]
-            print(f"--truncate: {len(records) - len(held_out[name])} over-long {name} records left out of evaluation")
-    splits = data.Splits(splits.train, held_out["val"], held_out["test"])
+    """The splits with their held-out records checked before anything is written (data.check_held_out)."""
     try:
-        data.check_splits(splits)
+        splits, left_out = data.check_held_out(splits, tok, cfg.max_src_len, cfg.max_tgt_len, run.truncate)
     except data.DataError as e:
         raise SystemExit(f"--dataset {run.dataset}: {e}") from None
+    for name, n in left_out.items():
+        if n:
+            print(f"--truncate: {n} over-long {name} records left out of evaluation")
     return splits
 
 
@@ -255,21 +242,16 @@ def prepare(run, device) -> Setup:
 
 
 def sft_data(run, tok, records, cfg, train_pairs) -> tuple[list, int]:
-    """SFT's training pairs: the clean ones, or with --sft-noise a seeded share made wrong (data.sft_noise)."""
-    if not run.sft_noise:
-        return train_pairs, 0
+    """SFT's training pairs: the clean ones, or with --sft-noise a seeded share made wrong (data.noisy_sft_pairs)."""
     try:
-        noisy, corrupted = data.sft_noise(records, run.sft_noise, run.seed, off_topic=run.dataset == "instruct")
-    except data.DataError as e:
+        pairs, corrupted = data.noisy_sft_pairs(tok, records, train_pairs, run.sft_noise, run.seed, run.dataset,
+                                                cfg.max_src_len, cfg.max_tgt_len, run.truncate)
+    except ValueError as e:                         # DataError included: it names the record
         raise SystemExit(f"--dataset {run.dataset}: {e}") from None
-    print(f"--sft-noise {run.sft_noise}: {len(corrupted)} of {len(records)} SFT training responses replaced by wrong "
-          f"ones; RL, evaluation and the oracle keep the clean references")
-    return _encode(run, tok, noisy, cfg), len(corrupted)
-
-
-def task_correctness(run):
-    """The dataset's correctness measure (evaluation.CORRECTNESS): exact-match on QA, else reference_match."""
-    return evaluation.CORRECTNESS[evaluation.correctness_of(run.dataset)]
+    if run.sft_noise:
+        print(f"--sft-noise {run.sft_noise}: {len(corrupted)} of {len(records)} SFT training responses replaced by "
+              f"wrong ones; RL, evaluation and the oracle keep the clean references")
+    return pairs, len(corrupted)
 
 
 def interrupted(run_dir, stage: str, where: str) -> int:                # Ctrl-C: the checkpoint is written
@@ -337,20 +319,19 @@ def rl_reward(run, s: Setup, sft_policy, device):
               f"simulated preference pairs (not self-supervised)")
         rm = rm.eval().requires_grad_(False)
     return baselines.make_reward(run.reward_name, tok=s.tok, records=s.splits.train, seed=run.seed,
-                                 correct=task_correctness(run), rm=rm, hybrid_weight=run.hybrid.get("weight", 1.0))
+                                 correct=evaluation.correctness(run.dataset), rm=rm, hybrid_weight=run.hybrid.get("weight", 1.0))
 
 
 def rl_stage(run, s: Setup, device, run_dir, log, stop) -> int | None:
     """CAGSR (§4, §5): the RL loop with the fixed-set evaluation every run.eval_every iterations,
     checkpoints, and the before/after report. Returns 130 when Ctrl-C stopped it, else None."""
     cfg, reward_cfg, model = run.ppo, run.reward, s.model
-    settings.print_rl_settings(cfg, reward_cfg, run.iterations)
-    print(f"  - reward           {run.reward_name:>10} | attention (§3.2)")
+    settings.print_rl_settings(cfg, reward_cfg, run.iterations, run.reward_name)
     resume = s.resume if s.resume is not None and s.resume["stage"] == "rl" else None
     rank, world = parallel.rank_and_world()
     salient = SalientTokens.from_idf(s.tok, s.idf)
     ref_model, optimizer = rl_models(model, cfg, resume, device)
-    reward_fn, correct = rl_reward(run, s, ref_model, device), task_correctness(run)
+    reward_fn, correct = rl_reward(run, s, ref_model, device), evaluation.correctness(run.dataset)
     eval_set, test = s.splits.val[:run.eval_prompts], s.splits.test[:run.num_eval]
     state = {**resume["train_state"], "iteration": resume["iteration"]} if resume and resume["train_state"] else None
     last = dict(iteration=resume["iteration"] if resume else 0, state=state)
@@ -409,7 +390,7 @@ def rl_summary(run, s: Setup, report, salient, test, eval_set, rl_seconds, run_d
     """After RL: the test prompts scored again, the before/after report, the summary row."""
     correctness = evaluation.correctness_of(run.dataset)
     after = evaluate_policy(s.model, s.tok, test, salient, run.reward, run.ppo, device,
-                            correct=evaluation.CORRECTNESS[correctness])
+                            correct=evaluation.correctness(run.dataset))
     shown_after = candidates(s.model, s.tok, [r["prompt"] for r in test[:3]], salient, run.reward, run.ppo, device,
                              num_samples=2)
     print_report(report["before"], after, report["shown_before"], shown_after, len(test), run.ppo.num_samples,
@@ -474,7 +455,7 @@ def eval_stage(run, s: Setup, device) -> int:
     """--stage eval: the fixed evaluation set and the test prompts, scored (`evaluate_policy`)."""
     salient = SalientTokens.from_idf(s.tok, s.idf)
     for name, recs in (("fixed validation set", s.splits.val[:run.eval_prompts]), ("test", s.splits.test[:run.num_eval])):
-        res = evaluate_policy(s.model, s.tok, recs, salient, run.reward, run.ppo, device, correct=task_correctness(run))
+        res = evaluate_policy(s.model, s.tok, recs, salient, run.reward, run.ppo, device, correct=evaluation.correctness(run.dataset))
         print(f"{name} ({len(recs)} prompts): " + " | ".join(f"{k} {v:.4f}" for k, v in res.items()))
     return 0
 

@@ -141,6 +141,11 @@ def load_jsonl(path: str) -> list[dict]:
     return records
 
 
+def record_where(record: dict, index: int) -> str:
+    """How a message names a record: its line in the file (records of `load_jsonl`), else its index."""
+    return f"line {record['line']}" if "line" in record else f"record {index}"
+
+
 def check_splits(splits: Splits) -> None:
     """A DataError when the split left no validation or no test pair: SFT reports its validation loss,
     RL its fixed evaluation set and the held-out test prompts, and none of these can be empty."""
@@ -163,8 +168,7 @@ def sft_noise(records: list[dict], share: float, seed: int, off_topic: bool = Fa
         raise ValueError(f"the noise share must be in [0, 1), got {share}")
     lacking = next((r for r in records if "wrong" not in r), None)
     if not off_topic and lacking is not None:
-        where = f"line {lacking['line']}" if "line" in lacking else f"record {records.index(lacking)}"
-        raise DataError(f"{where}: no 'wrong' field; --sft-noise replaces a share of the SFT responses with each "
+        raise DataError(f"{record_where(lacking, records.index(lacking))}: no 'wrong' field; --sft-noise replaces a share of the SFT responses with each "
                         f"record's plausible wrong response, so every record needs one (\"wrong\": \"...\")")
     rng = random.Random(seed)
     eligible = [i for i, r in enumerate(records) if off_topic or r["wrong"] != r["response"]]   # a wrong that is wrong
@@ -183,6 +187,43 @@ def sft_noise(records: list[dict], share: float, seed: int, off_topic: bool = Fa
             wrong = records[i]["wrong"]
         noisy[i] = {**records[i], "response": wrong}
     return noisy, corrupted
+
+
+def noisy_sft_pairs(tok: Tokenizer, records: list[dict], pairs: list, share: float, seed: int, dataset: str,
+                    max_prompt_len: int, max_response_len: int, truncate: bool = False) -> tuple[list, list[int]]:
+    """SFT's training pairs under --sft-noise `share`: `pairs` (the encoded `records`) with the records
+    `sft_noise` draws re-encoded with their wrong responses (off-topic ones on the bundled `instruct`).
+    Returns (the pairs, the indices corrupted); with no noise, `pairs` itself."""
+    if not share:
+        return pairs, []
+    noisy, corrupted = sft_noise(records, share, seed, off_topic=dataset == "instruct")
+    out = list(pairs)
+    encoded = encode_records(tok, [noisy[i] for i in corrupted], max_prompt_len, max_response_len, truncate)
+    for i, pair in zip(corrupted, encoded):
+        out[i] = pair
+    return out, corrupted
+
+
+def check_held_out(splits: Splits, tok: Tokenizer, max_prompt_len: int, max_response_len: int,
+                   truncate: bool = False) -> tuple[Splits, dict]:
+    """The splits with their validation and test records checked before any work: a record over the
+    model's lengths is a DataError naming it, or under `truncate` is left out of the evaluation (a cut
+    prompt would be another question); then `check_splits`. Returns (the splits, how many records each
+    held-out split left out)."""
+    sp = specials(tok)
+    fits = lambda r: (len(encode(tok, r["prompt"], sp)) <= max_prompt_len
+                      and len(encode(tok, r["response"], sp)) <= max_response_len)
+    kept = {}
+    for name in ("val", "test"):
+        records = getattr(splits, name)
+        if truncate:
+            kept[name] = [r for r in records if fits(r)]
+        else:
+            encode_records(tok, records, max_prompt_len, max_response_len)      # names the first over-long one
+            kept[name] = records
+    checked = Splits(splits.train, kept["val"], kept["test"])
+    check_splits(checked)
+    return checked, {name: len(getattr(splits, name)) - len(kept[name]) for name in kept}
 
 
 def dataset_name(name_or_path: str) -> str:
@@ -359,8 +400,7 @@ def encode_records(tok: Tokenizer, records: list[dict], max_prompt_len: int,
             ids = encode(tok, r[key], sp)
             if len(ids) > limit:
                 if not truncate:
-                    where = f"line {r['line']}" if "line" in r else f"record {idx}"
-                    raise DataError(f"{where}: {key} is {len(ids)} tokens (with EOS), over the model's {field} "
+                    raise DataError(f"{record_where(r, idx)}: {key} is {len(ids)} tokens (with EOS), over the model's {field} "
                                     f"of {limit}; shorten it, or pass --truncate to cut over-long texts with a "
                                     f"warning (truncate=True in code)")
                 ids = ids[:limit - 1] + [sp.eos]  # keep EOS so the sequence still ends

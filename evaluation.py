@@ -79,6 +79,11 @@ def correctness_of(dataset: str) -> str:
     return "exact_match" if data.dataset_name(dataset).startswith("qa") else "reference_match"
 
 
+def correctness(dataset: str):
+    """`dataset`'s correctness measure itself: exact_match on the QA tasks, else reference_match."""
+    return CORRECTNESS[correctness_of(dataset)]
+
+
 # --------------------------------------------------------------------------------------------
 # Perplexity of the policy on held-out references (§7.4)
 # --------------------------------------------------------------------------------------------

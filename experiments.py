@@ -393,7 +393,6 @@ def shared_setup(run, work: Path, settings: dict, device) -> Shared:
     dataset, size = run.dataset, run.size
     try:
         splits = data.load_dataset(dataset, seed=run.seed)
-        data.check_splits(splits)
     except ValueError as e:
         raise SystemExit(f"--dataset {dataset}: {e}") from None
     tok_path = work / "tokenizer.json"
@@ -404,11 +403,9 @@ def shared_setup(run, work: Path, settings: dict, device) -> Shared:
     cfg = config_for(size, vocab_size=tok.get_vocab_size())
     try:
         train_pairs = data.encode_records(tok, splits.train, cfg.max_src_len, cfg.max_tgt_len)
-        noisy = data.sft_noise(splits.train, run.sft_noise, run.seed, off_topic=dataset == "instruct")[0] \
-            if run.sft_noise else splits.train
-        sft_pairs = data.encode_records(tok, noisy, cfg.max_src_len, cfg.max_tgt_len)
-        for held_out in (splits.val, splits.test):
-            data.encode_records(tok, held_out, cfg.max_src_len, cfg.max_tgt_len)
+        sft_pairs = data.noisy_sft_pairs(tok, splits.train, train_pairs, run.sft_noise, run.seed, dataset,
+                                         cfg.max_src_len, cfg.max_tgt_len)[0]
+        data.check_held_out(splits, tok, cfg.max_src_len, cfg.max_tgt_len)
     except ValueError as e:
         raise SystemExit(f"--dataset {dataset}: {e}") from None
     work.mkdir(parents=True, exist_ok=True)

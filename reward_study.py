@@ -88,13 +88,8 @@ def study_settings(run) -> dict:
 def row_reward(name: str, sh, rm: PairScorer, settings: dict, seed: int):
     """The reward_fn of ppo.train for row `name` (None: the attention reward): the registry behind --reward."""
     row = next(r for r in ROWS if r.name == name)
-    return baselines.make_reward(row.reward, tok=sh.tok, records=sh.splits.train, seed=seed, correct=correctness(settings),
+    return baselines.make_reward(row.reward, tok=sh.tok, records=sh.splits.train, seed=seed, correct=evaluation.correctness(settings["dataset"]),
                                  rm=rm, hybrid_weight=settings["hybrid_weight"])
-
-
-def correctness(settings: dict):
-    """The task's correctness measure (evaluation.CORRECTNESS): exact-match on QA, reference match else."""
-    return evaluation.CORRECTNESS[evaluation.correctness_of(settings["dataset"])]
 
 
 def correlations(reward, correct, n: int) -> dict:
@@ -117,7 +112,7 @@ def fixed_eval(policy, sh, fixed: list[dict], rm: PairScorer, settings: dict, de
     src, src_mask = evaluation.prompt_batch(tok, prompts, device, sp)
     gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
     r, terms, _, _ = ppo.score(policy, src, src_mask, sh.salient, reward_cfg, ppo_cfg, sp, gen)
-    oracle = baselines.OracleReward.from_records(tok, fixed, correctness(settings))
+    oracle = baselines.OracleReward.from_records(tok, fixed, evaluation.correctness(settings["dataset"]))
     pairs = oracle.texts(src, src_mask, r)                                              # decoded once
     rewards = dict(attention=terms["reward"], random=baselines.RandomReward(EVAL_SEED)(src, src_mask, r),
                    oracle=torch.tensor(oracle.scores(pairs)),
@@ -126,7 +121,7 @@ def fixed_eval(policy, sh, fixed: list[dict], rm: PairScorer, settings: dict, de
     texts = [t for t, _ in pairs]
     refs = [rec["response"] for rec in fixed for _ in range(N)]
     rouge = [evaluation.rouge_l(t, ref) for t, ref in zip(texts, refs)]
-    correct = [correctness(settings)(t, ref) for t, ref in zip(texts, refs)]
+    correct = [evaluation.correctness(settings["dataset"])(t, ref) for t, ref in zip(texts, refs)]
     rewards = {k: v.float().cpu().numpy() for k, v in rewards.items()}
     return dict(correct=float(np.mean(correct)), rouge_l=float(np.mean(rouge)),
                 pass_at_n=float(np.asarray(correct).reshape(-1, N).max(1).mean()),
@@ -144,7 +139,7 @@ def test_metrics(policy, sh, test: list[dict], device, settings: dict) -> dict:
     """Greedy answers on the test prompts: per-prompt correctness, ROUGE-L and relevance, and 3 examples."""
     prompts = [r["prompt"] for r in test]
     preds = evaluation.answer(policy, sh.tok, prompts, device, max_new_tokens=settings["ppo"]["max_new_tokens"])
-    return dict(correct=[correctness(settings)(p, r["response"]) for p, r in zip(preds, test)],
+    return dict(correct=[evaluation.correctness(settings["dataset"])(p, r["response"]) for p, r in zip(preds, test)],
                 rouge_l=[evaluation.rouge_l(p, r["response"]) for p, r in zip(preds, test)],
                 relevance=evaluation.relevance(sh.classifier, sh.tok, prompts, preds, device),
                 examples=[dict(prompt=r["prompt"], answer=p, reference=r["response"]) for r, p in zip(test[:3], preds)])

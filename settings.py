@@ -451,7 +451,8 @@ def print_profile(run: Run) -> None:
               f"{run.sft.batch_size} pairs; RL Adam lr {run.ppo.lr} (the paper's), {run.iterations} iterations")
 
 
-def print_rl_settings(cfg: ppo.PPOConfig, reward_cfg: RewardConfig, iterations: int) -> None:
+def print_rl_settings(cfg: ppo.PPOConfig, reward_cfg: RewardConfig, iterations: int,
+                      reward_name: str = "attention") -> None:
     """This run's RL settings next to the paper's (§4, §7.2): '*' where they differ, '-' where the
     paper states no value (ppo.PAPER, reward.PAPER)."""
     print("RL settings (this run | the paper, §7.2; '*' = differs, '-' = the paper states none):")
@@ -461,3 +462,4 @@ def print_rl_settings(cfg: ppo.PPOConfig, reward_cfg: RewardConfig, iterations: 
             mark = "-" if f.name not in paper else "*" if mine != paper[f.name] else " "
             print(f"  {mark} {f.name:16s} {mine!s:>10} | {paper.get(f.name, 'not stated')}")
     print(f"  - iterations       {iterations:>10} | not stated")
+    print(f"  {' ' if reward_name == 'attention' else '*'} reward           {reward_name:>10} | attention (§3.2)")

@@ -3,7 +3,6 @@
 no traceback, no run directory left and no existing file changed (README, "When things go wrong")."""
 
 import ast
-import hashlib
 import json
 import os
 import re
@@ -16,15 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 import data
+from conftest import digest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow                       # each case starts a Python process (about 3 s)
-
-
-def tree_digest(folder: Path) -> dict:
-    """Every file under `folder` with the SHA-256 of its bytes."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def refused(args, cwd, status, *expected) -> str:
@@ -48,13 +42,13 @@ def refused(args, cwd, status, *expected) -> str:
                                                   ("rewards", "instruct", "results"),
                                                   ("table1", "qa", "results/earlier")])
 def test_an_experiment_refuses_to_replace_the_committed_results(tmp_path, kind, dataset, folder):
-    before, table = tree_digest(ROOT / "results"), f"{folder}/{kind}_{dataset}"
+    before, table = digest(ROOT / "results"), f"{folder}/{kind}_{dataset}"
     assert (ROOT / (table + ".md")).is_file()                    # the committed table is there to protect
     work = tmp_path / "work"
     line = refused(["--experiment", kind, "--dataset", dataset, "--seeds", "1", "--sft-steps", "30", "--iterations",
                     "1", "--out", work, "--results-dir", folder], ROOT, 2, f"{table}.md", f"{table}.json", "--overwrite")
     assert "--results-dir" in line
-    assert tree_digest(ROOT / "results") == before and not work.exists()
+    assert digest(ROOT / "results") == before and not work.exists()
 
 
 # ---- 2. snapshot and checkpoint files that cannot be read --------------------------------------
@@ -106,10 +100,10 @@ def damage(folder: Path, case: str) -> str:
 def test_an_unreadable_snapshot_is_one_line_naming_the_file(tmp_path, case):
     folder = snapshot(tmp_path / "snap")
     name = damage(folder, case)
-    before, out = tree_digest(folder), tmp_path / "run"
+    before, out = digest(folder), tmp_path / "run"
     status = 2 if case in ("tokenizer.json not a tokenizer", "config.json not JSON") else 1
     refused(["--init", folder, "--out", out, "--sft-steps", "2"], tmp_path, status, str(folder / name))
-    assert tree_digest(folder) == before and not out.exists() and not (tmp_path / "runs").exists()
+    assert digest(folder) == before and not out.exists() and not (tmp_path / "runs").exists()
 
 
 def test_a_damaged_checkpoint_under_resume_gets_advice_for_resuming(tmp_path, checkpoint):
@@ -117,10 +111,10 @@ def test_a_damaged_checkpoint_under_resume_gets_advice_for_resuming(tmp_path, ch
     run.mkdir()
     (run / "args.json").write_text(json.dumps(dict(size="tiny", dataset="qa", command="python cagsr.py")))
     (run / "sft.pt").write_bytes(checkpoint.read_bytes()[:checkpoint.stat().st_size // 2])
-    before = tree_digest(run)
+    before = digest(run)
     line = refused(["--resume", run], tmp_path, 2, f"--resume {run / 'sft.pt'}: cannot be read as a checkpoint",
                    "restore it from a copy")
-    assert "Give a .pt file" not in line and tree_digest(run) == before
+    assert "Give a .pt file" not in line and digest(run) == before
 
 
 # ---- 3. an --out that cannot be made ------------------------------------------------------------
