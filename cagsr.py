@@ -133,6 +133,9 @@ def build_parser() -> Parser:
                         "random and oracle controls and the hybrid, each measured against correctness "
                         "(reward_study.py; work directory runs/rewards-<dataset>-<size>)")
     g.add_argument("--seeds", type=int, default=3, help="table1, rewards: seeds --seed, --seed+1, ... (one SFT model each; default: 3)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="table1, rewards: seeds computed at once, each in its own process; on a CPU the threads are "
+                        "shared out among them (default: 1; on 2 cores, --workers 3 runs the 3 seeds together)")
     g.add_argument("--results-dir", default="results", help="table1, rewards: where the .md, .json and .png tables go (default: results)")
     g.add_argument("--rm-steps", type=int, default=300, help="table1, rewards, --reward hybrid: training steps of each baseline reward model (default: 300)")
     g.add_argument("--hybrid-weight", type=float, default=1.0,

@@ -14,9 +14,14 @@ regenerated from those files: table1_<dataset>.md, .json and .png (training curv
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
+import multiprocessing
 import os
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -100,6 +105,8 @@ class ExperimentConfig:
     """Training steps of the relevance classifier."""
     hybrid_weight: float = 1.0
     """rewards: the weight of the preference reward model in the hybrid reward (attention + weight x RM)."""
+    workers: int = 1
+    """Seeds computed at once, each in its own process (on a CPU, the threads are shared out among them)."""
 
 
 def table_settings(run, exp: ExperimentConfig) -> dict:
@@ -265,8 +272,8 @@ def fmt(a: dict, digits=3) -> str:
 def markdown(result: dict) -> str:
     s, agg, qa = result["settings"], result["rows"], result["is_qa"]
     lines = [f"# Table 1 on `{s['dataset']}` ({s['size']} preset, {len(result['seeds'])} seeds)", "",
-             f"Written by `{result['command']}` on {result['device']}. Compute: {result['compute_minutes']:.1f} min "
-             f"in all (the classifier, each seed's SFT, reward models, RL and evaluation, each timed when it ran; "
+             f"Written by `{result['command']}` on {result['device']}; this call took {result['last_call_minutes']:.1f} min. "
+             f"Compute: {result['compute_minutes']:.1f} min in all (the classifier, each seed's SFT, reward models, RL and evaluation, each timed when it ran; "
              f"rows reused from an earlier call count at their original cost). Mean ± sample std over seeds "
              f"{result['seeds']}; {s['num_eval']} test prompts.", "",
              "## The paper's columns", "",
@@ -424,6 +431,68 @@ def work_dir(run, kind: str) -> Path:
     return Path(exp.work_dir) if exp.work_dir else Path("runs") / f"{kind}-{data.dataset_name(run.dataset)}-{run.size}"
 
 
+def worker_processes(run) -> tuple[int, int]:
+    """(processes computing seeds at once, torch threads in each) for --workers."""
+    workers = min(run.experiment.workers, run.experiment.seeds)
+    return workers, max(1, torch.get_num_threads() // workers)
+
+
+def device_line(run, device) -> str:
+    """Where an experiment ran, for its table: the device, its threads and the worker processes."""
+    workers, threads = worker_processes(run)
+    return f"{device} ({threads} threads)" if workers == 1 else \
+        f"{device} ({workers} worker processes at once, {threads} thread(s) each)"
+
+
+def seeds_in_workers(run, module: str, work: Path, seeds: list[int], device) -> None:
+    """--workers N > 1: compute the seeds' rows in N processes at once. Each process runs
+    `<module>.seed_worker` with its output in <work>/seed<s>/log.txt and writes its rows to the work
+    directory, as one process would; the caller then reads them (its run_seed finds them on disk).
+    Call after shared_setup, so that the tokenizer and the relevance classifier are on disk."""
+    workers, threads = worker_processes(run)
+    if workers <= 1:
+        return
+    logs = {s: work / f"seed{s}" / "log.txt" for s in seeds}
+    print(f"seeds {', '.join(map(str, seeds))}: {workers} worker processes at once, {threads} thread(s) each on a CPU "
+          f"(their output: {work}/seed<s>/log.txt)")
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = {pool.submit(_seed_worker, module, run, s, str(device), threads, logs[s]): s for s in seeds}
+        with runs.progress(total=len(seeds), desc="seeds", unit="seed") as bar:
+            for job in as_completed(jobs):
+                try:
+                    job.result()
+                except Exception as e:
+                    raise SystemExit(f"seed {jobs[job]} failed in its worker process: {e!r}; its output is in "
+                                     f"{logs[jobs[job]]}. Rows already written are kept: run the same command again "
+                                     "to continue") from None
+                bar.update()
+
+
+def _seed_worker(module: str, run, seed: int, device: str, threads: int, log: Path) -> None:
+    """One seed in a worker process (seeds_in_workers), its output in `log`. The worker ends when the
+    command's process does (killed or not), so no orphan goes on writing rows."""
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    torch.set_num_threads(threads)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        importlib.import_module(module).seed_worker(run, seed, torch.device(device))
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def seed_worker(run, seed: int, device) -> None:
+    """Table 1's rows of one seed, from the run alone (in a worker process of seeds_in_workers)."""
+    settings = table_settings(run, run.experiment)
+    work = work_dir(run, "table1")
+    sh = shared_setup(run, work, settings, device)
+    run_seed(seed, work, settings, sh.tok, sh.splits, sh.train_pairs, sh.sft_pairs, sh.salient, sh.classifier, device)
+
+
 def run_table1(run, device) -> int:
     """`--experiment table1`: every row of every seed (rows on disk are reused), then results/."""
     t_start, exp = time.time(), run.experiment
@@ -433,12 +502,13 @@ def run_table1(run, device) -> int:
     sh = shared_setup(run, work, settings, device)
     name, tok, splits = sh.name, sh.tok, sh.splits
     seeds = list(range(run.seed, run.seed + exp.seeds))
+    seeds_in_workers(run, "experiments", work, seeds, device)
     per_seed = {s: run_seed(s, work, settings, tok, splits, sh.train_pairs, sh.sft_pairs, sh.salient, sh.classifier,
                             device)
                 for s in seeds}
     compute = sum(ps["sft_seconds"] + sum(r["seconds"] for r in ps["rows"].values()) for ps in per_seed.values())
     compute += sh.clf_stats["seconds"]
-    result = dict(command=run.command, device=f"{device} ({torch.get_num_threads()} threads)", seeds=seeds,
+    result = dict(command=run.command, device=device_line(run, device), seeds=seeds,
                   last_call_minutes=(time.time() - t_start) / 60, compute_minutes=compute / 60,
                   settings=settings, classifier=sh.clf_stats, is_qa=name.startswith("qa"), paper=PAPER_TABLE1,
                   rows=aggregate(per_seed), sft_seconds=[per_seed[s]["sft_seconds"] for s in seeds])

@@ -36,7 +36,7 @@ import ppo
 import runs
 import stats
 from evaluation import PairScorer
-from experiments import save_figure, seed_sft, shared_setup, work_dir, write_json
+from experiments import device_line, save_figure, seed_sft, seeds_in_workers, shared_setup, work_dir, write_json
 from reward import RewardConfig
 
 
@@ -313,8 +313,8 @@ def markdown(result: dict) -> str:
              f"{h['diff']:+.3f} [{h['lo']:+.3f}, {h['hi']:+.3f}] (95% paired bootstrap): even a reward that reads "
              f"the answer does not beat SFT here, so no row's failure to do so is evidence against its reward.")
     lines = [f"# Which internal reward? `{s['dataset']}` ({s['size']} preset, {len(result['seeds'])} seeds)", "",
-             f"Written by `{result['command']}` on {result['device']}. Compute: {result['compute_minutes']:.1f} min "
-             f"in all (rows reused from an earlier call count at their original cost).", "", check, "",
+             f"Written by `{result['command']}` on {result['device']}; this call took {result['last_call_minutes']:.1f} min. "
+             f"Compute: {result['compute_minutes']:.1f} min in all (rows reused from an earlier call count at their original cost).", "", check, "",
              "## Test metrics (greedy answers)", "",
              f"Each cell: the difference from SFT with its 95% paired bootstrap interval (per-prompt metric averaged "
              f"over seeds, 10,000 resamples over {s['num_eval']} test prompts; * = the interval excludes 0), then the "
@@ -412,6 +412,13 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def seed_worker(run, seed: int, device) -> None:
+    """The rows of one seed, from the run alone (in a worker process of experiments.seeds_in_workers)."""
+    settings = study_settings(run)
+    work = work_dir(run, "rewards")
+    run_seed(seed, work, settings, shared_setup(run, work, settings, device), device)
+
+
 def run_rewards(run, device) -> int:
     """`--experiment rewards`: every row of every seed (rows on disk are reused), then results/."""
     t_start, exp = time.time(), run.experiment
@@ -419,11 +426,12 @@ def run_rewards(run, device) -> int:
     work = work_dir(run, "rewards")
     sh = shared_setup(run, work, settings, device)
     seeds = list(range(run.seed, run.seed + exp.seeds))
+    seeds_in_workers(run, "reward_study", work, seeds, device)
     per_seed = {s: run_seed(s, work, settings, sh, device) for s in seeds}
     compute = sh.clf_stats["seconds"] + sum(ps["sft_seconds"] + ps["rm"]["seconds"] + sum(r["seconds"] for r in
                                             ps["rows"].values()) for ps in per_seed.values())
     summary = summarize(per_seed, seeds)
-    result = dict(command=run.command, device=f"{device} ({torch.get_num_threads()} threads)", seeds=seeds,
+    result = dict(command=run.command, device=device_line(run, device), seeds=seeds,
                   last_call_minutes=(time.time() - t_start) / 60, compute_minutes=compute / 60, settings=settings,
                   classifier=sh.clf_stats, is_qa=is_qa(settings), headroom=headroom(summary), rows=summary,
                   rm={s: per_seed[s]["rm"] for s in seeds})

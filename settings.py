@@ -285,14 +285,15 @@ def _check_rl_choices(args, dataset: str, experiment: bool) -> None:
 
 def _experiment(args) -> ExperimentConfig:
     _at_least_1(seeds=args.seeds, rm_steps=args.rm_steps, human_prompts=args.human_prompts,
-                relevance_steps=args.relevance_steps)
+                relevance_steps=args.relevance_steps, workers=args.workers)
     _check_hybrid_weight(args.hybrid_weight)
     if args.init is not None:
         raise UsageError(f"--experiment {args.experiment} trains its own SFT model per seed from scratch; it does not take --init "
                          "(a table from a snapshot is not built yet)")
     return ExperimentConfig(name=args.experiment, seeds=args.seeds, results_dir=args.results_dir, work_dir=args.out,
                             rm_steps=args.rm_steps, human_prompts=args.human_prompts,
-                            relevance_steps=args.relevance_steps, hybrid_weight=args.hybrid_weight)
+                            relevance_steps=args.relevance_steps, hybrid_weight=args.hybrid_weight,
+                            workers=args.workers)
 
 
 SNAPSHOT_SETTABLE = {"last_layers", "max_src_len", "max_tgt_len", "dropout"}

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["--dataset", "missing.jsonl"], "--dataset missing.jsonl: no such file"),
     (["--device", "tpu"], "--device tpu: not a device"),
     (["--experiment", "table1", "--seeds", "0"], "--seeds 0: must be at least 1"),
+    (["--experiment", "rewards", "--workers", "0"], "--workers 0: must be at least 1"),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

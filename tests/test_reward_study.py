@@ -285,3 +285,23 @@ def test_rewards_experiment_refuses_a_bad_hybrid_weight(tmp_path):
             cagsr.main(["--experiment", "rewards", "--dataset", "qa", "--hybrid-weight", bad,
                         "--out", str(tmp_path / "w")])
     assert not (tmp_path / "w").exists()                      # refused before any work
+
+
+@pytest.mark.slow
+def test_seeds_in_worker_processes_write_the_rows_one_process_writes(tmp_path, capsys):
+    """--workers 2: each seed in its own process (spawned, its output in seed<s>/log.txt) writes the
+    rows that one process computing the seeds in turn writes, the timings aside."""
+    torch.set_num_threads(1)                        # the same float order in both (a worker gets 1 thread)
+    rows = {}
+    for workers in (2, 1):
+        work = tmp_path / f"workers{workers}"
+        argv = SMOKE + ["--seeds", "2", "--out", str(work), "--results-dir", str(tmp_path / f"results{workers}"),
+                        "--workers", str(workers)]
+        assert cagsr.main(argv) == 0
+        rows[workers] = {p.relative_to(work).as_posix(): {k: v for k, v in json.loads(p.read_text()).items() if k != "seconds"}
+                         for p in work.glob("seed*/row_*.json")}
+    out = capsys.readouterr().out
+    assert "2 worker processes at once" in out
+    assert out.count("done earlier") == 2 * (len(reward_study.ROWS) + 1)    # SFT + every row, computed by the workers
+    assert (tmp_path / "workers2" / "seed1" / "log.txt").read_text().count("seed 1 |") >= len(reward_study.ROWS)
+    assert len(rows[2]) == 2 * len(reward_study.ROWS) and rows[2] == rows[1]
