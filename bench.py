@@ -22,7 +22,7 @@ Same weights (the last part of `python bench.py`, or alone with --same-weights):
 shaped like T5-base (d_model 768, 12 + 12 layers, 12 heads, d_kv 64, d_ff 3072, vocabulary 32,128)
 in the T5 v1.0 layout (relu FFN, tied head scaled by d_model^-0.5: T5-base's own), built by
 transformers with a fixed seed and written by save_pretrained into a temporary directory that
-both load: ours by model.from_pretrained, HF by T5ForConditionalGeneration.from_pretrained (eager).
+both load: ours by snapshot.from_pretrained, HF by T5ForConditionalGeneration.from_pretrained (eager).
 Check: greedy tokens (2 prompts x N = 4, 16 new tokens) equal up to each row's first EOS, and
 Abar over the last L' = 3 decoder layers and all heads within 1e-4 (ours: the sampler's Abar; HF:
 the mean of generate's maps of those layers and heads). Rollout: 16 prompts x 256 tokens, N = 4
@@ -262,11 +262,11 @@ def make_snapshot(path, shape="base", seed=0):
 
 
 def load_snapshot(system: str, path, shape="base"):
-    """The snapshot in `path`, loaded by `system`: ours by model.from_pretrained (recording the last
+    """The snapshot in `path`, loaded by `system`: ours by snapshot.from_pretrained (recording the last
     L' decoder layers), HF by T5ForConditionalGeneration.from_pretrained, eager attention, float32."""
     import torch
     if system == "ours":
-        from model import from_pretrained
+        from snapshot import from_pretrained
         return from_pretrained(path, last_layers=SAME[shape]["last_layers"]).eval()
     from transformers import T5ForConditionalGeneration
     from transformers.utils import logging

@@ -22,7 +22,8 @@ from torch import nn
 
 import data
 import parallel
-from model import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, ConfigError, finite_number, check_fields, token_entropy, token_logprobs
+from checks import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, ConfigError, check_fields, finite_number
+from model import token_entropy, token_logprobs
 from reward import RewardConfig, SalientTokens, compute_reward
 
 

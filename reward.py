@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import data
-from model import AT_LEAST_1, FINITE, NON_NEGATIVE, POSITIVE, check_fields
+from checks import AT_LEAST_1, FINITE, NON_NEGATIVE, POSITIVE, check_fields
 
 
 @dataclass

@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 
 import data
 import parallel
-from model import ConfigError, EncoderDecoder, ModelConfig, config_from_hf, from_pretrained, load_hf_config
+from checks import ConfigError
+from model import EncoderDecoder, ModelConfig
+from snapshot import config_from_hf, from_pretrained, load_hf_config
 
 
 class UsageError(SystemExit):
@@ -213,7 +215,7 @@ PRETRAINED = "pretrained"
 
 
 def is_snapshot(path) -> bool:
-    """A directory holding a config.json: what `model.from_pretrained` reads."""
+    """A directory holding a config.json: what `snapshot.from_pretrained` reads."""
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
@@ -244,7 +246,7 @@ def peek_init(path, flag: str = "--init", overrides: dict | None = None, tokeniz
 
 def load_init(path, device, flag: str = "--init", overrides: dict | None = None):
     """(model, tokenizer, checkpoint dict) of `--init`: a checkpoint file (`load_checkpoint`), or a
-    snapshot: its weights through `model.from_pretrained` (ModelConfig `overrides` on top, e.g.
+    snapshot: its weights through `snapshot.from_pretrained` (ModelConfig `overrides` on top, e.g.
     last_layers), its tokenizer.json, a fresh value head, and no IDF table yet (idf None)."""
     if not is_snapshot(path):
         return load_checkpoint(path, device, flag)

@@ -27,7 +27,9 @@ import runs
 from runs import UsageError
 from experiments import ExperimentConfig
 from data import DATASETS, dataset_name
-from model import SIZES, ConfigError, ModelConfig, config_for, count_params, memory_plan
+from checks import ConfigError
+from model import SIZES, ModelConfig, config_for, count_params
+from snapshot import memory_plan
 from reward import RewardConfig
 from sft import REWARDS_SFT_STEPS, TABLE_SFT_STEPS, SFTConfig, sft_config
 
@@ -431,7 +433,7 @@ def check_device(run: Run, device, world: int) -> None:
 
 
 def print_plan(run: Run) -> None:
-    """The memory plan (model.memory_plan) of the run's model, the preset with --set or a snapshot's
+    """The memory plan (snapshot.memory_plan) of the run's model, the preset with --set or a snapshot's
     config.json, for one SFT batch of the run at the model's longest lengths."""
     cfg = run.model_config or config_for(run.size, **run.model_overrides)
     batch = run.sft.batch_size

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 import data
 import parallel
 from evaluation import mean_nll, response_nll
-from model import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_fields
+from checks import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_fields
 from ppo import MAX_BAD, NonFiniteError
 from runs import fused, progress
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import baselines
-import data
 from baselines import bradley_terry_loss, corrupt, simulated_preferences
 from evaluation import PairScorer
 from model import EncoderDecoder, Rollout, config_for

@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from model import (SIZES, ConfigError, EncoderDecoder, ModelConfig, abar, additive_mask, attention, config_for,
-                   count_params, filter_logits, memory_plan, relative_position_bucket, rms_norm, sample_next, token_logprobs)
+from checks import ConfigError
+from model import (SIZES, EncoderDecoder, ModelConfig, abar, additive_mask, attention, config_for, count_params,
+                   filter_logits, relative_position_bucket, rms_norm, sample_next, token_logprobs)
+from snapshot import memory_plan
 
 BOS, EOS, PAD = 1, 2, 0                       # the ids of our tokenizer (data.train_tokenizer)
 IDS = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD)  # EncoderDecoder.sample's keywords for them

@@ -8,7 +8,8 @@ import torch
 
 import data
 import ppo
-from model import ConfigError, EncoderDecoder, ModelConfig
+from checks import ConfigError
+from model import EncoderDecoder, ModelConfig
 from reward import RewardConfig, SalientTokens, compute_reward
 
 # The toy vocabulary keeps our tokenizer's special ids: <pad> 0, <bos> 1 (the decoder's start), <eos> 2, <unk> 3.

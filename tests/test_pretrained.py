@@ -1,4 +1,4 @@
-"""model.from_pretrained: T5-family snapshots load exactly, against transformers' T5 (test-only dependency).
+"""snapshot.from_pretrained: T5-family snapshots load exactly, against transformers' T5 (test-only dependency).
 
 Every snapshot is a tiny random T5 built here and written to a temp dir: nothing is downloaded.
 The reference is transformers' own T5ForConditionalGeneration.from_pretrained of the same directory
@@ -14,8 +14,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402  (transformers brings safetensors)
 
-from model import (T5_UNUSED, config_from_hf, count_params, from_pretrained, memory_plan,  # noqa: E402
-                   relative_position_bucket)
+from model import count_params, relative_position_bucket  # noqa: E402
+from snapshot import T5_UNUSED, config_from_hf, from_pretrained, memory_plan  # noqa: E402
 
 PAD, EOS = 0, 1                                   # T5: PAD is also the decoder's start token
 V = 64

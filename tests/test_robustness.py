@@ -2,8 +2,6 @@
 updates, and the errors a user meets (README, "When things go wrong")."""
 
 import json
-import math
-import os
 import signal
 import subprocess
 import sys

@@ -164,7 +164,8 @@ def test_dry_run_plans_a_snapshot_from_its_config_alone(snapshot, tmp_path):
     (only_config / "config.json").write_text((snapshot / "config.json").read_text())   # no weights, no tokenizer
     r = cli("--dry-run", "--init", only_config)
     assert r.returncode == 0, r.stderr
-    from model import config_from_hf, count_params
+    from model import count_params
+    from snapshot import config_from_hf
     n = count_params(config_from_hf(json.loads((snapshot / "config.json").read_text())))
     assert f"plan for --init {only_config} (from its config.json): {n:,} parameters" in r.stdout
 
