@@ -123,10 +123,10 @@ def sample_pairs(policy, tok, records, cfg, device, seed: int, batch_size: int =
     out, sp = [], data.specials(tok)
     for i in range(0, len(records), batch_size):
         src, src_mask = prompt_batch(tok, [r["prompt"] for r in records[i:i + batch_size]], device, sp)
-        r = policy.sample(src, src_mask, num_samples=2, max_new_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen,
-                          record_attention=False, **sp.sample_ids())
-        texts = [data.decode(tok, row.tolist(), sp) for row in r.tokens.cpu()]
+        rollout = policy.sample(src, src_mask, num_samples=2, max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen,
+                                record_attention=False, **sp.sample_ids())
+        texts = [data.decode(tok, row.tolist(), sp) for row in rollout.tokens.cpu()]
         out += list(zip(texts[0::2], texts[1::2]))
     return out
 
@@ -217,9 +217,9 @@ class ScorerReward:
         self.scorer = scorer.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def __call__(self, src, src_mask, r, terms=None):            # (B, S), (B, S), Rollout of B*N -> (B*N,)
-        N = r.tokens.size(0) // src.size(0)
-        return self.scorer(src.repeat_interleave(N, 0), src_mask.repeat_interleave(N, 0), r.tokens, r.mask).float()
+    def __call__(self, src, src_mask, rollout, terms=None):            # (B, S), (B, S), Rollout of B*N -> (B*N,)
+        N = rollout.tokens.size(0) // src.size(0)
+        return self.scorer(src.repeat_interleave(N, 0), src_mask.repeat_interleave(N, 0), rollout.tokens, rollout.mask).float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ def mean_logprob(logits, tokens, response_mask):
 
 
 # --------------------------------------------------------------------------------------------
-# ... and the same rewards from a rollout, as PPO rewards (ppo.score's reward_fn)
+# ... and the same rewards from a rollout, as PPO rewards (ppo.sample_and_score's reward_fn)
 # --------------------------------------------------------------------------------------------
 
 class RolloutReward:
@@ -262,12 +262,12 @@ class RolloutReward:
             raise ValueError(f"unknown rollout reward {kind!r}; valid: {', '.join(self.KINDS)}")
         self.kind = kind
 
-    def __call__(self, src, src_mask, r, terms=None):            # Rollout of B*N -> (B*N,)
+    def __call__(self, src, src_mask, rollout, terms=None):            # Rollout of B*N -> (B*N,)
         if self.kind == "self_certainty":
-            return response_mean(r.certainty, r.mask)
+            return response_mean(rollout.certainty, rollout.mask)
         if self.kind == "neg_entropy":
-            return -response_mean(r.entropy, r.mask)
-        return response_mean(r.logprobs, r.mask)
+            return -response_mean(rollout.entropy, rollout.mask)
+        return response_mean(rollout.logprobs, rollout.mask)
 
 
 class RandomReward:
@@ -276,9 +276,9 @@ class RandomReward:
     def __init__(self, seed: int):
         self.gen = torch.Generator().manual_seed(seed)
 
-    def __call__(self, src, src_mask, r, terms=None):            # Rollout of B*N -> (B*N,)
-        n = r.tokens.size(0)
-        return torch.bernoulli(torch.full((n,), 0.5), generator=self.gen).to(r.tokens.device)
+    def __call__(self, src, src_mask, rollout, terms=None):            # Rollout of B*N -> (B*N,)
+        n = rollout.tokens.size(0)
+        return torch.bernoulli(torch.full((n,), 0.5), generator=self.gen).to(rollout.tokens.device)
 
 
 class OracleReward:
@@ -299,11 +299,11 @@ class OracleReward:
             refs.setdefault(tuple(data.encode(tok, rec["prompt"], sp)), []).append(rec["response"])
         return cls(tok, refs, correct)
 
-    def texts(self, src, src_mask, r) -> list[tuple[str, list[str]]]:
+    def texts(self, src, src_mask, rollout) -> list[tuple[str, list[str]]]:
         """(candidate text, its prompt's references) per candidate."""
-        N = r.tokens.size(0) // src.size(0)
+        N = rollout.tokens.size(0) // src.size(0)
         out = []
-        for i, row in enumerate(r.tokens.cpu()):
+        for i, row in enumerate(rollout.tokens.cpu()):
             b = i // N
             key = tuple(src[b][src_mask[b]].tolist())
             if key not in self.references:
@@ -315,20 +315,20 @@ class OracleReward:
         """The best correctness of each candidate against its references (`texts`' pairs)."""
         return [max(self.correct(text, ref) for ref in refs) for text, refs in texts]
 
-    def __call__(self, src, src_mask, r, terms=None):            # Rollout of B*N -> (B*N,)
-        return torch.tensor(self.scores(self.texts(src, src_mask, r)), device=r.tokens.device)
+    def __call__(self, src, src_mask, rollout, terms=None):            # Rollout of B*N -> (B*N,)
+        return torch.tensor(self.scores(self.texts(src, src_mask, rollout)), device=rollout.tokens.device)
 
 
 class HybridReward:
-    """§6 and §9's combination: the attention reward (terms["reward"] of ppo.score) plus `weight`
+    """§6 and §9's combination: the attention reward (terms["reward"] of ppo.sample_and_score) plus `weight`
     times a reward model fitted on limited human preference labels (simulated here: train_bt_rm).
     Not self-supervised."""
 
     def __init__(self, scorer: PairScorer, weight: float):
         self.rm, self.weight = ScorerReward(scorer), weight
 
-    def __call__(self, src, src_mask, r, terms):                 # Rollout of B*N, attention terms -> (B*N,)
-        return terms["reward"] + self.weight * self.rm(src, src_mask, r)
+    def __call__(self, src, src_mask, rollout, terms):                 # Rollout of B*N, attention terms -> (B*N,)
+        return terms["reward"] + self.weight * self.rm(src, src_mask, rollout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ random and oracle controls, and the hybrid (not self-supervised)."""
 
 def make_reward(name: str, *, tok=None, records=None, seed: int = 0, correct=exact_match, rm: PairScorer | None = None,
                 hybrid_weight: float = 1.0):
-    """ppo.train's reward_fn for `--reward name`; None for "attention" (ppo.score's own reward).
+    """ppo.train's reward_fn for `--reward name`; None for "attention" (ppo.sample_and_score's own reward).
     records: the training records (the oracle's clean references); correct: the task's correctness
     (the oracle); rm: the hybrid's preference reward model (train_bt_rm); seed: the random control's."""
     if name == "attention":

@@ -1,4 +1,4 @@
-"""Speed of the project's model next to Hugging Face T5, on fixed workloads (README, "Performance").
+"""Speed of the project's model next to Hugging Face T5, on fixed workloads (USAGE.md, "Performance").
 
     python bench.py                  # every benchmark, CPU, 2 threads; `transformers` optional
     python bench.py --repeats 2      # fewer interleaved rounds

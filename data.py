@@ -231,6 +231,11 @@ def dataset_name(name_or_path: str) -> str:
     return Path(name_or_path).stem if str(name_or_path).endswith(".jsonl") else name_or_path
 
 
+def is_qa(name_or_path: str) -> bool:
+    """A question-answering task (qa, qa-grounded, or a .jsonl named qa*): scored by exact-match."""
+    return dataset_name(name_or_path).startswith("qa")
+
+
 def load_dataset(name_or_path: str, seed: int = 0) -> Splits:
     """A bundled dataset at the paper's size (§7.1) or a user .jsonl file, split 80/10/10."""
     if name_or_path in synthetic.MAKERS:

@@ -5,7 +5,7 @@ relevance classifier (a `PairScorer`), and the scoring of a policy that every st
 Nothing here is ever used as the CAGSR reward. Kept apart from reward.py on purpose: the reward
 sees only the model's own attention, and these metrics see only text; keeping them in separate
 files keeps that boundary visible. (`sampled_terms` reports the reward's terms, computed by
-ppo.score, next to the metrics.)
+ppo.sample_and_score, next to the metrics.)
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ reference_match for free-form responses (instruct, a user's JSONL)."""
 
 def correctness_of(dataset: str) -> str:
     """The name of `dataset`'s correctness measure (CORRECTNESS)."""
-    return "exact_match" if data.dataset_name(dataset).startswith("qa") else "reference_match"
+    return "exact_match" if data.is_qa(dataset) else "reference_match"
 
 
 def correctness(dataset: str):
@@ -311,7 +311,7 @@ def sampled_terms(model, tok, records, salient, reward_cfg, ppo_cfg, device, see
     for i in range(0, len(records), batch_size):
         batch = records[i:i + batch_size]
         src, src_mask = prompt_batch(tok, [r["prompt"] for r in batch], device, sp)
-        rollout, terms, _, _ = ppo.score(model, src, src_mask, salient, reward_cfg, ppo_cfg, sp, gen)
+        rollout, terms, _, _ = ppo.sample_and_score(model, src, src_mask, salient, reward_cfg, ppo_cfg, sp, gen)
         texts += [data.decode(tok, row.tolist(), sp) for row in rollout.tokens.cpu()]
         references += [r["response"] for r in batch for _ in range(N)]
         for k, v in terms.items():
@@ -336,10 +336,10 @@ def candidates(model, tok, prompts, salient, reward_cfg, ppo_cfg, device, num_sa
     """[(prompt, [(text, terms of that candidate)] * N)] for printing."""
     sp = data.specials(tok)
     src, src_mask = prompt_batch(tok, prompts, device, sp)
-    r, terms, _, _ = ppo.score(model, src, src_mask, salient, reward_cfg, ppo_cfg, sp,
-                               torch.Generator(device=device).manual_seed(seed), num_samples=num_samples)
-    rows = [(data.decode(tok, r.tokens[i].tolist(), sp), {k: float(v[i]) for k, v in terms.items()})
-            for i in range(r.tokens.size(0))]
+    rollout, terms, _, _ = ppo.sample_and_score(model, src, src_mask, salient, reward_cfg, ppo_cfg, sp,
+                                                torch.Generator(device=device).manual_seed(seed), num_samples=num_samples)
+    rows = [(data.decode(tok, rollout.tokens[i].tolist(), sp), {k: float(v[i]) for k, v in terms.items()})
+            for i in range(rollout.tokens.size(0))]
     return [(p, rows[b * num_samples:(b + 1) * num_samples]) for b, p in enumerate(prompts)]
 
 

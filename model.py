@@ -508,12 +508,12 @@ class EncoderDecoder(nn.Module):
 
     # ---- decoder ---------------------------------------------------------------------------
 
-    def _decode(self, y, cross_kv, src_mask, attention, caches=None, pos=0):
+    def _decode(self, y, cross_kv, src_mask, record, caches=None, pos=0):
         """Run the decoder stack on y (B', T) starting at position `pos`.
         Returns logits (B', T, V) and the recorded cross-attention of the last L' layers:
-        None, Abar (B', T, S) for attention="mean", or (B', L', H, T, S) for "layers"."""
-        if attention not in (None, "mean", "layers"):
-            raise ValueError(f"attention must be None, 'mean' or 'layers', got {attention!r}")
+        None, Abar (B', T, S) for record="mean", or (B', L', H, T, S) for "layers"."""
+        if record not in (None, "mean", "layers"):
+            raise ValueError(f"record must be None, 'mean' or 'layers', got {record!r}")
         T = y.size(1)
         if pos + T > self.cfg.max_tgt_len:
             raise ValueError(f"response length {pos + T} exceeds max_tgt_len={self.cfg.max_tgt_len}")
@@ -528,7 +528,7 @@ class EncoderDecoder(nn.Module):
         key_mask = src_mask[:, None, None, :]                              # (B, 1, 1, S)
         maps = []
         for i, layer in enumerate(self.decoder):
-            need = attention is not None and layer.cross_attn.records
+            need = record is not None and layer.cross_attn.records
             if caches is None:
                 x, w = self._layer(layer, x, cross_kv[i], key_mask, need_weights=need, pos=pos, self_mask=self_mask)
             else:                                                          # sampling: no graph, KV cache
@@ -537,32 +537,32 @@ class EncoderDecoder(nn.Module):
             if w is not None:
                 maps.append(w)                                            # (B', H, T, S)
         logits = self.head(self.dec_ln(x))                                 # (B', T, V)
-        if attention is None:
+        if record is None:
             return logits, None
         maps = torch.stack(maps, dim=1)                                    # (B', L', H, T, S)
-        return logits, (abar(maps) if attention == "mean" else maps)
+        return logits, (abar(maps) if record == "mean" else maps)
 
-    def decode(self, memory, src_mask, tgt_in, num_samples=1, attention=None, tgt_mask=None):
+    def decode(self, memory, src_mask, tgt_in, num_samples=1, record=None, tgt_mask=None):
         """Teacher-forced decoder pass.
 
         memory (B, S, D), src_mask (B, S) from `encode`; tgt_in (B*N, T) = [BOS] + response[:-1];
-        N = num_samples responses per prompt (rows b*N .. b*N+N-1). attention: None, "mean" for
-        Abar of §3.2 (B*N, T, S), or "layers" for every recording layer and head (B*N, L', H, T, S).
-        tgt_mask (B*N, T), when given, zeroes the maps at padding positions after EOS.
-        Returns (logits (B*N, T, V), attention or None).
+        N = num_samples responses per prompt (rows b*N .. b*N+N-1). record, the cross-attention to
+        return: None, "mean" for Abar of §3.2 (B*N, T, S), or "layers" for every recording layer and
+        head (B*N, L', H, T, S). tgt_mask (B*N, T), when given, zeroes the maps at padding positions
+        after EOS. Returns (logits (B*N, T, V), the recorded maps or None).
         """
         if tgt_in.size(0) != memory.size(0) * num_samples:
             raise ValueError(f"tgt_in has {tgt_in.size(0)} rows; expected B*N = {memory.size(0)}*{num_samples} "
                              f"(the N responses of prompt b are rows b*N .. b*N+N-1)")
-        logits, maps = self._decode(tgt_in, self.cross_kv(memory), src_mask, attention)
+        logits, maps = self._decode(tgt_in, self.cross_kv(memory), src_mask, record)
         if maps is not None and tgt_mask is not None:
             m = tgt_mask.to(maps.dtype)
-            maps = maps * (m[:, :, None] if attention == "mean" else m[:, None, None, :, None])
+            maps = maps * (m[:, :, None] if record == "mean" else m[:, None, None, :, None])
         return logits, maps
 
-    def forward(self, src, src_mask, tgt_in, num_samples=1, attention=None, tgt_mask=None):
-        """encode + decode: (logits (B*N, T, V), attention or None). See `decode`."""
-        return self.decode(self.encode(src, src_mask), src_mask, tgt_in, num_samples, attention, tgt_mask)
+    def forward(self, src, src_mask, tgt_in, num_samples=1, record=None, tgt_mask=None):
+        """encode + decode: (logits (B*N, T, V), the recorded maps or None). See `decode`."""
+        return self.decode(self.encode(src, src_mask), src_mask, tgt_in, num_samples, record, tgt_mask)
 
     # ---- sampling --------------------------------------------------------------------------
 

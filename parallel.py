@@ -16,6 +16,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 
+def check_split(flag: str, n: int, world: int) -> None:
+    """A batch of `n` (set by `flag`) is shared out evenly over `world` processes, or a ValueError."""
+    if n % world:
+        raise ValueError(f"{flag} {n} cannot be split evenly over {world} processes: choose a multiple of {world}")
+
+
 def rank_and_world() -> tuple[int, int]:
     """(this process's rank, number of processes): (0, 1) unless torch.distributed is initialised."""
     if dist.is_available() and dist.is_initialized():

@@ -69,7 +69,7 @@ class PPOConfig:
     temperature: float = 1.0
     """Sampling temperature: RL draws from softmax(logits / temperature) over the whole vocabulary, the
     distribution of the ratio, the KL and the rival rewards (DECISIONS.md §3). CPU profiles: chosen by
-    measurement (README, "The RL stage")."""
+    measurement (results/README.md, "How the CPU RL settings were chosen")."""
     top_k: int | None = None
     """Top-k sampling for --stage sample and display only (§5 names "top-k or nucleus sampling"); RL refuses
     it, since its log-probabilities are of the full softmax (DECISIONS.md §3); none = off."""
@@ -116,29 +116,17 @@ def check_on_policy(cfg: PPOConfig) -> None:
 # What the paper states (§4, §7.2): every other PPOConfig field is the project's choice.
 PAPER = dict(algo="ppo", prompts_per_iter=64, num_samples=4, lr=1e-5, clip_eps=0.2, baseline="value", kl_coef=0.0)
 
-# Per-size RL settings, two named profiles (DECISIONS.md §4). "run" is `python cagsr.py`: the GPU
-# presets keep the paper's setting (§7.2: PPOConfig's defaults); the CPU presets have their own,
-# chosen by measurement (README, "The RL stage"): at lr 1e-5 nothing moves in the few dozen
-# iterations a CPU affords. "table1" is `--experiment table1`: the CPU settings without the KL
-# penalty (the paper has none; the table's KL row adds it), 2 epochs x 2 minibatches and 15
-# iterations, so that 3 seeds x 8 RL rows fit in about half an hour per dataset on 2 cores.
-# "rewards" is `--experiment rewards` (reward_study.py): the table1 settings with 20 iterations, so
-# that the fixed set is scored at iterations 0, 10 and 20 of 7 RL rows x 3 seeds.
-# "pretrained" (--init with a T5 snapshot) keeps the paper's setting, lr 1e-5 included: the paper's own
-# case is a pretrained model. Every run prints its values next to the paper's.
+# The RL settings of `python cagsr.py`, per size (DECISIONS.md §4; the experiments keep theirs in
+# table1.py and reward_study.py). The GPU presets keep the paper's setting (§7.2: PPOConfig's
+# defaults); the CPU presets have their own, chosen by measurement on the headroom tasks
+# (results/README.md, "How the CPU RL settings were chosen"): at lr 1e-5 nothing moves in the few
+# dozen iterations a CPU affords. "pretrained" (--init with a T5 snapshot) keeps the paper's setting, lr
+# 1e-5 included: the paper's own case is a pretrained model. Every run prints its values next to the
+# paper's.
 CPU_PPO = dict(lr=3e-5, baseline="group", whiten=True, kl_coef=0.1, epochs=4, minibatches=4, temperature=0.5)
-TABLE_CPU_PPO = dict(lr=3e-5, baseline="group", whiten=True, epochs=4, minibatches=4, temperature=0.5)
-RL_PROFILES = {
-    "run": {"tiny": dict(iterations=40, ppo=CPU_PPO), "small": dict(iterations=40, ppo=CPU_PPO),
-            "base": dict(iterations=500, ppo={}), "1.3b": dict(iterations=500, ppo={}),
-            "pretrained": dict(iterations=200, ppo={})},
-    "table1": {"tiny": dict(iterations=20, ppo=TABLE_CPU_PPO), "small": dict(iterations=20, ppo=TABLE_CPU_PPO),
-               "base": dict(iterations=200, ppo={}), "1.3b": dict(iterations=500, ppo={}),
-               "pretrained": dict(iterations=200, ppo={})},
-    "rewards": {"tiny": dict(iterations=20, ppo=TABLE_CPU_PPO), "small": dict(iterations=20, ppo=TABLE_CPU_PPO),
-                "base": dict(iterations=200, ppo={}), "1.3b": dict(iterations=500, ppo={}),
-                "pretrained": dict(iterations=200, ppo={})},
-}
+RUN_PROFILE = {"tiny": dict(iterations=40, ppo=CPU_PPO), "small": dict(iterations=40, ppo=CPU_PPO),
+               "base": dict(iterations=500, ppo={}), "1.3b": dict(iterations=500, ppo={}),
+               "pretrained": dict(iterations=200, ppo={})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +135,7 @@ RL_PROFILES = {
 
 def masked(x, mask):
     """x where mask is True, 0 elsewhere: positions after EOS may hold extreme log-probabilities
-    (below -88 the exp of a difference overflows), so every non-linear function below sees the
+    (below -88 the experience of a difference overflows), so every non-linear function below sees the
     masked value, never the raw one (inf * 0 would be NaN)."""
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
@@ -182,8 +170,8 @@ def value_loss(values, returns):
 def group_baseline(rewards, num_samples):
     """For each candidate, the mean reward of the other N-1 candidates of its prompt (leave-one-out,
     as in RLOO). rewards (B*N,) with prompt b's candidates at rows b*N .. b*N+N-1 -> (B*N,)."""
-    r = rewards.view(-1, num_samples)                                          # (B, N)
-    return ((r.sum(1, keepdim=True) - r) / (num_samples - 1)).flatten()
+    per_prompt = rewards.view(-1, num_samples)                                 # (B, N)
+    return ((per_prompt.sum(1, keepdim=True) - per_prompt) / (num_samples - 1)).flatten()
 
 
 def advantage(returns, values, baseline: str, num_samples: int):
@@ -217,10 +205,10 @@ def k3_kl(logprobs, ref_logprobs, mask):
 
 
 def approx_kl(logprobs, old_logprobs, mask):
-    """How far an update moved the policy from the one that sampled: mean k3 estimate
-    (r - 1) - log r over valid tokens (the `approx_kl` of PPO implementations)."""
-    log_ratio = masked(logprobs - old_logprobs, mask)
-    return masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)
+    """How far an update moved the policy from the one that sampled: the k3 estimate of
+    KL(pi_old || pi) on pi_old's samples, (r_t - 1) - log r_t averaged over valid tokens (the
+    `approx_kl` of PPO implementations) -> scalar."""
+    return k3_kl(old_logprobs, logprobs, mask)
 
 
 def clip_fraction(logprobs, old_logprobs, mask, clip_eps):
@@ -314,8 +302,8 @@ def decoder_input(tokens, start_id: int):
 
 
 @torch.no_grad()
-def score(model, src, src_mask, salient: SalientTokens, reward_cfg: RewardConfig, cfg: PPOConfig, sp: data.Specials,
-          generator=None, num_samples=None, reward_fn=None):
+def sample_and_score(model, src, src_mask, salient: SalientTokens, reward_cfg: RewardConfig, cfg: PPOConfig,
+                     sp: data.Specials, generator=None, num_samples=None, reward_fn=None):
     """Sample candidates with the recorded Abar and compute the reward of §3.2.
 
     reward_fn(src, src_mask, rollout, terms) -> (B*N,), when given, replaces the attention reward as
@@ -327,57 +315,59 @@ def score(model, src, src_mask, salient: SalientTokens, reward_cfg: RewardConfig
     Returns (Rollout, terms dict of (B*N,) tensors, seconds spent sampling, seconds on the reward)."""
     N = num_samples or cfg.num_samples
     t0 = time.time()
-    r = model.sample(src, src_mask, num_samples=N, max_new_tokens=cfg.max_new_tokens,
-                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator,
-                     **sp.sample_ids())
+    rollout = model.sample(src, src_mask, num_samples=N, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator,
+                           **sp.sample_ids())
     t1 = time.time()
     rep = lambda x: x.repeat_interleave(N, dim=0)                              # (B, S) -> (B*N, S)
-    terms = compute_reward(r.attn, r.tokens, r.mask, rep(salient(src, src_mask, reward_cfg)), reward_cfg,
-                           special=rep(special_mask(src, src_mask, sp.special)), prompt_mask=rep(src_mask))
-    terms["length"] = r.mask.sum(-1).float()
+    terms = compute_reward(rollout.attn, rollout.tokens, rollout.mask, rep(salient(src, src_mask, reward_cfg)),
+                           reward_cfg, special=rep(special_mask(src, src_mask, sp.special)), prompt_mask=rep(src_mask))
+    terms["length"] = rollout.mask.sum(-1).float()
     if reward_fn is not None:
         terms["attention_reward"] = terms["reward"]
-        terms["reward"] = reward_fn(src, src_mask, r, dict(terms))
-    return r, terms, t1 - t0, time.time() - t1
+        terms["reward"] = reward_fn(src, src_mask, rollout, dict(terms))
+    return rollout, terms, t1 - t0, time.time() - t1
 
 
 @torch.no_grad()
 def collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg: PPOConfig, kl_coef: float, sp: data.Specials,
             generator=None, reward_fn=None):
     """One rollout (§5, Figure 1): N candidates per prompt, their reward, the KL penalty to the SFT
-    policy, and advantages A = R - b(x). `reward_fn`: see `score`. Returns (Experience, timings in seconds)."""
+    policy, and advantages A = R - b(x). `reward_fn`: see `sample_and_score`. Returns (Experience, timings in
+    seconds)."""
     model.eval()                                       # dropout off during rollouts (Huang et al.)
     N = cfg.num_samples
-    r, terms, sample_s, reward_s = score(model, src, src_mask, salient, reward_cfg, cfg, sp, generator,
-                                         reward_fn=reward_fn)
+    rollout, terms, sample_s, reward_s = sample_and_score(model, src, src_mask, salient, reward_cfg, cfg, sp,
+                                                          generator, reward_fn=reward_fn)
     t1 = time.time()
-    tgt_in = decoder_input(r.tokens, sp.start)
+    tgt_in = decoder_input(rollout.tokens, sp.start)
     ref_logits, _ = ref_model(src, src_mask, tgt_in, num_samples=N)
-    ref_logprobs = masked(token_logprobs(ref_logits, r.tokens, cfg.temperature), r.mask)
-    kl = kl_to_reference(r.logprobs, ref_logprobs, r.mask)                    # (B*N,)
+    ref_logprobs = masked(token_logprobs(ref_logits, rollout.tokens, cfg.temperature), rollout.mask)
+    kl = kl_to_reference(rollout.logprobs, ref_logprobs, rollout.mask)        # (B*N,)
     returns = terms["reward"] - kl_coef * kl
     values = model.value(model.encode(src, src_mask), src_mask).repeat_interleave(N)   # V_old(x), (B*N,)
     advantages = advantage(returns, values, cfg.baseline, N)                  # (B*N,)
     if cfg.whiten:
         advantages = whiten_across_ranks(advantages)                            # the whole batch, all ranks
     terms["kl_ref"] = kl
-    exp = Experience(src, src_mask, r.tokens, tgt_in, r.mask, r.logprobs, ref_logprobs, returns, advantages, values, terms)
-    return exp, dict(sample_s=sample_s, reward_s=reward_s, ref_s=time.time() - t1)
+    experience = Experience(src, src_mask, rollout.tokens, tgt_in, rollout.mask, rollout.logprobs, ref_logprobs,
+                            returns, advantages, values, terms)
+    return experience, dict(sample_s=sample_s, reward_s=reward_s, ref_s=time.time() - t1)
 
 
-def policy_objective(logits, tokens, mask, exp: Experience, rows, v_loss, cfg: PPOConfig):
+def policy_objective(logits, tokens, mask, experience: Experience, rows, v_loss, cfg: PPOConfig):
     """The loss of one minibatch: the PPO (or PG) policy loss, plus the value loss (baseline "value"),
     minus the entropy bonus, plus the k3 KL term. A term joins only when its coefficient is non-zero
     (0 * NaN is NaN). V(x) is trained only when it is the baseline: with the shared encoder, a value
     loss nobody uses would still move the policy's attention. Returns (loss, logged statistics)."""
     logprobs = token_logprobs(logits, tokens, cfg.temperature)                # (B*N, T)
-    old, adv = exp.old_logprobs[rows], exp.advantages[rows]
+    old, adv = experience.old_logprobs[rows], experience.advantages[rows]
     if cfg.algo == "ppo":
         p_loss = ppo_policy_loss(logprobs, old, adv, mask, cfg.clip_eps)
     else:
         p_loss = pg_loss(logprobs, adv, mask)
     entropy = mean_entropy(logits, mask, cfg.temperature)
-    k3 = k3_kl(logprobs, exp.ref_logprobs[rows], mask)
+    k3 = k3_kl(logprobs, experience.ref_logprobs[rows], mask)
     loss = p_loss
     if cfg.baseline == "value" and cfg.value_coef:
         loss = loss + cfg.value_coef * v_loss
@@ -391,7 +381,8 @@ def policy_objective(logits, tokens, mask, exp: Experience, rows, v_loss, cfg: P
     return loss, stats
 
 
-def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, generator=None, policy=None) -> dict:
+def update(model, optimizer, experience: Experience, cfg: PPOConfig, value_only=False, generator=None,
+           policy=None) -> dict:
     """PPO epochs over one rollout (cfg.algo "pg": one epoch of REINFORCE steps, one per minibatch).
 
     value_only=True is the value warm-up: the loss is the value loss on detached encoder states, so
@@ -401,23 +392,23 @@ def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, 
     differentiate, PolicyValue(model) by default; under torchrun, that wrapped in DDP (`train`)."""
     policy = PolicyValue(model) if policy is None else policy
     model.eval()                                       # dropout off during updates too
-    B, N = exp.src.size(0), cfg.num_samples
+    B, N = experience.src.size(0), cfg.num_samples
     epochs = 1 if cfg.algo == "pg" else cfg.epochs
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "grad_norm", "k3_kl")}
     skipped, applied, causes = 0, 0, set()
     for _ in range(epochs):
-        order = torch.randperm(B, generator=generator).to(exp.src.device)
+        order = torch.randperm(B, generator=generator).to(experience.src.device)
         for mb in order.chunk(cfg.minibatches):
             rows = (mb[:, None] * N + torch.arange(N, device=mb.device)).flatten()   # candidates of these prompts
-            src, src_mask = exp.src[mb], exp.src_mask[mb]
-            tokens, mask = exp.tokens[rows], exp.mask[rows]
-            logits, values = policy(src, src_mask, exp.tgt_in[rows], N, value_only)   # (B*N, T, V), (B,)
+            src, src_mask = experience.src[mb], experience.src_mask[mb]
+            tokens, mask = experience.tokens[rows], experience.mask[rows]
+            logits, values = policy(src, src_mask, experience.tgt_in[rows], N, value_only)   # (B*N, T, V), (B,)
             values = values.repeat_interleave(N)                                   # (B*N,)
-            v_loss = value_loss(values, exp.returns[rows])
+            v_loss = value_loss(values, experience.returns[rows])
             if value_only:
                 loss = v_loss
             else:
-                loss, terms = policy_objective(logits, tokens, mask, exp, rows, v_loss, cfg)
+                loss, terms = policy_objective(logits, tokens, mask, experience, rows, v_loss, cfg)
                 for k, v in terms.items():
                     stats[k].append(v)
             stats["value_loss"].append(v_loss.item())
@@ -439,6 +430,13 @@ def update(model, optimizer, exp: Experience, cfg: PPOConfig, value_only=False, 
 # The loop (§5): rollout, update, repeat.
 # --------------------------------------------------------------------------------------------
 
+def check_enough_prompts(num_prompts: int, batch_size: int) -> None:
+    """One RL iteration takes `batch_size` distinct training prompts: a ValueError when there are fewer."""
+    if num_prompts < batch_size:
+        raise ValueError(f"{num_prompts} training prompts, fewer than --prompts-per-iter {batch_size}; lower "
+                         f"--prompts-per-iter or give more data")
+
+
 def prompt_batches(prompts: list[list[int]], batch_size: int, seed: int, sp: data.Specials, rank: int = 0,
                    world: int = 1, skip: int = 0):
     """Endless batches of B prompts, (src, src_mask), reshuffled every pass over the prompts.
@@ -446,12 +444,8 @@ def prompt_batches(prompts: list[list[int]], batch_size: int, seed: int, sp: dat
     With `world` processes, every rank draws the same batch of B and keeps its own contiguous
     B / world of it: the shards of one iteration are disjoint and together are the batch.
     skip: start after that many batches (a resumed run), without collating them."""
-    if batch_size % world:
-        raise ValueError(f"{batch_size} prompts per iteration cannot be split evenly over {world} processes; "
-                         f"choose --prompts-per-iter as a multiple of {world}")
-    if len(prompts) < batch_size:
-        raise ValueError(f"{len(prompts)} training prompts, fewer than the {batch_size} prompts per iteration; "
-                         f"lower --prompts-per-iter or give more data")
+    parallel.check_split("--prompts-per-iter", batch_size, world)
+    check_enough_prompts(len(prompts), batch_size)
     shard = batch_size // world
     per_pass = len(prompts) // batch_size
     epoch, skip_in_pass = divmod(skip, per_pass)
@@ -463,14 +457,19 @@ def prompt_batches(prompts: list[list[int]], batch_size: int, seed: int, sp: dat
         epoch, skip_in_pass = epoch + 1, 0
 
 
-def iteration_metrics(exp: Experience, stats: dict, timings: dict, kl_coef: float) -> dict:
+def iteration_metrics(experience: Experience, stats: dict, timings: dict, kl_coef: float) -> dict:
     """The per-iteration log row: reward and its terms, the PPO statistics, the KL to the SFT policy."""
-    row = {k: float(v.mean()) for k, v in exp.terms.items()}
+    row = {k: float(v.mean()) for k, v in experience.terms.items()}
     row.update(stats)
-    row["explained_variance"] = explained_variance(exp.values, exp.returns)
+    row["explained_variance"] = explained_variance(experience.values, experience.returns)
     row["kl_coef"] = kl_coef
     row.update({k: round(v, 3) for k, v in timings.items()})
     return row
+
+
+def skipped_updates(history: list[dict]) -> int:
+    """Minibatch updates skipped over a run (not finite: never applied), from `train`'s rows."""
+    return sum(row.get("skipped", 0) for row in history)
 
 
 class NonFiniteError(RuntimeError):
@@ -528,21 +527,21 @@ def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfi
     bad = 0
     for i in range(start, iterations):
         src, src_mask = (t.to(device) for t in next(batches))
-        exp, timings = collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg, kl_coef, specials, gen,
-                               reward_fn)
+        experience, timings = collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg, kl_coef, specials,
+                                      gen, reward_fn)
         warmup = i < cfg.value_warmup
         t0 = time.time()
-        if parallel.all_finite(exp.returns):
-            stats = update(model, optimizer, exp, cfg, value_only=warmup, generator=cpu_gen, policy=policy)
+        if parallel.all_finite(experience.returns):
+            stats = update(model, optimizer, experience, cfg, value_only=warmup, generator=cpu_gen, policy=policy)
         else:
-            n_bad = int(parallel.all_sum((~torch.isfinite(exp.returns)).sum()))
+            n_bad = int(parallel.all_sum((~torch.isfinite(experience.returns)).sum()))
             stats = dict(skipped=1, applied=0, nonfinite_reward=n_bad,
-                         skip_cause=f"reward (not finite for {n_bad} of {exp.returns.numel() * world} candidates)")
+                         skip_cause=f"reward (not finite for {n_bad} of {experience.returns.numel() * world} candidates)")
         timings["update_s"] = time.time() - t0
-        row = dict(stage="rl", iteration=i + 1, value_warmup=warmup, **iteration_metrics(exp, stats, timings, kl_coef))
+        row = dict(stage="rl", iteration=i + 1, value_warmup=warmup, **iteration_metrics(experience, stats, timings, kl_coef))
         row = parallel.mean_over_ranks(row)
         if kl is not None and not warmup:
-            kl_coef = kl.update(row["kl_ref"], exp.tokens.size(0))
+            kl_coef = kl.update(row["kl_ref"], experience.tokens.size(0))
         history.append(row)
         if progress is not None:
             progress.update(1)

@@ -2,7 +2,7 @@
 cross-attention.
 
     coverage(x, y) = 1 / (|y| |I_x|) * sum_t sum_{j in I_x} Abar[t, j]
-    entropy(A_t)   = - sum_j Abar[t, j] log Abar[t, j]
+    entropy(A_t)   = - sum_j Abar[t, j] log Abar[t, j]          (attention_entropy)
     focus(x, y)    = - (1/|y|) * sum_t entropy(A_t)
     R(x, y)        = alpha * coverage + beta * focus - gamma * repeatPenalty(y)
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import data
-from checks import AT_LEAST_1, FINITE, NON_NEGATIVE, POSITIVE, check_fields
+from checks import AT_LEAST_1, FINITE, NON_NEGATIVE, POSITIVE, check_fields, one_of
 
 
 @dataclass
@@ -34,7 +34,7 @@ class RewardConfig:
     """n of the repetition penalty's n-grams (§3.2: bigrams; higher orders are a §6 extension)."""
     repeat_count: bool = False
     """Use the raw count of repeated n-grams instead of the fraction (DECISIONS.md §2: fraction)."""
-    salient: str = "idf"
+    salient_method: str = "idf"
     """Heuristic for I_x (§3.2): "idf" (top-k content tokens by IDF) or "ner" (capitalised words not at
     a sentence start, and numbers)."""
     salient_top_k: int = 4
@@ -51,7 +51,7 @@ class RewardConfig:
 
     def __post_init__(self):
         check_fields(self, dict(alpha=FINITE, beta=FINITE, gamma=FINITE, ngram=AT_LEAST_1,
-                                salient=(lambda v: v in ("idf", "ner"), "'idf' or 'ner'"), salient_top_k=AT_LEAST_1,
+                                salient_method=one_of("idf", "ner"), salient_top_k=AT_LEAST_1,
                                 attn_temperature=POSITIVE, entropy_floor=NON_NEGATIVE))
 
 
@@ -64,14 +64,14 @@ def _num_tokens(response_mask):
     return response_mask.sum(-1).clamp(min=1).to(torch.float32)
 
 
-def coverage(attn, salient, response_mask):
+def coverage(attn, salient_mask, response_mask):
     """Coverage term, §3.2: the mean over response tokens of the attention mass on I_x, per salient token.
 
-    attn (B, T, S) = Abar; salient (B, S): bool mask of I_x, or float weights w_j (IDF weighting,
+    attn (B, T, S) = Abar; salient_mask (B, S): bool mask of I_x, or float weights w_j (IDF weighting,
     DECISIONS.md §2: sum_t sum_j w_j Abar[t, j] / (|y| sum_j w_j), the paper's formula for 0/1 weights);
     response_mask (B, T) bool. A prompt with no salient token gets 0. -> (B,)
     """
-    w = salient.to(attn.dtype)                                                  # (B, S)
+    w = salient_mask.to(attn.dtype)                                             # (B, S)
     mass = (attn * w[:, None, :]).sum(-1)                                       # (B, T)
     mass = (mass * response_mask).sum(-1)                                       # (B,)
     size = w.sum(-1)                                                            # |I_x| or sum_j w_j
@@ -79,8 +79,9 @@ def coverage(attn, salient, response_mask):
                        torch.zeros_like(mass))
 
 
-def entropy(attn, temperature=1.0):
-    """Entropy of each step's attention distribution, with 0 log 0 = 0: (B, T, S) -> (B, T).
+def attention_entropy(attn, temperature=1.0):
+    """Entropy of each step's attention distribution Abar[t] over the prompt (not of the token
+    distribution: that is model.token_entropy), with 0 log 0 = 0: (B, T, S) -> (B, T).
 
     temperature != 1 rescales the distribution first (A^(1/tau), renormalised; §6 extension)."""
     if temperature != 1.0:
@@ -95,7 +96,7 @@ def focus(attn, response_mask, temperature=1.0, entropy_floor=0.0):
 
     attn (B, T, S), response_mask (B, T) -> (B,). With entropy_floor > 0 each step's entropy is
     clamped from below (§6), so attention sharper than the floor earns nothing more."""
-    h = entropy(attn, temperature).clamp(min=entropy_floor)                     # (B, T)
+    h = attention_entropy(attn, temperature).clamp(min=entropy_floor)           # (B, T)
     return -(h * response_mask).sum(-1) / _num_tokens(response_mask)
 
 
@@ -186,12 +187,12 @@ class SalientTokens:
 
     def __call__(self, src, src_mask, cfg: RewardConfig):
         """(B, S): bool mask of I_x, or float IDF weights when cfg.idf_weighted."""
-        if cfg.salient == "idf":
+        if cfg.salient_method == "idf":
             return salient_idf(src, src_mask, self.idf, self.content, cfg.salient_top_k, cfg.idf_weighted)
-        if cfg.salient == "ner":
+        if cfg.salient_method == "ner":
             chosen = salient_ner(src, src_mask, self.token_strings, self.content)
             return chosen * self.idf.to(src.device)[src] if cfg.idf_weighted else chosen
-        raise ValueError(f"RewardConfig.salient must be 'idf' or 'ner', got {cfg.salient!r}")
+        raise ValueError(f"RewardConfig.salient_method must be 'idf' or 'ner', got {cfg.salient_method!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,11 +224,11 @@ def drop_special(attn, special, prompt_mask=None):
                        torch.where(sink_only, uniform, torch.zeros_like(kept)))
 
 
-def compute_reward(attn, tokens, response_mask, salient, cfg: RewardConfig, special=None, prompt_mask=None):
+def compute_reward(attn, tokens, response_mask, salient_mask, cfg: RewardConfig, special=None, prompt_mask=None):
     """R(x, y) of §3.2 and each of its terms, one value per candidate.
 
-    attn (B, T, S) Abar; tokens (B, T); response_mask (B, T) bool; salient (B, S) from
-    SalientTokens; special (B, S) bool marks the prompt's special tokens (needed for the sink share
+    attn (B, T, S) Abar; tokens (B, T); response_mask (B, T) bool; salient_mask (B, S) from
+    SalientTokens (I_x); special (B, S) bool marks the prompt's special tokens (needed for the sink share
     and for cfg.exclude_special); prompt_mask (B, S) the real prompt tokens (for exclude_special; see
     drop_special). Returns a dict of (B,) tensors: reward, coverage, focus, repeat,
     and sink_share (measured on the attention as recorded, before any exclusion)."""
@@ -238,7 +239,7 @@ def compute_reward(attn, tokens, response_mask, salient, cfg: RewardConfig, spec
         if special is None:
             raise ValueError("RewardConfig.exclude_special needs the prompt's special-token mask")
         attn = drop_special(attn, special, prompt_mask)
-    terms["coverage"] = coverage(attn, salient, response_mask)
+    terms["coverage"] = coverage(attn, salient_mask, response_mask)
     terms["focus"] = focus(attn, response_mask, cfg.attn_temperature, cfg.entropy_floor)
     terms["repeat"] = repeat_penalty(tokens, response_mask, cfg.ngram, cfg.repeat_count).to(attn.dtype)
     terms["reward"] = cfg.alpha * terms["coverage"] + cfg.beta * terms["focus"] - cfg.gamma * terms["repeat"]

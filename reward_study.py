@@ -1,11 +1,11 @@
 """Which self-supervised reward works? The attention reward of §3.2 against the internal rewards the
 field uses since the paper, with a positive and a random control, each measured against correctness
-(README, "Which internal reward?"):
+(results/README.md, "Which internal reward?"):
 
     python cagsr.py --experiment rewards --dataset qa --seeds 3
     python cagsr.py --experiment rewards --dataset instruct --seeds 3
 
-Per seed: one SFT policy, trained for fewer steps than Table 1's (sft.REWARDS_SFT_STEPS) so that
+Per seed: one SFT policy, trained for fewer steps than Table 1's (SFT_STEPS below) so that
 there is room to improve; one Bradley-Terry reward model on simulated limited human preferences
 (the hybrid row's); then one PPO run per reward (baselines.py), all from that SFT policy, with the
 same prompts in the same order. Every `eval_every` iterations the fixed evaluation set (validation
@@ -36,8 +36,18 @@ import ppo
 import runs
 import stats
 from evaluation import PairScorer
-from experiments import device_line, save_figure, seed_sft, seeds_in_workers, shared_setup, work_dir, write_json
+from experiments import (CPU_PPO, device_line, save_figure, seed_sft, seeds_in_workers, shared_setup, work_dir,
+                         write_json)
 from reward import RewardConfig
+
+# The study's settings (settings.resolve reads them for --experiment rewards). RL: experiments.CPU_PPO
+# on the CPU presets for 20 iterations, so that the fixed set is scored at iterations 0, 10 and 20 of
+# 7 RL rows x 3 seeds; the paper's setting on the GPU presets. SFT: fewer steps than Table 1's, so
+# that the policy has room to improve (the size's default on a JSONL).
+RL_PROFILE = {"tiny": dict(iterations=20, ppo=CPU_PPO), "small": dict(iterations=20, ppo=CPU_PPO),
+              "base": dict(iterations=200, ppo={}), "1.3b": dict(iterations=500, ppo={}),
+              "pretrained": dict(iterations=200, ppo={})}
+SFT_STEPS = {"qa": 600, "qa-grounded": 300, "instruct": 200}
 
 
 @dataclass(frozen=True)
@@ -72,13 +82,13 @@ EVAL_SEED = 1234
 
 def study_settings(run) -> dict:
     """Everything the rows depend on (a changed setting never reuses an old row)."""
-    exp = run.experiment
+    experiment = run.experiment
     return dict(study="rewards", dataset=run.dataset, size=run.size, data_seed=run.seed, warmup=run.sft.warmup,
                 sft_steps=run.sft.steps, sft_batch_size=run.sft.batch_size, sft_lr=run.sft.lr, sft_noise=run.sft_noise,
                 iterations=run.iterations, num_eval=run.num_eval, eval_every=run.eval_every,
                 eval_prompts=run.eval_prompts, ppo=asdict(run.ppo), reward=asdict(run.reward),
-                rm=dict(human_steps=exp.rm_steps, human_prompts=exp.human_prompts, label_noise=0.1),
-                hybrid_weight=exp.hybrid_weight, relevance_steps=exp.relevance_steps)
+                rm=dict(human_steps=experiment.rm_steps, human_prompts=experiment.human_prompts, label_noise=0.1),
+                hybrid_weight=experiment.hybrid_weight, relevance_steps=experiment.relevance_steps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,16 +118,16 @@ def fixed_eval(policy, sh, fixed: list[dict], rm: PairScorer, settings: dict, de
     policy.eval()
     ppo_cfg, reward_cfg, sp, tok = ppo.PPOConfig(**settings["ppo"]), RewardConfig(**settings["reward"]), \
         data.specials(sh.tok), sh.tok
-    N, prompts = ppo_cfg.num_samples, [r["prompt"] for r in fixed]
+    N, prompts = ppo_cfg.num_samples, [rec["prompt"] for rec in fixed]
     src, src_mask = evaluation.prompt_batch(tok, prompts, device, sp)
     gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
-    r, terms, _, _ = ppo.score(policy, src, src_mask, sh.salient, reward_cfg, ppo_cfg, sp, gen)
+    rollout, terms, _, _ = ppo.sample_and_score(policy, src, src_mask, sh.salient, reward_cfg, ppo_cfg, sp, gen)
     oracle = baselines.OracleReward.from_records(tok, fixed, evaluation.correctness(settings["dataset"]))
-    pairs = oracle.texts(src, src_mask, r)                                              # decoded once
-    rewards = dict(attention=terms["reward"], random=baselines.RandomReward(EVAL_SEED)(src, src_mask, r),
+    pairs = oracle.texts(src, src_mask, rollout)                                        # decoded once
+    rewards = dict(attention=terms["reward"], random=baselines.RandomReward(EVAL_SEED)(src, src_mask, rollout),
                    oracle=torch.tensor(oracle.scores(pairs)),
-                   hybrid=baselines.HybridReward(rm, settings["hybrid_weight"])(src, src_mask, r, terms),
-                   **{k: baselines.RolloutReward(k)(src, src_mask, r) for k in baselines.RolloutReward.KINDS})
+                   hybrid=baselines.HybridReward(rm, settings["hybrid_weight"])(src, src_mask, rollout, terms),
+                   **{k: baselines.RolloutReward(k)(src, src_mask, rollout) for k in baselines.RolloutReward.KINDS})
     texts = [t for t, _ in pairs]
     refs = [rec["response"] for rec in fixed for _ in range(N)]
     rouge = [evaluation.rouge_l(t, ref) for t, ref in zip(texts, refs)]
@@ -129,10 +139,6 @@ def fixed_eval(policy, sh, fixed: list[dict], rm: PairScorer, settings: dict, de
                 rewards={k: float(v.mean()) for k, v in rewards.items()},
                 vs_correct={k: correlations(v, correct, N) for k, v in rewards.items()},
                 vs_rouge={k: correlations(v, rouge, N) for k, v in rewards.items()})
-
-
-def is_qa(settings: dict) -> bool:
-    return data.dataset_name(settings["dataset"]).startswith("qa")
 
 
 def test_metrics(policy, sh, test: list[dict], device, settings: dict) -> dict:
@@ -182,14 +188,13 @@ def run_row(name: str, seed: int, settings: dict, sh, sft_state, rm, fixed, test
             if i % every == 0 or i == settings["iterations"]:
                 curve.append(dict(iteration=i, **fixed_eval(policy, sh, fixed, rm, settings, device)))
 
-        ref = runs.policy_from_state(sft_state, sh.cfg, device, frozen=True)
-        optimizer = torch.optim.Adam(policy.parameters(), lr=ppo_cfg.lr, **runs.fused(device))
+        ref, optimizer = runs.rl_start(policy, sft_state, ppo_cfg.lr, device)
         with runs.progress(total=settings["iterations"], desc=f"seed {seed} {name}", unit="iter", leave=False) as bar:
             history = ppo.train(policy, ref, optimizer, [p for p, _ in sh.train_pairs], sh.salient,
                                 RewardConfig(**settings["reward"]), ppo_cfg, settings["iterations"],
                                 specials=data.specials(sh.tok), seed=seed, progress=bar, on_iteration=on_iteration,
                                 reward_fn=row_reward(name, sh, rm, settings, seed))
-        skipped = sum(h.get("skipped", 0) for h in history)
+        skipped = ppo.skipped_updates(history)
     metrics = test_metrics(policy, sh, test, device, settings)
     return dict(row=name, seed=seed, curve=curve, skipped_updates=skipped, test=metrics,
                 seconds=round(time.time() - t0, 1))
@@ -421,11 +426,11 @@ def seed_worker(run, seed: int, device) -> None:
 
 def run_rewards(run, device) -> int:
     """`--experiment rewards`: every row of every seed (rows on disk are reused), then results/."""
-    t_start, exp = time.time(), run.experiment
+    t_start, experiment = time.time(), run.experiment
     settings = study_settings(run)
     work = work_dir(run, "rewards")
     sh = shared_setup(run, work, settings, device)
-    seeds = list(range(run.seed, run.seed + exp.seeds))
+    seeds = list(range(run.seed, run.seed + experiment.seeds))
     seeds_in_workers(run, "reward_study", work, seeds, device)
     per_seed = {s: run_seed(s, work, settings, sh, device) for s in seeds}
     compute = sh.clf_stats["seconds"] + sum(ps["sft_seconds"] + ps["rm"]["seconds"] + sum(r["seconds"] for r in
@@ -433,9 +438,9 @@ def run_rewards(run, device) -> int:
     summary = summarize(per_seed, seeds)
     result = dict(command=run.command, device=device_line(run, device), seeds=seeds,
                   last_call_minutes=(time.time() - t_start) / 60, compute_minutes=compute / 60, settings=settings,
-                  classifier=sh.clf_stats, is_qa=is_qa(settings), headroom=headroom(summary), rows=summary,
+                  classifier=sh.clf_stats, is_qa=data.is_qa(settings["dataset"]), headroom=headroom(summary), rows=summary,
                   rm={s: per_seed[s]["rm"] for s in seeds})
-    results, md = Path(exp.results_dir), markdown(result)
+    results, md = Path(experiment.results_dir), markdown(result)
     write_json(results / f"rewards_{sh.name}.json", result)
     runs.write_text(results / f"rewards_{sh.name}.md", md)
     plot(result, results / f"rewards_{sh.name}.png")

@@ -194,6 +194,17 @@ def policy_from_state(state: dict, cfg: ModelConfig, device, frozen: bool = Fals
     return model.eval().requires_grad_(False) if frozen else model
 
 
+def rl_start(policy: EncoderDecoder, sft_state: dict, lr: float, device, optimizer_state: dict | None = None):
+    """What RL from an SFT state needs beside the policy (§7.2): the frozen SFT policy (the KL
+    penalty's reference, and the metrics' baseline) and Adam on the policy, with a resumed optimizer
+    state when given. Returns (reference policy, optimizer)."""
+    reference = policy_from_state(sft_state, policy.cfg, device, frozen=True)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=lr, **fused(device))
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    return reference, optimizer
+
+
 def load_checkpoint(path, device="cpu", flag: str = ""):
     """(model, tokenizer, checkpoint dict) from a file written by `save_checkpoint`."""
     ckpt = _read(path, flag, map_location=device)
@@ -211,7 +222,7 @@ def load_checkpoint(path, device="cpu", flag: str = ""):
 
 PRETRAINED = "pretrained"
 """The `size` of a run from a snapshot: its model comes from config.json, its defaults from the
-"pretrained" profile (sft.SFT_DEFAULTS, ppo.RL_PROFILES)."""
+"pretrained" profile (sft.SFT_DEFAULTS, ppo.RUN_PROFILE)."""
 
 
 def is_snapshot(path) -> bool:

@@ -3,9 +3,9 @@ an --init checkpoint become the configs every stage receives (ModelConfig overri
 PPOConfig, RewardConfig), and where those settings are checked.
 
 `resolve(args, command)` reads the argparse namespace (never changing it) and returns a `Run`;
-the stages see only the `Run`. The per-size defaults live next to the configs they fill:
-sft.SFT_DEFAULTS and ppo.RL_PROFILES ("run" for `python cagsr.py`, "table1" for the Table 1 runner, "rewards" for the
-reward comparison).
+the stages see only the `Run`. The per-size defaults live next to what they configure: sft.SFT_DEFAULTS
+and ppo.RUN_PROFILE for `python cagsr.py`; each experiment's RL_PROFILE and SFT_STEPS in its runner
+(table1.py, reward_study.py).
 """
 
 from __future__ import annotations
@@ -21,17 +21,24 @@ from pathlib import Path
 
 import torch
 
+import parallel
 import ppo
 import reward
+import reward_study
 import runs
-from runs import UsageError
-from experiments import ExperimentConfig
-from data import DATASETS, dataset_name
+import table1
 from checks import ConfigError
+from data import DATASETS, dataset_name
+from experiments import ExperimentConfig
 from model import SIZES, ModelConfig, config_for, count_params
-from snapshot import memory_plan
 from reward import RewardConfig
-from sft import REWARDS_SFT_STEPS, TABLE_SFT_STEPS, SFTConfig, sft_config
+from runs import UsageError
+from sft import SFTConfig, sft_config
+from snapshot import memory_plan
+
+# The RL profile and SFT steps of each kind of run: `python cagsr.py`, and each experiment's runner.
+RL_PROFILES = {"run": ppo.RUN_PROFILE, "table1": table1.RL_PROFILE, "rewards": reward_study.RL_PROFILE}
+EXPERIMENT_SFT_STEPS = {"table1": table1.SFT_STEPS, "rewards": reward_study.SFT_STEPS}
 
 # Presets meant for a GPU: on a CPU they would run for days, so they start there only on request.
 GPU_SIZES = ("base", "1.3b")
@@ -111,7 +118,7 @@ def per_size(values: dict) -> str:
 def add_config_flags(group, cls, profile: dict | None = None):
     """One flag per field of the dataclass `cls` (--clip-eps for clip_eps), default None = "the run's
     default", so a run can print which values the user set. The help gives the default of every
-    preset: the field's own, or the per-size `profile`'s (ppo.RL_PROFILES["run"])."""
+    preset: the field's own, or the per-size `profile`'s (ppo.RUN_PROFILE)."""
     docs = field_docs(cls)
     kinds = {"int": int, "float": float, "str": str, "int | None": _optional_flag(int),
              "float | None": _optional_flag(float)}
@@ -186,7 +193,7 @@ def flag_errors(flag_of=lambda field: "--" + field.replace("_", "-"), where: str
 
 def rl_configs(args, size: str, profile: str) -> tuple[ppo.PPOConfig, RewardConfig, int]:
     """PPOConfig, RewardConfig and the iteration count: the profile's per-size values, then the flags."""
-    defaults = ppo.RL_PROFILES[profile][size]
+    defaults = RL_PROFILES[profile][size]
     given = _flags(args, ppo.PPOConfig)
     with flag_errors(given=given):
         cfg = ppo.PPOConfig(**{**defaults["ppo"], **given})
@@ -257,7 +264,7 @@ def _check_hybrid_weight(weight: float) -> None:
 SFT_NOISE = {"qa-grounded": 0.3, "instruct": 0.3}
 """--sft-noise when not given, for a run that trains its SFT model: the bundled tasks with a plausible wrong
 answer get 30% of their SFT responses made wrong (headroom by construction, DECISIONS.md §5; chosen by
-measurement, README "The RL stage"); every other dataset, and a run from --init, none."""
+measurement, results/README.md "How the CPU RL settings were chosen"); every other dataset, and a run from --init, none."""
 
 
 def sft_noise(args, dataset: str, experiment: bool) -> float:
@@ -355,7 +362,7 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
     name = dataset_name(dataset)
     profile = experiment.name if experiment else "run"                  # "table1" | "rewards" | "run"
     steps = args.sft_steps if args.sft_steps is not None or not experiment else \
-        {"table1": TABLE_SFT_STEPS, "rewards": REWARDS_SFT_STEPS}[profile].get(name)
+        EXPERIMENT_SFT_STEPS[profile].get(name)
     with flag_errors(SFT_FLAGS.get):
         sft = sft_config(size, steps=steps, batch_size=args.sft_batch_size, lr=args.sft_lr, warmup=args.warmup,
                          eval_every=args.sft_eval_every)
@@ -428,8 +435,10 @@ def check_device(run: Run, device, world: int) -> None:
         raise UsageError(f"--init {run.init} is {what}, and no GPU was found: training it on this CPU would run for "
                          f"days. Pass --device cpu to run it here anyway.")
     for flag, n in (("--prompts-per-iter", run.ppo.prompts_per_iter), ("--sft-batch-size", run.sft.batch_size)):
-        if world > 1 and n % world:
-            raise UsageError(f"{flag} {n} cannot be split evenly over {world} processes: choose a multiple of {world}")
+        try:
+            parallel.check_split(flag, n, world)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 def print_plan(run: Run) -> None:

@@ -42,7 +42,7 @@ class SFTConfig:
 
 
 # Per-size defaults, next to the config they fill. The budget of `tiny` is a deliberate trade-off
-# (README, "The SFT stage"): enough steps for most held-out answers to be right on a 2-core CPU,
+# (USAGE.md, "The SFT stage"): enough steps for most held-out answers to be right on a 2-core CPU,
 # leaving room for RL inside the main job's 10 minutes.
 SFT_DEFAULTS = {
     "tiny": dict(steps=1200, batch_size=64, lr=2e-3),
@@ -53,12 +53,6 @@ SFT_DEFAULTS = {
     # them); 1e-4 with AdamW is the usual rate for fine-tuning T5.
     "pretrained": dict(steps=1000, batch_size=16, lr=1e-4),
 }
-# `--experiment table1` trains fewer steps where the validation loss is flat earlier (README, Table 1).
-TABLE_SFT_STEPS = {"instruct": 600}
-# `--experiment rewards` starts from a weaker SFT policy, so that a reward that knows the answer (the
-# oracle row) has room to raise ROUGE-L; the runner checks that it does (README, "Which internal reward?").
-REWARDS_SFT_STEPS = {"qa": 600, "qa-grounded": 300, "instruct": 200}
-
 
 def sft_config(size: str, **overrides) -> SFTConfig:
     """The per-size defaults of `size`, with `overrides` (field=value; None = keep) on top."""

@@ -1,4 +1,8 @@
-"""baselines.py: corruptions, simulated annotators, the Bradley-Terry loss, the reward models (§7.3)."""
+"""baselines.py: corruptions, simulated annotators, the Bradley-Terry loss, the reward models (§7.3).
+
+The Bradley-Terry loss and its gradient on hand-worked pairs, the simulated annotators' label-noise
+rate on 20,000 constructed pairs (within 5 standard errors of 10%), the corruptions, `PairScorer`
+unchanged by padding, `ScorerReward` scoring each candidate with its own prompt."""
 import math
 import random
 

@@ -1,4 +1,10 @@
-"""bench.py runs: one worker call per task on our model (the peer is optional and not needed here)."""
+"""bench.py runs: one worker call per task on our model (the peer is optional and not needed here).
+
+A worker runs our rollout and training step, and the step's FLOP count (6 x parameters x tokens)
+equals the matrix products torch counts in a real step (`FlopCounterMode`) plus the two terms the
+convention adds (cross-attention keys and values at target tokens, LayerNorm weights). The
+same-weights check of `python bench.py --same-weights` (greedy tokens equal, our Abar against the
+mean of the reference's maps) runs through the same functions on a tiny snapshot of the same layout."""
 import statistics
 
 import pytest

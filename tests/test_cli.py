@@ -1,4 +1,16 @@
-"""cagsr.py: flags, device choice, checkpoints, and the real CLI run as a subprocess."""
+"""cagsr.py: flags, device choice, checkpoints, and the real CLI run as a subprocess.
+
+- Each `--reward` name trains a tiny run whose `rl_summary` records the reward, the temperature and
+  the noise (the random reward's means are multiples of 1/8, the oracle's in [0, 1]); with
+  `--sft-noise` the SFT pairs differ from the clean ones in exactly the corrupted records, with the
+  wrong answer, while RL, validation and test keep the clean references; top-k or top-p in RL,
+  `--sft-noise` on `qa`, and `--reward` with an experiment are refused before any work, and
+  `--stage sample` still takes `--top-k`.
+- The CLI as a subprocess: an SFT run and a shortened SFT + RL run write loadable checkpoints,
+  `--stage eval` on the RL checkpoint reproduces the reward the run logged, and `--resume` of the
+  finished run says it is complete and leaves every file as it was; `--compile` gives the eager
+  losses and weights.
+- Scale: the memory plan's arithmetic by hand; a GPU preset without a GPU refuses to start."""
 
 import json
 import re
@@ -14,6 +26,7 @@ import cagsr
 import data
 import runs
 import sft
+import stages
 
 ROOT = Path(__file__).resolve().parents[1]
 SP = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))   # our tokenizer's ids, for hand-built batches
@@ -109,7 +122,7 @@ def test_cli_cagsr_run_writes_its_run_directory_and_its_checkpoint_serves_sample
     """The main job on the real tiny preset, shortened: SFT, then CAGSR RL on the CPU defaults.
 
     It does not assert that the fixed-set reward rises: on this data it does not do so reliably
-    (README, "What the default run shows"), and a test that passes by a lucky seed would say otherwise."""
+    (results/README.md, "What the default run shows"), and a test that passes by a lucky seed would say otherwise."""
     out = tmp_path / "run"
     cmd = [sys.executable, "cagsr.py", "--dataset", "qa-grounded", "--sft-steps", "300", "--sft-eval-every", "150",
            "--iterations", "20", "--eval-every", "10", "--eval-prompts", "32", "--num-eval", "32",
@@ -259,13 +272,13 @@ def test_sft_noise_trains_sft_on_the_wrong_responses_and_keeps_the_clean_ones_fo
     args = cagsr.build_parser().parse_args(["--dataset", str(path), "--sft-noise", "0.25", "--prompts-per-iter", "4",
                                             "--minibatches", "1"] + TINY)
     run = cagsr.settings.resolve(args, "test")
-    s = cagsr.prepare(run, torch.device("cpu"))
-    clean = data.encode_records(s.tok, s.splits.train, 64, 64)
-    assert s.train_pairs == clean and s.corrupted == 8 == round(0.25 * len(clean))
-    differ = [i for i, (a, b) in enumerate(zip(s.sft_pairs, clean)) if a != b]
-    assert len(differ) == 8 and all(s.sft_pairs[i][0] == clean[i][0] for i in differ)        # same prompt
-    assert all("Oslo" in data.decode(s.tok, s.sft_pairs[i][1], s.specials) for i in differ)  # the wrong answer
-    assert all("Oslo" not in r["response"] for r in s.splits.train + s.splits.val + s.splits.test)
+    setup = stages.prepare(run, torch.device("cpu"))
+    clean = data.encode_records(setup.tok, setup.splits.train, 64, 64)
+    assert setup.train_pairs == clean and setup.corrupted == 8 == round(0.25 * len(clean))
+    differ = [i for i, (a, b) in enumerate(zip(setup.sft_pairs, clean)) if a != b]
+    assert len(differ) == 8 and all(setup.sft_pairs[i][0] == clean[i][0] for i in differ)        # same prompt
+    assert all("Oslo" in data.decode(setup.tok, setup.sft_pairs[i][1], setup.specials) for i in differ)  # wrong answer
+    assert all("Oslo" not in r["response"] for r in setup.splits.train + setup.splits.val + setup.splits.test)
 
 
 @pytest.mark.parametrize("argv, message", [

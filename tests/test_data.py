@@ -1,4 +1,10 @@
-"""Tests for data.py: datasets (§7.1), splits, user JSONL, tokenizer, IDF (§3.2), batching."""
+"""Tests for data.py: datasets (§7.1), splits, user JSONL, tokenizer, IDF (§3.2), batching.
+
+Sizes, length ranges, determinism, split rules, JSONL errors, tokenizer round trip; `--sft-noise`
+replaces exactly round(P·n) seeded responses with the wrong ones and leaves the records it was
+given unchanged, takes another instruction's response off-topic, needs a `wrong` field in a JSONL
+(named by line); every `qa-grounded` wrong answer is the distractor's predicate of the asked
+entity, in the prompt's words."""
 import json
 import math
 import re
@@ -442,7 +448,7 @@ def test_salient_ner_on_sentencepiece_pieces(t5_dir):
     assert prompts == [[9, 6, 5, 1], [5, 6, 7, 8, 1]]
     src, mask = data.collate_prompts(prompts, sp)
     salient = reward.SalientTokens.from_idf(tok, torch.ones(tok.get_vocab_size()))
-    got = salient(src, mask, reward.RewardConfig(salient="ner"))
+    got = salient(src, mask, reward.RewardConfig(salient_method="ner"))
     assert got.tolist() == [[False, False, True, False, False],          # "▁Paris"; not "▁where", "▁is", EOS, pad
                             [False, False, False, True, False]]          # "▁France"; "▁Paris" starts the sentence
     texts = data.token_texts(tok)

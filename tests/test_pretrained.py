@@ -3,6 +3,14 @@
 Every snapshot is a tiny random T5 built here and written to a temp dir: nothing is downloaded.
 The reference is transformers' own T5ForConditionalGeneration.from_pretrained of the same directory
 (eager attention, float32), so both read the same files by their own rules.
+
+Tiny random T5s saved in five conventions (v1.0 with ReLU and a tied, scaled head; flan-style
+gated-GELU with an untied head and heads x d_kv != d_model; transformers 5's config flags; unequal
+encoder and decoder depths, sharded; weights in bf16) load through `snapshot.from_pretrained` with
+logits within 1e-4 relative and every decoder layer's and head's cross-attention within 1e-4 of
+`transformers`' eager outputs on a padded batch, and 12 greedy tokens through our KV cache equal an
+uncached `transformers` loop; the relative-position buckets equal the reference's; a wrong model
+type, a missing, extra or misshapen weight are refused by name.
 """
 
 import json
@@ -167,7 +175,7 @@ def test_snapshot_loads_exactly(name, tmp_path):
     src, mask, tgt_in = padded_batch()
     with torch.no_grad():
         out = ref(input_ids=src, attention_mask=mask.long(), decoder_input_ids=tgt_in, output_attentions=True)
-        logits, maps = ours(src, mask, tgt_in, attention="layers")
+        logits, maps = ours(src, mask, tgt_in, record="layers")
     rel = (logits - out.logits).abs().max() / out.logits.abs().max()
     assert rel < 1e-4, f"logits: max relative difference {rel:.2e}"
     ref_maps = torch.stack(out.cross_attentions, dim=1)                    # (B, L, H, T, S)

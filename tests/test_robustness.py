@@ -1,5 +1,13 @@
 """Faults and bad input: atomic checkpoints under SIGKILL, exact --resume, Ctrl-C, non-finite
-updates, and the errors a user meets (README, "When things go wrong")."""
+updates, and the errors a user meets (USAGE.md, "When things go wrong").
+
+A run killed with SIGKILL mid-SFT or mid-RL, and one stopped with Ctrl-C (exit 130, checkpoint
+written where it stopped), resume to a `metrics.jsonl` equal row for row to an uninterrupted run's
+(wall-clock fields aside); a writer killed at five moments always leaves a loadable checkpoint; a
+NaN reward, loss or gradient never changes a weight and three in a row stop RL or SFT with the
+cause named; `--resume` refuses other flags, a directory without a run, and checkpoints of another
+size or tokenizer; an empty or overlong `--prompt` is refused; prompts without salient tokens get
+finite terms."""
 
 import json
 import signal
@@ -161,11 +169,11 @@ def test_a_nonfinite_gradient_is_skipped_and_named():
     model, ref, prompts, salient, cfg = small_setup()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     src, mask = next(ppo.prompt_batches(prompts, 4, seed=0, sp=SP))
-    exp, _ = ppo.collect(model, ref, src, mask, salient, RewardConfig(), cfg, kl_coef=0.0, sp=SP)
+    experience, _ = ppo.collect(model, ref, src, mask, salient, RewardConfig(), cfg, kl_coef=0.0, sp=SP)
     with torch.no_grad():
         model.dec_ln.weight[0] = float("inf")                     # the loss is then inf or nan
     poisoned = {k: v.clone() for k, v in model.state_dict().items()}
-    stats = ppo.update(model, opt, exp, cfg)
+    stats = ppo.update(model, opt, experience, cfg)
     assert stats["applied"] == 0 and stats["skipped"] == 1 and stats["skip_cause"] in ("loss", "gradient")
     for k, v in model.state_dict().items():
         assert torch.equal(v, poisoned[k]) or (torch.isnan(v) == torch.isnan(poisoned[k])).all(), k
@@ -226,7 +234,7 @@ def test_prompts_without_salient_tokens_score_finite_terms():
     for a real tokenizer): no salient token, coverage 0, every term finite."""
     model, ref, _, salient, cfg = small_setup()
     src = torch.tensor([[3, 1, 3, 2], [2, 0, 0, 0]])                 # <unk> <bos> <unk> <eos>; <eos> alone
-    r, terms, _, _ = ppo.score(model, src, src != 0, salient, RewardConfig(), cfg, SP,
+    r, terms, _, _ = ppo.sample_and_score(model, src, src != 0, salient, RewardConfig(), cfg, SP,
                                generator=torch.Generator().manual_seed(0))
     for k in ("reward", "coverage", "focus", "repeat", "sink_share"):
         assert torch.isfinite(terms[k]).all(), k

@@ -114,20 +114,20 @@ def test_an_rl_step_with_special_ids_that_are_not_0_1_2(qa_texts):
     src, src_mask = data.collate_prompts([p for p, _ in pairs], sp)
     salient = SalientTokens.build(tok, [p for p, _ in pairs])
     cfg = ppo.PPOConfig(prompts_per_iter=8, num_samples=2, max_new_tokens=12, epochs=1, minibatches=1, lr=1e-3)
-    exp, _ = ppo.collect(model, model, src, src_mask, salient, RewardConfig(), cfg, 0.0, sp,
+    experience, _ = ppo.collect(model, model, src, src_mask, salient, RewardConfig(), cfg, 0.0, sp,
                          torch.Generator().manual_seed(0))
-    assert (exp.tgt_in[:, 0] == sp.start).all() and torch.equal(exp.tgt_in[:, 1:], exp.tokens[:, :-1])
-    assert (exp.tokens[~exp.mask] == sp.pad).all()
-    ended = exp.mask.sum(1) < exp.mask.size(1)                       # rows that stopped before the last step
-    last = exp.tokens.gather(1, (exp.mask.sum(1, keepdim=True) - 1)).squeeze(1)
+    assert (experience.tgt_in[:, 0] == sp.start).all() and torch.equal(experience.tgt_in[:, 1:], experience.tokens[:, :-1])
+    assert (experience.tokens[~experience.mask] == sp.pad).all()
+    ended = experience.mask.sum(1) < experience.mask.size(1)                       # rows that stopped before the last step
+    last = experience.tokens.gather(1, (experience.mask.sum(1, keepdim=True) - 1)).squeeze(1)
     assert (last[ended] == sp.eos).all()
     sinks = ppo.special_mask(src, src_mask, sp.special)
     assert torch.equal(sinks, src_mask & ((src == sp.eos) | (src == tok.token_to_id("<unk>"))))
     with torch.no_grad():
-        logits, _ = model(src, src_mask, exp.tgt_in, num_samples=2)
-    tf = ppo.masked(ppo.token_logprobs(logits, exp.tokens), exp.mask)
-    assert torch.allclose(tf, exp.old_logprobs, atol=1e-5)           # the update's ratio starts at 1
-    stats = ppo.update(model, torch.optim.Adam(model.parameters(), lr=1e-3), exp, cfg,
+        logits, _ = model(src, src_mask, experience.tgt_in, num_samples=2)
+    tf = ppo.masked(ppo.token_logprobs(logits, experience.tokens), experience.mask)
+    assert torch.allclose(tf, experience.old_logprobs, atol=1e-5)           # the update's ratio starts at 1
+    stats = ppo.update(model, torch.optim.Adam(model.parameters(), lr=1e-3), experience, cfg,
                        generator=torch.Generator().manual_seed(0))
     assert stats["applied"] == 1 and stats["approx_kl"] == pytest.approx(0.0, abs=1e-6)
 

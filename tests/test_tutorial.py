@@ -1,4 +1,7 @@
-"""tutorial.ipynb runs top to bottom without an error (nbclient, a fresh kernel, no network)."""
+"""tutorial.ipynb runs top to bottom without an error (nbclient, a fresh kernel, no network).
+
+It draws its plots and shows no progress bar (its first cell sets `TQDM_DISABLE=1`, which every bar
+of the modules obeys)."""
 import re
 from pathlib import Path
 
