@@ -28,11 +28,21 @@ POSITIVE = (lambda v: finite_number(v) and v > 0, "a positive, finite number")
 NON_NEGATIVE = (lambda v: finite_number(v) and v >= 0, "a finite number >= 0")
 FINITE = (finite_number, "a finite number")
 BOOL = (lambda v: isinstance(v, bool), "True or False")
+SHARE = (lambda v: finite_number(v) and 0 <= v < 1, "a share in [0, 1), e.g. 0.3")
 
 
 def one_of(*choices):
     """A `check_fields` rule: the value is one of `choices`."""
     return (lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def check_values(rule, **values) -> None:
+    """Values outside a config (a command line's own flags) under one rule, as check_fields checks a
+    config's fields: ConfigError for the first that breaks it (None: not given, not checked)."""
+    ok, what = rule
+    for name, value in values.items():
+        if value is not None and not ok(value):
+            raise ConfigError(name, value, what)
 
 
 def check_fields(cfg, rules: dict) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
-import math
 import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -27,7 +26,7 @@ import reward
 import reward_study
 import runs
 import table1
-from checks import ConfigError
+from checks import AT_LEAST_1, NON_NEGATIVE, SHARE, ConfigError, check_values
 from data import DATASETS, dataset_name
 from experiments import ExperimentConfig
 from model import SIZES, ModelConfig, config_for, count_params
@@ -201,10 +200,11 @@ def rl_configs(args, size: str, profile: str) -> tuple[ppo.PPOConfig, RewardConf
     return cfg, reward_cfg, args.iterations if args.iterations is not None else defaults["iterations"]
 
 
-def _at_least_1(**flags) -> None:
-    for name, value in flags.items():
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+def check_flags(rule, **values) -> None:
+    """The command line's own flags (those that are no config's field) under a rule of checks.py, with
+    the configs' message: "--flag value: must be ..." (flag_errors)."""
+    with flag_errors():
+        check_values(rule, **values)
 
 
 def _check_stage(args) -> None:
@@ -256,11 +256,6 @@ def _check_results(args, dataset: str) -> None:
                          f"to write the tables elsewhere, or --overwrite to replace them")
 
 
-def _check_hybrid_weight(weight: float) -> None:
-    if not (math.isfinite(weight) and weight >= 0):
-        raise UsageError(f"--hybrid-weight {weight}: must be a finite number >= 0")
-
-
 SFT_NOISE = {"qa-grounded": 0.3, "instruct": 0.3}
 """--sft-noise when not given, for a run that trains its SFT model: the bundled tasks with a plausible wrong
 answer get 30% of their SFT responses made wrong (headroom by construction, DECISIONS.md §5; chosen by
@@ -277,25 +272,24 @@ def sft_noise(args, dataset: str, experiment: bool) -> float:
 
 def _check_rl_choices(args, dataset: str, experiment: bool) -> None:
     """--sft-noise and --reward: where they apply and what they can take."""
-    if args.sft_noise is not None and not (math.isfinite(args.sft_noise) and 0 <= args.sft_noise < 1):
-        raise UsageError(f"--sft-noise {args.sft_noise}: must be a share in [0, 1), e.g. 0.3")
+    check_flags(SHARE, sft_noise=args.sft_noise)
     if args.sft_noise and dataset_name(dataset) == "qa":
         raise UsageError("--sft-noise on qa: closed-book QA has no plausible wrong answer to train on; use "
                          "--dataset qa-grounded (the distractor's answer) or instruct (an off-topic response)")
     if args.sft_noise and not experiment and args.stage not in ("all", "sft"):
         raise UsageError(f"--sft-noise changes the SFT training data; --stage {args.stage} trains no SFT model")
     if args.reward == "hybrid":
-        _at_least_1(rm_steps=args.rm_steps, human_prompts=args.human_prompts)
-        _check_hybrid_weight(args.hybrid_weight)
+        check_flags(AT_LEAST_1, rm_steps=args.rm_steps, human_prompts=args.human_prompts)
+        check_flags(NON_NEGATIVE, hybrid_weight=args.hybrid_weight)
     if experiment and args.reward != "attention":
         raise UsageError(f"--reward {args.reward}: --experiment {args.experiment} sets each row's reward itself; "
                          f"drop --reward")
 
 
 def _experiment(args) -> ExperimentConfig:
-    _at_least_1(seeds=args.seeds, rm_steps=args.rm_steps, human_prompts=args.human_prompts,
+    check_flags(AT_LEAST_1, seeds=args.seeds, rm_steps=args.rm_steps, human_prompts=args.human_prompts,
                 relevance_steps=args.relevance_steps, workers=args.workers)
-    _check_hybrid_weight(args.hybrid_weight)
+    check_flags(NON_NEGATIVE, hybrid_weight=args.hybrid_weight)
     if args.init is not None:
         raise UsageError(f"--experiment {args.experiment} trains its own SFT model per seed from scratch; it does not take --init "
                          "(a table from a snapshot is not built yet)")
@@ -357,7 +351,7 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
         raise UsageError(f"--size {args.size} does not match the --init checkpoint, which is a {init['size']} model")
     dataset = args.dataset or (init and init["dataset"]) or ("instruct" if experiment else "qa-grounded")
     _check_paths(args, dataset, experiment is not None)
-    _at_least_1(iterations=args.iterations, eval_every=args.eval_every, eval_prompts=args.eval_prompts,
+    check_flags(AT_LEAST_1, iterations=args.iterations, eval_every=args.eval_every, eval_prompts=args.eval_prompts,
                 ckpt_every=args.ckpt_every, num_eval=args.num_eval)
     name = dataset_name(dataset)
     profile = experiment.name if experiment else "run"                  # "table1" | "rewards" | "run"

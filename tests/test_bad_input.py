@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("argv, message", [
     (["--lr", "nan"], "--lr nan: must be a positive, finite number"),
     (["--sft-lr", "-1"], "--sft-lr -1.0: must be a positive, finite number"),
-    (["--iterations", "-1"], "--iterations -1: must be at least 1"),
+    (["--iterations", "-1"], "--iterations -1: must be a whole number >= 1"),
     (["--temperature", "0"], "--temperature 0.0: must be a positive, finite number"),
     (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
     (["--num-samples", "0", "--baseline", "value"], "--num-samples 0: must be a whole number >= 1"),
@@ -54,8 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
     (["--dataset", "nope"], "--dataset nope: not one of qa, qa-grounded, instruct, nor a .jsonl file"),
     (["--dataset", "missing.jsonl"], "--dataset missing.jsonl: no such file"),
     (["--device", "tpu"], "--device tpu: not a device"),
-    (["--experiment", "table1", "--seeds", "0"], "--seeds 0: must be at least 1"),
-    (["--experiment", "rewards", "--workers", "0"], "--workers 0: must be at least 1"),
+    (["--experiment", "table1", "--seeds", "0"], "--seeds 0: must be a whole number >= 1"),
+    (["--experiment", "rewards", "--workers", "0"], "--workers 0: must be a whole number >= 1"),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
