@@ -317,8 +317,9 @@ def test_seeds_in_worker_processes_write_the_rows_one_process_writes(tmp_path, c
     rows = {}
     for workers in (2, 1):
         work = tmp_path / f"workers{workers}"
-        argv = SMOKE + ["--seeds", "2", "--out", str(work), "--results-dir", str(tmp_path / f"results{workers}"),
-                        "--workers", str(workers)]
+        argv = SMOKE + ["--seeds", "2", "--sft-steps", "10", "--iterations", "1", "--human-prompts", "8",
+                        "--num-eval", "4", "--eval-prompts", "4", "--out", str(work),
+                        "--results-dir", str(tmp_path / f"results{workers}"), "--workers", str(workers)]
         assert cagsr.main(argv) == 0
         rows[workers] = {p.relative_to(work).as_posix(): {k: v for k, v in json.loads(p.read_text()).items() if k != "seconds"}
                          for p in work.glob("seed*/row_*.json")}
