@@ -21,16 +21,26 @@ import torch
 
 import data
 import evaluation
+import ppo
 import runs
 from evaluation import PairScorer
 from model import SIZES, EncoderDecoder, config_for
 from reward import SalientTokens
 from sft import SFTConfig, train_sft
 
-# The CPU presets' RL settings of both experiments: the plain run's (ppo.CPU_PPO) without its KL
-# penalty, since the paper has none (Table 1's KL row adds it back). Chosen by measurement on the
-# headroom tasks (results/README.md, "How the CPU RL settings were chosen").
-CPU_PPO = dict(lr=3e-5, baseline="group", whiten=True, epochs=4, minibatches=4, temperature=0.5)
+# The CPU presets' RL settings of both experiments: the plain run's (ppo.CPU_PPO, chosen by measurement
+# on the headroom tasks: results/README.md, "How the CPU RL settings were chosen") without its KL
+# penalty, since the paper has none (Table 1's KL row adds it back).
+CPU_PPO = {k: v for k, v in ppo.CPU_PPO.items() if k != "kl_coef"}
+
+
+def rl_profile(cpu_iterations: int) -> dict:
+    """An experiment's per-size RL settings (its runner's RL_PROFILE, read by settings.resolve):
+    CPU_PPO for `cpu_iterations` on the CPU presets; the paper's setting (PPOConfig's defaults) on the
+    GPU presets and from a pretrained snapshot."""
+    cpu = dict(iterations=cpu_iterations, ppo=CPU_PPO)
+    return {"tiny": cpu, "small": cpu, "base": dict(iterations=200, ppo={}), "1.3b": dict(iterations=500, ppo={}),
+            "pretrained": dict(iterations=200, ppo={})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,7 +90,9 @@ def write_json(path: Path, obj) -> None:
 def work_dir(run, kind: str) -> Path:
     """The experiment's work directory: --out, else runs/<kind>-<dataset>-<size> (made by shared_setup)."""
     experiment = run.experiment
-    return Path(experiment.work_dir) if experiment.work_dir else Path("runs") / f"{kind}-{data.dataset_name(run.dataset)}-{run.size}"
+    if experiment.work_dir:
+        return Path(experiment.work_dir)
+    return Path("runs") / f"{kind}-{data.dataset_name(run.dataset)}-{run.size}"
 
 
 # --------------------------------------------------------------------------------------------

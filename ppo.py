@@ -135,7 +135,7 @@ RUN_PROFILE = {"tiny": dict(iterations=40, ppo=CPU_PPO), "small": dict(iteration
 
 def masked(x, mask):
     """x where mask is True, 0 elsewhere: positions after EOS may hold extreme log-probabilities
-    (below -88 the experience of a difference overflows), so every non-linear function below sees the
+    (below -88 the exp of a difference overflows), so every non-linear function below sees the
     masked value, never the raw one (inf * 0 would be NaN)."""
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 

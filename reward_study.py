@@ -36,7 +36,7 @@ import ppo
 import runs
 import stats
 from evaluation import PairScorer
-from experiments import (CPU_PPO, device_line, save_figure, seed_sft, seeds_in_workers, shared_setup, work_dir,
+from experiments import (device_line, rl_profile, save_figure, seed_sft, seeds_in_workers, shared_setup, work_dir,
                          write_json)
 from reward import RewardConfig
 
@@ -44,9 +44,7 @@ from reward import RewardConfig
 # on the CPU presets for 20 iterations, so that the fixed set is scored at iterations 0, 10 and 20 of
 # 7 RL rows x 3 seeds; the paper's setting on the GPU presets. SFT: fewer steps than Table 1's, so
 # that the policy has room to improve (the size's default on a JSONL).
-RL_PROFILE = {"tiny": dict(iterations=20, ppo=CPU_PPO), "small": dict(iterations=20, ppo=CPU_PPO),
-              "base": dict(iterations=200, ppo={}), "1.3b": dict(iterations=500, ppo={}),
-              "pretrained": dict(iterations=200, ppo={})}
+RL_PROFILE = rl_profile(cpu_iterations=20)
 SFT_STEPS = {"qa": 600, "qa-grounded": 300, "instruct": 200}
 
 
@@ -98,8 +96,9 @@ def study_settings(run) -> dict:
 def row_reward(name: str, sh, rm: PairScorer, settings: dict, seed: int):
     """The reward_fn of ppo.train for row `name` (None: the attention reward): the registry behind --reward."""
     row = next(r for r in ROWS if r.name == name)
-    return baselines.make_reward(row.reward, tok=sh.tok, records=sh.splits.train, seed=seed, correct=evaluation.correctness(settings["dataset"]),
-                                 rm=rm, hybrid_weight=settings["hybrid_weight"])
+    return baselines.make_reward(row.reward, tok=sh.tok, records=sh.splits.train, seed=seed,
+                                 correct=evaluation.correctness(settings["dataset"]), rm=rm,
+                                 hybrid_weight=settings["hybrid_weight"])
 
 
 def correlations(reward, correct, n: int) -> dict:
@@ -122,7 +121,8 @@ def fixed_eval(policy, sh, fixed: list[dict], rm: PairScorer, settings: dict, de
     src, src_mask = evaluation.prompt_batch(tok, prompts, device, sp)
     gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
     rollout, terms, _, _ = ppo.sample_and_score(policy, src, src_mask, sh.salient, reward_cfg, ppo_cfg, sp, gen)
-    oracle = baselines.OracleReward.from_records(tok, fixed, evaluation.correctness(settings["dataset"]))
+    correctness = evaluation.correctness(settings["dataset"])
+    oracle = baselines.OracleReward.from_records(tok, fixed, correctness)
     pairs = oracle.texts(src, src_mask, rollout)                                        # decoded once
     rewards = dict(attention=terms["reward"], random=baselines.RandomReward(EVAL_SEED)(src, src_mask, rollout),
                    oracle=torch.tensor(oracle.scores(pairs)),
@@ -131,7 +131,7 @@ def fixed_eval(policy, sh, fixed: list[dict], rm: PairScorer, settings: dict, de
     texts = [t for t, _ in pairs]
     refs = [rec["response"] for rec in fixed for _ in range(N)]
     rouge = [evaluation.rouge_l(t, ref) for t, ref in zip(texts, refs)]
-    correct = [evaluation.correctness(settings["dataset"])(t, ref) for t, ref in zip(texts, refs)]
+    correct = [correctness(t, ref) for t, ref in zip(texts, refs)]
     rewards = {k: v.float().cpu().numpy() for k, v in rewards.items()}
     return dict(correct=float(np.mean(correct)), rouge_l=float(np.mean(rouge)),
                 pass_at_n=float(np.asarray(correct).reshape(-1, N).max(1).mean()),
@@ -145,7 +145,8 @@ def test_metrics(policy, sh, test: list[dict], device, settings: dict) -> dict:
     """Greedy answers on the test prompts: per-prompt correctness, ROUGE-L and relevance, and 3 examples."""
     prompts = [r["prompt"] for r in test]
     preds = evaluation.answer(policy, sh.tok, prompts, device, max_new_tokens=settings["ppo"]["max_new_tokens"])
-    return dict(correct=[evaluation.correctness(settings["dataset"])(p, r["response"]) for p, r in zip(preds, test)],
+    correctness = evaluation.correctness(settings["dataset"])
+    return dict(correct=[correctness(p, r["response"]) for p, r in zip(preds, test)],
                 rouge_l=[evaluation.rouge_l(p, r["response"]) for p, r in zip(preds, test)],
                 relevance=evaluation.relevance(sh.classifier, sh.tok, prompts, preds, device),
                 examples=[dict(prompt=r["prompt"], answer=p, reference=r["response"]) for r, p in zip(test[:3], preds)])

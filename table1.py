@@ -25,8 +25,8 @@ import data
 import evaluation
 import ppo
 import runs
-from experiments import (CPU_PPO, ExperimentConfig, device_line, save_figure, seed_sft, seeds_in_workers, shared_setup,
-                         work_dir, write_json)
+from experiments import (ExperimentConfig, device_line, rl_profile, save_figure, seed_sft, seeds_in_workers,
+                         shared_setup, work_dir, write_json)
 from model import config_for
 from reward import RewardConfig
 from stats import mean_std
@@ -34,9 +34,7 @@ from stats import mean_std
 # The table's settings (settings.resolve reads them for --experiment table1). RL: on the CPU presets,
 # experiments.CPU_PPO for 20 iterations of 8 RL rows x 3 seeds; on the GPU presets, the paper's
 # setting (PPOConfig's defaults). SFT: 600 steps on instruct (the size's default elsewhere).
-RL_PROFILE = {"tiny": dict(iterations=20, ppo=CPU_PPO), "small": dict(iterations=20, ppo=CPU_PPO),
-              "base": dict(iterations=200, ppo={}), "1.3b": dict(iterations=500, ppo={}),
-              "pretrained": dict(iterations=200, ppo={})}
+RL_PROFILE = rl_profile(cpu_iterations=20)
 SFT_STEPS = {"instruct": 600}
 
 # Table 1 of the paper (Instruction test set): relevance, ROUGE-L, human score (1-5).

@@ -108,6 +108,7 @@ HOMES = {
     "rl_start": {"runs"},                                                   # RL from an SFT state
     "is_qa": {"data"}, "check_enough_prompts": {"ppo"}, "check_split": {"parallel"},
     "shared_setup": {"experiments"}, "seed_sft": {"experiments"}, "seeds_in_workers": {"experiments"},
+    "rl_profile": {"experiments"},
     "prepare": {"stages"}, "train_stages": {"stages"},
 }
 
