@@ -3,7 +3,8 @@
 Cached sampling reproduces the teacher-forced log-probabilities and `Abar` within 1e-5; `Abar` is
 the mean of the per-layer, per-head maps and sums to 1 over real prompt tokens; padding a batch
 changes no row; top-k/top-p never sample outside their sets, and the top-k sampler's frequencies
-over 40,000 draws match the truncated softmax within 5 standard deviations; every preset's
+over 40,000 draws match the truncated softmax within 5 standard deviations, as do those of the
+inverse-CDF draw of large vocabularies; every preset's
 parameter count matches a closed-form count. Scale: gradient checkpointing gives the same
 gradients; under bf16 autocast the recorded `Abar` and the log-probabilities stay float32 and
 `Abar` still sums to 1."""
@@ -14,8 +15,8 @@ import pytest
 import torch
 
 from checks import ConfigError
-from model import (SIZES, EncoderDecoder, ModelConfig, abar, additive_mask, attention, config_for, count_params,
-                   filter_logits, relative_position_bucket, rms_norm, sample_next, token_logprobs)
+from model import (CDF_DRAW_FROM, SIZES, EncoderDecoder, ModelConfig, abar, additive_mask, attention, config_for,
+                   count_params, draw, filter_logits, relative_position_bucket, rms_norm, sample_next, token_logprobs)
 from snapshot import memory_plan
 
 BOS, EOS, PAD = 1, 2, 0                       # the ids of our tokenizer (data.train_tokenizer)
@@ -207,6 +208,24 @@ def test_sample_next_draws_from_the_truncated_softmax(kw):
     sd = (want.double() * (1 - want.double()) / len(got)).sqrt()
     assert ((freq - want.double()).abs() <= 5 * sd + 1e-12).all(), (kw, freq, want)
     assert (freq[want == 0] == 0).all()
+
+
+def test_inverse_cdf_draw_of_a_large_vocabulary_follows_the_distribution():
+    # From CDF_DRAW_FROM entries on, `draw` is the inverse CDF. 40,000 draws over CDF_DRAW_FROM + 100
+    # entries: six hold 0.9 of the mass, 1,000 others share 0.1, the rest (the last 100 among them)
+    # have probability 0 and are never drawn. Frequencies within 5 binomial standard deviations.
+    V = CDF_DRAW_FROM + 100
+    heavy = torch.tensor([3, 17, 5_000, 9_000, V - 200, V - 101])
+    probs = torch.zeros(V)
+    probs[heavy] = torch.tensor([0.30, 0.05, 0.25, 0.02, 0.18, 0.10])
+    probs[100:1100] = 0.1 / 1000
+    gen = torch.Generator().manual_seed(0)
+    got = torch.cat([draw(probs.expand(4_000, V), gen) for _ in range(10)])              # (40000,)
+    counts = torch.bincount(got, minlength=V).double()
+    assert counts.sum() == 40_000 and (counts[probs == 0] == 0).all()
+    freq = torch.cat([counts[heavy], counts[100:1100].sum()[None]]) / 40_000
+    want = torch.tensor([0.30, 0.05, 0.25, 0.02, 0.18, 0.10, 0.1], dtype=torch.float64)
+    assert ((freq - want).abs() <= 5 * (want * (1 - want) / 40_000).sqrt()).all(), freq
 
 
 def test_filter_logits_on_a_hand_worked_case():
