@@ -7,11 +7,12 @@
     python bench.py --profile --same-weights   # where its rollouts' time goes, by operator
 
 The workload (both systems): d_model 256, 4 + 4 layers, 4 heads, d_ff 1024, vocabulary 8,000, random
-weights; rollouts of 16 prompts x 32 tokens, N = 4 samples each, 48 new tokens, top-k 50, with the
+weights; rollouts of 16 prompts x 32 tokens, N = 4 samples each, 48 new tokens, sampled as RL samples
+(the full softmax at the RL temperature of the `small` preset, 0.5: `rl_temperature`), with the
 cross-attention recorded; a training step on 64 x (32 prompt, 48 target) tokens with AdamW.
 
 Each measurement runs in a fresh process (`--worker`), after a warm-up, as the median of several
-calls; the two systems alternate round by round. Ratios (capture on/off, 96/48 tokens, greedy/top-k)
+calls; the two systems alternate round by round. Ratios (capture on/off, 96/48 tokens, greedy/sampled)
 are medians of interleaved pairs inside one process, so that a process running slower throughout
 cancels out. HF T5 is built with attn_implementation="eager"
 (with SDPA it returns empty cross-attentions) and generate(output_attentions=True,
@@ -26,8 +27,9 @@ both load: ours by snapshot.from_pretrained, HF by T5ForConditionalGeneration.fr
 Check: greedy tokens (2 prompts x N = 4, 16 new tokens) equal up to each row's first EOS, and
 Abar over the last L' = 3 decoder layers and all heads within 1e-4 (ours: the sampler's Abar; HF:
 the mean of generate's maps of those layers and heads). Rollout: 16 prompts x 256 tokens, N = 4
-samples, 64 new tokens, top-k 50, maps recorded, decoder started from pad 0, EOS 1. Sampled outputs
-differ (different samplers, see SAMPLERS). One rollout takes ~12 s (ours) to ~21 s (HF) on 2 idle
+samples, 64 new tokens, sampled as RL samples from a snapshot (the full softmax at the `pretrained`
+RL temperature, 1.0), maps recorded, decoder started from pad 0, EOS 1. Sampled outputs differ
+(different samplers and random streams, see `samplers`). One rollout takes ~12 s (ours) to ~21 s (HF) on 2 idle
 cores, minutes when other processes compete for them, so each system gets --sw-rounds fresh
 processes (default 3) of one warm-up and --sw-calls timed calls (default 1): about 4 minutes in all.
 tests/test_bench.py runs the same functions on SAME["tiny"].
@@ -94,15 +96,39 @@ def build(system: str):
     return T5ForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
 
 
+def rl_temperature(profile: str) -> float:
+    """The temperature RL samples at on `profile` (ppo.RUN_PROFILE): the bench samples as RL samples,
+    from the full softmax at that temperature, on both sides."""
+    from ppo import RUN_PROFILE, PPOConfig
+    return PPOConfig(**RUN_PROFILE[profile]["ppo"]).temperature
+
+
+def hf_sampling(greedy: bool, temperature: float) -> dict:
+    """generate()'s keywords for RL's sampler: the full softmax at `temperature` (top_k=0 turns its
+    top-k warper off), or greedy."""
+    return dict(do_sample=False) if greedy else dict(do_sample=True, top_k=0, temperature=temperature)
+
+
+def samplers(vocab: int, temperature: float) -> str:
+    """What each side's sampler is, in words."""
+    from model import CDF_DRAW_FROM
+    ours = ("the inverse CDF: one uniform per row against the float64 cumulative sum" if vocab >= CDF_DRAW_FROM
+            else "torch.multinomial")
+    return (f"both draw from the full softmax at T={temperature}. Ours: model.sample, softmax then model.draw over "
+            f"{vocab:,} entries ({ours}), a seeded torch.Generator; HF: generate({', '.join(f'{k}={v}' for k, v in hf_sampling(False, temperature).items())}) "
+            f"(softmax, then torch.multinomial: one exponential random number per entry and row), the global RNG")
+
+
 def rollout_fn(system, model, new_tokens, record=True, greedy=False):
     import torch
+    temperature = rl_temperature("small")
     g = torch.Generator().manual_seed(0)
     src = torch.randint(4, DIMS["vocab_size"], (B, S), generator=g)
     mask = torch.ones(B, S, dtype=torch.bool)
     if system == "ours":
         def run():
             with torch.no_grad():
-                r = model.sample(src, mask, num_samples=N, max_new_tokens=new_tokens, top_k=50, greedy=greedy,
+                r = model.sample(src, mask, num_samples=N, max_new_tokens=new_tokens, temperature=temperature, greedy=greedy,
                                  record_attention=record, generator=torch.Generator().manual_seed(1),
                                  bos_id=1, eos_id=2, pad_id=0)              # the ids of a tokenizer trained here
             assert r.tokens.size(1) == new_tokens or not r.mask[:, -1].any()
@@ -113,8 +139,7 @@ def rollout_fn(system, model, new_tokens, record=True, greedy=False):
 
     def run():
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=am, do_sample=not greedy, top_k=None if greedy else 50,
-                                 num_return_sequences=n, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
+            out = model.generate(input_ids=ids, attention_mask=am, **hf_sampling(greedy, temperature), num_return_sequences=n, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
                                  output_attentions=record, return_dict_in_generate=True)
         if record:
             assert out.cross_attentions and out.cross_attentions[0][0].numel() > 0, "empty cross-attentions"
@@ -174,7 +199,7 @@ def matmul_flops(n=2048, calls=5) -> float:
 PAIRS = {
     "capture_pairs": (dict(new_tokens=NEW, record=True), dict(new_tokens=NEW, record=False)),   # with / without Abar
     "growth_pairs": (dict(new_tokens=2 * NEW), dict(new_tokens=NEW)),                             # 96 / 48 tokens
-    "sampler_pairs": (dict(new_tokens=NEW, greedy=True), dict(new_tokens=NEW)),                   # greedy / top-k
+    "sampler_pairs": (dict(new_tokens=NEW, greedy=True), dict(new_tokens=NEW)),                   # greedy / sampled
 }
 
 
@@ -223,7 +248,7 @@ def worker(system: str, task: str, calls: int, threads: int) -> dict:
 # Same weights: one random T5 snapshot, loaded by both implementations
 # --------------------------------------------------------------------------------------------
 
-PAD, EOS, TOP_K = 0, 1, 50                 # T5: pad 0 (also the decoder's start), EOS 1; ids 0-2 are special
+PAD, EOS = 0, 1                            # T5: pad 0 (also the decoder's start), EOS 1; ids 0-2 are special
 SAME = {   # snapshot shape (T5Config fields), rollout B x S, N, new tokens, L', greedy check (prompts, new tokens)
     "base": dict(t5=dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12,
                          num_heads=12), B=16, S=256, N=4, new=64, last_layers=3, check=(2, 16)),
@@ -231,9 +256,6 @@ SAME = {   # snapshot shape (T5Config fields), rollout B x S, N, new tokens, L',
                          num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16),
                  B=2, S=16, N=2, new=8, last_layers=2, check=(2, 8)),
 }
-SAMPLERS = (f"ours: model.sample's own top-k {TOP_K} (torch.topk, softmax and torch.multinomial over the {TOP_K}, "
-            f"a seeded torch.Generator); HF: generate(do_sample=True, top_k={TOP_K}) (top-k mask to -inf, softmax "
-            f"over the vocabulary, torch.multinomial, the global RNG)")
 
 
 def make_snapshot(path, shape="base", seed=0):
@@ -291,14 +313,13 @@ def t5_rollout(system: str, model, src, mask, n: int, new: int, greedy=False):
     import torch
     with torch.no_grad():
         if system == "ours":
-            return model.sample(src, mask, num_samples=n, max_new_tokens=new, top_k=None if greedy else TOP_K,
+            return model.sample(src, mask, num_samples=n, max_new_tokens=new, temperature=rl_temperature("pretrained"),
                                 greedy=greedy, record_attention=True, generator=torch.Generator().manual_seed(1),
                                 bos_id=PAD, eos_id=EOS, pad_id=PAD)
         if greedy:                                 # HF refuses num_return_sequences > 1 without sampling
             src, mask, n = src.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), 1
-        return model.generate(input_ids=src, attention_mask=mask.long(), do_sample=not greedy,
-                              top_k=None if greedy else TOP_K, num_return_sequences=n,
-                              min_new_tokens=None if greedy else new, max_new_tokens=new,
+        return model.generate(input_ids=src, attention_mask=mask.long(), **hf_sampling(greedy, rl_temperature("pretrained")),
+                              num_return_sequences=n, min_new_tokens=None if greedy else new, max_new_tokens=new,
                               output_attentions=True, return_dict_in_generate=True)
 
 
@@ -449,7 +470,7 @@ def small_bench(args) -> None:
     med = lambda system, task: statistics.median(t for r in results[(system, task)] for t in r["times"])
     grow = lambda system, task: max(r["peak_growth_mib"] for r in results[(system, task)])
     print(f"\nworkload: d_model 256, 4+4 layers, 4 heads, d_ff 1024, vocab 8000; rollout {B} prompts x {S} tokens, "
-          f"N={N}, {NEW} new tokens, top-k 50, cross-attention recorded; training {TRAIN_B} x ({S}+{TRAIN_T}) tokens, "
+          f"N={N}, {NEW} new tokens, full softmax at T={rl_temperature('small')}, cross-attention recorded; training {TRAIN_B} x ({S}+{TRAIN_T}) tokens, "
           f"AdamW; {args.threads} threads; medians over {args.repeats} fresh processes x {args.calls} calls\n")
     rows = []
     for system in systems:
@@ -483,10 +504,11 @@ def print_small(rows, args, pairs, peak) -> None:
               f"x{o['rollout_steady_growth_mib'] / max(h['rollout_steady_growth_mib'], 1e-9):.2f}), "
               f"training tokens/s x{o['train_tokens_per_s'] / h['train_tokens_per_s']:.2f}")
     for r in rows:
-        print(f"{NAMES[r['system']]}: top-k sampling costs {r['sampler_share']:.1%} of the rollout "
+        print(f"{NAMES[r['system']]}: sampling costs {r['sampler_share']:.1%} of the rollout "
               f"(1 - greedy time / sampling time, same length; median of {args.pairs} interleaved pairs)")
     print("peak MiB: peak RSS above the RSS of the built model, the warm-up call included (libraries' first-call "
           "set-up counts); warm MiB: the same from after the warm-up; the largest over the processes")
+    print(f"samplers: {samplers(DIMS['vocab_size'], rl_temperature('small'))}")
     print(f"recording Abar: median rollout time ratio with/without {statistics.median(pairs):.3f} "
           f"(min {min(pairs):.3f}, max {max(pairs):.3f}, {len(pairs)} interleaved pairs)")
     print(f"large-matmul FLOP/s on this machine ({args.threads} threads, fp32 2048^3): {peak / 1e9:.1f} GFLOP/s")
@@ -525,8 +547,9 @@ def print_same_weights(check: dict, results: dict, args, shape: str) -> None:
           f"{check['rows']} rows ended): tokens equal: "
           f"{check['tokens_equal']}; Abar over the last {w['last_layers']} layers and all heads, max |ours - HF| "
           f"{check['max_map_diff']:.1e} ({'within' if check['max_map_diff'] <= 1e-4 else 'NOT within'} 1e-4)")
-    print(f"samplers (sampled outputs differ by construction): {SAMPLERS}")
-    print(f"rollout: {w['B']} prompts x {w['S']} tokens, N={w['N']}, {w['new']} new tokens, top-k {TOP_K}, "
+    print(f"samplers (sampled outputs differ by construction): {samplers(t5['vocab_size'], rl_temperature('pretrained'))}")
+    print(f"rollout: {w['B']} prompts x {w['S']} tokens, N={w['N']}, {w['new']} new tokens, full softmax at "
+          f"T={rl_temperature('pretrained')}, "
           f"cross-attention recorded; {args.threads} threads; {args.sw_rounds} fresh process(es) per system x "
           f"{args.sw_calls} timed call(s) after one warm-up\n")
     print(f"{'':34s} {'rollout s':>9s} {'min':>6s} {'max':>6s} {'tok/s':>7s} {'peak MiB':>8s} {'warm MiB':>8s}")
@@ -551,7 +574,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (each a fresh process per system)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--pairs", type=int, default=10,
-                    help="interleaved pairs for each ratio (capture on/off, 96/48 tokens, greedy/top-k)")
+                    help="interleaved pairs for each ratio (capture on/off, 96/48 tokens, greedy/sampled)")
     ap.add_argument("--same-weights", action="store_true",
                     help="only the same-weights comparison (a random T5-base-shaped snapshot loaded by both; minutes)")
     ap.add_argument("--sw-calls", type=int, default=1, help="same weights: timed calls per process, after one warm-up")
