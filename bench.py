@@ -283,38 +283,43 @@ def make_snapshot(path, shape="base", seed=0):
     model.save_pretrained(path)
 
 
-def load_snapshot(system: str, path, shape="base"):
-    """The snapshot in `path`, loaded by `system`: ours by snapshot.from_pretrained (recording the last
-    L' decoder layers), HF by T5ForConditionalGeneration.from_pretrained, eager attention, float32."""
+def load_snapshot(system: str, path, shape="base", device="cpu"):
+    """The snapshot in `path`, loaded by `system` onto `device`: ours by snapshot.from_pretrained
+    (recording the last L' decoder layers), HF by T5ForConditionalGeneration.from_pretrained, eager
+    attention; float32 weights (bf16 runs under autocast, as `python cagsr.py --precision bf16`)."""
     import torch
     if system == "ours":
         from snapshot import from_pretrained
-        return from_pretrained(path, last_layers=SAME[shape]["last_layers"]).eval()
+        return from_pretrained(path, last_layers=SAME[shape]["last_layers"]).to(device).eval()
     from transformers import T5ForConditionalGeneration
     from transformers.utils import logging
     logging.disable_progress_bar()
-    return T5ForConditionalGeneration.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    return T5ForConditionalGeneration.from_pretrained(path, attn_implementation="eager",
+                                                      dtype=torch.float32).to(device).eval()
 
 
-def t5_prompts(b: int, shape="base", seed=0):
+def t5_prompts(b: int, shape="base", seed=0, device="cpu"):
     """b random prompts of SAME[shape]["S"] ids in [3, vocab) (no special id, no padding):
     src (b, S) long, mask (b, S) bool."""
     import torch
     S, V = SAME[shape]["S"], SAME[shape]["t5"]["vocab_size"]
     src = torch.randint(3, V, (b, S), generator=torch.Generator().manual_seed(seed))
-    return src, torch.ones(b, S, dtype=torch.bool)
+    return src.to(device), torch.ones(b, S, dtype=torch.bool, device=device)
 
 
-def t5_rollout(system: str, model, src, mask, n: int, new: int, greedy=False):
+def t5_rollout(system: str, model, src, mask, n: int, new: int, greedy=False, precision=None):
     """n responses of `new` tokens per prompt, cross-attention recorded. src, mask (B, S).
     Ours: a Rollout (tokens (B*n, T), attn = Abar (B*n, T, S)); it stops when every row has sampled
     EOS. HF: generate's output (sequences (B*n, 1+T), every step's, layer's and head's cross-attention
-    map); when sampling it makes all `new` tokens (min_new_tokens), greedy stops as ours does."""
+    map); when sampling it makes all `new` tokens (min_new_tokens), greedy stops as ours does.
+    precision: "fp32" or "bf16" (autocast, runs.autocast); None = the device's default."""
     import torch
-    with torch.no_grad():
+    from runs import autocast
+    with torch.no_grad(), autocast(src.device, precision):
         if system == "ours":
             return model.sample(src, mask, num_samples=n, max_new_tokens=new, temperature=rl_temperature("pretrained"),
-                                greedy=greedy, record_attention=True, generator=torch.Generator().manual_seed(1),
+                                greedy=greedy, record_attention=True,
+                                generator=torch.Generator(device=src.device).manual_seed(1),
                                 bos_id=PAD, eos_id=EOS, pad_id=PAD)
         if greedy:                                 # HF refuses num_return_sequences > 1 without sampling
             src, mask, n = src.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), 1
@@ -342,18 +347,18 @@ def tokens_and_abar(system: str, out, last_layers: int, width: int):
     return tokens, maps
 
 
-def same_weights_check(path, shape="base", threads=2) -> dict:
+def same_weights_check(path, shape="base", threads=2, device="cpu", precision=None) -> dict:
     """Greedy decoding by both implementations of the snapshot in `path`, SAME[shape]["check"] prompts
     x N, compared up to each row's first EOS: tokens_equal, the positions compared (tokens), the
     distinct token ids among them, the rows that ended in EOS, and the max |ours - HF| of Abar over
-    the last L' layers and all heads (max_map_diff)."""
+    the last L' layers and all heads (max_map_diff). On `device`, at `precision` (t5_rollout)."""
     import torch
     torch.set_num_threads(threads)
     w = SAME[shape]
     (b, new), L = w["check"], w["last_layers"]
-    src, mask = t5_prompts(b, shape, seed=1)
-    (t_o, a_o), (t_h, a_h) = (tokens_and_abar(system, t5_rollout(system, load_snapshot(system, path, shape), src,
-                                                                 mask, w["N"], new, greedy=True), L, new)
+    src, mask = t5_prompts(b, shape, seed=1, device=device)
+    (t_o, a_o), (t_h, a_h) = (tokens_and_abar(system, t5_rollout(system, load_snapshot(system, path, shape, device), src,
+                                                                 mask, w["N"], new, True, precision), L, new)
                               for system in ("ours", "hf"))
     is_eos = (t_h == EOS).long()
     compared = int(((is_eos.cumsum(1) - is_eos) == 0).sum())
@@ -362,15 +367,15 @@ def same_weights_check(path, shape="base", threads=2) -> dict:
                 max_map_diff=float((a_o - a_h).abs().max()))
 
 
-def same_weights_run(system: str, path, shape="base"):
-    """run(): SAME[shape]'s sampled rollout by `system`, from the snapshot in `path` (loaded now);
-    it checks that all `new` tokens were made, since tokens/s counts B*N*new."""
+def same_weights_run(system: str, path, shape="base", device="cpu", precision=None):
+    """run(): SAME[shape]'s sampled rollout by `system`, from the snapshot in `path` (loaded now onto
+    `device`); it checks that all `new` tokens were made, since tokens/s counts B*N*new."""
     w = SAME[shape]
-    model = load_snapshot(system, path, shape)
-    src, mask = t5_prompts(w["B"], shape)
+    model = load_snapshot(system, path, shape, device)
+    src, mask = t5_prompts(w["B"], shape, device=device)
 
     def run():
-        out = t5_rollout(system, model, src, mask, w["N"], w["new"])
+        out = t5_rollout(system, model, src, mask, w["N"], w["new"], precision=precision)
         steps = out.tokens.size(1) if system == "ours" else out.sequences.size(1) - 1
         assert steps == w["new"], f"{system} stopped after {steps} of {w['new']} new tokens"
     return run

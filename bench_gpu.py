@@ -1,0 +1,320 @@
+"""The GPU check: what a GPU run of cagsr costs, measured in one process (README, "Performance").
+
+    python bench_gpu.py            # one CUDA GPU; under 8 minutes on one H100 or H200
+    python bench_gpu.py --tiny     # the same code at tiny shapes on the CPU (tests/test_bench_gpu.py)
+
+It prints four parts, in order:
+  1. same weights: bench.py's random T5-base-shaped snapshot loaded by ours and by HF T5, in fp32 and
+     in bf16: greedy tokens equal and Abar within 1e-4 (bench.same_weights_check), then one sampled
+     rollout each (RL's sampler, bench.t5_rollout): seconds, tokens/s, peak memory;
+  2. a random model shaped like flan-T5-large (its config.json fields, through snapshot.config_from_hf),
+     bf16: one SFT step and one CAGSR iteration (ppo.collect: sample, reward, reference pass; then
+     ppo.update): seconds, tokens/s, MFU, peak memory;
+  3. the `1.3b` preset (`python cagsr.py --size 1.3b`), bf16: SFT steps, one RL iteration, and one
+     rollout with and without Abar recorded;
+  4. torch.compile on and off for the PPO update of part 2's model, where it compiles.
+
+bf16 is `python cagsr.py`'s: autocast over float32 weights and optimizer (runs.autocast). Each
+measurement follows a warm-up of the same work. MFU counts the FLOPs of the linear layers
+(`linear_flops`: 2 per multiply-add forward, 3 times that for forward + backward; attention scores
+left out) per second, over the chip's dense bf16 peak (BF16_PEAK, by device name; a chip not listed
+gets a measured large-matmul rate, and --tiny's CPU its fp32 one). Peak memory: the peak of
+torch.cuda.max_memory_allocated above the memory held before the measurement (CPU: peak RSS growth).
+`transformers` is needed for part 1 only; without it part 1 is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+import bench
+import data
+import parallel
+import ppo
+import runs
+from model import EncoderDecoder, ModelConfig, config_for
+from reward import RewardConfig, SalientTokens
+from sft import sft_loss
+from snapshot import config_from_hf
+
+# flan-T5-large's config.json, the fields that shape it (google/flan-t5-large).
+FLAN_T5_LARGE = dict(model_type="t5", vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=24,
+                     num_decoder_layers=24, num_heads=16, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+SHAPES = {   # same: bench.SAME key; large: part 2's config.json; preset: part 3's; sft: (B, S, T); rl: P prompts x S, N, new
+    "gpu": dict(same="base", large=FLAN_T5_LARGE, preset="1.3b", sft=(32, 128, 64), sft_steps=3,
+                rl=dict(prompts=64, S=128, N=4, new=64)),
+    "tiny": dict(same="tiny", large={**FLAN_T5_LARGE, "vocab_size": 256, "d_model": 64, "d_kv": 16, "d_ff": 128,
+                                     "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4},
+                 preset="tiny", sft=(4, 16, 8), sft_steps=2, rl=dict(prompts=4, S=16, N=2, new=8)),
+}
+BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+"""Dense bf16 tensor-core peak FLOP/s by device-name fragment (the vendors' data sheets, no sparsity);
+the first fragment found in torch.cuda.get_device_name() wins."""
+T5_SPECIALS = data.Specials(pad=0, start=0, eos=1, special=(0, 1, 2), appends_eos=True)
+OUR_SPECIALS = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))     # a tokenizer trained here
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring: time, peak memory, FLOPs
+# --------------------------------------------------------------------------------------------
+
+def measure(fn, device):
+    """fn() with the device synchronised before and after: (its result, seconds, peak memory growth MiB)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        bench.peak_reset()
+        base = bench.rss_kib() * 1024
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = bench.rss_kib("VmHWM") * 1024
+    return out, time.perf_counter() - t0, (peak - base) / 2 ** 20
+
+
+def linear_flops(cfg: ModelConfig, prompt_tokens: int, response_tokens: int) -> int:
+    """Forward FLOPs (2 per multiply-add) of every linear layer, for `prompt_tokens` encoder positions
+    and `response_tokens` decoder positions: per prompt token, the encoder layers (q, k, v, out and the
+    feed-forward) and the decoder's cross-attention keys and values; per response token, the decoder
+    layers (self-attention q, k, v, out; cross-attention q, out; feed-forward) and the head. The value
+    head (per prompt, not per token) and attention scores are left out."""
+    D, inner, F = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.d_ff
+    ffn = (3 if cfg.ffn == "gated-gelu" else 2) * D * F
+    per_prompt_token = cfg.n_enc_layers * (4 * D * inner + ffn) + cfg.n_dec_layers * 2 * D * inner
+    per_response_token = cfg.n_dec_layers * (6 * D * inner + ffn) + D * cfg.vocab_size
+    return 2 * (per_prompt_token * prompt_tokens + per_response_token * response_tokens)
+
+
+def encoder_flops(cfg: ModelConfig, prompt_tokens: int) -> int:
+    """Forward FLOPs of the encoder's linear layers alone (V(x) encodes the prompts again)."""
+    D, inner = cfg.d_model, cfg.n_heads * cfg.head_dim
+    ffn = (3 if cfg.ffn == "gated-gelu" else 2) * D * cfg.d_ff
+    return 2 * cfg.n_enc_layers * (4 * D * inner + ffn) * prompt_tokens
+
+
+def chip_peak(device) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from): BF16_PEAK by name, else a measured large matmul (bf16 on CUDA,
+    fp32 on the CPU)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, peak in BF16_PEAK.items():
+            if fragment in name:
+                return peak, f"{name}, dense bf16 peak {peak / 1e12:.0f} TFLOP/s (data sheet)"
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    _, seconds, _ = measure(lambda: [a @ b for _ in range(5)], device)
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
+    return 5 * 2 * n ** 3 / seconds, f"{what}, measured {dtype} matmul {n}^3"
+
+
+# --------------------------------------------------------------------------------------------
+# Part 1: same weights against HF T5
+# --------------------------------------------------------------------------------------------
+
+def same_weights_part(shape: dict, device) -> None:
+    """The same-weights comparison of bench.py on `device`, in fp32 and bf16."""
+    if not bench.peer_available("part 1 (same weights against HF T5) is skipped"):
+        return
+    name, w = shape["same"], bench.SAME[shape["same"]]
+    path = tempfile.mkdtemp(prefix="bench-gpu-t5-")
+    try:
+        bench.make_snapshot(path, name)
+        print(f"\n1. same weights: bench.py's random T5 snapshot '{name}' (d_model {w['t5']['d_model']}, "
+              f"{w['t5']['num_layers']}+{w['t5']['num_decoder_layers']} layers), rollout {w['B']} prompts x "
+              f"{w['S']} tokens, N={w['N']}, {w['new']} new tokens, Abar recorded, "
+              f"{bench.samplers(w['t5']['vocab_size'], bench.rl_temperature('pretrained'))}")
+        for precision in ("fp32", "bf16"):
+            check = bench.same_weights_check(path, name, torch.get_num_threads(), device, precision)
+            print(f"   {precision}: greedy {check['tokens']} positions, tokens equal: {check['tokens_equal']}; "
+                  f"Abar max |ours - HF| {check['max_map_diff']:.1e}")
+            for system in ("ours", "hf"):
+                run = bench.same_weights_run(system, path, name, device, precision)
+                run()                                                          # warm-up
+                _, seconds, peak = measure(run, device)
+                print(f"   {precision} {bench.NAMES[system]:34s} {seconds:7.3f} s  "
+                      f"{w['B'] * w['N'] * w['new'] / seconds:9.0f} tok/s  peak {peak:9.1f} MiB")
+    finally:
+        shutil.rmtree(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Parts 2-4: SFT steps and CAGSR iterations on random weights
+# --------------------------------------------------------------------------------------------
+
+def random_pairs(n: int, src_len: int, tgt_len: int, vocab: int, sp: data.Specials, seed=0) -> list:
+    """n (prompt, response) pairs of random non-special ids, each response ending in EOS."""
+    g = torch.Generator().manual_seed(seed)
+    low = max(sp.special) + 1
+    ids = lambda k: torch.randint(low, vocab, (k,), generator=g).tolist()
+    return [(ids(src_len), ids(tgt_len - 1) + [sp.eos]) for _ in range(n)]
+
+
+def sft_part(model, shape: dict, sp: data.Specials, device, peak: float, steps: int) -> dict:
+    """`steps` timed SFT steps (L_SFT, AdamW, clipping: sft.py's step) after one warm-up step."""
+    B, S, T = shape["sft"]
+    batch = {k: v.to(device) for k, v in data.collate(random_pairs(B, S, T, model.cfg.vocab_size, sp), sp).items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **runs.fused(device))
+    model.train()
+
+    def step():
+        with runs.autocast(device, "bf16"):
+            loss = sft_loss(model, batch)
+        return parallel.guarded_step(opt, loss, 1.0)
+
+    step()
+    _, seconds, mem = measure(lambda: [step() for _ in range(steps)], device)
+    model.eval()
+    per_step = seconds / steps
+    flops = 3 * linear_flops(model.cfg, B * S, B * T)
+    return dict(step_s=per_step, tokens_per_s=B * (S + T) / per_step, mfu=flops / per_step / peak, peak_mib=mem)
+
+
+def rl_setup(model, shape: dict, sp: data.Specials, device, profile: str):
+    """What one CAGSR iteration needs on random weights: the frozen reference and Adam (runs.rl_start),
+    one batch of random prompts, I_x from their IDF, and the PPO settings of `profile`."""
+    rl, V = shape["rl"], model.cfg.vocab_size
+    cfg = ppo.PPOConfig(**{**ppo.RUN_PROFILE[profile]["ppo"], "prompts_per_iter": rl["prompts"],
+                           "num_samples": rl["N"], "max_new_tokens": rl["new"]})
+    prompts = [p for p, _ in random_pairs(rl["prompts"], rl["S"], 2, V, sp, seed=1)]
+    salient = SalientTokens(data.idf(prompts, V), torch.ones(V, dtype=torch.bool), [""] * V)
+    ref, opt = runs.rl_start(model, model.state_dict(), cfg.lr, device)
+    src, src_mask = (t.to(device) for t in next(ppo.prompt_batches(prompts, rl["prompts"], 0, sp)))
+    return dict(ref=ref, opt=opt, cfg=cfg, salient=salient, src=src, src_mask=src_mask, sp=sp)
+
+
+def rl_iteration(model, setup: dict, device, policy=None) -> dict:
+    """One CAGSR iteration (§5): ppo.collect (sample with Abar, reward, reference pass, V(x)), then
+    ppo.update, each measured. Returns the experience and the figures."""
+    s, gen = setup, torch.Generator(device=device).manual_seed(0)
+    with runs.autocast(device, "bf16"):
+        (experience, split), collect_s, collect_mem = measure(
+            lambda: ppo.collect(model, s["ref"], s["src"], s["src_mask"], s["salient"], RewardConfig(), s["cfg"],
+                                0.0, s["sp"], gen), device)
+        _, update_s, update_mem = measure(lambda: ppo.update(model, s["opt"], experience, s["cfg"], policy=policy,
+                                                             generator=torch.Generator().manual_seed(0)), device)
+    return dict(experience=experience, sample_s=split["sample_s"], collect_s=collect_s, update_s=update_s,
+                peak_mib=max(collect_mem, update_mem))
+
+
+def rl_figures(model, it: dict, epochs: int, peak: float) -> dict:
+    """Seconds, tokens/s and MFU of one measured iteration (`rl_iteration`) of `epochs` PPO epochs."""
+    cfg, exp = model.cfg, it["experience"]
+    P, S = exp.src.shape
+    BN, T = exp.tokens.shape
+    forward = linear_flops(cfg, P * S, BN * T)
+    flops = 2 * forward + encoder_flops(cfg, P * S) + epochs * 3 * forward        # sample, reference, V(x), update
+    total = it["collect_s"] + it["update_s"]
+    return dict(iteration_s=total, sample_s=it["sample_s"], rest_of_collect_s=it["collect_s"] - it["sample_s"],
+                update_s=it["update_s"], tokens_per_s=BN * T / total, mfu=flops / total / peak,
+                sample_mfu=forward / it["sample_s"] / peak, peak_mib=it["peak_mib"], rows=BN, new=T)
+
+
+def measured_iteration(model, setup, device, peak, policy=None) -> dict:
+    """One warm-up iteration, then one measured: `rl_figures`."""
+    rl_iteration(model, setup, device, policy)
+    it = rl_iteration(model, setup, device, policy)
+    return rl_figures(model, it, setup["cfg"].epochs, peak)
+
+
+def millions(model) -> str:
+    return f"{model.num_params() / 1e6:,.1f}M"
+
+
+def print_sft(label: str, sft: dict) -> None:
+    print(f"   SFT step: {sft['step_s']:.3f} s, {sft['tokens_per_s']:,.0f} tokens/s, MFU {sft['mfu']:.1%}, "
+          f"peak {sft['peak_mib']:,.0f} MiB ({label})")
+
+
+def print_rl(rl: dict) -> None:
+    print(f"   CAGSR iteration ({rl['rows']} candidates x {rl['new']} tokens): {rl['iteration_s']:.3f} s = sample "
+          f"{rl['sample_s']:.3f} s + reward, reference pass and V(x) {rl['rest_of_collect_s']:.3f} s + PPO update "
+          f"{rl['update_s']:.3f} s; {rl['tokens_per_s']:,.0f} sampled tokens/s; MFU {rl['mfu']:.1%} (sampling "
+          f"alone {rl['sample_mfu']:.1%}); peak {rl['peak_mib']:,.0f} MiB")
+
+
+def large_part(shape: dict, device, peak: float) -> tuple:
+    """Part 2: flan-T5-large's shape, one SFT step and one CAGSR iteration. Returns (model, RL setup)."""
+    cfg = config_from_hf(shape["large"], last_layers=1)
+    model = EncoderDecoder(cfg).to(device)
+    print(f"\n2. flan-T5-large's shape, random weights ({millions(model)} parameters), bf16 autocast")
+    B, S, T = shape["sft"]
+    print_sft(f"{B} pairs x ({S} + {T}) tokens", sft_part(model, shape, T5_SPECIALS, device, peak, 1))
+    setup = rl_setup(model, shape, T5_SPECIALS, device, "pretrained")
+    print_rl(measured_iteration(model, setup, device, peak))
+    return model, setup
+
+
+def preset_part(shape: dict, device, peak: float) -> None:
+    """Part 3: the preset of `python cagsr.py --size ...`: SFT steps, one RL iteration, Abar's cost."""
+    name = shape["preset"]
+    model = EncoderDecoder(config_for(name)).to(device)
+    print(f"\n3. --size {name} ({millions(model)} parameters), bf16 autocast")
+    B, S, T = shape["sft"]
+    print_sft(f"{shape['sft_steps']} steps of {B} pairs x ({S} + {T}) tokens",
+              sft_part(model, shape, OUR_SPECIALS, device, peak, shape["sft_steps"]))
+    setup = rl_setup(model, shape, OUR_SPECIALS, device, name)
+    print_rl(measured_iteration(model, setup, device, peak))
+    rl = shape["rl"]
+    seconds = {}
+    for record in (True, False):
+        def rollout():
+            with torch.no_grad(), runs.autocast(device, "bf16"):
+                return model.sample(setup["src"], setup["src_mask"], num_samples=rl["N"], max_new_tokens=rl["new"],
+                                    record_attention=record, generator=torch.Generator(device=device).manual_seed(0),
+                                    **OUR_SPECIALS.sample_ids())
+        rollout()
+        _, seconds[record], _ = measure(rollout, device)
+    print(f"   rollout with Abar recorded {seconds[True]:.3f} s, without {seconds[False]:.3f} s "
+          f"(x{seconds[True] / seconds[False]:.2f})")
+
+
+def compile_part(model, setup, device, peak: float) -> None:
+    """Part 4: the PPO update through torch.compile (as `--compile`), against eager."""
+    print("\n4. torch.compile for the PPO update (part 2's model)")
+    eager = measured_iteration(model, setup, device, peak)
+    try:
+        compiled = torch.compile(ppo.PolicyValue(model))
+        first = rl_iteration(model, setup, device, compiled)["update_s"]
+        steady = measured_iteration(model, setup, device, peak, compiled)
+    except Exception as e:                           # noqa: BLE001 -- "where it works": say why not
+        print(f"   torch.compile failed: {type(e).__name__}: {str(e)[:300]}")
+        return
+    print(f"   update: eager {eager['update_s']:.3f} s; compiled {steady['update_s']:.3f} s "
+          f"(x{eager['update_s'] / steady['update_s']:.2f}); the first compiled update, compiling, {first:.1f} s")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (the test's; no GPU needed)")
+    ap.add_argument("--skip-compile", action="store_true", help="leave out part 4 (torch.compile)")
+    args = ap.parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        raise SystemExit("bench_gpu.py: no CUDA device; run it on a GPU, or with --tiny on the CPU")
+    device = torch.device("cpu" if args.tiny else "cuda")
+    shape = SHAPES["tiny" if args.tiny else "gpu"]
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    peak, source = chip_peak(device)
+    print(f"cagsr GPU check on {source}; torch {torch.__version__}")
+    same_weights_part(shape, device)
+    model, setup = large_part(shape, device, peak)
+    preset_part(shape, device, peak)
+    if not args.skip_compile:
+        compile_part(model, setup, device, peak)
+    print(f"\nthe whole check: {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
