@@ -111,10 +111,10 @@ def hf_sampling(greedy: bool, temperature: float) -> dict:
 
 def samplers(vocab: int, temperature: float) -> str:
     """What each side's sampler is, in words."""
-    from model import CDF_DRAW_FROM
-    ours = ("the inverse CDF: one uniform per row against the float64 cumulative sum" if vocab >= CDF_DRAW_FROM
+    from sampling import CDF_DRAW_FROM
+    ours = ("the inverse CDF over blocks of sqrt(V) entries, then inside the block, float64" if vocab >= CDF_DRAW_FROM
             else "torch.multinomial")
-    return (f"both draw from the full softmax at T={temperature}. Ours: model.sample, softmax then model.draw over "
+    return (f"both draw from the full softmax at T={temperature}. Ours: model.sample, softmax then sampling.draw over "
             f"{vocab:,} entries ({ours}), a seeded torch.Generator; HF: generate({', '.join(f'{k}={v}' for k, v in hf_sampling(False, temperature).items())}) "
             f"(softmax, then torch.multinomial: one exponential random number per entry and row), the global RNG")
 
@@ -557,16 +557,18 @@ def print_same_weights(check: dict, results: dict, args, shape: str) -> None:
           f"T={rl_temperature('pretrained')}, "
           f"cross-attention recorded; {args.threads} threads; {args.sw_rounds} fresh process(es) per system x "
           f"{args.sw_calls} timed call(s) after one warm-up\n")
-    print(f"{'':34s} {'rollout s':>9s} {'min':>6s} {'max':>6s} {'tok/s':>7s} {'peak MiB':>8s} {'warm MiB':>8s}")
+    print(f"{'':34s} {'rollout s':>9s} {'min':>6s} {'max':>6s} {'tok/s':>7s} {'peak MiB':>8s} {'(least)':>8s} "
+          f"{'warm MiB':>8s}")
     rows = {}
     for system, rs in results.items():
-        times = [x for r in rs for x in r["times"]]
+        times, peaks = [x for r in rs for x in r["times"]], [r["peak_growth_mib"] for r in rs]
         t = statistics.median(times)
-        rows[system] = (w["B"] * w["N"] * w["new"] / t, max(r["peak_growth_mib"] for r in rs))
+        rows[system] = (w["B"] * w["N"] * w["new"] / t, max(peaks), min(peaks))
         print(f"{NAMES[system]:34s} {t:9.2f} {min(times):6.2f} {max(times):6.2f} {rows[system][0]:7.1f} "
-              f"{rows[system][1]:8.1f} {max(r['steady_growth_mib'] for r in rs):8.1f}")
-    (to, mo), (th, mh) = rows["ours"], rows["hf"]
-    print(f"ours / HF: tokens/s x{to / th:.2f}, peak memory growth x{mo / mh:.2f}")
+              f"{max(peaks):8.1f} {min(peaks):8.1f} {max(r['steady_growth_mib'] for r in rs):8.1f}")
+    (to, mo, lo), (th, mh, lh) = rows["ours"], rows["hf"]
+    print(f"ours / HF: tokens/s x{to / th:.2f}, peak memory growth x{mo / mh:.2f} (the largest of each system's "
+          f"processes; the least: x{lo / lh:.2f})")
 
 
 def main(argv=None) -> int:

@@ -64,7 +64,7 @@ OUR_SPECIALS = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))     # 
 # Measuring: time, peak memory, FLOPs
 # --------------------------------------------------------------------------------------------
 
-def measure(fn, device):
+def run_measured(fn, device):
     """fn() with the device synchronised before and after: (its result, seconds, peak memory growth MiB)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -113,7 +113,7 @@ def chip_peak(device) -> tuple[float, str]:
                 return peak, f"{name}, dense bf16 peak {peak / 1e12:.0f} TFLOP/s (data sheet)"
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    _, seconds, _ = measure(lambda: [a @ b for _ in range(5)], device)
+    _, seconds, _ = run_measured(lambda: [a @ b for _ in range(5)], device)
     what = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
     return 5 * 2 * n ** 3 / seconds, f"{what}, measured {dtype} matmul {n}^3"
 
@@ -141,7 +141,7 @@ def same_weights_part(shape: dict, device) -> None:
             for system in ("ours", "hf"):
                 run = bench.same_weights_run(system, path, name, device, precision)
                 run()                                                          # warm-up
-                _, seconds, peak = measure(run, device)
+                _, seconds, peak = run_measured(run, device)
                 print(f"   {precision} {bench.NAMES[system]:34s} {seconds:7.3f} s  "
                       f"{w['B'] * w['N'] * w['new'] / seconds:9.0f} tok/s  peak {peak:9.1f} MiB")
     finally:
@@ -173,7 +173,7 @@ def sft_part(model, shape: dict, sp: data.Specials, device, peak: float, steps: 
         return parallel.guarded_step(opt, loss, 1.0)
 
     step()
-    _, seconds, mem = measure(lambda: [step() for _ in range(steps)], device)
+    _, seconds, mem = run_measured(lambda: [step() for _ in range(steps)], device)
     model.eval()
     per_step = seconds / steps
     flops = 3 * linear_flops(model.cfg, B * S, B * T)
@@ -198,10 +198,10 @@ def rl_iteration(model, setup: dict, device, policy=None) -> dict:
     ppo.update, each measured. Returns the experience and the figures."""
     s, gen = setup, torch.Generator(device=device).manual_seed(0)
     with runs.autocast(device, "bf16"):
-        (experience, split), collect_s, collect_mem = measure(
+        (experience, split), collect_s, collect_mem = run_measured(
             lambda: ppo.collect(model, s["ref"], s["src"], s["src_mask"], s["salient"], RewardConfig(), s["cfg"],
                                 0.0, s["sp"], gen), device)
-        _, update_s, update_mem = measure(lambda: ppo.update(model, s["opt"], experience, s["cfg"], policy=policy,
+        _, update_s, update_mem = run_measured(lambda: ppo.update(model, s["opt"], experience, s["cfg"], policy=policy,
                                                              generator=torch.Generator().manual_seed(0)), device)
     return dict(experience=experience, sample_s=split["sample_s"], collect_s=collect_s, update_s=update_s,
                 peak_mib=max(collect_mem, update_mem))
@@ -274,7 +274,7 @@ def preset_part(shape: dict, device, peak: float) -> None:
                                     record_attention=record, generator=torch.Generator(device=device).manual_seed(0),
                                     **OUR_SPECIALS.sample_ids())
         rollout()
-        _, seconds[record], _ = measure(rollout, device)
+        _, seconds[record], _ = run_measured(rollout, device)
     print(f"   rollout with Abar recorded {seconds[True]:.3f} s, without {seconds[False]:.3f} s "
           f"(x{seconds[True] / seconds[False]:.2f})")
 

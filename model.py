@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from checks import AT_LEAST_1, BOOL, POSITIVE, ConfigError, check_fields, one_of
+from sampling import sample_next
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,52 +611,6 @@ class EncoderDecoder(nn.Module):
         return Rollout(tokens=torch.stack(tokens, 1), logprobs=torch.stack(logprobs, 1), mask=torch.stack(masks, 1),
                        attn=torch.stack(maps, 1) if record_attention else None,
                        certainty=torch.stack(certainty, 1), entropy=torch.stack(entropy, 1))
-
-
-def sample_next(logits, top_k=None, top_p=None, generator=None):
-    """One token per row from softmax(filter_logits(logits, top_k, top_p)): (B, V) -> (B,) ids.
-
-    With top_k the draw is made among the k highest logits only (torch.topk, then `draw` over k
-    entries): the same distribution as masking the other V - k logits to -inf, at k random draws per
-    row instead of V. Ties at the k-th logit keep exactly k tokens."""
-    if top_k is not None and top_k < logits.size(-1):
-        vals, idx = torch.topk(logits, top_k, dim=-1)                       # (B, k), (B, k)
-        pick = draw(torch.softmax(filter_logits(vals, top_p=top_p), dim=-1), generator)   # (B,) index into the k
-        return idx.gather(-1, pick[:, None]).squeeze(-1)                    # (B,)
-    return draw(torch.softmax(filter_logits(logits, top_p=top_p), dim=-1), generator)     # (B,)
-
-
-CDF_DRAW_FROM = 16_384                         # categories from which `draw` takes the inverse CDF
-
-
-def draw(probs, generator=None):
-    """One index per row of the categorical distributions `probs`, an exact draw: (B, V) -> (B,).
-    torch.multinomial costs V exponential draws per row; from CDF_DRAW_FROM categories on, the draw is
-    the inverse CDF: the first index whose cumulative probability (float64) exceeds one uniform u per
-    row, so an index of probability 0 is never drawn. Why both: DECISIONS.md §3."""
-    if probs.size(-1) < CDF_DRAW_FROM:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    cdf = probs.to(torch.float32 if probs.device.type == "mps" else torch.float64).cumsum(-1)  # (B, V); no float64 on MPS
-    u = torch.rand(cdf.size(0), 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]   # (B, 1)
-    return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.size(-1) - 1).squeeze(-1)   # (B,)
-
-
-def filter_logits(logits, top_k=None, top_p=None):
-    """Top-k then nucleus (top-p) truncation: logits outside the kept set become -inf. (B, V) -> (B, V).
-
-    top-k keeps the k highest logits; top-p keeps the smallest set of highest-probability tokens
-    whose total probability reaches p (always at least one token)."""
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]              # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already reach p.
-        drop_sorted = probs.cumsum(-1) - probs >= top_p                       # (B, V)
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
 
 
 def token_logprobs(logits, targets, temperature=1.0):

@@ -110,6 +110,7 @@ HOMES = {
     "shared_setup": {"experiments"}, "seed_sft": {"experiments"}, "seeds_in_workers": {"experiments"},
     "rl_profile": {"experiments"},
     "prepare": {"stages"}, "train_stages": {"stages"},
+    "draw": {"sampling"}, "rl_temperature": {"bench"}, "linear_flops": {"bench_gpu"},   # the sampler; the benches' workload
 }
 
 

@@ -1,4 +1,4 @@
-"""model.py: attention, the recorded cross-attention Abar (§3.2), the KV-cached sampler, presets.
+"""model.py and sampling.py: attention, the recorded cross-attention Abar (§3.2), the KV-cached sampler, presets.
 
 Cached sampling reproduces the teacher-forced log-probabilities and `Abar` within 1e-5; `Abar` is
 the mean of the per-layer, per-head maps and sums to 1 over real prompt tokens; padding a batch
@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from checks import ConfigError
-from model import (CDF_DRAW_FROM, SIZES, EncoderDecoder, ModelConfig, abar, additive_mask, attention, config_for,
-                   count_params, draw, filter_logits, relative_position_bucket, rms_norm, sample_next, token_logprobs)
+from model import (SIZES, EncoderDecoder, ModelConfig, abar, additive_mask, attention, config_for, count_params,
+                   relative_position_bucket, rms_norm, token_logprobs)
+from sampling import CDF_DRAW_FROM, draw, filter_logits, sample_next
 from snapshot import memory_plan
 
 BOS, EOS, PAD = 1, 2, 0                       # the ids of our tokenizer (data.train_tokenizer)
@@ -211,11 +212,13 @@ def test_sample_next_draws_from_the_truncated_softmax(kw):
 
 
 def test_inverse_cdf_draw_of_a_large_vocabulary_follows_the_distribution():
-    # From CDF_DRAW_FROM entries on, `draw` is the inverse CDF. 40,000 draws over CDF_DRAW_FROM + 100
-    # entries: six hold 0.9 of the mass, 1,000 others share 0.1, the rest (the last 100 among them)
-    # have probability 0 and are never drawn. Frequencies within 5 binomial standard deviations.
+    # From CDF_DRAW_FROM entries on, `draw` is the inverse CDF over blocks of sqrt(V) entries, then
+    # inside the block. 40,000 draws over CDF_DRAW_FROM + 100 entries (blocks of 128, and a last,
+    # shorter block of 100): six hold 0.9 of the mass, one of them in the last block, 1,000 others
+    # share 0.1, the rest (the last 49 among them) have probability 0 and are never drawn.
+    # Frequencies within 5 binomial standard deviations.
     V = CDF_DRAW_FROM + 100
-    heavy = torch.tensor([3, 17, 5_000, 9_000, V - 200, V - 101])
+    heavy = torch.tensor([3, 17, 5_000, 9_000, V - 200, V - 50])
     probs = torch.zeros(V)
     probs[heavy] = torch.tensor([0.30, 0.05, 0.25, 0.02, 0.18, 0.10])
     probs[100:1100] = 0.1 / 1000
