@@ -29,10 +29,11 @@ Abar over the last L' = 3 decoder layers and all heads within 1e-4 (ours: the sa
 the mean of generate's maps of those layers and heads). Rollout: 16 prompts x 256 tokens, N = 4
 samples, 64 new tokens, sampled as RL samples from a snapshot (the full softmax at the `pretrained`
 RL temperature, 1.0), maps recorded, decoder started from pad 0, EOS 1. Sampled outputs differ
-(different samplers and random streams, see `samplers`). One rollout takes ~12 s (ours) to ~21 s (HF) on 2 idle
-cores, minutes when other processes compete for them, so each system gets --sw-rounds fresh
-processes (default 3) of one warm-up and --sw-calls timed calls (default 1): about 4 minutes in all.
-tests/test_bench.py runs the same functions on SAME["tiny"].
+(different samplers and random streams, see `samplers`). One rollout takes ~20 s (ours) to ~30 s
+(HF) on 2 idle cores, minutes when other processes compete for them, so each system gets
+--sw-rounds fresh processes (default 3) of one warm-up and --sw-calls timed calls (default 1):
+about 6 minutes in all. tests/test_bench.py runs the same functions on SAME["tiny"]; bench_gpu.py
+runs them on CUDA.
 """
 
 from __future__ import annotations
