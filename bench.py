@@ -129,8 +129,8 @@ def rollout_fn(system, model, new_tokens, record=True, greedy=False):
     if system == "ours":
         def run():
             with torch.no_grad():
-                r = model.sample(src, mask, num_samples=N, max_new_tokens=new_tokens, temperature=temperature, greedy=greedy,
-                                 record_attention=record, generator=torch.Generator().manual_seed(1),
+                r = model.sample(src, mask, num_samples=N, max_new_tokens=new_tokens, temperature=temperature,
+                                 greedy=greedy, record_attention=record, generator=torch.Generator().manual_seed(1),
                                  bos_id=1, eos_id=2, pad_id=0)              # the ids of a tokenizer trained here
             assert r.tokens.size(1) == new_tokens or not r.mask[:, -1].any()
         return run
@@ -140,7 +140,8 @@ def rollout_fn(system, model, new_tokens, record=True, greedy=False):
 
     def run():
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=am, **hf_sampling(greedy, temperature), num_return_sequences=n, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
+            out = model.generate(input_ids=ids, attention_mask=am, **hf_sampling(greedy, temperature),
+                                 num_return_sequences=n, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
                                  output_attentions=record, return_dict_in_generate=True)
         if record:
             assert out.cross_attentions and out.cross_attentions[0][0].numel() > 0, "empty cross-attentions"
@@ -316,15 +317,16 @@ def t5_rollout(system: str, model, src, mask, n: int, new: int, greedy=False, pr
     precision: "fp32" or "bf16" (autocast, runs.autocast); None = the device's default."""
     import torch
     from runs import autocast
+    temperature = rl_temperature("pretrained")
     with torch.no_grad(), autocast(src.device, precision):
         if system == "ours":
-            return model.sample(src, mask, num_samples=n, max_new_tokens=new, temperature=rl_temperature("pretrained"),
+            return model.sample(src, mask, num_samples=n, max_new_tokens=new, temperature=temperature,
                                 greedy=greedy, record_attention=True,
                                 generator=torch.Generator(device=src.device).manual_seed(1),
                                 bos_id=PAD, eos_id=EOS, pad_id=PAD)
         if greedy:                                 # HF refuses num_return_sequences > 1 without sampling
             src, mask, n = src.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), 1
-        return model.generate(input_ids=src, attention_mask=mask.long(), **hf_sampling(greedy, rl_temperature("pretrained")),
+        return model.generate(input_ids=src, attention_mask=mask.long(), **hf_sampling(greedy, temperature),
                               num_return_sequences=n, min_new_tokens=None if greedy else new, max_new_tokens=new,
                               output_attentions=True, return_dict_in_generate=True)
 

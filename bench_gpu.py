@@ -83,24 +83,28 @@ def run_measured(fn, device):
     return out, time.perf_counter() - t0, (peak - base) / 2 ** 20
 
 
+def per_token_flops(cfg: ModelConfig) -> tuple[int, int, int]:
+    """Multiply-adds of the linear layers per token: (encoder, per prompt token: q, k, v, out and the
+    feed-forward of every layer; the decoder's cross-attention keys and values, per prompt token;
+    the decoder, per response token: self-attention q, k, v, out, cross-attention q, out, the
+    feed-forward of every layer, and the head)."""
+    D, inner = cfg.d_model, cfg.n_heads * cfg.head_dim
+    ffn = (3 if cfg.ffn == "gated-gelu" else 2) * D * cfg.d_ff
+    return (cfg.n_enc_layers * (4 * D * inner + ffn), cfg.n_dec_layers * 2 * D * inner,
+            cfg.n_dec_layers * (6 * D * inner + ffn) + D * cfg.vocab_size)
+
+
 def linear_flops(cfg: ModelConfig, prompt_tokens: int, response_tokens: int) -> int:
-    """Forward FLOPs (2 per multiply-add) of every linear layer, for `prompt_tokens` encoder positions
-    and `response_tokens` decoder positions: per prompt token, the encoder layers (q, k, v, out and the
-    feed-forward) and the decoder's cross-attention keys and values; per response token, the decoder
-    layers (self-attention q, k, v, out; cross-attention q, out; feed-forward) and the head. The value
-    head (per prompt, not per token) and attention scores are left out."""
-    D, inner, F = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.d_ff
-    ffn = (3 if cfg.ffn == "gated-gelu" else 2) * D * F
-    per_prompt_token = cfg.n_enc_layers * (4 * D * inner + ffn) + cfg.n_dec_layers * 2 * D * inner
-    per_response_token = cfg.n_dec_layers * (6 * D * inner + ffn) + D * cfg.vocab_size
-    return 2 * (per_prompt_token * prompt_tokens + per_response_token * response_tokens)
+    """Forward FLOPs (2 per multiply-add) of every linear layer (`per_token_flops`), for
+    `prompt_tokens` encoder positions and `response_tokens` decoder positions. The value head (per
+    prompt, not per token) and attention scores are left out."""
+    encoder, cross_kv, decoder = per_token_flops(cfg)
+    return 2 * ((encoder + cross_kv) * prompt_tokens + decoder * response_tokens)
 
 
 def encoder_flops(cfg: ModelConfig, prompt_tokens: int) -> int:
     """Forward FLOPs of the encoder's linear layers alone (V(x) encodes the prompts again)."""
-    D, inner = cfg.d_model, cfg.n_heads * cfg.head_dim
-    ffn = (3 if cfg.ffn == "gated-gelu" else 2) * D * cfg.d_ff
-    return 2 * cfg.n_enc_layers * (4 * D * inner + ffn) * prompt_tokens
+    return 2 * per_token_flops(cfg)[0] * prompt_tokens
 
 
 def chip_peak(device) -> tuple[float, str]:
@@ -111,11 +115,12 @@ def chip_peak(device) -> tuple[float, str]:
         for fragment, peak in BF16_PEAK.items():
             if fragment in name:
                 return peak, f"{name}, dense bf16 peak {peak / 1e12:.0f} TFLOP/s (data sheet)"
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    _, seconds, _ = run_measured(lambda: [a @ b for _ in range(5)], device)
-    what = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
-    return 5 * 2 * n ** 3 / seconds, f"{what}, measured {dtype} matmul {n}^3"
+        n = 8192
+        a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+        a @ b                                                                  # warm-up: cuBLAS set-up
+        _, seconds, _ = run_measured(lambda: [a @ b for _ in range(5)], device)
+        return 5 * 2 * n ** 3 / seconds, f"{name}, measured bf16 matmul {n}^3"
+    return bench.matmul_flops(), "this CPU, measured fp32 matmul 2048^3 (bench.matmul_flops)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,15 +249,17 @@ def print_rl(rl: dict) -> None:
 
 
 def large_part(shape: dict, device, peak: float) -> tuple:
-    """Part 2: flan-T5-large's shape, one SFT step and one CAGSR iteration. Returns (model, RL setup)."""
+    """Part 2: flan-T5-large's shape, one SFT step and one CAGSR iteration. Returns (model, RL setup,
+    the iteration's figures)."""
     cfg = config_from_hf(shape["large"], last_layers=1)
     model = EncoderDecoder(cfg).to(device)
     print(f"\n2. flan-T5-large's shape, random weights ({millions(model)} parameters), bf16 autocast")
     B, S, T = shape["sft"]
     print_sft(f"{B} pairs x ({S} + {T}) tokens", sft_part(model, shape, T5_SPECIALS, device, peak, 1))
     setup = rl_setup(model, shape, T5_SPECIALS, device, "pretrained")
-    print_rl(measured_iteration(model, setup, device, peak))
-    return model, setup
+    eager = measured_iteration(model, setup, device, peak)
+    print_rl(eager)
+    return model, setup, eager
 
 
 def preset_part(shape: dict, device, peak: float) -> None:
@@ -279,10 +286,9 @@ def preset_part(shape: dict, device, peak: float) -> None:
           f"(x{seconds[True] / seconds[False]:.2f})")
 
 
-def compile_part(model, setup, device, peak: float) -> None:
-    """Part 4: the PPO update through torch.compile (as `--compile`), against eager."""
+def compile_part(model, setup, eager: dict, device, peak: float) -> None:
+    """Part 4: the PPO update through torch.compile (as `--compile`), against part 2's eager one."""
     print("\n4. torch.compile for the PPO update (part 2's model)")
-    eager = measured_iteration(model, setup, device, peak)
     try:
         compiled = torch.compile(ppo.PolicyValue(model))
         first = rl_iteration(model, setup, device, compiled)["update_s"]
@@ -308,10 +314,10 @@ def main(argv=None) -> int:
     peak, source = chip_peak(device)
     print(f"cagsr GPU check on {source}; torch {torch.__version__}")
     same_weights_part(shape, device)
-    model, setup = large_part(shape, device, peak)
+    model, setup, eager = large_part(shape, device, peak)
     preset_part(shape, device, peak)
     if not args.skip_compile:
-        compile_part(model, setup, device, peak)
+        compile_part(model, setup, eager, device, peak)
     print(f"\nthe whole check: {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -169,8 +169,10 @@ def attention(q, k, v, mask=None, is_causal=False, need_weights=False, scale=Non
         Tq, Tk = scores.shape[-2:]
         causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
         mask = causal if mask is None else mask & causal
-    if mask is not None:                                                  # float: added; bool: -inf where False
-        scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
+    if mask is not None and mask.is_floating_point():
+        scores = scores + mask
+    elif mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     # Softmax in float32 so recorded maps sum to 1 to float32 precision even under bf16 autocast.
     weights = torch.softmax(scores.float(), dim=-1)                      # (B, H, Tq, Tk)
     out = weights.to(v.dtype) @ v                                        # (B, H, Tq, hd)
@@ -185,7 +187,8 @@ def relative_position_bucket(rel, bidirectional: bool, num_buckets: int, max_dis
     bins up to max_distance, beyond which every distance shares the last bucket. Bidirectional (the
     encoder): keys after the query use a second set of num_buckets // 2 buckets. Unidirectional (the
     decoder): keys after the query fall in bucket 0, like distance 0, so a causal mask is still needed.
-    rel: long tensor (any shape) -> long tensor of buckets in [0, num_buckets), same shape."""
+    rel: long tensor (any shape) -> long tensor of buckets in [0, num_buckets), same shape.
+    """
     buckets = torch.zeros_like(rel)
     if bidirectional:
         num_buckets //= 2
@@ -291,10 +294,12 @@ class MultiHeadAttention(nn.Module):
         return (k.contiguous(), v.contiguous()) if self.records else (k, v)
 
     def forward(self, x, k, v, mask=None, is_causal=False, need_weights=False):
-        """x: (B', Tq, D) queries; k, v: (B, H, Tk, hd) with B' = B * G. When B' is a multiple G of B
-        (G = N samples per prompt), the G query rows of prompt b are folded into one longer query
-        sequence against that prompt's keys: the keys and values are never copied N times.
-        Returns (out (B', Tq, D), weights (B', H, Tq, Tk) or None)."""
+        """x: (B', Tq, D) queries; k, v: (B, H, Tk, hd) with B' = B * G.
+
+        When B' is a multiple G of B (G = N samples per prompt), the G query rows of prompt b are
+        folded into one longer query sequence against that prompt's keys: the keys and values are
+        never copied N times. Returns (out (B', Tq, D), weights (B', H, Tq, Tk) or None).
+        """
         if need_weights and not self.records:
             raise RuntimeError("this attention block does not record its weights: only the cross-attention of the "
                                "last `last_layers` decoder layers does (ModelConfig.last_layers, L' of §3.2)")
@@ -447,12 +452,14 @@ class EncoderDecoder(nn.Module):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(branches))
         nn.init.zeros_(self.value_head.out.weight)
         nn.init.zeros_(self.value_head.out.bias)
-        # Activation checkpointing (`--grad-checkpoint`), a run-time switch: every layer of a pass that
-        # builds a graph keeps only its input and recomputes the rest during the backward pass.
+        # Activation (gradient) checkpointing: a run-time switch (`--grad-checkpoint`), not part of
+        # the architecture. When on, every encoder and decoder layer of a pass that builds a graph
+        # keeps only its input and recomputes the rest during the backward pass.
         self.gradient_checkpointing = False
 
     def _layer(self, layer, *args, **kwargs):
-        """layer(*args, **kwargs), through torch.utils.checkpoint when checkpointing is on and gradients record."""
+        """layer(*args, **kwargs), through torch.utils.checkpoint when checkpointing is on and
+        gradients are being recorded."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(layer, *args, use_reentrant=False, **kwargs)
         return layer(*args, **kwargs)
@@ -539,11 +546,14 @@ class EncoderDecoder(nn.Module):
         return logits, (abar(maps) if record == "mean" else maps)
 
     def decode(self, memory, src_mask, tgt_in, num_samples=1, record=None, tgt_mask=None):
-        """Teacher-forced decoder pass. memory (B, S, D), src_mask (B, S) from `encode`; tgt_in (B*N, T) =
-        [BOS] + response[:-1]; N = num_samples responses per prompt (rows b*N .. b*N+N-1). record, the
-        cross-attention to return: None, "mean" for Abar of §3.2 (B*N, T, S), or "layers" for every
-        recording layer and head (B*N, L', H, T, S). tgt_mask (B*N, T), when given, zeroes the maps at
-        padding positions after EOS. Returns (logits (B*N, T, V), the recorded maps or None)."""
+        """Teacher-forced decoder pass.
+
+        memory (B, S, D), src_mask (B, S) from `encode`; tgt_in (B*N, T) = [BOS] + response[:-1];
+        N = num_samples responses per prompt (rows b*N .. b*N+N-1). record, the cross-attention to
+        return: None, "mean" for Abar of §3.2 (B*N, T, S), or "layers" for every recording layer and
+        head (B*N, L', H, T, S). tgt_mask (B*N, T), when given, zeroes the maps at padding positions
+        after EOS. Returns (logits (B*N, T, V), the recorded maps or None).
+        """
         if tgt_in.size(0) != memory.size(0) * num_samples:
             raise ValueError(f"tgt_in has {tgt_in.size(0)} rows; expected B*N = {memory.size(0)}*{num_samples} "
                              f"(the N responses of prompt b are rows b*N .. b*N+N-1)")
@@ -565,12 +575,15 @@ class EncoderDecoder(nn.Module):
                pad_id) -> Rollout:
         """Sample N candidate responses per prompt (§5, Figure 1) with a KV cache.
 
-        The encoder and each layer's cross-attention keys/values run once per prompt; the decoder's
-        self-attention keys/values are cached, so each step costs one token. Each row stops at its own
-        EOS; decoding stops when every row has. top_k / top_p (nucleus) truncate the distribution drawn
-        from, but the recorded log-probability is always that of softmax(logits / temperature) over the
-        whole vocabulary (DECISIONS.md §3), which a teacher-forced pass recomputes. greedy=True takes
-        the argmax. bos_id (BOS, or pad for T5), eos_id and pad_id: data.Specials.sample_ids()."""
+        The encoder runs once per prompt and each layer's cross-attention keys/values are computed
+        once; the decoder's self-attention keys/values are cached, so each step costs one token.
+        Each row stops at its own EOS; decoding stops when every row has. top_k / top_p (nucleus)
+        truncate the distribution that is sampled from, but the recorded log-probability is always
+        log softmax(logits / temperature) of the sampled token over the whole vocabulary (DECISIONS.md §3),
+        which is what a teacher-forced pass recomputes. greedy=True takes the argmax. bos_id (the
+        decoder's first input: BOS, or pad for T5), eos_id and pad_id are the tokenizer's
+        (data.Specials.sample_ids()); they have no default, since they differ between tokenizers.
+        """
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax)")
         if top_k is not None and top_k < 1:
@@ -608,7 +621,8 @@ class EncoderDecoder(nn.Module):
             if bool(done.all()):
                 break
             y = nxt[:, None]
-        return Rollout(tokens=torch.stack(tokens, 1), logprobs=torch.stack(logprobs, 1), mask=torch.stack(masks, 1),
+        return Rollout(tokens=torch.stack(tokens, 1), logprobs=torch.stack(logprobs, 1),
+                       mask=torch.stack(masks, 1),
                        attn=torch.stack(maps, 1) if record_attention else None,
                        certainty=torch.stack(certainty, 1), entropy=torch.stack(entropy, 1))
 
