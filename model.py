@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from checks import AT_LEAST_1, BOOL, POSITIVE, ConfigError, check_fields, one_of
-from sampling import sample_next
+from sampling import Rollout, Steps, token_entropy, token_self_certainty  # noqa: F401 (model.Rollout, ...)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +251,12 @@ def abar(maps):
     return maps.mean(dim=(1, 2))
 
 
+def special_mask(src, src_mask, special_ids):
+    """(B, S) bool: the prompt's special tokens (data.Specials.special: EOS, UNK, T5's sentinels, ...),
+    the usual attention sinks (DECISIONS.md §2)."""
+    return torch.isin(src, torch.tensor(special_ids, device=src.device)) & src_mask
+
+
 def mean_pool(x, mask):
     """Mean of x over the positions where mask is True: (B, S, D), (B, S) -> (B, D)."""
     m = mask.unsqueeze(-1).to(x.dtype)                                    # (B, S, 1)
@@ -319,12 +325,13 @@ class MultiHeadAttention(nn.Module):
 
 class FeedForward(nn.Module):
     """cfg.ffn: "gelu" out(gelu(up x)); "relu" out(relu(up x)) (T5 v1.0); "gated-gelu"
-    out(gelu_tanh(gate x) * up x) (T5 v1.1, flan-T5, mT5: GELU with the tanh approximation)."""
+    out(gelu_tanh(gate x) * up x) (T5 v1.1, flan-T5, mT5: GELU with the tanh approximation);
+    "swiglu" out(silu(gate x) * up x) (Llama, Qwen2: the decoder-only policy of decoder.py)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kind = cfg.ffn
-        if cfg.ffn == "gated-gelu":
+        if cfg.ffn in ("gated-gelu", "swiglu"):
             self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.out = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
@@ -332,6 +339,8 @@ class FeedForward(nn.Module):
     def forward(self, x):                                                 # (..., D) -> (..., D)
         if self.kind == "gated-gelu":
             return self.out(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
+        if self.kind == "swiglu":
+            return self.out(F.silu(self.gate(x)) * self.up(x))
         return self.out(F.relu(self.up(x)) if self.kind == "relu" else F.gelu(self.up(x)))
 
 
@@ -386,8 +395,9 @@ class DecoderLayer(nn.Module):
 
 
 class ValueHead(nn.Module):
-    """V(x) of §4 and §7.2: a small feed-forward head on the shared encoder. Input: the mean of the
-    encoder states over the real prompt tokens. Its last layer starts at zero, so V(x) = 0 at first
+    """V(x) of §4 and §7.2: a small feed-forward head on the shared layers. Input: one pooled state
+    of the prompt (here the mean of the encoder states over the real prompt tokens; the decoder-only
+    policy's last prompt state, DECISIONS.md §10). Its last layer starts at zero, so V(x) = 0 at first
     and the first advantages are the raw rewards (Huang et al., N implementation details of RLHF)."""
 
     def __init__(self, d_model: int):
@@ -395,26 +405,8 @@ class ValueHead(nn.Module):
         self.hidden = nn.Linear(d_model, d_model)
         self.out = nn.Linear(d_model, 1)
 
-    def forward(self, memory, src_mask):                                  # (B, S, D), (B, S) -> (B,)
-        pooled = mean_pool(memory, src_mask)                              # (B, D)
+    def forward(self, pooled):                                            # (B, D) -> (B,)
         return self.out(torch.tanh(self.hidden(pooled))).squeeze(-1)      # (B,)
-
-
-@dataclass
-class Rollout:
-    """What `EncoderDecoder.sample` returns for B prompts x N samples (rows b*N .. b*N+N-1)."""
-    tokens: torch.Tensor
-    """(B*N, T) long: the sampled response, EOS included, PAD after it."""
-    logprobs: torch.Tensor
-    """(B*N, T) float: log pi(y_t | x, y_<t) under softmax(logits / temperature), 0 after EOS."""
-    mask: torch.Tensor
-    """(B*N, T) bool: True on the response's tokens up to and including EOS."""
-    attn: torch.Tensor | None
-    """(B*N, T, S) float: Abar recorded while decoding (§3.2), 0 after EOS and on prompt padding."""
-    certainty: torch.Tensor | None = None
-    """(B*N, T) float: `token_self_certainty` of softmax(logits / temperature) at each step, 0 after EOS."""
-    entropy: torch.Tensor | None = None
-    """(B*N, T) float: `token_entropy` of softmax(logits / temperature) at each step, 0 after EOS."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,7 +495,11 @@ class EncoderDecoder(nn.Module):
 
     def value(self, memory, src_mask):
         """V(x), one scalar per prompt: (B, S, D), (B, S) -> (B,)."""
-        return self.value_head(memory, src_mask)
+        return self.value_head(mean_pool(memory, src_mask))              # (B,)
+
+    def sinks(self, src, src_mask, special_ids):
+        """(B, S) bool: the prompt positions whose attention counts as sink_share: its special tokens."""
+        return special_mask(src, src_mask, special_ids)
 
     def cross_kv(self, memory):
         """Each decoder layer's cross-attention keys and values, computed once per prompt."""
@@ -599,32 +595,16 @@ class EncoderDecoder(nn.Module):
         caches = [(memory.new_empty(BN, self.cfg.n_heads, max_new_tokens, hd),
                    memory.new_empty(BN, self.cfg.n_heads, max_new_tokens, hd)) for _ in self.decoder]
         y = torch.full((BN, 1), bos_id, dtype=torch.long, device=dev)      # decoder input at step t
-        done = torch.zeros(BN, dtype=torch.bool, device=dev)
-        tokens, logprobs, masks, maps, certainty, entropy = [], [], [], [], [], []
+        steps = Steps(BN, dev, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator,
+                      eos_id=eos_id, pad_id=pad_id, record=record_attention)
         for t in range(max_new_tokens):
             logits, abar = self._decode(y, cross_kv, src_mask, "mean" if record_attention else None,
                                         caches=caches, pos=t)
-            logits = logits[:, -1].float() / temperature                   # (BN, V)
-            nxt = logits.argmax(-1) if greedy else sample_next(logits, top_k, top_p, generator)   # (BN,)
-            live = ~done
-            nxt = torch.where(live, nxt, torch.full_like(nxt, pad_id))
-            # log softmax(logits)[nxt] over the whole vocabulary, without a (BN, V) log-softmax tensor.
-            lp = logits.gather(-1, nxt[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)   # (BN,)
-            tokens.append(nxt)
-            logprobs.append(torch.where(live, lp, torch.zeros_like(lp)))
-            masks.append(live)
-            certainty.append(token_self_certainty(logits) * live)         # (BN,): one number per token, never
-            entropy.append(token_entropy(logits) * live)                  # a (BN, T, V) tensor kept
-            if record_attention:
-                maps.append(abar[:, -1] * live[:, None])                  # (BN, S)
-            done = done | (nxt == eos_id)
-            if bool(done.all()):
+            nxt = steps.step(logits[:, -1], abar[:, -1] if record_attention else None)   # (BN,)
+            if steps.finished():
                 break
             y = nxt[:, None]
-        return Rollout(tokens=torch.stack(tokens, 1), logprobs=torch.stack(logprobs, 1),
-                       mask=torch.stack(masks, 1),
-                       attn=torch.stack(maps, 1) if record_attention else None,
-                       certainty=torch.stack(certainty, 1), entropy=torch.stack(entropy, 1))
+        return steps.rollout()
 
 
 def token_logprobs(logits, targets, temperature=1.0):
@@ -633,23 +613,6 @@ def token_logprobs(logits, targets, temperature=1.0):
     The same quantity the sampler records (DECISIONS.md §3), so on the sampled tokens the first PPO epoch's
     ratio is exactly 1."""
     return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
-def token_self_certainty(logits):
-    """Self-certainty of one next-token distribution (Intuitor, arXiv 2505.19590): KL(U || softmax(z))
-    = logsumexp(z) - mean_j z_j - log V, in nats; 0 for a uniform distribution, large when peaked.
-    z: the full-vocabulary logits / temperature, never truncated or -inf (T5's padded vocabulary rows
-    are ordinary logits). (..., V) -> (...)."""
-    z = logits.float()
-    return torch.logsumexp(z, -1) - z.mean(-1) - math.log(z.size(-1))
-
-
-def token_entropy(logits):
-    """Entropy H(softmax(z)) = logsumexp(z) - sum_j p_j z_j of one next-token distribution, in nats
-    (EM-RL, arXiv 2505.15134, minimises it). z: logits / temperature, as in `token_self_certainty`.
-    (..., V) -> (...)."""
-    z = logits.float()
-    return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
 
 
 def count_params(cfg: ModelConfig) -> int:

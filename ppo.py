@@ -289,12 +289,6 @@ class Experience:
     terms: dict                  # reward terms per candidate, each (B*N,)
 
 
-def special_mask(src, src_mask, special_ids):
-    """(B, S) bool: the prompt's special tokens (data.Specials.special: EOS, UNK, T5's sentinels, ...),
-    the usual attention sinks."""
-    return torch.isin(src, torch.tensor(special_ids, device=src.device)) & src_mask
-
-
 def decoder_input(tokens, start_id: int):
     """[start] + y[:-1]: the teacher-forced decoder input that predicts `tokens` (start: BOS, or pad
     for T5; data.Specials.start). (B, T) -> (B, T)."""
@@ -321,8 +315,10 @@ def sample_and_score(model, src, src_mask, salient: SalientTokens, reward_cfg: R
     t1 = time.time()
     rep = lambda x: x.repeat_interleave(N, dim=0)                              # (B, S) -> (B*N, S)
     terms = compute_reward(rollout.attn, rollout.tokens, rollout.mask, rep(salient(src, src_mask, reward_cfg)),
-                           reward_cfg, special=rep(special_mask(src, src_mask, sp.special)), prompt_mask=rep(src_mask))
+                           reward_cfg, special=rep(model.sinks(src, src_mask, sp.special)), prompt_mask=rep(src_mask))
     terms["length"] = rollout.mask.sum(-1).float()
+    # The attention on the prompt before Abar is renormalised over it: 1 for cross-attention (DECISIONS.md §10).
+    terms["prompt_share"] = masked(rollout.prompt_share, rollout.mask).sum(-1) / rollout.mask.sum(-1).clamp(min=1)
     if reward_fn is not None:
         terms["attention_reward"] = terms["reward"]
         terms["reward"] = reward_fn(src, src_mask, rollout, dict(terms))

@@ -1,4 +1,7 @@
-"""How one token is drawn from a decoding step's logits, for `EncoderDecoder.sample` (model.py).
+"""How one token is drawn from a decoding step's logits, and what a rollout records of each step: the
+samplers of both policies (`EncoderDecoder.sample` in model.py, `DecoderOnly.sample` in decoder.py)
+hand their step's logits to one `Steps`, which draws, keeps the per-token log-probability,
+self-certainty, entropy and attention, and stops rows at EOS, and returns the `Rollout`.
 
 RL draws from the full softmax at its temperature (DECISIONS.md §3); `--stage sample` and display
 may truncate it first with top-k or nucleus (top-p) sampling (§5 names "top-k or nucleus sampling").
@@ -9,6 +12,7 @@ numbers per row for a large vocabulary.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -74,3 +78,87 @@ def filter_logits(logits, top_k=None, top_p=None):
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+# --------------------------------------------------------------------------------------------
+# What one rollout records (§5): the same for every policy.
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """What a policy's `sample` returns for B prompts x N samples (rows b*N .. b*N+N-1)."""
+    tokens: torch.Tensor
+    """(B*N, T) long: the sampled response, EOS included, PAD after it."""
+    logprobs: torch.Tensor
+    """(B*N, T) float: log pi(y_t | x, y_<t) under softmax(logits / temperature), 0 after EOS."""
+    mask: torch.Tensor
+    """(B*N, T) bool: True on the response's tokens up to and including EOS."""
+    attn: torch.Tensor | None
+    """(B*N, T, S) float: Abar recorded while decoding (§3.2), 0 after EOS and on prompt padding."""
+    certainty: torch.Tensor | None = None
+    """(B*N, T) float: `token_self_certainty` of softmax(logits / temperature) at each step, 0 after EOS."""
+    entropy: torch.Tensor | None = None
+    """(B*N, T) float: `token_entropy` of softmax(logits / temperature) at each step, 0 after EOS."""
+    prompt_share: torch.Tensor | None = None
+    """(B*N, T) float: the share of the recorded attention that lay on the prompt before Abar was
+    renormalised over it (DECISIONS.md §10): 1 for cross-attention, which sees only the prompt; 0 after EOS."""
+
+
+def token_self_certainty(logits):
+    """Self-certainty of one next-token distribution (Intuitor, arXiv 2505.19590): KL(U || softmax(z))
+    = logsumexp(z) - mean_j z_j - log V, in nats; 0 for a uniform distribution, large when peaked.
+    z: the full-vocabulary logits / temperature, never truncated or -inf (T5's padded vocabulary rows
+    are ordinary logits). (..., V) -> (...)."""
+    z = logits.float()
+    return torch.logsumexp(z, -1) - z.mean(-1) - math.log(z.size(-1))
+
+
+def token_entropy(logits):
+    """Entropy H(softmax(z)) = logsumexp(z) - sum_j p_j z_j of one next-token distribution, in nats
+    (EM-RL, arXiv 2505.15134, minimises it). z: logits / temperature, as in `token_self_certainty`.
+    (..., V) -> (...)."""
+    z = logits.float()
+    return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+
+
+class Steps:
+    """The bookkeeping of one KV-cached rollout of BN rows, step by step. `step(logits, abar, share)`
+    draws the next token of every row from the step's logits (greedy: the argmax; else
+    `sample_next` with top_k / top_p), records log softmax(logits / temperature) of it over the whole
+    vocabulary (DECISIONS.md §3), its self-certainty and entropy, the step's Abar (BN, S) and prompt
+    share (BN,), and marks rows done at EOS; rows already done get pad and zeros. `rollout()` stacks
+    them into a `Rollout`."""
+
+    def __init__(self, BN, device, *, temperature, top_k, top_p, greedy, generator, eos_id, pad_id, record):
+        self.temperature, self.top_k, self.top_p, self.greedy = temperature, top_k, top_p, greedy
+        self.generator, self.eos_id, self.pad_id, self.record = generator, eos_id, pad_id, record
+        self.done = torch.zeros(BN, dtype=torch.bool, device=device)
+        self.lists = {k: [] for k in ("tokens", "logprobs", "mask", "attn", "certainty", "entropy", "prompt_share")}
+
+    def step(self, logits, abar=None, share=None):
+        """logits (BN, V) of this step; abar (BN, S) when recording; share (BN,) or None (= 1).
+        Returns the next input (BN,): the drawn tokens, pad on finished rows."""
+        logits = logits.float() / self.temperature                           # (BN, V)
+        nxt = logits.argmax(-1) if self.greedy else sample_next(logits, self.top_k, self.top_p, self.generator)
+        live = ~self.done
+        nxt = torch.where(live, nxt, torch.full_like(nxt, self.pad_id))
+        # log softmax(logits)[nxt] over the whole vocabulary, without a (BN, V) log-softmax tensor.
+        lp = logits.gather(-1, nxt[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)   # (BN,)
+        keep = self.lists
+        keep["tokens"].append(nxt)
+        keep["logprobs"].append(torch.where(live, lp, torch.zeros_like(lp)))
+        keep["mask"].append(live)
+        keep["certainty"].append(token_self_certainty(logits) * live)       # (BN,): one number per token, never
+        keep["entropy"].append(token_entropy(logits) * live)                # a (BN, T, V) tensor kept
+        keep["prompt_share"].append(live.float() if share is None else share.float() * live)
+        if self.record:
+            keep["attn"].append(abar * live[:, None])                       # (BN, S)
+        self.done = self.done | (nxt == self.eos_id)
+        return nxt
+
+    def finished(self) -> bool:
+        return bool(self.done.all())
+
+    def rollout(self) -> Rollout:
+        out = {k: torch.stack(v, 1) if v else None for k, v in self.lists.items()}   # each (BN, T) or (BN, T, S)
+        return Rollout(**out)

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import data
+import model
 import ppo
 from checks import ConfigError
 from model import EncoderDecoder, ModelConfig
@@ -202,7 +203,7 @@ def test_reward_is_computed_on_the_attention_the_policy_really_had():
     # The prompt's special tokens are its EOS at position 3 (src holds no other id below 4; pads are masked).
     special = torch.zeros_like(experience.src_mask)
     special[:, 3] = True
-    assert torch.equal(ppo.special_mask(experience.src, experience.src_mask, SP.special), special)
+    assert torch.equal(model.special_mask(experience.src, experience.src_mask, SP.special), special)
     # A fresh teacher-forced pass over the sampled responses gives the same Abar, hence the same reward.
     _, abar = policy(experience.src, experience.src_mask, tgt_in, num_samples=3, record="mean", tgt_mask=experience.mask)
     rep = lambda x: x.repeat_interleave(3, 0)

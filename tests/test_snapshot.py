@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 import data
 import ppo
-from model import EncoderDecoder, ModelConfig
+from model import EncoderDecoder, ModelConfig, special_mask
 from reward import RewardConfig, SalientTokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ def test_an_rl_step_with_special_ids_that_are_not_0_1_2(qa_texts):
     ended = experience.mask.sum(1) < experience.mask.size(1)                       # rows that stopped before the last step
     last = experience.tokens.gather(1, (experience.mask.sum(1, keepdim=True) - 1)).squeeze(1)
     assert (last[ended] == sp.eos).all()
-    sinks = ppo.special_mask(src, src_mask, sp.special)
+    sinks = special_mask(src, src_mask, sp.special)
     assert torch.equal(sinks, src_mask & ((src == sp.eos) | (src == tok.token_to_id("<unk>"))))
     with torch.no_grad():
         logits, _ = model(src, src_mask, experience.tgt_in, num_samples=2)
