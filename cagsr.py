@@ -29,6 +29,7 @@ import runs
 import settings
 import stages
 import table1
+from decoder import ARCHS, DECODER_SIZES
 from model import SIZES
 from reward import RewardConfig
 from sft import SFT_DEFAULTS
@@ -60,6 +61,10 @@ def build_parser() -> Parser:
                            "cross-attention. Defaults that depend on the preset are given per size.")
     g = p.add_argument_group("run")
     g.add_argument("--size", default=None, help=f"model preset: {', '.join(SIZES)} (default: tiny, or the --init checkpoint's)")
+    g.add_argument("--arch", default=None, choices=ARCHS,
+                   help="the policy: encoder-decoder (the paper's §7.2 model, model.py) or decoder (decoder-only, §3.1's "
+                        f"other configuration, decoder.py; sizes {', '.join(DECODER_SIZES)}) (default: encoder-decoder, "
+                        "or what --init holds)")
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one ModelConfig field of the preset (repeatable); printed at start")
     g.add_argument("--last-layers", type=int, default=None,
@@ -67,8 +72,9 @@ def build_parser() -> Parser:
     g.add_argument("--dataset", default=None,
                    help=f"one of {', '.join(data.DATASETS)}, or a PATH.jsonl with prompt/response fields "
                         "(default: qa-grounded, or the --init checkpoint's; instruct for --experiment)")
-    g.add_argument("--stage", default="all", choices=["all", "sft", "rl", "sample", "eval"],
-                   help="all = SFT then RL; rl/sample/eval start from --init (default: all)")
+    g.add_argument("--stage", default="all", choices=["all", "sft", "rl", "sample", "eval", "export"],
+                   help="all = SFT then RL; rl/sample/eval start from --init; export writes --init as a Hugging Face "
+                        "directory --out that transformers loads (T5, Llama, Qwen2 layouts) (default: all)")
     g.add_argument("--init", default=None, metavar="CKPT|DIR",
                    help="a checkpoint to start the stage from, or a local Hugging Face T5 snapshot directory "
                         "(config.json, weights, tokenizer.json; size 'pretrained')")
@@ -171,6 +177,8 @@ def dispatch(run, device, world: int, t_start: float) -> int:
         return 0
     if run.stage == "experiment":
         return (reward_study.run_rewards if run.experiment.name == "rewards" else table1.run_table1)(run, device)
+    if run.stage == "export":
+        return stages.export_stage(run)
     if run.stage == "sample":
         runs.seed_everything(run.seed)
         return stages.sample_stage(run, device)

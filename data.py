@@ -212,7 +212,7 @@ def check_held_out(splits: Splits, tok: Tokenizer, max_prompt_len: int, max_resp
     held-out split left out)."""
     sp = specials(tok)
     fits = lambda r: (len(encode(tok, r["prompt"], sp)) <= max_prompt_len
-                      and len(encode(tok, r["response"], sp)) <= max_response_len)
+                      and len(encode(tok, r["response"], sp, response=True)) <= max_response_len)
     kept = {}
     for name in ("val", "test"):
         records = getattr(splits, name)
@@ -272,9 +272,12 @@ class Specials:
 
 
 def specials(tok: Tokenizer) -> Specials:
-    """The special ids of `tok`: a tokenizer trained here (<pad> <bos> <eos> <unk>) or a T5-family
-    one (<pad>, </s>, the decoder starting from pad). Every token the tokenizer marks special is in
-    `special`. ValueError if it has no pad or EOS token."""
+    """The special ids of `tok`: the ones a Llama/Qwen2 snapshot's config.json gave it
+    (`snapshot_tokenizer`, kept in checkpoints), else by name: a tokenizer trained here (<pad> <bos>
+    <eos> <unk>) or a T5-family one (<pad>, </s>, the decoder starting from pad). Every token the
+    tokenizer marks special is in `special`. ValueError if it has no pad or EOS token."""
+    if getattr(tok, "cagsr_specials", None) is not None:
+        return tok.cagsr_specials
     pad = tok.token_to_id(PAD)
     eos = tok.token_to_id(EOS) if tok.token_to_id(EOS) is not None else tok.token_to_id(T5_EOS)
     if pad is None or eos is None:
@@ -311,10 +314,20 @@ def tokenizer_to_str(tok: Tokenizer) -> str:
     return tok.to_str()
 
 
-def tokenizer_from_str(s: str) -> Tokenizer:
-    """Inverse of ``tokenizer_to_str``."""
+def tokenizer_from_str(s: str, stored_specials: dict | None = None) -> Tokenizer:
+    """Inverse of ``tokenizer_to_str``. stored_specials: a checkpoint's `specials`, kept with the
+    tokenizer when they are not the ones its token names give (a Llama/Qwen2 snapshot's, from its
+    config.json)."""
     tok = Tokenizer.from_str(s)
     tok.encode_special_tokens = True  # not part of the JSON, so set it again
+    if stored_specials is not None:
+        stored = Specials(**{**stored_specials, "special": tuple(stored_specials["special"])})
+        try:
+            by_name = specials(tok)
+        except ValueError:
+            by_name = None
+        if stored != by_name:
+            tok.cagsr_specials = stored
     return tok
 
 
@@ -337,8 +350,43 @@ def snapshot_tokenizer(path) -> Tokenizer:
     tok.no_truncation()
     tok.no_padding()
     tok.encode_special_tokens = True
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            hf_config = json.loads(config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{config}: not valid JSON ({e}); the snapshot is damaged, copy it again") from None
+        if isinstance(hf_config, dict) and hf_config.get("model_type") in DECODER_ONLY_TYPES:
+            tok.cagsr_specials = config_specials(tok, hf_config, config)
     specials(tok)                     # a tokenizer without pad or EOS is refused here, before any work
     return tok
+
+
+DECODER_ONLY_TYPES = ("llama", "qwen2")
+"""Snapshot model_types whose special ids come from config.json: their token names vary (</s>,
+<|end_of_text|>, <|endoftext|>, <|im_end|>), and Llama has no pad token."""
+
+
+def config_specials(tok: Tokenizer, hf_config: dict, where) -> Specials:
+    """The special ids of a Llama/Qwen2 snapshot (DECISIONS.md §10): EOS is config.json's
+    eos_token_id (the first, when it lists several); pad its pad_token_id, else EOS (Llama has none:
+    padding is never attended to, so any id does); start is the BOS the tokenizer puts in front of a
+    prompt, when it does (Llama), else pad (Qwen2 has no BOS). A decoder-only model never reads start:
+    its first response token comes from the prompt's last position."""
+    def one(key):
+        v = hf_config.get(key)
+        return v[0] if isinstance(v, list) and v else v
+    eos = one("eos_token_id")
+    if not isinstance(eos, int) or not 0 <= eos < tok.get_vocab_size(with_added_tokens=True):
+        raise ValueError(f"{where}: eos_token_id {hf_config.get('eos_token_id')!r} is not a token of its tokenizer.json; "
+                         f"cagsr needs the end-of-sequence id of this snapshot")
+    pad = one("pad_token_id")
+    pad = pad if isinstance(pad, int) else eos
+    bos = one("bos_token_id")
+    probe = tok.encode("a").ids
+    start = bos if isinstance(bos, int) and probe[:1] == [bos] else pad
+    marked = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    return Specials(pad, start, eos, tuple(sorted(marked | {pad, start, eos})), probe[-1:] == [eos])
 
 
 def token_texts(tok: Tokenizer) -> list[str]:
@@ -372,12 +420,15 @@ def idf(prompt_ids: list[list[int]], vocab_size: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ encoding, batches
-def encode(tok: Tokenizer, text: str, sp: Specials | None = None) -> list[int]:
+def encode(tok: Tokenizer, text: str, sp: Specials | None = None, response: bool = False) -> list[int]:
     """Token ids ending in one EOS, for a prompt (T5-style: the encoder sees no BOS) or a response
-    (the decoder is fed ``[start] + ids[:-1]``, see ``collate``). A tokenizer that appends EOS
-    itself (T5) is not given a second one. sp: `specials(tok)`, read again when not given."""
+    (the decoder is fed ``[start] + ids[:-1]``, see ``collate``). A prompt is what the tokenizer's
+    post-processor makes of it (a Llama tokenizer's BOS first), ending in EOS: the same for both
+    architectures (DECISIONS.md §10). A response skips the post-processor (no BOS in the middle of a
+    decoder-only sequence). A tokenizer that appends EOS itself (T5) is not given a second one.
+    sp: `specials(tok)`, read again when not given."""
     sp = sp or specials(tok)
-    ids = tok.encode(text).ids
+    ids = tok.encode(text, add_special_tokens=not response).ids
     return ids if sp.appends_eos and ids[-1:] == [sp.eos] else ids + [sp.eos]
 
 
@@ -402,7 +453,7 @@ def encode_records(tok: Tokenizer, records: list[dict], max_prompt_len: int,
     for idx, r in enumerate(records):
         pair = []
         for key, limit, field in (("prompt", max_prompt_len, "max_src_len"), ("response", max_response_len, "max_tgt_len")):
-            ids = encode(tok, r[key], sp)
+            ids = encode(tok, r[key], sp, response=key == "response")
             if len(ids) > limit:
                 if not truncate:
                     raise DataError(f"{record_where(r, idx)}: {key} is {len(ids)} tokens (with EOS), over the model's {field} "

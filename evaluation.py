@@ -146,9 +146,19 @@ class PairScorer(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_policy(cls, policy: "EncoderDecoder") -> "PairScorer":
-        """A scorer with the policy's embeddings, positions and encoder layers copied (not shared)."""
-        scorer = cls(policy.cfg).to(next(policy.parameters()).device)
+    def from_policy(cls, policy) -> "PairScorer":
+        """A scorer with the policy's embeddings, positions and encoder layers copied (not shared). A
+        decoder-only policy (decoder.py) has no encoder or position tables: its scorer has the policy's
+        width, heads and lengths, 2 fresh encoder layers, and only its token embeddings copied."""
+        device = next(policy.parameters()).device
+        if not isinstance(policy.cfg, ModelConfig):
+            c = policy.cfg
+            scorer = cls(ModelConfig(vocab_size=c.vocab_size, d_model=c.d_model, n_heads=c.n_heads, n_enc_layers=2,
+                                     n_dec_layers=1, d_ff=4 * c.d_model, max_src_len=c.max_src_len,
+                                     max_tgt_len=c.max_tgt_len)).to(device)
+            scorer.tok_emb.load_state_dict(policy.tok_emb.state_dict())
+            return scorer
+        scorer = cls(policy.cfg).to(device)
         scorer.tok_emb.load_state_dict(policy.tok_emb.state_dict())
         scorer.src_pos.load_state_dict(policy.enc_pos.state_dict())
         scorer.resp_pos.load_state_dict(policy.dec_pos.state_dict())
@@ -346,10 +356,10 @@ def candidates(model, tok, prompts, salient, reward_cfg, ppo_cfg, device, num_sa
 def format_candidate(text, t) -> str:
     """One candidate with its reward and the terms R is made of (§3.2)."""
     return (f"R {t['reward']:+.3f} (coverage {t['coverage']:.3f}, focus {t['focus']:+.3f}, repeat {t['repeat']:.3f}) "
-            f"| sink {t['sink_share']:.2f} | {text}")
+            f"| sink {t['sink_share']:.2f} prompt {t['prompt_share']:.2f} | {text}")
 
 
-REPORT_KEYS = ("reward", "coverage", "focus", "repeat", "sink_share", "length", "exact_match", "rouge_l", "correct",
+REPORT_KEYS = ("reward", "coverage", "focus", "repeat", "sink_share", "prompt_share", "length", "exact_match", "rouge_l", "correct",
                "sampled_correct", "pass_at_n")
 
 

@@ -24,7 +24,8 @@ import evaluation
 import ppo
 import runs
 from evaluation import PairScorer
-from model import SIZES, EncoderDecoder, config_for
+from decoder import build_policy, policy_config
+from model import config_for
 from reward import SalientTokens
 from sft import SFTConfig, train_sft
 
@@ -92,7 +93,19 @@ def work_dir(run, kind: str) -> Path:
     experiment = run.experiment
     if experiment.work_dir:
         return Path(experiment.work_dir)
-    return Path("runs") / f"{kind}-{data.dataset_name(run.dataset)}-{run.size}"
+    return Path("runs") / f"{kind}-{label(run.dataset, run.arch)}-{run.size}"
+
+
+def label(dataset: str, arch: str) -> str:
+    """The dataset's name, and "-decoder" for the decoder-only policy: the tables' and work
+    directories' names (the encoder-decoder's keep theirs)."""
+    return data.dataset_name(dataset) + ("-decoder" if arch == "decoder" else "")
+
+
+def arch_setting(run) -> dict:
+    """{"arch": "decoder"} for a decoder-only experiment, for its settings.json; nothing for the
+    encoder-decoder, so work directories written before there was a choice stay valid."""
+    return {"arch": run.arch} if run.arch == "decoder" else {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,8 +166,8 @@ def shared_setup(run, work: Path, settings: dict, device) -> Shared:
     if tok_path.exists():
         tok = data.tokenizer_from_str(tok_path.read_text())
     else:
-        tok = data.train_tokenizer(list(data.record_texts(splits.train)), SIZES[size]["vocab_size"])
-    cfg = config_for(size, vocab_size=tok.get_vocab_size())
+        tok = data.train_tokenizer(list(data.record_texts(splits.train)), policy_config(run.arch, size).vocab_size)
+    cfg = policy_config(run.arch, size, vocab_size=tok.get_vocab_size())
     try:
         train_pairs = data.encode_records(tok, splits.train, cfg.max_src_len, cfg.max_tgt_len)
         sft_pairs = data.noisy_sft_pairs(tok, splits.train, train_pairs, run.sft_noise, run.seed, dataset,
@@ -169,7 +182,7 @@ def shared_setup(run, work: Path, settings: dict, device) -> Shared:
         runs.write_text(tok_path, data.tokenizer_to_str(tok))
     salient = SalientTokens.build(tok, [p for p, _ in train_pairs])
     classifier, clf_stats = relevance_classifier(work, tok, splits, cfg, settings, device)
-    return Shared(data.dataset_name(dataset), splits, tok, cfg, train_pairs, sft_pairs, salient, classifier, clf_stats)
+    return Shared(label(dataset, run.arch), splits, tok, cfg, train_pairs, sft_pairs, salient, classifier, clf_stats)
 
 
 def seed_sft(seed, sd: Path, settings, cfg, tok, splits, sft_pairs, salient, device) -> tuple[dict, float]:
@@ -182,7 +195,7 @@ def seed_sft(seed, sd: Path, settings, cfg, tok, splits, sft_pairs, salient, dev
         print(f"seed {seed} | SFT: done earlier ({sft_seconds:.0f} s)")
         return runs.load_checkpoint(sft_path, device)[0].state_dict(), sft_seconds
     runs.seed_everything(seed)
-    model = EncoderDecoder(cfg).to(device)
+    model = build_policy(cfg).to(device)
     t0 = time.time()
     print(f"seed {seed} | SFT: {settings['sft_steps']} steps x {settings['sft_batch_size']}, lr {settings['sft_lr']}")
     sft_cfg = SFTConfig(steps=settings["sft_steps"], batch_size=settings["sft_batch_size"], lr=settings["sft_lr"],

@@ -36,7 +36,7 @@ import ppo
 import runs
 import stats
 from evaluation import PairScorer
-from experiments import (device_line, rl_profile, save_figure, seed_sft, seeds_in_workers, shared_setup, work_dir,
+from experiments import (arch_setting, device_line, rl_profile, save_figure, seed_sft, seeds_in_workers, shared_setup, work_dir,
                          write_json)
 from reward import RewardConfig
 
@@ -86,7 +86,8 @@ def study_settings(run) -> dict:
                 iterations=run.iterations, num_eval=run.num_eval, eval_every=run.eval_every,
                 eval_prompts=run.eval_prompts, ppo=asdict(run.ppo), reward=asdict(run.reward),
                 rm=dict(human_steps=experiment.rm_steps, human_prompts=experiment.human_prompts, label_noise=0.1),
-                hybrid_weight=experiment.hybrid_weight, relevance_steps=experiment.relevance_steps)
+                hybrid_weight=experiment.hybrid_weight, relevance_steps=experiment.relevance_steps,
+                **arch_setting(run))
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,7 +319,8 @@ def markdown(result: dict) -> str:
              f"**HEADROOM CHECK FAILED: THIS COMPARISON CANNOT SHOW ANYTHING.** The oracle row changes {correct} by "
              f"{h['diff']:+.3f} [{h['lo']:+.3f}, {h['hi']:+.3f}] (95% paired bootstrap): even a reward that reads "
              f"the answer does not beat SFT here, so no row's failure to do so is evidence against its reward.")
-    lines = [f"# Which internal reward? `{s['dataset']}` ({s['size']} preset, {len(result['seeds'])} seeds)", "",
+    policy = "decoder-only " if s.get("arch") == "decoder" else ""
+    lines = [f"# Which internal reward? `{s['dataset']}` ({s['size']} {policy}preset, {len(result['seeds'])} seeds)", "",
              f"Written by `{result['command']}` on {result['device']}; this call took {result['last_call_minutes']:.1f} min. "
              f"Compute: {result['compute_minutes']:.1f} min in all (rows reused from an earlier call count at their original cost).", "", check, "",
              "## Test metrics (greedy answers)", "",

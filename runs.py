@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import data
 import parallel
 from checks import ConfigError
-from model import EncoderDecoder, ModelConfig
+from decoder import build_policy, config_from_dict
 from snapshot import config_from_hf, from_pretrained, load_hf_config
 
 
@@ -186,15 +186,15 @@ def peek_checkpoint(path, flag: str = "") -> dict:
     return _read(path, flag, map_location="cpu", mmap=True)
 
 
-def policy_from_state(state: dict, cfg: ModelConfig, device, frozen: bool = False) -> EncoderDecoder:
-    """An EncoderDecoder of `cfg` holding the weights `state`; frozen: in eval mode without gradients
-    (the reference policy of the KL penalty)."""
-    model = EncoderDecoder(cfg).to(device)
+def policy_from_state(state: dict, cfg, device, frozen: bool = False):
+    """The policy of `cfg` (an EncoderDecoder, or a DecoderOnly for a DecoderConfig) holding the
+    weights `state`; frozen: in eval mode without gradients (the reference policy of the KL penalty)."""
+    model = build_policy(cfg).to(device)
     model.load_state_dict(state)
     return model.eval().requires_grad_(False) if frozen else model
 
 
-def rl_start(policy: EncoderDecoder, sft_state: dict, lr: float, device, optimizer_state: dict | None = None):
+def rl_start(policy, sft_state: dict, lr: float, device, optimizer_state: dict | None = None):
     """What RL from an SFT state needs beside the policy (§7.2): the frozen SFT policy (the KL
     penalty's reference, and the metrics' baseline) and Adam on the policy, with a resumed optimizer
     state when given. Returns (reference policy, optimizer)."""
@@ -208,11 +208,12 @@ def rl_start(policy: EncoderDecoder, sft_state: dict, lr: float, device, optimiz
 def load_checkpoint(path, device="cpu", flag: str = ""):
     """(model, tokenizer, checkpoint dict) from a file written by `save_checkpoint`."""
     ckpt = _read(path, flag, map_location=device)
-    model = policy_from_state(ckpt["model"], ModelConfig(**ckpt["model_config"]), device)
-    tok = data.tokenizer_from_str(ckpt["tokenizer"])
-    if "specials" in ckpt and data.Specials(**ckpt["specials"]) != data.specials(tok):
-        raise UsageError(f"{flag} {path}: its stored special ids {ckpt['specials']} are not its tokenizer's; the "
-                         f"file was changed after cagsr.py wrote it")
+    model = policy_from_state(ckpt["model"], config_from_dict(ckpt["model_config"]), device)
+    tok = data.tokenizer_from_str(ckpt["tokenizer"], ckpt.get("specials"))
+    try:
+        data.specials(tok)
+    except ValueError as e:
+        raise UsageError(f"{flag} {path}: {e}; the file was changed after cagsr.py wrote it") from None
     return model, tok, ckpt
 
 
@@ -230,8 +231,17 @@ def is_snapshot(path) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
-def snapshot_config(path, overrides: dict, flag: str = "--init") -> ModelConfig:
-    """The ModelConfig of a snapshot from its config.json alone (no weights read), `overrides` on top."""
+def snapshot_arch(path, flag: str = "--init") -> str:
+    """"decoder" for a Llama/Qwen2 snapshot, else "encoder-decoder" (by its config.json's model_type)."""
+    try:
+        model_type = load_hf_config(path).get("model_type")
+    except ValueError as e:
+        raise UsageError(f"{flag} {path}: {e}") from None
+    return "decoder" if model_type in data.DECODER_ONLY_TYPES else "encoder-decoder"
+
+
+def snapshot_config(path, overrides: dict, flag: str = "--init"):
+    """The model config (ModelConfig or DecoderConfig) of a snapshot from its config.json alone (no weights read), `overrides` on top."""
     try:
         return config_from_hf(load_hf_config(path), **overrides)
     except ConfigError:
@@ -242,7 +252,7 @@ def snapshot_config(path, overrides: dict, flag: str = "--init") -> ModelConfig:
 
 def peek_init(path, flag: str = "--init", overrides: dict | None = None, tokenizer: bool = True) -> dict:
     """What `--init` names, checked without reading weights: a checkpoint file's fields (peeked), or for
-    a snapshot {"size": "pretrained", "dataset": None, "snapshot_config": ModelConfig} after reading its
+    a snapshot {"size": "pretrained", "dataset": None, "snapshot_config": ModelConfig or DecoderConfig} after reading its
     config.json and, when `tokenizer`, its tokenizer.json."""
     if not is_snapshot(path):
         return peek_checkpoint(path, flag)
@@ -257,7 +267,7 @@ def peek_init(path, flag: str = "--init", overrides: dict | None = None, tokeniz
 
 def load_init(path, device, flag: str = "--init", overrides: dict | None = None):
     """(model, tokenizer, checkpoint dict) of `--init`: a checkpoint file (`load_checkpoint`), or a
-    snapshot: its weights through `snapshot.from_pretrained` (ModelConfig `overrides` on top, e.g.
+    snapshot: its weights through `snapshot.from_pretrained` (config `overrides` on top, e.g.
     last_layers), its tokenizer.json, a fresh value head, and no IDF table yet (idf None)."""
     if not is_snapshot(path):
         return load_checkpoint(path, device, flag)

@@ -28,8 +28,9 @@ import runs
 import table1
 from checks import AT_LEAST_1, NON_NEGATIVE, SHARE, ConfigError, check_values
 from data import DATASETS, dataset_name
-from experiments import ExperimentConfig
-from model import SIZES, ModelConfig, config_for, count_params
+from experiments import ExperimentConfig, label
+from decoder import DECODER_SIZES, DecoderConfig, count_policy_params, policy_config
+from model import SIZES, ModelConfig
 from reward import RewardConfig
 from runs import UsageError
 from sft import SFTConfig, sft_config
@@ -59,7 +60,8 @@ class Run:
     command: str
     args: dict                       # the settings as args.json and the checkpoints record them
     init: str | None = None          # a checkpoint file, or a snapshot directory (size "pretrained")
-    model_config: ModelConfig | None = None   # a snapshot's, from its config.json and --set (for --dry-run)
+    model_config: ModelConfig | DecoderConfig | None = None   # a snapshot's, from its config.json and --set (--dry-run)
+    arch: str = "encoder-decoder"    # the policy: "encoder-decoder" (model.py) or "decoder" (decoder.py)
     resume: str | None = None        # the run directory of --resume
     resume_from: Path | None = None  # its last checkpoint (None: it wrote none yet)
     model_overrides: dict = field(default_factory=dict)
@@ -141,18 +143,19 @@ SET_TYPES = {"int": (int, "an integer"), "float": (float, "a number"), "str": (s
              "bool": (_bool, "true or false"), "int | None": (_optional(int), "an integer or none")}
 
 
-def parse_overrides(items: list[str]) -> dict:
+def parse_overrides(items: list[str], cls=ModelConfig) -> dict:
     """`--set d_model=64 --set ffn=gated-gelu --set tie_head=false` -> {"d_model": 64, ...}, each value
-    typed by its ModelConfig field (int, float, word, true/false, or none where None is allowed);
-    ModelConfig itself then checks the values (settings.flag_errors names the flag)."""
-    types = {f.name: f.type for f in fields(ModelConfig)}
+    typed by its field of `cls` (ModelConfig, or DecoderConfig for --arch decoder: int, float, word,
+    true/false, or none where None is allowed); the config itself then checks the values
+    (settings.flag_errors names the flag)."""
+    types = {f.name: f.type for f in fields(cls) if f.type in SET_TYPES}
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"--set expects FIELD=VALUE, got {item!r}")
         if key not in types:
-            raise UsageError(f"--set: unknown ModelConfig field {key!r}; valid fields: {', '.join(sorted(types))}")
+            raise UsageError(f"--set: unknown {cls.__name__} field {key!r}; valid fields: {', '.join(sorted(types))}")
         kind, what = SET_TYPES[types[key]]
         try:
             out[key] = kind(value)
@@ -208,9 +211,11 @@ def check_flags(rule, **values) -> None:
 
 
 def _check_stage(args) -> None:
-    if args.stage in ("rl", "sample", "eval") and args.init is None:
+    if args.stage in ("rl", "sample", "eval", "export") and args.init is None:
         raise UsageError(f"--stage {args.stage} needs --init CKPT (a checkpoint written by an earlier run, or a "
                          f"Hugging Face snapshot directory)")
+    if args.stage == "export" and args.out is None:
+        raise UsageError("--stage export needs --out DIR, the new directory to write the Hugging Face files into")
     if args.stage == "sample" and not args.prompt:
         raise UsageError('--stage sample needs at least one --prompt "..."')
     if args.stage == "sample" and any(not p.strip() for p in args.prompt):
@@ -231,7 +236,7 @@ def _check_paths(args, dataset: str, experiment: bool) -> None:
             raise UsageError(f"{flag} {path} is a file; give a directory (it is created when missing)")
     if args.out is not None and not experiment:                # the table's work directory is meant to be reused
         runs.check_out(args.out, args.overwrite or args.resume is not None)
-    if experiment or (args.stage in ("all", "sft", "rl") and not args.dry_run):
+    if experiment or (args.stage in ("all", "sft", "rl", "export") and not args.dry_run):
         runs.check_writable("--out", args.out or "runs")
     if experiment:
         runs.check_writable("--results-dir", args.results_dir)
@@ -243,14 +248,14 @@ def _check_paths(args, dataset: str, experiment: bool) -> None:
             raise UsageError(f"--device {args.device}: not a device; use cuda, cuda:N, mps or cpu") from None
 
 
-def result_files(kind: str, results_dir: str, dataset: str) -> list[Path]:
-    """The files `--experiment kind` writes: <results_dir>/<kind>_<dataset>.md, .json and .png."""
-    return [Path(results_dir) / f"{kind}_{dataset_name(dataset)}.{ext}" for ext in ("md", "json", "png")]
+def result_files(kind: str, results_dir: str, dataset: str, arch: str = "encoder-decoder") -> list[Path]:
+    """The files `--experiment kind` writes: <results_dir>/<kind>_<dataset>[-decoder].md, .json and .png."""
+    return [Path(results_dir) / f"{kind}_{label(dataset, arch)}.{ext}" for ext in ("md", "json", "png")]
 
 
 def _check_results(args, dataset: str) -> None:
     """An experiment never replaces result files (the project's committed tables) unless --overwrite."""
-    there = [str(p) for p in result_files(args.experiment, args.results_dir, dataset) if p.exists()]
+    there = [str(p) for p in result_files(args.experiment, args.results_dir, dataset, args.arch) if p.exists()]
     if there and not args.overwrite:
         raise UsageError(f"--experiment {args.experiment} would replace {', '.join(there)}; pass --results-dir DIR "
                          f"to write the tables elsewhere, or --overwrite to replace them")
@@ -300,15 +305,31 @@ def _experiment(args) -> ExperimentConfig:
 
 
 SNAPSHOT_SETTABLE = {"last_layers", "max_src_len", "max_tgt_len", "dropout"}
-"""The ModelConfig fields --set may change on a snapshot: the others would make its weights not fit."""
+"""The config fields (ModelConfig, DecoderConfig) --set may change on a snapshot: the others would make its weights not fit."""
 
 
-def _model(args, resume_from: Path | None) -> tuple[dict, dict | None, str]:
+def _arch(args, resume_from: Path | None) -> str:
+    """The policy's architecture: what --resume's checkpoint or --init (a checkpoint, or a snapshot's
+    config.json) holds; else --arch, else the encoder-decoder. An --arch that contradicts them is refused."""
+    source = resume_from if resume_from is not None else args.init
+    held = None
+    if source is not None and runs.is_snapshot(source):
+        held = runs.snapshot_arch(source)
+    elif source is not None and Path(source).is_file():
+        held = "decoder" if runs.peek_checkpoint(source, "--init").get("model_config", {}).get("arch") == "decoder" \
+            else "encoder-decoder"
+    if held is not None and args.arch is not None and args.arch != held:
+        raise UsageError(f"--arch {args.arch}: {source} holds a{'n' if held[0] == 'e' else ''} {held} model; drop --arch "
+                         f"(a model's architecture is its own)")
+    return held or args.arch or "encoder-decoder"
+
+
+def _model(args, resume_from: Path | None, arch: str) -> tuple[dict, dict | None, str]:
     """The --set/--last-layers overrides, checked against the preset or the snapshot they change; what
     --init names (peeked, weights unread); and the size: --size, the checkpoint's, "pretrained" for a
     snapshot, else tiny. A resumed run's last checkpoint stands for --init (the snapshot or file it
     started from may be gone)."""
-    overrides = parse_overrides(args.set)
+    overrides = parse_overrides(args.set, DecoderConfig if arch == "decoder" else ModelConfig)
     if args.last_layers is not None:
         overrides["last_layers"] = args.last_layers
     if resume_from is not None:                  # the size the run started with, checked against its checkpoint
@@ -334,19 +355,22 @@ def _model(args, resume_from: Path | None) -> tuple[dict, dict | None, str]:
             raise UsageError(f"--set/--last-layers cannot change a model loaded from a checkpoint ({overrides})")
         size = args.size or (init["size"] if init else "tiny")
         if init is None:
-            config_for(size, **overrides)
+            policy_config(arch, size, **overrides)
     return overrides, init, size
 
 
 def resolve(args, command: str, resume_from: Path | None = None) -> Run:
     """The `Run` of these flags, every setting checked. Size and dataset come from the flags, else from
     the --init checkpoint, else the defaults (tiny; qa, or instruct for --experiment table1)."""
-    if args.size is not None and args.size not in SIZES:
-        raise UsageError(f"--size {args.size!r} is not a preset; valid sizes: {', '.join(SIZES)}")
+    arch = _arch(args, resume_from)
+    presets = DECODER_SIZES if arch == "decoder" else SIZES
+    if args.size is not None and args.size not in presets:
+        raise UsageError(f"--size {args.size!r} is not a{' decoder-only' if arch == 'decoder' else ''} preset; valid "
+                         f"sizes: {', '.join(presets)}")
     experiment = _experiment(args) if args.experiment is not None else None
     if experiment is None and not args.dry_run:
         _check_stage(args)
-    overrides, init, size = _model(args, resume_from)
+    overrides, init, size = _model(args, resume_from, arch)
     if init is not None and args.size is not None and args.size != init["size"] and args.resume is None:
         raise UsageError(f"--size {args.size} does not match the --init checkpoint, which is a {init['size']} model")
     dataset = args.dataset or (init and init["dataset"]) or ("instruct" if experiment else "qa-grounded")
@@ -375,7 +399,7 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
                eval_prompts=args.eval_prompts, ckpt_every=args.ckpt_every, prompts=list(args.prompt),
                truncate=args.truncate, device=args.device, precision=args.precision,
                grad_checkpoint=args.grad_checkpoint, compile=args.compile, out=args.out, overwrite=args.overwrite,
-               experiment=experiment, reward_name=args.reward, sft_noise=sft_noise(args, dataset, experiment is not None),
+               experiment=experiment, reward_name=args.reward, arch=arch, sft_noise=sft_noise(args, dataset, experiment is not None),
                hybrid=dict(rm_steps=args.rm_steps, human_prompts=args.human_prompts, weight=args.hybrid_weight))
 
 
@@ -409,7 +433,7 @@ def single_process(run: Run) -> str | None:
     """Why `run` must not run under torchrun, or None when it may."""
     if run.stage in ("experiment", "dry-run"):
         return f"--{run.stage}"
-    return f"--stage {run.stage}" if run.stage in ("sample", "eval") else None
+    return f"--stage {run.stage}" if run.stage in ("sample", "eval", "export") else None
 
 
 def check_device(run: Run, device, world: int) -> None:
@@ -418,7 +442,7 @@ def check_device(run: Run, device, world: int) -> None:
     unless --device cpu asks for it; every process must get an equal share of each batch."""
     by_flag = run.args["size"] in GPU_SIZES and run.stage not in ("dry-run", "experiment")
     by_init = run.init is not None and run.args["size"] is None and run.size in GPU_SIZES and run.stage in ("sft", "rl")
-    big = run.model_config is not None and count_params(run.model_config) > GPU_SNAPSHOT_PARAMS
+    big = run.model_config is not None and count_policy_params(run.model_config) > GPU_SNAPSHOT_PARAMS
     by_snapshot = big and run.stage in ("all", "sft", "rl")
     if run.device is None and device.type == "cpu" and (by_flag or by_init or by_snapshot):
         print_plan(run)
@@ -438,7 +462,7 @@ def check_device(run: Run, device, world: int) -> None:
 def print_plan(run: Run) -> None:
     """The memory plan (snapshot.memory_plan) of the run's model, the preset with --set or a snapshot's
     config.json, for one SFT batch of the run at the model's longest lengths."""
-    cfg = run.model_config or config_for(run.size, **run.model_overrides)
+    cfg = run.model_config or policy_config(run.arch, run.size, **run.model_overrides)
     batch = run.sft.batch_size
     plan = memory_plan(cfg, batch, cfg.max_src_len, cfg.max_tgt_len, act_bytes=2)
     what = f"--init {run.init} (from its config.json)" if run.model_config else f"--size {run.size}"

@@ -22,7 +22,7 @@ import ppo
 import runs
 import settings
 from evaluation import REPORT_KEYS, candidates, evaluate_policy, format_candidate, greedy_scores, print_report
-from model import SIZES, EncoderDecoder, config_for
+from decoder import build_policy, policy_config
 from reward import SalientTokens
 from sft import train_sft
 
@@ -30,7 +30,7 @@ from sft import train_sft
 @dataclass
 class Setup:
     """What the training and evaluation stages start from."""
-    model: EncoderDecoder
+    model: object                   # model.EncoderDecoder or decoder.DecoderOnly
     tok: object
     specials: data.Specials         # the tokenizer's special ids
     idf: torch.Tensor               # (V,) over the training prompts, computed once per run (§3.2)
@@ -77,14 +77,14 @@ def snapshot_idf(run, prompts, vocab_size: int) -> torch.Tensor:
 def new_model(run, splits, device):
     """A preset's fresh model and a tokenizer trained on the training split (rank 0's, under torchrun)."""
     rank, world = parallel.rank_and_world()
-    target = run.model_overrides.get("vocab_size", SIZES[run.size]["vocab_size"])
+    target = run.model_overrides.get("vocab_size", policy_config(run.arch, run.size).vocab_size)
     tok = data.train_tokenizer(list(data.record_texts(splits.train)), target) if rank == 0 else None
     if world > 1:                                   # rank 0's tokenizer for all: the vocabularies must agree
         tok = data.tokenizer_from_str(parallel.broadcast_object(data.tokenizer_to_str(tok) if rank == 0 else None))
     # A run's vocabulary is its tokenizer's; the preset's number is only the BPE target.
     overrides = {**run.model_overrides, "vocab_size": tok.get_vocab_size()}
-    print(f"size {run.size} | overrides {overrides} | device {device}")
-    return EncoderDecoder(config_for(run.size, **overrides)).to(device), tok
+    print(f"size {run.size} ({run.arch}) | overrides {overrides} | device {device}")
+    return build_policy(policy_config(run.arch, run.size, **overrides)).to(device), tok
 
 
 def prepare(run, device) -> Setup:
@@ -223,7 +223,8 @@ def rl_stage(run, setup: Setup, device, run_dir, log, stop) -> int | None:
                    **evaluate_policy(model, setup.tok, eval_set, salient, reward_cfg, cfg, device, correct=correct))
         log(row)
         tqdm.write(f"iter {iteration:4d} | fixed-set reward {row['reward']:+.4f} (cov {row['coverage']:.3f} "
-                   f"focus {row['focus']:+.3f} rep {row['repeat']:.3f}) | sink {row['sink_share']:.3f} | "
+                   f"focus {row['focus']:+.3f} rep {row['repeat']:.3f}) | sink {row['sink_share']:.3f} "
+                   f"prompt {row['prompt_share']:.3f} | "
                    f"EM {row['exact_match']:.1%} | ROUGE-L {row['rouge_l']:.3f} | sampled T {cfg.temperature}: "
                    f"correct {row['sampled_correct']:.1%}, pass@{cfg.num_samples} {row['pass_at_n']:.1%}")
 
@@ -321,6 +322,21 @@ def sample_stage(run, device) -> int:
         print(f"prompt: {prompt}")
         for text, t in rows:
             print(f"  {format_candidate(text, t)}")
+    return 0
+
+
+def export_stage(run) -> int:
+    """--stage export: the --init checkpoint (or snapshot) as a Hugging Face directory --out that
+    transformers loads (export.py): T5-family, Llama and Qwen2 layouts; a from-scratch
+    encoder-decoder is refused with the reason."""
+    import export                                   # safetensors' writer only when exporting
+    model, tok, _ = runs.load_init(run.init, "cpu", "--init", run.model_overrides)
+    try:
+        out = export.export(model, tok, data.specials(tok), run.out)
+    except ValueError as e:
+        raise SystemExit(f"--stage export --init {run.init}: {e}") from None
+    print(f"exported {run.init} ({type(model).__name__}, {model.num_params():,} parameters with the value head, "
+          f"which is not exported) to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     return 0
 
 

@@ -25,7 +25,7 @@ import data
 import evaluation
 import ppo
 import runs
-from experiments import (ExperimentConfig, device_line, rl_profile, save_figure, seed_sft, seeds_in_workers,
+from experiments import (ExperimentConfig, arch_setting, device_line, rl_profile, save_figure, seed_sft, seeds_in_workers,
                          shared_setup, work_dir, write_json)
 from model import config_for
 from reward import RewardConfig
@@ -106,7 +106,7 @@ def table_settings(run, experiment: ExperimentConfig) -> dict:
                 iterations=run.iterations, num_eval=run.num_eval, methods=methods,
                 eval_ppo=asdict(run.ppo), eval_reward=asdict(run.reward),
                 rm=dict(synthetic_steps=experiment.rm_steps, human_steps=experiment.rm_steps, human_prompts=experiment.human_prompts,
-                        label_noise=0.1), relevance_steps=experiment.relevance_steps)
+                        label_noise=0.1), relevance_steps=experiment.relevance_steps, **arch_setting(run))
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +214,8 @@ def fmt(a: dict, digits=3) -> str:
 
 def markdown(result: dict) -> str:
     s, agg, qa = result["settings"], result["rows"], result["is_qa"]
-    lines = [f"# Table 1 on `{s['dataset']}` ({s['size']} preset, {len(result['seeds'])} seeds)", "",
+    policy = "decoder-only " if s.get("arch") == "decoder" else ""
+    lines = [f"# Table 1 on `{s['dataset']}` ({s['size']} {policy}preset, {len(result['seeds'])} seeds)", "",
              f"Written by `{result['command']}` on {result['device']}; this call took {result['last_call_minutes']:.1f} min. "
              f"Compute: {result['compute_minutes']:.1f} min in all (the classifier, each seed's SFT, reward models, RL and evaluation, each timed when it ran; "
              f"rows reused from an earlier call count at their original cost). Mean ± sample std over seeds "
