@@ -111,6 +111,10 @@ HOMES = {
     "rl_profile": {"experiments"},
     "prepare": {"stages"}, "train_stages": {"stages"},
     "draw": {"sampling"}, "rl_temperature": {"bench"}, "linear_flops": {"bench_gpu"},   # the sampler; the benches' workload
+    "Steps": {"sampling"}, "Rollout": {"sampling"},                        # what a rollout records, for both policies
+    "build_policy": {"decoder"}, "policy_config": {"decoder"}, "prompt_attention": {"decoder"},
+    "decoder_names": {"snapshot"}, "special_mask": {"model"}, "export_checkpoint": {"export"},
+    "config_specials": {"data"},
 }
 
 

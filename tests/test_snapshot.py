@@ -156,6 +156,21 @@ def test_the_pipeline_runs_from_a_snapshot(snapshot, tmp_path):
     assert r.returncode == 0, r.stderr
     assert re.search(r"test \(20 prompts\): .*reward -?\d", r.stdout)
 
+    r = cli("--stage", "export", "--init", out / "rl.pt", "--out", tmp_path / "hf")     # back to transformers
+    assert r.returncode == 0, r.stderr
+    import runs
+    from transformers import T5ForConditionalGeneration
+    ours, tok, _ = runs.load_checkpoint(out / "rl.pt")
+    theirs = T5ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    sp = data.specials(tok)
+    batch = data.collate([(data.encode(tok, "Where does Stimdol Mellu live?", sp),
+                           data.encode(tok, "Stimdol Mellu lives in Ashwick.", sp, response=True))], sp)
+    with torch.no_grad():
+        mine, _ = ours.eval()(batch["src"], batch["src_mask"], batch["tgt_in"])
+        hf = theirs(input_ids=batch["src"], attention_mask=batch["src_mask"].long(),
+                    decoder_input_ids=batch["tgt_in"]).logits
+    torch.testing.assert_close(hf, mine, atol=1e-4, rtol=0)
+
 
 @pytest.mark.slow
 def test_dry_run_plans_a_snapshot_from_its_config_alone(snapshot, tmp_path):
