@@ -3,7 +3,7 @@
     python bench_gpu.py            # one CUDA GPU; under 8 minutes on one H100 or H200
     python bench_gpu.py --tiny     # the same code at tiny shapes on the CPU (tests/test_bench_gpu.py)
 
-It prints four parts, in order:
+It prints five parts, in order:
   1. same weights: bench.py's random T5-base-shaped snapshot loaded by ours and by HF T5, in fp32 and
      in bf16: greedy tokens equal and Abar within 1e-4 (bench.same_weights_check), then one sampled
      rollout each (RL's sampler, bench.t5_rollout): seconds, tokens/s, peak memory;
@@ -12,7 +12,9 @@ It prints four parts, in order:
      ppo.update): seconds, tokens/s, MFU, peak memory;
   3. the `1.3b` preset (`python cagsr.py --size 1.3b`), bf16: SFT steps, one RL iteration, and one
      rollout with and without Abar recorded;
-  4. torch.compile on and off for the PPO update of part 2's model, where it compiles.
+  4. torch.compile on and off for the PPO update of part 2's model, where it compiles;
+  5. the decoder-only policy (decoder.py) on a random model shaped like Qwen2.5-0.5B (its config.json
+     fields, through snapshot.config_from_hf), bf16: one SFT step and one CAGSR iteration, as part 2.
 
 bf16 is `python cagsr.py`'s: autocast over float32 weights and optimizer (runs.autocast). Each
 measurement follows a warm-up of the same work. MFU counts the FLOPs of the linear layers
@@ -38,6 +40,7 @@ import data
 import parallel
 import ppo
 import runs
+from decoder import DecoderConfig, DecoderOnly
 from model import EncoderDecoder, ModelConfig, config_for
 from reward import RewardConfig, SalientTokens
 from sft import sft_loss
@@ -46,11 +49,18 @@ from snapshot import config_from_hf
 # flan-T5-large's config.json, the fields that shape it (google/flan-t5-large).
 FLAN_T5_LARGE = dict(model_type="t5", vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=24,
                      num_decoder_layers=24, num_heads=16, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-SHAPES = {   # same: bench.SAME key; large: part 2's config.json; preset: part 3's; sft: (B, S, T); rl: P prompts x S, N, new
-    "gpu": dict(same="base", large=FLAN_T5_LARGE, preset="1.3b", sft=(32, 128, 64), sft_steps=3,
+# Qwen2.5-0.5B's config.json, the fields that shape it (Qwen/Qwen2.5-0.5B).
+QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                  tie_word_embeddings=True, max_position_embeddings=32768, hidden_act="silu")
+SHAPES = {   # same: bench.SAME key; large: part 2's config.json; preset: part 3's; decoder: part 5's;
+             # sft: (B, S, T); rl: P prompts x S, N, new
+    "gpu": dict(same="base", large=FLAN_T5_LARGE, preset="1.3b", decoder=QWEN25_05B, sft=(32, 128, 64), sft_steps=3,
                 rl=dict(prompts=64, S=128, N=4, new=64)),
     "tiny": dict(same="tiny", large={**FLAN_T5_LARGE, "vocab_size": 256, "d_model": 64, "d_kv": 16, "d_ff": 128,
                                      "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4},
+                 decoder={**QWEN25_05B, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
                  preset="tiny", sft=(4, 16, 8), sft_steps=2, rl=dict(prompts=4, S=16, N=2, new=8)),
 }
 BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -87,8 +97,13 @@ def per_token_flops(cfg: ModelConfig) -> tuple[int, int, int]:
     """Multiply-adds of the linear layers per token: (encoder, per prompt token: q, k, v, out and the
     feed-forward of every layer; the decoder's cross-attention keys and values, per prompt token;
     the decoder, per response token: self-attention q, k, v, out, cross-attention q, out, the
-    feed-forward of every layer, and the head)."""
+    feed-forward of every layer, and the head). A DecoderConfig (decoder.py): (its stack per prompt
+    token, 0, its stack and head per response token); the first response token comes from the
+    prompt's last position, so this counts one stack position per row more than is run."""
     D, inner = cfg.d_model, cfg.n_heads * cfg.head_dim
+    if isinstance(cfg, DecoderConfig):       # one stack: q, k, v (grouped), out, SwiGLU; response tokens add the head
+        stack = cfg.n_layers * (2 * D * inner + 2 * D * cfg.kv_heads * cfg.head_dim + 3 * D * cfg.d_ff)
+        return stack, 0, stack + D * cfg.vocab_size
     ffn = (3 if cfg.ffn == "gated-gelu" else 2) * D * cfg.d_ff
     return (cfg.n_enc_layers * (4 * D * inner + ffn), cfg.n_dec_layers * 2 * D * inner,
             cfg.n_dec_layers * (6 * D * inner + ffn) + D * cfg.vocab_size)
@@ -286,6 +301,16 @@ def preset_part(shape: dict, device, peak: float) -> None:
           f"(x{seconds[True] / seconds[False]:.2f})")
 
 
+def decoder_part(shape: dict, device, peak: float) -> None:
+    """Part 5: the decoder-only policy on Qwen2.5-0.5B's shape: one SFT step and one CAGSR iteration."""
+    model = DecoderOnly(config_from_hf(shape["decoder"], last_layers=1)).to(device)
+    print(f"\n5. Qwen2.5-0.5B's shape, decoder-only (decoder.py), random weights ({millions(model)} parameters), "
+          f"bf16 autocast")
+    B, S, T = shape["sft"]
+    print_sft(f"{B} pairs x ({S} + {T}) tokens", sft_part(model, shape, OUR_SPECIALS, device, peak, 1))
+    print_rl(measured_iteration(model, rl_setup(model, shape, OUR_SPECIALS, device, "pretrained"), device, peak))
+
+
 def compile_part(model, setup, eager: dict, device, peak: float) -> None:
     """Part 4: the PPO update through torch.compile (as `--compile`), against part 2's eager one."""
     print("\n4. torch.compile for the PPO update (part 2's model)")
@@ -318,6 +343,7 @@ def main(argv=None) -> int:
     preset_part(shape, device, peak)
     if not args.skip_compile:
         compile_part(model, setup, eager, device, peak)
+    decoder_part(shape, device, peak)
     print(f"\nthe whole check: {time.perf_counter() - t0:.0f} s")
     return 0
 

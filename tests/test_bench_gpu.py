@@ -62,10 +62,11 @@ def test_the_gpu_check_runs_at_its_tiny_cpu_shape(capsys):
     pytest.importorskip("transformers")
     assert bench_gpu.main(["--tiny"]) == 0
     out = capsys.readouterr().out
-    for part in ("\n1. same weights", "\n2. flan-T5-large's shape", "\n3. --size tiny", "\n4. torch.compile"):
+    for part in ("\n1. same weights", "\n2. flan-T5-large's shape", "\n3. --size tiny", "\n4. torch.compile",
+                 "\n5. Qwen2.5-0.5B's shape, decoder-only"):
         assert part in out, part
     # fp32 against HF on the same weights: the check of `python bench.py --same-weights`, passing.
     fp32 = next(line for line in out.splitlines() if line.strip().startswith("fp32: greedy"))
     assert "tokens equal: True" in fp32 and float(fp32.rsplit(" ", 1)[-1]) <= 1e-4
-    assert out.count("CAGSR iteration") == 2 and "rollout with Abar recorded" in out
+    assert out.count("CAGSR iteration") == 3 and "rollout with Abar recorded" in out
     assert "update: eager" in out or "torch.compile failed" in out
