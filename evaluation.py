@@ -145,21 +145,27 @@ class PairScorer(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
+    @staticmethod
+    def config_of(policy_cfg) -> ModelConfig:
+        """The scorer's config for a policy's: the policy's own for an encoder-decoder; for a
+        decoder-only policy (decoder.py), which has no encoder, its width, heads and lengths with 2
+        encoder layers (DECISIONS.md §10)."""
+        if isinstance(policy_cfg, ModelConfig):
+            return policy_cfg
+        c = policy_cfg
+        return ModelConfig(vocab_size=c.vocab_size, d_model=c.d_model, n_heads=c.n_heads, n_enc_layers=2,
+                           n_dec_layers=1, d_ff=4 * c.d_model, max_src_len=c.max_src_len, max_tgt_len=c.max_tgt_len)
+
     @classmethod
     def from_policy(cls, policy) -> "PairScorer":
         """A scorer with the policy's embeddings, positions and encoder layers copied (not shared). A
-        decoder-only policy (decoder.py) has no encoder or position tables: its scorer has the policy's
-        width, heads and lengths, 2 fresh encoder layers, and only its token embeddings copied."""
+        decoder-only policy has no encoder or position tables: only its token embeddings are copied
+        into a scorer of `config_of` its config, the rest starts fresh."""
         device = next(policy.parameters()).device
-        if not isinstance(policy.cfg, ModelConfig):
-            c = policy.cfg
-            scorer = cls(ModelConfig(vocab_size=c.vocab_size, d_model=c.d_model, n_heads=c.n_heads, n_enc_layers=2,
-                                     n_dec_layers=1, d_ff=4 * c.d_model, max_src_len=c.max_src_len,
-                                     max_tgt_len=c.max_tgt_len)).to(device)
-            scorer.tok_emb.load_state_dict(policy.tok_emb.state_dict())
-            return scorer
-        scorer = cls(policy.cfg).to(device)
+        scorer = cls(cls.config_of(policy.cfg)).to(device)
         scorer.tok_emb.load_state_dict(policy.tok_emb.state_dict())
+        if not isinstance(policy.cfg, ModelConfig):
+            return scorer
         scorer.src_pos.load_state_dict(policy.enc_pos.state_dict())
         scorer.resp_pos.load_state_dict(policy.dec_pos.state_dict())
         scorer.encoder.load_state_dict(policy.encoder.state_dict())

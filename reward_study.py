@@ -162,7 +162,7 @@ def seed_rm(seed: int, sd: Path, settings: dict, sft_state: dict, sh, device) ->
     path = sd / "rm.pt"
     if path.exists():
         saved = torch.load(path, map_location=device, weights_only=False)
-        scorer = PairScorer(sh.cfg).to(device)
+        scorer = PairScorer(PairScorer.config_of(sh.cfg)).to(device)
         scorer.load_state_dict(saved["model"])
         return scorer.eval().requires_grad_(False), saved["stats"]
     t0 = time.time()
