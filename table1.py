@@ -27,7 +27,7 @@ import ppo
 import runs
 from experiments import (ExperimentConfig, arch_setting, device_line, rl_profile, save_figure, seed_sft, seeds_in_workers,
                          shared_setup, work_dir, write_json)
-from model import config_for
+from decoder import policy_config
 from reward import RewardConfig
 from stats import mean_std
 
@@ -163,7 +163,7 @@ def run_seed(seed, work, settings, tok, splits, train_pairs, sft_pairs, salient,
     """Every row of one seed; rows already on disk are read, not recomputed."""
     sd = work / f"seed{seed}"
     sd.mkdir(parents=True, exist_ok=True)
-    cfg = config_for(settings["size"], vocab_size=tok.get_vocab_size())
+    cfg = policy_config(settings.get("arch", "encoder-decoder"), settings["size"], vocab_size=tok.get_vocab_size())
     test = splits.test[:settings["num_eval"]]
     test_pairs = data.encode_records(tok, test, cfg.max_src_len, cfg.max_tgt_len)
     sft_state, sft_seconds = seed_sft(seed, sd, settings, cfg, tok, splits, sft_pairs, salient, device)

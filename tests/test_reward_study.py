@@ -328,3 +328,16 @@ def test_seeds_in_worker_processes_write_the_rows_one_process_writes(tmp_path, c
     assert out.count("done earlier") == 2 * (len(reward_study.ROWS) + 1)    # SFT + every row, computed by the workers
     assert (tmp_path / "workers2" / "seed1" / "log.txt").read_text().count("seed 1 |") >= len(reward_study.ROWS)
     assert len(rows[2]) == 2 * len(reward_study.ROWS) and rows[2] == rows[1]
+
+
+@pytest.mark.slow
+def test_the_study_takes_the_decoder_only_policy_and_reads_its_rows_back(tmp_path, capsys):
+    work, results = tmp_path / "work", tmp_path / "results"
+    argv = SMOKE + ["--arch", "decoder", "--iterations", "1", "--out", str(work), "--results-dir", str(results)]
+    assert cagsr.main(argv) == 0
+    first = json.loads((results / "rewards_qa-decoder.json").read_text())
+    assert set(reward_study.ROW_NAMES) <= set(first["rows"]) and first["settings"]["arch"] == "decoder"
+    assert "decoder-only preset" in (results / "rewards_qa-decoder.md").read_text()
+    capsys.readouterr()
+    assert cagsr.main(argv + ["--overwrite"]) == 0                       # every row and reward model read back
+    assert json.loads((results / "rewards_qa-decoder.json").read_text())["rows"] == first["rows"]

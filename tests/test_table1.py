@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import cagsr
 import runs
@@ -72,3 +73,15 @@ def test_table1_smoke_run_writes_every_row_and_resumes(tmp_path, capsys):
     other[other.index("--iterations") + 1] = "2"
     with pytest.raises(SystemExit, match="differs in: iterations"):
         cagsr.main(other)
+
+
+@pytest.mark.slow
+def test_table1_takes_the_decoder_only_policy(tmp_path, capsys):
+    work, results = tmp_path / "work", tmp_path / "results"
+    assert cagsr.main(SMOKE + ["--arch", "decoder", "--out", str(work), "--results-dir", str(results)]) == 0
+    table = json.loads((results / "table1_qa-decoder.json").read_text())
+    assert set(table["rows"]) == set(table1.METHOD_NAMES) and table["settings"]["arch"] == "decoder"
+    assert all(math.isfinite(row[m]["mean"]) for row in table["rows"].values() for m in table1.METRICS)
+    assert "(tiny decoder-only preset, 1 seeds)" in (results / "table1_qa-decoder.md").read_text()
+    assert torch.load(work / "seed0" / "sft.pt", weights_only=False)["model_config"]["arch"] == "decoder"
+    capsys.readouterr()
