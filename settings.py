@@ -311,12 +311,12 @@ SNAPSHOT_SETTABLE = {"last_layers", "max_src_len", "max_tgt_len", "dropout"}
 def _arch(args, resume_from: Path | None) -> str:
     """The policy's architecture: what --resume's checkpoint or --init (a checkpoint, or a snapshot's
     config.json) holds; else --arch, else the encoder-decoder. An --arch that contradicts them is refused."""
-    source = resume_from if resume_from is not None else args.init
+    source, flag = (resume_from, "--resume") if resume_from is not None else (args.init, "--init")
     held = None
     if source is not None and runs.is_snapshot(source):
-        held = runs.snapshot_arch(source)
+        held = runs.snapshot_arch(source, flag)
     elif source is not None and Path(source).is_file():
-        held = "decoder" if runs.peek_checkpoint(source, "--init").get("model_config", {}).get("arch") == "decoder" \
+        held = "decoder" if runs.peek_checkpoint(source, flag).get("model_config", {}).get("arch") == "decoder" \
             else "encoder-decoder"
     if held is not None and args.arch is not None and args.arch != held:
         raise UsageError(f"--arch {args.arch}: {source} holds a{'n' if held[0] == 'e' else ''} {held} model; drop --arch "

@@ -337,7 +337,7 @@ def test_the_study_takes_the_decoder_only_policy_and_reads_its_rows_back(tmp_pat
     assert cagsr.main(argv) == 0
     first = json.loads((results / "rewards_qa-decoder.json").read_text())
     assert set(reward_study.ROW_NAMES) <= set(first["rows"]) and first["settings"]["arch"] == "decoder"
-    assert "decoder-only preset" in (results / "rewards_qa-decoder.md").read_text()
+    assert "decoder-only preset" in (results / "rewards_qa-decoder").with_suffix(".md").read_text()
     capsys.readouterr()
     assert cagsr.main(argv + ["--overwrite"]) == 0                       # every row and reward model read back
     assert json.loads((results / "rewards_qa-decoder.json").read_text())["rows"] == first["rows"]

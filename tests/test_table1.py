@@ -82,6 +82,6 @@ def test_table1_takes_the_decoder_only_policy(tmp_path, capsys):
     table = json.loads((results / "table1_qa-decoder.json").read_text())
     assert set(table["rows"]) == set(table1.METHOD_NAMES) and table["settings"]["arch"] == "decoder"
     assert all(math.isfinite(row[m]["mean"]) for row in table["rows"].values() for m in table1.METRICS)
-    assert "(tiny decoder-only preset, 1 seeds)" in (results / "table1_qa-decoder.md").read_text()
+    assert "(tiny decoder-only preset, 1 seeds)" in (results / "table1_qa-decoder").with_suffix(".md").read_text()
     assert torch.load(work / "seed0" / "sft.pt", weights_only=False)["model_config"]["arch"] == "decoder"
     capsys.readouterr()
