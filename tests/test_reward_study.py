@@ -333,7 +333,8 @@ def test_seeds_in_worker_processes_write_the_rows_one_process_writes(tmp_path, c
 @pytest.mark.slow
 def test_the_study_takes_the_decoder_only_policy_and_reads_its_rows_back(tmp_path, capsys):
     work, results = tmp_path / "work", tmp_path / "results"
-    argv = SMOKE + ["--arch", "decoder", "--iterations", "1", "--out", str(work), "--results-dir", str(results)]
+    argv = SMOKE + ["--arch", "decoder", "--iterations", "1", "--sft-steps", "5", "--prompts-per-iter", "8", "--out",
+                    str(work), "--results-dir", str(results)]
     assert cagsr.main(argv) == 0
     first = json.loads((results / "rewards_qa-decoder.json").read_text())
     assert set(reward_study.ROW_NAMES) <= set(first["rows"]) and first["settings"]["arch"] == "decoder"
