@@ -21,7 +21,7 @@ from test_snapshot import cli
 
 transformers = pytest.importorskip("transformers")
 
-RUN = ["--dataset", "qa", "--sft-steps", 4, "--sft-batch-size", 8, "--iterations", 3, "--ckpt-every", 1,
+RUN = ["--dataset", "qa", "--sft-steps", 4, "--sft-batch-size", 8, "--iterations", 6, "--ckpt-every", 1,
        "--eval-every", 1, "--prompts-per-iter", 4, "--eval-prompts", 4, "--num-eval", 4, "--max-new-tokens", 8]
 PROMPT, ANSWER = "Where does Stimdol Mellu live?", "Stimdol Mellu lives in Ashwick."
 
@@ -97,7 +97,7 @@ def test_a_snapshot_plans_samples_trains_evaluates_and_exports(snapshot, tmp_pat
     r = cli("--init", snap, *RUN, "--out", out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
     rows = metric_rows(out)
-    assert [x["iteration"] for x in rows if x["stage"] == "rl"] == [1, 2, 3] and rows[-1]["stage"] == "done"
+    assert [x["iteration"] for x in rows if x["stage"] == "rl"] == [1, 2, 3, 4, 5, 6] and rows[-1]["stage"] == "done"
     assert all(0 < x["prompt_share"] <= 1 for x in rows if x["stage"] in ("rl", "rl_eval"))
     ckpt = torch.load(out / "rl.pt", weights_only=False)
     assert ckpt["model_config"]["arch"] == "decoder" and ckpt["model_config"]["layout"] == layout
@@ -114,9 +114,10 @@ def test_a_snapshot_plans_samples_trains_evaluates_and_exports(snapshot, tmp_pat
     if layout == "llama":                                               # stopped by Ctrl-C, resumed: the same log
         stopped = tmp_path / "stopped"
         proc = start(["cagsr.py", "--init", str(snap), *map(str, RUN), "--out", str(stopped)])
-        wait_for(stopped, lambda row: row["stage"] == "rl" and row["iteration"] == 2, proc)
+        wait_for(stopped, lambda row: row["stage"] == "rl" and row["iteration"] == 1, proc)
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=300)
+        assert proc.returncode == 130                                  # stopped, checkpoint written
         r = cli("--resume", stopped)
         assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
         assert metric_rows(stopped) == rows
