@@ -5,6 +5,7 @@ one-line message naming the flag."""
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,15 @@ def check_values(rule, **values) -> None:
     for name, value in values.items():
         if value is not None and not ok(value):
             raise ConfigError(name, value, what)
+
+
+def checked_overrides(cls, overrides: dict) -> dict:
+    """`overrides` if every key is a field of the dataclass `cls`, else ValueError listing the valid fields."""
+    valid = sorted(f.name for f in fields(cls))
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(valid)}")
+    return overrides
 
 
 def check_fields(cfg, rules: dict) -> None:

@@ -284,9 +284,14 @@ def specials(tok: Tokenizer) -> Specials:
         raise ValueError(f"the tokenizer has no {PAD} or no {EOS}/{T5_EOS} token; cagsr needs a pad and an "
                          f"end-of-sequence token (T5's tokenizer.json has both)")
     start = tok.token_to_id(BOS) if tok.token_to_id(BOS) is not None else pad
+    return specials_of(tok, pad, start, eos)
+
+
+def specials_of(tok: Tokenizer, pad: int, start: int, eos: int) -> Specials:
+    """The Specials record of `tok` with these pad, start and EOS ids: every token the tokenizer marks
+    special joins them, and a probe encoding says whether its post-processor appends EOS itself."""
     marked = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-    probe = tok.encode("a").ids
-    return Specials(pad, start, eos, tuple(sorted(marked | {pad, start, eos})), probe[-1:] == [eos])
+    return Specials(pad, start, eos, tuple(sorted(marked | {pad, start, eos})), tok.encode("a").ids[-1:] == [eos])
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -383,10 +388,8 @@ def config_specials(tok: Tokenizer, hf_config: dict, where) -> Specials:
     pad = one("pad_token_id")
     pad = pad if isinstance(pad, int) else eos
     bos = one("bos_token_id")
-    probe = tok.encode("a").ids
-    start = bos if isinstance(bos, int) and probe[:1] == [bos] else pad
-    marked = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-    return Specials(pad, start, eos, tuple(sorted(marked | {pad, start, eos})), probe[-1:] == [eos])
+    start = bos if isinstance(bos, int) and tok.encode("a").ids[:1] == [bos] else pad
+    return specials_of(tok, pad, start, eos)
 
 
 def token_texts(tok: Tokenizer) -> list[str]:

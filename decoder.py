@@ -29,17 +29,16 @@ T response length, H query heads, G key/value heads (grouped-query attention), D
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from checks import AT_LEAST_1, BOOL, POSITIVE, ConfigError, check_fields, one_of
+from checks import AT_LEAST_1, BOOL, POSITIVE, ConfigError, check_fields, checked_overrides, one_of
 from model import (SIZES, EncoderDecoder, FeedForward, ModelConfig, RMSNorm, ValueHead, attention, config_for,
                    special_mask)
-from sampling import Steps
+from sampling import Steps, check_sampling
 
 
 @dataclass
@@ -133,20 +132,12 @@ def policy_config(arch: str, size: str, **overrides):
     if size not in DECODER_SIZES:
         raise ValueError(f"no decoder-only preset {size!r}; decoder-only sizes: {', '.join(DECODER_SIZES)} "
                          f"(the encoder-decoder has {', '.join(SIZES)})")
-    valid = {f.name for f in fields(DecoderConfig)}
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise ValueError(f"unknown DecoderConfig field(s) {unknown}; valid fields: {', '.join(sorted(valid))}")
-    return replace(DecoderConfig(**DECODER_SIZES[size]), **overrides)
+    return replace(DecoderConfig(**DECODER_SIZES[size]), **checked_overrides(DecoderConfig, overrides))
 
 
 def config_from_dict(d: dict):
     """A checkpoint's model_config back into its dataclass: DecoderConfig when it says arch "decoder"."""
     return DecoderConfig(**d) if d.get("arch") == "decoder" else ModelConfig(**d)
-
-
-def arch_of(cfg) -> str:
-    return "decoder" if isinstance(cfg, DecoderConfig) else "encoder-decoder"
 
 
 def build_policy(cfg) -> nn.Module:
@@ -336,9 +327,8 @@ class DecoderOnly(nn.Module):
         nn.init.zeros_(self.value_head.out.bias)
         self.gradient_checkpointing = False                                # --grad-checkpoint
 
-    def num_params(self) -> int:
-        """All parameters, tied embedding counted once, value head included."""
-        return sum(p.numel() for p in self.parameters())
+    _layer = EncoderDecoder._layer                                         # through checkpoint when it is on
+    num_params = EncoderDecoder.num_params                                # tied embedding once, value head included
 
     def head(self, h):
         """Logits of final-normed states: (..., D) -> (..., V)."""
@@ -354,10 +344,7 @@ class DecoderOnly(nn.Module):
             need = record and block.attn.records
             kw = dict(past=None if past is None else past[i], cache=None if caches is None else caches[i], at=at,
                       need_weights=need)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, kv, w = checkpoint(block, x, cos, sin, mask, use_reentrant=False, **kw)
-            else:
-                x, kv, w = block(x, cos, sin, mask, **kw)
+            x, kv, w = self._layer(block, x, cos, sin, mask, **kw)
             own.append(kv)
             if w is not None:
                 maps.append(w)
@@ -448,8 +435,7 @@ class DecoderOnly(nn.Module):
         The prompt runs once; its keys and values are copied into each sample's cache, and every
         step then costs one token. Returns a sampling.Rollout whose prompt_share is each step's
         attention on the prompt before Abar was renormalised over it."""
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax)")
+        check_sampling(temperature, top_k, top_p)
         max_new_tokens = min(max_new_tokens, self.cfg.max_tgt_len)
         B, S = src.shape
         BN, dev = B * num_samples, src.device

@@ -54,11 +54,15 @@ FFN_TEXT = {"gelu": "a plain GELU feed-forward", "relu": "a ReLU feed-forward",
 # The tokenizer: the same for every model kind
 # --------------------------------------------------------------------------------------------
 
-def tokenizer_files(tok, sp: data.Specials, model_max_length: int | None = None) -> dict:
+def tokenizer_files(tok, sp: data.Specials, vocab_size: int, model_max_length: int | None = None) -> dict:
     """tokenizer.json (the tokenizer as cagsr stores it, data.tokenizer_to_str) and a tokenizer_config.json
     that makes AutoTokenizer load it as a PreTrainedTokenizerFast naming the special tokens of `sp` (DECISIONS.md
     §8: the ids belong to the tokenizer). split_special_tokens: a literal "</s>" or "<eos>" in a text is text,
-    as it is here (data.tokenizer_from_str), so both encode every string to the same ids."""
+    as it is here (data.tokenizer_from_str), so both encode every string to the same ids. A tokenizer with
+    more ids than the model's `vocab_size` embedding rows is not the model's: ValueError."""
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"the tokenizer has {tok.get_vocab_size()} ids but the model's embedding only "
+                         f"{vocab_size} rows: pass the tokenizer the model was trained with")
     if max(sp.pad, sp.start, sp.eos) >= tok.get_vocab_size():
         raise ValueError(f"the special ids {sp} are not all ids of the tokenizer ({tok.get_vocab_size()} ids): "
                          f"pass data.specials(tok) of this tokenizer")
@@ -143,14 +147,12 @@ def t5_files(model: EncoderDecoder, tok, sp: data.Specials) -> dict:
     tensors for a .safetensors file. ValueError when the model is not T5's layout or `sp` not its tokenizer's."""
     cfg = model.cfg
     check_t5_layout(cfg)
-    if tok.get_vocab_size() > cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.get_vocab_size()} ids but the model's embedding only "
-                         f"{cfg.vocab_size} rows: pass the tokenizer the model was trained with")
+    tokenizer = tokenizer_files(tok, sp, cfg.vocab_size, cfg.max_src_len)
     weights = t5_weights(model)
     generation = dict(decoder_start_token_id=sp.start, eos_token_id=sp.eos, pad_token_id=sp.pad)
     return {"config.json": as_json(t5_config(cfg, sp, weights["shared.weight"].dtype)),
             "generation_config.json": as_json(generation), "model.safetensors": weights,
-            **tokenizer_files(tok, sp, cfg.max_src_len)}
+            **tokenizer}
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,15 +165,13 @@ def decoder_files(model: DecoderOnly, tok, sp: data.Specials) -> dict:
     their transformers names (snapshot.decoder_names; lm_head.weight only when untied), a generation config
     with the special ids, and the tokenizer files. The value head is left out (DECISIONS.md §11)."""
     cfg = model.cfg
-    if tok.get_vocab_size() > cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.get_vocab_size()} ids but the model's embedding only "
-                         f"{cfg.vocab_size} rows: pass the tokenizer the model was trained with")
+    tokenizer = tokenizer_files(tok, sp, cfg.vocab_size, cfg.max_src_len + cfg.max_tgt_len)
     params = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
     weights = {theirs: params[ours].clone() for ours, theirs in decoder_names(cfg).items()}
     config = decoder_hf_config(cfg, sp)
     generation = dict(bos_token_id=config["bos_token_id"], eos_token_id=sp.eos, pad_token_id=sp.pad)
     return {"config.json": as_json(config), "generation_config.json": as_json(generation),
-            "model.safetensors": weights, **tokenizer_files(tok, sp, cfg.max_src_len + cfg.max_tgt_len)}
+            "model.safetensors": weights, **tokenizer}
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,15 +25,15 @@ are rows b*N .. b*N+N-1 (DECISIONS.md §1).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from checks import AT_LEAST_1, BOOL, POSITIVE, ConfigError, check_fields, one_of
-from sampling import Rollout, Steps, token_entropy, token_self_certainty  # noqa: F401 (model.Rollout, ...)
+from checks import AT_LEAST_1, BOOL, POSITIVE, ConfigError, check_fields, checked_overrides, one_of
+from sampling import Rollout, Steps, check_sampling, token_entropy, token_self_certainty  # noqa: F401 (model.Rollout, ...)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,11 +136,7 @@ def config_for(size: str, **overrides) -> ModelConfig:
     """
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; valid sizes: {', '.join(SIZES)}")
-    valid = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid fields: {', '.join(sorted(valid))}")
-    return replace(ModelConfig(**SIZES[size]), **overrides)
+    return replace(ModelConfig(**SIZES[size]), **checked_overrides(ModelConfig, overrides))
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,12 +576,7 @@ class EncoderDecoder(nn.Module):
         decoder's first input: BOS, or pad for T5), eos_id and pad_id are the tokenizer's
         (data.Specials.sample_ids()); they have no default, since they differ between tokenizers.
         """
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax)")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        check_sampling(temperature, top_k, top_p)
         max_new_tokens = min(max_new_tokens, self.cfg.max_tgt_len)
         B, S = src.shape
         BN, dev = B * num_samples, src.device

@@ -121,6 +121,17 @@ def token_entropy(logits):
     return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
 
 
+def check_sampling(temperature, top_k=None, top_p=None) -> None:
+    """ValueError for a sampler setting no distribution can be drawn from, before any work: both
+    policies' `sample` call it first."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 class Steps:
     """The bookkeeping of one KV-cached rollout of BN rows, step by step. `step(logits, abar, share)`
     draws the next token of every row from the step's logits (greedy: the argmax; else

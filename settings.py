@@ -316,8 +316,7 @@ def _arch(args, resume_from: Path | None) -> str:
     if source is not None and runs.is_snapshot(source):
         held = runs.snapshot_arch(source, flag)
     elif source is not None and Path(source).is_file():
-        held = "decoder" if runs.peek_checkpoint(source, flag).get("model_config", {}).get("arch") == "decoder" \
-            else "encoder-decoder"
+        held = runs.peek_checkpoint(source, flag).get("model_config", {}).get("arch", "encoder-decoder")
     if held is not None and args.arch is not None and args.arch != held:
         raise UsageError(f"--arch {args.arch}: {source} holds a{'n' if held[0] == 'e' else ''} {held} model; drop --arch "
                          f"(a model's architecture is its own)")

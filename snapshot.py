@@ -14,14 +14,15 @@ Nothing is downloaded: a snapshot is a directory the user put on disk.
 from __future__ import annotations
 
 import json
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from checks import checked_overrides
 from data import DECODER_ONLY_TYPES
 from decoder import DecoderConfig, DecoderOnly, count_policy_params
-from model import EncoderDecoder, ModelConfig, count_params
+from model import EncoderDecoder, ModelConfig
 
 
 def memory_plan(cfg: ModelConfig | DecoderConfig, batch: int, src_len: int, tgt_len: int, act_bytes: int = 2) -> dict:
@@ -34,10 +35,8 @@ def memory_plan(cfg: ModelConfig | DecoderConfig, batch: int, src_len: int, tgt_
     `decoder_activations` for a DecoderConfig. Both assume the fused attention (no (T, S) matrices
     stored) and add the logits (B T V, once in act_bytes and once in float32 for the loss). P counts
     every parameter, an untied head and the value head included."""
-    if isinstance(cfg, DecoderConfig):
-        P, (acts, fp32) = count_policy_params(cfg), decoder_activations(cfg, batch, src_len, tgt_len)
-    else:
-        P, (acts, fp32) = count_params(cfg), t5_activations(cfg, batch, src_len, tgt_len)
+    activations = decoder_activations if isinstance(cfg, DecoderConfig) else t5_activations
+    P, (acts, fp32) = count_policy_params(cfg), activations(cfg, batch, src_len, tgt_len)
     plan = dict(parameters=P, weights=4 * P, gradients=4 * P, optimizer=8 * P, reference_policy=4 * P,
                 activations=acts * act_bytes + fp32 * 4)
     plan["total"] = sum(v for k, v in plan.items() if k != "parameters")
@@ -157,15 +156,6 @@ def t5_config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
                rel_max_distance=hf_config.get("relative_attention_max_distance", 128), scale_scores=False,
                ffn=T5_FFN[proj], tie_head=tied, scale_head=tied if scale is None else bool(scale))
     return ModelConfig(**{**cfg, **checked_overrides(ModelConfig, overrides)})
-
-
-def checked_overrides(cls, overrides: dict) -> dict:
-    """`overrides` if every key is a field of the dataclass `cls`, else ValueError listing the valid fields."""
-    valid = sorted(f.name for f in fields(cls))
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(valid)}")
-    return overrides
 
 
 def read_weights(path) -> dict:

@@ -114,7 +114,7 @@ HOMES = {
     "Steps": {"sampling"}, "Rollout": {"sampling"},                        # what a rollout records, for both policies
     "build_policy": {"decoder"}, "policy_config": {"decoder"}, "prompt_attention": {"decoder"},
     "decoder_names": {"snapshot"}, "special_mask": {"model"}, "export_checkpoint": {"export"},
-    "config_specials": {"data"},
+    "config_specials": {"data"}, "checked_overrides": {"checks"}, "check_sampling": {"sampling"},
 }
 
 
