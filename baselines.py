@@ -37,8 +37,16 @@ import torch
 import torch.nn.functional as F
 
 import data
-from evaluation import (PairScorer, exact_match, fit_pair_scorer, off_topic_index, pair_scores, pair_tensors,
-                        prompt_batch, rouge_l)
+from evaluation import (
+    PairScorer,
+    exact_match,
+    fit_pair_scorer,
+    off_topic_index,
+    pair_scores,
+    pair_tensors,
+    prompt_batch,
+    rouge_l,
+)
 from model import token_entropy, token_logprobs, token_self_certainty
 
 CORRUPTIONS = ("shuffle", "truncate", "repeat", "off_topic")
@@ -48,7 +56,10 @@ CORRUPTIONS = ("shuffle", "truncate", "repeat", "off_topic")
 # Synthetic preference labels
 # --------------------------------------------------------------------------------------------
 
-def corrupt(words: list[str], kind: str, rng: random.Random, other: list[str] | None = None) -> list[str]:
+
+def corrupt(
+    words: list[str], kind: str, rng: random.Random, other: list[str] | None = None
+) -> list[str]:
     """A bad version of a good response (a list of words):
 
     shuffle: the same words in another order; truncate: the first 30-70% of the words (at least one
@@ -70,7 +81,7 @@ def corrupt(words: list[str], kind: str, rng: random.Random, other: list[str] | 
     if kind == "repeat":
         n = rng.randint(1, min(4, len(words)))
         i = rng.randrange(len(words) - n + 1)
-        return words[:i + n] + words[i:i + n] * 2 + words[i + n:]
+        return words[: i + n] + words[i : i + n] * 2 + words[i + n :]
     raise ValueError(f"unknown corruption {kind!r}; valid: {', '.join(CORRUPTIONS)}")
 
 
@@ -81,7 +92,9 @@ def synthetic_examples(records, rng: random.Random) -> list[tuple[str, str, floa
     out = []
     for i, r in enumerate(records):
         kind = rng.choice(CORRUPTIONS)
-        other = responses[off_topic_index(i, responses, rng)].split() if kind == "off_topic" else None
+        other = (
+            responses[off_topic_index(i, responses, rng)].split() if kind == "off_topic" else None
+        )
         bad = " ".join(corrupt(r["response"].split(), kind, rng, other))
         out += [(r["prompt"], r["response"], 1.0), (r["prompt"], bad, 0.0)]
     return out
@@ -91,13 +104,16 @@ def synthetic_examples(records, rng: random.Random) -> list[tuple[str, str, floa
 # Simulated annotators and the Bradley-Terry model
 # --------------------------------------------------------------------------------------------
 
+
 def bradley_terry_loss(r_chosen, r_rejected):
     """-log sigma(r(x, y_w) - r(x, y_l)), the Bradley-Terry negative log-likelihood of the
     annotators' choices, averaged over pairs. (P,), (P,) -> scalar."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 
-def simulated_preferences(score_a, score_b, noise: float, rng: random.Random) -> tuple[list[tuple[int, bool]], int]:
+def simulated_preferences(
+    score_a, score_b, noise: float, rng: random.Random
+) -> tuple[list[tuple[int, bool]], int]:
     """Simulated annotators (DECISIONS.md §5): for each pair prefer the response with the higher score
     (ROUGE-L against the reference), then flip the choice with probability `noise`. Ties carry no
     preference and are dropped. Returns ([(pair index, a preferred?)] for the kept pairs, number
@@ -116,16 +132,29 @@ def simulated_preferences(score_a, score_b, noise: float, rng: random.Random) ->
 
 
 @torch.no_grad()
-def sample_pairs(policy, tok, records, cfg, device, seed: int, batch_size: int = 128) -> list[tuple[str, str]]:
+def sample_pairs(
+    policy, tok, records, cfg, device, seed: int, batch_size: int = 128
+) -> list[tuple[str, str]]:
     """Two samples per prompt from `policy` with the RL sampling settings of `cfg` (a PPOConfig)."""
     policy.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     out, sp = [], data.specials(tok)
     for i in range(0, len(records), batch_size):
-        src, src_mask = prompt_batch(tok, [r["prompt"] for r in records[i:i + batch_size]], device, sp)
-        rollout = policy.sample(src, src_mask, num_samples=2, max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen,
-                                record_attention=False, **sp.sample_ids())
+        src, src_mask = prompt_batch(
+            tok, [r["prompt"] for r in records[i : i + batch_size]], device, sp
+        )
+        rollout = policy.sample(
+            src,
+            src_mask,
+            num_samples=2,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            generator=gen,
+            record_attention=False,
+            **sp.sample_ids(),
+        )
         texts = [data.decode(tok, row.tolist(), sp) for row in rollout.tokens.cpu()]
         out += list(zip(texts[0::2], texts[1::2]))
     return out
@@ -135,13 +164,19 @@ def sample_pairs(policy, tok, records, cfg, device, seed: int, batch_size: int =
 # Fitting the reward models, and using one as the PPO reward
 # --------------------------------------------------------------------------------------------
 
+
 def _encode(tok, scorer, triples):
-    return data.encode_records(tok, [dict(prompt=p, response=r) for p, r, *_ in triples],
-                               scorer.cfg.max_src_len, scorer.cfg.max_tgt_len)
+    return data.encode_records(
+        tok,
+        [dict(prompt=p, response=r) for p, r, *_ in triples],
+        scorer.cfg.max_src_len,
+        scorer.cfg.max_tgt_len,
+    )
 
 
-def train_synthetic_rm(policy, tok, records, held_out, device, steps=400, batch_size=64, lr=3e-4,
-                       seed=0) -> tuple[PairScorer, dict]:
+def train_synthetic_rm(
+    policy, tok, records, held_out, device, steps=400, batch_size=64, lr=3e-4, seed=0
+) -> tuple[PairScorer, dict]:
     """The Synthetic Preference reward model (§7.3): a PairScorer from the SFT encoder, binary
     cross-entropy on references (1) versus corrupted references (0) of the training `records`, fresh
     corruptions every pass. Returns (scorer, stats); stats["label_accuracy"] is measured on the
@@ -161,19 +196,34 @@ def train_synthetic_rm(policy, tok, records, held_out, device, steps=400, batch_
                 rng.shuffle(pool)
             batch.append(pool.pop())
         labels = torch.tensor([lab for _, lab in batch], device=device)
-        return F.binary_cross_entropy_with_logits(scorer(*pair_tensors([p for p, _ in batch], device, sp)), labels)
+        return F.binary_cross_entropy_with_logits(
+            scorer(*pair_tensors([p for p, _ in batch], device, sp)), labels
+        )
 
     losses = fit_pair_scorer(scorer, loss_at, steps, lr, desc="synthetic-preference RM")
     examples = synthetic_examples(held_out, random.Random(seed + 1))
     logits = pair_scores(scorer, _encode(tok, scorer, examples), device, sp)
     labels = torch.tensor([lab for *_, lab in examples])
-    return scorer, dict(final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])),
-                        label_accuracy=float(((logits > 0).float() == labels).float().mean()),
-                        held_out_records=len(held_out))
+    return scorer, dict(
+        final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])),
+        label_accuracy=float(((logits > 0).float() == labels).float().mean()),
+        held_out_records=len(held_out),
+    )
 
 
-def train_bt_rm(policy, tok, records, ppo_cfg, device, num_prompts=1000, noise=0.1, steps=300, batch_size=64,
-                lr=3e-4, seed=0) -> tuple[PairScorer, dict]:
+def train_bt_rm(
+    policy,
+    tok,
+    records,
+    ppo_cfg,
+    device,
+    num_prompts=1000,
+    noise=0.1,
+    steps=300,
+    batch_size=64,
+    lr=3e-4,
+    seed=0,
+) -> tuple[PairScorer, dict]:
     """The (simulated) Human Preference reward model (§7.3): two SFT samples on each of
     `num_prompts` training prompts, preferred by ROUGE-L against the reference with label noise
     `noise` (`simulated_preferences`), a Bradley-Terry PairScorer from the SFT encoder fitted to the
@@ -184,11 +234,18 @@ def train_bt_rm(policy, tok, records, ppo_cfg, device, num_prompts=1000, noise=0
     ra = [rouge_l(a, r["response"]) for (a, _), r in zip(samples, chosen_records)]
     rb = [rouge_l(b, r["response"]) for (_, b), r in zip(samples, chosen_records)]
     choices, flipped = simulated_preferences(ra, rb, noise, rng)
-    stats = dict(prompts=len(chosen_records), pairs=len(choices), ties_dropped=len(chosen_records) - len(choices),
-                 flipped=flipped, noise=noise)
+    stats = dict(
+        prompts=len(chosen_records),
+        pairs=len(choices),
+        ties_dropped=len(chosen_records) - len(choices),
+        flipped=flipped,
+        noise=noise,
+    )
     if not choices:
-        raise ValueError("the simulated annotators found no pair with a preference (all ties); "
-                         "more prompts or a higher sampling temperature are needed")
+        raise ValueError(
+            "the simulated annotators found no pair with a preference (all ties); "
+            "more prompts or a higher sampling temperature are needed"
+        )
     torch.manual_seed(seed)
     scorer = PairScorer.from_policy(policy)
     win, lose = [], []
@@ -196,12 +253,18 @@ def train_bt_rm(policy, tok, records, ppo_cfg, device, num_prompts=1000, noise=0
         p, (a, b) = chosen_records[i]["prompt"], samples[i]
         win.append((p, a if prefer_a else b))
         lose.append((p, b if prefer_a else a))
-    win_ids, lose_ids, sp = _encode(tok, scorer, win), _encode(tok, scorer, lose), data.specials(tok)
+    win_ids, lose_ids, sp = (
+        _encode(tok, scorer, win),
+        _encode(tok, scorer, lose),
+        data.specials(tok),
+    )
 
     def loss_at(step):
         idx = [rng.randrange(len(win_ids)) for _ in range(batch_size)]
-        return bradley_terry_loss(scorer(*pair_tensors([win_ids[i] for i in idx], device, sp)),
-                                  scorer(*pair_tensors([lose_ids[i] for i in idx], device, sp)))
+        return bradley_terry_loss(
+            scorer(*pair_tensors([win_ids[i] for i in idx], device, sp)),
+            scorer(*pair_tensors([lose_ids[i] for i in idx], device, sp)),
+        )
 
     fit_pair_scorer(scorer, loss_at, steps, lr, desc="simulated-human BT RM")
     wins = pair_scores(scorer, win_ids, device, sp) > pair_scores(scorer, lose_ids, device, sp)
@@ -217,14 +280,22 @@ class ScorerReward:
         self.scorer = scorer.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def __call__(self, src, src_mask, rollout, terms=None):            # (B, S), (B, S), Rollout of B*N -> (B*N,)
+    def __call__(
+        self, src, src_mask, rollout, terms=None
+    ):  # (B, S), (B, S), Rollout of B*N -> (B*N,)
         N = rollout.tokens.size(0) // src.size(0)
-        return self.scorer(src.repeat_interleave(N, 0), src_mask.repeat_interleave(N, 0), rollout.tokens, rollout.mask).float()
+        return self.scorer(
+            src.repeat_interleave(N, 0),
+            src_mask.repeat_interleave(N, 0),
+            rollout.tokens,
+            rollout.mask,
+        ).float()
 
 
 # --------------------------------------------------------------------------------------------
 # Rival internal rewards: pure functions (the equations) ...
 # --------------------------------------------------------------------------------------------
+
 
 def response_mean(x, response_mask):
     """Mean of a per-token quantity over each response's tokens (EOS included): (B, T), (B, T) -> (B,)."""
@@ -252,9 +323,11 @@ def mean_logprob(logits, tokens, response_mask):
 # ... and the same rewards from a rollout, as PPO rewards (ppo.sample_and_score's reward_fn)
 # --------------------------------------------------------------------------------------------
 
+
 class RolloutReward:
     """A rival reward from what the sampler recorded: "self_certainty", "neg_entropy" or "logprob".
     Equal to the pure function above on the teacher-forced logits of the same tokens (tested)."""
+
     KINDS = ("self_certainty", "neg_entropy", "logprob")
 
     def __init__(self, kind: str):
@@ -262,7 +335,7 @@ class RolloutReward:
             raise ValueError(f"unknown rollout reward {kind!r}; valid: {', '.join(self.KINDS)}")
         self.kind = kind
 
-    def __call__(self, src, src_mask, rollout, terms=None):            # Rollout of B*N -> (B*N,)
+    def __call__(self, src, src_mask, rollout, terms=None):  # Rollout of B*N -> (B*N,)
         if self.kind == "self_certainty":
             return response_mean(rollout.certainty, rollout.mask)
         if self.kind == "neg_entropy":
@@ -276,7 +349,7 @@ class RandomReward:
     def __init__(self, seed: int):
         self.gen = torch.Generator().manual_seed(seed)
 
-    def __call__(self, src, src_mask, rollout, terms=None):            # Rollout of B*N -> (B*N,)
+    def __call__(self, src, src_mask, rollout, terms=None):  # Rollout of B*N -> (B*N,)
         n = rollout.tokens.size(0)
         return torch.bernoulli(torch.full((n,), 0.5), generator=self.gen).to(rollout.tokens.device)
 
@@ -289,7 +362,12 @@ class OracleReward:
     the best score counts."""
 
     def __init__(self, tok, references: dict, correct=exact_match):
-        self.tok, self.sp, self.references, self.correct = tok, data.specials(tok), references, correct
+        self.tok, self.sp, self.references, self.correct = (
+            tok,
+            data.specials(tok),
+            references,
+            correct,
+        )
 
     @classmethod
     def from_records(cls, tok, records, correct=exact_match):
@@ -315,8 +393,10 @@ class OracleReward:
         """The best correctness of each candidate against its references (`texts`' pairs)."""
         return [max(self.correct(text, ref) for ref in refs) for text, refs in texts]
 
-    def __call__(self, src, src_mask, rollout, terms=None):            # Rollout of B*N -> (B*N,)
-        return torch.tensor(self.scores(self.texts(src, src_mask, rollout)), device=rollout.tokens.device)
+    def __call__(self, src, src_mask, rollout, terms=None):  # Rollout of B*N -> (B*N,)
+        return torch.tensor(
+            self.scores(self.texts(src, src_mask, rollout)), device=rollout.tokens.device
+        )
 
 
 class HybridReward:
@@ -327,7 +407,7 @@ class HybridReward:
     def __init__(self, scorer: PairScorer, weight: float):
         self.rm, self.weight = ScorerReward(scorer), weight
 
-    def __call__(self, src, src_mask, rollout, terms):                 # Rollout of B*N, attention terms -> (B*N,)
+    def __call__(self, src, src_mask, rollout, terms):  # Rollout of B*N, attention terms -> (B*N,)
         return terms["reward"] + self.weight * self.rm(src, src_mask, rollout)
 
 
@@ -335,13 +415,29 @@ class HybridReward:
 # The registry behind --reward NAME (the command line and the experiments)
 # --------------------------------------------------------------------------------------------
 
-REWARD_NAMES = ("attention", "self-certainty", "neg-entropy", "logprob", "random", "oracle", "hybrid")
+REWARD_NAMES = (
+    "attention",
+    "self-certainty",
+    "neg-entropy",
+    "logprob",
+    "random",
+    "oracle",
+    "hybrid",
+)
 """--reward NAME: the paper's attention reward (§3.2, the default), the rival internal rewards, the
 random and oracle controls, and the hybrid (not self-supervised)."""
 
 
-def make_reward(name: str, *, tok=None, records=None, seed: int = 0, correct=exact_match, rm: PairScorer | None = None,
-                hybrid_weight: float = 1.0):
+def make_reward(
+    name: str,
+    *,
+    tok=None,
+    records=None,
+    seed: int = 0,
+    correct=exact_match,
+    rm: PairScorer | None = None,
+    hybrid_weight: float = 1.0,
+):
     """ppo.train's reward_fn for `--reward name`; None for "attention" (ppo.sample_and_score's own reward).
     records: the training records (the oracle's clean references); correct: the task's correctness
     (the oracle); rm: the hybrid's preference reward model (train_bt_rm); seed: the random control's."""

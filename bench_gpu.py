@@ -47,32 +47,84 @@ from sft import sft_loss
 from snapshot import config_from_hf
 
 # flan-T5-large's config.json, the fields that shape it (google/flan-t5-large).
-FLAN_T5_LARGE = dict(model_type="t5", vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=24,
-                     num_decoder_layers=24, num_heads=16, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+FLAN_T5_LARGE = dict(
+    model_type="t5",
+    vocab_size=32128,
+    d_model=1024,
+    d_kv=64,
+    d_ff=2816,
+    num_layers=24,
+    num_decoder_layers=24,
+    num_heads=16,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+)
 # Qwen2.5-0.5B's config.json, the fields that shape it (Qwen/Qwen2.5-0.5B).
-QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                  tie_word_embeddings=True, max_position_embeddings=32768, hidden_act="silu")
-SHAPES = {   # same: bench.SAME key; large: part 2's config.json; preset: part 3's; decoder: part 5's;
-             # sft: (B, S, T); rl: P prompts x S, N, new
-    "gpu": dict(same="base", large=FLAN_T5_LARGE, preset="1.3b", decoder=QWEN25_05B, sft=(32, 128, 64), sft_steps=3,
-                rl=dict(prompts=64, S=128, N=4, new=64)),
-    "tiny": dict(same="tiny", large={**FLAN_T5_LARGE, "vocab_size": 256, "d_model": 64, "d_kv": 16, "d_ff": 128,
-                                     "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4},
-                 decoder={**QWEN25_05B, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
-                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
-                 preset="tiny", sft=(4, 16, 8), sft_steps=2, rl=dict(prompts=4, S=16, N=2, new=8)),
+QWEN25_05B = dict(
+    model_type="qwen2",
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+    hidden_act="silu",
+)
+SHAPES = {  # same: bench.SAME key; large: part 2's config.json; preset: part 3's; decoder: part 5's;
+    # sft: (B, S, T); rl: P prompts x S, N, new
+    "gpu": dict(
+        same="base",
+        large=FLAN_T5_LARGE,
+        preset="1.3b",
+        decoder=QWEN25_05B,
+        sft=(32, 128, 64),
+        sft_steps=3,
+        rl=dict(prompts=64, S=128, N=4, new=64),
+    ),
+    "tiny": dict(
+        same="tiny",
+        large={
+            **FLAN_T5_LARGE,
+            "vocab_size": 256,
+            "d_model": 64,
+            "d_kv": 16,
+            "d_ff": 128,
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "num_heads": 4,
+        },
+        decoder={
+            **QWEN25_05B,
+            "vocab_size": 256,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        preset="tiny",
+        sft=(4, 16, 8),
+        sft_steps=2,
+        rl=dict(prompts=4, S=16, N=2, new=8),
+    ),
 }
 BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 """Dense bf16 tensor-core peak FLOP/s by device-name fragment (the vendors' data sheets, no sparsity);
 the first fragment found in torch.cuda.get_device_name() wins."""
 T5_SPECIALS = data.Specials(pad=0, start=0, eos=1, special=(0, 1, 2), appends_eos=True)
-OUR_SPECIALS = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))     # a tokenizer trained here
+OUR_SPECIALS = data.Specials(
+    pad=0, start=1, eos=2, special=(0, 1, 2, 3)
+)  # a tokenizer trained here
 
 
 # --------------------------------------------------------------------------------------------
 # Measuring: time, peak memory, FLOPs
 # --------------------------------------------------------------------------------------------
+
 
 def run_measured(fn, device):
     """fn() with the device synchronised before and after: (its result, seconds, peak memory growth MiB)."""
@@ -90,7 +142,7 @@ def run_measured(fn, device):
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = bench.rss_kib("VmHWM") * 1024
-    return out, time.perf_counter() - t0, (peak - base) / 2 ** 20
+    return out, time.perf_counter() - t0, (peak - base) / 2**20
 
 
 def per_token_flops(cfg: ModelConfig) -> tuple[int, int, int]:
@@ -101,12 +153,19 @@ def per_token_flops(cfg: ModelConfig) -> tuple[int, int, int]:
     token, 0, its stack and head per response token); the first response token comes from the
     prompt's last position, so this counts one stack position per row more than is run."""
     D, inner = cfg.d_model, cfg.n_heads * cfg.head_dim
-    if isinstance(cfg, DecoderConfig):       # one stack: q, k, v (grouped), out, SwiGLU; response tokens add the head
-        stack = cfg.n_layers * (2 * D * inner + 2 * D * cfg.kv_heads * cfg.head_dim + 3 * D * cfg.d_ff)
+    if isinstance(
+        cfg, DecoderConfig
+    ):  # one stack: q, k, v (grouped), out, SwiGLU; response tokens add the head
+        stack = cfg.n_layers * (
+            2 * D * inner + 2 * D * cfg.kv_heads * cfg.head_dim + 3 * D * cfg.d_ff
+        )
         return stack, 0, stack + D * cfg.vocab_size
     ffn = (3 if cfg.ffn == "gated-gelu" else 2) * D * cfg.d_ff
-    return (cfg.n_enc_layers * (4 * D * inner + ffn), cfg.n_dec_layers * 2 * D * inner,
-            cfg.n_dec_layers * (6 * D * inner + ffn) + D * cfg.vocab_size)
+    return (
+        cfg.n_enc_layers * (4 * D * inner + ffn),
+        cfg.n_dec_layers * 2 * D * inner,
+        cfg.n_dec_layers * (6 * D * inner + ffn) + D * cfg.vocab_size,
+    )
 
 
 def linear_flops(cfg: ModelConfig, prompt_tokens: int, response_tokens: int) -> int:
@@ -132,15 +191,16 @@ def chip_peak(device) -> tuple[float, str]:
                 return peak, f"{name}, dense bf16 peak {peak / 1e12:.0f} TFLOP/s (data sheet)"
         n = 8192
         a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-        a @ b                                                                  # warm-up: cuBLAS set-up
+        a @ b  # warm-up: cuBLAS set-up
         _, seconds, _ = run_measured(lambda: [a @ b for _ in range(5)], device)
-        return 5 * 2 * n ** 3 / seconds, f"{name}, measured bf16 matmul {n}^3"
+        return 5 * 2 * n**3 / seconds, f"{name}, measured bf16 matmul {n}^3"
     return bench.matmul_flops(), "this CPU, measured fp32 matmul 2048^3 (bench.matmul_flops)"
 
 
 # --------------------------------------------------------------------------------------------
 # Part 1: same weights against HF T5
 # --------------------------------------------------------------------------------------------
+
 
 def same_weights_part(shape: dict, device) -> None:
     """The same-weights comparison of bench.py on `device`, in fp32 and bf16."""
@@ -150,20 +210,26 @@ def same_weights_part(shape: dict, device) -> None:
     path = tempfile.mkdtemp(prefix="bench-gpu-t5-")
     try:
         bench.make_snapshot(path, name)
-        print(f"\n1. same weights: bench.py's random T5 snapshot '{name}' (d_model {w['t5']['d_model']}, "
-              f"{w['t5']['num_layers']}+{w['t5']['num_decoder_layers']} layers), rollout {w['B']} prompts x "
-              f"{w['S']} tokens, N={w['N']}, {w['new']} new tokens, Abar recorded, "
-              f"{bench.samplers(w['t5']['vocab_size'], bench.rl_temperature('pretrained'))}")
+        print(
+            f"\n1. same weights: bench.py's random T5 snapshot '{name}' (d_model {w['t5']['d_model']}, "
+            f"{w['t5']['num_layers']}+{w['t5']['num_decoder_layers']} layers), rollout {w['B']} prompts x "
+            f"{w['S']} tokens, N={w['N']}, {w['new']} new tokens, Abar recorded, "
+            f"{bench.samplers(w['t5']['vocab_size'], bench.rl_temperature('pretrained'))}"
+        )
         for precision in ("fp32", "bf16"):
             check = bench.same_weights_check(path, name, torch.get_num_threads(), device, precision)
-            print(f"   {precision}: greedy {check['tokens']} positions, tokens equal: {check['tokens_equal']}; "
-                  f"Abar max |ours - HF| {check['max_map_diff']:.1e}")
+            print(
+                f"   {precision}: greedy {check['tokens']} positions, tokens equal: {check['tokens_equal']}; "
+                f"Abar max |ours - HF| {check['max_map_diff']:.1e}"
+            )
             for system in ("ours", "hf"):
                 run = bench.same_weights_run(system, path, name, device, precision)
-                run()                                                          # warm-up
+                run()  # warm-up
                 _, seconds, peak = run_measured(run, device)
-                print(f"   {precision} {bench.NAMES[system]:34s} {seconds:7.3f} s  "
-                      f"{w['B'] * w['N'] * w['new'] / seconds:9.0f} tok/s  peak {peak:9.1f} MiB")
+                print(
+                    f"   {precision} {bench.NAMES[system]:34s} {seconds:7.3f} s  "
+                    f"{w['B'] * w['N'] * w['new'] / seconds:9.0f} tok/s  peak {peak:9.1f} MiB"
+                )
     finally:
         shutil.rmtree(path)
 
@@ -171,6 +237,7 @@ def same_weights_part(shape: dict, device) -> None:
 # --------------------------------------------------------------------------------------------
 # Parts 2-4: SFT steps and CAGSR iterations on random weights
 # --------------------------------------------------------------------------------------------
+
 
 def random_pairs(n: int, src_len: int, tgt_len: int, vocab: int, sp: data.Specials, seed=0) -> list:
     """n (prompt, response) pairs of random non-special ids, each response ending in EOS."""
@@ -183,7 +250,10 @@ def random_pairs(n: int, src_len: int, tgt_len: int, vocab: int, sp: data.Specia
 def sft_part(model, shape: dict, sp: data.Specials, device, peak: float, steps: int) -> dict:
     """`steps` timed SFT steps (L_SFT, AdamW, clipping: sft.py's step) after one warm-up step."""
     B, S, T = shape["sft"]
-    batch = {k: v.to(device) for k, v in data.collate(random_pairs(B, S, T, model.cfg.vocab_size, sp), sp).items()}
+    batch = {
+        k: v.to(device)
+        for k, v in data.collate(random_pairs(B, S, T, model.cfg.vocab_size, sp), sp).items()
+    }
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **runs.fused(device))
     model.train()
 
@@ -197,15 +267,26 @@ def sft_part(model, shape: dict, sp: data.Specials, device, peak: float, steps: 
     model.eval()
     per_step = seconds / steps
     flops = 3 * linear_flops(model.cfg, B * S, B * T)
-    return dict(step_s=per_step, tokens_per_s=B * (S + T) / per_step, mfu=flops / per_step / peak, peak_mib=mem)
+    return dict(
+        step_s=per_step,
+        tokens_per_s=B * (S + T) / per_step,
+        mfu=flops / per_step / peak,
+        peak_mib=mem,
+    )
 
 
 def rl_setup(model, shape: dict, sp: data.Specials, device, profile: str):
     """What one CAGSR iteration needs on random weights: the frozen reference and Adam (runs.rl_start),
     one batch of random prompts, I_x from their IDF, and the PPO settings of `profile`."""
     rl, V = shape["rl"], model.cfg.vocab_size
-    cfg = ppo.PPOConfig(**{**ppo.RUN_PROFILE[profile]["ppo"], "prompts_per_iter": rl["prompts"],
-                           "num_samples": rl["N"], "max_new_tokens": rl["new"]})
+    cfg = ppo.PPOConfig(
+        **{
+            **ppo.RUN_PROFILE[profile]["ppo"],
+            "prompts_per_iter": rl["prompts"],
+            "num_samples": rl["N"],
+            "max_new_tokens": rl["new"],
+        }
+    )
     prompts = [p for p, _ in random_pairs(rl["prompts"], rl["S"], 2, V, sp, seed=1)]
     salient = SalientTokens(data.idf(prompts, V), torch.ones(V, dtype=torch.bool), [""] * V)
     ref, opt = runs.rl_start(model, model.state_dict(), cfg.lr, device)
@@ -219,12 +300,38 @@ def rl_iteration(model, setup: dict, device, policy=None) -> dict:
     s, gen = setup, torch.Generator(device=device).manual_seed(0)
     with runs.autocast(device, "bf16"):
         (experience, split), collect_s, collect_mem = run_measured(
-            lambda: ppo.collect(model, s["ref"], s["src"], s["src_mask"], s["salient"], RewardConfig(), s["cfg"],
-                                0.0, s["sp"], gen), device)
-        _, update_s, update_mem = run_measured(lambda: ppo.update(model, s["opt"], experience, s["cfg"], policy=policy,
-                                                             generator=torch.Generator().manual_seed(0)), device)
-    return dict(experience=experience, sample_s=split["sample_s"], collect_s=collect_s, update_s=update_s,
-                peak_mib=max(collect_mem, update_mem))
+            lambda: ppo.collect(
+                model,
+                s["ref"],
+                s["src"],
+                s["src_mask"],
+                s["salient"],
+                RewardConfig(),
+                s["cfg"],
+                0.0,
+                s["sp"],
+                gen,
+            ),
+            device,
+        )
+        _, update_s, update_mem = run_measured(
+            lambda: ppo.update(
+                model,
+                s["opt"],
+                experience,
+                s["cfg"],
+                policy=policy,
+                generator=torch.Generator().manual_seed(0),
+            ),
+            device,
+        )
+    return dict(
+        experience=experience,
+        sample_s=split["sample_s"],
+        collect_s=collect_s,
+        update_s=update_s,
+        peak_mib=max(collect_mem, update_mem),
+    )
 
 
 def rl_figures(model, it: dict, epochs: int, peak: float) -> dict:
@@ -233,11 +340,22 @@ def rl_figures(model, it: dict, epochs: int, peak: float) -> dict:
     P, S = exp.src.shape
     BN, T = exp.tokens.shape
     forward = linear_flops(cfg, P * S, BN * T)
-    flops = 2 * forward + encoder_flops(cfg, P * S) + epochs * 3 * forward        # sample, reference, V(x), update
+    flops = (
+        2 * forward + encoder_flops(cfg, P * S) + epochs * 3 * forward
+    )  # sample, reference, V(x), update
     total = it["collect_s"] + it["update_s"]
-    return dict(iteration_s=total, sample_s=it["sample_s"], rest_of_collect_s=it["collect_s"] - it["sample_s"],
-                update_s=it["update_s"], tokens_per_s=BN * T / total, mfu=flops / total / peak,
-                sample_mfu=forward / it["sample_s"] / peak, peak_mib=it["peak_mib"], rows=BN, new=T)
+    return dict(
+        iteration_s=total,
+        sample_s=it["sample_s"],
+        rest_of_collect_s=it["collect_s"] - it["sample_s"],
+        update_s=it["update_s"],
+        tokens_per_s=BN * T / total,
+        mfu=flops / total / peak,
+        sample_mfu=forward / it["sample_s"] / peak,
+        peak_mib=it["peak_mib"],
+        rows=BN,
+        new=T,
+    )
 
 
 def measured_iteration(model, setup, device, peak, policy=None) -> dict:
@@ -252,15 +370,19 @@ def millions(model) -> str:
 
 
 def print_sft(label: str, sft: dict) -> None:
-    print(f"   SFT step: {sft['step_s']:.3f} s, {sft['tokens_per_s']:,.0f} tokens/s, MFU {sft['mfu']:.1%}, "
-          f"peak {sft['peak_mib']:,.0f} MiB ({label})")
+    print(
+        f"   SFT step: {sft['step_s']:.3f} s, {sft['tokens_per_s']:,.0f} tokens/s, MFU {sft['mfu']:.1%}, "
+        f"peak {sft['peak_mib']:,.0f} MiB ({label})"
+    )
 
 
 def print_rl(rl: dict) -> None:
-    print(f"   CAGSR iteration ({rl['rows']} candidates x {rl['new']} tokens): {rl['iteration_s']:.3f} s = sample "
-          f"{rl['sample_s']:.3f} s + reward, reference pass and V(x) {rl['rest_of_collect_s']:.3f} s + PPO update "
-          f"{rl['update_s']:.3f} s; {rl['tokens_per_s']:,.0f} sampled tokens/s; MFU {rl['mfu']:.1%} (sampling "
-          f"alone {rl['sample_mfu']:.1%}); peak {rl['peak_mib']:,.0f} MiB")
+    print(
+        f"   CAGSR iteration ({rl['rows']} candidates x {rl['new']} tokens): {rl['iteration_s']:.3f} s = sample "
+        f"{rl['sample_s']:.3f} s + reward, reference pass and V(x) {rl['rest_of_collect_s']:.3f} s + PPO update "
+        f"{rl['update_s']:.3f} s; {rl['tokens_per_s']:,.0f} sampled tokens/s; MFU {rl['mfu']:.1%} (sampling "
+        f"alone {rl['sample_mfu']:.1%}); peak {rl['peak_mib']:,.0f} MiB"
+    )
 
 
 def large_part(shape: dict, device, peak: float) -> tuple:
@@ -268,9 +390,13 @@ def large_part(shape: dict, device, peak: float) -> tuple:
     the iteration's figures)."""
     cfg = config_from_hf(shape["large"], last_layers=1)
     model = EncoderDecoder(cfg).to(device)
-    print(f"\n2. flan-T5-large's shape, random weights ({millions(model)} parameters), bf16 autocast")
+    print(
+        f"\n2. flan-T5-large's shape, random weights ({millions(model)} parameters), bf16 autocast"
+    )
     B, S, T = shape["sft"]
-    print_sft(f"{B} pairs x ({S} + {T}) tokens", sft_part(model, shape, T5_SPECIALS, device, peak, 1))
+    print_sft(
+        f"{B} pairs x ({S} + {T}) tokens", sft_part(model, shape, T5_SPECIALS, device, peak, 1)
+    )
     setup = rl_setup(model, shape, T5_SPECIALS, device, "pretrained")
     eager = measured_iteration(model, setup, device, peak)
     print_rl(eager)
@@ -283,32 +409,52 @@ def preset_part(shape: dict, device, peak: float) -> None:
     model = EncoderDecoder(config_for(name)).to(device)
     print(f"\n3. --size {name} ({millions(model)} parameters), bf16 autocast")
     B, S, T = shape["sft"]
-    print_sft(f"{shape['sft_steps']} steps of {B} pairs x ({S} + {T}) tokens",
-              sft_part(model, shape, OUR_SPECIALS, device, peak, shape["sft_steps"]))
+    print_sft(
+        f"{shape['sft_steps']} steps of {B} pairs x ({S} + {T}) tokens",
+        sft_part(model, shape, OUR_SPECIALS, device, peak, shape["sft_steps"]),
+    )
     setup = rl_setup(model, shape, OUR_SPECIALS, device, name)
     print_rl(measured_iteration(model, setup, device, peak))
     rl = shape["rl"]
     seconds = {}
     for record in (True, False):
+
         def rollout():
             with torch.no_grad(), runs.autocast(device, "bf16"):
-                return model.sample(setup["src"], setup["src_mask"], num_samples=rl["N"], max_new_tokens=rl["new"],
-                                    record_attention=record, generator=torch.Generator(device=device).manual_seed(0),
-                                    **OUR_SPECIALS.sample_ids())
+                return model.sample(
+                    setup["src"],
+                    setup["src_mask"],
+                    num_samples=rl["N"],
+                    max_new_tokens=rl["new"],
+                    record_attention=record,
+                    generator=torch.Generator(device=device).manual_seed(0),
+                    **OUR_SPECIALS.sample_ids(),
+                )
+
         rollout()
         _, seconds[record], _ = run_measured(rollout, device)
-    print(f"   rollout with Abar recorded {seconds[True]:.3f} s, without {seconds[False]:.3f} s "
-          f"(x{seconds[True] / seconds[False]:.2f})")
+    print(
+        f"   rollout with Abar recorded {seconds[True]:.3f} s, without {seconds[False]:.3f} s "
+        f"(x{seconds[True] / seconds[False]:.2f})"
+    )
 
 
 def decoder_part(shape: dict, device, peak: float) -> None:
     """Part 5: the decoder-only policy on Qwen2.5-0.5B's shape: one SFT step and one CAGSR iteration."""
     model = DecoderOnly(config_from_hf(shape["decoder"], last_layers=1)).to(device)
-    print(f"\n5. Qwen2.5-0.5B's shape, decoder-only (decoder.py), random weights ({millions(model)} parameters), "
-          f"bf16 autocast")
+    print(
+        f"\n5. Qwen2.5-0.5B's shape, decoder-only (decoder.py), random weights ({millions(model)} parameters), "
+        f"bf16 autocast"
+    )
     B, S, T = shape["sft"]
-    print_sft(f"{B} pairs x ({S} + {T}) tokens", sft_part(model, shape, OUR_SPECIALS, device, peak, 1))
-    print_rl(measured_iteration(model, rl_setup(model, shape, OUR_SPECIALS, device, "pretrained"), device, peak))
+    print_sft(
+        f"{B} pairs x ({S} + {T}) tokens", sft_part(model, shape, OUR_SPECIALS, device, peak, 1)
+    )
+    print_rl(
+        measured_iteration(
+            model, rl_setup(model, shape, OUR_SPECIALS, device, "pretrained"), device, peak
+        )
+    )
 
 
 def compile_part(model, setup, eager: dict, device, peak: float) -> None:
@@ -318,16 +464,20 @@ def compile_part(model, setup, eager: dict, device, peak: float) -> None:
         compiled = torch.compile(ppo.PolicyValue(model))
         first = rl_iteration(model, setup, device, compiled)["update_s"]
         steady = measured_iteration(model, setup, device, peak, compiled)
-    except Exception as e:                           # noqa: BLE001 -- "where it works": say why not
+    except Exception as e:  # noqa: BLE001 -- "where it works": say why not
         print(f"   torch.compile failed: {type(e).__name__}: {str(e)[:300]}")
         return
-    print(f"   update: eager {eager['update_s']:.3f} s; compiled {steady['update_s']:.3f} s "
-          f"(x{eager['update_s'] / steady['update_s']:.2f}); the first compiled update, compiling, {first:.1f} s")
+    print(
+        f"   update: eager {eager['update_s']:.3f} s; compiled {steady['update_s']:.3f} s "
+        f"(x{eager['update_s'] / steady['update_s']:.2f}); the first compiled update, compiling, {first:.1f} s"
+    )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (the test's; no GPU needed)")
+    ap.add_argument(
+        "--tiny", action="store_true", help="tiny shapes on the CPU (the test's; no GPU needed)"
+    )
     ap.add_argument("--skip-compile", action="store_true", help="leave out part 4 (torch.compile)")
     args = ap.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():

@@ -34,10 +34,10 @@ from model import SIZES
 from reward import RewardConfig
 from sft import SFT_DEFAULTS
 
-
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, but an unknown flag is answered with the nearest valid one and the list of them all;
@@ -47,9 +47,19 @@ class Parser(argparse.ArgumentParser):
         if not message.startswith("unrecognized arguments:"):
             self.exit(2, f"{self.prog}: error: {message}\n")
         valid = sorted(o for a in self._actions for o in a.option_strings if o.startswith("--"))
-        unknown = [w.split("=")[0] for w in message.split()[2:] if w.startswith("--") and w.split("=")[0] not in valid]
-        near = [f"did you mean {m[0]} (not {w})?\n" for w in unknown if (m := difflib.get_close_matches(w, valid, 1))]
-        self.exit(2, f"{self.prog}: error: {message}\n{''.join(near)}valid flags: {' '.join(valid)}\n")
+        unknown = [
+            w.split("=")[0]
+            for w in message.split()[2:]
+            if w.startswith("--") and w.split("=")[0] not in valid
+        ]
+        near = [
+            f"did you mean {m[0]} (not {w})?\n"
+            for w in unknown
+            if (m := difflib.get_close_matches(w, valid, 1))
+        ]
+        self.exit(
+            2, f"{self.prog}: error: {message}\n{''.join(near)}valid flags: {' '.join(valid)}\n"
+        )
 
 
 def sft_default(field: str) -> str:
@@ -57,93 +67,248 @@ def sft_default(field: str) -> str:
 
 
 def build_parser() -> Parser:
-    p = Parser(description="CAGSR (arXiv 2502.10482): SFT, then RL with a reward from the model's own "
-                           "cross-attention. Defaults that depend on the preset are given per size.")
+    p = Parser(
+        description="CAGSR (arXiv 2502.10482): SFT, then RL with a reward from the model's own "
+        "cross-attention. Defaults that depend on the preset are given per size."
+    )
     g = p.add_argument_group("run")
-    g.add_argument("--size", default=None, help=f"model preset: {', '.join(SIZES)} (default: tiny, or the --init checkpoint's)")
-    g.add_argument("--arch", default=None, choices=ARCHS,
-                   help="the policy: encoder-decoder (the paper's §7.2 model, model.py) or decoder (decoder-only, §3.1's "
-                        f"other configuration, decoder.py; sizes {', '.join(DECODER_SIZES)}) (default: encoder-decoder, "
-                        "or what --init holds)")
-    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override one ModelConfig field of the preset (repeatable); printed at start")
-    g.add_argument("--last-layers", type=int, default=None,
-                   help="L' of §3.2: decoder layers whose cross-attention is recorded (preset: 1)")
-    g.add_argument("--dataset", default=None,
-                   help=f"one of {', '.join(data.DATASETS)}, or a PATH.jsonl with prompt/response fields "
-                        "(default: qa-grounded, or the --init checkpoint's; instruct for --experiment)")
-    g.add_argument("--stage", default="all", choices=["all", "sft", "rl", "sample", "eval", "export"],
-                   help="all = SFT then RL; rl/sample/eval start from --init; export writes --init as a Hugging Face "
-                        "directory --out that transformers loads (T5, Llama, Qwen2 layouts) (default: all)")
-    g.add_argument("--init", default=None, metavar="CKPT|DIR",
-                   help="a checkpoint to start the stage from, or a local Hugging Face T5 snapshot directory "
-                        "(config.json, weights, tokenizer.json; size 'pretrained')")
-    g.add_argument("--prompt", action="append", default=[], help="prompt(s) for --stage sample (repeatable)")
-    g.add_argument("--truncate", action="store_true",
-                   help="truncate over-long prompts/responses (with a warning) instead of failing")
-    g.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and sampling (default: 0)")
+    g.add_argument(
+        "--size",
+        default=None,
+        help=f"model preset: {', '.join(SIZES)} (default: tiny, or the --init checkpoint's)",
+    )
+    g.add_argument(
+        "--arch",
+        default=None,
+        choices=ARCHS,
+        help="the policy: encoder-decoder (the paper's §7.2 model, model.py) or decoder (decoder-only, §3.1's "
+        f"other configuration, decoder.py; sizes {', '.join(DECODER_SIZES)}) (default: encoder-decoder, "
+        "or what --init holds)",
+    )
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override one ModelConfig field of the preset (repeatable); printed at start",
+    )
+    g.add_argument(
+        "--last-layers",
+        type=int,
+        default=None,
+        help="L' of §3.2: decoder layers whose cross-attention is recorded (preset: 1)",
+    )
+    g.add_argument(
+        "--dataset",
+        default=None,
+        help=f"one of {', '.join(data.DATASETS)}, or a PATH.jsonl with prompt/response fields "
+        "(default: qa-grounded, or the --init checkpoint's; instruct for --experiment)",
+    )
+    g.add_argument(
+        "--stage",
+        default="all",
+        choices=["all", "sft", "rl", "sample", "eval", "export"],
+        help="all = SFT then RL; rl/sample/eval start from --init; export writes --init as a Hugging Face "
+        "directory --out that transformers loads (T5, Llama, Qwen2 layouts) (default: all)",
+    )
+    g.add_argument(
+        "--init",
+        default=None,
+        metavar="CKPT|DIR",
+        help="a checkpoint to start the stage from, or a local Hugging Face T5 snapshot directory "
+        "(config.json, weights, tokenizer.json; size 'pretrained')",
+    )
+    g.add_argument(
+        "--prompt", action="append", default=[], help="prompt(s) for --stage sample (repeatable)"
+    )
+    g.add_argument(
+        "--truncate",
+        action="store_true",
+        help="truncate over-long prompts/responses (with a warning) instead of failing",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for data, initialisation and sampling (default: 0)",
+    )
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    g.add_argument("--out", default=None, help="run directory (default: a new runs/<time>-<size>-<dataset>)")
-    g.add_argument("--overwrite", action="store_true", help="allow --out to name a non-empty directory; with --experiment, allow replacing "
-                        "the tables already in --results-dir")
-    g.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its last checkpoint, with its own settings (args.json)")
-    g.add_argument("--precision", default=None, choices=["fp32", "bf16"],
-                   help="bf16 autocast (float32 weights and optimizer) or plain fp32 (default: bf16 on CUDA, else fp32)")
-    g.add_argument("--grad-checkpoint", action="store_true",
-                   help="recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward passes (SFT, PPO update); the sampler stays eager")
-    g.add_argument("--dry-run", action="store_true",
-                   help="print the memory plan of the chosen size (parameters, weights, gradients, optimizer, "
-                        "reference policy, activations of one SFT batch) and exit")
+    g.add_argument(
+        "--out", default=None, help="run directory (default: a new runs/<time>-<size>-<dataset>)"
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow --out to name a non-empty directory; with --experiment, allow replacing "
+        "the tables already in --results-dir",
+    )
+    g.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint, with its own settings (args.json)",
+    )
+    g.add_argument(
+        "--precision",
+        default=None,
+        choices=["fp32", "bf16"],
+        help="bf16 autocast (float32 weights and optimizer) or plain fp32 (default: bf16 on CUDA, else fp32)",
+    )
+    g.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        help="recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training forward passes (SFT, PPO update); the sampler stays eager",
+    )
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory plan of the chosen size (parameters, weights, gradients, optimizer, "
+        "reference policy, activations of one SFT batch) and exit",
+    )
     g = p.add_argument_group("SFT (§7.2)")
-    g.add_argument("--sft-steps", type=int, default=None, help=f"SFT optimizer steps (default: {sft_default('steps')})")
-    g.add_argument("--sft-batch-size", type=int, default=None, help=f"SFT batch size in pairs (default: {sft_default('batch_size')})")
-    g.add_argument("--sft-lr", type=float, default=None, help=f"SFT peak learning rate, AdamW (default: {sft_default('lr')})")
-    g.add_argument("--sft-noise", type=float, default=None, metavar="P",
-                   help="replace a seeded share P of the SFT training responses with plausible wrong ones "
-                        "(qa-grounded: the distractor's answer; instruct: another instruction's response; a JSONL: "
-                        "each record's 'wrong' field), so RL has good and bad behaviours to choose between; "
-                        "evaluation and the oracle keep the clean references (default: "
-                        f"{', '.join(f'{v} on {k}' for k, v in settings.SFT_NOISE.items())} when SFT starts from "
-                        "scratch, else 0)")
-    g.add_argument("--warmup", type=int, default=100, help="SFT linear warm-up steps, then cosine decay to lr/10 (default: 100)")
-    g.add_argument("--sft-eval-every", type=int, default=250, help="SFT validation and checkpoint every this many steps (default: 250)")
-    g.add_argument("--num-eval", type=int, default=None,
-                   help="held-out test prompts scored (default: 500 before and after RL; 300 per table row)")
+    g.add_argument(
+        "--sft-steps",
+        type=int,
+        default=None,
+        help=f"SFT optimizer steps (default: {sft_default('steps')})",
+    )
+    g.add_argument(
+        "--sft-batch-size",
+        type=int,
+        default=None,
+        help=f"SFT batch size in pairs (default: {sft_default('batch_size')})",
+    )
+    g.add_argument(
+        "--sft-lr",
+        type=float,
+        default=None,
+        help=f"SFT peak learning rate, AdamW (default: {sft_default('lr')})",
+    )
+    g.add_argument(
+        "--sft-noise",
+        type=float,
+        default=None,
+        metavar="P",
+        help="replace a seeded share P of the SFT training responses with plausible wrong ones "
+        "(qa-grounded: the distractor's answer; instruct: another instruction's response; a JSONL: "
+        "each record's 'wrong' field), so RL has good and bad behaviours to choose between; "
+        "evaluation and the oracle keep the clean references (default: "
+        f"{', '.join(f'{v} on {k}' for k, v in settings.SFT_NOISE.items())} when SFT starts from "
+        "scratch, else 0)",
+    )
+    g.add_argument(
+        "--warmup",
+        type=int,
+        default=100,
+        help="SFT linear warm-up steps, then cosine decay to lr/10 (default: 100)",
+    )
+    g.add_argument(
+        "--sft-eval-every",
+        type=int,
+        default=250,
+        help="SFT validation and checkpoint every this many steps (default: 250)",
+    )
+    g.add_argument(
+        "--num-eval",
+        type=int,
+        default=None,
+        help="held-out test prompts scored (default: 500 before and after RL; 300 per table row)",
+    )
     g = p.add_argument_group("RL (§4, §5)")
-    g.add_argument("--iterations", type=int, default=None, help=f"RL iterations (default: {settings.per_size({k: v['iterations'] for k, v in ppo.RUN_PROFILE.items()})}; "
-                        f"table1: {settings.per_size({k: v['iterations'] for k, v in table1.RL_PROFILE.items()})})")
-    g.add_argument("--eval-every", type=int, default=10, help="score the fixed evaluation set every this many iterations (default: 10)")
-    g.add_argument("--eval-prompts", type=int, default=64, help="size of the fixed evaluation set, in validation prompts (default: 64)")
-    g.add_argument("--ckpt-every", type=int, default=50,
-                   help="RL checkpoint every this many iterations (default: 50)")
-    g.add_argument("--reward", default="attention", choices=baselines.REWARD_NAMES,
-                   help="the RL reward: attention (§3.2, the paper's), the rival internal rewards self-certainty, "
-                        "neg-entropy, logprob, the controls random and oracle (the task's correctness against the "
-                        "reference), or hybrid (attention + --hybrid-weight x a preference reward model trained "
-                        "with --rm-steps on --human-prompts; not self-supervised) (default: attention)")
+    g.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help=f"RL iterations (default: {settings.per_size({k: v['iterations'] for k, v in ppo.RUN_PROFILE.items()})}; "
+        f"table1: {settings.per_size({k: v['iterations'] for k, v in table1.RL_PROFILE.items()})})",
+    )
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=10,
+        help="score the fixed evaluation set every this many iterations (default: 10)",
+    )
+    g.add_argument(
+        "--eval-prompts",
+        type=int,
+        default=64,
+        help="size of the fixed evaluation set, in validation prompts (default: 64)",
+    )
+    g.add_argument(
+        "--ckpt-every",
+        type=int,
+        default=50,
+        help="RL checkpoint every this many iterations (default: 50)",
+    )
+    g.add_argument(
+        "--reward",
+        default="attention",
+        choices=baselines.REWARD_NAMES,
+        help="the RL reward: attention (§3.2, the paper's), the rival internal rewards self-certainty, "
+        "neg-entropy, logprob, the controls random and oracle (the task's correctness against the "
+        "reference), or hybrid (attention + --hybrid-weight x a preference reward model trained "
+        "with --rm-steps on --human-prompts; not self-supervised) (default: attention)",
+    )
     settings.add_config_flags(g, ppo.PPOConfig, ppo.RUN_PROFILE)
     settings.add_config_flags(p.add_argument_group("reward (§3.2)"), RewardConfig)
     g = p.add_argument_group("experiments (§7.3-§7.6; table1.py, reward_study.py)")
-    g.add_argument("--experiment", default=None, choices=["table1", "rewards"],
-                   help="table1: every baseline, CAGSR variant and ablation of Table 1 per seed, into --results-dir "
-                        "(default dataset instruct; --out sets the work directory, default runs/table1-<dataset>-<size>). "
-                        "rewards: the attention reward against self-certainty, negative entropy, log-probability, "
-                        "random and oracle controls and the hybrid, each measured against correctness "
-                        "(reward_study.py; work directory runs/rewards-<dataset>-<size>)")
-    g.add_argument("--seeds", type=int, default=3, help="table1, rewards: seeds --seed, --seed+1, ... (one SFT model each; default: 3)")
-    g.add_argument("--workers", type=int, default=1,
-                   help="table1, rewards: seeds computed at once, each in its own process; on a CPU the threads are "
-                        "shared out among them (default: 1; on 2 cores, --workers 3 runs the 3 seeds together)")
-    g.add_argument("--results-dir", default="results", help="table1, rewards: where the .md, .json and .png tables go (default: results)")
-    g.add_argument("--rm-steps", type=int, default=300, help="table1, rewards, --reward hybrid: training steps of each baseline reward model (default: 300)")
-    g.add_argument("--hybrid-weight", type=float, default=1.0,
-                   help="rewards, --reward hybrid: weight of the preference reward model in the hybrid reward (default: 1.0)")
-    g.add_argument("--human-prompts", type=int, default=1000,
-                   help="table1, rewards, --reward hybrid: training prompts the simulated annotators compare two SFT samples on (§7.3; default: 1000)")
-    g.add_argument("--relevance-steps", type=int, default=600, help="table1: training steps of the relevance classifier (default: 600)")
+    g.add_argument(
+        "--experiment",
+        default=None,
+        choices=["table1", "rewards"],
+        help="table1: every baseline, CAGSR variant and ablation of Table 1 per seed, into --results-dir "
+        "(default dataset instruct; --out sets the work directory, default runs/table1-<dataset>-<size>). "
+        "rewards: the attention reward against self-certainty, negative entropy, log-probability, "
+        "random and oracle controls and the hybrid, each measured against correctness "
+        "(reward_study.py; work directory runs/rewards-<dataset>-<size>)",
+    )
+    g.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="table1, rewards: seeds --seed, --seed+1, ... (one SFT model each; default: 3)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="table1, rewards: seeds computed at once, each in its own process; on a CPU the threads are "
+        "shared out among them (default: 1; on 2 cores, --workers 3 runs the 3 seeds together)",
+    )
+    g.add_argument(
+        "--results-dir",
+        default="results",
+        help="table1, rewards: where the .md, .json and .png tables go (default: results)",
+    )
+    g.add_argument(
+        "--rm-steps",
+        type=int,
+        default=300,
+        help="table1, rewards, --reward hybrid: training steps of each baseline reward model (default: 300)",
+    )
+    g.add_argument(
+        "--hybrid-weight",
+        type=float,
+        default=1.0,
+        help="rewards, --reward hybrid: weight of the preference reward model in the hybrid reward (default: 1.0)",
+    )
+    g.add_argument(
+        "--human-prompts",
+        type=int,
+        default=1000,
+        help="table1, rewards, --reward hybrid: training prompts the simulated annotators compare two SFT samples on (§7.3; default: 1000)",
+    )
+    g.add_argument(
+        "--relevance-steps",
+        type=int,
+        default=600,
+        help="table1: training steps of the relevance classifier (default: 600)",
+    )
     return p
 
 
@@ -172,22 +337,31 @@ def dispatch(run, device, world: int, t_start: float) -> int:
     device = device or runs.pick_device(run.device)
     settings.check_device(run, device, world)
     if run.resume is not None and settings.resume_complete(run):
-        print(f"--resume {run.resume}: this run is complete (its metrics.jsonl ends with the 'done' row); nothing was "
-              f"changed. For more RL, start a new run: --stage rl --init {run.resume}/rl.pt")
+        print(
+            f"--resume {run.resume}: this run is complete (its metrics.jsonl ends with the 'done' row); nothing was "
+            f"changed. For more RL, start a new run: --stage rl --init {run.resume}/rl.pt"
+        )
         return 0
     if run.stage == "experiment":
-        return (reward_study.run_rewards if run.experiment.name == "rewards" else table1.run_table1)(run, device)
+        return (
+            reward_study.run_rewards if run.experiment.name == "rewards" else table1.run_table1
+        )(run, device)
     if run.stage == "export":
         return stages.export_stage(run)
     if run.stage == "sample":
         runs.seed_everything(run.seed)
         return stages.sample_stage(run, device)
     setup = stages.prepare(run, device)
-    return stages.eval_stage(run, setup, device) if run.stage == "eval" else stages.train_stages(run, setup, device, t_start)
+    return (
+        stages.eval_stage(run, setup, device)
+        if run.stage == "eval"
+        else stages.train_stages(run, setup, device, t_start)
+    )
+
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except runs.UsageError as e:                       # refused before any work: argparse's status for usage
+    except runs.UsageError as e:  # refused before any work: argparse's status for usage
         print(f"cagsr.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -51,7 +51,9 @@ def checked_overrides(cls, overrides: dict) -> dict:
     valid = sorted(f.name for f in fields(cls))
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(valid)}")
+        raise ValueError(
+            f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(valid)}"
+        )
     return overrides
 
 

@@ -9,6 +9,7 @@ The special ids belong to the tokenizer, not to this module: ``specials(tok)`` r
 pad 0, start = BOS 1, EOS 2; T5: pad 0, EOS 1, start = pad), and everything that pads, starts
 the decoder, stops at EOS or skips special tokens takes that record (DECISIONS.md §8).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ DATASETS = synthetic.DATASETS
 @dataclass
 class Splits:
     """The 80/10/10 partition of §7.1."""
+
     train: list[dict]
     val: list[dict]
     test: list[dict]
@@ -72,9 +74,11 @@ def split(records: list[dict], seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> Spli
         out[dest].extend(unit)
     short = [name for s, name in ((1, "val"), (2, "test")) if len(out[s]) < targets[s - 1]]
     if short:
-        warnings.warn(f"split: {' and '.join(short)} smaller than asked (val/test {len(out[1])}/"
-                      f"{len(out[2])} records, asked {targets[0]}/{targets[1]}): every group keeps a "
-                      f"prompt in train and records sharing a prompt stay together")
+        warnings.warn(
+            f"split: {' and '.join(short)} smaller than asked (val/test {len(out[1])}/"
+            f"{len(out[2])} records, asked {targets[0]}/{targets[1]}): every group keeps a "
+            f"prompt in train and records sharing a prompt stay together"
+        )
     return Splits(*out)
 
 
@@ -98,8 +102,10 @@ def load_jsonl(path: str) -> list[dict]:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found; pass an existing .jsonl file "
-                        f"or one of the dataset names {', '.join(DATASETS)}") from None
+        raise DataError(
+            f"{path}: file not found; pass an existing .jsonl file "
+            f"or one of the dataset names {', '.join(DATASETS)}"
+        ) from None
     except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e.strerror})") from None
     records = []
@@ -110,14 +116,18 @@ def load_jsonl(path: str) -> list[dict]:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{where}: byte 0x{line[e.start]:02x} at column {e.start + 1} is not "
-                            f"valid UTF-8; save the file as UTF-8") from None
+            raise DataError(
+                f"{where}: byte 0x{line[e.start]:02x} at column {e.start + 1} is not "
+                f"valid UTF-8; save the file as UTF-8"
+            ) from None
         if not text.strip():
             continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); {_FORMAT}") from None
+            raise DataError(
+                f"{where}: malformed JSON ({e.msg} at column {e.colno}); {_FORMAT}"
+            ) from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}; {_FORMAT}")
         rec = {"line": lineno}
@@ -125,15 +135,21 @@ def load_jsonl(path: str) -> list[dict]:
             if key not in obj:
                 raise DataError(f"{where}: field '{key}' is missing; {_FORMAT}")
             if not isinstance(obj[key], str):
-                raise DataError(f"{where}: field '{key}' must be a string, got "
-                                f"{type(obj[key]).__name__}; {_FORMAT}")
+                raise DataError(
+                    f"{where}: field '{key}' must be a string, got "
+                    f"{type(obj[key]).__name__}; {_FORMAT}"
+                )
             if not obj[key].strip():
-                raise DataError(f"{where}: field '{key}' is empty; give it some text or drop the line")
+                raise DataError(
+                    f"{where}: field '{key}' is empty; give it some text or drop the line"
+                )
             rec[key] = obj[key]
         for key in ("group", "wrong"):
             if key in obj:
                 if not isinstance(obj[key], str) or not obj[key].strip():
-                    raise DataError(f"{where}: field '{key}' must be a non-empty string when present")
+                    raise DataError(
+                        f"{where}: field '{key}' must be a non-empty string when present"
+                    )
                 rec[key] = obj[key]
         records.append(rec)
     if not records:
@@ -151,12 +167,16 @@ def check_splits(splits: Splits) -> None:
     RL its fixed evaluation set and the held-out test prompts, and none of these can be empty."""
     n = (len(splits.train), len(splits.val), len(splits.test))
     if not (splits.val and splits.test):
-        raise DataError(f"{sum(n)} records split into {n[0]} train / {n[1]} validation / {n[2]} test pairs; a run "
-                        f"needs at least one validation and one test pair (10% each, records sharing a prompt stay "
-                        f"together): give at least 6 records with distinct prompts")
+        raise DataError(
+            f"{sum(n)} records split into {n[0]} train / {n[1]} validation / {n[2]} test pairs; a run "
+            f"needs at least one validation and one test pair (10% each, records sharing a prompt stay "
+            f"together): give at least 6 records with distinct prompts"
+        )
 
 
-def sft_noise(records: list[dict], share: float, seed: int, off_topic: bool = False) -> tuple[list[dict], list[int]]:
+def sft_noise(
+    records: list[dict], share: float, seed: int, off_topic: bool = False
+) -> tuple[list[dict], list[int]]:
     """SFT data with known mistakes, so the SFT policy has good and bad behaviours for RL to choose
     between (headroom by construction; DECISIONS.md §5). Exactly round(share * n) records, drawn with
     `seed`, get a wrong response in place of the reference: their own ``wrong`` field (qa-grounded: the
@@ -168,20 +188,29 @@ def sft_noise(records: list[dict], share: float, seed: int, off_topic: bool = Fa
         raise ValueError(f"the noise share must be in [0, 1), got {share}")
     lacking = next((r for r in records if "wrong" not in r), None)
     if not off_topic and lacking is not None:
-        raise DataError(f"{record_where(lacking, records.index(lacking))}: no 'wrong' field; --sft-noise replaces a share of the SFT responses with each "
-                        f"record's plausible wrong response, so every record needs one (\"wrong\": \"...\")")
+        raise DataError(
+            f"{record_where(lacking, records.index(lacking))}: no 'wrong' field; --sft-noise replaces a share of the SFT responses with each "
+            f'record\'s plausible wrong response, so every record needs one ("wrong": "...")'
+        )
     rng = random.Random(seed)
-    eligible = [i for i, r in enumerate(records) if off_topic or r["wrong"] != r["response"]]   # a wrong that is wrong
+    eligible = [
+        i for i, r in enumerate(records) if off_topic or r["wrong"] != r["response"]
+    ]  # a wrong that is wrong
     count = round(share * len(records))
     if count > len(eligible):
-        raise DataError(f"--sft-noise {share}: {count} responses to replace, but only {len(eligible)} records have a "
-                        f"'wrong' response that differs from theirs")
+        raise DataError(
+            f"--sft-noise {share}: {count} responses to replace, but only {len(eligible)} records have a "
+            f"'wrong' response that differs from theirs"
+        )
     corrupted = sorted(rng.sample(eligible, count))
     noisy = list(records)
     for i in corrupted:
         if off_topic:
-            j = next(j for j in iter(lambda: rng.randrange(len(records)), None)
-                     if records[j]["response"] != records[i]["response"])
+            j = next(
+                j
+                for j in iter(lambda: rng.randrange(len(records)), None)
+                if records[j]["response"] != records[i]["response"]
+            )
             wrong = records[j]["response"]
         else:
             wrong = records[i]["wrong"]
@@ -189,8 +218,17 @@ def sft_noise(records: list[dict], share: float, seed: int, off_topic: bool = Fa
     return noisy, corrupted
 
 
-def noisy_sft_pairs(tok: Tokenizer, records: list[dict], pairs: list, share: float, seed: int, dataset: str,
-                    max_prompt_len: int, max_response_len: int, truncate: bool = False) -> tuple[list, list[int]]:
+def noisy_sft_pairs(
+    tok: Tokenizer,
+    records: list[dict],
+    pairs: list,
+    share: float,
+    seed: int,
+    dataset: str,
+    max_prompt_len: int,
+    max_response_len: int,
+    truncate: bool = False,
+) -> tuple[list, list[int]]:
     """SFT's training pairs under --sft-noise `share`: `pairs` (the encoded `records`) with the records
     `sft_noise` draws re-encoded with their wrong responses (off-topic ones on the bundled `instruct`).
     Returns (the pairs, the indices corrupted); with no noise, `pairs` itself."""
@@ -198,28 +236,39 @@ def noisy_sft_pairs(tok: Tokenizer, records: list[dict], pairs: list, share: flo
         return pairs, []
     noisy, corrupted = sft_noise(records, share, seed, off_topic=dataset == "instruct")
     out = list(pairs)
-    encoded = encode_records(tok, [noisy[i] for i in corrupted], max_prompt_len, max_response_len, truncate)
+    encoded = encode_records(
+        tok, [noisy[i] for i in corrupted], max_prompt_len, max_response_len, truncate
+    )
     for i, pair in zip(corrupted, encoded):
         out[i] = pair
     return out, corrupted
 
 
-def check_held_out(splits: Splits, tok: Tokenizer, max_prompt_len: int, max_response_len: int,
-                   truncate: bool = False) -> tuple[Splits, dict]:
+def check_held_out(
+    splits: Splits,
+    tok: Tokenizer,
+    max_prompt_len: int,
+    max_response_len: int,
+    truncate: bool = False,
+) -> tuple[Splits, dict]:
     """The splits with their validation and test records checked before any work: a record over the
     model's lengths is a DataError naming it, or under `truncate` is left out of the evaluation (a cut
     prompt would be another question); then `check_splits`. Returns (the splits, how many records each
     held-out split left out)."""
     sp = specials(tok)
-    fits = lambda r: (len(encode(tok, r["prompt"], sp)) <= max_prompt_len
-                      and len(encode(tok, r["response"], sp, response=True)) <= max_response_len)
+    fits = lambda r: (
+        len(encode(tok, r["prompt"], sp)) <= max_prompt_len
+        and len(encode(tok, r["response"], sp, response=True)) <= max_response_len
+    )
     kept = {}
     for name in ("val", "test"):
         records = getattr(splits, name)
         if truncate:
             kept[name] = [r for r in records if fits(r)]
         else:
-            encode_records(tok, records, max_prompt_len, max_response_len)      # names the first over-long one
+            encode_records(
+                tok, records, max_prompt_len, max_response_len
+            )  # names the first over-long one
             kept[name] = records
     checked = Splits(splits.train, kept["val"], kept["test"])
     check_splits(checked)
@@ -243,8 +292,10 @@ def load_dataset(name_or_path: str, seed: int = 0) -> Splits:
         return split(make(synthetic.PAPER_SIZES[name_or_path], seed=seed), seed=seed)
     if str(name_or_path).endswith(".jsonl"):
         return split(load_jsonl(name_or_path), seed=seed)
-    raise ValueError(f"unknown dataset {name_or_path!r}: use one of {', '.join(DATASETS)}, "
-                     f"or a path to an existing file ending in .jsonl")
+    raise ValueError(
+        f"unknown dataset {name_or_path!r}: use one of {', '.join(DATASETS)}, "
+        f"or a path to an existing file ending in .jsonl"
+    )
 
 
 # ------------------------------------------------------------------------- tokenizer
@@ -260,11 +311,14 @@ class Specials:
     """The special ids of one tokenizer (DECISIONS.md §8): what pads a batch, starts the decoder and
     ends a sequence, and which ids are special (never content, the prompt's attention sinks).
     Read from the tokenizer by `specials(tok)` and stored in every checkpoint."""
+
     pad: int
-    start: int                 # the decoder's first input: BOS here, pad for T5
+    start: int  # the decoder's first input: BOS here, pad for T5
     eos: int
-    special: tuple             # every special id, sorted (T5: pad, EOS, UNK and the <extra_id_*> sentinels)
-    appends_eos: bool = False  # the tokenizer's post-processor ends every encoding in EOS itself (T5)
+    special: tuple  # every special id, sorted (T5: pad, EOS, UNK and the <extra_id_*> sentinels)
+    appends_eos: bool = (
+        False  # the tokenizer's post-processor ends every encoding in EOS itself (T5)
+    )
 
     def sample_ids(self) -> dict:
         """The keywords of `EncoderDecoder.sample`."""
@@ -281,8 +335,10 @@ def specials(tok: Tokenizer) -> Specials:
     pad = tok.token_to_id(PAD)
     eos = tok.token_to_id(EOS) if tok.token_to_id(EOS) is not None else tok.token_to_id(T5_EOS)
     if pad is None or eos is None:
-        raise ValueError(f"the tokenizer has no {PAD} or no {EOS}/{T5_EOS} token; cagsr needs a pad and an "
-                         f"end-of-sequence token (T5's tokenizer.json has both)")
+        raise ValueError(
+            f"the tokenizer has no {PAD} or no {EOS}/{T5_EOS} token; cagsr needs a pad and an "
+            f"end-of-sequence token (T5's tokenizer.json has both)"
+        )
     start = tok.token_to_id(BOS) if tok.token_to_id(BOS) is not None else pad
     return specials_of(tok, pad, start, eos)
 
@@ -291,7 +347,13 @@ def specials_of(tok: Tokenizer, pad: int, start: int, eos: int) -> Specials:
     """The Specials record of `tok` with these pad, start and EOS ids: every token the tokenizer marks
     special joins them, and a probe encoding says whether its post-processor appends EOS itself."""
     marked = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-    return Specials(pad, start, eos, tuple(sorted(marked | {pad, start, eos})), tok.encode("a").ids[-1:] == [eos])
+    return Specials(
+        pad,
+        start,
+        eos,
+        tuple(sorted(marked | {pad, start, eos})),
+        tok.encode("a").ids[-1:] == [eos],
+    )
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -301,13 +363,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     ``get_vocab_size()`` may come out below ``vocab_size`` when the texts run out of merges.
     """
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least 260 (256 bytes + 4 special tokens), got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be at least 260 (256 bytes + 4 special tokens), got {vocab_size}"
+        )
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(list(texts), trainer)
     tok.encode_special_tokens = True  # a literal "<eos>" in user text is text, not EOS
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
@@ -344,14 +411,18 @@ def snapshot_tokenizer(path) -> Tokenizer:
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         if (path / "spiece.model").is_file():
-            raise ValueError(f"{path} ships only spiece.model (a SentencePiece model) and no tokenizer.json, which "
-                             f"is what cagsr reads. Write one once, where transformers and sentencepiece are "
-                             f"installed: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
+            raise ValueError(
+                f"{path} ships only spiece.model (a SentencePiece model) and no tokenizer.json, which "
+                f"is what cagsr reads. Write one once, where transformers and sentencepiece are "
+                f"installed: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
+            )
         raise ValueError(f"{path}: no tokenizer.json; a snapshot for --init needs its tokenizer")
     try:
         tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     except Exception as e:
-        raise ValueError(f"{path / 'tokenizer.json'}: not readable by the tokenizers library ({e})") from None
+        raise ValueError(
+            f"{path / 'tokenizer.json'}: not readable by the tokenizers library ({e})"
+        ) from None
     tok.no_truncation()
     tok.no_padding()
     tok.encode_special_tokens = True
@@ -360,10 +431,12 @@ def snapshot_tokenizer(path) -> Tokenizer:
         try:
             hf_config = json.loads(config.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{config}: not valid JSON ({e}); the snapshot is damaged, copy it again") from None
+            raise ValueError(
+                f"{config}: not valid JSON ({e}); the snapshot is damaged, copy it again"
+            ) from None
         if isinstance(hf_config, dict) and hf_config.get("model_type") in DECODER_ONLY_TYPES:
             tok.cagsr_specials = config_specials(tok, hf_config, config)
-    specials(tok)                     # a tokenizer without pad or EOS is refused here, before any work
+    specials(tok)  # a tokenizer without pad or EOS is refused here, before any work
     return tok
 
 
@@ -378,13 +451,17 @@ def config_specials(tok: Tokenizer, hf_config: dict, where) -> Specials:
     padding is never attended to, so any id does); start is the BOS the tokenizer puts in front of a
     prompt, when it does (Llama), else pad (Qwen2 has no BOS). A decoder-only model never reads start:
     its first response token comes from the prompt's last position."""
+
     def one(key):
         v = hf_config.get(key)
         return v[0] if isinstance(v, list) and v else v
+
     eos = one("eos_token_id")
     if not isinstance(eos, int) or not 0 <= eos < tok.get_vocab_size(with_added_tokens=True):
-        raise ValueError(f"{where}: eos_token_id {hf_config.get('eos_token_id')!r} is not a token of its tokenizer.json; "
-                         f"cagsr needs the end-of-sequence id of this snapshot")
+        raise ValueError(
+            f"{where}: eos_token_id {hf_config.get('eos_token_id')!r} is not a token of its tokenizer.json; "
+            f"cagsr needs the end-of-sequence id of this snapshot"
+        )
     pad = one("pad_token_id")
     pad = pad if isinstance(pad, int) else eos
     bos = one("bos_token_id")
@@ -397,11 +474,15 @@ def token_texts(tok: Tokenizer) -> list[str]:
     a space. Byte-level BPE decodes its "Ġ" to that space; a SentencePiece piece marks it with "▁",
     which a Metaspace decode of the piece alone drops, so it is read from the piece itself."""
     out = tok.decode_batch([[i] for i in range(tok.get_vocab_size())], skip_special_tokens=False)
-    return [(" " + t if (tok.id_to_token(i) or "").startswith("\u2581") and not t[:1].isspace() else t)
-            for i, t in enumerate(out)]
+    return [
+        (" " + t if (tok.id_to_token(i) or "").startswith("\u2581") and not t[:1].isspace() else t)
+        for i, t in enumerate(out)
+    ]
 
 
-def content_token_mask(tok: Tokenizer, sp: Specials | None = None, texts: list[str] | None = None) -> torch.Tensor:
+def content_token_mask(
+    tok: Tokenizer, sp: Specials | None = None, texts: list[str] | None = None
+) -> torch.Tensor:
     """(V,) bool: True where a token can be salient (§3.2, DECISIONS.md §2).
 
     Special tokens (`Specials.special`: T5's sentinels too) and tokens with no letter or digit once
@@ -410,8 +491,10 @@ def content_token_mask(tok: Tokenizer, sp: Specials | None = None, texts: list[s
     """
     special = set((sp or specials(tok)).special)
     texts = token_texts(tok) if texts is None else texts
-    return torch.tensor([i not in special and any(ch.isalnum() for ch in t) for i, t in enumerate(texts)],
-                        dtype=torch.bool)
+    return torch.tensor(
+        [i not in special and any(ch.isalnum() for ch in t) for i, t in enumerate(texts)],
+        dtype=torch.bool,
+    )
 
 
 def idf(prompt_ids: list[list[int]], vocab_size: int) -> torch.Tensor:
@@ -423,7 +506,9 @@ def idf(prompt_ids: list[list[int]], vocab_size: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ encoding, batches
-def encode(tok: Tokenizer, text: str, sp: Specials | None = None, response: bool = False) -> list[int]:
+def encode(
+    tok: Tokenizer, text: str, sp: Specials | None = None, response: bool = False
+) -> list[int]:
     """Token ids ending in one EOS, for a prompt (T5-style: the encoder sees no BOS) or a response
     (the decoder is fed ``[start] + ids[:-1]``, see ``collate``). A prompt is what the tokenizer's
     post-processor makes of it (a Llama tokenizer's BOS first), ending in EOS: the same for both
@@ -440,12 +525,17 @@ def decode(tok: Tokenizer, ids, sp: Specials | None = None) -> str:
     sp = sp or specials(tok)
     ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
     if sp.eos in ids:
-        ids = ids[:ids.index(sp.eos)]
+        ids = ids[: ids.index(sp.eos)]
     return tok.decode([i for i in ids if i not in (sp.pad, sp.start)], skip_special_tokens=False)
 
 
-def encode_records(tok: Tokenizer, records: list[dict], max_prompt_len: int,
-                   max_response_len: int, truncate: bool = False) -> list[tuple[list[int], list[int]]]:
+def encode_records(
+    tok: Tokenizer,
+    records: list[dict],
+    max_prompt_len: int,
+    max_response_len: int,
+    truncate: bool = False,
+) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per record; lengths count the EOS. Nothing is cut silently: an
     over-long text is a DataError naming the record (its file line, for records of `load_jsonl`)
     and the limit (the model's max_src_len or max_tgt_len), unless `truncate`."""
@@ -455,20 +545,27 @@ def encode_records(tok: Tokenizer, records: list[dict], max_prompt_len: int,
     pairs, cut = [], {"prompt": 0, "response": 0}
     for idx, r in enumerate(records):
         pair = []
-        for key, limit, field in (("prompt", max_prompt_len, "max_src_len"), ("response", max_response_len, "max_tgt_len")):
+        for key, limit, field in (
+            ("prompt", max_prompt_len, "max_src_len"),
+            ("response", max_response_len, "max_tgt_len"),
+        ):
             ids = encode(tok, r[key], sp, response=key == "response")
             if len(ids) > limit:
                 if not truncate:
-                    raise DataError(f"{record_where(r, idx)}: {key} is {len(ids)} tokens (with EOS), over the model's {field} "
-                                    f"of {limit}; shorten it, or pass --truncate to cut over-long texts with a "
-                                    f"warning (truncate=True in code)")
-                ids = ids[:limit - 1] + [sp.eos]  # keep EOS so the sequence still ends
+                    raise DataError(
+                        f"{record_where(r, idx)}: {key} is {len(ids)} tokens (with EOS), over the model's {field} "
+                        f"of {limit}; shorten it, or pass --truncate to cut over-long texts with a "
+                        f"warning (truncate=True in code)"
+                    )
+                ids = ids[: limit - 1] + [sp.eos]  # keep EOS so the sequence still ends
                 cut[key] += 1
             pair.append(ids)
         pairs.append(tuple(pair))
     if cut["prompt"] or cut["response"]:
-        warnings.warn(f"truncated {cut['prompt']} prompts (to {max_prompt_len} tokens) and "
-                      f"{cut['response']} responses (to {max_response_len} tokens) of {len(records)}")
+        warnings.warn(
+            f"truncated {cut['prompt']} prompts (to {max_prompt_len} tokens) and "
+            f"{cut['response']} responses (to {max_response_len} tokens) of {len(records)}"
+        )
     return pairs
 
 
@@ -477,8 +574,8 @@ def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.bool)
     for b, s in enumerate(seqs):
-        ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[b, :len(s)] = True
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, : len(s)] = True
     return ids, mask
 
 
@@ -490,12 +587,19 @@ def collate(pairs: list[tuple[list[int], list[int]]], sp: Specials) -> dict:
     """
     for b, (p, r) in enumerate(pairs):
         if not p or not r or r[-1] != sp.eos:
-            raise ValueError(f"pair {b}: prompt must be non-empty and response must end in EOS (id {sp.eos})")
-    src, src_mask = _pad([p for p, _ in pairs], sp.pad)                     # (B, S)
-    tgt_in, _ = _pad([[sp.start] + r[:-1] for _, r in pairs], sp.pad)       # (B, T)
-    tgt_out, tgt_mask = _pad([r for _, r in pairs], sp.pad)                 # (B, T)
-    return {"src": src, "src_mask": src_mask, "tgt_in": tgt_in, "tgt_out": tgt_out,
-            "tgt_mask": tgt_mask}
+            raise ValueError(
+                f"pair {b}: prompt must be non-empty and response must end in EOS (id {sp.eos})"
+            )
+    src, src_mask = _pad([p for p, _ in pairs], sp.pad)  # (B, S)
+    tgt_in, _ = _pad([[sp.start] + r[:-1] for _, r in pairs], sp.pad)  # (B, T)
+    tgt_out, tgt_mask = _pad([r for _, r in pairs], sp.pad)  # (B, T)
+    return {
+        "src": src,
+        "src_mask": src_mask,
+        "tgt_in": tgt_in,
+        "tgt_out": tgt_out,
+        "tgt_mask": tgt_mask,
+    }
 
 
 def collate_prompts(prompts: list[list[int]], sp: Specials) -> tuple[torch.Tensor, torch.Tensor]:
@@ -511,8 +615,16 @@ def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
     return full + (1 if rest and rest >= world else 0)
 
 
-def batches(pairs: list, batch_size: int, sp: Specials, seed: int = 0, shuffle: bool = True, rank: int = 0,
-            world: int = 1, skip: int = 0) -> Iterator[dict]:
+def batches(
+    pairs: list,
+    batch_size: int,
+    sp: Specials,
+    seed: int = 0,
+    shuffle: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    skip: int = 0,
+) -> Iterator[dict]:
     """Collated batches over ``pairs`` (one pass; the last partial batch included).
 
     Pass a different ``seed`` each epoch (e.g. ``seed + epoch``) for a new order. With ``world``
@@ -525,6 +637,6 @@ def batches(pairs: list, batch_size: int, sp: Specials, seed: int = 0, shuffle: 
     if shuffle:
         random.Random(seed).shuffle(order)
     for b in range(skip, batches_per_epoch(len(order), batch_size, world)):
-        chunk = order[b * batch_size:(b + 1) * batch_size]
-        chunk = chunk[rank * len(chunk) // world:(rank + 1) * len(chunk) // world]
+        chunk = order[b * batch_size : (b + 1) * batch_size]
+        chunk = chunk[rank * len(chunk) // world : (rank + 1) * len(chunk) // world]
         yield collate([pairs[i] for i in chunk], sp)

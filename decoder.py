@@ -36,8 +36,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checks import AT_LEAST_1, BOOL, POSITIVE, ConfigError, check_fields, checked_overrides, one_of
-from model import (SIZES, EncoderDecoder, FeedForward, ModelConfig, RMSNorm, ValueHead, attention, config_for,
-                   special_mask)
+from model import (
+    SIZES,
+    EncoderDecoder,
+    FeedForward,
+    ModelConfig,
+    RMSNorm,
+    ValueHead,
+    attention,
+    config_for,
+    special_mask,
+)
 from sampling import Steps, check_sampling
 
 
@@ -80,28 +89,77 @@ class DecoderConfig:
     """The transformers class that holds this layout, for export: "llama" or "qwen2"."""
     arch: str = "decoder"
     """Marks a decoder-only config in a checkpoint's model_config."""
-    ffn = "swiglu"                                                         # a class constant: FeedForward's kind
+    ffn = "swiglu"  # a class constant: FeedForward's kind
 
     def __post_init__(self):
-        check_fields(self, {name: AT_LEAST_1 for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff",
-                                                          "max_src_len", "max_tgt_len")})
-        check_fields(self, dict(dropout=(lambda v: 0 <= v < 1, "in [0, 1)"), norm_eps=POSITIVE, rope_theta=POSITIVE,
-                                qkv_bias=BOOL, tie_head=BOOL, layout=one_of("llama", "qwen2"), arch=one_of("decoder")))
+        check_fields(
+            self,
+            {
+                name: AT_LEAST_1
+                for name in (
+                    "vocab_size",
+                    "d_model",
+                    "n_heads",
+                    "n_layers",
+                    "d_ff",
+                    "max_src_len",
+                    "max_tgt_len",
+                )
+            },
+        )
+        check_fields(
+            self,
+            dict(
+                dropout=(lambda v: 0 <= v < 1, "in [0, 1)"),
+                norm_eps=POSITIVE,
+                rope_theta=POSITIVE,
+                qkv_bias=BOOL,
+                tie_head=BOOL,
+                layout=one_of("llama", "qwen2"),
+                arch=one_of("decoder"),
+            ),
+        )
         if self.d_kv is None and self.d_model % self.n_heads:
-            raise ConfigError("d_model", self.d_model, f"divisible by n_heads={self.n_heads}", related="n_heads")
+            raise ConfigError(
+                "d_model", self.d_model, f"divisible by n_heads={self.n_heads}", related="n_heads"
+            )
         if self.n_heads % self.kv_heads:
-            raise ConfigError("n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}", related="n_heads")
+            raise ConfigError(
+                "n_kv_heads",
+                self.n_kv_heads,
+                f"a divisor of n_heads={self.n_heads}",
+                related="n_heads",
+            )
         if self.head_dim % 2:
-            raise ConfigError("d_kv", self.head_dim, "even (rotary positions turn pairs of dimensions)")
+            raise ConfigError(
+                "d_kv", self.head_dim, "even (rotary positions turn pairs of dimensions)"
+            )
         if not 1 <= self.last_layers <= self.n_layers:
-            raise ConfigError("last_layers", self.last_layers, f"in 1..n_layers={self.n_layers} (L' of §3.2)",
-                              related="n_layers")
+            raise ConfigError(
+                "last_layers",
+                self.last_layers,
+                f"in 1..n_layers={self.n_layers} (L' of §3.2)",
+                related="n_layers",
+            )
         scaling = self.rope_scaling
-        if scaling is not None and (scaling.get("rope_type", scaling.get("type")) != "llama3" or not all(
-                k in scaling for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                       "original_max_position_embeddings"))):
-            raise ConfigError("rope_scaling", scaling, "None or a complete llama3 rope_scaling (rope_type 'llama3', "
-                              "factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)")
+        if scaling is not None and (
+            scaling.get("rope_type", scaling.get("type")) != "llama3"
+            or not all(
+                k in scaling
+                for k in (
+                    "factor",
+                    "low_freq_factor",
+                    "high_freq_factor",
+                    "original_max_position_embeddings",
+                )
+            )
+        ):
+            raise ConfigError(
+                "rope_scaling",
+                scaling,
+                "None or a complete llama3 rope_scaling (rope_type 'llama3', "
+                "factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)",
+            )
 
     @property
     def head_dim(self) -> int:
@@ -130,9 +188,13 @@ def policy_config(arch: str, size: str, **overrides):
     if arch != "decoder":
         raise ValueError(f"unknown architecture {arch!r}; valid: {', '.join(ARCHS)}")
     if size not in DECODER_SIZES:
-        raise ValueError(f"no decoder-only preset {size!r}; decoder-only sizes: {', '.join(DECODER_SIZES)} "
-                         f"(the encoder-decoder has {', '.join(SIZES)})")
-    return replace(DecoderConfig(**DECODER_SIZES[size]), **checked_overrides(DecoderConfig, overrides))
+        raise ValueError(
+            f"no decoder-only preset {size!r}; decoder-only sizes: {', '.join(DECODER_SIZES)} "
+            f"(the encoder-decoder has {', '.join(SIZES)})"
+        )
+    return replace(
+        DecoderConfig(**DECODER_SIZES[size]), **checked_overrides(DecoderConfig, overrides)
+    )
 
 
 def config_from_dict(d: dict):
@@ -154,6 +216,7 @@ def count_policy_params(cfg) -> int:
 # --------------------------------------------------------------------------------------------
 # Rotary positions (Su et al. 2021) and the attention to the prompt (DECISIONS.md §10): pure functions.
 # --------------------------------------------------------------------------------------------
+
 
 def rope_frequencies(cfg: DecoderConfig) -> torch.Tensor:
     """The rotary inverse frequencies theta^(-2i/d), i < d/2 (d = head width), in float32; with a
@@ -177,16 +240,16 @@ def rope_frequencies(cfg: DecoderConfig) -> torch.Tensor:
 def rope_cos_sin(positions, inv_freq):
     """cos and sin of the rotation angles position * frequency, each (B, T, d) in float32 (the d/2
     frequencies twice, the layout `rotate_half` pairs). positions: (B, T) long."""
-    angles = positions[..., None].float() * inv_freq.float()                # (B, T, d/2)
-    angles = torch.cat([angles, angles], dim=-1)                            # (B, T, d)
+    angles = positions[..., None].float() * inv_freq.float()  # (B, T, d/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, d)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
     """Rotate each pair (x_i, x_{i+d/2}) of every head by its angle: (B, H, T, d) -> (B, H, T, d)."""
     half = x.size(-1) // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)            # rotate_half
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)           # (B, 1, T, d)
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # rotate_half
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, d)
     return x * cos + rotated * sin
 
 
@@ -195,8 +258,8 @@ def prompt_attention(maps):
     T, S) are the recorded attention of each response token's producing position over the prompt
     columns, before any renormalisation. P = their mean over layers and heads; share = sum_j P[j];
     Abar = P / share (0 where share is 0). -> Abar (..., T, S), share (..., T)."""
-    mean = maps.mean(dim=(-4, -3))                                          # (..., T, S)
-    share = mean.sum(-1)                                                    # (..., T)
+    mean = maps.mean(dim=(-4, -3))  # (..., T, S)
+    share = mean.sum(-1)  # (..., T)
     safe = torch.where(share > 0, share, torch.ones_like(share))
     return mean / safe[..., None], share
 
@@ -213,12 +276,13 @@ def prefill_mask(src_mask):
     S = src_mask.size(1)
     causal = torch.ones(S, S, dtype=torch.bool, device=src_mask.device).tril()
     own = torch.eye(S, dtype=torch.bool, device=src_mask.device)
-    return (causal & (src_mask[:, None, :] | own))[:, None]                # (B, 1, S, S)
+    return (causal & (src_mask[:, None, :] | own))[:, None]  # (B, 1, S, S)
 
 
 # --------------------------------------------------------------------------------------------
 # The blocks.
 # --------------------------------------------------------------------------------------------
+
 
 class SelfAttention(nn.Module):
     """Grouped-query causal self-attention with rotary positions (Llama; Qwen2 adds q/k/v biases).
@@ -226,13 +290,18 @@ class SelfAttention(nn.Module):
 
     def __init__(self, cfg: DecoderConfig, records: bool = False):
         super().__init__()
-        self.n_heads, self.kv_heads, self.d_head, self.records = cfg.n_heads, cfg.kv_heads, cfg.head_dim, records
+        self.n_heads, self.kv_heads, self.d_head, self.records = (
+            cfg.n_heads,
+            cfg.kv_heads,
+            cfg.head_dim,
+            records,
+        )
         self.q = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def heads(self, x, n):                                               # (B, T, n*hd) -> (B, n, T, hd)
+    def heads(self, x, n):  # (B, T, n*hd) -> (B, n, T, hd)
         B, T, _ = x.shape
         return x.view(B, T, n, self.d_head).transpose(1, 2)
 
@@ -243,20 +312,25 @@ class SelfAttention(nn.Module):
         reads up to at+T (sampling). Returns (out (B, T, D), x's own (k, v) (B, G, T, hd) each,
         weights (B, H, T, K) or None)."""
         if need_weights and not self.records:
-            raise RuntimeError("this block does not record its weights: only the last `last_layers` blocks do "
-                               "(DecoderConfig.last_layers, L' of §3.2)")
-        q = apply_rope(self.heads(self.q(x), self.n_heads), cos, sin)      # (B, H, T, hd)
-        k = apply_rope(self.heads(self.k(x), self.kv_heads), cos, sin)     # (B, G, T, hd)
-        v = self.heads(self.v(x), self.kv_heads)                           # (B, G, T, hd)
+            raise RuntimeError(
+                "this block does not record its weights: only the last `last_layers` blocks do "
+                "(DecoderConfig.last_layers, L' of §3.2)"
+            )
+        q = apply_rope(self.heads(self.q(x), self.n_heads), cos, sin)  # (B, H, T, hd)
+        k = apply_rope(self.heads(self.k(x), self.kv_heads), cos, sin)  # (B, G, T, hd)
+        v = self.heads(self.v(x), self.kv_heads)  # (B, G, T, hd)
         if cache is not None:
-            cache[0][:, :, at:at + x.size(1)], cache[1][:, :, at:at + x.size(1)] = k, v
-            keys, values = cache[0][:, :, :at + x.size(1)], cache[1][:, :, :at + x.size(1)]
+            cache[0][:, :, at : at + x.size(1)], cache[1][:, :, at : at + x.size(1)] = k, v
+            keys, values = cache[0][:, :, : at + x.size(1)], cache[1][:, :, : at + x.size(1)]
         elif past is not None:
-            keys, values = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)   # (B, G, K, hd)
+            keys, values = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)  # (B, G, K, hd)
         else:
             keys, values = k, v
-        group = self.n_heads // self.kv_heads                              # each key head serves `group` queries
-        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)   # (B, H, K, hd)
+        group = self.n_heads // self.kv_heads  # each key head serves `group` queries
+        keys, values = (
+            keys.repeat_interleave(group, 1),
+            values.repeat_interleave(group, 1),
+        )  # (B, H, K, hd)
         y, w = attention(q, keys, values, mask=mask, need_weights=need_weights)
         B, T = x.shape[:2]
         return self.out(y.transpose(1, 2).reshape(B, T, -1)), (k, v), w
@@ -281,28 +355,42 @@ class Block(nn.Module):
 @dataclass
 class Prefill:
     """What `DecoderOnly.encode` computes once per prompt: the encoder-decoder's memory, here."""
-    keys: list                     # per block, (B, G, S, hd), rotated
-    values: list                   # per block, (B, G, S, hd)
-    last: torch.Tensor             # (B, D): the final-normed state of the prompt's last real token
-    last_maps: torch.Tensor | None  # (B, L', H, S): its attention in the recording blocks, when recorded
-    lengths: torch.Tensor          # (B,) long: real prompt tokens
+
+    keys: list  # per block, (B, G, S, hd), rotated
+    values: list  # per block, (B, G, S, hd)
+    last: torch.Tensor  # (B, D): the final-normed state of the prompt's last real token
+    last_maps: (
+        torch.Tensor | None
+    )  # (B, L', H, S): its attention in the recording blocks, when recorded
+    lengths: torch.Tensor  # (B,) long: real prompt tokens
 
     def detach(self) -> "Prefill":
         """The same states cut from the graph (the value warm-up trains V(x) alone)."""
         cut = lambda t: None if t is None else t.detach()
-        return Prefill([k.detach() for k in self.keys], [v.detach() for v in self.values], self.last.detach(),
-                       cut(self.last_maps), self.lengths)
+        return Prefill(
+            [k.detach() for k in self.keys],
+            [v.detach() for v in self.values],
+            self.last.detach(),
+            cut(self.last_maps),
+            self.lengths,
+        )
 
     def repeat(self, n: int) -> "Prefill":
         """Each prompt's states n times, rows b*n .. b*n+n-1 (DECISIONS.md §1)."""
         rep = lambda t: None if t is None else t.repeat_interleave(n, 0)
-        return Prefill([rep(k) for k in self.keys], [rep(v) for v in self.values], rep(self.last),
-                       rep(self.last_maps), rep(self.lengths))
+        return Prefill(
+            [rep(k) for k in self.keys],
+            [rep(v) for v in self.values],
+            rep(self.last),
+            rep(self.last_maps),
+            rep(self.lengths),
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # The model.
 # --------------------------------------------------------------------------------------------
+
 
 class DecoderOnly(nn.Module):
     """Pre-norm decoder-only Transformer: RMSNorm, rotary positions, grouped-query attention, SwiGLU
@@ -312,23 +400,25 @@ class DecoderOnly(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        first_recording = cfg.n_layers - cfg.last_layers                  # blocks L-L'+1 .. L record (§3.2)
-        self.layers = nn.ModuleList(Block(cfg, records=i >= first_recording) for i in range(cfg.n_layers))
+        first_recording = cfg.n_layers - cfg.last_layers  # blocks L-L'+1 .. L record (§3.2)
+        self.layers = nn.ModuleList(
+            Block(cfg, records=i >= first_recording) for i in range(cfg.n_layers)
+        )
         self.ln_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_head else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.value_head = ValueHead(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         self.apply(EncoderDecoder._init_weights)
-        for name, p in self.layers.named_parameters():                     # nanoGPT's scaled residual init
+        for name, p in self.layers.named_parameters():  # nanoGPT's scaled residual init
             if name.endswith("out.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
         nn.init.zeros_(self.value_head.out.weight)
         nn.init.zeros_(self.value_head.out.bias)
-        self.gradient_checkpointing = False                                # --grad-checkpoint
+        self.gradient_checkpointing = False  # --grad-checkpoint
 
-    _layer = EncoderDecoder._layer                                         # through checkpoint when it is on
-    num_params = EncoderDecoder.num_params                                # tied embedding once, value head included
+    _layer = EncoderDecoder._layer  # through checkpoint when it is on
+    num_params = EncoderDecoder.num_params  # tied embedding once, value head included
 
     def head(self, h):
         """Logits of final-normed states: (..., D) -> (..., V)."""
@@ -342,8 +432,12 @@ class DecoderOnly(nn.Module):
         own, maps = [], []
         for i, block in enumerate(self.layers):
             need = record and block.attn.records
-            kw = dict(past=None if past is None else past[i], cache=None if caches is None else caches[i], at=at,
-                      need_weights=need)
+            kw = dict(
+                past=None if past is None else past[i],
+                cache=None if caches is None else caches[i],
+                at=at,
+                need_weights=need,
+            )
             x, kv, w = self._layer(block, x, cos, sin, mask, **kw)
             own.append(kv)
             if w is not None:
@@ -360,18 +454,30 @@ class DecoderOnly(nn.Module):
         if S > self.cfg.max_src_len:
             raise ValueError(f"prompt length {S} exceeds max_src_len={self.cfg.max_src_len}")
         if not bool(src_mask.any(-1).all()):
-            raise ValueError("every prompt needs at least one real token (a row of src_mask is all False)")
-        h, own, maps = self._stack(self.drop(self.tok_emb(src)), prompt_positions(src_mask), prefill_mask(src_mask),
-                                   record=record)
-        last = src_mask.size(1) - 1 - src_mask.flip(-1).long().argmax(-1)  # (B,) column of the last real token
+            raise ValueError(
+                "every prompt needs at least one real token (a row of src_mask is all False)"
+            )
+        h, own, maps = self._stack(
+            self.drop(self.tok_emb(src)),
+            prompt_positions(src_mask),
+            prefill_mask(src_mask),
+            record=record,
+        )
+        last = (
+            src_mask.size(1) - 1 - src_mask.flip(-1).long().argmax(-1)
+        )  # (B,) column of the last real token
         rows = torch.arange(B, device=src.device)
-        last_maps = torch.stack([w[rows, :, last] for w in maps], 1) if record else None   # (B, L', H, S)
-        return Prefill([k for k, _ in own], [v for _, v in own], h[rows, last], last_maps, src_mask.sum(-1))
+        last_maps = (
+            torch.stack([w[rows, :, last] for w in maps], 1) if record else None
+        )  # (B, L', H, S)
+        return Prefill(
+            [k for k, _ in own], [v for _, v in own], h[rows, last], last_maps, src_mask.sum(-1)
+        )
 
     def sinks(self, src, src_mask, special_ids):
         """(B, S) bool: the prompt positions whose attention counts as sink_share: its special tokens and
         its first real token, where a causal model parks the attention it does not need (DECISIONS.md §10)."""
-        first = src_mask.long().argmax(-1)                                  # (B,) column of the first real token
+        first = src_mask.long().argmax(-1)  # (B,) column of the first real token
         return special_mask(src, src_mask, special_ids) | F.one_hot(first, src.size(1)).bool()
 
     def value(self, prefill: Prefill, src_mask):
@@ -400,21 +506,38 @@ class DecoderOnly(nn.Module):
         if record is not None and prefill.last_maps is None:
             raise ValueError("decode(record=...) needs a prefill from encode(..., record=True)")
         pre = prefill.repeat(num_samples)
-        logits, rows = [self.head(pre.last)[:, None]], [pre.last_maps]      # y_0: the prompt's last token
+        logits, rows = (
+            [self.head(pre.last)[:, None]],
+            [pre.last_maps],
+        )  # y_0: the prompt's last token
         if T > 1:
             ahead = torch.ones(T - 1, T - 1, dtype=torch.bool, device=tgt_in.device).tril()
-            mask = torch.cat([src_mask.repeat_interleave(num_samples, 0)[:, None, None, :].expand(-1, 1, T - 1, S),
-                              ahead.expand(BN, 1, T - 1, T - 1)], dim=-1)  # (BN, 1, T-1, S+T-1)
-            positions = pre.lengths[:, None] + torch.arange(T - 1, device=tgt_in.device)      # (BN, T-1)
-            h, _, maps = self._stack(self.drop(self.tok_emb(tgt_in[:, 1:])), positions, mask,
-                                     past=list(zip(pre.keys, pre.values)), record=record is not None)
+            mask = torch.cat(
+                [
+                    src_mask.repeat_interleave(num_samples, 0)[:, None, None, :].expand(
+                        -1, 1, T - 1, S
+                    ),
+                    ahead.expand(BN, 1, T - 1, T - 1),
+                ],
+                dim=-1,
+            )  # (BN, 1, T-1, S+T-1)
+            positions = pre.lengths[:, None] + torch.arange(
+                T - 1, device=tgt_in.device
+            )  # (BN, T-1)
+            h, _, maps = self._stack(
+                self.drop(self.tok_emb(tgt_in[:, 1:])),
+                positions,
+                mask,
+                past=list(zip(pre.keys, pre.values)),
+                record=record is not None,
+            )
             logits.append(self.head(h))
             if record is not None:
-                rows.append(torch.stack([w[..., :S] for w in maps], 1))   # (BN, L', H, T-1, S)
-        logits = torch.cat(logits, 1)                                      # (BN, T, V)
+                rows.append(torch.stack([w[..., :S] for w in maps], 1))  # (BN, L', H, T-1, S)
+        logits = torch.cat(logits, 1)  # (BN, T, V)
         if record is None:
             return logits, None
-        maps = torch.cat([rows[0][:, :, :, None], *rows[1:]], dim=3)      # (BN, L', H, T, S)
+        maps = torch.cat([rows[0][:, :, :, None], *rows[1:]], dim=3)  # (BN, L', H, T, S)
         if tgt_mask is not None:
             maps = maps * tgt_mask.to(maps.dtype)[:, None, None, :, None]
         return logits, (prompt_attention(maps)[0] if record == "mean" else maps)
@@ -427,9 +550,23 @@ class DecoderOnly(nn.Module):
     # ---- sampling --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, src, src_mask, num_samples=1, max_new_tokens=64, temperature=1.0, top_k=None,
-               top_p=None, greedy=False, record_attention=True, generator=None, *, bos_id, eos_id,
-               pad_id):
+    def sample(
+        self,
+        src,
+        src_mask,
+        num_samples=1,
+        max_new_tokens=64,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        greedy=False,
+        record_attention=True,
+        generator=None,
+        *,
+        bos_id,
+        eos_id,
+        pad_id,
+    ):
         """Sample N responses per prompt with a KV cache: the encoder-decoder's `sample`, argument for
         argument (bos_id is not read: the prompt's last token produces the first response token).
         The prompt runs once; its keys and values are copied into each sample's cache, and every
@@ -441,26 +578,51 @@ class DecoderOnly(nn.Module):
         BN, dev = B * num_samples, src.device
         pre = self.encode(src, src_mask, record=record_attention).repeat(num_samples)
         width = S + max_new_tokens
-        caches = [(k.new_empty(BN, k.size(1), width, k.size(3)), v.new_empty(BN, v.size(1), width, v.size(3)))
-                  for k, v in zip(pre.keys, pre.values)]
+        caches = [
+            (
+                k.new_empty(BN, k.size(1), width, k.size(3)),
+                v.new_empty(BN, v.size(1), width, v.size(3)),
+            )
+            for k, v in zip(pre.keys, pre.values)
+        ]
         for (ck, cv), k, v in zip(caches, pre.keys, pre.values):
             ck[:, :, :S], cv[:, :, :S] = k, v
-        keys = torch.ones(BN, 1, 1, width, dtype=torch.bool, device=dev)  # prompt padding is never a key
+        keys = torch.ones(
+            BN, 1, 1, width, dtype=torch.bool, device=dev
+        )  # prompt padding is never a key
         keys[:, 0, 0, :S] = src_mask.repeat_interleave(num_samples, 0)
-        steps = Steps(BN, dev, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator,
-                      eos_id=eos_id, pad_id=pad_id, record=record_attention)
-        logits, maps = self.head(pre.last), pre.last_maps                  # step 0: the prompt's last token
+        steps = Steps(
+            BN,
+            dev,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            greedy=greedy,
+            generator=generator,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            record=record_attention,
+        )
+        logits, maps = self.head(pre.last), pre.last_maps  # step 0: the prompt's last token
         for t in range(max_new_tokens):
             abar = share = None
-            if record_attention:                                           # (BN, L', H, 1, S) -> (BN, S), (BN,)
+            if record_attention:  # (BN, L', H, 1, S) -> (BN, S), (BN,)
                 abar, share = (x[:, 0] for x in prompt_attention(maps[:, :, :, None]))
             nxt = steps.step(logits, abar, share)
             if steps.finished() or t == max_new_tokens - 1:
                 break
-            h, _, blocks = self._stack(self.tok_emb(nxt[:, None]), (pre.lengths + t)[:, None], keys[..., :S + t + 1],
-                                       caches=caches, at=S + t, record=record_attention)
-            logits = self.head(h[:, -1])                                   # (BN, V)
-            maps = torch.stack([w[:, :, -1, :S] for w in blocks], 1) if record_attention else None   # (BN, L', H, S)
+            h, _, blocks = self._stack(
+                self.tok_emb(nxt[:, None]),
+                (pre.lengths + t)[:, None],
+                keys[..., : S + t + 1],
+                caches=caches,
+                at=S + t,
+                record=record_attention,
+            )
+            logits = self.head(h[:, -1])  # (BN, V)
+            maps = (
+                torch.stack([w[:, :, -1, :S] for w in blocks], 1) if record_attention else None
+            )  # (BN, L', H, S)
         return steps.rollout()
 
 
@@ -470,5 +632,7 @@ if __name__ == "__main__":
     print("|---|---|---|---|---|---|---|")
     for name in DECODER_SIZES:
         c = policy_config("decoder", name)
-        print(f"| `{name}` | {c.d_model} | {c.n_heads} ({c.kv_heads}) | {c.n_layers} | {c.d_ff} | {c.vocab_size:,} | "
-              f"{count_policy_params(c):,} |")
+        print(
+            f"| `{name}` | {c.d_model} | {c.n_heads} ({c.kv_heads}) | {c.n_layers} | {c.d_ff} | {c.vocab_size:,} | "
+            f"{count_policy_params(c):,} |"
+        )

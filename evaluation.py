@@ -39,7 +39,7 @@ def exact_match(prediction: str, reference: str) -> float:
 
 def lcs(c: list[str], r: list[str]) -> int:
     """Length of the longest common subsequence of two word lists."""
-    prev = [0] * (len(r) + 1)                      # prev[j]: LCS length of the words of c so far and r[:j]
+    prev = [0] * (len(r) + 1)  # prev[j]: LCS length of the words of c so far and r[:j]
     for ci in c:
         cur = [0]
         for j, rj in enumerate(r, start=1):
@@ -88,11 +88,14 @@ def correctness(dataset: str):
 # Perplexity of the policy on held-out references (§7.4)
 # --------------------------------------------------------------------------------------------
 
+
 def response_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced negative log-likelihood of a collated batch's responses: (the sum over the
     response tokens, EOS included, of -log p(y_t | x, y_<t); the number of those tokens)."""
-    logits, _ = model(batch["src"], batch["src_mask"], batch["tgt_in"])                   # (B, T, V)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), batch["tgt_out"].flatten(), reduction="none")
+    logits, _ = model(batch["src"], batch["src_mask"], batch["tgt_in"])  # (B, T, V)
+    nll = F.cross_entropy(
+        logits.flatten(0, 1).float(), batch["tgt_out"].flatten(), reduction="none"
+    )
     mask = batch["tgt_mask"].flatten()
     return (nll * mask).sum(), mask.sum()
 
@@ -122,6 +125,7 @@ def perplexity(model, pairs, device, sp: data.Specials) -> float:
 # Prompt relevance (§7.4): an on-topic/off-topic classifier, an evaluator only
 # --------------------------------------------------------------------------------------------
 
+
 class PairScorer(nn.Module):
     """One scalar per (prompt, response) pair: a Transformer encoder over the two texts side by side
     (prompt tokens, then response tokens; each with its own learned positions, so the padding of a
@@ -136,8 +140,8 @@ class PairScorer(nn.Module):
         self.cfg = cfg
         D = cfg.d_model
         self.tok_emb = nn.Embedding(cfg.vocab_size, D)
-        self.src_pos = nn.Embedding(cfg.max_src_len, D)                  # prompt positions
-        self.resp_pos = nn.Embedding(cfg.max_tgt_len, D)                 # response positions
+        self.src_pos = nn.Embedding(cfg.max_src_len, D)  # prompt positions
+        self.resp_pos = nn.Embedding(cfg.max_tgt_len, D)  # response positions
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layers))
         self.ln = nn.LayerNorm(D, bias=False)
         self.head = nn.Linear(D, 1)
@@ -153,8 +157,16 @@ class PairScorer(nn.Module):
         if isinstance(policy_cfg, ModelConfig):
             return policy_cfg
         c = policy_cfg
-        return ModelConfig(vocab_size=c.vocab_size, d_model=c.d_model, n_heads=c.n_heads, n_enc_layers=2,
-                           n_dec_layers=1, d_ff=4 * c.d_model, max_src_len=c.max_src_len, max_tgt_len=c.max_tgt_len)
+        return ModelConfig(
+            vocab_size=c.vocab_size,
+            d_model=c.d_model,
+            n_heads=c.n_heads,
+            n_enc_layers=2,
+            n_dec_layers=1,
+            d_ff=4 * c.d_model,
+            max_src_len=c.max_src_len,
+            max_tgt_len=c.max_tgt_len,
+        )
 
     @classmethod
     def from_policy(cls, policy) -> "PairScorer":
@@ -175,29 +187,43 @@ class PairScorer(nn.Module):
         """src (B, S), src_mask (B, S), resp (B, T), resp_mask (B, T) -> logits (B,)."""
         S, T = src.size(1), resp.size(1)
         if S > self.cfg.max_src_len or T > self.cfg.max_tgt_len:
-            raise ValueError(f"pair of lengths {S}+{T} exceeds this scorer's max_src_len={self.cfg.max_src_len} "
-                             f"/ max_tgt_len={self.cfg.max_tgt_len}")
-        x = torch.cat([self.tok_emb(src) + self.src_pos(torch.arange(S, device=src.device)),
-                       self.tok_emb(resp) + self.resp_pos(torch.arange(T, device=src.device))], dim=1)  # (B, S+T, D)
-        mask = torch.cat([src_mask, resp_mask], dim=1)                                               # (B, S+T)
+            raise ValueError(
+                f"pair of lengths {S}+{T} exceeds this scorer's max_src_len={self.cfg.max_src_len} "
+                f"/ max_tgt_len={self.cfg.max_tgt_len}"
+            )
+        x = torch.cat(
+            [
+                self.tok_emb(src) + self.src_pos(torch.arange(S, device=src.device)),
+                self.tok_emb(resp) + self.resp_pos(torch.arange(T, device=src.device)),
+            ],
+            dim=1,
+        )  # (B, S+T, D)
+        mask = torch.cat([src_mask, resp_mask], dim=1)  # (B, S+T)
         for layer in self.encoder:
             x = layer(x, mask[:, None, None, :])
-        pooled = mean_pool(self.ln(x), mask)                              # (B, D)
-        return self.head(pooled).squeeze(-1)                              # (B,)
+        pooled = mean_pool(self.ln(x), mask)  # (B, D)
+        return self.head(pooled).squeeze(-1)  # (B,)
 
 
 def pair_tensors(pairs, device, sp: data.Specials):
     """(prompt ids, response ids) pairs -> src, src_mask, resp, resp_mask on `device` (PairScorer's inputs)."""
     b = data.collate(pairs, sp)
-    return b["src"].to(device), b["src_mask"].to(device), b["tgt_out"].to(device), b["tgt_mask"].to(device)
+    return (
+        b["src"].to(device),
+        b["src_mask"].to(device),
+        b["tgt_out"].to(device),
+        b["tgt_mask"].to(device),
+    )
 
 
 @torch.no_grad()
 def pair_scores(scorer, pairs, device, sp: data.Specials, batch_size=256) -> torch.Tensor:
     """The scorer's logit for every (prompt ids, response ids) pair: (len(pairs),) on the CPU."""
     scorer.eval()
-    out = [scorer(*pair_tensors(pairs[i:i + batch_size], device, sp)).float().cpu()
-           for i in range(0, len(pairs), batch_size)]
+    out = [
+        scorer(*pair_tensors(pairs[i : i + batch_size], device, sp)).float().cpu()
+        for i in range(0, len(pairs), batch_size)
+    ]
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -210,7 +236,9 @@ def fit_pair_scorer(scorer, loss_at, steps: int, lr: float, desc: str) -> list[f
     for step in runs.progress(range(steps), desc=desc, unit="step", leave=False):
         loss = loss_at(step)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss is {float(loss)} at step {step}; lower the learning rate")
+            raise FloatingPointError(
+                f"{desc}: loss is {float(loss)} at step {step}; lower the learning rate"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(scorer.parameters(), 1.0)
@@ -235,7 +263,9 @@ def off_topic(responses: list[str], rng: random.Random) -> list[int]:
     return [off_topic_index(i, responses, rng) for i in range(len(responses))]
 
 
-def train_relevance(tok, records, cfg: ModelConfig, device, steps=600, batch_size=64, lr=1e-3, seed=0):
+def train_relevance(
+    tok, records, cfg: ModelConfig, device, steps=600, batch_size=64, lr=1e-3, seed=0
+):
     """The relevance classifier of §7.4, a from-scratch PairScorer: (prompt, its reference) is
     on-topic (1), (prompt, another prompt's reference) off-topic (0), binary cross-entropy, fresh
     off-topic pairings every step. Train it on prompts no reward model sees (the validation split)."""
@@ -258,8 +288,12 @@ def train_relevance(tok, records, cfg: ModelConfig, device, steps=600, batch_siz
 
 def relevance(scorer, tok, prompts: list[str], responses: list[str], device) -> list[float]:
     """Prompt relevance in [0, 1] (§7.4): the classifier's probability that `response` is on topic."""
-    pairs = data.encode_records(tok, [dict(prompt=p, response=r) for p, r in zip(prompts, responses)],
-                                scorer.cfg.max_src_len, scorer.cfg.max_tgt_len)      # too long: an error, never cut
+    pairs = data.encode_records(
+        tok,
+        [dict(prompt=p, response=r) for p, r in zip(prompts, responses)],
+        scorer.cfg.max_src_len,
+        scorer.cfg.max_tgt_len,
+    )  # too long: an error, never cut
     return torch.sigmoid(pair_scores(scorer, pairs, device, data.specials(tok))).tolist()
 
 
@@ -273,13 +307,16 @@ def relevance_accuracy(scorer, tok, records, device, seed=0) -> dict:
     on = relevance(scorer, tok, prompts, responses, device)
     off = relevance(scorer, tok, prompts, [responses[j] for j in other], device)
     n = max(1, len(records))
-    return dict(pairwise=sum(a > b for a, b in zip(on, off)) / n,
-                accuracy=(sum(a > 0.5 for a in on) + sum(b <= 0.5 for b in off)) / (2 * n))
+    return dict(
+        pairwise=sum(a > b for a, b in zip(on, off)) / n,
+        accuracy=(sum(a > 0.5 for a in on) + sum(b <= 0.5 for b in off)) / (2 * n),
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Scoring a policy: greedy answers, the reward terms of fixed-seed samples, the report
 # --------------------------------------------------------------------------------------------
+
 
 def prompt_batch(tok, prompts: list[str], device, sp: data.Specials):
     """Encode and pad prompts (sp: the tokenizer's special ids): (src (B, S), src_mask (B, S)) on `device`."""
@@ -293,31 +330,55 @@ def answer(model, tok, prompts: list[str], device, max_new_tokens=64, batch_size
     model.eval()
     out, sp = [], data.specials(tok)
     for i in range(0, len(prompts), batch_size):
-        r = model.sample(*prompt_batch(tok, prompts[i:i + batch_size], device, sp), greedy=True,
-                         max_new_tokens=max_new_tokens, record_attention=False, **sp.sample_ids())
+        r = model.sample(
+            *prompt_batch(tok, prompts[i : i + batch_size], device, sp),
+            greedy=True,
+            max_new_tokens=max_new_tokens,
+            record_attention=False,
+            **sp.sample_ids(),
+        )
         out += [data.decode(tok, row.tolist(), sp) for row in r.tokens.cpu()]
     return out
 
 
 def greedy_scores(model, tok, records, device, max_new_tokens=64) -> tuple[list[str], float, float]:
     """Greedy answers to the records' prompts, their mean exact-match and mean ROUGE-L (§7.4)."""
-    preds = answer(model, tok, [r["prompt"] for r in records], device, max_new_tokens=max_new_tokens)
+    preds = answer(
+        model, tok, [r["prompt"] for r in records], device, max_new_tokens=max_new_tokens
+    )
     n = max(1, len(records))
-    return (preds, sum(exact_match(p, r["response"]) for p, r in zip(preds, records)) / n,
-            sum(rouge_l(p, r["response"]) for p, r in zip(preds, records)) / n)
+    return (
+        preds,
+        sum(exact_match(p, r["response"]) for p, r in zip(preds, records)) / n,
+        sum(rouge_l(p, r["response"]) for p, r in zip(preds, records)) / n,
+    )
 
 
-def sample_correctness(texts: list[str], references: list[str], n: int, correct=exact_match) -> tuple[float, float]:
+def sample_correctness(
+    texts: list[str], references: list[str], n: int, correct=exact_match
+) -> tuple[float, float]:
     """(mean correctness of the samples, mean over prompts of the best of each prompt's n samples):
     texts and references hold n consecutive candidates per prompt. With exact-match the second is
     pass@n, the share of prompts that at least one sample answers right."""
-    scores = torch.tensor([correct(t, ref) for t, ref in zip(texts, references)], dtype=torch.float64).view(-1, n)
+    scores = torch.tensor(
+        [correct(t, ref) for t, ref in zip(texts, references)], dtype=torch.float64
+    ).view(-1, n)
     return float(scores.mean()), float(scores.max(dim=1).values.mean())
 
 
 @torch.no_grad()
-def sampled_terms(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed=1234, batch_size=64,
-                  correct=exact_match) -> dict:
+def sampled_terms(
+    model,
+    tok,
+    records,
+    salient,
+    reward_cfg,
+    ppo_cfg,
+    device,
+    seed=1234,
+    batch_size=64,
+    correct=exact_match,
+) -> dict:
     """The mean reward and reward terms of N candidates per prompt sampled with a fixed seed at the RL
     temperature (so two checkpoints are compared on the same random numbers), and how correct those
     samples are: `sampled_correct` and `pass_at_n` (`sample_correctness` with `correct`)."""
@@ -325,9 +386,11 @@ def sampled_terms(model, tok, records, salient, reward_cfg, ppo_cfg, device, see
     sums, count, sp, N = {}, 0, data.specials(tok), ppo_cfg.num_samples
     texts, references = [], []
     for i in range(0, len(records), batch_size):
-        batch = records[i:i + batch_size]
+        batch = records[i : i + batch_size]
         src, src_mask = prompt_batch(tok, [r["prompt"] for r in batch], device, sp)
-        rollout, terms, _, _ = ppo.sample_and_score(model, src, src_mask, salient, reward_cfg, ppo_cfg, sp, gen)
+        rollout, terms, _, _ = ppo.sample_and_score(
+            model, src, src_mask, salient, reward_cfg, ppo_cfg, sp, gen
+        )
         texts += [data.decode(tok, row.tolist(), sp) for row in rollout.tokens.cpu()]
         references += [r["response"] for r in batch for _ in range(N)]
         for k, v in terms.items():
@@ -338,39 +401,84 @@ def sampled_terms(model, tok, records, salient, reward_cfg, ppo_cfg, device, see
     return out
 
 
-def evaluate_policy(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed=1234, correct=exact_match) -> dict:
+def evaluate_policy(
+    model, tok, records, salient, reward_cfg, ppo_cfg, device, seed=1234, correct=exact_match
+) -> dict:
     """A fixed evaluation: `sampled_terms`, plus exact-match, ROUGE-L and the task's correctness
     (`correct`) of the greedy answers against the references (§7.4)."""
-    out = sampled_terms(model, tok, records, salient, reward_cfg, ppo_cfg, device, seed, correct=correct)
-    preds, out["exact_match"], out["rouge_l"] = greedy_scores(model, tok, records, device, ppo_cfg.max_new_tokens)
-    out["correct"] = sum(correct(p, r["response"]) for p, r in zip(preds, records)) / max(1, len(records))
+    out = sampled_terms(
+        model, tok, records, salient, reward_cfg, ppo_cfg, device, seed, correct=correct
+    )
+    preds, out["exact_match"], out["rouge_l"] = greedy_scores(
+        model, tok, records, device, ppo_cfg.max_new_tokens
+    )
+    out["correct"] = sum(correct(p, r["response"]) for p, r in zip(preds, records)) / max(
+        1, len(records)
+    )
     return out
 
 
 @torch.no_grad()
-def candidates(model, tok, prompts, salient, reward_cfg, ppo_cfg, device, num_samples, seed=99) -> list:
+def candidates(
+    model, tok, prompts, salient, reward_cfg, ppo_cfg, device, num_samples, seed=99
+) -> list:
     """[(prompt, [(text, terms of that candidate)] * N)] for printing."""
     sp = data.specials(tok)
     src, src_mask = prompt_batch(tok, prompts, device, sp)
-    rollout, terms, _, _ = ppo.sample_and_score(model, src, src_mask, salient, reward_cfg, ppo_cfg, sp,
-                                                torch.Generator(device=device).manual_seed(seed), num_samples=num_samples)
-    rows = [(data.decode(tok, rollout.tokens[i].tolist(), sp), {k: float(v[i]) for k, v in terms.items()})
-            for i in range(rollout.tokens.size(0))]
-    return [(p, rows[b * num_samples:(b + 1) * num_samples]) for b, p in enumerate(prompts)]
+    rollout, terms, _, _ = ppo.sample_and_score(
+        model,
+        src,
+        src_mask,
+        salient,
+        reward_cfg,
+        ppo_cfg,
+        sp,
+        torch.Generator(device=device).manual_seed(seed),
+        num_samples=num_samples,
+    )
+    rows = [
+        (
+            data.decode(tok, rollout.tokens[i].tolist(), sp),
+            {k: float(v[i]) for k, v in terms.items()},
+        )
+        for i in range(rollout.tokens.size(0))
+    ]
+    return [(p, rows[b * num_samples : (b + 1) * num_samples]) for b, p in enumerate(prompts)]
 
 
 def format_candidate(text, t) -> str:
     """One candidate with its reward and the terms R is made of (§3.2)."""
-    return (f"R {t['reward']:+.3f} (coverage {t['coverage']:.3f}, focus {t['focus']:+.3f}, repeat {t['repeat']:.3f}) "
-            f"| sink {t['sink_share']:.2f} prompt {t['prompt_share']:.2f} | {text}")
+    return (
+        f"R {t['reward']:+.3f} (coverage {t['coverage']:.3f}, focus {t['focus']:+.3f}, repeat {t['repeat']:.3f}) "
+        f"| sink {t['sink_share']:.2f} prompt {t['prompt_share']:.2f} | {text}"
+    )
 
 
-REPORT_KEYS = ("reward", "coverage", "focus", "repeat", "sink_share", "prompt_share", "length", "exact_match", "rouge_l", "correct",
-               "sampled_correct", "pass_at_n")
+REPORT_KEYS = (
+    "reward",
+    "coverage",
+    "focus",
+    "repeat",
+    "sink_share",
+    "prompt_share",
+    "length",
+    "exact_match",
+    "rouge_l",
+    "correct",
+    "sampled_correct",
+    "pass_at_n",
+)
 
 
-def print_report(before: dict, after: dict, shown_before: list, shown_after: list, num_test: int,
-                 num_samples: int, correctness: str = "exact_match") -> None:
+def print_report(
+    before: dict,
+    after: dict,
+    shown_before: list,
+    shown_after: list,
+    num_test: int,
+    num_samples: int,
+    correctness: str = "exact_match",
+) -> None:
     """The end of the RL stage: the shown candidates before and after RL, then every metric of
     REPORT_KEYS on the test prompts before and after."""
     print("\nCandidates before -> after RL (2 samples each, fixed seed):")
@@ -380,8 +488,10 @@ def print_report(before: dict, after: dict, shown_before: list, shown_after: lis
             print(f"    before  {format_candidate(text, t)}")
         for text, t in a:
             print(f"    after   {format_candidate(text, t)}")
-    print(f"\n{'metric':15s} {'before RL':>10s} {'after RL':>10s}   (test split, {num_test} prompts; reward terms, "
-          f"sampled_correct and pass_at_n on {num_samples} fixed-seed samples per prompt at the RL temperature; "
-          f"exact_match, rouge_l and correct on greedy answers; correct: {correctness})")
+    print(
+        f"\n{'metric':15s} {'before RL':>10s} {'after RL':>10s}   (test split, {num_test} prompts; reward terms, "
+        f"sampled_correct and pass_at_n on {num_samples} fixed-seed samples per prompt at the RL temperature; "
+        f"exact_match, rouge_l and correct on greedy answers; correct: {correctness})"
+    )
     for k in REPORT_KEYS:
         print(f"{k:15s} {before[k]:10.4f} {after[k]:10.4f}")

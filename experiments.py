@@ -23,8 +23,8 @@ import data
 import evaluation
 import ppo
 import runs
-from evaluation import PairScorer
 from decoder import build_policy, policy_config
+from evaluation import PairScorer
 from model import config_for
 from reward import SalientTokens
 from sft import SFTConfig, train_sft
@@ -40,8 +40,13 @@ def rl_profile(cpu_iterations: int) -> dict:
     CPU_PPO for `cpu_iterations` on the CPU presets; the paper's setting (PPOConfig's defaults) on the
     GPU presets and from a pretrained snapshot."""
     cpu = dict(iterations=cpu_iterations, ppo=CPU_PPO)
-    return {"tiny": cpu, "small": cpu, "base": dict(iterations=200, ppo={}), "1.3b": dict(iterations=500, ppo={}),
-            "pretrained": dict(iterations=200, ppo={})}
+    return {
+        "tiny": cpu,
+        "small": cpu,
+        "base": dict(iterations=200, ppo={}),
+        "1.3b": dict(iterations=500, ppo={}),
+        "pretrained": dict(iterations=200, ppo={}),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,6 +57,7 @@ def rl_profile(cpu_iterations: int) -> dict:
 @dataclass
 class ExperimentConfig:
     """What `--experiment` runs besides the run's own configs (settings.resolve builds it)."""
+
     name: str = "table1"
     seeds: int = 3
     """Seeds --seed, --seed+1, ...: one SFT model each."""
@@ -78,8 +84,10 @@ def check_settings(work: Path, settings: dict) -> None:
         old = json.loads(path.read_text())
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
-            raise runs.UsageError(f"{work} holds rows computed with other settings (differs in: {', '.join(diff)}). "
-                             f"Pass --out DIR for a new table, or delete {work} to recompute this one.")
+            raise runs.UsageError(
+                f"{work} holds rows computed with other settings (differs in: {', '.join(diff)}). "
+                f"Pass --out DIR for a new table, or delete {work} to recompute this one."
+            )
     else:
         write_json(path, settings)
 
@@ -116,7 +124,12 @@ def arch_setting(run) -> dict:
 def relevance_classifier(work: Path, tok, splits, cfg, settings, device):
     """The relevance classifier of §7.4 (trained once per dataset on the validation split, frozen) and
     its held-out statistics; read from work/relevance.pt when an earlier call wrote it."""
-    clf_cfg = config_for("tiny", vocab_size=tok.get_vocab_size(), max_src_len=cfg.max_src_len, max_tgt_len=cfg.max_tgt_len)
+    clf_cfg = config_for(
+        "tiny",
+        vocab_size=tok.get_vocab_size(),
+        max_src_len=cfg.max_src_len,
+        max_tgt_len=cfg.max_tgt_len,
+    )
     clf_path = work / "relevance.pt"
     if clf_path.exists():
         saved = torch.load(clf_path, map_location=device, weights_only=False)
@@ -125,14 +138,22 @@ def relevance_classifier(work: Path, tok, splits, cfg, settings, device):
         clf_stats = saved["stats"]
     else:
         t0 = time.time()
-        classifier = evaluation.train_relevance(tok, splits.val, clf_cfg, device, steps=settings["relevance_steps"])
+        classifier = evaluation.train_relevance(
+            tok, splits.val, clf_cfg, device, steps=settings["relevance_steps"]
+        )
         clf_stats = evaluation.relevance_accuracy(classifier, tok, splits.test, device)
-        clf_stats.update(parameters=sum(p.numel() for p in classifier.parameters()), seconds=round(time.time() - t0, 1),
-                         trained_on=f"{len(splits.val)} validation prompts", steps=settings["relevance_steps"])
+        clf_stats.update(
+            parameters=sum(p.numel() for p in classifier.parameters()),
+            seconds=round(time.time() - t0, 1),
+            trained_on=f"{len(splits.val)} validation prompts",
+            steps=settings["relevance_steps"],
+        )
         runs.atomic_save(clf_path, dict(model=classifier.state_dict(), stats=clf_stats))
     classifier.eval().requires_grad_(False)
-    print(f"relevance classifier: held-out pairwise {clf_stats['pairwise']:.1%}, accuracy {clf_stats['accuracy']:.1%} "
-          f"({len(splits.test)} test prompts)")
+    print(
+        f"relevance classifier: held-out pairwise {clf_stats['pairwise']:.1%}, accuracy {clf_stats['accuracy']:.1%} "
+        f"({len(splits.test)} test prompts)"
+    )
     return classifier, clf_stats
 
 
@@ -141,12 +162,13 @@ class Shared:
     """What every seed of an experiment shares: the splits, the tokenizer (trained once, kept in the
     work directory), the model config, the encoded training pairs, the salient tokens and the
     relevance classifier with its held-out statistics."""
+
     name: str
     splits: object
     tok: object
     cfg: object
-    train_pairs: list               # clean: RL's prompts, the oracle's references
-    sft_pairs: list                 # what SFT trains on: with --sft-noise, a share made wrong
+    train_pairs: list  # clean: RL's prompts, the oracle's references
+    sft_pairs: list  # what SFT trains on: with --sft-noise, a share made wrong
     salient: SalientTokens
     classifier: PairScorer
     clf_stats: dict
@@ -166,12 +188,22 @@ def shared_setup(run, work: Path, settings: dict, device) -> Shared:
     if tok_path.exists():
         tok = data.tokenizer_from_str(tok_path.read_text())
     else:
-        tok = data.train_tokenizer(list(data.record_texts(splits.train)), policy_config(run.arch, size).vocab_size)
+        tok = data.train_tokenizer(
+            list(data.record_texts(splits.train)), policy_config(run.arch, size).vocab_size
+        )
     cfg = policy_config(run.arch, size, vocab_size=tok.get_vocab_size())
     try:
         train_pairs = data.encode_records(tok, splits.train, cfg.max_src_len, cfg.max_tgt_len)
-        sft_pairs = data.noisy_sft_pairs(tok, splits.train, train_pairs, run.sft_noise, run.seed, dataset,
-                                         cfg.max_src_len, cfg.max_tgt_len)[0]
+        sft_pairs = data.noisy_sft_pairs(
+            tok,
+            splits.train,
+            train_pairs,
+            run.sft_noise,
+            run.seed,
+            dataset,
+            cfg.max_src_len,
+            cfg.max_tgt_len,
+        )[0]
         data.check_held_out(splits, tok, cfg.max_src_len, cfg.max_tgt_len)
     except ValueError as e:
         raise SystemExit(f"--dataset {dataset}: {e}") from None
@@ -182,10 +214,22 @@ def shared_setup(run, work: Path, settings: dict, device) -> Shared:
         runs.write_text(tok_path, data.tokenizer_to_str(tok))
     salient = SalientTokens.build(tok, [p for p, _ in train_pairs])
     classifier, clf_stats = relevance_classifier(work, tok, splits, cfg, settings, device)
-    return Shared(label(dataset, run.arch), splits, tok, cfg, train_pairs, sft_pairs, salient, classifier, clf_stats)
+    return Shared(
+        label(dataset, run.arch),
+        splits,
+        tok,
+        cfg,
+        train_pairs,
+        sft_pairs,
+        salient,
+        classifier,
+        clf_stats,
+    )
 
 
-def seed_sft(seed, sd: Path, settings, cfg, tok, splits, sft_pairs, salient, device) -> tuple[dict, float]:
+def seed_sft(
+    seed, sd: Path, settings, cfg, tok, splits, sft_pairs, salient, device
+) -> tuple[dict, float]:
     """The SFT model of one seed (the No-RL row and every RL row's start), trained on `sft_pairs` (with
     --sft-noise, a share made wrong): (its weights, its seconds), read from sd/sft.pt when an earlier
     call wrote it."""
@@ -197,14 +241,29 @@ def seed_sft(seed, sd: Path, settings, cfg, tok, splits, sft_pairs, salient, dev
     runs.seed_everything(seed)
     model = build_policy(cfg).to(device)
     t0 = time.time()
-    print(f"seed {seed} | SFT: {settings['sft_steps']} steps x {settings['sft_batch_size']}, lr {settings['sft_lr']}")
-    sft_cfg = SFTConfig(steps=settings["sft_steps"], batch_size=settings["sft_batch_size"], lr=settings["sft_lr"],
-                        warmup=settings["warmup"], eval_every=max(1, settings["sft_steps"] // 3))
+    print(
+        f"seed {seed} | SFT: {settings['sft_steps']} steps x {settings['sft_batch_size']}, lr {settings['sft_lr']}"
+    )
+    sft_cfg = SFTConfig(
+        steps=settings["sft_steps"],
+        batch_size=settings["sft_batch_size"],
+        lr=settings["sft_lr"],
+        warmup=settings["warmup"],
+        eval_every=max(1, settings["sft_steps"] // 3),
+    )
     val_pairs = data.encode_records(tok, splits.val[:200], cfg.max_src_len, cfg.max_tgt_len)
     train_sft(model, sft_pairs, val_pairs, sft_cfg, device, specials=data.specials(tok), seed=seed)
     sft_seconds = time.time() - t0
-    runs.save_checkpoint(sft_path, model, tok, salient.idf, size=settings["size"], dataset=settings["dataset"],
-                         stage="sft", seed=seed)
+    runs.save_checkpoint(
+        sft_path,
+        model,
+        tok,
+        salient.idf,
+        size=settings["size"],
+        dataset=settings["dataset"],
+        stage="sft",
+        seed=seed,
+    )
     write_json(sd / "sft.json", dict(seconds=round(sft_seconds, 1)))
     return model.state_dict(), sft_seconds
 
@@ -223,8 +282,11 @@ def worker_processes(run) -> tuple[int, int]:
 def device_line(run, device) -> str:
     """Where an experiment ran, for its table: the device, its threads and the worker processes."""
     workers, threads = worker_processes(run)
-    return f"{device} ({threads} threads)" if workers == 1 else \
-        f"{device} ({workers} worker processes at once, {threads} thread(s) each)"
+    return (
+        f"{device} ({threads} threads)"
+        if workers == 1
+        else f"{device} ({workers} worker processes at once, {threads} thread(s) each)"
+    )
 
 
 def seeds_in_workers(run, module: str, work: Path, seeds: list[int], device) -> None:
@@ -236,18 +298,25 @@ def seeds_in_workers(run, module: str, work: Path, seeds: list[int], device) -> 
     if workers <= 1:
         return
     logs = {s: work / f"seed{s}" / "log.txt" for s in seeds}
-    print(f"seeds {', '.join(map(str, seeds))}: {workers} worker processes at once, {threads} thread(s) each on a CPU "
-          f"(their output: {work}/seed<s>/log.txt)")
+    print(
+        f"seeds {', '.join(map(str, seeds))}: {workers} worker processes at once, {threads} thread(s) each on a CPU "
+        f"(their output: {work}/seed<s>/log.txt)"
+    )
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = {pool.submit(_seed_worker, module, run, s, str(device), threads, logs[s]): s for s in seeds}
+        jobs = {
+            pool.submit(_seed_worker, module, run, s, str(device), threads, logs[s]): s
+            for s in seeds
+        }
         with runs.progress(total=len(seeds), desc="seeds", unit="seed") as bar:
             for job in as_completed(jobs):
                 try:
                     job.result()
                 except Exception as e:
-                    raise SystemExit(f"seed {jobs[job]} failed in its worker process: {e!r}; its output is in "
-                                     f"{logs[jobs[job]]}. Rows already written are kept: run the same command again "
-                                     "to continue") from None
+                    raise SystemExit(
+                        f"seed {jobs[job]} failed in its worker process: {e!r}; its output is in "
+                        f"{logs[jobs[job]]}. Rows already written are kept: run the same command again "
+                        "to continue"
+                    ) from None
                 bar.update()
 
 
@@ -276,6 +345,7 @@ def _exit_with_parent(parent: int) -> None:
 def save_figure(fig, path: Path) -> None:
     """Lay out, save to a temporary file and rename over `path` (never half a .png), close."""
     import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)

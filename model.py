@@ -35,10 +35,10 @@ from torch.utils.checkpoint import checkpoint
 from checks import AT_LEAST_1, BOOL, POSITIVE, ConfigError, check_fields, checked_overrides, one_of
 from sampling import Rollout, Steps, check_sampling, token_entropy, token_self_certainty  # noqa: F401 (model.Rollout, ...)
 
-
 # --------------------------------------------------------------------------------------------
 # Configuration: one dataclass, one dict of sizes.
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class ModelConfig:
@@ -87,24 +87,57 @@ class ModelConfig:
     """Multiply the decoder output by d_model^-0.5 before the head (T5 v1.0, whose head is tied)."""
 
     def __post_init__(self):
-        check_fields(self, {name: AT_LEAST_1 for name in ("vocab_size", "d_model", "n_heads", "n_enc_layers",
-                                                          "n_dec_layers", "d_ff", "max_src_len", "max_tgt_len",
-                                                          "rel_buckets", "rel_max_distance")})
-        check_fields(self, dict(dropout=(lambda v: 0 <= v < 1, "in [0, 1)"), norm_eps=POSITIVE,
-                                norm=one_of("layernorm", "rmsnorm"), position=one_of("absolute", "relative"),
-                                ffn=one_of("gelu", "relu", "gated-gelu"), scale_scores=BOOL, tie_head=BOOL,
-                                scale_head=BOOL, d_kv=(lambda v: v is None or AT_LEAST_1[0](v),
-                                                       "None or " + AT_LEAST_1[1])))
-        if self.rel_buckets < 4:                                           # 2 exact + 2 log buckets per side
+        check_fields(
+            self,
+            {
+                name: AT_LEAST_1
+                for name in (
+                    "vocab_size",
+                    "d_model",
+                    "n_heads",
+                    "n_enc_layers",
+                    "n_dec_layers",
+                    "d_ff",
+                    "max_src_len",
+                    "max_tgt_len",
+                    "rel_buckets",
+                    "rel_max_distance",
+                )
+            },
+        )
+        check_fields(
+            self,
+            dict(
+                dropout=(lambda v: 0 <= v < 1, "in [0, 1)"),
+                norm_eps=POSITIVE,
+                norm=one_of("layernorm", "rmsnorm"),
+                position=one_of("absolute", "relative"),
+                ffn=one_of("gelu", "relu", "gated-gelu"),
+                scale_scores=BOOL,
+                tie_head=BOOL,
+                scale_head=BOOL,
+                d_kv=(lambda v: v is None or AT_LEAST_1[0](v), "None or " + AT_LEAST_1[1]),
+            ),
+        )
+        if self.rel_buckets < 4:  # 2 exact + 2 log buckets per side
             raise ConfigError("rel_buckets", self.rel_buckets, "at least 4")
         if self.rel_max_distance <= self.rel_buckets // 2:
-            raise ConfigError("rel_max_distance", self.rel_max_distance,
-                              f"greater than rel_buckets // 2 = {self.rel_buckets // 2} (the exact distances)")
+            raise ConfigError(
+                "rel_max_distance",
+                self.rel_max_distance,
+                f"greater than rel_buckets // 2 = {self.rel_buckets // 2} (the exact distances)",
+            )
         if self.d_kv is None and self.d_model % self.n_heads:
-            raise ConfigError("d_model", self.d_model, f"divisible by n_heads={self.n_heads}", related="n_heads")
+            raise ConfigError(
+                "d_model", self.d_model, f"divisible by n_heads={self.n_heads}", related="n_heads"
+            )
         if not 1 <= self.last_layers <= self.n_dec_layers:
-            raise ConfigError("last_layers", self.last_layers, f"in 1..n_dec_layers={self.n_dec_layers} (L' of §3.2)",
-                              related="n_dec_layers")
+            raise ConfigError(
+                "last_layers",
+                self.last_layers,
+                f"in 1..n_dec_layers={self.n_dec_layers} (L' of §3.2)",
+                related="n_dec_layers",
+            )
 
     @property
     def head_dim(self) -> int:
@@ -118,14 +151,32 @@ SIZES: dict[str, dict] = {
     # CPU-sized: the main job's default; SFT in minutes on 2 cores.
     "tiny": dict(vocab_size=3000, d_model=128, n_heads=4, n_enc_layers=2, n_dec_layers=2, d_ff=512),
     # Still a CPU model, ~6x slower per token than tiny.
-    "small": dict(vocab_size=4000, d_model=256, n_heads=4, n_enc_layers=4, n_dec_layers=4, d_ff=1024),
+    "small": dict(
+        vocab_size=4000, d_model=256, n_heads=4, n_enc_layers=4, n_dec_layers=4, d_ff=1024
+    ),
     # One GPU: T5-small-like.
-    "base": dict(vocab_size=8000, d_model=512, n_heads=8, n_enc_layers=6, n_dec_layers=6, d_ff=2048,
-                 max_src_len=256, max_tgt_len=256),
+    "base": dict(
+        vocab_size=8000,
+        d_model=512,
+        n_heads=8,
+        n_enc_layers=6,
+        n_dec_layers=6,
+        d_ff=2048,
+        max_src_len=256,
+        max_tgt_len=256,
+    ),
     # The paper's scale (§7.2, "approximately 1.3 billion parameters"), T5/BART-like proportions:
     # d_ff = 4 D, head width 64, equal encoder and decoder depth.
-    "1.3b": dict(vocab_size=32000, d_model=1536, n_heads=24, n_enc_layers=18, n_dec_layers=18,
-                 d_ff=6144, max_src_len=512, max_tgt_len=512),
+    "1.3b": dict(
+        vocab_size=32000,
+        d_model=1536,
+        n_heads=24,
+        n_enc_layers=18,
+        n_dec_layers=18,
+        d_ff=6144,
+        max_src_len=512,
+        max_tgt_len=512,
+    ),
 }
 
 
@@ -143,6 +194,7 @@ def config_for(size: str, **overrides) -> ModelConfig:
 # Attention: one function, weights on request.
 # --------------------------------------------------------------------------------------------
 
+
 def attention(q, k, v, mask=None, is_causal=False, need_weights=False, scale=None):
     """Scaled dot-product attention softmax(q k^T * scale + mask) v, returning (out, weights).
 
@@ -155,11 +207,13 @@ def attention(q, k, v, mask=None, is_causal=False, need_weights=False, scale=Non
     """
     if not need_weights:
         if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
-            mask = mask.to(q.dtype)                                        # bf16 autocast: SDPA wants one dtype
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+            mask = mask.to(q.dtype)  # bf16 autocast: SDPA wants one dtype
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale
+        )
         return out, None
     hd = q.size(-1)
-    scores = q @ k.transpose(-2, -1)                                       # (B, H, Tq, Tk)
+    scores = q @ k.transpose(-2, -1)  # (B, H, Tq, Tk)
     scores = scores / math.sqrt(hd) if scale is None else scores * scale
     if is_causal:
         Tq, Tk = scores.shape[-2:]
@@ -170,8 +224,8 @@ def attention(q, k, v, mask=None, is_causal=False, need_weights=False, scale=Non
     elif mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     # Softmax in float32 so recorded maps sum to 1 to float32 precision even under bf16 autocast.
-    weights = torch.softmax(scores.float(), dim=-1)                      # (B, H, Tq, Tk)
-    out = weights.to(v.dtype) @ v                                        # (B, H, Tq, hd)
+    weights = torch.softmax(scores.float(), dim=-1)  # (B, H, Tq, Tk)
+    out = weights.to(v.dtype) @ v  # (B, H, Tq, hd)
     return out, weights
 
 
@@ -191,11 +245,14 @@ def relative_position_bucket(rel, bidirectional: bool, num_buckets: int, max_dis
         buckets = buckets + (rel > 0).long() * num_buckets
         rel = rel.abs()
     else:
-        rel = -torch.min(rel, torch.zeros_like(rel))                        # distance into the past, >= 0
+        rel = -torch.min(rel, torch.zeros_like(rel))  # distance into the past, >= 0
     max_exact = num_buckets // 2
     # The log in float32, as the reference: float64 can move a distance at a bin edge to the next bucket.
-    large = max_exact + (torch.log(rel.float() / max_exact) / math.log(max_distance / max_exact)
-                         * (num_buckets - max_exact)).to(torch.long)
+    large = max_exact + (
+        torch.log(rel.float() / max_exact)
+        / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).to(torch.long)
     large = torch.min(large, torch.full_like(large, num_buckets - 1))
     return buckets + torch.where(rel < max_exact, rel, large)
 
@@ -207,17 +264,19 @@ def additive_mask(bias, mask=None, is_causal=False):
     Tq, Tk = bias.shape[-2:]
     allowed = mask
     if is_causal:
-        causal = torch.ones(Tq, Tk, dtype=torch.bool, device=bias.device).tril(Tk - Tq)   # (Tq, Tk)
+        causal = torch.ones(Tq, Tk, dtype=torch.bool, device=bias.device).tril(Tk - Tq)  # (Tq, Tk)
         allowed = causal if allowed is None else allowed & causal
     if allowed is None:
         return bias
-    return torch.where(allowed, bias, torch.full((), float("-inf"), dtype=bias.dtype, device=bias.device))
+    return torch.where(
+        allowed, bias, torch.full((), float("-inf"), dtype=bias.dtype, device=bias.device)
+    )
 
 
 def rms_norm(x, weight, eps: float):
     """T5's layer norm (Raffel et al. 2020, §2.1): x / sqrt(mean(x^2) + eps) * weight, no mean
     subtraction and no bias; the mean of squares in float32 even for half-precision x. (..., D)."""
-    variance = x.float().pow(2).mean(-1, keepdim=True)                     # (..., 1)
+    variance = x.float().pow(2).mean(-1, keepdim=True)  # (..., 1)
     return weight * (x * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
@@ -255,8 +314,8 @@ def special_mask(src, src_mask, special_ids):
 
 def mean_pool(x, mask):
     """Mean of x over the positions where mask is True: (B, S, D), (B, S) -> (B, D)."""
-    m = mask.unsqueeze(-1).to(x.dtype)                                    # (B, S, 1)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1)                         # (B, D)
+    m = mask.unsqueeze(-1).to(x.dtype)  # (B, S, 1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)  # (B, D)
 
 
 class MultiHeadAttention(nn.Module):
@@ -268,8 +327,8 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, records: bool = False, relative_bias: bool = False):
         super().__init__()
         self.n_heads, self.d_head, self.records = cfg.n_heads, cfg.head_dim, records
-        self.scale = None if cfg.scale_scores else 1.0                   # None: 1/sqrt(d_head)
-        inner = cfg.n_heads * cfg.head_dim                                 # may differ from d_model
+        self.scale = None if cfg.scale_scores else 1.0  # None: 1/sqrt(d_head)
+        inner = cfg.n_heads * cfg.head_dim  # may differ from d_model
         self.q = nn.Linear(cfg.d_model, inner, bias=False)
         self.kv = nn.Linear(cfg.d_model, 2 * inner, bias=False)
         self.out = nn.Linear(inner, cfg.d_model, bias=False)
@@ -277,16 +336,18 @@ class MultiHeadAttention(nn.Module):
             self.rel_bias = nn.Embedding(cfg.rel_buckets, cfg.n_heads)
             self.rel_buckets, self.rel_max_distance = cfg.rel_buckets, cfg.rel_max_distance
 
-    def heads(self, x):                                                  # (B, T, H*hd) -> (B, H, T, hd)
+    def heads(self, x):  # (B, T, H*hd) -> (B, H, T, hd)
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.d_head).transpose(1, 2)
 
     def position_bias(self, q_pos, k_len: int, bidirectional: bool):
         """The relative position bias of queries at positions q_pos (Tq,) against keys at positions
         0 .. k_len-1, one value per head from this block's table: (1, H, Tq, Tk)."""
-        rel = torch.arange(k_len, device=q_pos.device)[None, :] - q_pos[:, None]   # (Tq, Tk)
-        buckets = relative_position_bucket(rel, bidirectional, self.rel_buckets, self.rel_max_distance)
-        return self.rel_bias(buckets).permute(2, 0, 1).unsqueeze(0)      # (1, H, Tq, Tk)
+        rel = torch.arange(k_len, device=q_pos.device)[None, :] - q_pos[:, None]  # (Tq, Tk)
+        buckets = relative_position_bucket(
+            rel, bidirectional, self.rel_buckets, self.rel_max_distance
+        )
+        return self.rel_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, Tq, Tk)
 
     def project_kv(self, x):
         """Keys and values of `x`, each (B, H, T, hd). Cross-attention calls this once per prompt. A
@@ -303,16 +364,22 @@ class MultiHeadAttention(nn.Module):
         never copied N times. Returns (out (B', Tq, D), weights (B', H, Tq, Tk) or None).
         """
         if need_weights and not self.records:
-            raise RuntimeError("this attention block does not record its weights: only the cross-attention of the "
-                               "last `last_layers` decoder layers does (ModelConfig.last_layers, L' of §3.2)")
+            raise RuntimeError(
+                "this attention block does not record its weights: only the cross-attention of the "
+                "last `last_layers` decoder layers does (ModelConfig.last_layers, L' of §3.2)"
+            )
         Bq, Tq, _ = x.shape
         B = k.size(0)
         G = Bq // B
         assert Bq == B * G, f"query batch {Bq} is not a multiple of key batch {B}"
-        assert G == 1 or not is_causal, "folding samples into one query sequence is for cross-attention only"
-        q = self.heads(self.q(x).reshape(B, G * Tq, -1))                   # (B, H, G*Tq, hd)
-        y, w = attention(q, k, v, mask=mask, is_causal=is_causal, need_weights=need_weights, scale=self.scale)
-        y = y.transpose(1, 2).reshape(Bq, Tq, -1)                          # (B', Tq, H*hd)
+        assert G == 1 or not is_causal, (
+            "folding samples into one query sequence is for cross-attention only"
+        )
+        q = self.heads(self.q(x).reshape(B, G * Tq, -1))  # (B, H, G*Tq, hd)
+        y, w = attention(
+            q, k, v, mask=mask, is_causal=is_causal, need_weights=need_weights, scale=self.scale
+        )
+        y = y.transpose(1, 2).reshape(Bq, Tq, -1)  # (B', Tq, H*hd)
         if w is not None:
             H, Tk = w.size(1), w.size(-1)
             w = w.view(B, H, G, Tq, Tk).transpose(1, 2).reshape(Bq, H, Tq, Tk)  # (B', H, Tq, Tk)
@@ -332,7 +399,7 @@ class FeedForward(nn.Module):
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.out = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
-    def forward(self, x):                                                 # (..., D) -> (..., D)
+    def forward(self, x):  # (..., D) -> (..., D)
         if self.kind == "gated-gelu":
             return self.out(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
         if self.kind == "swiglu":
@@ -381,9 +448,9 @@ class DecoderLayer(nn.Module):
         else:
             ck, cv = cache
             assert x.size(1) == 1, "the KV cache is filled one token at a time"
-            ck[:, :, pos:pos + 1], cv[:, :, pos:pos + 1] = k, v
+            ck[:, :, pos : pos + 1], cv[:, :, pos : pos + 1] = k, v
             # The one new query sees every cached position, so no causal mask is needed.
-            a, _ = self.self_attn(h, ck[:, :, :pos + 1], cv[:, :, :pos + 1], mask=self_mask)
+            a, _ = self.self_attn(h, ck[:, :, : pos + 1], cv[:, :, : pos + 1], mask=self_mask)
         x = x + self.drop(a)
         a, w = self.cross_attn(self.ln2(x), *cross_kv, mask=src_mask, need_weights=need_weights)
         x = x + self.drop(a)
@@ -401,13 +468,14 @@ class ValueHead(nn.Module):
         self.hidden = nn.Linear(d_model, d_model)
         self.out = nn.Linear(d_model, 1)
 
-    def forward(self, pooled):                                            # (B, D) -> (B,)
-        return self.out(torch.tanh(self.hidden(pooled))).squeeze(-1)      # (B,)
+    def forward(self, pooled):  # (B, D) -> (B,)
+        return self.out(torch.tanh(self.hidden(pooled))).squeeze(-1)  # (B,)
 
 
 # --------------------------------------------------------------------------------------------
 # The model.
 # --------------------------------------------------------------------------------------------
+
 
 class EncoderDecoder(nn.Module):
     """Pre-norm encoder-decoder Transformer with tied embeddings (T5/BART-like, §7.2). The
@@ -418,15 +486,18 @@ class EncoderDecoder(nn.Module):
         self.cfg = cfg
         D = cfg.d_model
         relative = cfg.position == "relative"
-        self.tok_emb = nn.Embedding(cfg.vocab_size, D)                   # shared: encoder, decoder, (tied) LM head
+        self.tok_emb = nn.Embedding(cfg.vocab_size, D)  # shared: encoder, decoder, (tied) LM head
         self.enc_pos = None if relative else nn.Embedding(cfg.max_src_len, D)
         self.dec_pos = None if relative else nn.Embedding(cfg.max_tgt_len, D)
         # Relative positions: one bias table per stack, in its first layer's self-attention.
-        self.encoder = nn.ModuleList(EncoderLayer(cfg, relative_bias=relative and i == 0)
-                                     for i in range(cfg.n_enc_layers))
-        first_recording = cfg.n_dec_layers - cfg.last_layers            # layers L-L'+1 .. L record (§3.2)
-        self.decoder = nn.ModuleList(DecoderLayer(cfg, records=i >= first_recording, relative_bias=relative and i == 0)
-                                     for i in range(cfg.n_dec_layers))
+        self.encoder = nn.ModuleList(
+            EncoderLayer(cfg, relative_bias=relative and i == 0) for i in range(cfg.n_enc_layers)
+        )
+        first_recording = cfg.n_dec_layers - cfg.last_layers  # layers L-L'+1 .. L record (§3.2)
+        self.decoder = nn.ModuleList(
+            DecoderLayer(cfg, records=i >= first_recording, relative_bias=relative and i == 0)
+            for i in range(cfg.n_dec_layers)
+        )
         self.enc_ln, self.dec_ln = make_norm(cfg), make_norm(cfg)
         self.lm_head = None if cfg.tie_head else nn.Linear(D, cfg.vocab_size, bias=False)
         self.value_head = ValueHead(D)
@@ -434,7 +505,10 @@ class EncoderDecoder(nn.Module):
         self.apply(self._init_weights)
         # nanoGPT's scaled init of the projections that write into the residual stream, one per
         # residual branch: 2 per encoder layer, 3 per decoder layer.
-        for stack, branches in ((self.encoder, 2 * cfg.n_enc_layers), (self.decoder, 3 * cfg.n_dec_layers)):
+        for stack, branches in (
+            (self.encoder, 2 * cfg.n_enc_layers),
+            (self.decoder, 3 * cfg.n_dec_layers),
+        ):
             for name, p in stack.named_parameters():
                 if name.endswith("out.weight"):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(branches))
@@ -467,7 +541,7 @@ class EncoderDecoder(nn.Module):
         """Logits of the final decoder states: (B', T, D) -> (B', T, V). T5 v1.0 scales h by
         d_model^-0.5 first (scale_head); the head is tok_emb^T when tied, else lm_head."""
         if self.cfg.scale_head:
-            h = h * self.cfg.d_model ** -0.5
+            h = h * self.cfg.d_model**-0.5
         return h @ self.tok_emb.weight.t() if self.lm_head is None else self.lm_head(h)
 
     # ---- encoder ---------------------------------------------------------------------------
@@ -478,20 +552,22 @@ class EncoderDecoder(nn.Module):
         if S > self.cfg.max_src_len:
             raise ValueError(f"prompt length {S} exceeds max_src_len={self.cfg.max_src_len}")
         pos = torch.arange(S, device=src.device)
-        key_mask = src_mask[:, None, None, :]                              # (B, 1, 1, S)
-        if self.enc_pos is None:                                           # relative: bidirectional bias
-            x = self.drop(self.tok_emb(src))                               # (B, S, D)
-            mask = additive_mask(self.encoder[0].attn.position_bias(pos, S, bidirectional=True), key_mask)
+        key_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
+        if self.enc_pos is None:  # relative: bidirectional bias
+            x = self.drop(self.tok_emb(src))  # (B, S, D)
+            mask = additive_mask(
+                self.encoder[0].attn.position_bias(pos, S, bidirectional=True), key_mask
+            )
         else:
-            x = self.drop(self.tok_emb(src) + self.enc_pos(pos))          # (B, S, D)
+            x = self.drop(self.tok_emb(src) + self.enc_pos(pos))  # (B, S, D)
             mask = key_mask
         for layer in self.encoder:
             x = self._layer(layer, x, mask)
-        return self.enc_ln(x)                                             # (B, S, D)
+        return self.enc_ln(x)  # (B, S, D)
 
     def value(self, memory, src_mask):
         """V(x), one scalar per prompt: (B, S, D), (B, S) -> (B,)."""
-        return self.value_head(mean_pool(memory, src_mask))              # (B,)
+        return self.value_head(mean_pool(memory, src_mask))  # (B,)
 
     def sinks(self, src, src_mask, special_ids):
         """(B, S) bool: the prompt positions whose attention counts as sink_share: its special tokens."""
@@ -511,30 +587,41 @@ class EncoderDecoder(nn.Module):
             raise ValueError(f"record must be None, 'mean' or 'layers', got {record!r}")
         T = y.size(1)
         if pos + T > self.cfg.max_tgt_len:
-            raise ValueError(f"response length {pos + T} exceeds max_tgt_len={self.cfg.max_tgt_len}")
+            raise ValueError(
+                f"response length {pos + T} exceeds max_tgt_len={self.cfg.max_tgt_len}"
+            )
         positions = torch.arange(pos, pos + T, device=y.device)
-        if self.dec_pos is None:                                           # relative: causal bias, rows pos .. pos+T-1
-            x = self.drop(self.tok_emb(y))                                 # (B', T, D)
+        if self.dec_pos is None:  # relative: causal bias, rows pos .. pos+T-1
+            x = self.drop(self.tok_emb(y))  # (B', T, D)
             bias = self.decoder[0].self_attn.position_bias(positions, pos + T, bidirectional=False)
-            self_mask = additive_mask(bias, is_causal=True)                # (1, H, T, pos+T)
+            self_mask = additive_mask(bias, is_causal=True)  # (1, H, T, pos+T)
         else:
-            x = self.drop(self.tok_emb(y) + self.dec_pos(positions))       # (B', T, D)
+            x = self.drop(self.tok_emb(y) + self.dec_pos(positions))  # (B', T, D)
             self_mask = None
-        key_mask = src_mask[:, None, None, :]                              # (B, 1, 1, S)
+        key_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
         maps = []
         for i, layer in enumerate(self.decoder):
             need = record is not None and layer.cross_attn.records
             if caches is None:
-                x, w = self._layer(layer, x, cross_kv[i], key_mask, need_weights=need, pos=pos, self_mask=self_mask)
-            else:                                                          # sampling: no graph, KV cache
-                x, w = layer(x, cross_kv[i], key_mask, need_weights=need, cache=caches[i], pos=pos,
-                             self_mask=self_mask)
+                x, w = self._layer(
+                    layer, x, cross_kv[i], key_mask, need_weights=need, pos=pos, self_mask=self_mask
+                )
+            else:  # sampling: no graph, KV cache
+                x, w = layer(
+                    x,
+                    cross_kv[i],
+                    key_mask,
+                    need_weights=need,
+                    cache=caches[i],
+                    pos=pos,
+                    self_mask=self_mask,
+                )
             if w is not None:
-                maps.append(w)                                            # (B', H, T, S)
-        logits = self.head(self.dec_ln(x))                                 # (B', T, V)
+                maps.append(w)  # (B', H, T, S)
+        logits = self.head(self.dec_ln(x))  # (B', T, V)
         if record is None:
             return logits, None
-        maps = torch.stack(maps, dim=1)                                    # (B', L', H, T, S)
+        maps = torch.stack(maps, dim=1)  # (B', L', H, T, S)
         return logits, (abar(maps) if record == "mean" else maps)
 
     def decode(self, memory, src_mask, tgt_in, num_samples=1, record=None, tgt_mask=None):
@@ -547,8 +634,10 @@ class EncoderDecoder(nn.Module):
         after EOS. Returns (logits (B*N, T, V), the recorded maps or None).
         """
         if tgt_in.size(0) != memory.size(0) * num_samples:
-            raise ValueError(f"tgt_in has {tgt_in.size(0)} rows; expected B*N = {memory.size(0)}*{num_samples} "
-                             f"(the N responses of prompt b are rows b*N .. b*N+N-1)")
+            raise ValueError(
+                f"tgt_in has {tgt_in.size(0)} rows; expected B*N = {memory.size(0)}*{num_samples} "
+                f"(the N responses of prompt b are rows b*N .. b*N+N-1)"
+            )
         logits, maps = self._decode(tgt_in, self.cross_kv(memory), src_mask, record)
         if maps is not None and tgt_mask is not None:
             m = tgt_mask.to(maps.dtype)
@@ -557,14 +646,30 @@ class EncoderDecoder(nn.Module):
 
     def forward(self, src, src_mask, tgt_in, num_samples=1, record=None, tgt_mask=None):
         """encode + decode: (logits (B*N, T, V), the recorded maps or None). See `decode`."""
-        return self.decode(self.encode(src, src_mask), src_mask, tgt_in, num_samples, record, tgt_mask)
+        return self.decode(
+            self.encode(src, src_mask), src_mask, tgt_in, num_samples, record, tgt_mask
+        )
 
     # ---- sampling --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, src, src_mask, num_samples=1, max_new_tokens=64, temperature=1.0, top_k=None,
-               top_p=None, greedy=False, record_attention=True, generator=None, *, bos_id, eos_id,
-               pad_id) -> Rollout:
+    def sample(
+        self,
+        src,
+        src_mask,
+        num_samples=1,
+        max_new_tokens=64,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        greedy=False,
+        record_attention=True,
+        generator=None,
+        *,
+        bos_id,
+        eos_id,
+        pad_id,
+    ) -> Rollout:
         """Sample N candidate responses per prompt (§5, Figure 1) with a KV cache.
 
         The encoder runs once per prompt and each layer's cross-attention keys/values are computed
@@ -580,18 +685,34 @@ class EncoderDecoder(nn.Module):
         max_new_tokens = min(max_new_tokens, self.cfg.max_tgt_len)
         B, S = src.shape
         BN, dev = B * num_samples, src.device
-        memory = self.encode(src, src_mask)                                # (B, S, D), once per prompt
-        cross_kv = self.cross_kv(memory)                                   # per layer, (B, H, S, hd) each
+        memory = self.encode(src, src_mask)  # (B, S, D), once per prompt
+        cross_kv = self.cross_kv(memory)  # per layer, (B, H, S, hd) each
         hd = self.cfg.head_dim
-        caches = [(memory.new_empty(BN, self.cfg.n_heads, max_new_tokens, hd),
-                   memory.new_empty(BN, self.cfg.n_heads, max_new_tokens, hd)) for _ in self.decoder]
-        y = torch.full((BN, 1), bos_id, dtype=torch.long, device=dev)      # decoder input at step t
-        steps = Steps(BN, dev, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator,
-                      eos_id=eos_id, pad_id=pad_id, record=record_attention)
+        caches = [
+            (
+                memory.new_empty(BN, self.cfg.n_heads, max_new_tokens, hd),
+                memory.new_empty(BN, self.cfg.n_heads, max_new_tokens, hd),
+            )
+            for _ in self.decoder
+        ]
+        y = torch.full((BN, 1), bos_id, dtype=torch.long, device=dev)  # decoder input at step t
+        steps = Steps(
+            BN,
+            dev,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            greedy=greedy,
+            generator=generator,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            record=record_attention,
+        )
         for t in range(max_new_tokens):
-            logits, abar = self._decode(y, cross_kv, src_mask, "mean" if record_attention else None,
-                                        caches=caches, pos=t)
-            nxt = steps.step(logits[:, -1], abar[:, -1] if record_attention else None)   # (BN,)
+            logits, abar = self._decode(
+                y, cross_kv, src_mask, "mean" if record_attention else None, caches=caches, pos=t
+            )
+            nxt = steps.step(logits[:, -1], abar[:, -1] if record_attention else None)  # (BN,)
             if steps.finished():
                 break
             y = nxt[:, None]
@@ -603,7 +724,11 @@ def token_logprobs(logits, targets, temperature=1.0):
 
     The same quantity the sampler records (DECISIONS.md §3), so on the sampled tokens the first PPO epoch's
     ratio is exactly 1."""
-    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (
+        torch.log_softmax(logits.float() / temperature, dim=-1)
+        .gather(-1, targets.unsqueeze(-1))
+        .squeeze(-1)
+    )
 
 
 def count_params(cfg: ModelConfig) -> int:
@@ -618,5 +743,7 @@ if __name__ == "__main__":
     print("|---|---|---|---|---|---|---|")
     for name in SIZES:
         c = config_for(name)
-        print(f"| `{name}` | {c.d_model} | {c.n_heads} | {c.n_enc_layers}+{c.n_dec_layers} | {c.d_ff} | "
-              f"{c.vocab_size:,} | {count_params(c):,} |")
+        print(
+            f"| `{name}` | {c.d_model} | {c.n_heads} | {c.n_enc_layers}+{c.n_dec_layers} | {c.d_ff} | "
+            f"{c.vocab_size:,} | {count_params(c):,} |"
+        )

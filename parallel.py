@@ -19,7 +19,9 @@ from torch.nn.parallel import DistributedDataParallel
 def check_split(flag: str, n: int, world: int) -> None:
     """A batch of `n` (set by `flag`) is shared out evenly over `world` processes, or a ValueError."""
     if n % world:
-        raise ValueError(f"{flag} {n} cannot be split evenly over {world} processes: choose a multiple of {world}")
+        raise ValueError(
+            f"{flag} {n} cannot be split evenly over {world} processes: choose a multiple of {world}"
+        )
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -29,7 +31,9 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def init(device_request: str | None, single_process: str | None = None) -> tuple[int, int, torch.device | None]:
+def init(
+    device_request: str | None, single_process: str | None = None
+) -> tuple[int, int, torch.device | None]:
     """Data parallelism under `torchrun --nproc_per_node K cagsr.py ...`, which sets WORLD_SIZE, RANK
     and LOCAL_RANK: one process per GPU (NCCL), or K CPU processes (gloo) with --device cpu or no GPU.
     single_process: what the run is when it must not run under torchrun ("--dry-run", ...), else None.
@@ -38,12 +42,16 @@ def init(device_request: str | None, single_process: str | None = None) -> tuple
     if world == 1:
         return 0, 1, None
     if single_process is not None:
-        raise SystemExit(f"{single_process} runs in one process; run it with python, not torchrun (WORLD_SIZE={world})")
+        raise SystemExit(
+            f"{single_process} runs in one process; run it with python, not torchrun (WORLD_SIZE={world})"
+        )
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available() and (device_request is None or device_request.startswith("cuda")):
         if local >= torch.cuda.device_count():
-            raise SystemExit(f"torchrun started {world} processes on this node but only {torch.cuda.device_count()} "
-                             f"GPU(s) are visible; use --nproc_per_node {torch.cuda.device_count()}")
+            raise SystemExit(
+                f"torchrun started {world} processes on this node but only {torch.cuda.device_count()} "
+                f"GPU(s) are visible; use --nproc_per_node {torch.cuda.device_count()}"
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
         backend = "nccl"
@@ -51,7 +59,7 @@ def init(device_request: str | None, single_process: str | None = None) -> tuple
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend)
     rank = dist.get_rank()
-    if rank > 0:                                      # one voice: rank 0 prints, logs and checkpoints
+    if rank > 0:  # one voice: rank 0 prints, logs and checkpoints
         sys.stdout = open(os.devnull, "w")
     print(f"data parallel: {world} processes ({backend}), this is rank {rank} on {device}")
     return rank, world, device
@@ -80,7 +88,11 @@ def all_finite(x: torch.Tensor) -> bool:
 
 def _collective_device() -> torch.device:
     """Where small all-reduced tensors live: the GPU under NCCL, the CPU under gloo."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 def any_rank(flag: bool) -> bool:
@@ -98,7 +110,9 @@ def mean_over_ranks(row: dict) -> dict:
     keys = [k for k, v in row.items() if isinstance(v, float)]
     if not keys:
         return row
-    total = all_sum(torch.tensor([row[k] for k in keys], dtype=torch.float64, device=_collective_device()))
+    total = all_sum(
+        torch.tensor([row[k] for k in keys], dtype=torch.float64, device=_collective_device())
+    )
     return {**row, **{k: float(v) / rank_and_world()[1] for k, v in zip(keys, total.tolist())}}
 
 
@@ -128,8 +142,11 @@ def data_parallel(module, device, find_unused_parameters=False):
     if rank_and_world()[1] == 1:
         return module
     device = torch.device(device)
-    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
-                                   find_unused_parameters=find_unused_parameters)
+    return DistributedDataParallel(
+        module,
+        device_ids=[device] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
 
 
 def replicas_agree(model) -> float:
@@ -139,8 +156,12 @@ def replicas_agree(model) -> float:
     rank, world = rank_and_world()
     if world == 1:
         return 0.0
-    sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()])
-                        for p in model.parameters()]).flatten()
+    sums = torch.stack(
+        [
+            torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()])
+            for p in model.parameters()
+        ]
+    ).flatten()
     gathered = [torch.empty_like(sums) for _ in range(world)]
     dist.all_gather(gathered, sums)
     return max(float((g - gathered[0]).abs().max()) for g in gathered)
@@ -153,9 +174,13 @@ def check_replicas(model, stage: str) -> None:
         return
     diff = replicas_agree(model)
     if diff != 0.0:
-        raise RuntimeError(f"after {stage}, the weights differ between ranks (checksum difference {diff:g}): "
-                           f"data parallelism is broken; do not use this run")
-    print(f"after {stage}: all {world} ranks hold identical weights (per-tensor checksums agree exactly)")
+        raise RuntimeError(
+            f"after {stage}, the weights differ between ranks (checksum difference {diff:g}): "
+            f"data parallelism is broken; do not use this run"
+        )
+    print(
+        f"after {stage}: all {world} ranks hold identical weights (per-tensor checksums agree exactly)"
+    )
 
 
 def guarded_step(optimizer, loss, max_grad_norm: float) -> tuple[str | None, torch.Tensor | None]:
@@ -168,7 +193,9 @@ def guarded_step(optimizer, loss, max_grad_norm: float) -> tuple[str | None, tor
         return "loss", None
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(
+        params, max_grad_norm if max_grad_norm > 0 else float("inf")
+    )
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
         return "gradient", norm

@@ -22,7 +22,15 @@ from torch import nn
 
 import data
 import parallel
-from checks import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, ConfigError, check_fields, finite_number
+from checks import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    POSITIVE,
+    ConfigError,
+    check_fields,
+    finite_number,
+)
 from model import token_entropy, token_logprobs
 from reward import RewardConfig, SalientTokens, compute_reward
 
@@ -79,26 +87,58 @@ class PPOConfig:
     """Longest sampled response (the project's choice: the paper states none)."""
 
     def __post_init__(self):
-        check_fields(self, dict(
-            algo=(lambda v: v in ("ppo", "pg"), "'ppo' or 'pg'"),
-            baseline=(lambda v: v in ("value", "group", "none"), "'value', 'group' or 'none'"),
-            prompts_per_iter=AT_LEAST_1, num_samples=AT_LEAST_1, lr=POSITIVE, clip_eps=POSITIVE, epochs=AT_LEAST_1,
-            minibatches=AT_LEAST_1, value_coef=NON_NEGATIVE, value_warmup=AT_LEAST_0, entropy_coef=NON_NEGATIVE,
-            kl_coef=NON_NEGATIVE, kl_target=(lambda v: v is None or POSITIVE[0](v), "a positive number, or none"),
-            kl_horizon=AT_LEAST_1, kl_k3_coef=NON_NEGATIVE, max_grad_norm=NON_NEGATIVE, temperature=POSITIVE,
-            top_k=(lambda v: v is None or AT_LEAST_1[0](v), "a whole number >= 1, or none"),
-            top_p=(lambda v: v is None or (finite_number(v) and 0 < v <= 1), "in (0, 1], or none"),
-            max_new_tokens=AT_LEAST_1))
+        check_fields(
+            self,
+            dict(
+                algo=(lambda v: v in ("ppo", "pg"), "'ppo' or 'pg'"),
+                baseline=(lambda v: v in ("value", "group", "none"), "'value', 'group' or 'none'"),
+                prompts_per_iter=AT_LEAST_1,
+                num_samples=AT_LEAST_1,
+                lr=POSITIVE,
+                clip_eps=POSITIVE,
+                epochs=AT_LEAST_1,
+                minibatches=AT_LEAST_1,
+                value_coef=NON_NEGATIVE,
+                value_warmup=AT_LEAST_0,
+                entropy_coef=NON_NEGATIVE,
+                kl_coef=NON_NEGATIVE,
+                kl_target=(lambda v: v is None or POSITIVE[0](v), "a positive number, or none"),
+                kl_horizon=AT_LEAST_1,
+                kl_k3_coef=NON_NEGATIVE,
+                max_grad_norm=NON_NEGATIVE,
+                temperature=POSITIVE,
+                top_k=(lambda v: v is None or AT_LEAST_1[0](v), "a whole number >= 1, or none"),
+                top_p=(
+                    lambda v: v is None or (finite_number(v) and 0 < v <= 1),
+                    "in (0, 1], or none",
+                ),
+                max_new_tokens=AT_LEAST_1,
+            ),
+        )
         if self.baseline == "group" and self.num_samples < 2:
-            raise ConfigError("num_samples", self.num_samples, "at least 2 with the group baseline (the other "
-                              "candidates of the same prompt), or use --baseline value", related="baseline")
+            raise ConfigError(
+                "num_samples",
+                self.num_samples,
+                "at least 2 with the group baseline (the other "
+                "candidates of the same prompt), or use --baseline value",
+                related="baseline",
+            )
         if self.prompts_per_iter % self.minibatches:
-            raise ConfigError("minibatches", self.minibatches, f"a divisor of prompts_per_iter={self.prompts_per_iter} "
-                              f"(every minibatch takes the same number of prompts)", related="prompts_per_iter")
+            raise ConfigError(
+                "minibatches",
+                self.minibatches,
+                f"a divisor of prompts_per_iter={self.prompts_per_iter} "
+                f"(every minibatch takes the same number of prompts)",
+                related="prompts_per_iter",
+            )
         if self.kl_target is not None and self.kl_coef == 0:
-            raise ConfigError("kl_target", self.kl_target, "given with a starting kl_coef > 0: the adaptive "
-                              "controller multiplies kl_coef, so from 0 it would stay 0 (add e.g. --kl-coef 0.1)",
-                              related="kl_coef")
+            raise ConfigError(
+                "kl_target",
+                self.kl_target,
+                "given with a starting kl_coef > 0: the adaptive "
+                "controller multiplies kl_coef, so from 0 it would stay 0 (add e.g. --kl-coef 0.1)",
+                related="kl_coef",
+            )
 
 
 def check_on_policy(cfg: PPOConfig) -> None:
@@ -108,13 +148,25 @@ def check_on_policy(cfg: PPOConfig) -> None:
     bonus); a ConfigError here, before any work (DECISIONS.md §3)."""
     for name in ("top_k", "top_p"):
         if getattr(cfg, name) is not None:
-            raise ConfigError(name, getattr(cfg, name), "none in RL: RL samples from the full softmax at the RL "
-                              "temperature, the distribution of its log-probabilities (top-k/top-p are for "
-                              "--stage sample)")
+            raise ConfigError(
+                name,
+                getattr(cfg, name),
+                "none in RL: RL samples from the full softmax at the RL "
+                "temperature, the distribution of its log-probabilities (top-k/top-p are for "
+                "--stage sample)",
+            )
 
 
 # What the paper states (§4, §7.2): every other PPOConfig field is the project's choice.
-PAPER = dict(algo="ppo", prompts_per_iter=64, num_samples=4, lr=1e-5, clip_eps=0.2, baseline="value", kl_coef=0.0)
+PAPER = dict(
+    algo="ppo",
+    prompts_per_iter=64,
+    num_samples=4,
+    lr=1e-5,
+    clip_eps=0.2,
+    baseline="value",
+    kl_coef=0.0,
+)
 
 # The RL settings of `python cagsr.py`, per size (DECISIONS.md §4; the experiments keep theirs in
 # table1.py and reward_study.py). The GPU presets keep the paper's setting (§7.2: PPOConfig's
@@ -123,15 +175,22 @@ PAPER = dict(algo="ppo", prompts_per_iter=64, num_samples=4, lr=1e-5, clip_eps=0
 # dozen iterations a CPU affords. "pretrained" (--init with a T5 snapshot) keeps the paper's setting, lr
 # 1e-5 included: the paper's own case is a pretrained model. Every run prints its values next to the
 # paper's.
-CPU_PPO = dict(lr=3e-5, baseline="group", whiten=True, kl_coef=0.1, epochs=4, minibatches=4, temperature=0.5)
-RUN_PROFILE = {"tiny": dict(iterations=40, ppo=CPU_PPO), "small": dict(iterations=40, ppo=CPU_PPO),
-               "base": dict(iterations=500, ppo={}), "1.3b": dict(iterations=500, ppo={}),
-               "pretrained": dict(iterations=200, ppo={})}
+CPU_PPO = dict(
+    lr=3e-5, baseline="group", whiten=True, kl_coef=0.1, epochs=4, minibatches=4, temperature=0.5
+)
+RUN_PROFILE = {
+    "tiny": dict(iterations=40, ppo=CPU_PPO),
+    "small": dict(iterations=40, ppo=CPU_PPO),
+    "base": dict(iterations=500, ppo={}),
+    "1.3b": dict(iterations=500, ppo={}),
+    "pretrained": dict(iterations=200, ppo={}),
+}
 
 
 # --------------------------------------------------------------------------------------------
 # Pure functions, one per equation.
 # --------------------------------------------------------------------------------------------
+
 
 def masked(x, mask):
     """x where mask is True, 0 elsewhere: positions after EOS may hold extreme log-probabilities
@@ -150,8 +209,8 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2):
 
     logprobs, old_logprobs (B, T); advantages (B,), one per sequence, applied to each of its tokens;
     mask (B, T) bool. -> scalar."""
-    ratio = torch.exp(masked(logprobs - old_logprobs, mask))                   # r_t, (B, T)
-    A = advantages[:, None]                                                    # (B, 1)
+    ratio = torch.exp(masked(logprobs - old_logprobs, mask))  # r_t, (B, T)
+    A = advantages[:, None]  # (B, 1)
     surrogate = torch.minimum(ratio * A, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A)
     return -masked_mean(surrogate, mask)
 
@@ -170,7 +229,7 @@ def value_loss(values, returns):
 def group_baseline(rewards, num_samples):
     """For each candidate, the mean reward of the other N-1 candidates of its prompt (leave-one-out,
     as in RLOO). rewards (B*N,) with prompt b's candidates at rows b*N .. b*N+N-1 -> (B*N,)."""
-    per_prompt = rewards.view(-1, num_samples)                                 # (B, N)
+    per_prompt = rewards.view(-1, num_samples)  # (B, N)
     return ((per_prompt.sum(1, keepdim=True) - per_prompt) / (num_samples - 1)).flatten()
 
 
@@ -213,7 +272,9 @@ def approx_kl(logprobs, old_logprobs, mask):
 
 def clip_fraction(logprobs, old_logprobs, mask, clip_eps):
     """Share of valid tokens whose ratio lies outside [1 - eps, 1 + eps]."""
-    return masked_mean((masked(logprobs - old_logprobs, mask).exp() - 1).abs().gt(clip_eps).float(), mask)
+    return masked_mean(
+        (masked(logprobs - old_logprobs, mask).exp() - 1).abs().gt(clip_eps).float(), mask
+    )
 
 
 def explained_variance(predicted, target):
@@ -246,7 +307,9 @@ def whiten_across_ranks(x, eps=1e-8):
     together (two all-reduced passes: sum and count, then the squared deviations)."""
     if parallel.rank_and_world()[1] == 1:
         return whiten(x, eps)
-    total = parallel.all_sum(torch.stack([x.sum(), torch.tensor(float(x.numel()), device=x.device, dtype=x.dtype)]))
+    total = parallel.all_sum(
+        torch.stack([x.sum(), torch.tensor(float(x.numel()), device=x.device, dtype=x.dtype)])
+    )
     mean = total[0] / total[1]
     var = parallel.all_sum(((x - mean) ** 2).sum().reshape(1))[0] / total[1]
     return (x - mean) / (var.sqrt() + eps)
@@ -255,6 +318,7 @@ def whiten_across_ranks(x, eps=1e-8):
 # --------------------------------------------------------------------------------------------
 # One iteration: collect a rollout (§5), then update.
 # --------------------------------------------------------------------------------------------
+
 
 class PolicyValue(nn.Module):
     """The policy's teacher-forced logits and V(x) in one forward pass: the PPO update's only
@@ -266,27 +330,30 @@ class PolicyValue(nn.Module):
         self.model = model
 
     def forward(self, src, src_mask, tgt_in, num_samples, value_only=False):
-        memory = self.model.encode(src, src_mask)                                  # (B, S, D)
+        memory = self.model.encode(src, src_mask)  # (B, S, D)
         if value_only:
-            return None, self.model.value(memory.detach(), src_mask)               # None, (B,)
-        logits, _ = self.model.decode(memory, src_mask, tgt_in, num_samples=num_samples)   # (B*N, T, V)
-        return logits, self.model.value(memory, src_mask)                          # (B*N, T, V), (B,)
+            return None, self.model.value(memory.detach(), src_mask)  # None, (B,)
+        logits, _ = self.model.decode(
+            memory, src_mask, tgt_in, num_samples=num_samples
+        )  # (B*N, T, V)
+        return logits, self.model.value(memory, src_mask)  # (B*N, T, V), (B,)
 
 
 @dataclass
 class Experience:
     """Everything an update needs from one rollout of B prompts x N candidates."""
-    src: torch.Tensor            # (B, S)
-    src_mask: torch.Tensor       # (B, S)
-    tokens: torch.Tensor         # (B*N, T)
-    tgt_in: torch.Tensor         # (B*N, T) [start] + tokens[:-1], the decoder input that predicts them
-    mask: torch.Tensor           # (B*N, T)
-    old_logprobs: torch.Tensor   # (B*N, T) log pi_old(y_t), as sampled
-    ref_logprobs: torch.Tensor   # (B*N, T) log pi_sft(y_t)
-    returns: torch.Tensor        # (B*N,) R - kl_coef * KL: the target of V(x)
-    advantages: torch.Tensor     # (B*N,)
-    values: torch.Tensor         # (B*N,) V_old(x), repeated over the N candidates
-    terms: dict                  # reward terms per candidate, each (B*N,)
+
+    src: torch.Tensor  # (B, S)
+    src_mask: torch.Tensor  # (B, S)
+    tokens: torch.Tensor  # (B*N, T)
+    tgt_in: torch.Tensor  # (B*N, T) [start] + tokens[:-1], the decoder input that predicts them
+    mask: torch.Tensor  # (B*N, T)
+    old_logprobs: torch.Tensor  # (B*N, T) log pi_old(y_t), as sampled
+    ref_logprobs: torch.Tensor  # (B*N, T) log pi_sft(y_t)
+    returns: torch.Tensor  # (B*N,) R - kl_coef * KL: the target of V(x)
+    advantages: torch.Tensor  # (B*N,)
+    values: torch.Tensor  # (B*N,) V_old(x), repeated over the N candidates
+    terms: dict  # reward terms per candidate, each (B*N,)
 
 
 def decoder_input(tokens, start_id: int):
@@ -296,8 +363,18 @@ def decoder_input(tokens, start_id: int):
 
 
 @torch.no_grad()
-def sample_and_score(model, src, src_mask, salient: SalientTokens, reward_cfg: RewardConfig, cfg: PPOConfig,
-                     sp: data.Specials, generator=None, num_samples=None, reward_fn=None):
+def sample_and_score(
+    model,
+    src,
+    src_mask,
+    salient: SalientTokens,
+    reward_cfg: RewardConfig,
+    cfg: PPOConfig,
+    sp: data.Specials,
+    generator=None,
+    num_samples=None,
+    reward_fn=None,
+):
     """Sample candidates with the recorded Abar and compute the reward of §3.2.
 
     reward_fn(src, src_mask, rollout, terms) -> (B*N,), when given, replaces the attention reward as
@@ -309,16 +386,33 @@ def sample_and_score(model, src, src_mask, salient: SalientTokens, reward_cfg: R
     Returns (Rollout, terms dict of (B*N,) tensors, seconds spent sampling, seconds on the reward)."""
     N = num_samples or cfg.num_samples
     t0 = time.time()
-    rollout = model.sample(src, src_mask, num_samples=N, max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator,
-                           **sp.sample_ids())
+    rollout = model.sample(
+        src,
+        src_mask,
+        num_samples=N,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        generator=generator,
+        **sp.sample_ids(),
+    )
     t1 = time.time()
-    rep = lambda x: x.repeat_interleave(N, dim=0)                              # (B, S) -> (B*N, S)
-    terms = compute_reward(rollout.attn, rollout.tokens, rollout.mask, rep(salient(src, src_mask, reward_cfg)),
-                           reward_cfg, special=rep(model.sinks(src, src_mask, sp.special)), prompt_mask=rep(src_mask))
+    rep = lambda x: x.repeat_interleave(N, dim=0)  # (B, S) -> (B*N, S)
+    terms = compute_reward(
+        rollout.attn,
+        rollout.tokens,
+        rollout.mask,
+        rep(salient(src, src_mask, reward_cfg)),
+        reward_cfg,
+        special=rep(model.sinks(src, src_mask, sp.special)),
+        prompt_mask=rep(src_mask),
+    )
     terms["length"] = rollout.mask.sum(-1).float()
     # The attention on the prompt before Abar is renormalised over it: 1 for cross-attention (DECISIONS.md §10).
-    terms["prompt_share"] = masked(rollout.prompt_share, rollout.mask).sum(-1) / rollout.mask.sum(-1).clamp(min=1)
+    terms["prompt_share"] = masked(rollout.prompt_share, rollout.mask).sum(-1) / rollout.mask.sum(
+        -1
+    ).clamp(min=1)
     if reward_fn is not None:
         terms["attention_reward"] = terms["reward"]
         terms["reward"] = reward_fn(src, src_mask, rollout, dict(terms))
@@ -326,28 +420,53 @@ def sample_and_score(model, src, src_mask, salient: SalientTokens, reward_cfg: R
 
 
 @torch.no_grad()
-def collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg: PPOConfig, kl_coef: float, sp: data.Specials,
-            generator=None, reward_fn=None):
+def collect(
+    model,
+    ref_model,
+    src,
+    src_mask,
+    salient,
+    reward_cfg,
+    cfg: PPOConfig,
+    kl_coef: float,
+    sp: data.Specials,
+    generator=None,
+    reward_fn=None,
+):
     """One rollout (§5, Figure 1): N candidates per prompt, their reward, the KL penalty to the SFT
     policy, and advantages A = R - b(x). `reward_fn`: see `sample_and_score`. Returns (Experience, timings in
     seconds)."""
-    model.eval()                                       # dropout off during rollouts (Huang et al.)
+    model.eval()  # dropout off during rollouts (Huang et al.)
     N = cfg.num_samples
-    rollout, terms, sample_s, reward_s = sample_and_score(model, src, src_mask, salient, reward_cfg, cfg, sp,
-                                                          generator, reward_fn=reward_fn)
+    rollout, terms, sample_s, reward_s = sample_and_score(
+        model, src, src_mask, salient, reward_cfg, cfg, sp, generator, reward_fn=reward_fn
+    )
     t1 = time.time()
     tgt_in = decoder_input(rollout.tokens, sp.start)
     ref_logits, _ = ref_model(src, src_mask, tgt_in, num_samples=N)
     ref_logprobs = masked(token_logprobs(ref_logits, rollout.tokens, cfg.temperature), rollout.mask)
-    kl = kl_to_reference(rollout.logprobs, ref_logprobs, rollout.mask)        # (B*N,)
+    kl = kl_to_reference(rollout.logprobs, ref_logprobs, rollout.mask)  # (B*N,)
     returns = terms["reward"] - kl_coef * kl
-    values = model.value(model.encode(src, src_mask), src_mask).repeat_interleave(N)   # V_old(x), (B*N,)
-    advantages = advantage(returns, values, cfg.baseline, N)                  # (B*N,)
+    values = model.value(model.encode(src, src_mask), src_mask).repeat_interleave(
+        N
+    )  # V_old(x), (B*N,)
+    advantages = advantage(returns, values, cfg.baseline, N)  # (B*N,)
     if cfg.whiten:
-        advantages = whiten_across_ranks(advantages)                            # the whole batch, all ranks
+        advantages = whiten_across_ranks(advantages)  # the whole batch, all ranks
     terms["kl_ref"] = kl
-    experience = Experience(src, src_mask, rollout.tokens, tgt_in, rollout.mask, rollout.logprobs, ref_logprobs,
-                            returns, advantages, values, terms)
+    experience = Experience(
+        src,
+        src_mask,
+        rollout.tokens,
+        tgt_in,
+        rollout.mask,
+        rollout.logprobs,
+        ref_logprobs,
+        returns,
+        advantages,
+        values,
+        terms,
+    )
     return experience, dict(sample_s=sample_s, reward_s=reward_s, ref_s=time.time() - t1)
 
 
@@ -356,7 +475,7 @@ def policy_objective(logits, tokens, mask, experience: Experience, rows, v_loss,
     minus the entropy bonus, plus the k3 KL term. A term joins only when its coefficient is non-zero
     (0 * NaN is NaN). V(x) is trained only when it is the baseline: with the shared encoder, a value
     loss nobody uses would still move the policy's attention. Returns (loss, logged statistics)."""
-    logprobs = token_logprobs(logits, tokens, cfg.temperature)                # (B*N, T)
+    logprobs = token_logprobs(logits, tokens, cfg.temperature)  # (B*N, T)
     old, adv = experience.old_logprobs[rows], experience.advantages[rows]
     if cfg.algo == "ppo":
         p_loss = ppo_policy_loss(logprobs, old, adv, mask, cfg.clip_eps)
@@ -372,13 +491,25 @@ def policy_objective(logits, tokens, mask, experience: Experience, rows, v_loss,
     if cfg.kl_k3_coef:
         loss = loss + cfg.kl_k3_coef * k3
     with torch.no_grad():
-        stats = dict(policy_loss=p_loss.item(), entropy=entropy.item(), approx_kl=approx_kl(logprobs, old, mask).item(),
-                     clipfrac=clip_fraction(logprobs, old, mask, cfg.clip_eps).item(), k3_kl=k3.item())
+        stats = dict(
+            policy_loss=p_loss.item(),
+            entropy=entropy.item(),
+            approx_kl=approx_kl(logprobs, old, mask).item(),
+            clipfrac=clip_fraction(logprobs, old, mask, cfg.clip_eps).item(),
+            k3_kl=k3.item(),
+        )
     return loss, stats
 
 
-def update(model, optimizer, experience: Experience, cfg: PPOConfig, value_only=False, generator=None,
-           policy=None) -> dict:
+def update(
+    model,
+    optimizer,
+    experience: Experience,
+    cfg: PPOConfig,
+    value_only=False,
+    generator=None,
+    policy=None,
+) -> dict:
     """PPO epochs over one rollout (cfg.algo "pg": one epoch of REINFORCE steps, one per minibatch).
 
     value_only=True is the value warm-up: the loss is the value loss on detached encoder states, so
@@ -387,19 +518,34 @@ def update(model, optimizer, experience: Experience, cfg: PPOConfig, value_only=
     "gradient"); `applied` counts the optimizer steps taken. policy: the forward pass to
     differentiate, PolicyValue(model) by default; under torchrun, that wrapped in DDP (`train`)."""
     policy = PolicyValue(model) if policy is None else policy
-    model.eval()                                       # dropout off during updates too
+    model.eval()  # dropout off during updates too
     B, N = experience.src.size(0), cfg.num_samples
     epochs = 1 if cfg.algo == "pg" else cfg.epochs
-    stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "grad_norm", "k3_kl")}
+    stats = {
+        k: []
+        for k in (
+            "policy_loss",
+            "value_loss",
+            "entropy",
+            "approx_kl",
+            "clipfrac",
+            "grad_norm",
+            "k3_kl",
+        )
+    }
     skipped, applied, causes = 0, 0, set()
     for _ in range(epochs):
         order = torch.randperm(B, generator=generator).to(experience.src.device)
         for mb in order.chunk(cfg.minibatches):
-            rows = (mb[:, None] * N + torch.arange(N, device=mb.device)).flatten()   # candidates of these prompts
+            rows = (
+                mb[:, None] * N + torch.arange(N, device=mb.device)
+            ).flatten()  # candidates of these prompts
             src, src_mask = experience.src[mb], experience.src_mask[mb]
             tokens, mask = experience.tokens[rows], experience.mask[rows]
-            logits, values = policy(src, src_mask, experience.tgt_in[rows], N, value_only)   # (B*N, T, V), (B,)
-            values = values.repeat_interleave(N)                                   # (B*N,)
+            logits, values = policy(
+                src, src_mask, experience.tgt_in[rows], N, value_only
+            )  # (B*N, T, V), (B,)
+            values = values.repeat_interleave(N)  # (B*N,)
             v_loss = value_loss(values, experience.returns[rows])
             if value_only:
                 loss = v_loss
@@ -426,15 +572,25 @@ def update(model, optimizer, experience: Experience, cfg: PPOConfig, value_only=
 # The loop (§5): rollout, update, repeat.
 # --------------------------------------------------------------------------------------------
 
+
 def check_enough_prompts(num_prompts: int, batch_size: int) -> None:
     """One RL iteration takes `batch_size` distinct training prompts: a ValueError when there are fewer."""
     if num_prompts < batch_size:
-        raise ValueError(f"{num_prompts} training prompts, fewer than --prompts-per-iter {batch_size}; lower "
-                         f"--prompts-per-iter or give more data")
+        raise ValueError(
+            f"{num_prompts} training prompts, fewer than --prompts-per-iter {batch_size}; lower "
+            f"--prompts-per-iter or give more data"
+        )
 
 
-def prompt_batches(prompts: list[list[int]], batch_size: int, seed: int, sp: data.Specials, rank: int = 0,
-                   world: int = 1, skip: int = 0):
+def prompt_batches(
+    prompts: list[list[int]],
+    batch_size: int,
+    seed: int,
+    sp: data.Specials,
+    rank: int = 0,
+    world: int = 1,
+    skip: int = 0,
+):
     """Endless batches of B prompts, (src, src_mask), reshuffled every pass over the prompts.
 
     With `world` processes, every rank draws the same batch of B and keeps its own contiguous
@@ -446,9 +602,11 @@ def prompt_batches(prompts: list[list[int]], batch_size: int, seed: int, sp: dat
     per_pass = len(prompts) // batch_size
     epoch, skip_in_pass = divmod(skip, per_pass)
     while True:
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        order = torch.randperm(
+            len(prompts), generator=torch.Generator().manual_seed(seed + epoch)
+        ).tolist()
         for i in range(skip_in_pass * batch_size, len(order) - batch_size + 1, batch_size):
-            mine = order[i + rank * shard:i + (rank + 1) * shard]
+            mine = order[i + rank * shard : i + (rank + 1) * shard]
             yield data.collate_prompts([prompts[j] for j in mine], sp)
         epoch, skip_in_pass = epoch + 1, 0
 
@@ -484,16 +642,34 @@ def _streams(device, seed: int, cfg: PPOConfig, resume: dict | None):
     if resume is None:
         return gen, cpu_gen, cfg.kl_coef, 0
     if len(resume["sample_rng"]) != world:
-        raise ValueError(f"the checkpoint holds the sampling streams of {len(resume['sample_rng'])} processes; "
-                         f"resume it with the same number of processes, not {world}")
+        raise ValueError(
+            f"the checkpoint holds the sampling streams of {len(resume['sample_rng'])} processes; "
+            f"resume it with the same number of processes, not {world}"
+        )
     gen.set_state(resume["sample_rng"][rank])
     cpu_gen.set_state(resume["update_rng"])
     return gen, cpu_gen, resume["kl_coef"], resume["iteration"]
 
 
-def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfig, cfg: PPOConfig, iterations: int,
-          *, specials: data.Specials, seed: int = 0, reward_fn=None, resume: dict | None = None, on_iteration=None, stop=None,
-          progress=None, compile=False) -> list[dict]:
+def train(
+    model,
+    ref_model,
+    optimizer,
+    prompts,
+    salient,
+    reward_cfg: RewardConfig,
+    cfg: PPOConfig,
+    iterations: int,
+    *,
+    specials: data.Specials,
+    seed: int = 0,
+    reward_fn=None,
+    resume: dict | None = None,
+    on_iteration=None,
+    stop=None,
+    progress=None,
+    compile=False,
+) -> list[dict]:
     """CAGSR's RL stage (§5, Figure 1), up to `iterations` in all: per iteration, sample N candidates
     for each of prompts_per_iter prompts while recording the cross-attention, compute R, the
     advantages and the PPO update (the first cfg.value_warmup iterations fit only V(x)).
@@ -518,40 +694,79 @@ def train(model, ref_model, optimizer, prompts, salient, reward_cfg: RewardConfi
     # the value head when V(x) is not the baseline (its loss then joins no update).
     unused = cfg.value_warmup > start or not (cfg.baseline == "value" and cfg.value_coef)
     policy = parallel.data_parallel(PolicyValue(model), device, find_unused_parameters=unused)
-    policy = torch.compile(policy) if compile else policy                     # the update's forward only
+    policy = torch.compile(policy) if compile else policy  # the update's forward only
     kl = AdaptiveKLController(kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
     bad = 0
     for i in range(start, iterations):
         src, src_mask = (t.to(device) for t in next(batches))
-        experience, timings = collect(model, ref_model, src, src_mask, salient, reward_cfg, cfg, kl_coef, specials,
-                                      gen, reward_fn)
+        experience, timings = collect(
+            model,
+            ref_model,
+            src,
+            src_mask,
+            salient,
+            reward_cfg,
+            cfg,
+            kl_coef,
+            specials,
+            gen,
+            reward_fn,
+        )
         warmup = i < cfg.value_warmup
         t0 = time.time()
         if parallel.all_finite(experience.returns):
-            stats = update(model, optimizer, experience, cfg, value_only=warmup, generator=cpu_gen, policy=policy)
+            stats = update(
+                model,
+                optimizer,
+                experience,
+                cfg,
+                value_only=warmup,
+                generator=cpu_gen,
+                policy=policy,
+            )
         else:
             n_bad = int(parallel.all_sum((~torch.isfinite(experience.returns)).sum()))
-            stats = dict(skipped=1, applied=0, nonfinite_reward=n_bad,
-                         skip_cause=f"reward (not finite for {n_bad} of {experience.returns.numel() * world} candidates)")
+            stats = dict(
+                skipped=1,
+                applied=0,
+                nonfinite_reward=n_bad,
+                skip_cause=f"reward (not finite for {n_bad} of {experience.returns.numel() * world} candidates)",
+            )
         timings["update_s"] = time.time() - t0
-        row = dict(stage="rl", iteration=i + 1, value_warmup=warmup, **iteration_metrics(experience, stats, timings, kl_coef))
+        row = dict(
+            stage="rl",
+            iteration=i + 1,
+            value_warmup=warmup,
+            **iteration_metrics(experience, stats, timings, kl_coef),
+        )
         row = parallel.mean_over_ranks(row)
         if kl is not None and not warmup:
             kl_coef = kl.update(row["kl_ref"], experience.tokens.size(0))
         history.append(row)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl_ref']:.2f}", refresh=False)
+            progress.set_postfix(
+                reward=f"{row['reward']:.3f}", kl=f"{row['kl_ref']:.2f}", refresh=False
+            )
         if on_iteration is not None:
-            on_iteration(i + 1, row, dict(iteration=i + 1, sample_rng=parallel.all_gather_states(gen),
-                                          update_rng=cpu_gen.get_state(), kl_coef=kl_coef))
+            on_iteration(
+                i + 1,
+                row,
+                dict(
+                    iteration=i + 1,
+                    sample_rng=parallel.all_gather_states(gen),
+                    update_rng=cpu_gen.get_state(),
+                    kl_coef=kl_coef,
+                ),
+            )
         bad = bad + 1 if stats["applied"] == 0 and stats["skipped"] > 0 else 0
         if bad >= MAX_BAD:
             raise NonFiniteError(
                 f"RL iterations {i + 2 - bad}-{i + 1}: no update applied, {bad} iterations in a row; the "
                 f"{stats['skip_cause']} was not finite. Nothing non-finite reached the weights. Lower --lr, "
                 f"check the reward settings (--alpha/--beta/--gamma, --attn-temperature), or resume from the last "
-                f"checkpoint with other settings.")
+                f"checkpoint with other settings."
+            )
         if stop is not None and stop():
             break
     return history

@@ -50,9 +50,19 @@ class RewardConfig:
     """Drop the prompt's special tokens (EOS) from Abar and renormalise (DECISIONS.md §2: attention sinks)."""
 
     def __post_init__(self):
-        check_fields(self, dict(alpha=FINITE, beta=FINITE, gamma=FINITE, ngram=AT_LEAST_1,
-                                salient_method=one_of("idf", "ner"), salient_top_k=AT_LEAST_1,
-                                attn_temperature=POSITIVE, entropy_floor=NON_NEGATIVE))
+        check_fields(
+            self,
+            dict(
+                alpha=FINITE,
+                beta=FINITE,
+                gamma=FINITE,
+                ngram=AT_LEAST_1,
+                salient_method=one_of("idf", "ner"),
+                salient_top_k=AT_LEAST_1,
+                attn_temperature=POSITIVE,
+                entropy_floor=NON_NEGATIVE,
+            ),
+        )
 
 
 # What the paper states (§3.2, §7.2): every other RewardConfig field is an option of the project's.
@@ -71,12 +81,15 @@ def coverage(attn, salient_mask, response_mask):
     DECISIONS.md §2: sum_t sum_j w_j Abar[t, j] / (|y| sum_j w_j), the paper's formula for 0/1 weights);
     response_mask (B, T) bool. A prompt with no salient token gets 0. -> (B,)
     """
-    w = salient_mask.to(attn.dtype)                                             # (B, S)
-    mass = (attn * w[:, None, :]).sum(-1)                                       # (B, T)
-    mass = (mass * response_mask).sum(-1)                                       # (B,)
-    size = w.sum(-1)                                                            # |I_x| or sum_j w_j
-    return torch.where(size > 0, mass / (_num_tokens(response_mask) * size.clamp(min=1e-12)),
-                       torch.zeros_like(mass))
+    w = salient_mask.to(attn.dtype)  # (B, S)
+    mass = (attn * w[:, None, :]).sum(-1)  # (B, T)
+    mass = (mass * response_mask).sum(-1)  # (B,)
+    size = w.sum(-1)  # |I_x| or sum_j w_j
+    return torch.where(
+        size > 0,
+        mass / (_num_tokens(response_mask) * size.clamp(min=1e-12)),
+        torch.zeros_like(mass),
+    )
 
 
 def attention_entropy(attn, temperature=1.0):
@@ -96,7 +109,7 @@ def focus(attn, response_mask, temperature=1.0, entropy_floor=0.0):
 
     attn (B, T, S), response_mask (B, T) -> (B,). With entropy_floor > 0 each step's entropy is
     clamped from below (§6), so attention sharper than the floor earns nothing more."""
-    h = attention_entropy(attn, temperature).clamp(min=entropy_floor)           # (B, T)
+    h = attention_entropy(attn, temperature).clamp(min=entropy_floor)  # (B, T)
     return -(h * response_mask).sum(-1) / _num_tokens(response_mask)
 
 
@@ -110,7 +123,7 @@ def repeat_penalty(tokens, response_mask, n=2, count=False):
     out = torch.zeros(tokens.size(0))
     for b, (row, m) in enumerate(zip(tokens.tolist(), response_mask.tolist())):
         y = [tok for tok, keep in zip(row, m) if keep]
-        grams = [tuple(y[i:i + n]) for i in range(len(y) - n + 1)]
+        grams = [tuple(y[i : i + n]) for i in range(len(y) - n + 1)]
         if grams:
             repeats = len(grams) - len(set(grams))
             out[b] = repeats if count else repeats / len(grams)
@@ -122,19 +135,22 @@ def repeat_penalty(tokens, response_mask, n=2, count=False):
 # punctuation (DECISIONS.md §2).
 # --------------------------------------------------------------------------------------------
 
+
 def salient_idf(src, src_mask, idf, content, top_k, weighted=False):
     """The top_k prompt positions by IDF among content tokens: (B, S) bool, or the IDF of the chosen
     positions as float weights when `weighted` (§3.2 extension).
 
     src, src_mask (B, S); idf (V,) over the training prompts; content (V,) bool (data.content_token_mask).
     Ties are broken by position (earlier first), so the choice is deterministic."""
-    eligible = content.to(src.device)[src] & src_mask                           # (B, S)
-    score = torch.where(eligible, idf.to(src.device)[src], torch.full(src.shape, -1.0, device=src.device))
+    eligible = content.to(src.device)[src] & src_mask  # (B, S)
+    score = torch.where(
+        eligible, idf.to(src.device)[src], torch.full(src.shape, -1.0, device=src.device)
+    )
     S = src.size(1)
     # A tiny position term makes ties deterministic without reordering distinct scores.
     tiebreak = torch.arange(S, device=src.device) * 1e-6
-    top = torch.topk(score - tiebreak, min(top_k, S), dim=-1).indices          # (B, k)
-    chosen = torch.zeros_like(src_mask).scatter(-1, top, True) & eligible      # (B, S)
+    top = torch.topk(score - tiebreak, min(top_k, S), dim=-1).indices  # (B, k)
+    chosen = torch.zeros_like(src_mask).scatter(-1, top, True) & eligible  # (B, S)
     return chosen * idf.to(src.device)[src] if weighted else chosen
 
 
@@ -146,12 +162,12 @@ def salient_ner(src, src_mask, token_strings, content):
     begins with a space, SentencePiece's "▁" included); content (V,) bool: tokens with a letter or digit (data.content_token_mask)."""
     out = torch.zeros_like(src_mask)
     for b, (row, m) in enumerate(zip(src.tolist(), src_mask.tolist())):
-        text, words, current = "", [], None          # words: (positions, starts a sentence?)
+        text, words, current = "", [], None  # words: (positions, starts a sentence?)
         for j, tok in enumerate(row):
             if not m[j]:
                 continue
             piece = token_strings[tok]
-            if not content[tok]:                     # punctuation, spaces, special tokens end a word
+            if not content[tok]:  # punctuation, spaces, special tokens end a word
                 current = None
             elif current is None or piece[:1].isspace():
                 before = text.rstrip()
@@ -188,22 +204,27 @@ class SalientTokens:
     def __call__(self, src, src_mask, cfg: RewardConfig):
         """(B, S): bool mask of I_x, or float IDF weights when cfg.idf_weighted."""
         if cfg.salient_method == "idf":
-            return salient_idf(src, src_mask, self.idf, self.content, cfg.salient_top_k, cfg.idf_weighted)
+            return salient_idf(
+                src, src_mask, self.idf, self.content, cfg.salient_top_k, cfg.idf_weighted
+            )
         if cfg.salient_method == "ner":
             chosen = salient_ner(src, src_mask, self.token_strings, self.content)
             return chosen * self.idf.to(src.device)[src] if cfg.idf_weighted else chosen
-        raise ValueError(f"RewardConfig.salient_method must be 'idf' or 'ner', got {cfg.salient_method!r}")
+        raise ValueError(
+            f"RewardConfig.salient_method must be 'idf' or 'ner', got {cfg.salient_method!r}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # Special tokens as attention sinks (DECISIONS.md §2), and the total reward.
 # --------------------------------------------------------------------------------------------
 
+
 def sink_share(attn, special, response_mask):
     """Mean over response tokens of the attention mass on the prompt's special tokens: (B,).
 
     attn (B, T, S), special (B, S) bool. The first place reward hacking shows (DECISIONS.md §2)."""
-    mass = (attn * special[:, None, :].to(attn.dtype)).sum(-1)                 # (B, T)
+    mass = (attn * special[:, None, :].to(attn.dtype)).sum(-1)  # (B, T)
     return (mass * response_mask).sum(-1) / _num_tokens(response_mask)
 
 
@@ -215,16 +236,21 @@ def drop_special(attn, special, prompt_mask=None):
     rest of the prompt, so it becomes the uniform distribution over the real non-special tokens:
     chance-level coverage and the least focus, never the best (a sink-only step must not look sharp).
     Steps with no attention at all (after EOS) stay zero."""
-    keep = ~special if prompt_mask is None else prompt_mask & ~special               # (B, S)
-    kept = attn * keep[:, None, :].to(attn.dtype)                                     # (B, T, S)
-    total = kept.sum(-1, keepdim=True)                                                # (B, T, 1)
+    keep = ~special if prompt_mask is None else prompt_mask & ~special  # (B, S)
+    kept = attn * keep[:, None, :].to(attn.dtype)  # (B, T, S)
+    total = kept.sum(-1, keepdim=True)  # (B, T, 1)
     uniform = keep[:, None, :].to(attn.dtype) / keep.sum(-1)[:, None, None].clamp(min=1)
     sink_only = (total == 0) & (attn.sum(-1, keepdim=True) > 0)
-    return torch.where(total > 0, kept / total.clamp(min=1e-12),
-                       torch.where(sink_only, uniform, torch.zeros_like(kept)))
+    return torch.where(
+        total > 0,
+        kept / total.clamp(min=1e-12),
+        torch.where(sink_only, uniform, torch.zeros_like(kept)),
+    )
 
 
-def compute_reward(attn, tokens, response_mask, salient_mask, cfg: RewardConfig, special=None, prompt_mask=None):
+def compute_reward(
+    attn, tokens, response_mask, salient_mask, cfg: RewardConfig, special=None, prompt_mask=None
+):
     """R(x, y) of §3.2 and each of its terms, one value per candidate.
 
     attn (B, T, S) Abar; tokens (B, T); response_mask (B, T) bool; salient_mask (B, S) from
@@ -241,6 +267,10 @@ def compute_reward(attn, tokens, response_mask, salient_mask, cfg: RewardConfig,
         attn = drop_special(attn, special, prompt_mask)
     terms["coverage"] = coverage(attn, salient_mask, response_mask)
     terms["focus"] = focus(attn, response_mask, cfg.attn_temperature, cfg.entropy_floor)
-    terms["repeat"] = repeat_penalty(tokens, response_mask, cfg.ngram, cfg.repeat_count).to(attn.dtype)
-    terms["reward"] = cfg.alpha * terms["coverage"] + cfg.beta * terms["focus"] - cfg.gamma * terms["repeat"]
+    terms["repeat"] = repeat_penalty(tokens, response_mask, cfg.ngram, cfg.repeat_count).to(
+        attn.dtype
+    )
+    terms["reward"] = (
+        cfg.alpha * terms["coverage"] + cfg.beta * terms["focus"] - cfg.gamma * terms["repeat"]
+    )
     return terms

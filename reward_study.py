@@ -36,8 +36,17 @@ import ppo
 import runs
 import stats
 from evaluation import PairScorer
-from experiments import (arch_setting, device_line, rl_profile, save_figure, seed_sft, seeds_in_workers, shared_setup, work_dir,
-                         write_json)
+from experiments import (
+    arch_setting,
+    device_line,
+    rl_profile,
+    save_figure,
+    seed_sft,
+    seeds_in_workers,
+    shared_setup,
+    work_dir,
+    write_json,
+)
 from reward import RewardConfig
 
 # The study's settings (settings.resolve reads them for --experiment rewards). RL: experiments.CPU_PPO
@@ -52,22 +61,62 @@ SFT_STEPS = {"qa": 600, "qa-grounded": 300, "instruct": 200}
 class Row:
     name: str
     label: str
-    kind: str        # "start" | "self-supervised" | "control" | "not self-supervised"
+    kind: str  # "start" | "self-supervised" | "control" | "not self-supervised"
     source: str
-    reward: str | None = None    # its --reward name (baselines.REWARD_NAMES); None: no RL
+    reward: str | None = None  # its --reward name (baselines.REWARD_NAMES); None: no RL
 
 
 ROWS = (
     Row("sft", "SFT (start of every row)", "start", "the supervised policy every row starts from"),
-    Row("cagsr", "Attention reward (CAGSR, PPO)", "self-supervised", "§3.2: coverage + focus - repetition", "attention"),
-    Row("self_certainty", "Self-certainty", "self-supervised", "Intuitor, arXiv 2505.19590", "self-certainty"),
-    Row("neg_entropy", "Negative entropy", "self-supervised", "EM-RL, arXiv 2505.15134", "neg-entropy"),
-    Row("logprob", "Mean token log-probability", "self-supervised", "trajectory probability, TTRL's family", "logprob"),
-    Row("random", "Random, Bernoulli(0.5)", "control", "spurious-reward control, arXiv 2506.10947", "random"),
-    Row("oracle", "Oracle: correctness vs reference", "control", "positive control: it reads the answer (exact-match "
-        "on QA, reference match on instruct)", "oracle"),
-    Row("hybrid", "Hybrid: attention + RM", "not self-supervised", "§6, §9: attention reward + weight x reward "
-        "model on limited (simulated) human preferences", "hybrid"),
+    Row(
+        "cagsr",
+        "Attention reward (CAGSR, PPO)",
+        "self-supervised",
+        "§3.2: coverage + focus - repetition",
+        "attention",
+    ),
+    Row(
+        "self_certainty",
+        "Self-certainty",
+        "self-supervised",
+        "Intuitor, arXiv 2505.19590",
+        "self-certainty",
+    ),
+    Row(
+        "neg_entropy",
+        "Negative entropy",
+        "self-supervised",
+        "EM-RL, arXiv 2505.15134",
+        "neg-entropy",
+    ),
+    Row(
+        "logprob",
+        "Mean token log-probability",
+        "self-supervised",
+        "trajectory probability, TTRL's family",
+        "logprob",
+    ),
+    Row(
+        "random",
+        "Random, Bernoulli(0.5)",
+        "control",
+        "spurious-reward control, arXiv 2506.10947",
+        "random",
+    ),
+    Row(
+        "oracle",
+        "Oracle: correctness vs reference",
+        "control",
+        "positive control: it reads the answer (exact-match on QA, reference match on instruct)",
+        "oracle",
+    ),
+    Row(
+        "hybrid",
+        "Hybrid: attention + RM",
+        "not self-supervised",
+        "§6, §9: attention reward + weight x reward model on limited (simulated) human preferences",
+        "hybrid",
+    ),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 REWARDS = ("attention", "self_certainty", "neg_entropy", "logprob", "random", "oracle", "hybrid")
@@ -81,33 +130,58 @@ EVAL_SEED = 1234
 def study_settings(run) -> dict:
     """Everything the rows depend on (a changed setting never reuses an old row)."""
     experiment = run.experiment
-    return dict(study="rewards", dataset=run.dataset, size=run.size, data_seed=run.seed, warmup=run.sft.warmup,
-                sft_steps=run.sft.steps, sft_batch_size=run.sft.batch_size, sft_lr=run.sft.lr, sft_noise=run.sft_noise,
-                iterations=run.iterations, num_eval=run.num_eval, eval_every=run.eval_every,
-                eval_prompts=run.eval_prompts, ppo=asdict(run.ppo), reward=asdict(run.reward),
-                rm=dict(human_steps=experiment.rm_steps, human_prompts=experiment.human_prompts, label_noise=0.1),
-                hybrid_weight=experiment.hybrid_weight, relevance_steps=experiment.relevance_steps,
-                **arch_setting(run))
+    return dict(
+        study="rewards",
+        dataset=run.dataset,
+        size=run.size,
+        data_seed=run.seed,
+        warmup=run.sft.warmup,
+        sft_steps=run.sft.steps,
+        sft_batch_size=run.sft.batch_size,
+        sft_lr=run.sft.lr,
+        sft_noise=run.sft_noise,
+        iterations=run.iterations,
+        num_eval=run.num_eval,
+        eval_every=run.eval_every,
+        eval_prompts=run.eval_prompts,
+        ppo=asdict(run.ppo),
+        reward=asdict(run.reward),
+        rm=dict(
+            human_steps=experiment.rm_steps, human_prompts=experiment.human_prompts, label_noise=0.1
+        ),
+        hybrid_weight=experiment.hybrid_weight,
+        relevance_steps=experiment.relevance_steps,
+        **arch_setting(run),
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Rewards and correctness on the fixed evaluation set
 # --------------------------------------------------------------------------------------------
 
+
 def row_reward(name: str, sh, rm: PairScorer, settings: dict, seed: int):
     """The reward_fn of ppo.train for row `name` (None: the attention reward): the registry behind --reward."""
     row = next(r for r in ROWS if r.name == name)
-    return baselines.make_reward(row.reward, tok=sh.tok, records=sh.splits.train, seed=seed,
-                                 correct=evaluation.correctness(settings["dataset"]), rm=rm,
-                                 hybrid_weight=settings["hybrid_weight"])
+    return baselines.make_reward(
+        row.reward,
+        tok=sh.tok,
+        records=sh.splits.train,
+        seed=seed,
+        correct=evaluation.correctness(settings["dataset"]),
+        rm=rm,
+        hybrid_weight=settings["hybrid_weight"],
+    )
 
 
 def correlations(reward, correct, n: int) -> dict:
     """Spearman of one reward with one correctness measure: within each prompt's n candidates (mean
     over prompts not all tied; `skipped` counts the others) and across prompts (per-prompt means)."""
     within, skipped = stats.within_prompt_spearman(reward, correct, n)
-    across = stats.spearman(np.asarray(reward).reshape(-1, n).mean(1), np.asarray(correct).reshape(-1, n).mean(1))
-    none = lambda v: None if math.isnan(v) else v                    # JSON has no NaN: undefined is null
+    across = stats.spearman(
+        np.asarray(reward).reshape(-1, n).mean(1), np.asarray(correct).reshape(-1, n).mean(1)
+    )
+    none = lambda v: None if math.isnan(v) else v  # JSON has no NaN: undefined is null
     return dict(within=none(within), skipped=skipped, across=none(across))
 
 
@@ -116,48 +190,73 @@ def fixed_eval(policy, sh, fixed: list[dict], rm: PairScorer, settings: dict, de
     """Every reward and correctness on N fixed-seed candidates per fixed prompt: their means, the
     per-prompt correctness, and each reward's Spearman with correctness and with ROUGE-L."""
     policy.eval()
-    ppo_cfg, reward_cfg, sp, tok = ppo.PPOConfig(**settings["ppo"]), RewardConfig(**settings["reward"]), \
-        data.specials(sh.tok), sh.tok
+    ppo_cfg, reward_cfg, sp, tok = (
+        ppo.PPOConfig(**settings["ppo"]),
+        RewardConfig(**settings["reward"]),
+        data.specials(sh.tok),
+        sh.tok,
+    )
     N, prompts = ppo_cfg.num_samples, [rec["prompt"] for rec in fixed]
     src, src_mask = evaluation.prompt_batch(tok, prompts, device, sp)
     gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
-    rollout, terms, _, _ = ppo.sample_and_score(policy, src, src_mask, sh.salient, reward_cfg, ppo_cfg, sp, gen)
+    rollout, terms, _, _ = ppo.sample_and_score(
+        policy, src, src_mask, sh.salient, reward_cfg, ppo_cfg, sp, gen
+    )
     correctness = evaluation.correctness(settings["dataset"])
     oracle = baselines.OracleReward.from_records(tok, fixed, correctness)
-    pairs = oracle.texts(src, src_mask, rollout)                                        # decoded once
-    rewards = dict(attention=terms["reward"], random=baselines.RandomReward(EVAL_SEED)(src, src_mask, rollout),
-                   oracle=torch.tensor(oracle.scores(pairs)),
-                   hybrid=baselines.HybridReward(rm, settings["hybrid_weight"])(src, src_mask, rollout, terms),
-                   **{k: baselines.RolloutReward(k)(src, src_mask, rollout) for k in baselines.RolloutReward.KINDS})
+    pairs = oracle.texts(src, src_mask, rollout)  # decoded once
+    rewards = dict(
+        attention=terms["reward"],
+        random=baselines.RandomReward(EVAL_SEED)(src, src_mask, rollout),
+        oracle=torch.tensor(oracle.scores(pairs)),
+        hybrid=baselines.HybridReward(rm, settings["hybrid_weight"])(src, src_mask, rollout, terms),
+        **{
+            k: baselines.RolloutReward(k)(src, src_mask, rollout)
+            for k in baselines.RolloutReward.KINDS
+        },
+    )
     texts = [t for t, _ in pairs]
     refs = [rec["response"] for rec in fixed for _ in range(N)]
     rouge = [evaluation.rouge_l(t, ref) for t, ref in zip(texts, refs)]
     correct = [correctness(t, ref) for t, ref in zip(texts, refs)]
     rewards = {k: v.float().cpu().numpy() for k, v in rewards.items()}
-    return dict(correct=float(np.mean(correct)), rouge_l=float(np.mean(rouge)),
-                pass_at_n=float(np.asarray(correct).reshape(-1, N).max(1).mean()),
-                per_prompt_correct=np.asarray(correct).reshape(-1, N).mean(1).tolist(),
-                rewards={k: float(v.mean()) for k, v in rewards.items()},
-                vs_correct={k: correlations(v, correct, N) for k, v in rewards.items()},
-                vs_rouge={k: correlations(v, rouge, N) for k, v in rewards.items()})
+    return dict(
+        correct=float(np.mean(correct)),
+        rouge_l=float(np.mean(rouge)),
+        pass_at_n=float(np.asarray(correct).reshape(-1, N).max(1).mean()),
+        per_prompt_correct=np.asarray(correct).reshape(-1, N).mean(1).tolist(),
+        rewards={k: float(v.mean()) for k, v in rewards.items()},
+        vs_correct={k: correlations(v, correct, N) for k, v in rewards.items()},
+        vs_rouge={k: correlations(v, rouge, N) for k, v in rewards.items()},
+    )
 
 
 def test_metrics(policy, sh, test: list[dict], device, settings: dict) -> dict:
     """Greedy answers on the test prompts: per-prompt correctness, ROUGE-L and relevance, and 3 examples."""
     prompts = [r["prompt"] for r in test]
-    preds = evaluation.answer(policy, sh.tok, prompts, device, max_new_tokens=settings["ppo"]["max_new_tokens"])
+    preds = evaluation.answer(
+        policy, sh.tok, prompts, device, max_new_tokens=settings["ppo"]["max_new_tokens"]
+    )
     correctness = evaluation.correctness(settings["dataset"])
-    return dict(correct=[correctness(p, r["response"]) for p, r in zip(preds, test)],
-                rouge_l=[evaluation.rouge_l(p, r["response"]) for p, r in zip(preds, test)],
-                relevance=evaluation.relevance(sh.classifier, sh.tok, prompts, preds, device),
-                examples=[dict(prompt=r["prompt"], answer=p, reference=r["response"]) for r, p in zip(test[:3], preds)])
+    return dict(
+        correct=[correctness(p, r["response"]) for p, r in zip(preds, test)],
+        rouge_l=[evaluation.rouge_l(p, r["response"]) for p, r in zip(preds, test)],
+        relevance=evaluation.relevance(sh.classifier, sh.tok, prompts, preds, device),
+        examples=[
+            dict(prompt=r["prompt"], answer=p, reference=r["response"])
+            for r, p in zip(test[:3], preds)
+        ],
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # One seed: SFT, the preference reward model, every row
 # --------------------------------------------------------------------------------------------
 
-def seed_rm(seed: int, sd: Path, settings: dict, sft_state: dict, sh, device) -> tuple[PairScorer, dict]:
+
+def seed_rm(
+    seed: int, sd: Path, settings: dict, sft_state: dict, sh, device
+) -> tuple[PairScorer, dict]:
     """The hybrid row's reward model (baselines.train_bt_rm on SFT samples), kept in sd/rm.pt."""
     path = sd / "rm.pt"
     if path.exists():
@@ -168,15 +267,25 @@ def seed_rm(seed: int, sd: Path, settings: dict, sft_state: dict, sh, device) ->
     t0 = time.time()
     rm = settings["rm"]
     policy = runs.policy_from_state(sft_state, sh.cfg, device)
-    scorer, rm_stats = baselines.train_bt_rm(policy, sh.tok, sh.splits.train, ppo.PPOConfig(**settings["ppo"]), device,
-                                             num_prompts=rm["human_prompts"], noise=rm["label_noise"],
-                                             steps=rm["human_steps"], seed=seed)
+    scorer, rm_stats = baselines.train_bt_rm(
+        policy,
+        sh.tok,
+        sh.splits.train,
+        ppo.PPOConfig(**settings["ppo"]),
+        device,
+        num_prompts=rm["human_prompts"],
+        noise=rm["label_noise"],
+        steps=rm["human_steps"],
+        seed=seed,
+    )
     rm_stats["seconds"] = round(time.time() - t0, 1)
     runs.atomic_save(path, dict(model=scorer.state_dict(), stats=rm_stats))
     return scorer.eval().requires_grad_(False), rm_stats
 
 
-def run_row(name: str, seed: int, settings: dict, sh, sft_state, rm, fixed, test, start: dict, device) -> dict:
+def run_row(
+    name: str, seed: int, settings: dict, sh, sft_state, rm, fixed, test, start: dict, device
+) -> dict:
     """Row `name` of one seed: PPO with its reward from the SFT policy (none for "sft"), the fixed set
     scored every eval_every iterations (`start` is iteration 0), then the test metrics."""
     t0 = time.time()
@@ -188,50 +297,80 @@ def run_row(name: str, seed: int, settings: dict, sh, sft_state, rm, fixed, test
 
         def on_iteration(i, row, state):
             if i % every == 0 or i == settings["iterations"]:
-                curve.append(dict(iteration=i, **fixed_eval(policy, sh, fixed, rm, settings, device)))
+                curve.append(
+                    dict(iteration=i, **fixed_eval(policy, sh, fixed, rm, settings, device))
+                )
 
         ref, optimizer = runs.rl_start(policy, sft_state, ppo_cfg.lr, device)
-        with runs.progress(total=settings["iterations"], desc=f"seed {seed} {name}", unit="iter", leave=False) as bar:
-            history = ppo.train(policy, ref, optimizer, [p for p, _ in sh.train_pairs], sh.salient,
-                                RewardConfig(**settings["reward"]), ppo_cfg, settings["iterations"],
-                                specials=data.specials(sh.tok), seed=seed, progress=bar, on_iteration=on_iteration,
-                                reward_fn=row_reward(name, sh, rm, settings, seed))
+        with runs.progress(
+            total=settings["iterations"], desc=f"seed {seed} {name}", unit="iter", leave=False
+        ) as bar:
+            history = ppo.train(
+                policy,
+                ref,
+                optimizer,
+                [p for p, _ in sh.train_pairs],
+                sh.salient,
+                RewardConfig(**settings["reward"]),
+                ppo_cfg,
+                settings["iterations"],
+                specials=data.specials(sh.tok),
+                seed=seed,
+                progress=bar,
+                on_iteration=on_iteration,
+                reward_fn=row_reward(name, sh, rm, settings, seed),
+            )
         skipped = ppo.skipped_updates(history)
     metrics = test_metrics(policy, sh, test, device, settings)
-    return dict(row=name, seed=seed, curve=curve, skipped_updates=skipped, test=metrics,
-                seconds=round(time.time() - t0, 1))
+    return dict(
+        row=name,
+        seed=seed,
+        curve=curve,
+        skipped_updates=skipped,
+        test=metrics,
+        seconds=round(time.time() - t0, 1),
+    )
 
 
 def run_seed(seed: int, work: Path, settings: dict, sh, device) -> dict:
     """Every row of one seed; rows already on disk are read, not recomputed."""
     sd = work / f"seed{seed}"
     sd.mkdir(parents=True, exist_ok=True)
-    test = sh.splits.test[:settings["num_eval"]]
-    fixed = sh.splits.val[:settings["eval_prompts"]]
-    sft_state, sft_seconds = seed_sft(seed, sd, settings, sh.cfg, sh.tok, sh.splits, sh.sft_pairs, sh.salient, device)
+    test = sh.splits.test[: settings["num_eval"]]
+    fixed = sh.splits.val[: settings["eval_prompts"]]
+    sft_state, sft_seconds = seed_sft(
+        seed, sd, settings, sh.cfg, sh.tok, sh.splits, sh.sft_pairs, sh.salient, device
+    )
     rm, rm_stats = seed_rm(seed, sd, settings, sft_state, sh, device)
     start = None
     rows = {}
     for name in ROW_NAMES:
-        path = sd / f"row_{name}.json"           # (sft.json is the SFT timing of seed_sft)
+        path = sd / f"row_{name}.json"  # (sft.json is the SFT timing of seed_sft)
         if path.exists():
             rows[name] = json.loads(path.read_text())
             print(f"seed {seed} | {name}: done earlier ({rows[name]['seconds']:.0f} s)")
             continue
-        if start is None:                        # iteration 0: the SFT policy, the same for every row
-            start = fixed_eval(runs.policy_from_state(sft_state, sh.cfg, device), sh, fixed, rm, settings, device)
-        rows[name] = row = run_row(name, seed, settings, sh, sft_state, rm, fixed, test, start, device)
+        if start is None:  # iteration 0: the SFT policy, the same for every row
+            start = fixed_eval(
+                runs.policy_from_state(sft_state, sh.cfg, device), sh, fixed, rm, settings, device
+            )
+        rows[name] = row = run_row(
+            name, seed, settings, sh, sft_state, rm, fixed, test, start, device
+        )
         write_json(path, row)
         t, last = row["test"], row["curve"][-1]
-        print(f"seed {seed} | {name:14s} test correct {np.mean(t['correct']):.3f} ROUGE-L {np.mean(t['rouge_l']):.3f} "
-              f"relevance {np.mean(t['relevance']):.3f} | fixed set correctness {last['correct']:.3f} | "
-              f"{row['seconds']:.0f} s")
+        print(
+            f"seed {seed} | {name:14s} test correct {np.mean(t['correct']):.3f} ROUGE-L {np.mean(t['rouge_l']):.3f} "
+            f"relevance {np.mean(t['relevance']):.3f} | fixed set correctness {last['correct']:.3f} | "
+            f"{row['seconds']:.0f} s"
+        )
     return dict(sft_seconds=sft_seconds, rm=rm_stats, rows=rows)
 
 
 # --------------------------------------------------------------------------------------------
 # Over seeds: differences with paired bootstrap intervals, curves, collapse
 # --------------------------------------------------------------------------------------------
+
 
 def _nanmean(values) -> float | None:
     """Mean of the defined values (None: an undefined correlation); None when none is defined."""
@@ -244,13 +383,23 @@ def mean_curve(rows: list[dict]) -> list[dict]:
     all tied, left out of the mean)."""
     out = []
     for points in zip(*(r["curve"] for r in rows)):
-        corr = lambda key: {k: {f: _nanmean([p[key][k][f] for p in points]) for f in ("within", "across", "skipped")}
-                            for k in REWARDS}
-        out.append(dict(iteration=points[0]["iteration"], correct=_nanmean([p["correct"] for p in points]),
-                        pass_at_n=_nanmean([p["pass_at_n"] for p in points]),
-                        rouge_l=_nanmean([p["rouge_l"] for p in points]),
-                        rewards={k: _nanmean([p["rewards"][k] for p in points]) for k in REWARDS},
-                        vs_correct=corr("vs_correct"), vs_rouge=corr("vs_rouge")))
+        corr = lambda key: {
+            k: {
+                f: _nanmean([p[key][k][f] for p in points]) for f in ("within", "across", "skipped")
+            }
+            for k in REWARDS
+        }
+        out.append(
+            dict(
+                iteration=points[0]["iteration"],
+                correct=_nanmean([p["correct"] for p in points]),
+                pass_at_n=_nanmean([p["pass_at_n"] for p in points]),
+                rouge_l=_nanmean([p["rouge_l"] for p in points]),
+                rewards={k: _nanmean([p["rewards"][k] for p in points]) for k in REWARDS},
+                vs_correct=corr("vs_correct"),
+                vs_rouge=corr("vs_rouge"),
+            )
+        )
     return out
 
 
@@ -264,8 +413,12 @@ def summarize(per_seed: dict, seeds: list[int]) -> dict:
     """Per row: every metric's mean, std and values over seeds and its difference from SFT (per-prompt
     metric averaged over seeds, paired bootstrap over prompts, 10,000 resamples, seed 0); the curve
     averaged over seeds; the collapse step; seconds."""
-    per_prompt = lambda name, m: np.mean([per_seed[s]["rows"][name]["test"][m] for s in seeds], axis=0)
-    start_pp = np.mean([per_seed[s]["rows"]["sft"]["curve"][0]["per_prompt_correct"] for s in seeds], axis=0)
+    per_prompt = lambda name, m: np.mean(
+        [per_seed[s]["rows"][name]["test"][m] for s in seeds], axis=0
+    )
+    start_pp = np.mean(
+        [per_seed[s]["rows"]["sft"]["curve"][0]["per_prompt_correct"] for s in seeds], axis=0
+    )
     start = stats.mean_interval(start_pp, seed=0)
     out = dict(start_correct=start)
     for name in ROW_NAMES:
@@ -274,12 +427,21 @@ def summarize(per_seed: dict, seeds: list[int]) -> dict:
         for m in METRICS:
             values = [float(np.mean(r["test"][m])) for r in rows]
             mean, std = stats.mean_std(values)
-            diff = None if name == "sft" else stats.paired_difference(per_prompt(name, m), per_prompt("sft", m), seed=0)
+            diff = (
+                None
+                if name == "sft"
+                else stats.paired_difference(per_prompt(name, m), per_prompt("sft", m), seed=0)
+            )
             metrics[m] = dict(mean=mean, std=std, values=values, diff=diff)
         curve = mean_curve(rows)
-        out[name] = dict(metrics=metrics, curve=curve, collapse=collapse_step(curve, start["lo"]),
-                         skipped_updates=sum(r["skipped_updates"] for r in rows),
-                         seconds=stats.mean_std([r["seconds"] for r in rows])[0], examples=rows[0]["test"]["examples"])
+        out[name] = dict(
+            metrics=metrics,
+            curve=curve,
+            collapse=collapse_step(curve, start["lo"]),
+            skipped_updates=sum(r["skipped_updates"] for r in rows),
+            seconds=stats.mean_std([r["seconds"] for r in rows])[0],
+            examples=rows[0]["test"]["examples"],
+        )
     return out
 
 
@@ -293,11 +455,17 @@ def headroom(summary: dict) -> dict:
 # results/rewards_<dataset>.md, .json, .png
 # --------------------------------------------------------------------------------------------
 
+
 def _cell(m: dict, pct=False) -> str:
     f = (lambda v: f"{100 * v:+.1f}") if pct else (lambda v: f"{v:+.3f}")
     g = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3f}")
-    diff = "" if m["diff"] is None else f"{f(m['diff']['diff'])} [{f(m['diff']['lo'])}, {f(m['diff']['hi'])}]" + \
-        (" *" if m["diff"]["excludes_0"] else "") + "<br>"
+    diff = (
+        ""
+        if m["diff"] is None
+        else f"{f(m['diff']['diff'])} [{f(m['diff']['lo'])}, {f(m['diff']['hi'])}]"
+        + (" *" if m["diff"]["excludes_0"] else "")
+        + "<br>"
+    )
     return f"{diff}{g(m['mean'])} ± {g(m['std'])}"
 
 
@@ -312,77 +480,110 @@ def _rho(c: dict) -> str:
 def markdown(result: dict) -> str:
     s, summ, h, qa = result["settings"], result["rows"], result["headroom"], result["is_qa"]
     correct = "exact-match" if qa else "reference match"
-    check = (f"**Headroom check: passed.** The oracle row raises {correct} by {h['diff']:+.3f} "
-             f"[{h['lo']:+.3f}, {h['hi']:+.3f}] over SFT (95% paired bootstrap over {s['num_eval']} test prompts): "
-             f"RL from this SFT policy can improve, so a reward that does not improve it says something."
-             if h["ok"] else
-             f"**HEADROOM CHECK FAILED: THIS COMPARISON CANNOT SHOW ANYTHING.** The oracle row changes {correct} by "
-             f"{h['diff']:+.3f} [{h['lo']:+.3f}, {h['hi']:+.3f}] (95% paired bootstrap): even a reward that reads "
-             f"the answer does not beat SFT here, so no row's failure to do so is evidence against its reward.")
+    check = (
+        f"**Headroom check: passed.** The oracle row raises {correct} by {h['diff']:+.3f} "
+        f"[{h['lo']:+.3f}, {h['hi']:+.3f}] over SFT (95% paired bootstrap over {s['num_eval']} test prompts): "
+        f"RL from this SFT policy can improve, so a reward that does not improve it says something."
+        if h["ok"]
+        else f"**HEADROOM CHECK FAILED: THIS COMPARISON CANNOT SHOW ANYTHING.** The oracle row changes {correct} by "
+        f"{h['diff']:+.3f} [{h['lo']:+.3f}, {h['hi']:+.3f}] (95% paired bootstrap): even a reward that reads "
+        f"the answer does not beat SFT here, so no row's failure to do so is evidence against its reward."
+    )
     policy = "decoder-only " if s.get("arch") == "decoder" else ""
-    lines = [f"# Which internal reward? `{s['dataset']}` ({s['size']} {policy}preset, {len(result['seeds'])} seeds)", "",
-             f"Written by `{result['command']}` on {result['device']}; this call took {result['last_call_minutes']:.1f} min. "
-             f"Compute: {result['compute_minutes']:.1f} min in all (rows reused from an earlier call count at their original cost).", "", check, "",
-             "## Test metrics (greedy answers)", "",
-             f"Each cell: the difference from SFT with its 95% paired bootstrap interval (per-prompt metric averaged "
-             f"over seeds, 10,000 resamples over {s['num_eval']} test prompts; * = the interval excludes 0), then the "
-             f"mean ± std over seeds. {correct.capitalize()} and relevance in %. Sampled: the fixed set's "
-             f"{s['ppo']['num_samples']} candidates per prompt at the RL temperature {s['ppo']['temperature']} at the "
-             f"last evaluation (mean {correct} of the samples / pass@{s['ppo']['num_samples']}, the best of each "
-             f"prompt's), mean over seeds.", "",
-             f"| row | kind | {correct} (%) | ROUGE-L | relevance (%) | sampled: {correct} / pass@"
-             f"{s['ppo']['num_samples']} (%) | updates skipped |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Which internal reward? `{s['dataset']}` ({s['size']} {policy}preset, {len(result['seeds'])} seeds)",
+        "",
+        f"Written by `{result['command']}` on {result['device']}; this call took {result['last_call_minutes']:.1f} min. "
+        f"Compute: {result['compute_minutes']:.1f} min in all (rows reused from an earlier call count at their original cost).",
+        "",
+        check,
+        "",
+        "## Test metrics (greedy answers)",
+        "",
+        f"Each cell: the difference from SFT with its 95% paired bootstrap interval (per-prompt metric averaged "
+        f"over seeds, 10,000 resamples over {s['num_eval']} test prompts; * = the interval excludes 0), then the "
+        f"mean ± std over seeds. {correct.capitalize()} and relevance in %. Sampled: the fixed set's "
+        f"{s['ppo']['num_samples']} candidates per prompt at the RL temperature {s['ppo']['temperature']} at the "
+        f"last evaluation (mean {correct} of the samples / pass@{s['ppo']['num_samples']}, the best of each "
+        f"prompt's), mean over seeds.",
+        "",
+        f"| row | kind | {correct} (%) | ROUGE-L | relevance (%) | sampled: {correct} / pass@"
+        f"{s['ppo']['num_samples']} (%) | updates skipped |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in ROWS:
         m = summ[r.name]["metrics"]
         end = summ[r.name]["curve"][-1]
-        lines.append(f"| {r.label} | {r.kind} | {_cell(m['correct'], True)} | {_cell(m['rouge_l'])} | "
-                     f"{_cell(m['relevance'], True)} | {100 * end['correct']:.1f} / {100 * end['pass_at_n']:.1f} | "
-                     f"{summ[r.name]['skipped_updates']} |")
+        lines.append(
+            f"| {r.label} | {r.kind} | {_cell(m['correct'], True)} | {_cell(m['rouge_l'])} | "
+            f"{_cell(m['relevance'], True)} | {100 * end['correct']:.1f} / {100 * end['pass_at_n']:.1f} | "
+            f"{summ[r.name]['skipped_updates']} |"
+        )
     st = summ["sft"]["curve"][0]
-    lines += ["", "## Each reward against correctness, on the SFT policy's candidates", "",
-              f"{s['eval_prompts']} fixed validation prompts x {s['ppo']['num_samples']} candidates (sampling seed "
-              f"{EVAL_SEED}). Within: Spearman (ties averaged) among a prompt's candidates, mean over the prompts whose "
-              f"candidates are not all tied (prompts skipped in brackets, mean over seeds); across: Spearman of the "
-              f"per-prompt means. Correctness is {correct}.", "",
-              f"| reward | within vs {correct} | across vs {correct} | within vs ROUGE-L | across vs ROUGE-L |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Each reward against correctness, on the SFT policy's candidates",
+        "",
+        f"{s['eval_prompts']} fixed validation prompts x {s['ppo']['num_samples']} candidates (sampling seed "
+        f"{EVAL_SEED}). Within: Spearman (ties averaged) among a prompt's candidates, mean over the prompts whose "
+        f"candidates are not all tied (prompts skipped in brackets, mean over seeds); across: Spearman of the "
+        f"per-prompt means. Correctness is {correct}.",
+        "",
+        f"| reward | within vs {correct} | across vs {correct} | within vs ROUGE-L | across vs ROUGE-L |",
+        "|---|---|---|---|---|",
+    ]
     for k in REWARDS:
         c, g = st["vs_correct"][k], st["vs_rouge"][k]
         lines.append(f"| {k} | {_rho(c)} | {_r(c['across'])} | {_rho(g)} | {_r(g['across'])} |")
     sc = result["rows"]["start_correct"]
-    lines += ["", "## Training its own reward: correlation and collapse", "",
-              f"On the fixed set every {s['eval_every']} iterations of {s['iterations']} (mean over seeds). Collapse: the "
-              f"first evaluation at which the fixed set's {correct} falls below the lower end of its start's 95% "
-              f"interval ({sc['mean']:.3f} [{sc['lo']:.3f}, {sc['hi']:.3f}]).", "",
-              f"| row | own reward, start → end | within ρ of own reward vs {correct}, per evaluation | "
-              f"fixed-set {correct}, per evaluation | collapse |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Training its own reward: correlation and collapse",
+        "",
+        f"On the fixed set every {s['eval_every']} iterations of {s['iterations']} (mean over seeds). Collapse: the "
+        f"first evaluation at which the fixed set's {correct} falls below the lower end of its start's 95% "
+        f"interval ({sc['mean']:.3f} [{sc['lo']:.3f}, {sc['hi']:.3f}]).",
+        "",
+        f"| row | own reward, start → end | within ρ of own reward vs {correct}, per evaluation | "
+        f"fixed-set {correct}, per evaluation | collapse |",
+        "|---|---|---|---|---|",
+    ]
     for r in ROWS[1:]:
         cur, own = summ[r.name]["curve"], OWN_REWARD[r.name]
         rho = " → ".join(_r(p["vs_correct"][own]["within"]) for p in cur)
-        lines.append(f"| {r.label} | {cur[0]['rewards'][own]:+.3f} → {cur[-1]['rewards'][own]:+.3f} | {rho} | "
-                     + " → ".join(f"{p['correct']:.3f}" for p in cur)
-                     + f" | {'none' if summ[r.name]['collapse'] is None else 'iteration ' + str(summ[r.name]['collapse'])} |")
-    rm = "; ".join(f"seed {sd}: {x['pairs']} pairs, fit accuracy {x['fit_accuracy']:.3f}" for sd, x in result["rm"].items())
-    lines += ["", "## Notes", "",
-              f"- Every RL row: {s['iterations']} PPO iterations x {s['ppo']['prompts_per_iter']} prompts x "
-              f"{s['ppo']['num_samples']} candidates (lr {s['ppo']['lr']}, baseline {s['ppo']['baseline']}, whitened "
-              f"advantages, {s['ppo']['epochs']} epochs x {s['ppo']['minibatches']} minibatches, no KL penalty, samples "
-              f"from the full softmax at temperature {s['ppo']['temperature']}) from "
-              f"one SFT policy per seed trained {s['sft_steps']} steps x {s['sft_batch_size']}, the same prompts in the "
-              f"same order; only the reward differs.",
-              "- Self-certainty, negative entropy and log-probability are read from the sampler's records: the "
-              "full-vocabulary logits / temperature, the distribution RL samples from and the PPO log-probs use.",
-              f"- Hybrid: attention reward + {s['hybrid_weight']} x a Bradley-Terry reward model fitted on "
-              f"{s['rm']['human_prompts']} simulated human comparisons (annotators who prefer by ROUGE-L, "
-              f"{s['rm']['label_noise']:.0%} label noise): {rm}. It uses labels, so it is not self-supervised.",
-              "- Random and oracle are controls, not methods: random shows what RL does with a reward that carries no "
-              f"information; oracle ({correct} against the clean reference, the answer itself) shows that RL can "
-              f"improve here.",
-              f"- SFT data: {s['sft_noise']:.0%} of the training responses replaced by plausible wrong ones "
-              f"(--sft-noise; qa-grounded: the distractor's answer, instruct: another instruction's response), so the "
-              f"SFT policy has right and wrong behaviours to choose between; evaluation and the oracle use the clean "
-              f"references.",
-              f"- Relevance: the frozen classifier of Table 1 (held-out pairwise {result['classifier']['pairwise']:.1%})."]
+        lines.append(
+            f"| {r.label} | {cur[0]['rewards'][own]:+.3f} → {cur[-1]['rewards'][own]:+.3f} | {rho} | "
+            + " → ".join(f"{p['correct']:.3f}" for p in cur)
+            + f" | {'none' if summ[r.name]['collapse'] is None else 'iteration ' + str(summ[r.name]['collapse'])} |"
+        )
+    rm = "; ".join(
+        f"seed {sd}: {x['pairs']} pairs, fit accuracy {x['fit_accuracy']:.3f}"
+        for sd, x in result["rm"].items()
+    )
+    lines += [
+        "",
+        "## Notes",
+        "",
+        f"- Every RL row: {s['iterations']} PPO iterations x {s['ppo']['prompts_per_iter']} prompts x "
+        f"{s['ppo']['num_samples']} candidates (lr {s['ppo']['lr']}, baseline {s['ppo']['baseline']}, whitened "
+        f"advantages, {s['ppo']['epochs']} epochs x {s['ppo']['minibatches']} minibatches, no KL penalty, samples "
+        f"from the full softmax at temperature {s['ppo']['temperature']}) from "
+        f"one SFT policy per seed trained {s['sft_steps']} steps x {s['sft_batch_size']}, the same prompts in the "
+        f"same order; only the reward differs.",
+        "- Self-certainty, negative entropy and log-probability are read from the sampler's records: the "
+        "full-vocabulary logits / temperature, the distribution RL samples from and the PPO log-probs use.",
+        f"- Hybrid: attention reward + {s['hybrid_weight']} x a Bradley-Terry reward model fitted on "
+        f"{s['rm']['human_prompts']} simulated human comparisons (annotators who prefer by ROUGE-L, "
+        f"{s['rm']['label_noise']:.0%} label noise): {rm}. It uses labels, so it is not self-supervised.",
+        "- Random and oracle are controls, not methods: random shows what RL does with a reward that carries no "
+        f"information; oracle ({correct} against the clean reference, the answer itself) shows that RL can "
+        f"improve here.",
+        f"- SFT data: {s['sft_noise']:.0%} of the training responses replaced by plausible wrong ones "
+        f"(--sft-noise; qa-grounded: the distractor's answer, instruct: another instruction's response), so the "
+        f"SFT policy has right and wrong behaviours to choose between; evaluation and the oracle use the clean "
+        f"references.",
+        f"- Relevance: the frozen classifier of Table 1 (held-out pairwise {result['classifier']['pairwise']:.1%}).",
+    ]
     for r in ROWS:
         lines.append(f"- {r.label}: {r.source}.")
     return "\n".join(lines) + "\n"
@@ -390,25 +591,43 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     correct = "exact-match" if result["is_qa"] else "reference match"
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
     for r in ROWS[1:]:
         cur, own = result["rows"][r.name]["curve"], OWN_REWARD[r.name]
         its = [p["iteration"] for p in cur]
         nan = lambda v: float("nan") if v is None else v
-        line, = axes[0].plot(its, [nan(p["vs_correct"][own]["within"]) for p in cur], marker="o", label=r.label)
-        axes[1].plot(its, [nan(p["vs_correct"][own]["across"]) for p in cur], marker="o", color=line.get_color())
+        (line,) = axes[0].plot(
+            its, [nan(p["vs_correct"][own]["within"]) for p in cur], marker="o", label=r.label
+        )
+        axes[1].plot(
+            its,
+            [nan(p["vs_correct"][own]["across"]) for p in cur],
+            marker="o",
+            color=line.get_color(),
+        )
         axes[2].plot(its, [p["correct"] for p in cur], marker="o", color=line.get_color())
         c = result["rows"][r.name]["collapse"]
         if c is not None:
-            axes[2].plot([c], [next(p["correct"] for p in cur if p["iteration"] == c)], "x", ms=12, mew=2.5,
-                         color=line.get_color())
+            axes[2].plot(
+                [c],
+                [next(p["correct"] for p in cur if p["iteration"] == c)],
+                "x",
+                ms=12,
+                mew=2.5,
+                color=line.get_color(),
+            )
     sc = result["rows"]["start_correct"]
     axes[2].axhspan(sc["lo"], sc["hi"], color="grey", alpha=0.2, label="start's 95% interval")
-    titles = (f"within-prompt Spearman, own reward vs {correct}", f"across-prompt Spearman, own reward vs {correct}",
-              f"fixed-set {correct} (x: collapse)")
+    titles = (
+        f"within-prompt Spearman, own reward vs {correct}",
+        f"across-prompt Spearman, own reward vs {correct}",
+        f"fixed-set {correct} (x: collapse)",
+    )
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("RL iteration")
@@ -416,7 +635,9 @@ def plot(result: dict, path: Path) -> None:
     axes[1].axhline(0, color="black", lw=0.5)
     axes[0].legend(fontsize=7)
     axes[2].legend(fontsize=7)
-    fig.suptitle(f"Which internal reward? {result['settings']['dataset']}, mean over {len(result['seeds'])} seeds")
+    fig.suptitle(
+        f"Which internal reward? {result['settings']['dataset']}, mean over {len(result['seeds'])} seeds"
+    )
     save_figure(fig, path)
 
 
@@ -436,20 +657,33 @@ def run_rewards(run, device) -> int:
     seeds = list(range(run.seed, run.seed + experiment.seeds))
     seeds_in_workers(run, "reward_study", work, seeds, device)
     per_seed = {s: run_seed(s, work, settings, sh, device) for s in seeds}
-    compute = sh.clf_stats["seconds"] + sum(ps["sft_seconds"] + ps["rm"]["seconds"] + sum(r["seconds"] for r in
-                                            ps["rows"].values()) for ps in per_seed.values())
+    compute = sh.clf_stats["seconds"] + sum(
+        ps["sft_seconds"] + ps["rm"]["seconds"] + sum(r["seconds"] for r in ps["rows"].values())
+        for ps in per_seed.values()
+    )
     summary = summarize(per_seed, seeds)
-    result = dict(command=run.command, device=device_line(run, device), seeds=seeds,
-                  last_call_minutes=(time.time() - t_start) / 60, compute_minutes=compute / 60, settings=settings,
-                  classifier=sh.clf_stats, is_qa=data.is_qa(settings["dataset"]), headroom=headroom(summary), rows=summary,
-                  rm={s: per_seed[s]["rm"] for s in seeds})
+    result = dict(
+        command=run.command,
+        device=device_line(run, device),
+        seeds=seeds,
+        last_call_minutes=(time.time() - t_start) / 60,
+        compute_minutes=compute / 60,
+        settings=settings,
+        classifier=sh.clf_stats,
+        is_qa=data.is_qa(settings["dataset"]),
+        headroom=headroom(summary),
+        rows=summary,
+        rm={s: per_seed[s]["rm"] for s in seeds},
+    )
     results, md = Path(experiment.results_dir), markdown(result)
     write_json(results / f"rewards_{sh.name}.json", result)
     runs.write_text(results / f"rewards_{sh.name}.md", md)
     plot(result, results / f"rewards_{sh.name}.png")
     print("\n" + md)
     if not result["headroom"]["ok"]:
-        print("WARNING: the headroom check failed (the oracle row does not beat SFT on correctness): this comparison "
-              "cannot show anything; see the table's header.")
+        print(
+            "WARNING: the headroom check failed (the oracle row does not beat SFT on correctness): this comparison "
+            "cannot show anything; see the table's header."
+        )
     print(f"wrote {results / f'rewards_{sh.name}.md'}, .json, .png | work directory {work}")
     return 0

@@ -44,6 +44,7 @@ REQUIRED = ("model", "model_config", "tokenizer", "idf", "size", "stage")
 # Device
 # --------------------------------------------------------------------------------------------
 
+
 def pick_device(requested: str | None = None) -> torch.device:
     """cuda, then mps, then cpu; an explicit request that this machine cannot serve is an error."""
     if requested is not None:
@@ -84,6 +85,7 @@ def progress(iterable=None, **kw):
 # Random states
 # --------------------------------------------------------------------------------------------
 
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -91,8 +93,12 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    return dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    return dict(
+        torch=torch.get_rng_state(),
+        python=random.getstate(),
+        numpy=np.random.get_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    )
 
 
 def set_rng_state(state: dict) -> None:
@@ -107,6 +113,7 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # Files: atomic writes, checkpoints
 # --------------------------------------------------------------------------------------------
+
 
 def write_text(path: Path, text: str) -> None:
     """Write a text file atomically (temporary file, then rename): a reader never sees half of it."""
@@ -127,14 +134,25 @@ def atomic_save(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def checkpoint_state(model, tok, idf, *, size: str, dataset: str | None, stage: str, **extra) -> dict:
+def checkpoint_state(
+    model, tok, idf, *, size: str, dataset: str | None, stage: str, **extra
+) -> dict:
     """The one checkpoint layout: the policy's weights and config, its tokenizer, the IDF table of
     the training prompts (computed once per run; every stage scores salient tokens with it, §3.2),
     the preset, the dataset and the stage; `extra` adds what resuming needs (optimizer, step or
     iteration, random states, ...). The tokenizer's special ids are stored beside it (data.Specials)."""
-    return dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), model_config=asdict(model.cfg),
-                tokenizer=data.tokenizer_to_str(tok), specials=asdict(data.specials(tok)), idf=idf, size=size,
-                dataset=dataset, stage=stage, **extra)
+    return dict(
+        format=CHECKPOINT_FORMAT,
+        model=model.state_dict(),
+        model_config=asdict(model.cfg),
+        tokenizer=data.tokenizer_to_str(tok),
+        specials=asdict(data.specials(tok)),
+        idf=idf,
+        size=size,
+        dataset=dataset,
+        stage=stage,
+        **extra,
+    )
 
 
 def save_checkpoint(path: Path, model, tok, idf, **fields) -> None:
@@ -146,16 +164,26 @@ def _upgrade(ckpt: dict, where: str) -> dict:
     """A checkpoint in the current layout; one written by an older cagsr.py (format 1) is read as
     far as it can be, anything else is a clear error."""
     if not isinstance(ckpt, dict):
-        raise UsageError(f"{where}: not a checkpoint written by cagsr.py (a {type(ckpt).__name__}, not a dict)")
+        raise UsageError(
+            f"{where}: not a checkpoint written by cagsr.py (a {type(ckpt).__name__}, not a dict)"
+        )
     if ckpt.get("format", 1) == 1:
         args = ckpt.get("args") or {}
-        ckpt = {**ckpt, "format": 1, "size": ckpt.get("size") or args.get("size") or "tiny",
-                "dataset": ckpt.get("dataset") or args.get("dataset")}
+        ckpt = {
+            **ckpt,
+            "format": 1,
+            "size": ckpt.get("size") or args.get("size") or "tiny",
+            "dataset": ckpt.get("dataset") or args.get("dataset"),
+        }
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
-        raise UsageError(f"{where}: not a policy checkpoint written by cagsr.py (missing {', '.join(missing)})")
+        raise UsageError(
+            f"{where}: not a policy checkpoint written by cagsr.py (missing {', '.join(missing)})"
+        )
     if ckpt["format"] > CHECKPOINT_FORMAT:
-        raise UsageError(f"{where}: written by a newer cagsr.py (checkpoint format {ckpt['format']}); update the code")
+        raise UsageError(
+            f"{where}: written by a newer cagsr.py (checkpoint format {ckpt['format']}); update the code"
+        )
     return ckpt
 
 
@@ -163,20 +191,27 @@ def _read(path, flag: str, **load_kw) -> dict:
     """torch.load of a checkpoint file named by `flag`, or a UsageError that says what is wrong with it."""
     path, where = Path(path), f"{flag} {path}".strip()
     if path.is_dir():
-        raise UsageError(f"{where} is a directory without a config.json: {flag or 'this'} takes a checkpoint file "
-                         f"written by cagsr.py (a run's sft.pt or rl.pt) or a Hugging Face snapshot directory "
-                         f"(config.json, weights, tokenizer.json); to continue the run in a directory, use "
-                         f"--resume {path}")
+        raise UsageError(
+            f"{where} is a directory without a config.json: {flag or 'this'} takes a checkpoint file "
+            f"written by cagsr.py (a run's sft.pt or rl.pt) or a Hugging Face snapshot directory "
+            f"(config.json, weights, tokenizer.json); to continue the run in a directory, use "
+            f"--resume {path}"
+        )
     if not path.is_file():
         raise UsageError(f"{where}: no such checkpoint file")
     try:
         obj = torch.load(path, weights_only=False, **load_kw)
-    except Exception as e:                           # pickle, zip and torch errors alike: the file is not usable
-        advice = ("this run's checkpoint is damaged: restore it from a copy, or move it away to resume from "
-                  "the run's earlier checkpoint (rl.pt falls back to sft.pt), or start a new run"
-                  if flag == "--resume" else "give a .pt file written by cagsr.py, a run's sft.pt or rl.pt")
-        raise UsageError(f"{where}: cannot be read as a checkpoint ({type(e).__name__}): it was not written by "
-                         f"torch.save, or it was cut short (a copy that did not finish); {advice}") from None
+    except Exception as e:  # pickle, zip and torch errors alike: the file is not usable
+        advice = (
+            "this run's checkpoint is damaged: restore it from a copy, or move it away to resume from "
+            "the run's earlier checkpoint (rl.pt falls back to sft.pt), or start a new run"
+            if flag == "--resume"
+            else "give a .pt file written by cagsr.py, a run's sft.pt or rl.pt"
+        )
+        raise UsageError(
+            f"{where}: cannot be read as a checkpoint ({type(e).__name__}): it was not written by "
+            f"torch.save, or it was cut short (a copy that did not finish); {advice}"
+        ) from None
     return _upgrade(obj, where)
 
 
@@ -213,7 +248,9 @@ def load_checkpoint(path, device="cpu", flag: str = ""):
     try:
         data.specials(tok)
     except ValueError as e:
-        raise UsageError(f"{flag} {path}: {e}; the file was changed after cagsr.py wrote it") from None
+        raise UsageError(
+            f"{flag} {path}: {e}; the file was changed after cagsr.py wrote it"
+        ) from None
     return model, tok, ckpt
 
 
@@ -232,7 +269,7 @@ def is_snapshot(path) -> bool:
 
 
 def snapshot_arch(path, flag: str = "--init") -> str:
-    """"decoder" for a Llama/Qwen2 snapshot, else "encoder-decoder" (by its config.json's model_type)."""
+    """ "decoder" for a Llama/Qwen2 snapshot, else "encoder-decoder" (by its config.json's model_type)."""
     try:
         model_type = load_hf_config(path).get("model_type")
     except ValueError as e:
@@ -245,12 +282,14 @@ def snapshot_config(path, overrides: dict, flag: str = "--init"):
     try:
         return config_from_hf(load_hf_config(path), **overrides)
     except ConfigError:
-        raise                                        # settings.flag_errors names the --set flag
+        raise  # settings.flag_errors names the --set flag
     except (ValueError, json.JSONDecodeError) as e:
         raise UsageError(f"{flag} {path}: {e}") from None
 
 
-def peek_init(path, flag: str = "--init", overrides: dict | None = None, tokenizer: bool = True) -> dict:
+def peek_init(
+    path, flag: str = "--init", overrides: dict | None = None, tokenizer: bool = True
+) -> dict:
     """What `--init` names, checked without reading weights: a checkpoint file's fields (peeked), or for
     a snapshot {"size": "pretrained", "dataset": None, "snapshot_config": ModelConfig or DecoderConfig} after reading its
     config.json and, when `tokenizer`, its tokenizer.json."""
@@ -271,17 +310,22 @@ def load_init(path, device, flag: str = "--init", overrides: dict | None = None)
     last_layers), its tokenizer.json, a fresh value head, and no IDF table yet (idf None)."""
     if not is_snapshot(path):
         return load_checkpoint(path, device, flag)
-    tok = data.snapshot_tokenizer(path)                          # before the weights: a bad tokenizer fails fast
+    tok = data.snapshot_tokenizer(path)  # before the weights: a bad tokenizer fails fast
     try:
         model = from_pretrained(path, **(overrides or {})).to(device)
     except ValueError as e:
         raise SystemExit(f"{flag} {path}: {e}") from None
-    return model, tok, dict(size=PRETRAINED, dataset=None, stage=PRETRAINED, idf=None, snapshot=str(path))
+    return (
+        model,
+        tok,
+        dict(size=PRETRAINED, dataset=None, stage=PRETRAINED, idf=None, snapshot=str(path)),
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # The run directory, resuming, the metrics log
 # --------------------------------------------------------------------------------------------
+
 
 def check_writable(flag: str, path) -> None:
     """The directory `path` can be created (or is there) and written: tried by making and removing a
@@ -290,19 +334,25 @@ def check_writable(flag: str, path) -> None:
     path = Path(path).absolute()
     base = next(p for p in (path, *path.parents) if p.exists())
     if not base.is_dir():
-        raise UsageError(f"{flag} {path}: cannot be created, {base} is a file; give a directory path")
+        raise UsageError(
+            f"{flag} {path}: cannot be created, {base} is a file; give a directory path"
+        )
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".cagsr-probe-", dir=base))
     except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot {'write in' if base == path else 'be created in'} {base} "
-                         f"({e.strerror}); give a directory on a writable disk") from None
+        raise UsageError(
+            f"{flag} {path}: cannot {'write in' if base == path else 'be created in'} {base} "
+            f"({e.strerror}); give a directory on a writable disk"
+        ) from None
 
 
 def check_out(out: str, overwrite: bool) -> None:
     """--out must not hold files of another run, unless --overwrite."""
     path = Path(out)
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UsageError(f"--out {path} already holds files; choose another directory or pass --overwrite")
+        raise UsageError(
+            f"--out {path} already holds files; choose another directory or pass --overwrite"
+        )
 
 
 def make_run_dir(out: str | None, overwrite: bool, size: str, dataset: str) -> Path:
@@ -327,7 +377,9 @@ def read_run(run_dir: str) -> tuple[dict, Path | None]:
     sft.pt (None: the run wrote none yet)."""
     run = Path(run_dir)
     if not (run / "args.json").is_file():
-        raise UsageError(f"--resume {run}: no args.json there; give the directory of a run written by cagsr.py")
+        raise UsageError(
+            f"--resume {run}: no args.json there; give the directory of a run written by cagsr.py"
+        )
     saved = json.loads((run / "args.json").read_text())
     return saved, next((run / n for n in ("rl.pt", "sft.pt") if (run / n).is_file()), None)
 
@@ -344,23 +396,37 @@ def check_resume(path: Path, ckpt: dict, run_dir: str, overrides: dict, size: st
     tokenizer (against the run's other checkpoint) must match; and it must carry the resume state."""
     where = f"--resume {run_dir}: {path.name}"
     if "log_rows" not in ckpt:
-        raise UsageError(f"{where} was written by an older cagsr.py without the state needed to resume; "
-                         f"start a new run with --init {path}")
+        raise UsageError(
+            f"{where} was written by an older cagsr.py without the state needed to resume; "
+            f"start a new run with --init {path}"
+        )
     if ckpt["size"] != size:
-        raise UsageError(f"{where} is a {ckpt['size']} checkpoint but the run is --size {size}: "
-                         f"the file does not belong to this run")
+        raise UsageError(
+            f"{where} is a {ckpt['size']} checkpoint but the run is --size {size}: "
+            f"the file does not belong to this run"
+        )
     for k, v in overrides.items():
         if ckpt["model_config"].get(k) != v:
-            raise UsageError(f"{where} has {k}={ckpt['model_config'].get(k)} but the run set {k}={v}: "
-                             f"the file does not belong to this run")
+            raise UsageError(
+                f"{where} has {k}={ckpt['model_config'].get(k)} but the run set {k}={v}: "
+                f"the file does not belong to this run"
+            )
     world = parallel.rank_and_world()[1]
     if ckpt.get("world", 1) != world:
-        raise UsageError(f"{where} was written by a run on {ckpt.get('world', 1)} process(es); resume it on as many "
-                         f"(now {world}), since every process's data shard and random stream are in it")
+        raise UsageError(
+            f"{where} was written by a run on {ckpt.get('world', 1)} process(es); resume it on as many "
+            f"(now {world}), since every process's data shard and random stream are in it"
+        )
     other = path.with_name("sft.pt") if path.name == "rl.pt" else None
-    if other is not None and other.is_file() and peek_checkpoint(other)["tokenizer"] != ckpt["tokenizer"]:
-        raise UsageError(f"{where} was written with another tokenizer than {other.name} in the same run "
-                         f"directory: the file does not belong to this run")
+    if (
+        other is not None
+        and other.is_file()
+        and peek_checkpoint(other)["tokenizer"] != ckpt["tokenizer"]
+    ):
+        raise UsageError(
+            f"{where} was written with another tokenizer than {other.name} in the same run "
+            f"directory: the file does not belong to this run"
+        )
 
 
 class MetricsLog:
@@ -369,13 +435,15 @@ class MetricsLog:
 
     def __init__(self, path: Path | None, keep: int = 0):
         self.rows = 0
-        if path is None:                              # ranks > 0 under torchrun: nothing is written
+        if path is None:  # ranks > 0 under torchrun: nothing is written
             self.file = None
             return
         lines = path.read_text().splitlines() if keep and path.exists() else []
         if len(lines) < keep:
-            raise SystemExit(f"{path} has {len(lines)} rows but the checkpoint was written after row {keep}: "
-                             f"the log does not belong to this checkpoint")
+            raise SystemExit(
+                f"{path} has {len(lines)} rows but the checkpoint was written after row {keep}: "
+                f"the log does not belong to this checkpoint"
+            )
         write_text(path, "".join(line + "\n" for line in lines[:keep]))
         self.file, self.rows = open(path, "a"), keep
 
@@ -409,8 +477,11 @@ class StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again aborts without one)",
-              file=sys.stderr, flush=True)
+        print(
+            "\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again aborts without one)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __call__(self) -> bool:
         return parallel.any_rank(self.requested)

@@ -24,13 +24,15 @@ def sample_next(logits, top_k=None, top_p=None, generator=None):
     entries): the same distribution as masking the other V - k logits to -inf, at k random draws per
     row instead of V. Ties at the k-th logit keep exactly k tokens."""
     if top_k is not None and top_k < logits.size(-1):
-        vals, idx = torch.topk(logits, top_k, dim=-1)                       # (B, k), (B, k)
-        pick = draw(torch.softmax(filter_logits(vals, top_p=top_p), dim=-1), generator)   # (B,) index into the k
-        return idx.gather(-1, pick[:, None]).squeeze(-1)                    # (B,)
-    return draw(torch.softmax(filter_logits(logits, top_p=top_p), dim=-1), generator)     # (B,)
+        vals, idx = torch.topk(logits, top_k, dim=-1)  # (B, k), (B, k)
+        pick = draw(
+            torch.softmax(filter_logits(vals, top_p=top_p), dim=-1), generator
+        )  # (B,) index into the k
+        return idx.gather(-1, pick[:, None]).squeeze(-1)  # (B,)
+    return draw(torch.softmax(filter_logits(logits, top_p=top_p), dim=-1), generator)  # (B,)
 
 
-CDF_DRAW_FROM = 16_384                         # categories from which `draw` takes the inverse CDF
+CDF_DRAW_FROM = 16_384  # categories from which `draw` takes the inverse CDF
 
 
 def draw(probs, generator=None):
@@ -42,24 +44,27 @@ def draw(probs, generator=None):
     B, V = probs.shape
     if V < CDF_DRAW_FROM:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    wide = torch.float32 if probs.device.type == "mps" else torch.float64        # MPS has no float64
+    wide = torch.float32 if probs.device.type == "mps" else torch.float64  # MPS has no float64
     width = math.isqrt(V)
     full = V // width * width
-    mass = probs[:, :full].view(B, -1, width).sum(-1, dtype=wide)                 # (B, V // width)
-    if full < V:                                                                  # a shorter last block
+    mass = probs[:, :full].view(B, -1, width).sum(-1, dtype=wide)  # (B, V // width)
+    if full < V:  # a shorter last block
         mass = torch.cat([mass, probs[:, full:].sum(-1, keepdim=True, dtype=wide)], -1)
-    block = inverse_cdf(mass, generator)                                          # (B, 1)
-    index = block * width + torch.arange(width, device=probs.device)              # (B, width)
-    inside = probs.gather(-1, index.clamp(max=V - 1)).to(wide) * (index < V)     # (B, width); 0 past V
-    return (block * width + inverse_cdf(inside, generator)).squeeze(-1)           # (B,)
+    block = inverse_cdf(mass, generator)  # (B, 1)
+    index = block * width + torch.arange(width, device=probs.device)  # (B, width)
+    inside = probs.gather(-1, index.clamp(max=V - 1)).to(wide) * (index < V)  # (B, width); 0 past V
+    return (block * width + inverse_cdf(inside, generator)).squeeze(-1)  # (B,)
 
 
 def inverse_cdf(weights, generator=None):
     """The index i of each row with cumsum(weights)[i-1] <= u < cumsum(weights)[i], u uniform on
     [0, sum(weights)): a draw with probability weights[i] / sum(weights). (B, K) -> (B, 1)."""
-    cdf = weights.cumsum(-1)                                                       # (B, K)
-    u = torch.rand(cdf.size(0), 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.size(-1) - 1)    # (B, 1)
+    cdf = weights.cumsum(-1)  # (B, K)
+    u = (
+        torch.rand(cdf.size(0), 1, dtype=cdf.dtype, device=cdf.device, generator=generator)
+        * cdf[:, -1:]
+    )
+    return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.size(-1) - 1)  # (B, 1)
 
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -68,13 +73,13 @@ def filter_logits(logits, top_k=None, top_p=None):
     top-k keeps the k highest logits; top-p keeps the smallest set of highest-probability tokens
     whose total probability reaches p (always at least one token)."""
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]              # (B, 1)
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens ranked above it already reach p.
-        drop_sorted = probs.cumsum(-1) - probs >= top_p                       # (B, V)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p  # (B, V)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -84,9 +89,11 @@ def filter_logits(logits, top_k=None, top_p=None):
 # What one rollout records (§5): the same for every policy.
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Rollout:
     """What a policy's `sample` returns for B prompts x N samples (rows b*N .. b*N+N-1)."""
+
     tokens: torch.Tensor
     """(B*N, T) long: the sampled response, EOS included, PAD after it."""
     logprobs: torch.Tensor
@@ -140,30 +147,41 @@ class Steps:
     share (BN,), and marks rows done at EOS; rows already done get pad and zeros. `rollout()` stacks
     them into a `Rollout`."""
 
-    def __init__(self, BN, device, *, temperature, top_k, top_p, greedy, generator, eos_id, pad_id, record):
+    def __init__(
+        self, BN, device, *, temperature, top_k, top_p, greedy, generator, eos_id, pad_id, record
+    ):
         self.temperature, self.top_k, self.top_p, self.greedy = temperature, top_k, top_p, greedy
         self.generator, self.eos_id, self.pad_id, self.record = generator, eos_id, pad_id, record
         self.done = torch.zeros(BN, dtype=torch.bool, device=device)
-        self.lists = {k: [] for k in ("tokens", "logprobs", "mask", "attn", "certainty", "entropy", "prompt_share")}
+        self.lists = {
+            k: []
+            for k in ("tokens", "logprobs", "mask", "attn", "certainty", "entropy", "prompt_share")
+        }
 
     def step(self, logits, abar=None, share=None):
         """logits (BN, V) of this step; abar (BN, S) when recording; share (BN,) or None (= 1).
         Returns the next input (BN,): the drawn tokens, pad on finished rows."""
-        logits = logits.float() / self.temperature                           # (BN, V)
-        nxt = logits.argmax(-1) if self.greedy else sample_next(logits, self.top_k, self.top_p, self.generator)
+        logits = logits.float() / self.temperature  # (BN, V)
+        nxt = (
+            logits.argmax(-1)
+            if self.greedy
+            else sample_next(logits, self.top_k, self.top_p, self.generator)
+        )
         live = ~self.done
         nxt = torch.where(live, nxt, torch.full_like(nxt, self.pad_id))
         # log softmax(logits)[nxt] over the whole vocabulary, without a (BN, V) log-softmax tensor.
-        lp = logits.gather(-1, nxt[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)   # (BN,)
+        lp = logits.gather(-1, nxt[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)  # (BN,)
         keep = self.lists
         keep["tokens"].append(nxt)
         keep["logprobs"].append(torch.where(live, lp, torch.zeros_like(lp)))
         keep["mask"].append(live)
-        keep["certainty"].append(token_self_certainty(logits) * live)       # (BN,): one number per token, never
-        keep["entropy"].append(token_entropy(logits) * live)                # a (BN, T, V) tensor kept
+        keep["certainty"].append(
+            token_self_certainty(logits) * live
+        )  # (BN,): one number per token, never
+        keep["entropy"].append(token_entropy(logits) * live)  # a (BN, T, V) tensor kept
         keep["prompt_share"].append(live.float() if share is None else share.float() * live)
         if self.record:
-            keep["attn"].append(abar * live[:, None])                       # (BN, S)
+            keep["attn"].append(abar * live[:, None])  # (BN, S)
         self.done = self.done | (nxt == self.eos_id)
         return nxt
 
@@ -171,5 +189,7 @@ class Steps:
         return bool(self.done.all())
 
     def rollout(self) -> Rollout:
-        out = {k: torch.stack(v, 1) if v else None for k, v in self.lists.items()}   # each (BN, T) or (BN, T, S)
+        out = {
+            k: torch.stack(v, 1) if v else None for k, v in self.lists.items()
+        }  # each (BN, T) or (BN, T, S)
         return Rollout(**out)

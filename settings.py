@@ -28,8 +28,8 @@ import runs
 import table1
 from checks import AT_LEAST_1, NON_NEGATIVE, SHARE, ConfigError, check_values
 from data import DATASETS, dataset_name
-from experiments import ExperimentConfig, label
 from decoder import DECODER_SIZES, DecoderConfig, count_policy_params, policy_config
+from experiments import ExperimentConfig, label
 from model import SIZES, ModelConfig
 from reward import RewardConfig
 from runs import UsageError
@@ -37,18 +37,25 @@ from sft import SFTConfig, sft_config
 from snapshot import memory_plan
 
 # The RL profile and SFT steps of each kind of run: `python cagsr.py`, and each experiment's runner.
-RL_PROFILES = {"run": ppo.RUN_PROFILE, "table1": table1.RL_PROFILE, "rewards": reward_study.RL_PROFILE}
+RL_PROFILES = {
+    "run": ppo.RUN_PROFILE,
+    "table1": table1.RL_PROFILE,
+    "rewards": reward_study.RL_PROFILE,
+}
 EXPERIMENT_SFT_STEPS = {"table1": table1.SFT_STEPS, "rewards": reward_study.SFT_STEPS}
 
 # Presets meant for a GPU: on a CPU they would run for days, so they start there only on request.
 GPU_SIZES = ("base", "1.3b")
-GPU_SNAPSHOT_PARAMS = 500_000_000     # flan-T5-large (783M) and up: a snapshot that large trains on a GPU
+GPU_SNAPSHOT_PARAMS = (
+    500_000_000  # flan-T5-large (783M) and up: a snapshot that large trains on a GPU
+)
 
 
 @dataclass
 class Run:
     """Everything one invocation runs with, resolved."""
-    stage: str                       # all | sft | rl | sample | eval, or "dry-run" / "experiment"
+
+    stage: str  # all | sft | rl | sample | eval, or "dry-run" / "experiment"
     size: str
     dataset: str
     seed: int
@@ -58,11 +65,15 @@ class Run:
     iterations: int
     num_eval: int
     command: str
-    args: dict                       # the settings as args.json and the checkpoints record them
-    init: str | None = None          # a checkpoint file, or a snapshot directory (size "pretrained")
-    model_config: ModelConfig | DecoderConfig | None = None   # a snapshot's, from its config.json and --set (--dry-run)
-    arch: str = "encoder-decoder"    # the policy: "encoder-decoder" (model.py) or "decoder" (decoder.py)
-    resume: str | None = None        # the run directory of --resume
+    args: dict  # the settings as args.json and the checkpoints record them
+    init: str | None = None  # a checkpoint file, or a snapshot directory (size "pretrained")
+    model_config: ModelConfig | DecoderConfig | None = (
+        None  # a snapshot's, from its config.json and --set (--dry-run)
+    )
+    arch: str = (
+        "encoder-decoder"  # the policy: "encoder-decoder" (model.py) or "decoder" (decoder.py)
+    )
+    resume: str | None = None  # the run directory of --resume
     resume_from: Path | None = None  # its last checkpoint (None: it wrote none yet)
     model_overrides: dict = field(default_factory=dict)
     eval_every: int = 10
@@ -77,21 +88,29 @@ class Run:
     out: str | None = None
     overwrite: bool = False
     experiment: ExperimentConfig | None = None
-    reward_name: str = "attention"   # --reward: the RL reward (baselines.REWARD_NAMES)
-    sft_noise: float = 0.0           # --sft-noise: the share of SFT training responses made wrong (data.sft_noise)
-    hybrid: dict = field(default_factory=dict)   # --reward hybrid: rm_steps, human_prompts, weight
+    reward_name: str = "attention"  # --reward: the RL reward (baselines.REWARD_NAMES)
+    sft_noise: float = (
+        0.0  # --sft-noise: the share of SFT training responses made wrong (data.sft_noise)
+    )
+    hybrid: dict = field(default_factory=dict)  # --reward hybrid: rm_steps, human_prompts, weight
 
 
 def field_docs(cls) -> dict[str, str]:
     """The docstring under each field of a config dataclass: the help text of its flag."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    return {
+        a.target.id: " ".join(b.value.value.split())
+        for a, b in zip(body, body[1:])
+        if isinstance(a, ast.AnnAssign)
+        and isinstance(b, ast.Expr)
+        and isinstance(b.value, ast.Constant)
+    }
 
 
 def _optional(kind):
     def parse(text):
         return None if text.lower() in ("none", "off") else kind(text)
+
     parse.__name__ = kind.__name__
     return parse
 
@@ -104,6 +123,7 @@ default to None for "not given", so None itself cannot say "set to none"; `_flag
 def _optional_flag(kind):
     def parse(text):
         return OFF if text.lower() in ("none", "off") else kind(text)
+
     parse.__name__ = kind.__name__
     return parse
 
@@ -113,7 +133,11 @@ def per_size(values: dict) -> str:
     groups: dict = {}
     for size, v in values.items():
         groups.setdefault("none" if v is None else str(v), []).append(size)
-    return next(iter(groups)) if len(groups) == 1 else ", ".join(f"{v} ({'/'.join(s)})" for v, s in groups.items())
+    return (
+        next(iter(groups))
+        if len(groups) == 1
+        else ", ".join(f"{v} ({'/'.join(s)})" for v, s in groups.items())
+    )
 
 
 def add_config_flags(group, cls, profile: dict | None = None):
@@ -121,16 +145,30 @@ def add_config_flags(group, cls, profile: dict | None = None):
     default", so a run can print which values the user set. The help gives the default of every
     preset: the field's own, or the per-size `profile`'s (ppo.RUN_PROFILE)."""
     docs = field_docs(cls)
-    kinds = {"int": int, "float": float, "str": str, "int | None": _optional_flag(int),
-             "float | None": _optional_flag(float)}
+    kinds = {
+        "int": int,
+        "float": float,
+        "str": str,
+        "int | None": _optional_flag(int),
+        "float | None": _optional_flag(float),
+    }
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        default = per_size({size: p["ppo"].get(f.name, f.default) for size, p in (profile or {"": {"ppo": {}}}).items()})
+        default = per_size(
+            {
+                size: p["ppo"].get(f.name, f.default)
+                for size, p in (profile or {"": {"ppo": {}}}).items()
+            }
+        )
         help_ = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
         if f.type == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_
+            )
         else:
-            group.add_argument(flag, type=kinds[f.type], default=None, metavar=f.name.upper(), help=help_)
+            group.add_argument(
+                flag, type=kinds[f.type], default=None, metavar=f.name.upper(), help=help_
+            )
 
 
 def _bool(text: str) -> bool:
@@ -139,8 +177,13 @@ def _bool(text: str) -> bool:
     return text.lower() == "true"
 
 
-SET_TYPES = {"int": (int, "an integer"), "float": (float, "a number"), "str": (str, "a word"),
-             "bool": (_bool, "true or false"), "int | None": (_optional(int), "an integer or none")}
+SET_TYPES = {
+    "int": (int, "an integer"),
+    "float": (float, "a number"),
+    "str": (str, "a word"),
+    "bool": (_bool, "true or false"),
+    "int | None": (_optional(int), "an integer or none"),
+}
 
 
 def parse_overrides(items: list[str], cls=ModelConfig) -> dict:
@@ -155,7 +198,9 @@ def parse_overrides(items: list[str], cls=ModelConfig) -> dict:
         if not sep:
             raise UsageError(f"--set expects FIELD=VALUE, got {item!r}")
         if key not in types:
-            raise UsageError(f"--set: unknown {cls.__name__} field {key!r}; valid fields: {', '.join(sorted(types))}")
+            raise UsageError(
+                f"--set: unknown {cls.__name__} field {key!r}; valid fields: {', '.join(sorted(types))}"
+            )
         kind, what = SET_TYPES[types[key]]
         try:
             out[key] = kind(value)
@@ -167,29 +212,44 @@ def parse_overrides(items: list[str], cls=ModelConfig) -> dict:
 def _flags(args, cls) -> dict:
     """The fields of the config dataclass `cls` that the user set (flags default to None; OFF, a flag set
     to none, is None)."""
-    given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+    given = {
+        f.name: getattr(args, f.name)
+        for f in fields(cls)
+        if getattr(args, f.name, None) is not None
+    }
     return {k: None if v == OFF else v for k, v in given.items()}
 
 
-SFT_FLAGS = dict(steps="--sft-steps", batch_size="--sft-batch-size", lr="--sft-lr", warmup="--warmup",
-                 eval_every="--sft-eval-every")
+SFT_FLAGS = dict(
+    steps="--sft-steps",
+    batch_size="--sft-batch-size",
+    lr="--sft-lr",
+    warmup="--warmup",
+    eval_every="--sft-eval-every",
+)
 
 
 @contextmanager
-def flag_errors(flag_of=lambda field: "--" + field.replace("_", "-"), where: str = "", given: dict | None = None):
+def flag_errors(
+    flag_of=lambda field: "--" + field.replace("_", "-"), where: str = "", given: dict | None = None
+):
     """A config's ConfigError as the UsageError of the flag that set the field. given: the fields the
     user set ({field: value}); when the rule broken reads two fields (ConfigError.related) and the user
     set only the other one, the error names that one: the user's setting, not the default it met."""
     try:
         yield
     except ConfigError as e:
+
         def named(field, value):
             flag = flag_of(field)
             return f"{flag}{'' if flag.endswith('=') else ' '}{value}"
+
         if given is not None and e.field not in given and e.related in given:
-            raise UsageError(f"{where}{named(e.related, given[e.related])}: {e.field} is {e.value} (the default; not "
-                             f"set), which must be {e.what}; choose another {flag_of(e.related).rstrip('=')}, or "
-                             f"give {flag_of(e.field).rstrip('=')} too") from None
+            raise UsageError(
+                f"{where}{named(e.related, given[e.related])}: {e.field} is {e.value} (the default; not "
+                f"set), which must be {e.what}; choose another {flag_of(e.related).rstrip('=')}, or "
+                f"give {flag_of(e.field).rstrip('=')} too"
+            ) from None
         raise UsageError(f"{where}{named(e.field, e.value)}: must be {e.what}") from None
 
 
@@ -200,7 +260,11 @@ def rl_configs(args, size: str, profile: str) -> tuple[ppo.PPOConfig, RewardConf
     with flag_errors(given=given):
         cfg = ppo.PPOConfig(**{**defaults["ppo"], **given})
         reward_cfg = RewardConfig(**_flags(args, RewardConfig))
-    return cfg, reward_cfg, args.iterations if args.iterations is not None else defaults["iterations"]
+    return (
+        cfg,
+        reward_cfg,
+        args.iterations if args.iterations is not None else defaults["iterations"],
+    )
 
 
 def check_flags(rule, **values) -> None:
@@ -212,29 +276,53 @@ def check_flags(rule, **values) -> None:
 
 def _check_stage(args) -> None:
     if args.stage in ("rl", "sample", "eval", "export") and args.init is None:
-        raise UsageError(f"--stage {args.stage} needs --init CKPT (a checkpoint written by an earlier run, or a "
-                         f"Hugging Face snapshot directory)")
+        raise UsageError(
+            f"--stage {args.stage} needs --init CKPT (a checkpoint written by an earlier run, or a "
+            f"Hugging Face snapshot directory)"
+        )
     if args.stage == "export" and args.out is None:
-        raise UsageError("--stage export needs --out DIR, the new directory to write the Hugging Face files into")
+        raise UsageError(
+            "--stage export needs --out DIR, the new directory to write the Hugging Face files into"
+        )
     if args.stage == "sample" and not args.prompt:
         raise UsageError('--stage sample needs at least one --prompt "..."')
     if args.stage == "sample" and any(not p.strip() for p in args.prompt):
-        raise UsageError('--prompt is empty: give the text to answer, e.g. --prompt "Where does Stimdol Mellu live?"')
-    if args.init is not None and args.stage == "all" and args.resume is None and not runs.is_snapshot(args.init):
-        raise UsageError("--init CKPT with --stage all would retrain the checkpoint; use --stage rl (or --stage sft). "
-                         "(--init with a snapshot directory and --stage all is SFT from the snapshot, then CAGSR.)")
+        raise UsageError(
+            '--prompt is empty: give the text to answer, e.g. --prompt "Where does Stimdol Mellu live?"'
+        )
+    if (
+        args.init is not None
+        and args.stage == "all"
+        and args.resume is None
+        and not runs.is_snapshot(args.init)
+    ):
+        raise UsageError(
+            "--init CKPT with --stage all would retrain the checkpoint; use --stage rl (or --stage sft). "
+            "(--init with a snapshot directory and --stage all is SFT from the snapshot, then CAGSR.)"
+        )
 
 
 def _check_paths(args, dataset: str, experiment: bool) -> None:
     """--dataset names a dataset or an existing .jsonl file; --out and --results-dir are directories;
     a new run's --out holds no files unless --overwrite; --device names a device."""
     if dataset not in DATASETS and not (dataset.endswith(".jsonl") and Path(dataset).is_file()):
-        what = "no such file" if dataset.endswith(".jsonl") else f"not one of {', '.join(DATASETS)}, nor a .jsonl file"
-        raise UsageError(f"--dataset {dataset}: {what}; give a bundled dataset's name or your own PATH.jsonl")
-    for flag, path in (("--out", args.out), ("--results-dir", args.results_dir if experiment else None)):
+        what = (
+            "no such file"
+            if dataset.endswith(".jsonl")
+            else f"not one of {', '.join(DATASETS)}, nor a .jsonl file"
+        )
+        raise UsageError(
+            f"--dataset {dataset}: {what}; give a bundled dataset's name or your own PATH.jsonl"
+        )
+    for flag, path in (
+        ("--out", args.out),
+        ("--results-dir", args.results_dir if experiment else None),
+    ):
         if path is not None and Path(path).exists() and not Path(path).is_dir():
-            raise UsageError(f"{flag} {path} is a file; give a directory (it is created when missing)")
-    if args.out is not None and not experiment:                # the table's work directory is meant to be reused
+            raise UsageError(
+                f"{flag} {path} is a file; give a directory (it is created when missing)"
+            )
+    if args.out is not None and not experiment:  # the table's work directory is meant to be reused
         runs.check_out(args.out, args.overwrite or args.resume is not None)
     if experiment or (args.stage in ("all", "sft", "rl", "export") and not args.dry_run):
         runs.check_writable("--out", args.out or "runs")
@@ -245,20 +333,32 @@ def _check_paths(args, dataset: str, experiment: bool) -> None:
         try:
             torch.device(args.device)
         except RuntimeError:
-            raise UsageError(f"--device {args.device}: not a device; use cuda, cuda:N, mps or cpu") from None
+            raise UsageError(
+                f"--device {args.device}: not a device; use cuda, cuda:N, mps or cpu"
+            ) from None
 
 
-def result_files(kind: str, results_dir: str, dataset: str, arch: str = "encoder-decoder") -> list[Path]:
+def result_files(
+    kind: str, results_dir: str, dataset: str, arch: str = "encoder-decoder"
+) -> list[Path]:
     """The files `--experiment kind` writes: <results_dir>/<kind>_<dataset>[-decoder].md, .json and .png."""
-    return [Path(results_dir) / f"{kind}_{label(dataset, arch)}.{ext}" for ext in ("md", "json", "png")]
+    return [
+        Path(results_dir) / f"{kind}_{label(dataset, arch)}.{ext}" for ext in ("md", "json", "png")
+    ]
 
 
 def _check_results(args, dataset: str) -> None:
     """An experiment never replaces result files (the project's committed tables) unless --overwrite."""
-    there = [str(p) for p in result_files(args.experiment, args.results_dir, dataset, args.arch) if p.exists()]
+    there = [
+        str(p)
+        for p in result_files(args.experiment, args.results_dir, dataset, args.arch)
+        if p.exists()
+    ]
     if there and not args.overwrite:
-        raise UsageError(f"--experiment {args.experiment} would replace {', '.join(there)}; pass --results-dir DIR "
-                         f"to write the tables elsewhere, or --overwrite to replace them")
+        raise UsageError(
+            f"--experiment {args.experiment} would replace {', '.join(there)}; pass --results-dir DIR "
+            f"to write the tables elsewhere, or --overwrite to replace them"
+        )
 
 
 SFT_NOISE = {"qa-grounded": 0.3, "instruct": 0.3}
@@ -279,29 +379,50 @@ def _check_rl_choices(args, dataset: str, experiment: bool) -> None:
     """--sft-noise and --reward: where they apply and what they can take."""
     check_flags(SHARE, sft_noise=args.sft_noise)
     if args.sft_noise and dataset_name(dataset) == "qa":
-        raise UsageError("--sft-noise on qa: closed-book QA has no plausible wrong answer to train on; use "
-                         "--dataset qa-grounded (the distractor's answer) or instruct (an off-topic response)")
+        raise UsageError(
+            "--sft-noise on qa: closed-book QA has no plausible wrong answer to train on; use "
+            "--dataset qa-grounded (the distractor's answer) or instruct (an off-topic response)"
+        )
     if args.sft_noise and not experiment and args.stage not in ("all", "sft"):
-        raise UsageError(f"--sft-noise changes the SFT training data; --stage {args.stage} trains no SFT model")
+        raise UsageError(
+            f"--sft-noise changes the SFT training data; --stage {args.stage} trains no SFT model"
+        )
     if args.reward == "hybrid":
         check_flags(AT_LEAST_1, rm_steps=args.rm_steps, human_prompts=args.human_prompts)
         check_flags(NON_NEGATIVE, hybrid_weight=args.hybrid_weight)
     if experiment and args.reward != "attention":
-        raise UsageError(f"--reward {args.reward}: --experiment {args.experiment} sets each row's reward itself; "
-                         f"drop --reward")
+        raise UsageError(
+            f"--reward {args.reward}: --experiment {args.experiment} sets each row's reward itself; "
+            f"drop --reward"
+        )
 
 
 def _experiment(args) -> ExperimentConfig:
-    check_flags(AT_LEAST_1, seeds=args.seeds, rm_steps=args.rm_steps, human_prompts=args.human_prompts,
-                relevance_steps=args.relevance_steps, workers=args.workers)
+    check_flags(
+        AT_LEAST_1,
+        seeds=args.seeds,
+        rm_steps=args.rm_steps,
+        human_prompts=args.human_prompts,
+        relevance_steps=args.relevance_steps,
+        workers=args.workers,
+    )
     check_flags(NON_NEGATIVE, hybrid_weight=args.hybrid_weight)
     if args.init is not None:
-        raise UsageError(f"--experiment {args.experiment} trains its own SFT model per seed from scratch; it does not take --init "
-                         "(a table from a snapshot is not built yet)")
-    return ExperimentConfig(name=args.experiment, seeds=args.seeds, results_dir=args.results_dir, work_dir=args.out,
-                            rm_steps=args.rm_steps, human_prompts=args.human_prompts,
-                            relevance_steps=args.relevance_steps, hybrid_weight=args.hybrid_weight,
-                            workers=args.workers)
+        raise UsageError(
+            f"--experiment {args.experiment} trains its own SFT model per seed from scratch; it does not take --init "
+            "(a table from a snapshot is not built yet)"
+        )
+    return ExperimentConfig(
+        name=args.experiment,
+        seeds=args.seeds,
+        results_dir=args.results_dir,
+        work_dir=args.out,
+        rm_steps=args.rm_steps,
+        human_prompts=args.human_prompts,
+        relevance_steps=args.relevance_steps,
+        hybrid_weight=args.hybrid_weight,
+        workers=args.workers,
+    )
 
 
 SNAPSHOT_SETTABLE = {"last_layers", "max_src_len", "max_tgt_len", "dropout"}
@@ -316,10 +437,16 @@ def _arch(args, resume_from: Path | None) -> str:
     if source is not None and runs.is_snapshot(source):
         held = runs.snapshot_arch(source, flag)
     elif source is not None and Path(source).is_file():
-        held = runs.peek_checkpoint(source, flag).get("model_config", {}).get("arch", "encoder-decoder")
+        held = (
+            runs.peek_checkpoint(source, flag)
+            .get("model_config", {})
+            .get("arch", "encoder-decoder")
+        )
     if held is not None and args.arch is not None and args.arch != held:
-        raise UsageError(f"--arch {args.arch}: {source} holds a{'n' if held[0] == 'e' else ''} {held} model; drop --arch "
-                         f"(a model's architecture is its own)")
+        raise UsageError(
+            f"--arch {args.arch}: {source} holds a{'n' if held[0] == 'e' else ''} {held} model; drop --arch "
+            f"(a model's architecture is its own)"
+        )
     return held or args.arch or "encoder-decoder"
 
 
@@ -331,27 +458,47 @@ def _model(args, resume_from: Path | None, arch: str) -> tuple[dict, dict | None
     overrides = parse_overrides(args.set, DecoderConfig if arch == "decoder" else ModelConfig)
     if args.last_layers is not None:
         overrides["last_layers"] = args.last_layers
-    if resume_from is not None:                  # the size the run started with, checked against its checkpoint
+    if resume_from is not None:  # the size the run started with, checked against its checkpoint
         init = runs.peek_checkpoint(resume_from, "--resume")
         if args.init is None or args.size is not None:
             return overrides, init, args.size or "tiny"
         if runs.is_snapshot(args.init) or Path(args.init).is_file():
-            return overrides, init, runs.peek_init(args.init, "--init", overrides, tokenizer=False)["size"]
-        return overrides, init, init["size"]     # what it started from is gone: the checkpoint's word
+            return (
+                overrides,
+                init,
+                runs.peek_init(args.init, "--init", overrides, tokenizer=False)["size"],
+            )
+        return overrides, init, init["size"]  # what it started from is gone: the checkpoint's word
     snapshot = args.init is not None and runs.is_snapshot(args.init)
     if snapshot and args.size is not None and args.resume is None:
-        raise UsageError(f"--size {args.size} cannot reshape the snapshot --init {args.init}: its shape is its "
-                         f"config.json's (change single fields with --set FIELD=VALUE)")
+        raise UsageError(
+            f"--size {args.size} cannot reshape the snapshot --init {args.init}: its shape is its "
+            f"config.json's (change single fields with --set FIELD=VALUE)"
+        )
     shaped = sorted(set(overrides) - SNAPSHOT_SETTABLE)
     if snapshot and shaped and args.resume is None:
-        raise UsageError(f"--set {shaped[0]}: the architecture of the snapshot --init {args.init} is its config.json's; "
-                         f"with a snapshot only {', '.join(sorted(SNAPSHOT_SETTABLE))} may be set")
+        raise UsageError(
+            f"--set {shaped[0]}: the architecture of the snapshot --init {args.init} is its config.json's; "
+            f"with a snapshot only {', '.join(sorted(SNAPSHOT_SETTABLE))} may be set"
+        )
     peek = args.init is not None and args.experiment is None and (snapshot or not args.dry_run)
-    with flag_errors(lambda f: "--last-layers" if f == "last_layers" and args.last_layers is not None
-                     else f"--set {f}=", given=overrides):
-        init = runs.peek_init(args.init, "--init", overrides, tokenizer=not args.dry_run) if peek else None
+    with flag_errors(
+        lambda f: (
+            "--last-layers"
+            if f == "last_layers" and args.last_layers is not None
+            else f"--set {f}="
+        ),
+        given=overrides,
+    ):
+        init = (
+            runs.peek_init(args.init, "--init", overrides, tokenizer=not args.dry_run)
+            if peek
+            else None
+        )
         if init is not None and not snapshot and overrides and args.resume is None:
-            raise UsageError(f"--set/--last-layers cannot change a model loaded from a checkpoint ({overrides})")
+            raise UsageError(
+                f"--set/--last-layers cannot change a model loaded from a checkpoint ({overrides})"
+            )
         size = args.size or (init["size"] if init else "tiny")
         if init is None:
             policy_config(arch, size, **overrides)
@@ -364,25 +511,51 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
     arch = _arch(args, resume_from)
     presets = DECODER_SIZES if arch == "decoder" else SIZES
     if args.size is not None and args.size not in presets:
-        raise UsageError(f"--size {args.size!r} is not a{' decoder-only' if arch == 'decoder' else ''} preset; valid "
-                         f"sizes: {', '.join(presets)}")
+        raise UsageError(
+            f"--size {args.size!r} is not a{' decoder-only' if arch == 'decoder' else ''} preset; valid "
+            f"sizes: {', '.join(presets)}"
+        )
     experiment = _experiment(args) if args.experiment is not None else None
     if experiment is None and not args.dry_run:
         _check_stage(args)
     overrides, init, size = _model(args, resume_from, arch)
-    if init is not None and args.size is not None and args.size != init["size"] and args.resume is None:
-        raise UsageError(f"--size {args.size} does not match the --init checkpoint, which is a {init['size']} model")
-    dataset = args.dataset or (init and init["dataset"]) or ("instruct" if experiment else "qa-grounded")
+    if (
+        init is not None
+        and args.size is not None
+        and args.size != init["size"]
+        and args.resume is None
+    ):
+        raise UsageError(
+            f"--size {args.size} does not match the --init checkpoint, which is a {init['size']} model"
+        )
+    dataset = (
+        args.dataset or (init and init["dataset"]) or ("instruct" if experiment else "qa-grounded")
+    )
     _check_paths(args, dataset, experiment is not None)
-    check_flags(AT_LEAST_1, iterations=args.iterations, eval_every=args.eval_every, eval_prompts=args.eval_prompts,
-                ckpt_every=args.ckpt_every, num_eval=args.num_eval)
+    check_flags(
+        AT_LEAST_1,
+        iterations=args.iterations,
+        eval_every=args.eval_every,
+        eval_prompts=args.eval_prompts,
+        ckpt_every=args.ckpt_every,
+        num_eval=args.num_eval,
+    )
     name = dataset_name(dataset)
-    profile = experiment.name if experiment else "run"                  # "table1" | "rewards" | "run"
-    steps = args.sft_steps if args.sft_steps is not None or not experiment else \
-        EXPERIMENT_SFT_STEPS[profile].get(name)
+    profile = experiment.name if experiment else "run"  # "table1" | "rewards" | "run"
+    steps = (
+        args.sft_steps
+        if args.sft_steps is not None or not experiment
+        else EXPERIMENT_SFT_STEPS[profile].get(name)
+    )
     with flag_errors(SFT_FLAGS.get):
-        sft = sft_config(size, steps=steps, batch_size=args.sft_batch_size, lr=args.sft_lr, warmup=args.warmup,
-                         eval_every=args.sft_eval_every)
+        sft = sft_config(
+            size,
+            steps=steps,
+            batch_size=args.sft_batch_size,
+            lr=args.sft_lr,
+            warmup=args.warmup,
+            eval_every=args.sft_eval_every,
+        )
     ppo_cfg, reward_cfg, iterations = rl_configs(args, size, profile)
     if experiment or args.stage in ("all", "rl"):
         with flag_errors(given=_flags(args, ppo.PPOConfig)):
@@ -391,15 +564,42 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
     num_eval = args.num_eval if args.num_eval is not None else (300 if experiment else 500)
     stage = "dry-run" if args.dry_run else "experiment" if experiment else args.stage
     recorded = {**vars(args), "command": command, "dataset": dataset, "num_eval": num_eval}
-    return Run(stage=stage, size=size, dataset=dataset, seed=args.seed, sft=sft, ppo=ppo_cfg, reward=reward_cfg,
-               iterations=iterations, num_eval=num_eval, command=command, args=recorded, init=args.init,
-               model_config=init.get("snapshot_config") if init else None,
-               resume=args.resume, resume_from=resume_from, model_overrides=overrides, eval_every=args.eval_every,
-               eval_prompts=args.eval_prompts, ckpt_every=args.ckpt_every, prompts=list(args.prompt),
-               truncate=args.truncate, device=args.device, precision=args.precision,
-               grad_checkpoint=args.grad_checkpoint, compile=args.compile, out=args.out, overwrite=args.overwrite,
-               experiment=experiment, reward_name=args.reward, arch=arch, sft_noise=sft_noise(args, dataset, experiment is not None),
-               hybrid=dict(rm_steps=args.rm_steps, human_prompts=args.human_prompts, weight=args.hybrid_weight))
+    return Run(
+        stage=stage,
+        size=size,
+        dataset=dataset,
+        seed=args.seed,
+        sft=sft,
+        ppo=ppo_cfg,
+        reward=reward_cfg,
+        iterations=iterations,
+        num_eval=num_eval,
+        command=command,
+        args=recorded,
+        init=args.init,
+        model_config=init.get("snapshot_config") if init else None,
+        resume=args.resume,
+        resume_from=resume_from,
+        model_overrides=overrides,
+        eval_every=args.eval_every,
+        eval_prompts=args.eval_prompts,
+        ckpt_every=args.ckpt_every,
+        prompts=list(args.prompt),
+        truncate=args.truncate,
+        device=args.device,
+        precision=args.precision,
+        grad_checkpoint=args.grad_checkpoint,
+        compile=args.compile,
+        out=args.out,
+        overwrite=args.overwrite,
+        experiment=experiment,
+        reward_name=args.reward,
+        arch=arch,
+        sft_noise=sft_noise(args, dataset, experiment is not None),
+        hybrid=dict(
+            rm_steps=args.rm_steps, human_prompts=args.human_prompts, weight=args.hybrid_weight
+        ),
+    )
 
 
 def resumed(defaults: dict, args, command: str):
@@ -407,11 +607,15 @@ def resumed(defaults: dict, args, command: str):
     --device may be given beside it), the command line to record, and the run's last checkpoint.
     defaults: every flag's default (the parser's)."""
     saved, path = runs.read_run(args.resume)
-    extra = sorted(k for k, v in vars(args).items() if k not in ("resume", "device") and v != defaults[k])
+    extra = sorted(
+        k for k, v in vars(args).items() if k not in ("resume", "device") and v != defaults[k]
+    )
     if extra:
         flags = ", ".join("--" + k.replace("_", "-") for k in extra)
-        raise UsageError(f"--resume continues the run with its own settings ({args.resume}/args.json); drop {flags} "
-                         f"(only --device may be given), or start a new run")
+        raise UsageError(
+            f"--resume continues the run with its own settings ({args.resume}/args.json); drop {flags} "
+            f"(only --device may be given), or start a new run"
+        )
     new = argparse.Namespace(**{**defaults, **{k: v for k, v in saved.items() if k in defaults}})
     new.resume, new.out, new.overwrite = args.resume, args.resume, True
     new.device = args.device or saved.get("device")
@@ -423,8 +627,13 @@ def resume_complete(run: Run) -> bool:
     processes; peeked, not loaded), then True when the run already finished."""
     if run.resume_from is not None:
         overrides = {k: v for k, v in run.model_overrides.items() if k != "vocab_size"}
-        runs.check_resume(run.resume_from, runs.peek_checkpoint(run.resume_from, "--resume"), run.resume, overrides,
-                          run.size)
+        runs.check_resume(
+            run.resume_from,
+            runs.peek_checkpoint(run.resume_from, "--resume"),
+            run.resume,
+            overrides,
+            run.size,
+        )
     return runs.run_complete(run.resume)
 
 
@@ -440,18 +649,36 @@ def check_device(run: Run, device, world: int) -> None:
     --init checkpoint) or a snapshot of over GPU_SNAPSHOT_PARAMS parameters is refused on a CPU
     unless --device cpu asks for it; every process must get an equal share of each batch."""
     by_flag = run.args["size"] in GPU_SIZES and run.stage not in ("dry-run", "experiment")
-    by_init = run.init is not None and run.args["size"] is None and run.size in GPU_SIZES and run.stage in ("sft", "rl")
-    big = run.model_config is not None and count_policy_params(run.model_config) > GPU_SNAPSHOT_PARAMS
+    by_init = (
+        run.init is not None
+        and run.args["size"] is None
+        and run.size in GPU_SIZES
+        and run.stage in ("sft", "rl")
+    )
+    big = (
+        run.model_config is not None and count_policy_params(run.model_config) > GPU_SNAPSHOT_PARAMS
+    )
     by_snapshot = big and run.stage in ("all", "sft", "rl")
     if run.device is None and device.type == "cpu" and (by_flag or by_init or by_snapshot):
         print_plan(run)
         if by_flag:
-            raise UsageError(f"--size {run.size} is a GPU preset and no GPU was found: on this CPU it would run for "
-                             f"days. Pass --device cpu to run it here anyway, or --dry-run to see only the plan above.")
-        what = f"a {run.size} model, a GPU preset" if by_init else f"a snapshot of over {GPU_SNAPSHOT_PARAMS:,} parameters"
-        raise UsageError(f"--init {run.init} is {what}, and no GPU was found: training it on this CPU would run for "
-                         f"days. Pass --device cpu to run it here anyway.")
-    for flag, n in (("--prompts-per-iter", run.ppo.prompts_per_iter), ("--sft-batch-size", run.sft.batch_size)):
+            raise UsageError(
+                f"--size {run.size} is a GPU preset and no GPU was found: on this CPU it would run for "
+                f"days. Pass --device cpu to run it here anyway, or --dry-run to see only the plan above."
+            )
+        what = (
+            f"a {run.size} model, a GPU preset"
+            if by_init
+            else f"a snapshot of over {GPU_SNAPSHOT_PARAMS:,} parameters"
+        )
+        raise UsageError(
+            f"--init {run.init} is {what}, and no GPU was found: training it on this CPU would run for "
+            f"days. Pass --device cpu to run it here anyway."
+        )
+    for flag, n in (
+        ("--prompts-per-iter", run.ppo.prompts_per_iter),
+        ("--sft-batch-size", run.sft.batch_size),
+    ):
         try:
             parallel.check_split(flag, n, world)
         except ValueError as e:
@@ -466,9 +693,12 @@ def print_plan(run: Run) -> None:
     plan = memory_plan(cfg, batch, cfg.max_src_len, cfg.max_tgt_len, act_bytes=2)
     what = f"--init {run.init} (from its config.json)" if run.model_config else f"--size {run.size}"
     print(f"plan for {what}: {plan['parameters']:,} parameters")
-    notes = {"optimizer": " (Adam: two float32 moments)", "reference_policy": " (frozen SFT policy for the KL, RL only)",
-             "activations": f" (estimate: one SFT batch of {batch} x ({cfg.max_src_len} + {cfg.max_tgt_len}) tokens, "
-                            f"bf16; the longest the model allows, so an upper bound for the bundled data)"}
+    notes = {
+        "optimizer": " (Adam: two float32 moments)",
+        "reference_policy": " (frozen SFT policy for the KL, RL only)",
+        "activations": f" (estimate: one SFT batch of {batch} x ({cfg.max_src_len} + {cfg.max_tgt_len}) tokens, "
+        f"bf16; the longest the model allows, so an upper bound for the bundled data)",
+    }
     for k in ("weights", "gradients", "optimizer", "reference_policy", "activations", "total"):
         print(f"  {k:17s} {plan[k] / 2**30:8.2f} GiB{notes.get(k, '')}")
 
@@ -476,12 +706,15 @@ def print_plan(run: Run) -> None:
 def print_profile(run: Run) -> None:
     """A run from a snapshot says which defaults it fine-tunes with (the "pretrained" profile)."""
     if run.size == runs.PRETRAINED and run.stage in ("all", "sft", "rl"):
-        print(f"profile pretrained (fine-tuning a snapshot): SFT AdamW lr {run.sft.lr}, {run.sft.steps} steps x "
-              f"{run.sft.batch_size} pairs; RL Adam lr {run.ppo.lr} (the paper's), {run.iterations} iterations")
+        print(
+            f"profile pretrained (fine-tuning a snapshot): SFT AdamW lr {run.sft.lr}, {run.sft.steps} steps x "
+            f"{run.sft.batch_size} pairs; RL Adam lr {run.ppo.lr} (the paper's), {run.iterations} iterations"
+        )
 
 
-def print_rl_settings(cfg: ppo.PPOConfig, reward_cfg: RewardConfig, iterations: int,
-                      reward_name: str = "attention") -> None:
+def print_rl_settings(
+    cfg: ppo.PPOConfig, reward_cfg: RewardConfig, iterations: int, reward_name: str = "attention"
+) -> None:
     """This run's RL settings next to the paper's (§4, §7.2): '*' where they differ, '-' where the
     paper states no value (ppo.PAPER, reward.PAPER)."""
     print("RL settings (this run | the paper, §7.2; '*' = differs, '-' = the paper states none):")
@@ -491,4 +724,6 @@ def print_rl_settings(cfg: ppo.PPOConfig, reward_cfg: RewardConfig, iterations: 
             mark = "-" if f.name not in paper else "*" if mine != paper[f.name] else " "
             print(f"  {mark} {f.name:16s} {mine!s:>10} | {paper.get(f.name, 'not stated')}")
     print(f"  - iterations       {iterations:>10} | not stated")
-    print(f"  {' ' if reward_name == 'attention' else '*'} reward           {reward_name:>10} | attention (§3.2)")
+    print(
+        f"  {' ' if reward_name == 'attention' else '*'} reward           {reward_name:>10} | attention (§3.2)"
+    )

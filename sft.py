@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 import data
 import parallel
-from evaluation import mean_nll, response_nll
 from checks import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_fields
+from evaluation import mean_nll, response_nll
 from ppo import MAX_BAD, NonFiniteError
 from runs import fused, progress
 
@@ -37,8 +37,16 @@ class SFTConfig:
     """Validation (and, in a run, a checkpoint) every this many steps."""
 
     def __post_init__(self):
-        check_fields(self, dict(steps=AT_LEAST_1, batch_size=AT_LEAST_1, lr=POSITIVE, warmup=AT_LEAST_0,
-                                eval_every=AT_LEAST_1))
+        check_fields(
+            self,
+            dict(
+                steps=AT_LEAST_1,
+                batch_size=AT_LEAST_1,
+                lr=POSITIVE,
+                warmup=AT_LEAST_0,
+                eval_every=AT_LEAST_1,
+            ),
+        )
 
 
 # Per-size defaults, next to the config they fill. The budget of `tiny` is a deliberate trade-off
@@ -54,9 +62,12 @@ SFT_DEFAULTS = {
     "pretrained": dict(steps=1000, batch_size=16, lr=1e-4),
 }
 
+
 def sft_config(size: str, **overrides) -> SFTConfig:
     """The per-size defaults of `size`, with `overrides` (field=value; None = keep) on top."""
-    return replace(SFTConfig(**SFT_DEFAULTS[size]), **{k: v for k, v in overrides.items() if v is not None})
+    return replace(
+        SFTConfig(**SFT_DEFAULTS[size]), **{k: v for k, v in overrides.items() if v is not None}
+    )
 
 
 def sft_loss(model, batch) -> torch.Tensor:
@@ -79,30 +90,58 @@ def _skipped(step: int, cause: str, bad: int, log) -> None:
     if log is not None and parallel.rank_and_world()[0] == 0:
         log(dict(stage="sft_skip", step=step + 1, skip_cause=cause))
     if bad >= MAX_BAD:
-        raise NonFiniteError(f"SFT steps {step + 2 - bad}-{step + 1}: the {cause} was not finite {bad} times in a row; "
-                             f"no weight was changed. Lower --sft-lr, or look for a bad batch in the data.")
+        raise NonFiniteError(
+            f"SFT steps {step + 2 - bad}-{step + 1}: the {cause} was not finite {bad} times in a row; "
+            f"no weight was changed. Lower --sft-lr, or look for a bad batch in the data."
+        )
 
 
 def _evaluate(model, loss, step, cfg, val_pairs, sp, device, probe, timing) -> dict:
     """The row logged every cfg.eval_every steps: training loss, learning rate, throughput (training
     alone, all ranks' tokens), validation loss and `probe(model)`."""
     t_eval = time.time()
-    row = dict(stage="sft", step=step, train_loss=loss.item(), lr=lr_at(step - 1, cfg.lr, cfg.warmup, cfg.steps),
-               tokens_per_s=round(timing["tokens"] * parallel.rank_and_world()[1]
-                                  / (t_eval - timing["t0"] - timing["eval_s"])),
-               val_loss=mean_nll(model, val_pairs, device, sp))
+    row = dict(
+        stage="sft",
+        step=step,
+        train_loss=loss.item(),
+        lr=lr_at(step - 1, cfg.lr, cfg.warmup, cfg.steps),
+        tokens_per_s=round(
+            timing["tokens"]
+            * parallel.rank_and_world()[1]
+            / (t_eval - timing["t0"] - timing["eval_s"])
+        ),
+        val_loss=mean_nll(model, val_pairs, device, sp),
+    )
     row.update(probe(model) if probe is not None else {})
     timing["eval_s"] += time.time() - t_eval
     row["elapsed_s"] = round(time.time() - timing["t0"], 1)
-    extra = "".join(f" | {k} {v:.3f}" for k, v in row.items() if k.startswith("val_") and k != "val_loss")
-    tqdm.write(f"step {step:5d} | train loss {row['train_loss']:.3f} | val loss {row['val_loss']:.3f}{extra} | "
-               f"{row['tokens_per_s']:,} tok/s | {row['elapsed_s']:.0f}s")
+    extra = "".join(
+        f" | {k} {v:.3f}" for k, v in row.items() if k.startswith("val_") and k != "val_loss"
+    )
+    tqdm.write(
+        f"step {step:5d} | train loss {row['train_loss']:.3f} | val loss {row['val_loss']:.3f}{extra} | "
+        f"{row['tokens_per_s']:,} tok/s | {row['elapsed_s']:.0f}s"
+    )
     model.train()
     return row
 
 
-def train_sft(model, train_pairs, val_pairs, cfg: SFTConfig, device, *, specials: data.Specials, seed=0, log=None,
-              probe=None, resume: dict | None = None, on_checkpoint=None, stop=None, compile=False) -> dict:
+def train_sft(
+    model,
+    train_pairs,
+    val_pairs,
+    cfg: SFTConfig,
+    device,
+    *,
+    specials: data.Specials,
+    seed=0,
+    log=None,
+    probe=None,
+    resume: dict | None = None,
+    on_checkpoint=None,
+    stop=None,
+    compile=False,
+) -> dict:
     """AdamW on L_SFT for cfg.steps steps. Returns the final optimizer, the loss history, the steps
     done and whether `stop` ended it early. specials: the special ids of the pairs' tokenizer.
 
@@ -116,20 +155,34 @@ def train_sft(model, train_pairs, val_pairs, cfg: SFTConfig, device, *, specials
     Under torchrun each rank trains on its share of every batch through DistributedDataParallel
     and rank 0 alone evaluates and logs. compile: the training forward through torch.compile."""
     rank, world = parallel.rank_and_world()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01, **fused(device))
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01, **fused(device)
+    )
     start = resume["step"] if resume else 0
     if resume:
         opt.load_state_dict(resume["optimizer"])
-    net = parallel.data_parallel(model, device, find_unused_parameters=True)      # V(x) has no part in SFT
+    net = parallel.data_parallel(
+        model, device, find_unused_parameters=True
+    )  # V(x) has no part in SFT
     net = torch.compile(net) if compile else net
     model.train()
     history, step, bad, stopped = [], start, 0, False
     timing = dict(t0=time.time(), tokens=0, eval_s=0.0)
     bar = progress(total=cfg.steps, initial=start, desc="SFT", unit="step")
-    epoch, skip = divmod(start, data.batches_per_epoch(len(train_pairs), cfg.batch_size, world))   # resumed: go on there
+    epoch, skip = divmod(
+        start, data.batches_per_epoch(len(train_pairs), cfg.batch_size, world)
+    )  # resumed: go on there
     while step < cfg.steps and not stopped:
-        for batch in data.batches(train_pairs, cfg.batch_size, specials, seed=seed + epoch, shuffle=True, rank=rank,
-                                  world=world, skip=skip):
+        for batch in data.batches(
+            train_pairs,
+            cfg.batch_size,
+            specials,
+            seed=seed + epoch,
+            shuffle=True,
+            rank=rank,
+            world=world,
+            skip=skip,
+        ):
             if step >= cfg.steps:
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -145,11 +198,17 @@ def train_sft(model, train_pairs, val_pairs, cfg: SFTConfig, device, *, specials
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
-                history.append(_evaluate(model, loss, step, cfg, val_pairs, specials, device, probe, timing))
+                history.append(
+                    _evaluate(model, loss, step, cfg, val_pairs, specials, device, probe, timing)
+                )
                 if log is not None:
                     log(history[-1])
             stopped = stop is not None and step < cfg.steps and stop()
-            if on_checkpoint is not None and step < cfg.steps and (stopped or step % cfg.eval_every == 0):
+            if (
+                on_checkpoint is not None
+                and step < cfg.steps
+                and (stopped or step % cfg.eval_every == 0)
+            ):
                 on_checkpoint(step, opt)
             if stopped:
                 break
@@ -157,4 +216,3 @@ def train_sft(model, train_pairs, val_pairs, cfg: SFTConfig, device, *, specials
     bar.close()
     model.eval()
     return dict(optimizer=opt, history=history, steps=step, stopped=stopped)
-

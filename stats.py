@@ -18,7 +18,9 @@ RESAMPLES = 10_000
 def percentile_interval(stats, level: float = 0.95) -> tuple[float, float]:
     """The (1 - level) / 2 and (1 + level) / 2 percentiles of bootstrap statistics (linear
     interpolation between order statistics, numpy's default)."""
-    lo, hi = np.percentile(np.asarray(stats, dtype=np.float64), [50 * (1 - level), 50 * (1 + level)])
+    lo, hi = np.percentile(
+        np.asarray(stats, dtype=np.float64), [50 * (1 - level), 50 * (1 + level)]
+    )
     return float(lo), float(hi)
 
 
@@ -59,7 +61,7 @@ def ranks(x) -> np.ndarray:
         j = i
         while j + 1 < x.size and sorted_x[j + 1] == sorted_x[i]:
             j += 1
-        r[order[i:j + 1]] = (i + j) / 2 + 1
+        r[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return r
 
@@ -80,7 +82,10 @@ def within_prompt_spearman(reward, correct, num_samples: int) -> tuple[float, in
     averaged over the prompts where it is defined: (mean rho, prompts skipped because their
     rewards or their correctness were all tied). NaN when every prompt is skipped."""
     reward, correct = np.asarray(reward, dtype=np.float64), np.asarray(correct, dtype=np.float64)
-    rhos = [spearman(reward[i:i + num_samples], correct[i:i + num_samples]) for i in range(0, len(reward), num_samples)]
+    rhos = [
+        spearman(reward[i : i + num_samples], correct[i : i + num_samples])
+        for i in range(0, len(reward), num_samples)
+    ]
     kept = [r for r in rhos if not math.isnan(r)]
     return (float(np.mean(kept)) if kept else float("nan")), len(rhos) - len(kept)
 

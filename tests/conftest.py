@@ -15,18 +15,36 @@ from model import EncoderDecoder, ModelConfig
 def checkpoint(tmp_path):
     """A small policy checkpoint in the one layout, as a run writes it (prompts of at most 8 tokens)."""
     tok = data.train_tokenizer(["where does the cat live ?", "the cat lives in town ."] * 20, 300)
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_heads=2, n_enc_layers=1, n_dec_layers=1,
-                      d_ff=64, max_src_len=8, max_tgt_len=8)
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        d_model=32,
+        n_heads=2,
+        n_enc_layers=1,
+        n_dec_layers=1,
+        d_ff=64,
+        max_src_len=8,
+        max_tgt_len=8,
+    )
     path = tmp_path / "sft.pt"
-    runs.save_checkpoint(path, EncoderDecoder(cfg), tok, torch.ones(cfg.vocab_size), size="tiny", dataset="qa",
-                         stage="sft")
+    runs.save_checkpoint(
+        path,
+        EncoderDecoder(cfg),
+        tok,
+        torch.ones(cfg.vocab_size),
+        size="tiny",
+        dataset="qa",
+        stage="sft",
+    )
     return path
 
 
 def digest(folder: Path) -> dict:
     """Every file under `folder` with the SHA-256 of its bytes."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"

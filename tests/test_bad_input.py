@@ -36,45 +36,76 @@ from reward import RewardConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--lr", "nan"], "--lr nan: must be a positive, finite number"),
-    (["--sft-lr", "-1"], "--sft-lr -1.0: must be a positive, finite number"),
-    (["--iterations", "-1"], "--iterations -1: must be a whole number >= 1"),
-    (["--temperature", "0"], "--temperature 0.0: must be a positive, finite number"),
-    (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
-    (["--num-samples", "0", "--baseline", "value"], "--num-samples 0: must be a whole number >= 1"),
-    (["--num-samples", "1", "--baseline", "group"], "--num-samples 1: must be at least 2 with the group baseline"),
-    (["--prompts-per-iter", "10"], "--prompts-per-iter 10: minibatches is 4 (the default; not set), which must be a "
-                                   "divisor of prompts_per_iter=10"),
-    (["--prompts-per-iter", "10", "--minibatches", "3"], "--minibatches 3: must be a divisor of prompts_per_iter=10"),
-    (["--set", "n_heads=3"], "--set n_heads=3: d_model is 128 (the default; not set), which must be divisible by "
-                             "n_heads=3"),
-    (["--kl-target", "2", "--kl-coef", "0"], "--kl-target 2.0: must be given with a starting kl_coef > 0"),
-    (["--set", "d_model=30"], "--set d_model=30: must be divisible by n_heads=4"),
-    (["--dataset", "nope"], "--dataset nope: not one of qa, qa-grounded, instruct, nor a .jsonl file"),
-    (["--dataset", "missing.jsonl"], "--dataset missing.jsonl: no such file"),
-    (["--device", "tpu"], "--device tpu: not a device"),
-    (["--experiment", "table1", "--seeds", "0"], "--seeds 0: must be a whole number >= 1"),
-    (["--experiment", "rewards", "--workers", "0"], "--workers 0: must be a whole number >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "nan"], "--lr nan: must be a positive, finite number"),
+        (["--sft-lr", "-1"], "--sft-lr -1.0: must be a positive, finite number"),
+        (["--iterations", "-1"], "--iterations -1: must be a whole number >= 1"),
+        (["--temperature", "0"], "--temperature 0.0: must be a positive, finite number"),
+        (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+        (
+            ["--num-samples", "0", "--baseline", "value"],
+            "--num-samples 0: must be a whole number >= 1",
+        ),
+        (
+            ["--num-samples", "1", "--baseline", "group"],
+            "--num-samples 1: must be at least 2 with the group baseline",
+        ),
+        (
+            ["--prompts-per-iter", "10"],
+            "--prompts-per-iter 10: minibatches is 4 (the default; not set), which must be a "
+            "divisor of prompts_per_iter=10",
+        ),
+        (
+            ["--prompts-per-iter", "10", "--minibatches", "3"],
+            "--minibatches 3: must be a divisor of prompts_per_iter=10",
+        ),
+        (
+            ["--set", "n_heads=3"],
+            "--set n_heads=3: d_model is 128 (the default; not set), which must be divisible by "
+            "n_heads=3",
+        ),
+        (
+            ["--kl-target", "2", "--kl-coef", "0"],
+            "--kl-target 2.0: must be given with a starting kl_coef > 0",
+        ),
+        (["--set", "d_model=30"], "--set d_model=30: must be divisible by n_heads=4"),
+        (
+            ["--dataset", "nope"],
+            "--dataset nope: not one of qa, qa-grounded, instruct, nor a .jsonl file",
+        ),
+        (["--dataset", "missing.jsonl"], "--dataset missing.jsonl: no such file"),
+        (["--device", "tpu"], "--device tpu: not a device"),
+        (["--experiment", "table1", "--seeds", "0"], "--seeds 0: must be a whole number >= 1"),
+        (["--experiment", "rewards", "--workers", "0"], "--workers 0: must be a whole number >= 1"),
+    ],
+)
 def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(runs.UsageError, match=re.escape(message)):
         cagsr.main(argv + ["--out", str(tmp_path / "run")])
-    assert list(tmp_path.iterdir()) == []                            # no run directory, nothing written
+    assert list(tmp_path.iterdir()) == []  # no run directory, nothing written
 
 
 def test_an_init_that_is_not_a_checkpoint_file_is_refused(tmp_path, checkpoint):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
     half = tmp_path / "half.pt"
-    half.write_bytes(checkpoint.read_bytes()[:checkpoint.stat().st_size // 2])
-    for init, message in ((notes, "cannot be read as a checkpoint"), (half, "cannot be read as a checkpoint"),
-                          (tmp_path, "is a directory without a config.json: --init takes a checkpoint file"),
-                          (tmp_path / "none.pt", "no such checkpoint file")):
-        with pytest.raises(runs.UsageError, match=re.escape(f"--init {init}") + ".*" + re.escape(message)):
+    half.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    for init, message in (
+        (notes, "cannot be read as a checkpoint"),
+        (half, "cannot be read as a checkpoint"),
+        (tmp_path, "is a directory without a config.json: --init takes a checkpoint file"),
+        (tmp_path / "none.pt", "no such checkpoint file"),
+    ):
+        with pytest.raises(
+            runs.UsageError, match=re.escape(f"--init {init}") + ".*" + re.escape(message)
+        ):
             cagsr.main(["--stage", "eval", "--init", str(init)])
-    assert "--resume" in str(pytest.raises(runs.UsageError, cagsr.main, ["--stage", "rl", "--init", str(tmp_path)]).value)
+    assert "--resume" in str(
+        pytest.raises(runs.UsageError, cagsr.main, ["--stage", "rl", "--init", str(tmp_path)]).value
+    )
 
 
 def test_out_naming_a_file_is_refused(tmp_path):
@@ -85,12 +116,20 @@ def test_out_naming_a_file_is_refused(tmp_path):
     assert out.read_text() == "keep me"
 
 
-def test_too_few_prompts_for_a_batch_is_refused_after_loading_the_data_before_the_run_directory(tmp_path):
+def test_too_few_prompts_for_a_batch_is_refused_after_loading_the_data_before_the_run_directory(
+    tmp_path,
+):
     path = tmp_path / "small.jsonl"
-    path.write_text("".join(json.dumps(dict(prompt=f"question {i}?", response=f"answer {i}.")) + "\n"
-                            for i in range(30)))
+    path.write_text(
+        "".join(
+            json.dumps(dict(prompt=f"question {i}?", response=f"answer {i}.")) + "\n"
+            for i in range(30)
+        )
+    )
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=r"small\.jsonl: 24 training prompts, fewer than --prompts-per-iter 64"):
+    with pytest.raises(
+        SystemExit, match=r"small\.jsonl: 24 training prompts, fewer than --prompts-per-iter 64"
+    ):
         cagsr.main(["--dataset", str(path), "--out", str(out), "--set", "vocab_size=300"])
     assert not out.exists()
 
@@ -99,16 +138,24 @@ def test_too_few_prompts_for_a_batch_is_refused_after_loading_the_data_before_th
 def test_exit_status_is_2_for_usage_and_1_for_bad_data(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a?", "response": "b."}\n{"prompt": "c?"\n')
-    usage = subprocess.run([sys.executable, "cagsr.py", "--lr", "nan"], cwd=ROOT, capture_output=True, text=True)
-    assert usage.returncode == 2 and usage.stderr.strip().splitlines() == ["cagsr.py: error: --lr nan: must be a "
-                                                                            "positive, finite number"]
-    data_err = subprocess.run([sys.executable, "cagsr.py", "--dataset", str(bad), "--out", str(tmp_path / "run")],
-                              cwd=ROOT, capture_output=True, text=True)
+    usage = subprocess.run(
+        [sys.executable, "cagsr.py", "--lr", "nan"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert usage.returncode == 2 and usage.stderr.strip().splitlines() == [
+        "cagsr.py: error: --lr nan: must be a positive, finite number"
+    ]
+    data_err = subprocess.run(
+        [sys.executable, "cagsr.py", "--dataset", str(bad), "--out", str(tmp_path / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert data_err.returncode == 1 and "bad.jsonl, line 2: malformed JSON" in data_err.stderr
     assert "Traceback" not in usage.stderr + data_err.stderr and not (tmp_path / "run").exists()
 
 
 # ---- --help and unknown flags -------------------------------------------------------------------
+
 
 def test_help_states_each_default_and_whose_it_is(capsys):
     with pytest.raises(SystemExit):
@@ -116,15 +163,23 @@ def test_help_states_each_default_and_whose_it_is(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in out
     # the "pretrained" profile (--init with a snapshot) keeps the paper's RL lr and fine-tunes SFT at 1e-4
-    assert "Adam learning rate (§7.2: 1e-5). (default: 3e-05 (tiny/small), 1e-05 (base/1.3b/pretrained))" in out
-    assert "(default: 0.002 (tiny), 0.001 (small), 0.0005 (base), 0.0001 (1.3b/pretrained))" in out    # --sft-lr
-    assert "the paper states none, 1.0 is the project's choice" in out                # max_grad_norm
+    assert (
+        "Adam learning rate (§7.2: 1e-5). (default: 3e-05 (tiny/small), 1e-05 (base/1.3b/pretrained))"
+        in out
+    )
+    assert (
+        "(default: 0.002 (tiny), 0.001 (small), 0.0005 (base), 0.0001 (1.3b/pretrained))" in out
+    )  # --sft-lr
+    assert "the paper states none, 1.0 is the project's choice" in out  # max_grad_norm
 
 
 def test_an_unknown_flag_gets_the_nearest_valid_one(capsys):
     with pytest.raises(SystemExit) as e:
         cagsr.main(["--n-samples", "3"])
-    assert e.value.code == 2 and "did you mean --num-samples (not --n-samples)?" in capsys.readouterr().err
+    assert (
+        e.value.code == 2
+        and "did you mean --num-samples (not --n-samples)?" in capsys.readouterr().err
+    )
 
 
 def test_settings_the_paper_does_not_state_are_not_printed_as_the_papers(capsys):
@@ -133,17 +188,23 @@ def test_settings_the_paper_does_not_state_are_not_printed_as_the_papers(capsys)
     for name in ("top_k", "max_grad_norm", "value_coef", "max_new_tokens", "epochs"):
         assert lines[name].startswith("  -") and lines[name].endswith("| not stated"), lines[name]
     assert lines["lr"].startswith("  *") and lines["lr"].endswith("| 1e-05")
-    table = table1.markdown(json.loads((ROOT / "results" / "earlier" / "table1_qa.json").read_text()))
-    stated = table[table.index("settings the paper does not state"):].splitlines()[0]
+    table = table1.markdown(
+        json.loads((ROOT / "results" / "earlier" / "table1_qa.json").read_text())
+    )
+    stated = table[table.index("settings the paper does not state") :].splitlines()[0]
     assert "top_k 50" in stated and "max_grad_norm 1.0" in stated
 
 
 # ---- what the review found ----------------------------------------------------------------------
 
+
 def test_plain_policy_gradient_does_what_its_table_row_says():
     """--algo pg: one epoch over the rollout whatever --epochs says, one step per minibatch."""
     from test_ppo import setup_rollout
-    policy, _, experience, cfg, _ = setup_rollout(baseline="group", algo="pg", epochs=4, minibatches=3)
+
+    policy, _, experience, cfg, _ = setup_rollout(
+        baseline="group", algo="pg", epochs=4, minibatches=3
+    )
     stats = ppo.update(policy, torch.optim.Adam(policy.parameters(), lr=1e-3), experience, cfg)
     assert stats["applied"] == 3
     note = next(m.note for m in table1.METHODS if m.name == "cagsr_pg")
@@ -153,24 +214,45 @@ def test_plain_policy_gradient_does_what_its_table_row_says():
 def test_the_synthetic_reward_model_is_scored_on_held_out_records():
     """Training never sees the held-out records; with 3 of them (3 references + 3 corruptions) the
     accuracy is a multiple of 1/6, which 40 training records (80 examples) would rarely give."""
-    records = [dict(prompt=f"what is item {i}?", response=f"item {i} is a red box number {i}.") for i in range(40)]
-    held_out = [dict(prompt=f"where is place {i}?", response=f"place {i} lies by the old river.") for i in range(3)]
+    records = [
+        dict(prompt=f"what is item {i}?", response=f"item {i} is a red box number {i}.")
+        for i in range(40)
+    ]
+    held_out = [
+        dict(prompt=f"where is place {i}?", response=f"place {i} lies by the old river.")
+        for i in range(3)
+    ]
     tok = data.train_tokenizer(data.record_texts(records + held_out), 300)
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_heads=2, n_enc_layers=1, n_dec_layers=1,
-                      d_ff=64, max_src_len=32, max_tgt_len=48)
-    _, stats = baselines.train_synthetic_rm(EncoderDecoder(cfg), tok, records, held_out, "cpu", steps=3, batch_size=8)
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        d_model=32,
+        n_heads=2,
+        n_enc_layers=1,
+        n_dec_layers=1,
+        d_ff=64,
+        max_src_len=32,
+        max_tgt_len=48,
+    )
+    _, stats = baselines.train_synthetic_rm(
+        EncoderDecoder(cfg), tok, records, held_out, "cpu", steps=3, batch_size=8
+    )
     assert stats["held_out_records"] == 3
-    assert math.isclose(stats["label_accuracy"] * 6, round(stats["label_accuracy"] * 6), abs_tol=1e-6)
+    assert math.isclose(
+        stats["label_accuracy"] * 6, round(stats["label_accuracy"] * 6), abs_tol=1e-6
+    )
 
 
 def test_a_flag_set_to_none_turns_its_setting_off(tmp_path, checkpoint):
     # Flags default to None ("not given"), so `--top-k none` once meant "not given" and a profile's value
     # stayed on without a word. Now none is a value: the setting is off.
-    resolve = lambda *argv: settings.resolve(cagsr.build_parser().parse_args(
-        [*argv, "--results-dir", str(tmp_path)]), "test")
+    resolve = lambda *argv: settings.resolve(
+        cagsr.build_parser().parse_args([*argv, "--results-dir", str(tmp_path)]), "test"
+    )
     sample = ("--stage", "sample", "--init", str(checkpoint), "--prompt", "a?")
     assert resolve(*sample, "--top-k", "7").ppo.top_k == 7
     assert resolve(*sample, "--top-k", "7", "--top-k", "none").ppo.top_k is None
-    assert resolve().ppo.kl_coef == 0.1                                            # the CPU profile's
+    assert resolve().ppo.kl_coef == 0.1  # the CPU profile's
     assert resolve("--kl-coef", "0.1", "--kl-target", "2").ppo.kl_target == 2.0
-    assert resolve("--kl-coef", "0.1", "--kl-target", "2", "--kl-target", "off").ppo.kl_target is None
+    assert (
+        resolve("--kl-coef", "0.1", "--kl-target", "2", "--kl-target", "off").ppo.kl_target is None
+    )

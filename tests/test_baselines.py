@@ -3,6 +3,7 @@
 The Bradley-Terry loss and its gradient on hand-worked pairs, the simulated annotators' label-noise
 rate on 20,000 constructed pairs (within 5 standard errors of 10%), the corruptions, `PairScorer`
 unchanged by padding, `ScorerReward` scoring each candidate with its own prompt."""
+
 import math
 import random
 
@@ -20,7 +21,9 @@ WORDS = "Varo Kelin lives in Tamsa on the river".split()
 # ---------------------------------------------------------------------- Bradley-Terry
 def test_bradley_terry_loss_on_hand_worked_pairs():
     # r_w - r_l = 0: sigma = 1/2, -log(1/2) = log 2.
-    assert bradley_terry_loss(torch.tensor([1.0]), torch.tensor([1.0])).item() == pytest.approx(math.log(2))
+    assert bradley_terry_loss(torch.tensor([1.0]), torch.tensor([1.0])).item() == pytest.approx(
+        math.log(2)
+    )
     # r_w - r_l = log 3: sigma = 3/4, -log(3/4) = log(4/3); r_w - r_l = -log 3: sigma = 1/4, -log(1/4) = log 4.
     # Mean over the two pairs: (log(4/3) + log 4) / 2 = log(16/3) / 2.
     lw = torch.tensor([math.log(3), 0.0])
@@ -38,7 +41,9 @@ def test_bradley_terry_gradient_pushes_the_winner_up():
 
 # ---------------------------------------------------------------------- simulated annotators
 def test_simulated_preferences_follow_the_score_without_noise():
-    choices, flipped = simulated_preferences([0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.5, 0.3], 0.0, random.Random(0))
+    choices, flipped = simulated_preferences(
+        [0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.5, 0.3], 0.0, random.Random(0)
+    )
     # Pairs 2 and 3 are ties: dropped. Pair 0 prefers a, pair 1 prefers b.
     assert choices == [(0, True), (1, False)] and flipped == 0
 
@@ -63,9 +68,9 @@ def test_corruptions():
     assert sorted(shuffled) == sorted(WORDS) and shuffled != WORDS
     for _ in range(50):
         t = corrupt(WORDS, "truncate", rng)
-        assert t == WORDS[:len(t)] and 1 <= len(t) < len(WORDS)
+        assert t == WORDS[: len(t)] and 1 <= len(t) < len(WORDS)
         r = corrupt(WORDS, "repeat", rng)
-        extra = len(r) - len(WORDS)                      # a span of n words said 3 times: 2n extra words
+        extra = len(r) - len(WORDS)  # a span of n words said 3 times: 2n extra words
         assert extra % 2 == 0 and 2 <= extra <= 8
     assert corrupt(WORDS, "off_topic", rng, other=["a", "b"]) == ["a", "b"]
     with pytest.raises(ValueError, match="needs `other`"):
@@ -80,7 +85,12 @@ def test_synthetic_examples_pair_each_reference_with_a_corruption():
     assert len(ex) == 40
     for i, r in enumerate(records):
         (p1, good, l1), (p2, bad, l2) = ex[2 * i], ex[2 * i + 1]
-        assert p1 == p2 == r["prompt"] and good == r["response"] and (l1, l2) == (1.0, 0.0) and bad != good
+        assert (
+            p1 == p2 == r["prompt"]
+            and good == r["response"]
+            and (l1, l2) == (1.0, 0.0)
+            and bad != good
+        )
 
 
 # ---------------------------------------------------------------------- the reward models
@@ -92,7 +102,7 @@ def tiny_policy():
 def test_pair_scorer_ignores_padding_and_starts_from_the_policy():
     policy = tiny_policy()
     scorer = PairScorer.from_policy(policy)
-    torch.nn.init.normal_(scorer.head.weight)          # the head starts at zero; give it something to say
+    torch.nn.init.normal_(scorer.head.weight)  # the head starts at zero; give it something to say
     assert torch.equal(scorer.encoder[0].ff.up.weight, policy.encoder[0].ff.up.weight)
     src, resp = torch.tensor([[5, 6, 7, 2]]), torch.tensor([[8, 9, 2]])
     one = scorer(src, src > 0, resp, resp > 0)
@@ -107,12 +117,18 @@ def test_scorer_reward_scores_each_candidate_with_its_own_prompt():
     scorer = PairScorer.from_policy(policy)
     torch.nn.init.normal_(scorer.head.weight)
     src = torch.tensor([[5, 6, 2], [7, 2, 0]])
-    tokens = torch.tensor([[8, 2, 0], [9, 9, 2], [8, 2, 0], [10, 2, 0]])     # N = 2 candidates per prompt
+    tokens = torch.tensor(
+        [[8, 2, 0], [9, 9, 2], [8, 2, 0], [10, 2, 0]]
+    )  # N = 2 candidates per prompt
     mask = tokens > 0
     rollout = Rollout(tokens=tokens, logprobs=torch.zeros(tokens.shape), mask=mask, attn=None)
     got = baselines.ScorerReward(scorer)(src, src > 0, rollout)
     for row in range(4):
         b = row // 2
-        want = scorer(src[b:b + 1, :3 - (b == 1)], torch.ones(1, 3 - (b == 1), dtype=torch.bool),
-                      tokens[row:row + 1][:, mask[row]], torch.ones(1, int(mask[row].sum()), dtype=torch.bool))
+        want = scorer(
+            src[b : b + 1, : 3 - (b == 1)],
+            torch.ones(1, 3 - (b == 1), dtype=torch.bool),
+            tokens[row : row + 1][:, mask[row]],
+            torch.ones(1, int(mask[row].sum()), dtype=torch.bool),
+        )
         assert got[row].item() == pytest.approx(want.item(), abs=1e-5)

@@ -5,6 +5,7 @@ equals the matrix products torch counts in a real step (`FlopCounterMode`) plus 
 convention adds (cross-attention keys and values at target tokens, LayerNorm weights). The
 same-weights check of `python bench.py --same-weights` (greedy tokens equal, our Abar against the
 mean of the reference's maps) runs through the same functions on a tiny snapshot of the same layout."""
+
 import statistics
 
 import pytest
@@ -27,12 +28,18 @@ def test_bench_workers_measure_our_model():
     # (2 D^2 per layer) run on the 64 x 32 prompt tokens, and it counts the LayerNorm weights (2 D per
     # encoder layer, 3 D per decoder layer), which make no matrix product.
     from torch.utils.flop_counter import FlopCounterMode
+
     from model import EncoderDecoder, config_for
+
     m = EncoderDecoder(config_for("small", **bench.DIMS))
     step = bench.train_fn("ours", m)
     with FlopCounterMode(display=False) as counter:
         step()
-    counted = sum(v for k, v in counter.get_flop_counts()["Global"].items() if str(k) in ("aten.mm", "aten.addmm"))
+    counted = sum(
+        v
+        for k, v in counter.get_flop_counts()["Global"].items()
+        if str(k) in ("aten.mm", "aten.addmm")
+    )
     D, L = bench.DIMS["d_model"], bench.DIMS["n_dec_layers"]
     cross_kv = 6 * L * 2 * D * D * 64 * (48 - 32)
     layer_norms = 6 * (2 * D * bench.DIMS["n_enc_layers"] * 64 * 32 + 3 * D * L * 64 * 48)
@@ -48,8 +55,10 @@ def test_same_weights_on_a_tiny_snapshot(tmp_path):
     bench.make_snapshot(tmp_path, "tiny")
     check = bench.same_weights_check(tmp_path, "tiny")
     assert check["tokens_equal"] and check["max_map_diff"] < 1e-4
-    assert check["tokens"] == check["rows"] * check["new"] == 2 * 2 * 8       # no row ended: every position compared
-    assert check["distinct"] >= 4                                              # not one repeated token
+    assert (
+        check["tokens"] == check["rows"] * check["new"] == 2 * 2 * 8
+    )  # no row ended: every position compared
+    assert check["distinct"] >= 4  # not one repeated token
     for system in ("ours", "hf"):
         r = bench.same_weights_worker(system, tmp_path, "tiny", calls=1, threads=2)
         assert len(r["times"]) == 1 and r["times"][0] > 0 and r["peak_growth_mib"] >= 0

@@ -12,16 +12,25 @@ from model import EncoderDecoder, config_for
 from sft import sft_loss
 from snapshot import config_from_hf
 
-CONFIGS = {"flan-T5 layout (gated-gelu, untied head, relative positions)":
-           lambda: config_from_hf(bench_gpu.SHAPES["tiny"]["large"], last_layers=1),
-           "the tiny preset (gelu, tied head, learned positions)": lambda: config_for("tiny", last_layers=2)}
+CONFIGS = {
+    "flan-T5 layout (gated-gelu, untied head, relative positions)": lambda: config_from_hf(
+        bench_gpu.SHAPES["tiny"]["large"], last_layers=1
+    ),
+    "the tiny preset (gelu, tied head, learned positions)": lambda: config_for(
+        "tiny", last_layers=2
+    ),
+}
 
 
 def linear_products(fn) -> int:
     """The FLOPs of aten.mm and aten.addmm (the linear layers and the head) that fn() runs."""
     with FlopCounterMode(display=False) as counter:
         fn()
-    return sum(v for k, v in counter.get_flop_counts()["Global"].items() if str(k) in ("aten.mm", "aten.addmm"))
+    return sum(
+        v
+        for k, v in counter.get_flop_counts()["Global"].items()
+        if str(k) in ("aten.mm", "aten.addmm")
+    )
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -34,7 +43,9 @@ def test_linear_flops_are_the_products_of_a_training_step(name):
     sp = bench_gpu.OUR_SPECIALS
     B, S, T = 3, 7, 5
     batch = data.collate(bench_gpu.random_pairs(B, S, T, cfg.vocab_size, sp), sp)
-    assert linear_products(lambda: sft_loss(model, batch).backward()) == 3 * bench_gpu.linear_flops(cfg, B * S, B * T)
+    assert linear_products(lambda: sft_loss(model, batch).backward()) == 3 * bench_gpu.linear_flops(
+        cfg, B * S, B * T
+    )
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -49,12 +60,25 @@ def test_linear_flops_are_the_products_of_a_cached_rollout_and_of_the_encoder(na
     src = torch.randint(4, cfg.vocab_size, (B, S))
     mask = torch.ones(B, S, dtype=torch.bool)
     out = {}
-    counted = linear_products(lambda: out.setdefault("r", model.sample(
-        src, mask, num_samples=N, max_new_tokens=7, generator=torch.Generator().manual_seed(0), **sp.sample_ids())))
+    counted = linear_products(
+        lambda: out.setdefault(
+            "r",
+            model.sample(
+                src,
+                mask,
+                num_samples=N,
+                max_new_tokens=7,
+                generator=torch.Generator().manual_seed(0),
+                **sp.sample_ids(),
+            ),
+        )
+    )
     T = out["r"].tokens.size(1)
     assert counted == bench_gpu.linear_flops(cfg, B * S, B * N * T)
     with torch.no_grad():
-        assert linear_products(lambda: model.encode(src, mask)) == bench_gpu.encoder_flops(cfg, B * S)
+        assert linear_products(lambda: model.encode(src, mask)) == bench_gpu.encoder_flops(
+            cfg, B * S
+        )
 
 
 @pytest.mark.slow
@@ -62,8 +86,13 @@ def test_the_gpu_check_runs_at_its_tiny_cpu_shape(capsys):
     pytest.importorskip("transformers")
     assert bench_gpu.main(["--tiny"]) == 0
     out = capsys.readouterr().out
-    for part in ("\n1. same weights", "\n2. flan-T5-large's shape", "\n3. --size tiny", "\n4. torch.compile",
-                 "\n5. Qwen2.5-0.5B's shape, decoder-only"):
+    for part in (
+        "\n1. same weights",
+        "\n2. flan-T5-large's shape",
+        "\n3. --size tiny",
+        "\n4. torch.compile",
+        "\n5. Qwen2.5-0.5B's shape, decoder-only",
+    ):
         assert part in out, part
     # fp32 against HF on the same weights: the check of `python bench.py --same-weights`, passing.
     fp32 = next(line for line in out.splitlines() if line.strip().startswith("fp32: greedy"))

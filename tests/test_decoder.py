@@ -10,8 +10,17 @@ import torch
 
 import data
 import ppo
-from decoder import (DecoderConfig, DecoderOnly, apply_rope, build_policy, config_from_dict, policy_config,
-                     prompt_attention, prompt_positions, rope_frequencies)
+from decoder import (
+    DecoderConfig,
+    DecoderOnly,
+    apply_rope,
+    build_policy,
+    config_from_dict,
+    policy_config,
+    prompt_attention,
+    prompt_positions,
+    rope_frequencies,
+)
 from model import EncoderDecoder, token_logprobs
 from reward import RewardConfig, SalientTokens
 
@@ -20,7 +29,9 @@ SP = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))
 
 def tiny(**kw):
     torch.manual_seed(0)
-    cfg = dict(vocab_size=61, d_model=32, n_heads=4, n_kv_heads=2, n_layers=3, d_ff=40, last_layers=2)
+    cfg = dict(
+        vocab_size=61, d_model=32, n_heads=4, n_kv_heads=2, n_layers=3, d_ff=40, last_layers=2
+    )
     return DecoderOnly(DecoderConfig(**{**cfg, **kw})).eval()
 
 
@@ -37,19 +48,21 @@ def left_padded(src, mask):
     out, out_mask = torch.zeros_like(src), torch.zeros_like(mask)
     for b in range(src.size(0)):
         n = int(mask[b].sum())
-        out[b, src.size(1) - n:], out_mask[b, src.size(1) - n:] = src[b, :n], True
+        out[b, src.size(1) - n :], out_mask[b, src.size(1) - n :] = src[b, :n], True
     return out, out_mask
 
 
 # ---- the equations -----------------------------------------------------------------------------
 
+
 def test_prompt_attention_is_the_mean_over_layers_and_heads_renormalised_over_the_prompt():
     # One response step, L' = 2 layers x H = 2 heads, over 3 prompt columns; the rest of each row's mass
     # (to the response) is not in the slice.
-    maps = torch.tensor([[[0.2, 0.2, 0.0], [0.4, 0.0, 0.0]],
-                         [[0.1, 0.1, 0.2], [0.0, 0.6, 0.2]]])[None, :, :, None, :]   # (1, L', H, T=1, S)
+    maps = torch.tensor([[[0.2, 0.2, 0.0], [0.4, 0.0, 0.0]], [[0.1, 0.1, 0.2], [0.0, 0.6, 0.2]]])[
+        None, :, :, None, :
+    ]  # (1, L', H, T=1, S)
     abar, share = prompt_attention(maps)
-    mean = torch.tensor([0.7, 0.9, 0.4]) / 4                              # by hand: column sums / (L' H)
+    mean = torch.tensor([0.7, 0.9, 0.4]) / 4  # by hand: column sums / (L' H)
     assert share.item() == pytest.approx(2.0 / 4)
     torch.testing.assert_close(abar[0, 0], mean / 0.5)
     assert abar.sum().item() == pytest.approx(1.0)
@@ -59,10 +72,10 @@ def test_prompt_attention_is_the_mean_over_layers_and_heads_renormalised_over_th
 
 def test_rotary_positions_rotate_each_pair_by_position_times_frequency():
     cfg = DecoderConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=1, d_ff=8, rope_theta=100.0)
-    inv = rope_frequencies(cfg)                                          # head width 4: 2 frequencies
-    torch.testing.assert_close(inv, torch.tensor([1.0, 100.0 ** -0.5]))
-    x = torch.tensor([1.0, 2.0, 3.0, 4.0])[None, None, None]             # (1, 1, 1, 4): pairs (1, 3), (2, 4)
-    angles = torch.cat([3 * inv, 3 * inv])[None, None]                   # position 3
+    inv = rope_frequencies(cfg)  # head width 4: 2 frequencies
+    torch.testing.assert_close(inv, torch.tensor([1.0, 100.0**-0.5]))
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])[None, None, None]  # (1, 1, 1, 4): pairs (1, 3), (2, 4)
+    angles = torch.cat([3 * inv, 3 * inv])[None, None]  # position 3
     out = apply_rope(x, angles.cos(), angles.sin())[0, 0, 0]
     for i, (a, b) in enumerate(((1.0, 3.0), (2.0, 4.0))):
         th = 3 * inv[i].item()
@@ -71,10 +84,18 @@ def test_rotary_positions_rotate_each_pair_by_position_times_frequency():
 
 
 def test_llama3_rope_scaling_keeps_short_wavelengths_and_divides_long_ones():
-    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=64)
+    scaling = dict(
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=64,
+    )
     base = DecoderConfig(vocab_size=10, d_model=64, n_heads=2, n_layers=1, d_ff=8)
-    plain, scaled = rope_frequencies(base), rope_frequencies(DecoderConfig(**{**vars(base), "rope_scaling": scaling}))
+    plain, scaled = (
+        rope_frequencies(base),
+        rope_frequencies(DecoderConfig(**{**vars(base), "rope_scaling": scaling})),
+    )
     wavelen = 2 * math.pi / plain
     short, long_ = wavelen < 64 / 4, wavelen > 64 / 1
     assert short.any() and long_.any()
@@ -89,22 +110,32 @@ def test_prompt_positions_count_real_tokens_on_either_side():
 
 # ---- the interface ppo.py uses -----------------------------------------------------------------
 
+
 def test_the_sampler_records_what_teacher_forcing_recomputes():
     model, (src, mask) = tiny(qkv_bias=True, tie_head=False), prompts()
-    rollout = model.sample(src, mask, num_samples=2, max_new_tokens=9, temperature=0.7,
-                           generator=torch.Generator().manual_seed(1), **SP.sample_ids())
+    rollout = model.sample(
+        src,
+        mask,
+        num_samples=2,
+        max_new_tokens=9,
+        temperature=0.7,
+        generator=torch.Generator().manual_seed(1),
+        **SP.sample_ids(),
+    )
     tgt_in = ppo.decoder_input(rollout.tokens, SP.start)
     logits, abar = model(src, mask, tgt_in, num_samples=2, record="mean", tgt_mask=rollout.mask)
     recomputed = token_logprobs(logits, rollout.tokens, 0.7) * rollout.mask
     torch.testing.assert_close(recomputed, rollout.logprobs, atol=2e-6, rtol=0)
     torch.testing.assert_close(abar, rollout.attn, atol=1e-6, rtol=0)
-    sums = rollout.attn[rollout.mask].sum(-1)                            # each step sums to 1 over the prompt
+    sums = rollout.attn[rollout.mask].sum(-1)  # each step sums to 1 over the prompt
     torch.testing.assert_close(sums, torch.ones_like(sums))
     rep = mask.repeat_interleave(2, 0)
     assert rollout.attn.masked_select(~rep[:, None, :]).abs().max() == 0  # never on prompt padding
     share = rollout.prompt_share[rollout.mask]
     assert bool((share > 0).all() and (share <= 1 + 1e-6).all())
-    assert torch.allclose(rollout.prompt_share[:, 0], torch.ones(6))     # y_0's query is the prompt's last token
+    assert torch.allclose(
+        rollout.prompt_share[:, 0], torch.ones(6)
+    )  # y_0's query is the prompt's last token
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
@@ -114,9 +145,14 @@ def test_a_batch_samples_as_its_prompts_one_by_one(padding):
         src, mask = left_padded(src, mask)
     batch = model.sample(src, mask, greedy=True, max_new_tokens=8, **SP.sample_ids())
     for b in range(3):
-        one = src[b:b + 1, mask[b]]
-        alone = model.sample(one, torch.ones_like(one, dtype=torch.bool), greedy=True, max_new_tokens=8,
-                             **SP.sample_ids())
+        one = src[b : b + 1, mask[b]]
+        alone = model.sample(
+            one,
+            torch.ones_like(one, dtype=torch.bool),
+            greedy=True,
+            max_new_tokens=8,
+            **SP.sample_ids(),
+        )
         T = alone.tokens.size(1)
         assert torch.equal(alone.tokens[0], batch.tokens[b, :T])
         torch.testing.assert_close(alone.logprobs[0], batch.logprobs[b, :T], atol=2e-6, rtol=0)
@@ -131,10 +167,14 @@ def test_left_and_right_padding_give_the_same_logits_and_value():
     left, left_maps = model(lsrc, lmask, tgt_in, record="layers")
     torch.testing.assert_close(left, right, atol=1e-5, rtol=0)
     for b in range(3):
-        torch.testing.assert_close(left_maps[b][..., lmask[b]], right_maps[b][..., mask[b]], atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            left_maps[b][..., lmask[b]], right_maps[b][..., mask[b]], atol=1e-6, rtol=0
+        )
     with torch.no_grad():
         model.value_head.out.weight.normal_()
-    torch.testing.assert_close(model.value(model.encode(lsrc, lmask), lmask), model.value(model.encode(src, mask), mask))
+    torch.testing.assert_close(
+        model.value(model.encode(lsrc, lmask), lmask), model.value(model.encode(src, mask), mask)
+    )
 
 
 def test_the_first_real_token_and_the_special_tokens_are_the_sinks():
@@ -148,13 +188,29 @@ def test_the_first_real_token_and_the_special_tokens_are_the_sinks():
 def test_a_ppo_iteration_on_the_decoder_only_policy_moves_it_and_the_first_ratio_is_one():
     model = tiny()
     src, mask = prompts()
-    cfg = ppo.PPOConfig(num_samples=2, max_new_tokens=6, minibatches=1, epochs=1, lr=1e-3, temperature=1.0)
-    salient = SalientTokens(torch.ones(61), torch.ones(61, dtype=torch.bool), [f"w{i}" for i in range(61)])
-    experience, _ = ppo.collect(model, model, src, mask, salient, RewardConfig(), cfg, 0.0, SP,
-                                torch.Generator().manual_seed(0))
+    cfg = ppo.PPOConfig(
+        num_samples=2, max_new_tokens=6, minibatches=1, epochs=1, lr=1e-3, temperature=1.0
+    )
+    salient = SalientTokens(
+        torch.ones(61), torch.ones(61, dtype=torch.bool), [f"w{i}" for i in range(61)]
+    )
+    experience, _ = ppo.collect(
+        model,
+        model,
+        src,
+        mask,
+        salient,
+        RewardConfig(),
+        cfg,
+        0.0,
+        SP,
+        torch.Generator().manual_seed(0),
+    )
     assert "prompt_share" in experience.terms and experience.terms["prompt_share"].shape == (6,)
     logits, _ = ppo.PolicyValue(model)(src, mask, experience.tgt_in, 2)
-    ratio = (token_logprobs(logits, experience.tokens) - experience.old_logprobs).exp()[experience.mask]
+    ratio = (token_logprobs(logits, experience.tokens) - experience.old_logprobs).exp()[
+        experience.mask
+    ]
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
     before = [p.detach().clone() for p in model.parameters()]
     stats = ppo.update(model, torch.optim.Adam(model.parameters(), lr=1e-3), experience, cfg)

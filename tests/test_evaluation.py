@@ -3,6 +3,7 @@
 Also perplexity against a one-pair-at-a-time log-softmax by hand; and the relevance classifier,
 trained on the `instruct` validation split, ranks a test prompt's own reference above another
 prompt's for over 75% of the test split (it reached 82%)."""
+
 import pytest
 
 import evaluation
@@ -55,7 +56,14 @@ def test_rouge_l_ignores_case_and_punctuation():
     assert rouge_l("Hello, World!", "hello world") == pytest.approx(1.0)
     # A hyphen separates too: [state, of, the, art] on both sides.
     assert rouge_l("State-of-the-art.", "state of the art") == pytest.approx(1.0)
-    assert evaluation.words("Varo Kelin was born in 1950.") == ["varo", "kelin", "was", "born", "in", "1950"]
+    assert evaluation.words("Varo Kelin was born in 1950.") == [
+        "varo",
+        "kelin",
+        "was",
+        "born",
+        "in",
+        "1950",
+    ]
 
 
 def test_rouge_l_empty_sides_are_zero():
@@ -82,12 +90,15 @@ def test_exact_match_ignores_case_and_punctuation():
 
 
 # ------------------------------------------------------------------------- perplexity
-@pytest.mark.parametrize("start", [1, 0])                 # ours (BOS 1), T5's (the decoder starts from pad 0)
+@pytest.mark.parametrize("start", [1, 0])  # ours (BOS 1), T5's (the decoder starts from pad 0)
 def test_perplexity_is_exp_of_the_mean_token_nll(start):
     import math
+
     import torch
+
     import data
     from model import EncoderDecoder, config_for
+
     torch.manual_seed(0)
     model = EncoderDecoder(config_for("tiny", vocab_size=40, d_model=32, d_ff=64, n_heads=2))
     sp = data.Specials(pad=0, start=start, eos=2, special=(0, 1, 2, 3))
@@ -95,17 +106,26 @@ def test_perplexity_is_exp_of_the_mean_token_nll(start):
     # Second computation: one pair at a time, no padding, the decoder fed [start] + r[:-1], log-softmax by hand.
     total, count = 0.0, 0
     for p, r in pairs:
-        logits, _ = model(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.bool), torch.tensor([[start] + r[:-1]]))
+        logits, _ = model(
+            torch.tensor([p]),
+            torch.ones(1, len(p), dtype=torch.bool),
+            torch.tensor([[start] + r[:-1]]),
+        )
         logp = logits[0] - logits[0].logsumexp(-1, keepdim=True)
         total -= sum(logp[t, r[t]].item() for t in range(len(r)))
         count += len(r)
-    assert evaluation.mean_nll(model, pairs, "cpu", sp, batch_size=2) == pytest.approx(total / count, rel=1e-5)
-    assert evaluation.perplexity(model, pairs, "cpu", sp) == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert evaluation.mean_nll(model, pairs, "cpu", sp, batch_size=2) == pytest.approx(
+        total / count, rel=1e-5
+    )
+    assert evaluation.perplexity(model, pairs, "cpu", sp) == pytest.approx(
+        math.exp(total / count), rel=1e-5
+    )
 
 
 # ------------------------------------------------------------------------- relevance
 def test_off_topic_pairs_never_reuse_the_same_response():
     import random
+
     responses = ["a", "b", "a", "c"]
     for i, j in enumerate(evaluation.off_topic(responses, random.Random(0))):
         assert responses[j] != responses[i]
@@ -120,6 +140,7 @@ def test_relevance_classifier_ranks_held_out_references_above_other_references()
     # accuracy when this test was written; chance is 0.5.
     import data
     from model import config_for
+
     splits = data.load_dataset("instruct")
     tok = data.train_tokenizer(list(data.record_texts(splits.train)), 3000)
     cfg = config_for("tiny", vocab_size=tok.get_vocab_size())
@@ -127,5 +148,7 @@ def test_relevance_classifier_ranks_held_out_references_above_other_references()
     acc = evaluation.relevance_accuracy(clf, tok, splits.test, "cpu")
     assert acc["pairwise"] > 0.75 and acc["accuracy"] > 0.7
     # Relevance itself is a probability per pair.
-    rel = evaluation.relevance(clf, tok, [splits.test[0]["prompt"]] * 2, [splits.test[0]["response"], ""], "cpu")
+    rel = evaluation.relevance(
+        clf, tok, [splits.test[0]["prompt"]] * 2, [splits.test[0]["response"], ""], "cpu"
+    )
     assert all(0.0 <= x <= 1.0 for x in rel)

@@ -26,7 +26,7 @@ def test_the_import_graph_has_no_cycle():
     done, on_path = set(), []
 
     def visit(m):
-        assert m not in on_path, "import cycle: " + " -> ".join(on_path[on_path.index(m):] + [m])
+        assert m not in on_path, "import cycle: " + " -> ".join(on_path[on_path.index(m) :] + [m])
         if m in done:
             return
         on_path.append(m)
@@ -37,7 +37,7 @@ def test_the_import_graph_has_no_cycle():
 
     for m in sorted(graph):
         visit(m)
-    assert "parallel" in graph["ppo"] and "sft" in graph["cagsr"]        # the graph was read
+    assert "parallel" in graph["ppo"] and "sft" in graph["cagsr"]  # the graph was read
 
 
 def test_only_the_command_line_imports_nothing_imports_it():
@@ -55,20 +55,30 @@ def cited_files(text: str) -> set[str]:
 
 
 def test_every_cited_file_is_in_the_repository():
-    sources = [ROOT / "README.md", ROOT / "DECISIONS.md", *ROOT.glob("*.py"), *ROOT.glob("tests/*.py")]
+    sources = [
+        ROOT / "README.md",
+        ROOT / "DECISIONS.md",
+        *ROOT.glob("*.py"),
+        *ROOT.glob("tests/*.py"),
+    ]
     missing = {}
     for src in sources:
         text = src.read_text()
-        assert not re.search(r"SPEC(\.md| §)", text), f"{src.name} cites a spec that is not in this repository"
+        assert not re.search(r"SPEC(\.md| §)", text), (
+            f"{src.name} cites a spec that is not in this repository"
+        )
         for name in cited_files(text):
-            if not any((ROOT / folder / name).exists() for folder in ("", "tests", "results", "results/earlier")):
+            if not any(
+                (ROOT / folder / name).exists()
+                for folder in ("", "tests", "results", "results/earlier")
+            ):
                 missing.setdefault(src.name, []).append(name)
     assert missing == {}
 
 
 def test_the_readme_layout_names_every_module():
     readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("## Layout"):readme.index("## Model sizes")]
+    table = readme[readme.index("## Layout") : readme.index("## Model sizes")]
     listed = set(re.findall(r"^\| `([^`]+)` \|", table, flags=re.M))
     assert {f"{m}.py" for m in MODULES} <= listed
     assert all((ROOT / name.rstrip("/")).exists() for name in listed), listed
@@ -101,20 +111,38 @@ def top_level_names(path: Path) -> set[str]:
 
 # One home per concept: where each is defined, and nowhere else.
 HOMES = {
-    "ConfigError": {"checks"}, "check_fields": {"checks"},                  # the config checks every config uses
-    "from_pretrained": {"snapshot"}, "t5_names": {"snapshot"}, "memory_plan": {"snapshot"},
-    "RUN_PROFILE": {"ppo"}, "RL_PROFILE": {"table1", "reward_study"},      # each kind of run's RL settings
+    "ConfigError": {"checks"},
+    "check_fields": {"checks"},  # the config checks every config uses
+    "from_pretrained": {"snapshot"},
+    "t5_names": {"snapshot"},
+    "memory_plan": {"snapshot"},
+    "RUN_PROFILE": {"ppo"},
+    "RL_PROFILE": {"table1", "reward_study"},  # each kind of run's RL settings
     "SFT_STEPS": {"table1", "reward_study"},
-    "rl_start": {"runs"},                                                   # RL from an SFT state
-    "is_qa": {"data"}, "check_enough_prompts": {"ppo"}, "check_split": {"parallel"},
-    "shared_setup": {"experiments"}, "seed_sft": {"experiments"}, "seeds_in_workers": {"experiments"},
+    "rl_start": {"runs"},  # RL from an SFT state
+    "is_qa": {"data"},
+    "check_enough_prompts": {"ppo"},
+    "check_split": {"parallel"},
+    "shared_setup": {"experiments"},
+    "seed_sft": {"experiments"},
+    "seeds_in_workers": {"experiments"},
     "rl_profile": {"experiments"},
-    "prepare": {"stages"}, "train_stages": {"stages"},
-    "draw": {"sampling"}, "rl_temperature": {"bench"}, "linear_flops": {"bench_gpu"},   # the sampler; the benches' workload
-    "Steps": {"sampling"}, "Rollout": {"sampling"},                        # what a rollout records, for both policies
-    "build_policy": {"decoder"}, "policy_config": {"decoder"}, "prompt_attention": {"decoder"},
-    "decoder_names": {"snapshot"}, "special_mask": {"model"}, "export_checkpoint": {"export"},
-    "config_specials": {"data"}, "checked_overrides": {"checks"}, "check_sampling": {"sampling"},
+    "prepare": {"stages"},
+    "train_stages": {"stages"},
+    "draw": {"sampling"},
+    "rl_temperature": {"bench"},
+    "linear_flops": {"bench_gpu"},  # the sampler; the benches' workload
+    "Steps": {"sampling"},
+    "Rollout": {"sampling"},  # what a rollout records, for both policies
+    "build_policy": {"decoder"},
+    "policy_config": {"decoder"},
+    "prompt_attention": {"decoder"},
+    "decoder_names": {"snapshot"},
+    "special_mask": {"model"},
+    "export_checkpoint": {"export"},
+    "config_specials": {"data"},
+    "checked_overrides": {"checks"},
+    "check_sampling": {"sampling"},
 }
 
 

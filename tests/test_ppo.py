@@ -45,6 +45,7 @@ def random_batch(seed=0, B=5, T=7):
 
 # ---- the objective ------------------------------------------------------------------------
 
+
 def test_ppo_policy_loss_matches_an_independent_computation():
     new, old, adv, mask = random_batch()
     eps = 0.2
@@ -96,19 +97,27 @@ def test_approx_kl_is_the_k3_estimate_of_kl_from_the_sampling_policy():
     by_hand = ((0.5 - 1 - math.log(0.5)) + (2 - 1 - math.log(2))) / 2
     assert float(ppo.approx_kl(lp, old, mask)) == pytest.approx(by_hand, rel=1e-6)
     p_old, p_new = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.5, 0.3])
-    y = torch.multinomial(p_old, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))[None]
-    estimate = float(ppo.approx_kl(p_new.log()[y], p_old.log()[y], torch.ones_like(y, dtype=torch.bool)))
+    y = torch.multinomial(
+        p_old, 200_000, replacement=True, generator=torch.Generator().manual_seed(0)
+    )[None]
+    estimate = float(
+        ppo.approx_kl(p_new.log()[y], p_old.log()[y], torch.ones_like(y, dtype=torch.bool))
+    )
     exact = float((p_old * (p_old / p_new).log()).sum())
     assert estimate == pytest.approx(exact, rel=0.02)
 
 
 def test_value_loss_group_baseline_and_whitening():
-    assert float(ppo.value_loss(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0]))) == pytest.approx((1 + 4) / 2)
+    assert float(
+        ppo.value_loss(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0]))
+    ) == pytest.approx((1 + 4) / 2)
     # prompt 0: rewards 1, 2, 6 -> the others' means (2+6)/2, (1+6)/2, (1+2)/2; prompt 1: 0, 0, 3
     r = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
     assert ppo.group_baseline(r, 3).tolist() == [4.0, 3.5, 1.5, 1.5, 1.5, 0.0]
     w = ppo.whiten(torch.tensor([1.0, 2.0, 3.0, 10.0]))
-    assert float(w.mean()) == pytest.approx(0, abs=1e-6) and float(w.std(unbiased=False)) == pytest.approx(1, rel=1e-5)
+    assert float(w.mean()) == pytest.approx(0, abs=1e-6) and float(
+        w.std(unbiased=False)
+    ) == pytest.approx(1, rel=1e-5)
 
 
 def test_advantage_by_hand():
@@ -130,10 +139,15 @@ def test_kl_estimates_and_diagnostics_on_hand_worked_cases():
     # k1 summed over the 2 valid tokens: (-1 + 1.5) + (-2 + 2) = 0.5
     assert ppo.kl_to_reference(lp.detach(), ref, mask).tolist() == [0.5]
     # k3 per token with d = ref - lp: d = -0.5 -> e^-0.5 - 1 + 0.5; d = 0 -> 0; mean over 2 tokens
-    assert float(ppo.k3_kl(lp.detach(), ref, mask)) == pytest.approx((math.exp(-0.5) - 0.5) / 2, rel=1e-6)
+    assert float(ppo.k3_kl(lp.detach(), ref, mask)) == pytest.approx(
+        (math.exp(-0.5) - 0.5) / 2, rel=1e-6
+    )
     assert float(ppo.approx_kl(lp, lp, mask)) == 0
     # ratios e^0.1 (inside 1 +- 0.2) and e^0.3 (outside): half the valid tokens clip
-    assert float(ppo.clip_fraction(torch.tensor([[0.1, 0.3, 5.0]]), torch.zeros(1, 3), mask, 0.2)) == 0.5
+    assert (
+        float(ppo.clip_fraction(torch.tensor([[0.1, 0.3, 5.0]]), torch.zeros(1, 3), mask, 0.2))
+        == 0.5
+    )
     t = torch.tensor([1.0, 2.0, 3.0])
     assert ppo.explained_variance(t, t) == 1.0
     assert ppo.explained_variance(torch.full((3,), 2.0), t) == pytest.approx(0.0)
@@ -153,25 +167,48 @@ def test_token_entropy_of_uniform_logits_is_log_v():
     assert float(ppo.mean_entropy(logits, mask)) == pytest.approx(math.log(8), rel=1e-6)
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(algo="dpo"), "algo"), (dict(baseline="group", num_samples=1), "num_samples"),
-    (dict(num_samples=0), "num_samples"), (dict(lr=float("nan")), "lr"), (dict(lr=-1e-4), "lr"),
-    (dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=0), "top_k"),
-    (dict(prompts_per_iter=64, minibatches=3), "minibatches"), (dict(kl_target=1.0, kl_coef=0.0), "kl_target"),
-    (dict(max_new_tokens=0), "max_new_tokens"), (dict(clip_eps=float("inf")), "clip_eps")])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(algo="dpo"), "algo"),
+        (dict(baseline="group", num_samples=1), "num_samples"),
+        (dict(num_samples=0), "num_samples"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(lr=-1e-4), "lr"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(prompts_per_iter=64, minibatches=3), "minibatches"),
+        (dict(kl_target=1.0, kl_coef=0.0), "kl_target"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(clip_eps=float("inf")), "clip_eps"),
+    ],
+)
 def test_config_is_checked(kw, field):
     with pytest.raises(ConfigError) as e:
         ppo.PPOConfig(**kw)
     assert e.value.field == field
-    ppo.PPOConfig(kl_target=1.0, kl_coef=0.1, prompts_per_iter=64, minibatches=4)      # the legal neighbours
+    ppo.PPOConfig(
+        kl_target=1.0, kl_coef=0.1, prompts_per_iter=64, minibatches=4
+    )  # the legal neighbours
 
 
 # ---- one rollout and update on a small model ----------------------------------------------
 
+
 def small_policy(seed=0):
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=12, d_model=32, n_heads=4, n_enc_layers=1, n_dec_layers=2, d_ff=64,
-                      max_src_len=12, max_tgt_len=16, last_layers=2)
+    cfg = ModelConfig(
+        vocab_size=12,
+        d_model=32,
+        n_heads=4,
+        n_enc_layers=1,
+        n_dec_layers=2,
+        d_ff=64,
+        max_src_len=12,
+        max_tgt_len=16,
+        last_layers=2,
+    )
     m = EncoderDecoder(cfg).eval()
     with torch.no_grad():
         m.dec_ln.weight.mul_(6)
@@ -184,14 +221,26 @@ def setup_rollout(baseline="value", sp=SP, **kw):
     g = torch.Generator().manual_seed(0)
     src = torch.randint(4, 12, (3, 6), generator=g)
     src[2, 4:] = 0
-    src[:, 3] = 2                                                 # an EOS inside the prompt: a special token
+    src[:, 3] = 2  # an EOS inside the prompt: a special token
     src_mask = src != 0
     idf = torch.linspace(0.1, 2.0, 12)
     content = torch.arange(12) >= 4
     salient = SalientTokens(idf, content, [f" t{i}" for i in range(12)])
-    cfg = ppo.PPOConfig(num_samples=3, prompts_per_iter=3, max_new_tokens=10, baseline=baseline, lr=1e-3, **kw)
-    experience, _ = ppo.collect(policy, ref, src, src_mask, salient, RewardConfig(), cfg, kl_coef=0.1, sp=sp,
-                         generator=torch.Generator().manual_seed(1))
+    cfg = ppo.PPOConfig(
+        num_samples=3, prompts_per_iter=3, max_new_tokens=10, baseline=baseline, lr=1e-3, **kw
+    )
+    experience, _ = ppo.collect(
+        policy,
+        ref,
+        src,
+        src_mask,
+        salient,
+        RewardConfig(),
+        cfg,
+        kl_coef=0.1,
+        sp=sp,
+        generator=torch.Generator().manual_seed(1),
+    )
     return policy, ref, experience, cfg, salient
 
 
@@ -199,20 +248,37 @@ def test_reward_is_computed_on_the_attention_the_policy_really_had():
     policy, ref, experience, cfg, salient = setup_rollout()
     # The decoder input stored with the rollout: BOS (1), then the sampled tokens shifted right by one.
     tgt_in = torch.cat([torch.ones_like(experience.tokens[:, :1]), experience.tokens[:, :-1]], 1)
-    assert torch.equal(experience.tgt_in, tgt_in) and torch.equal(ppo.decoder_input(experience.tokens, SP.start), tgt_in)
+    assert torch.equal(experience.tgt_in, tgt_in) and torch.equal(
+        ppo.decoder_input(experience.tokens, SP.start), tgt_in
+    )
     # The prompt's special tokens are its EOS at position 3 (src holds no other id below 4; pads are masked).
     special = torch.zeros_like(experience.src_mask)
     special[:, 3] = True
     assert torch.equal(model.special_mask(experience.src, experience.src_mask, SP.special), special)
     # A fresh teacher-forced pass over the sampled responses gives the same Abar, hence the same reward.
-    _, abar = policy(experience.src, experience.src_mask, tgt_in, num_samples=3, record="mean", tgt_mask=experience.mask)
+    _, abar = policy(
+        experience.src,
+        experience.src_mask,
+        tgt_in,
+        num_samples=3,
+        record="mean",
+        tgt_mask=experience.mask,
+    )
     rep = lambda x: x.repeat_interleave(3, 0)
-    fresh = compute_reward(abar, experience.tokens, experience.mask, rep(salient(experience.src, experience.src_mask, RewardConfig())),
-                           RewardConfig(), special=rep(special))
+    fresh = compute_reward(
+        abar,
+        experience.tokens,
+        experience.mask,
+        rep(salient(experience.src, experience.src_mask, RewardConfig())),
+        RewardConfig(),
+        special=rep(special),
+    )
     for k in ("reward", "coverage", "focus", "repeat", "sink_share"):
         torch.testing.assert_close(experience.terms[k], fresh[k], atol=1e-5, rtol=0)
     # The experience's pieces: returns = R - kl_coef * KL to the frozen SFT copy; A = returns - V_old(x)
-    torch.testing.assert_close(experience.returns, experience.terms["reward"] - 0.1 * experience.terms["kl_ref"])
+    torch.testing.assert_close(
+        experience.returns, experience.terms["reward"] - 0.1 * experience.terms["kl_ref"]
+    )
     torch.testing.assert_close(experience.advantages, experience.returns - experience.values)
     assert (experience.terms["sink_share"] > 0).all()
 
@@ -225,14 +291,20 @@ T5_LIKE = data.Specials(pad=0, start=0, eos=2, special=(0, 1, 2, 3))
 @pytest.mark.parametrize("sp", [SP, T5_LIKE], ids=["bos-start", "pad-start"])
 def test_first_epoch_ratio_is_one_and_an_update_moves_the_policy(sp):
     policy, _, experience, cfg, _ = setup_rollout(baseline="group", sp=sp)
-    assert (experience.tgt_in[:, 0] == sp.start).all() and torch.equal(experience.tgt_in[:, 1:], experience.tokens[:, :-1])
+    assert (experience.tgt_in[:, 0] == sp.start).all() and torch.equal(
+        experience.tgt_in[:, 1:], experience.tokens[:, :-1]
+    )
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     stats = ppo.update(policy, opt, experience, cfg)
     # ratio 1 up to float32 rounding: exp(d) - 1 - d with |d| < 1e-6 is noise of order 1e-8
     assert stats["approx_kl"] < 1e-7 and stats["clipfrac"] == 0
     assert stats["skipped"] == 0
-    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items() if "value_head" not in k)
+    assert any(
+        not torch.equal(before[k], v)
+        for k, v in policy.state_dict().items()
+        if "value_head" not in k
+    )
 
 
 def test_value_warmup_moves_only_the_value_head():
@@ -264,24 +336,43 @@ def test_the_loop_raises_a_reward_it_can_see():
     src = torch.randint(4, 12, (8, 6), generator=g)
     src_mask = torch.ones_like(src, dtype=torch.bool)
     salient = SalientTokens(torch.ones(12), torch.arange(12) >= 4, [f" t{i}" for i in range(12)])
-    cfg = ppo.PPOConfig(num_samples=4, prompts_per_iter=8, max_new_tokens=8, baseline="group", lr=1e-3,
-                        top_k=None, epochs=2)
+    cfg = ppo.PPOConfig(
+        num_samples=4,
+        prompts_per_iter=8,
+        max_new_tokens=8,
+        baseline="group",
+        lr=1e-3,
+        top_k=None,
+        epochs=2,
+    )
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(1)
 
-    def share_of_7(src, src_mask, r, terms):                          # the reward, given to collect
+    def share_of_7(src, src_mask, r, terms):  # the reward, given to collect
         return ((r.tokens == 7) & r.mask).sum(1).float() / r.mask.sum(1)
 
     shares = []
     for _ in range(12):
-        experience, _ = ppo.collect(policy, ref, src, src_mask, salient, RewardConfig(), cfg, 0.0, SP, gen,
-                             reward_fn=share_of_7)
+        experience, _ = ppo.collect(
+            policy,
+            ref,
+            src,
+            src_mask,
+            salient,
+            RewardConfig(),
+            cfg,
+            0.0,
+            SP,
+            gen,
+            reward_fn=share_of_7,
+        )
         ppo.update(policy, opt, experience, cfg)
         shares.append(float(experience.terms["reward"].mean()))
     assert shares[0] < 0.2 and shares[-1] > 0.8, shares
 
 
 # ---- collect's returns and advantages against computations by hand -----------------------------
+
 
 def teacher_forced_logprobs(model, experience, temperature):
     """log softmax(logits / T)[y_t] of every sampled token, one (prompt, candidate) at a time."""
@@ -290,39 +381,76 @@ def teacher_forced_logprobs(model, experience, temperature):
         b = row // 3
         n = int(experience.mask[row].sum())
         y = experience.tokens[row, :n][None]
-        logits, _ = model(experience.src[b:b + 1], experience.src_mask[b:b + 1], torch.cat([torch.ones_like(y[:, :1]), y[:, :-1]], 1))
-        out[row, :n] = torch.log_softmax(logits[0].double() / temperature, -1).gather(-1, y[0, :, None])[:, 0].float()
+        logits, _ = model(
+            experience.src[b : b + 1],
+            experience.src_mask[b : b + 1],
+            torch.cat([torch.ones_like(y[:, :1]), y[:, :-1]], 1),
+        )
+        out[row, :n] = (
+            torch.log_softmax(logits[0].double() / temperature, -1)
+            .gather(-1, y[0, :, None])[:, 0]
+            .float()
+        )
     return out
 
 
 def test_kl_penalised_return_in_collect_against_a_reference_that_differs():
     """returns = R - kl_coef * sum_t (log pi(y_t) - log pi_sft(y_t)), both at the sampling temperature."""
     policy, _, _, _, salient = setup_rollout()
-    ref = small_policy(seed=5)                                      # another model: the KL is far from 0
+    ref = small_policy(seed=5)  # another model: the KL is far from 0
     g = torch.Generator().manual_seed(0)
     src = torch.randint(4, 12, (3, 6), generator=g)
-    cfg = ppo.PPOConfig(num_samples=3, prompts_per_iter=3, max_new_tokens=10, baseline="none", temperature=0.7)
-    experience, _ = ppo.collect(policy, ref, src, src != 0, salient, RewardConfig(), cfg, kl_coef=0.5, sp=SP,
-                         generator=torch.Generator().manual_seed(1))
+    cfg = ppo.PPOConfig(
+        num_samples=3, prompts_per_iter=3, max_new_tokens=10, baseline="none", temperature=0.7
+    )
+    experience, _ = ppo.collect(
+        policy,
+        ref,
+        src,
+        src != 0,
+        salient,
+        RewardConfig(),
+        cfg,
+        kl_coef=0.5,
+        sp=SP,
+        generator=torch.Generator().manual_seed(1),
+    )
     with torch.no_grad():
-        kl = (teacher_forced_logprobs(policy, experience, 0.7) - teacher_forced_logprobs(ref, experience, 0.7)).sum(1)
-    assert kl.abs().min() > 0.05                                    # the two models really differ
+        kl = (
+            teacher_forced_logprobs(policy, experience, 0.7)
+            - teacher_forced_logprobs(ref, experience, 0.7)
+        ).sum(1)
+    assert kl.abs().min() > 0.05  # the two models really differ
     torch.testing.assert_close(experience.terms["kl_ref"], kl, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(experience.returns, experience.terms["reward"] - 0.5 * kl, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(experience.advantages, experience.returns)         # baseline "none": A = R
+    torch.testing.assert_close(
+        experience.returns, experience.terms["reward"] - 0.5 * kl, atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(experience.advantages, experience.returns)  # baseline "none": A = R
 
 
 def test_group_baseline_on_penalised_returns_then_whitening_inside_collect():
     policy, _, _, _, salient = setup_rollout()
     ref = small_policy(seed=5)
     src = torch.randint(4, 12, (4, 6), generator=torch.Generator().manual_seed(2))
-    cfg = ppo.PPOConfig(num_samples=3, prompts_per_iter=4, max_new_tokens=10, baseline="group", whiten=True)
-    experience, _ = ppo.collect(policy, ref, src, src != 0, salient, RewardConfig(), cfg, kl_coef=0.3, sp=SP,
-                         generator=torch.Generator().manual_seed(3))
+    cfg = ppo.PPOConfig(
+        num_samples=3, prompts_per_iter=4, max_new_tokens=10, baseline="group", whiten=True
+    )
+    experience, _ = ppo.collect(
+        policy,
+        ref,
+        src,
+        src != 0,
+        salient,
+        RewardConfig(),
+        cfg,
+        kl_coef=0.3,
+        sp=SP,
+        generator=torch.Generator().manual_seed(3),
+    )
     returns = (experience.terms["reward"] - 0.3 * experience.terms["kl_ref"]).double().tolist()
     centred = []
-    for b in range(4):                                              # each candidate minus its 2 siblings' mean
-        group = returns[3 * b:3 * b + 3]
+    for b in range(4):  # each candidate minus its 2 siblings' mean
+        group = returns[3 * b : 3 * b + 3]
         centred += [r - (sum(group) - r) / 2 for r in group]
     mean = sum(centred) / len(centred)
     std = math.sqrt(sum((c - mean) ** 2 for c in centred) / len(centred))
@@ -335,18 +463,34 @@ def test_advantage_uses_a_trained_value_head_and_the_value_regression_lowers_its
     far from 0 and the advantages are the returns minus V computed by hand from the head's weights."""
     policy, _, experience, cfg, salient = setup_rollout(baseline="value")
     opt = torch.optim.Adam(policy.parameters(), lr=3e-2)
-    losses = [ppo.update(policy, opt, experience, cfg, value_only=True)["value_loss"] for _ in range(30)]
+    losses = [
+        ppo.update(policy, opt, experience, cfg, value_only=True)["value_loss"] for _ in range(30)
+    ]
     assert losses[-1] < 0.2 * losses[0]
-    new, _ = ppo.collect(policy, small_policy(), experience.src, experience.src_mask, salient, RewardConfig(), cfg, kl_coef=0.1,
-                         sp=SP, generator=torch.Generator().manual_seed(4))
+    new, _ = ppo.collect(
+        policy,
+        small_policy(),
+        experience.src,
+        experience.src_mask,
+        salient,
+        RewardConfig(),
+        cfg,
+        kl_coef=0.1,
+        sp=SP,
+        generator=torch.Generator().manual_seed(4),
+    )
     with torch.no_grad():
-        memory = policy.encode(experience.src, experience.src_mask)                                    # (B, S, D)
+        memory = policy.encode(experience.src, experience.src_mask)  # (B, S, D)
         head = policy.value_head
         v = []
-        for b in range(experience.src.size(0)):                               # mean over real prompt tokens, MLP by hand
+        for b in range(experience.src.size(0)):  # mean over real prompt tokens, MLP by hand
             pooled = memory[b, experience.src_mask[b]].mean(0)
-            v.append(float(head.out.weight[0] @ torch.tanh(head.hidden.weight @ pooled + head.hidden.bias)
-                           + head.out.bias[0]))
+            v.append(
+                float(
+                    head.out.weight[0] @ torch.tanh(head.hidden.weight @ pooled + head.hidden.bias)
+                    + head.out.bias[0]
+                )
+            )
     values = torch.tensor(v).repeat_interleave(3)
     assert values.abs().min() > 0.05
     torch.testing.assert_close(new.values, values, atol=1e-5, rtol=1e-5)
@@ -361,11 +505,15 @@ def test_masking_comes_before_exp_at_positions_after_eos():
     ref = torch.tensor([[-0.7, -0.4, 0.0, 0.0]])
     old = torch.tensor([[-0.6, -1.1, 0.0, 0.0]])
     mask = torch.tensor([[True, True, False, False]])
-    d = [-0.7 + 0.5, -0.4 + 1.0]                                    # log pi_ref - log pi on the two valid tokens
-    assert float(ppo.k3_kl(lp.detach(), ref, mask)) == pytest.approx(sum(math.exp(x) - 1 - x for x in d) / 2, rel=1e-6)
+    d = [-0.7 + 0.5, -0.4 + 1.0]  # log pi_ref - log pi on the two valid tokens
+    assert float(ppo.k3_kl(lp.detach(), ref, mask)) == pytest.approx(
+        sum(math.exp(x) - 1 - x for x in d) / 2, rel=1e-6
+    )
     assert ppo.kl_to_reference(lp.detach(), ref, mask).tolist() == pytest.approx([0.2 - 0.6])
-    r = [math.exp(0.1), math.exp(0.1)]                              # ratios on the valid tokens
-    assert float(ppo.approx_kl(lp.detach(), old, mask)) == pytest.approx(sum(x - 1 - math.log(x) for x in r) / 2, rel=1e-5)
+    r = [math.exp(0.1), math.exp(0.1)]  # ratios on the valid tokens
+    assert float(ppo.approx_kl(lp.detach(), old, mask)) == pytest.approx(
+        sum(x - 1 - math.log(x) for x in r) / 2, rel=1e-5
+    )
     assert float(ppo.clip_fraction(lp.detach(), old, mask, 0.2)) == 0.0
     loss = ppo.ppo_policy_loss(lp, old, torch.tensor([2.0]), mask) + 0.0 * ppo.k3_kl(lp, ref, mask)
     loss.backward()
@@ -374,9 +522,13 @@ def test_masking_comes_before_exp_at_positions_after_eos():
 
 def test_an_update_with_extreme_log_probs_after_eos_is_applied_when_k3_is_off():
     policy, _, experience, cfg, _ = setup_rollout(baseline="group")
-    experience.ref_logprobs = torch.where(experience.mask, experience.ref_logprobs, torch.full_like(experience.ref_logprobs, -1e4))
+    experience.ref_logprobs = torch.where(
+        experience.mask, experience.ref_logprobs, torch.full_like(experience.ref_logprobs, -1e4)
+    )
     assert (~experience.mask).any()
-    stats = ppo.update(policy, torch.optim.Adam(policy.parameters(), lr=cfg.lr), experience, cfg)     # kl_k3_coef 0
+    stats = ppo.update(
+        policy, torch.optim.Adam(policy.parameters(), lr=cfg.lr), experience, cfg
+    )  # kl_k3_coef 0
     assert stats["skipped"] == 0 and stats["applied"] == 1 and math.isfinite(stats["k3_kl"])
 
 
@@ -386,18 +538,37 @@ def test_the_adaptive_kl_controller_moves_kl_coef_inside_the_loop():
     policy, ref = small_policy(), small_policy(seed=5)
     prompts = [[4 + (i * 5 + j) % 8 for j in range(4)] + [2] for i in range(12)]
     salient = SalientTokens(torch.ones(12), torch.arange(12) >= 4, [f" t{i}" for i in range(12)])
-    cfg = ppo.PPOConfig(prompts_per_iter=4, num_samples=2, max_new_tokens=6, baseline="group", lr=1e-3,
-                        kl_coef=0.2, kl_target=0.5, kl_horizon=40)
-    rows = ppo.train(policy, ref, torch.optim.Adam(policy.parameters(), lr=1e-3), prompts, salient, RewardConfig(),
-                     cfg, 4, specials=SP, seed=0)
+    cfg = ppo.PPOConfig(
+        prompts_per_iter=4,
+        num_samples=2,
+        max_new_tokens=6,
+        baseline="group",
+        lr=1e-3,
+        kl_coef=0.2,
+        kl_target=0.5,
+        kl_horizon=40,
+    )
+    rows = ppo.train(
+        policy,
+        ref,
+        torch.optim.Adam(policy.parameters(), lr=1e-3),
+        prompts,
+        salient,
+        RewardConfig(),
+        cfg,
+        4,
+        specials=SP,
+        seed=0,
+    )
     coef = 0.2
     for row in rows:
         assert row["kl_coef"] == pytest.approx(coef)
         coef *= 1 + min(max(row["kl_ref"] / 0.5 - 1, -0.2), 0.2) * 8 / 40
-    assert len({round(r["kl_coef"], 9) for r in rows}) == 4          # it moved every iteration
+    assert len({round(r["kl_coef"], 9) for r in rows}) == 4  # it moved every iteration
 
 
 # ---- on-policy sampling (DECISIONS.md §3) ----------------------------------------------------
+
 
 def test_an_rl_rollout_draws_from_the_full_softmax_at_the_rl_temperature():
     """The first tokens of 6,000 RL candidates, against softmax(logits / T) from a separate teacher-forced
@@ -406,17 +577,31 @@ def test_an_rl_rollout_draws_from_the_full_softmax_at_the_rl_temperature():
     src = torch.tensor([[5, 6, 7, 8, 2]])
     cfg = ppo.PPOConfig(num_samples=n, prompts_per_iter=1, max_new_tokens=1, temperature=T)
     salient = SalientTokens(torch.ones(12), torch.arange(12) >= 4, [f" t{i}" for i in range(12)])
-    rollout, *_ = ppo.sample_and_score(policy, src, src > 0, salient, RewardConfig(), cfg, SP, torch.Generator().manual_seed(0))
+    rollout, *_ = ppo.sample_and_score(
+        policy, src, src > 0, salient, RewardConfig(), cfg, SP, torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
-        logits, _ = policy(src, src > 0, torch.tensor([[SP.start]]))                      # (1, 1, V)
+        logits, _ = policy(src, src > 0, torch.tensor([[SP.start]]))  # (1, 1, V)
     expected = torch.softmax(logits[0, 0].double() / T, -1).numpy()
     counts = np.bincount(rollout.tokens[:, 0].numpy(), minlength=12) / n
     assert 0.5 * np.abs(counts - expected).sum() < 0.05
-    assert (counts[expected < 0.01] > 0).all()      # the tail (5 ids under 1%, 11+ draws expected each) is drawn
+    assert (
+        counts[expected < 0.01] > 0
+    ).all()  # the tail (5 ids under 1%, 11+ draws expected each) is drawn
 
 
 @pytest.mark.parametrize("kw", [dict(top_k=50), dict(top_p=0.9)])
 def test_rl_refuses_top_k_and_top_p(kw):
-    cfg = ppo.PPOConfig(**kw)                                  # legal for --stage sample ...
-    with pytest.raises(ConfigError, match="none in RL"):       # ... refused by RL before any work
-        ppo.train(small_policy(), small_policy(), None, [[5, 6, 2]], None, RewardConfig(), cfg, 1, specials=SP)
+    cfg = ppo.PPOConfig(**kw)  # legal for --stage sample ...
+    with pytest.raises(ConfigError, match="none in RL"):  # ... refused by RL before any work
+        ppo.train(
+            small_policy(),
+            small_policy(),
+            None,
+            [[5, 6, 2]],
+            None,
+            RewardConfig(),
+            cfg,
+            1,
+            specials=SP,
+        )

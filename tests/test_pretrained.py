@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402  (transformers 
 from model import count_params, relative_position_bucket  # noqa: E402
 from snapshot import T5_UNUSED, config_from_hf, from_pretrained, memory_plan  # noqa: E402
 
-PAD, EOS = 0, 1                                   # T5: PAD is also the decoder's start token
+PAD, EOS = 0, 1  # T5: PAD is also the decoder's start token
 V = 64
 EMB_GAIN, BRANCH_GAIN, BIAS_GAIN = 0.1, 8.0, 4.0
 
@@ -38,10 +38,22 @@ def hf_t5(seed=0, **kw):
     token): the embedding is scaled down and the residual branches' output projections up, and the
     position biases up, so that positions matter."""
     torch.manual_seed(seed)
-    args = dict(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                relative_attention_max_distance=16, decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS)
-    model = transformers.T5ForConditionalGeneration._from_config(transformers.T5Config(**{**args, **kw}),
-                                                                 attn_implementation="eager").eval()
+    args = dict(
+        vocab_size=V,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        decoder_start_token_id=PAD,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+    )
+    model = transformers.T5ForConditionalGeneration._from_config(
+        transformers.T5Config(**{**args, **kw}), attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("layer_norm.weight"):
@@ -70,7 +82,11 @@ def snapshot_v10(path):
     hf = hf_t5(1, feed_forward_proj="relu")
     hf.save_pretrained(path)
     (path / "model.safetensors").unlink()
-    state = {k: v.clone() for k, v in hf.state_dict().items() if k != "lm_head.weight" and "embed_tokens" not in k}
+    state = {
+        k: v.clone()
+        for k, v in hf.state_dict().items()
+        if k != "lm_head.weight" and "embed_tokens" not in k
+    }
     state[T5_UNUSED[0]] = torch.randn(8, 4)
     torch.save(state, path / "pytorch_model.bin")
     edit_config(path, drop=("scale_decoder_outputs", "tie_word_embeddings"))
@@ -107,7 +123,9 @@ def snapshot_unequal_depths(path):
     """2 encoder and 3 decoder layers, sharded safetensors (model.safetensors.index.json)."""
     hf = hf_t5(4, feed_forward_proj="relu", num_layers=2, num_decoder_layers=3)
     hf.save_pretrained(path, max_shard_size="20KB")
-    assert (path / "model.safetensors.index.json").is_file() and not (path / "model.safetensors").exists()
+    assert (path / "model.safetensors.index.json").is_file() and not (
+        path / "model.safetensors"
+    ).exists()
     return dict(scaled=True, tied=True, n_dec=3)
 
 
@@ -121,23 +139,29 @@ def snapshot_bf16(path):
     return dict(scaled=False, tied=False, n_dec=2)
 
 
-SNAPSHOTS = dict(v10=snapshot_v10, flan_hub=snapshot_flan_hub, flan_transformers5=snapshot_flan_transformers5,
-                 unequal_depths=snapshot_unequal_depths, bf16=snapshot_bf16)
+SNAPSHOTS = dict(
+    v10=snapshot_v10,
+    flan_hub=snapshot_flan_hub,
+    flan_transformers5=snapshot_flan_transformers5,
+    unequal_depths=snapshot_unequal_depths,
+    bf16=snapshot_bf16,
+)
 
 
 def reference(path):
-    return transformers.T5ForConditionalGeneration.from_pretrained(path, attn_implementation="eager",
-                                                                   dtype=torch.float32).eval()
+    return transformers.T5ForConditionalGeneration.from_pretrained(
+        path, attn_implementation="eager", dtype=torch.float32
+    ).eval()
 
 
 def padded_batch(seed=0):
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([21, 9, 14])                       # past max_distance 16: the last bucket is used
-    mask = torch.arange(21)[None, :] < lengths[:, None]       # (3, 21)
+    lengths = torch.tensor([21, 9, 14])  # past max_distance 16: the last bucket is used
+    mask = torch.arange(21)[None, :] < lengths[:, None]  # (3, 21)
     src = torch.randint(2, V, (3, 21), generator=g).masked_fill(~mask, PAD)
     src[torch.arange(3), lengths - 1] = EOS
     tgt_in = torch.randint(2, V, (3, 18), generator=g)
-    tgt_in[:, 0] = PAD                                        # decoder start token
+    tgt_in[:, 0] = PAD  # decoder start token
     return src, mask, tgt_in
 
 
@@ -146,7 +170,9 @@ def hf_greedy(ref, src, mask, steps):
     dec = torch.full((src.size(0), 1), PAD, dtype=torch.long)
     with torch.no_grad():
         for _ in range(steps):
-            logits = ref(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec, use_cache=False).logits
+            logits = ref(
+                input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec, use_cache=False
+            ).logits
             dec = torch.cat([dec, logits[:, -1].argmax(-1, keepdim=True)], 1)
     return dec[:, 1:]
 
@@ -156,8 +182,10 @@ def as_rollout(tokens):
     steps after every row has finished."""
     is_eos = (tokens == EOS).long()
     after = (is_eos.cumsum(1) - is_eos) > 0
-    lengths = torch.where(is_eos.any(1), is_eos.argmax(1) + 1, torch.full_like(is_eos[:, 0], tokens.size(1)))
-    return tokens.masked_fill(after, PAD)[:, :int(lengths.max())]
+    lengths = torch.where(
+        is_eos.any(1), is_eos.argmax(1) + 1, torch.full_like(is_eos[:, 0], tokens.size(1))
+    )
+    return tokens.masked_fill(after, PAD)[:, : int(lengths.max())]
 
 
 @pytest.mark.parametrize("name", list(SNAPSHOTS))
@@ -169,34 +197,55 @@ def test_snapshot_loads_exactly(name, tmp_path):
     # The file's conventions read the same way by both.
     assert cfg.scale_head == ref.config.scale_decoder_outputs == meta["scaled"]
     assert cfg.tie_head == meta["tied"] == torch.equal(ref.lm_head.weight, ref.shared.weight)
-    assert (cfg.n_enc_layers, cfg.n_dec_layers) == (ref.config.num_layers, ref.config.num_decoder_layers)
-    assert ours.value(torch.randn(2, 3, 32), torch.ones(2, 3, dtype=torch.bool)).tolist() == [0.0, 0.0]
+    assert (cfg.n_enc_layers, cfg.n_dec_layers) == (
+        ref.config.num_layers,
+        ref.config.num_decoder_layers,
+    )
+    assert ours.value(torch.randn(2, 3, 32), torch.ones(2, 3, dtype=torch.bool)).tolist() == [
+        0.0,
+        0.0,
+    ]
 
     src, mask, tgt_in = padded_batch()
     with torch.no_grad():
-        out = ref(input_ids=src, attention_mask=mask.long(), decoder_input_ids=tgt_in, output_attentions=True)
+        out = ref(
+            input_ids=src,
+            attention_mask=mask.long(),
+            decoder_input_ids=tgt_in,
+            output_attentions=True,
+        )
         logits, maps = ours(src, mask, tgt_in, record="layers")
     rel = (logits - out.logits).abs().max() / out.logits.abs().max()
     assert rel < 1e-4, f"logits: max relative difference {rel:.2e}"
-    ref_maps = torch.stack(out.cross_attentions, dim=1)                    # (B, L, H, T, S)
+    ref_maps = torch.stack(out.cross_attentions, dim=1)  # (B, L, H, T, S)
     assert maps.shape == ref_maps.shape == (3, meta["n_dec"], cfg.n_heads, 18, 21)
-    keys = mask[:, None, None, None, :]                                    # padded prompt keys: 0 in both
+    keys = mask[:, None, None, None, :]  # padded prompt keys: 0 in both
     diff = ((maps - ref_maps) * keys).abs().max()
     assert diff < 1e-4, f"cross-attention: max difference {diff:.2e}"
     assert (maps * ~keys).abs().max() == 0
 
     steps = 12
     want = as_rollout(hf_greedy(ref, src, mask, steps))
-    r = ours.sample(src, mask, num_samples=2, max_new_tokens=steps, greedy=True, bos_id=PAD, eos_id=EOS, pad_id=PAD)
+    r = ours.sample(
+        src,
+        mask,
+        num_samples=2,
+        max_new_tokens=steps,
+        greedy=True,
+        bos_id=PAD,
+        eos_id=EOS,
+        pad_id=PAD,
+    )
     assert torch.equal(r.tokens, want.repeat_interleave(2, 0)), (r.tokens, want)
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
 @pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (8, 16), (16, 64)])
 def test_relative_position_buckets_match_transformers(bidirectional, num_buckets, max_distance):
-    rel = torch.arange(-600, 601)[None, :]                      # (1, 1201) key position - query position
+    rel = torch.arange(-600, 601)[None, :]  # (1, 1201) key position - query position
     theirs = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(
-        rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
+        rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
     ours = relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
     assert torch.equal(ours, theirs)
     assert int(ours.max()) == num_buckets - 1 and int(ours.min()) == 0
@@ -205,31 +254,65 @@ def test_relative_position_buckets_match_transformers(bidirectional, num_buckets
 def test_config_from_hf_plans_a_snapshot_without_its_weights():
     """flan-T5-small's config.json as the hub has it: the plan's parameter count is transformers'
     count of the same architecture (built on the meta device) plus our value head."""
-    flan_small = dict(model_type="t5", d_model=512, d_kv=64, d_ff=1024, num_heads=6, num_layers=8,
-                      num_decoder_layers=8, vocab_size=32128, relative_attention_num_buckets=32,
-                      relative_attention_max_distance=128, layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu",
-                      tie_word_embeddings=False)
+    flan_small = dict(
+        model_type="t5",
+        d_model=512,
+        d_kv=64,
+        d_ff=1024,
+        num_heads=6,
+        num_layers=8,
+        num_decoder_layers=8,
+        vocab_size=32128,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        layer_norm_epsilon=1e-6,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    )
     cfg = config_from_hf(flan_small, last_layers=3)
-    assert (cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.ffn, cfg.tie_head, cfg.scale_head, cfg.last_layers) == \
-        (512, 6, 64, "gated-gelu", False, False, 3)
-    assert (cfg.max_src_len, cfg.max_tgt_len, cfg.norm, cfg.position, cfg.scale_scores) == \
-        (512, 512, "rmsnorm", "relative", False)
+    assert (
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.head_dim,
+        cfg.ffn,
+        cfg.tie_head,
+        cfg.scale_head,
+        cfg.last_layers,
+    ) == (512, 6, 64, "gated-gelu", False, False, 3)
+    assert (cfg.max_src_len, cfg.max_tgt_len, cfg.norm, cfg.position, cfg.scale_scores) == (
+        512,
+        512,
+        "rmsnorm",
+        "relative",
+        False,
+    )
     with torch.device("meta"):
         hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**flan_small))
-    hf_count = sum(p.numel() for p in hf.parameters()) + hf.lm_head.weight.numel()   # transformers 5 ties it
+    hf_count = (
+        sum(p.numel() for p in hf.parameters()) + hf.lm_head.weight.numel()
+    )  # transformers 5 ties it
     value_head = 512 * 512 + 512 + 512 + 1
     assert count_params(cfg) == hf_count + value_head == 76_961_152 + value_head
     assert memory_plan(cfg, batch=2, src_len=64, tgt_len=32)["parameters"] == count_params(cfg)
 
 
-@pytest.mark.parametrize("flags, scaled, tied", [
-    (dict(), True, True),                                               # old v1.0 config.json: no flags
-    (dict(tie_word_embeddings=False), False, False),                    # hub flan-T5, mT5, T5 v1.1
-    (dict(tie_word_embeddings=True, scale_decoder_outputs=False), False, True),   # transformers 5
-    (dict(tie_word_embeddings=True, scale_decoder_outputs=True), True, True),
-])
+@pytest.mark.parametrize(
+    "flags, scaled, tied",
+    [
+        (dict(), True, True),  # old v1.0 config.json: no flags
+        (dict(tie_word_embeddings=False), False, False),  # hub flan-T5, mT5, T5 v1.1
+        (
+            dict(tie_word_embeddings=True, scale_decoder_outputs=False),
+            False,
+            True,
+        ),  # transformers 5
+        (dict(tie_word_embeddings=True, scale_decoder_outputs=True), True, True),
+    ],
+)
 def test_the_scaling_rule(flags, scaled, tied):
-    base = dict(model_type="mt5", d_model=8, d_kv=4, d_ff=16, num_heads=2, num_layers=1, vocab_size=10)
+    base = dict(
+        model_type="mt5", d_model=8, d_kv=4, d_ff=16, num_heads=2, num_layers=1, vocab_size=10
+    )
     cfg = config_from_hf({**base, **flags})
     assert (cfg.scale_head, cfg.tie_head, cfg.ffn, cfg.n_dec_layers) == (scaled, tied, "relu", 1)
     assert math.isclose(cfg.norm_eps, 1e-6)
@@ -237,10 +320,11 @@ def test_the_scaling_rule(flags, scaled, tied):
 
 # ---- errors ------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def good(tmp_path):
     hf_t5(6, feed_forward_proj="relu").save_pretrained(tmp_path)
-    from_pretrained(tmp_path)                                           # loads as saved
+    from_pretrained(tmp_path)  # loads as saved
     return tmp_path
 
 
@@ -258,20 +342,34 @@ def test_wrong_model_type(good):
 
 def test_missing_weight(good):
     rewrite(good, lambda s: s.pop("decoder.block.1.layer.2.layer_norm.weight"))
-    with pytest.raises(ValueError, match=r"missing weight\(s\) decoder\.block\.1\.layer\.2\.layer_norm\.weight"):
+    with pytest.raises(
+        ValueError, match=r"missing weight\(s\) decoder\.block\.1\.layer\.2\.layer_norm\.weight"
+    ):
         from_pretrained(good)
 
 
 def test_unexpected_weight(good):
-    rewrite(good, lambda s: s.update({"decoder.block.2.layer.0.SelfAttention.q.weight": torch.zeros(32, 32)}))
-    with pytest.raises(ValueError, match=r"unexpected weight\(s\) decoder\.block\.2\.layer\.0\.SelfAttention\.q\.weight"):
+    rewrite(
+        good,
+        lambda s: s.update({"decoder.block.2.layer.0.SelfAttention.q.weight": torch.zeros(32, 32)}),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"unexpected weight\(s\) decoder\.block\.2\.layer\.0\.SelfAttention\.q\.weight",
+    ):
         from_pretrained(good)
 
 
 def test_shape_mismatch(good):
-    rewrite(good, lambda s: s.update({"encoder.block.0.layer.0.SelfAttention.k.weight": torch.zeros(32, 31)}))
-    with pytest.raises(ValueError, match=r"encoder\.block\.0\.layer\.0\.SelfAttention\.k\.weight has shape "
-                                         r"\(32, 31\), the config expects \(32, 32\)"):
+    rewrite(
+        good,
+        lambda s: s.update({"encoder.block.0.layer.0.SelfAttention.k.weight": torch.zeros(32, 31)}),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"encoder\.block\.0\.layer\.0\.SelfAttention\.k\.weight has shape "
+        r"\(32, 31\), the config expects \(32, 32\)",
+    ):
         from_pretrained(good)
 
 

@@ -13,6 +13,7 @@ term; a step that looks only at the attention sink gets the least focus under `-
 every term is finite for empty and one-token responses; the salient-token rules against an
 independent reading of the tokens.
 """
+
 import math
 import re
 
@@ -21,8 +22,8 @@ import pytest
 import torch
 
 import data
-import synthetic
 import reward
+import synthetic
 from reward import RewardConfig, compute_reward, coverage, focus, repeat_penalty
 
 LOG2, LOG4 = math.log(2), math.log(4)
@@ -34,28 +35,39 @@ def approx(x):
 
 def close(got, expected):
     """Tensor comparison for 2-D results (pytest.approx takes flat sequences only)."""
-    torch.testing.assert_close(got.float(), torch.as_tensor(expected, dtype=torch.float32),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        got.float(), torch.as_tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6
+    )
 
 
 # ----------------------------------------------------------------- a hand-made batch
 # B = 2 candidates, T = 3 response steps, S = 4 prompt positions.
-HAND_ATTN = torch.tensor([
-    [[0.10, 0.20, 0.30, 0.40],
-     [0.25, 0.25, 0.25, 0.25],
-     [0.70, 0.10, 0.10, 0.10]],    # after EOS in candidate 0 (mask False): must not count
-    [[0.50, 0.50, 0.00, 0.00],
-     [0.00, 0.00, 1.00, 0.00],
-     [0.10, 0.20, 0.30, 0.40]],
-])
-HAND_MASK = torch.tensor([[True, True, False],     # |y| = 2 (the response stops before T)
-                          [True, True, True]])     # |y| = 3
+HAND_ATTN = torch.tensor(
+    [
+        [
+            [0.10, 0.20, 0.30, 0.40],
+            [0.25, 0.25, 0.25, 0.25],
+            [0.70, 0.10, 0.10, 0.10],
+        ],  # after EOS in candidate 0 (mask False): must not count
+        [[0.50, 0.50, 0.00, 0.00], [0.00, 0.00, 1.00, 0.00], [0.10, 0.20, 0.30, 0.40]],
+    ]
+)
+HAND_MASK = torch.tensor(
+    [
+        [True, True, False],  # |y| = 2 (the response stops before T)
+        [True, True, True],
+    ]
+)  # |y| = 3
 
 
 # --------------------------------------------------------------------------- coverage
 def test_coverage_hand_computed_bool_salient():
-    salient = torch.tensor([[False, True, True, False],    # I_x = {1, 2}, |I_x| = 2
-                            [True, False, False, True]])   # I_x = {0, 3}, |I_x| = 2
+    salient = torch.tensor(
+        [
+            [False, True, True, False],  # I_x = {1, 2}, |I_x| = 2
+            [True, False, False, True],
+        ]
+    )  # I_x = {0, 3}, |I_x| = 2
     # candidate 0: t=0: 0.20 + 0.30 = 0.5; t=1: 0.25 + 0.25 = 0.5; t=2 masked out.
     #   coverage = (0.5 + 0.5) / (|y| = 2 * |I_x| = 2) = 1/4
     # candidate 1: t=0: 0.5 + 0 = 0.5; t=1: 0 + 0 = 0; t=2: 0.1 + 0.4 = 0.5.
@@ -67,8 +79,12 @@ def test_coverage_hand_computed_bool_salient():
 
 def test_coverage_hand_computed_idf_weights():
     # DECISIONS.md §2: sum_t sum_j w_j Abar[t, j] / (|y| * sum_j w_j).
-    w = torch.tensor([[0.0, 1.0, 3.0, 0.0],    # sum w = 4
-                      [2.0, 0.0, 0.0, 1.0]])   # sum w = 3
+    w = torch.tensor(
+        [
+            [0.0, 1.0, 3.0, 0.0],  # sum w = 4
+            [2.0, 0.0, 0.0, 1.0],
+        ]
+    )  # sum w = 3
     # candidate 0: t=0: 1*0.20 + 3*0.30 = 1.1; t=1: 1*0.25 + 3*0.25 = 1.0.
     #   coverage = 2.1 / (2 * 4) = 0.2625
     # candidate 1: t=0: 2*0.5 = 1.0; t=1: 0; t=2: 2*0.1 + 1*0.4 = 0.6.
@@ -89,25 +105,31 @@ def test_coverage_no_salient_token_is_exactly_zero():
 def test_coverage_ignores_positions_after_eos():
     salient = torch.tensor([[False, True, True, False], [True, False, False, True]])
     noisy = HAND_ATTN.clone()
-    noisy[0, 2] = torch.tensor([0.0, 5.0, 7.0, 0.0])      # garbage where the mask is False
+    noisy[0, 2] = torch.tensor([0.0, 5.0, 7.0, 0.0])  # garbage where the mask is False
     assert coverage(noisy, salient, HAND_MASK).tolist() == approx([1 / 4, 1 / 6])
 
 
 # ------------------------------------------------------------------------------ focus
-FOCUS_ATTN = torch.tensor([
-    [[0.25, 0.25, 0.25, 0.25],     # uniform over 4: H = log 4
-     [0.00, 0.00, 1.00, 0.00],     # one-hot: H = -1 log 1 - 3 * (0 log 0 = 0) = 0
-     [0.50, 0.50, 0.00, 0.00]],    # H = -2 * 0.5 log 0.5 = log 2
-    [[0.50, 0.50, 0.00, 0.00],     # log 2
-     [0.25, 0.25, 0.25, 0.25],     # log 4
-     [0.90, 0.10, 0.00, 0.00]],    # after EOS (mask False)
-])
+FOCUS_ATTN = torch.tensor(
+    [
+        [
+            [0.25, 0.25, 0.25, 0.25],  # uniform over 4: H = log 4
+            [0.00, 0.00, 1.00, 0.00],  # one-hot: H = -1 log 1 - 3 * (0 log 0 = 0) = 0
+            [0.50, 0.50, 0.00, 0.00],
+        ],  # H = -2 * 0.5 log 0.5 = log 2
+        [
+            [0.50, 0.50, 0.00, 0.00],  # log 2
+            [0.25, 0.25, 0.25, 0.25],  # log 4
+            [0.90, 0.10, 0.00, 0.00],
+        ],  # after EOS (mask False)
+    ]
+)
 FOCUS_MASK = torch.tensor([[True, True, True], [True, True, False]])
 
 
 def test_entropy_hand_computed():
     h = reward.attention_entropy(FOCUS_ATTN)
-    assert torch.isfinite(h).all()          # 0 log 0 = 0, not NaN
+    assert torch.isfinite(h).all()  # 0 log 0 = 0, not NaN
     assert h[0].tolist() == approx([LOG4, 0.0, LOG2])
     assert h[1, :2].tolist() == approx([LOG2, LOG4])
 
@@ -139,7 +161,7 @@ def _np_entropy(p, tau=1.0):
 def test_focus_temperature_matches_numpy(tau):
     g = torch.Generator().manual_seed(0)
     attn = torch.softmax(torch.randn(3, 5, 6, generator=g) * 2, -1)
-    attn[:, :, -1] = 0.0                                   # a padded prompt position
+    attn[:, :, -1] = 0.0  # a padded prompt position
     attn = attn / attn.sum(-1, keepdim=True)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
     expected = []
@@ -148,19 +170,28 @@ def test_focus_temperature_matches_numpy(tau):
         expected.append(-sum(hs) / len(hs))
     assert focus(attn, mask, temperature=tau).tolist() == approx(expected)
     # and the temperature reaches focus through RewardConfig
-    terms = compute_reward(attn, torch.full((3, 5), 7), mask, torch.ones(3, 6, dtype=torch.bool),
-                           RewardConfig(attn_temperature=tau))
+    terms = compute_reward(
+        attn,
+        torch.full((3, 5), 7),
+        mask,
+        torch.ones(3, 6, dtype=torch.bool),
+        RewardConfig(attn_temperature=tau),
+    )
     assert terms["focus"].tolist() == approx(expected)
-    if tau < 1:   # sharper attention, lower entropy, higher focus
+    if tau < 1:  # sharper attention, lower entropy, higher focus
         assert (terms["focus"] > focus(attn, mask)).all()
 
 
 # --------------------------------------------------------------------- repeat penalty
 def test_repeat_penalty_hand_computed():
-    tokens = torch.tensor([[5, 6, 5, 6, 2, 0, 0],    # mask 5: bigrams (5,6)(6,5)(5,6)(6,2)
-                           [2, 5, 6, 5, 6, 5, 6],    # mask 1: the response is just EOS, no bigram
-                           [7, 7, 7, 7, 7, 7, 7],    # mask 3: (7,7)(7,7), masked-out 7s ignored
-                           [5, 6, 5, 6, 5, 6, 5]])   # mask 0: nothing
+    tokens = torch.tensor(
+        [
+            [5, 6, 5, 6, 2, 0, 0],  # mask 5: bigrams (5,6)(6,5)(5,6)(6,2)
+            [2, 5, 6, 5, 6, 5, 6],  # mask 1: the response is just EOS, no bigram
+            [7, 7, 7, 7, 7, 7, 7],  # mask 3: (7,7)(7,7), masked-out 7s ignored
+            [5, 6, 5, 6, 5, 6, 5],
+        ]
+    )  # mask 0: nothing
     mask = torch.zeros(4, 7, dtype=torch.bool)
     for b, n in enumerate((5, 1, 3, 0)):
         mask[b, :n] = True
@@ -191,23 +222,25 @@ def _random_batch(seed=0, B=4, T=6, S=7):
     g = torch.Generator().manual_seed(seed)
     src_len = torch.tensor([7, 5, 4, 6])[:B]
     resp_len = torch.tensor([6, 3, 1, 0])[:B]
-    real = torch.arange(S)[None, :] < src_len[:, None]                        # (B, S)
-    mask = torch.arange(T)[None, :] < resp_len[:, None]                       # (B, T)
+    real = torch.arange(S)[None, :] < src_len[:, None]  # (B, S)
+    mask = torch.arange(T)[None, :] < resp_len[:, None]  # (B, T)
     logits = torch.randn(B, T, S, generator=g) * 2
-    special = torch.arange(S)[None, :] == (src_len - 1)[:, None]              # EOS of the prompt
-    logits = logits + 2.0 * special[:, None, :]                               # make EOS a sink
+    special = torch.arange(S)[None, :] == (src_len - 1)[:, None]  # EOS of the prompt
+    logits = logits + 2.0 * special[:, None, :]  # make EOS a sink
     attn = torch.softmax(logits.masked_fill(~real[:, None, :], float("-inf")), -1)
     attn = attn * mask[:, :, None]
-    tokens = torch.randint(4, 8, (B, T), generator=g)                          # small range: repeats
+    tokens = torch.randint(4, 8, (B, T), generator=g)  # small range: repeats
     salient = (torch.rand(B, S, generator=g) < 0.5) & real & ~special
-    salient[1] = False                                                         # one prompt with none
+    salient[1] = False  # one prompt with none
     return attn, tokens, mask, salient, special, real
 
 
 def _np_terms(attn, tokens, mask, salient, n=2, tau=1.0, floor=0.0):
     """coverage, focus, repeat per candidate, by the equations, with loops (independent of reward.py)."""
-    A, tok, m, w = (x.double().numpy() if x.is_floating_point() else x.numpy()
-                    for x in (attn, tokens, mask, salient.double()))
+    A, tok, m, w = (
+        x.double().numpy() if x.is_floating_point() else x.numpy()
+        for x in (attn, tokens, mask, salient.double())
+    )
     out = {"coverage": [], "focus": [], "repeat": []}
     for b in range(A.shape[0]):
         ts = [t for t in range(A.shape[1]) if m[b, t]]
@@ -217,7 +250,7 @@ def _np_terms(attn, tokens, mask, salient, n=2, tau=1.0, floor=0.0):
         hs = [max(_np_entropy(A[b, t], tau) if A[b, t].sum() > 0 else 0.0, floor) for t in ts]
         out["focus"].append(-sum(hs) / ny if ny else 0.0)
         y = [int(tok[b, t]) for t in ts]
-        grams = [tuple(y[i:i + n]) for i in range(len(y) - n + 1)]
+        grams = [tuple(y[i : i + n]) for i in range(len(y) - n + 1)]
         out["repeat"].append((len(grams) - len(set(grams))) / len(grams) if grams else 0.0)
     return {k: np.array(v) for k, v in out.items()}
 
@@ -225,18 +258,27 @@ def _np_terms(attn, tokens, mask, salient, n=2, tau=1.0, floor=0.0):
 def test_compute_reward_paper_weights_match_independent_terms():
     attn, tokens, mask, salient, special, _ = _random_batch()
     ref = _np_terms(attn, tokens, mask, salient)
-    assert ref["repeat"].max() > 0 and ref["coverage"].max() > 0    # the batch exercises every term
-    terms = compute_reward(attn, tokens, mask, salient, RewardConfig())   # alpha 1, beta 0.5, gamma 1
+    assert ref["repeat"].max() > 0 and ref["coverage"].max() > 0  # the batch exercises every term
+    terms = compute_reward(
+        attn, tokens, mask, salient, RewardConfig()
+    )  # alpha 1, beta 0.5, gamma 1
     for k in ("coverage", "focus", "repeat"):
         assert terms[k].tolist() == approx(ref[k].tolist()), k
     expected = 1.0 * ref["coverage"] + 0.5 * ref["focus"] - 1.0 * ref["repeat"]
     assert terms["reward"].tolist() == approx(expected.tolist())
-    assert "sink_share" not in terms      # no special mask given, no sink share
+    assert "sink_share" not in terms  # no special mask given, no sink share
 
 
-@pytest.mark.parametrize("weights", [dict(alpha=0.0), dict(beta=0.0), dict(gamma=0.0),
-                                     dict(alpha=0.0, beta=0.0, gamma=0.0),
-                                     dict(alpha=2.0, beta=0.1, gamma=3.0)])
+@pytest.mark.parametrize(
+    "weights",
+    [
+        dict(alpha=0.0),
+        dict(beta=0.0),
+        dict(gamma=0.0),
+        dict(alpha=0.0, beta=0.0, gamma=0.0),
+        dict(alpha=2.0, beta=0.1, gamma=3.0),
+    ],
+)
 def test_compute_reward_ablations_remove_exactly_their_term(weights):
     attn, tokens, mask, salient, _, _ = _random_batch(seed=1)
     ref = _np_terms(attn, tokens, mask, salient)
@@ -249,15 +291,18 @@ def test_compute_reward_ablations_remove_exactly_their_term(weights):
     for k in ("coverage", "focus", "repeat"):
         assert got[k].tolist() == approx(full[k].tolist())
     # full - ablated = exactly the removed terms (paper weights 1, 0.5, 1)
-    removed = ((1.0 - cfg.alpha) * ref["coverage"] + (0.5 - cfg.beta) * ref["focus"]
-               - (1.0 - cfg.gamma) * ref["repeat"])
+    removed = (
+        (1.0 - cfg.alpha) * ref["coverage"]
+        + (0.5 - cfg.beta) * ref["focus"]
+        - (1.0 - cfg.gamma) * ref["repeat"]
+    )
     assert (full["reward"] - got["reward"]).tolist() == approx(removed.tolist())
 
 
 def test_compute_reward_options_reach_the_terms():
     attn, tokens, mask, salient, _, _ = _random_batch(seed=2)
-    tokens[0] = torch.tensor([5, 6, 7, 5, 6, 7])                             # 4 trigrams, 3 distinct: 1 repeat
-    w = salient * torch.linspace(0.5, 3.0, salient.size(1))                  # IDF-like weights
+    tokens[0] = torch.tensor([5, 6, 7, 5, 6, 7])  # 4 trigrams, 3 distinct: 1 repeat
+    w = salient * torch.linspace(0.5, 3.0, salient.size(1))  # IDF-like weights
     cfg = RewardConfig(ngram=3, repeat_count=True, attn_temperature=0.7, entropy_floor=0.4)
     ref = _np_terms(attn, tokens, mask, w, n=3, tau=0.7, floor=0.4)
     got = compute_reward(attn, tokens, mask, w, cfg)
@@ -267,7 +312,7 @@ def test_compute_reward_options_reach_the_terms():
     counts = []
     for row, m in zip(tokens.tolist(), mask.tolist()):
         y = [t for t, keep in zip(row, m) if keep]
-        grams = [tuple(y[i:i + 3]) for i in range(len(y) - 2)]
+        grams = [tuple(y[i : i + 3]) for i in range(len(y) - 2)]
         counts.append(float(len(grams) - len(set(grams))))
     assert counts[0] == 1.0 and got["repeat"].tolist() == approx(counts)
 
@@ -279,9 +324,11 @@ def test_sink_share_matches_a_loop():
         ts = [t for t in range(attn.size(1)) if mask[b, t]]
         mass = [sum(float(attn[b, t, j]) for j in range(attn.size(2)) if special[b, j]) for t in ts]
         expected.append(sum(mass) / len(ts) if ts else 0.0)
-    assert max(expected) > 0.1                          # the sink takes a visible share
-    for exclude in (False, True):                       # measured before any exclusion
-        terms = compute_reward(attn, tokens, mask, salient, RewardConfig(exclude_special=exclude), special)
+    assert max(expected) > 0.1  # the sink takes a visible share
+    for exclude in (False, True):  # measured before any exclusion
+        terms = compute_reward(
+            attn, tokens, mask, salient, RewardConfig(exclude_special=exclude), special
+        )
         assert terms["sink_share"].tolist() == approx(expected)
     assert reward.sink_share(attn, special, mask).tolist() == approx(expected)
 
@@ -289,11 +336,11 @@ def test_sink_share_matches_a_loop():
 def test_exclude_special_renormalises_and_changes_focus():
     attn, tokens, mask, salient, special, real = _random_batch(seed=4)
     dropped = reward.drop_special(attn, special)
-    keep = real & ~special                                               # non-special real tokens
+    keep = real & ~special  # non-special real tokens
     sums = dropped.sum(-1)
-    assert sums[mask].tolist() == approx([1.0] * int(mask.sum()))         # every response step
-    assert (dropped * ~keep[:, None, :]).abs().max() == 0                 # nothing on EOS / padding
-    assert (dropped[~mask] == 0).all()                                    # nothing after EOS
+    assert sums[mask].tolist() == approx([1.0] * int(mask.sum()))  # every response step
+    assert (dropped * ~keep[:, None, :]).abs().max() == 0  # nothing on EOS / padding
+    assert (dropped[~mask] == 0).all()  # nothing after EOS
     # independent renormalisation: A[t, j] / sum_{j' non-special} A[t, j'] on the kept positions
     renorm = attn * keep[:, None, :]
     renorm = renorm / renorm.sum(-1, keepdim=True).clamp(min=1e-30)
@@ -313,26 +360,37 @@ def test_exclude_special_without_special_mask_raises():
         compute_reward(attn, tokens, mask, salient, RewardConfig(exclude_special=True))
 
 
-@pytest.mark.parametrize("cfg", [RewardConfig(), RewardConfig(attn_temperature=0.5, entropy_floor=0.3),
-                                 RewardConfig(exclude_special=True, ngram=3, repeat_count=True)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        RewardConfig(),
+        RewardConfig(attn_temperature=0.5, entropy_floor=0.3),
+        RewardConfig(exclude_special=True, ngram=3, repeat_count=True),
+    ],
+)
 def test_every_term_finite_for_responses_of_length_0_and_1(cfg):
     S, T = 4, 3
     attn = torch.zeros(2, T, S)
-    attn[1, 0] = torch.tensor([0.1, 0.6, 0.0, 0.3])         # length 1: only EOS was generated
-    tokens = torch.tensor([[0, 0, 0], [2, 0, 0]])             # 2: <eos> of our tokenizer, 0: <pad>
+    attn[1, 0] = torch.tensor([0.1, 0.6, 0.0, 0.3])  # length 1: only EOS was generated
+    tokens = torch.tensor([[0, 0, 0], [2, 0, 0]])  # 2: <eos> of our tokenizer, 0: <pad>
     mask = torch.tensor([[False, False, False], [True, False, False]])
     special = torch.tensor([[False, False, False, True]] * 2)
-    for salient in (torch.tensor([[True, True, False, False]] * 2), torch.tensor([[0.0, 2.0, 1.0, 0.0]] * 2)):
+    for salient in (
+        torch.tensor([[True, True, False, False]] * 2),
+        torch.tensor([[0.0, 2.0, 1.0, 0.0]] * 2),
+    ):
         terms = compute_reward(attn, tokens, mask, salient, cfg, special)
         for k, v in terms.items():
             assert torch.isfinite(v).all(), k
         for k in ("reward", "coverage", "focus", "repeat", "sink_share"):
-            assert terms[k][0].item() == 0.0, k                  # length 0: every term exactly 0
-        assert terms["repeat"][1].item() == 0.0                  # one token: no bigram
-        assert terms["sink_share"][1].item() == approx(0.3)      # 0.3 on the special position
+            assert terms[k][0].item() == 0.0, k  # length 0: every term exactly 0
+        assert terms["repeat"][1].item() == 0.0  # one token: no bigram
+        assert terms["sink_share"][1].item() == approx(0.3)  # 0.3 on the special position
     # the plain config, length 1, bool salient {0, 1}: coverage = (0.1 + 0.6) / (1 * 2) = 0.35,
     # focus = -H([0.1, 0.6, 0, 0.3])
-    terms = compute_reward(attn, tokens, mask, torch.tensor([[True, True, False, False]] * 2), RewardConfig())
+    terms = compute_reward(
+        attn, tokens, mask, torch.tensor([[True, True, False, False]] * 2), RewardConfig()
+    )
     assert terms["coverage"][1].item() == approx(0.35)
     assert terms["focus"][1].item() == approx(-_np_entropy([0.1, 0.6, 0.0, 0.3]))
 
@@ -346,18 +404,34 @@ def test_exclude_special_step_all_on_special_tokens_gets_the_least_focus():
     special = torch.tensor([[False, False, True, False]])
     prompt_mask = torch.tensor([[True, True, True, False]])
     dropped = reward.drop_special(attn, special, prompt_mask)
-    assert dropped[0].flatten().tolist() == approx([0.5, 0.5, 0.0, 0.0, 0.25, 0.75, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert dropped[0].flatten().tolist() == approx(
+        [0.5, 0.5, 0.0, 0.0, 0.25, 0.75, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    )
     mask = torch.tensor([[True, True, False]])
-    terms = compute_reward(attn, torch.tensor([[5, 2, 0]]), mask, torch.tensor([[True, False, False, False]]),
-                           RewardConfig(exclude_special=True), special, prompt_mask)
+    terms = compute_reward(
+        attn,
+        torch.tensor([[5, 2, 0]]),
+        mask,
+        torch.tensor([[True, False, False, False]]),
+        RewardConfig(exclude_special=True),
+        special,
+        prompt_mask,
+    )
     # focus = -(log 2 + H([0.25, 0.75])) / 2; coverage = (0.5 + 0.25) / 2.
     assert terms["focus"].item() == approx(-(math.log(2) + _np_entropy([0.25, 0.75])) / 2)
     assert terms["coverage"].item() == approx(0.375)
     # Staring at the sink is now worse for focus than attending to one real token.
     sharp = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
     sink = torch.tensor([[[0.0, 0.0, 1.0, 0.0]]])
-    f = lambda a: compute_reward(a, torch.tensor([[2]]), torch.tensor([[True]]), torch.tensor([[True, False, False, False]]),
-                                 RewardConfig(exclude_special=True), special, prompt_mask)["focus"].item()
+    f = lambda a: compute_reward(
+        a,
+        torch.tensor([[2]]),
+        torch.tensor([[True]]),
+        torch.tensor([[True, False, False, False]]),
+        RewardConfig(exclude_special=True),
+        special,
+        prompt_mask,
+    )["focus"].item()
     assert f(sink) < f(sharp)
 
 
@@ -367,8 +441,12 @@ def test_exclude_special_step_all_on_special_tokens_gets_the_least_focus():
 # exclude them would pick them first.
 IDF = torch.tensor([9.0, 9.0, 9.0, 9.0, 1.0, 2.0, 3.0, 0.5, 8.0, 8.0])
 CONTENT = torch.tensor([False] * 4 + [True] * 4 + [False] * 2)
-SRC = torch.tensor([[4, 5, 8, 6, 7, 2],         # content: 4 (1.0) @0, 5 (2.0) @1, 6 (3.0) @3, 7 (0.5) @4
-                    [7, 9, 4, 2, 6, 6]])        # real: 7 (0.5) @0, 4 (1.0) @2; 6 (3.0) @4,5 is padding
+SRC = torch.tensor(
+    [
+        [4, 5, 8, 6, 7, 2],  # content: 4 (1.0) @0, 5 (2.0) @1, 6 (3.0) @3, 7 (0.5) @4
+        [7, 9, 4, 2, 6, 6],
+    ]
+)  # real: 7 (0.5) @0, 4 (1.0) @2; 6 (3.0) @4,5 is padding
 SRC_MASK = torch.tensor([[True] * 6, [True, True, True, True, False, False]])
 
 
@@ -377,8 +455,10 @@ def test_salient_idf_top_k_content_tokens():
     assert got.dtype == torch.bool
     # row 0: the two highest-IDF content tokens are 6 (3.0) @3 and 5 (2.0) @1; not 8 (punct) or EOS
     # row 1: eligible are 7 @0 and 4 @2 only; 6 @4,5 is padding, 9 punctuation, 2 EOS
-    assert got.tolist() == [[False, True, False, True, False, False],
-                            [True, False, True, False, False, False]]
+    assert got.tolist() == [
+        [False, True, False, True, False, False],
+        [True, False, True, False, False, False],
+    ]
     # weighted: the IDF values at the chosen positions, 0 elsewhere
     w = reward.salient_idf(SRC, SRC_MASK, IDF, CONTENT, top_k=2, weighted=True)
     close(w, [[0.0, 2.0, 0.0, 3.0, 0.0, 0.0], [0.5, 0.0, 1.0, 0.0, 0.0, 0.0]])
@@ -387,12 +467,16 @@ def test_salient_idf_top_k_content_tokens():
 def test_salient_idf_top_k_above_eligible_returns_the_eligible():
     # top_k = 3: row 0 takes 6 @3, 5 @1, 4 @0; row 1 has only two eligible.
     got = reward.salient_idf(SRC, SRC_MASK, IDF, CONTENT, top_k=3)
-    assert got.tolist() == [[True, True, False, True, False, False],
-                            [True, False, True, False, False, False]]
+    assert got.tolist() == [
+        [True, True, False, True, False, False],
+        [True, False, True, False, False, False],
+    ]
     # top_k beyond the prompt length: every eligible position, nothing else.
     got = reward.salient_idf(SRC, SRC_MASK, IDF, CONTENT, top_k=50)
-    assert got.tolist() == [[True, True, False, True, True, False],
-                            [True, False, True, False, False, False]]
+    assert got.tolist() == [
+        [True, True, False, True, True, False],
+        [True, False, True, False, False, False],
+    ]
 
 
 def test_salient_idf_ties_take_the_earlier_position():
@@ -448,20 +532,24 @@ def test_salient_ner_marks_names_and_numbers(tok_and_salient):
     src, src_mask = batch["src"], batch["src_mask"]
     got = sal(src, src_mask, RewardConfig(salient_method="ner"))
     assert got.dtype == torch.bool and got.shape == src.shape
-    assert got.tolist() == reward.salient_ner(src, src_mask, sal.token_strings, sal.content).tolist()
+    assert (
+        got.tolist() == reward.salient_ner(src, src_mask, sal.token_strings, sal.content).tolist()
+    )
     for b, (text, spans) in enumerate(texts):
         enc = tok.encode(text)
         n = len(enc.ids)
         assert src[b, :n].tolist() == enc.ids and src[b, n] == tok.token_to_id(data.EOS)
         # expected: the tokens whose character span overlaps a bracketed word
-        expected = [any(start < w_end and w_start < end for w_start, w_end in spans)
-                    for start, end in enc.offsets]
+        expected = [
+            any(start < w_end and w_start < end for w_start, w_end in spans)
+            for start, end in enc.offsets
+        ]
         assert got[b, :n].tolist() == expected, (text, [tok.decode([i]) for i in enc.ids])
-        assert not got[b, n:].any()                              # EOS and padding never
+        assert not got[b, n:].any()  # EOS and padding never
         # and read back: the selected tokens spell exactly the bracketed words, in order
         pieces = [tok.decode([i]) if got[b, j] else " " for j, i in enumerate(enc.ids)]
         assert "".join(pieces).split() == [text[s:e] for s, e in spans]
-        for j, i in enumerate(enc.ids):                          # punctuation is never salient
+        for j, i in enumerate(enc.ids):  # punctuation is never salient
             if not any(ch.isalnum() for ch in tok.decode([i])):
                 assert not got[b, j]
 
@@ -478,7 +566,9 @@ def test_salient_tokens_dispatch(tok_and_salient):
     w = sal(src, src_mask, RewardConfig(salient_method="idf", salient_top_k=3, idf_weighted=True))
     close(w, idf * sal.idf[src])
     ner = sal(src, src_mask, RewardConfig(salient_method="ner"))
-    assert ner.tolist() == reward.salient_ner(src, src_mask, sal.token_strings, sal.content).tolist()
+    assert (
+        ner.tolist() == reward.salient_ner(src, src_mask, sal.token_strings, sal.content).tolist()
+    )
     wn = sal(src, src_mask, RewardConfig(salient_method="ner", idf_weighted=True))
     close(wn, ner * sal.idf[src])
     with pytest.raises(ValueError, match="salient_method"):

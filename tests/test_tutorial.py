@@ -2,6 +2,7 @@
 
 It draws its plots and shows no progress bar (its first cell sets `TQDM_DISABLE=1`, which every bar
 of the modules obeys)."""
+
 import re
 from pathlib import Path
 
@@ -16,8 +17,9 @@ def test_tutorial_notebook_runs_top_to_bottom():
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(ROOT / "tutorial.ipynb", as_version=4)
     # Any exception in a cell raises CellExecutionError here, with the cell and the traceback.
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(ROOT)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     # The plots are there (heatmap, ratio histogram, curves, reward hacking).
