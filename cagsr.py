@@ -7,9 +7,9 @@
     python cagsr.py --stage eval --init runs/X/rl.pt      # python cagsr.py --help lists every flag
     python cagsr.py --init ~/snapshots/flan-t5-base       # SFT then CAGSR from a pretrained T5 snapshot
 
-The command line only: the parser and `main` (parse, resolve and check the configs in settings.py,
-then dispatch to a stage of stages.py or an experiment's runner); the method is model.py, reward.py,
-ppo.py, sft.py; plumbing runs.py.
+The command line only: the parser and `main` (parse, resolve and check the configs in cli/settings.py,
+then dispatch to a stage of cli/stages.py or an experiment's runner); the method is model.py, reward.py,
+ppo.py, sft.py; plumbing cli/runs.py.
 """
 
 from __future__ import annotations
@@ -20,19 +20,14 @@ import shlex
 import sys
 import time
 
-import baselines
 import data
 import parallel
 import ppo
-import reward_study
-import runs
-import settings
-import stages
-import table1
-from decoder import ARCHS, DECODER_SIZES
-from model import SIZES
+from cli import runs, settings, stages
+from decoder import ARCHS
+from experiments import baselines, reward_study, table1
+from presets import DECODER_SIZES, RL_PROFILES, SFT_DEFAULTS, SFT_NOISE, SIZES
 from reward import RewardConfig
-from sft import SFT_DEFAULTS
 
 # --------------------------------------------------------------------------------------------
 # Command line
@@ -198,7 +193,7 @@ def build_parser() -> Parser:
         "(qa-grounded: the distractor's answer; instruct: another instruction's response; a JSONL: "
         "each record's 'wrong' field), so RL has good and bad behaviours to choose between; "
         "evaluation and the oracle keep the clean references (default: "
-        f"{', '.join(f'{v} on {k}' for k, v in settings.SFT_NOISE.items())} when SFT starts from "
+        f"{', '.join(f'{v} on {k}' for k, v in SFT_NOISE.items())} when SFT starts from "
         "scratch, else 0)",
     )
     g.add_argument(
@@ -224,8 +219,8 @@ def build_parser() -> Parser:
         "--iterations",
         type=int,
         default=None,
-        help=f"RL iterations (default: {settings.per_size({k: v['iterations'] for k, v in ppo.RUN_PROFILE.items()})}; "
-        f"table1: {settings.per_size({k: v['iterations'] for k, v in table1.RL_PROFILE.items()})})",
+        help=f"RL iterations (default: {settings.per_size({k: v['iterations'] for k, v in RL_PROFILES['run'].items()})}; "
+        f"table1: {settings.per_size({k: v['iterations'] for k, v in RL_PROFILES['table1'].items()})})",
     )
     g.add_argument(
         "--eval-every",
@@ -254,9 +249,11 @@ def build_parser() -> Parser:
         "reference), or hybrid (attention + --hybrid-weight x a preference reward model trained "
         "with --rm-steps on --human-prompts; not self-supervised) (default: attention)",
     )
-    settings.add_config_flags(g, ppo.PPOConfig, ppo.RUN_PROFILE)
+    settings.add_config_flags(g, ppo.PPOConfig, RL_PROFILES["run"])
     settings.add_config_flags(p.add_argument_group("reward (§3.2)"), RewardConfig)
-    g = p.add_argument_group("experiments (§7.3-§7.6; table1.py, reward_study.py)")
+    g = p.add_argument_group(
+        "experiments (§7.3-§7.6; experiments/table1.py, experiments/reward_study.py)"
+    )
     g.add_argument(
         "--experiment",
         default=None,
@@ -265,7 +262,7 @@ def build_parser() -> Parser:
         "(default dataset instruct; --out sets the work directory, default runs/table1-<dataset>-<size>). "
         "rewards: the attention reward against self-certainty, negative entropy, log-probability, "
         "random and oracle controls and the hybrid, each measured against correctness "
-        "(reward_study.py; work directory runs/rewards-<dataset>-<size>)",
+        "(experiments/reward_study.py; work directory runs/rewards-<dataset>-<size>)",
     )
     g.add_argument(
         "--seeds",

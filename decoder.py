@@ -37,7 +37,6 @@ import torch.nn.functional as F
 
 from checks import AT_LEAST_1, BOOL, POSITIVE, ConfigError, check_fields, checked_overrides, one_of
 from model import (
-    SIZES,
     EncoderDecoder,
     FeedForward,
     ModelConfig,
@@ -47,6 +46,7 @@ from model import (
     config_for,
     special_mask,
 )
+from presets import DECODER_SIZES, SIZES
 from sampling import Steps, check_sampling
 
 
@@ -169,13 +169,6 @@ class DecoderConfig:
     def kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
-
-# The from-scratch decoder-only presets, sized like the encoder-decoder's of the same name (about the
-# same parameters); `--arch decoder --size NAME` is a lookup here. `python decoder.py` prints the table.
-DECODER_SIZES: dict[str, dict] = {
-    "tiny": dict(vocab_size=3000, d_model=128, n_heads=4, n_kv_heads=2, n_layers=4, d_ff=448),
-    "small": dict(vocab_size=4000, d_model=256, n_heads=4, n_kv_heads=2, n_layers=8, d_ff=896),
-}
 
 ARCHS = ("encoder-decoder", "decoder")
 """The policies: model.EncoderDecoder (the paper's §7.2 model) and DecoderOnly (§3.1's other configuration)."""

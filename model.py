@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from checks import AT_LEAST_1, BOOL, POSITIVE, ConfigError, check_fields, checked_overrides, one_of
-from sampling import Rollout, Steps, check_sampling, token_entropy, token_self_certainty  # noqa: F401 (model.Rollout, ...)
+from presets import SIZES
+from sampling import Rollout, Steps, check_sampling
 
 # --------------------------------------------------------------------------------------------
 # Configuration: one dataclass, one dict of sizes.
@@ -143,41 +144,6 @@ class ModelConfig:
     def head_dim(self) -> int:
         """Width of one attention head: d_kv, else d_model // n_heads."""
         return self.d_model // self.n_heads if self.d_kv is None else self.d_kv
-
-
-# Named presets (minGPT style). `python cagsr.py --size NAME` is a lookup here, nothing else.
-# Parameter counts are printed by `python model.py` (the README's table is its output).
-SIZES: dict[str, dict] = {
-    # CPU-sized: the main job's default; SFT in minutes on 2 cores.
-    "tiny": dict(vocab_size=3000, d_model=128, n_heads=4, n_enc_layers=2, n_dec_layers=2, d_ff=512),
-    # Still a CPU model, ~6x slower per token than tiny.
-    "small": dict(
-        vocab_size=4000, d_model=256, n_heads=4, n_enc_layers=4, n_dec_layers=4, d_ff=1024
-    ),
-    # One GPU: T5-small-like.
-    "base": dict(
-        vocab_size=8000,
-        d_model=512,
-        n_heads=8,
-        n_enc_layers=6,
-        n_dec_layers=6,
-        d_ff=2048,
-        max_src_len=256,
-        max_tgt_len=256,
-    ),
-    # The paper's scale (§7.2, "approximately 1.3 billion parameters"), T5/BART-like proportions:
-    # d_ff = 4 D, head width 64, equal encoder and decoder depth.
-    "1.3b": dict(
-        vocab_size=32000,
-        d_model=1536,
-        n_heads=24,
-        n_enc_layers=18,
-        n_dec_layers=18,
-        d_ff=6144,
-        max_src_len=512,
-        max_tgt_len=512,
-    ),
-}
 
 
 def config_for(size: str, **overrides) -> ModelConfig:

@@ -31,8 +31,9 @@ from checks import (
     check_fields,
     finite_number,
 )
-from model import token_entropy, token_logprobs
+from model import token_logprobs
 from reward import RewardConfig, SalientTokens, compute_reward
+from sampling import token_entropy
 
 
 @dataclass
@@ -168,24 +169,6 @@ PAPER = dict(
     kl_coef=0.0,
 )
 
-# The RL settings of `python cagsr.py`, per size (DECISIONS.md §4; the experiments keep theirs in
-# table1.py and reward_study.py). The GPU presets keep the paper's setting (§7.2: PPOConfig's
-# defaults); the CPU presets have their own, chosen by measurement on the headroom tasks
-# (results/README.md, "How the CPU RL settings were chosen"): at lr 1e-5 nothing moves in the few
-# dozen iterations a CPU affords. "pretrained" (--init with a T5 snapshot) keeps the paper's setting, lr
-# 1e-5 included: the paper's own case is a pretrained model. Every run prints its values next to the
-# paper's.
-CPU_PPO = dict(
-    lr=3e-5, baseline="group", whiten=True, kl_coef=0.1, epochs=4, minibatches=4, temperature=0.5
-)
-RUN_PROFILE = {
-    "tiny": dict(iterations=40, ppo=CPU_PPO),
-    "small": dict(iterations=40, ppo=CPU_PPO),
-    "base": dict(iterations=500, ppo={}),
-    "1.3b": dict(iterations=500, ppo={}),
-    "pretrained": dict(iterations=200, ppo={}),
-}
-
 
 # --------------------------------------------------------------------------------------------
 # Pure functions, one per equation.
@@ -285,7 +268,7 @@ def explained_variance(predicted, target):
 
 def mean_entropy(logits, mask, temperature=1.0):
     """Mean entropy of softmax(logits / temperature) over valid tokens (the entropy bonus):
-    (B, T, V), (B, T) -> scalar. Per token: model.token_entropy."""
+    (B, T, V), (B, T) -> scalar. Per token: sampling.token_entropy."""
     return masked_mean(token_entropy(logits.float() / temperature), mask)
 
 
@@ -378,8 +361,8 @@ def sample_and_score(
     """Sample candidates with the recorded Abar and compute the reward of §3.2.
 
     reward_fn(src, src_mask, rollout, terms) -> (B*N,), when given, replaces the attention reward as
-    terms["reward"] (the preference baselines of §7.3, the rival rewards of baselines.py); it sees
-    the whole model.Rollout (tokens, mask, log-probs, the per-token self-certainty and entropy,
+    terms["reward"] (the preference baselines of §7.3, the rival rewards of experiments/baselines.py); it sees
+    the whole sampling.Rollout (tokens, mask, log-probs, the per-token self-certainty and entropy,
     Abar) and the attention reward's terms. The attention reward is then kept as
     terms["attention_reward"], so every method's rollouts are measured on the same terms.
     sp: the tokenizer's special ids (start, EOS, pad, the sinks).

@@ -94,7 +94,7 @@ def coverage(attn, salient_mask, response_mask):
 
 def attention_entropy(attn, temperature=1.0):
     """Entropy of each step's attention distribution Abar[t] over the prompt (not of the token
-    distribution: that is model.token_entropy), with 0 log 0 = 0: (B, T, S) -> (B, T).
+    distribution: that is sampling.token_entropy), with 0 log 0 = 0: (B, T, S) -> (B, T).
 
     temperature != 1 rescales the distribution first (A^(1/tau), renormalised; §6 extension)."""
     if temperature != 1.0:

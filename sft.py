@@ -1,6 +1,6 @@
 """The SFT stage (§7.2): the paper's initial policy is the model fine-tuned with cross-entropy on the
 task. The presets train from scratch; `--init` with a T5 snapshot fine-tunes pretrained weights
-(the "pretrained" profile of SFT_DEFAULTS). AdamW (betas 0.9/0.98, weight
+(the "pretrained" profile of presets.SFT_DEFAULTS). AdamW (betas 0.9/0.98, weight
 decay 0.01), linear warm-up then cosine decay to a tenth, gradient-norm clipping at 1.
 
     L_SFT = - (1 / sum_b |y_b|) * sum_b sum_t log p_theta(y_t | x, y_<t)      (teacher forcing)
@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 import data
 import parallel
 from checks import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_fields
-from evaluation import mean_nll, response_nll
+from cli.runs import fused, progress
+from experiments.evaluation import mean_nll, response_nll
 from ppo import MAX_BAD, NonFiniteError
-from runs import fused, progress
+from presets import SFT_DEFAULTS
 
 
 @dataclass
@@ -47,20 +48,6 @@ class SFTConfig:
                 eval_every=AT_LEAST_1,
             ),
         )
-
-
-# Per-size defaults, next to the config they fill. The budget of `tiny` is a deliberate trade-off
-# (USAGE.md, "The SFT stage"): enough steps for most held-out answers to be right on a 2-core CPU,
-# leaving room for RL inside the main job's 10 minutes.
-SFT_DEFAULTS = {
-    "tiny": dict(steps=1200, batch_size=64, lr=2e-3),
-    "small": dict(steps=3000, batch_size=64, lr=1e-3),
-    "base": dict(steps=10000, batch_size=64, lr=5e-4),
-    "1.3b": dict(steps=20000, batch_size=64, lr=1e-4),
-    # --init with a snapshot: pretrained weights want a small step (the tiny preset's 2e-3 would wreck
-    # them); 1e-4 with AdamW is the usual rate for fine-tuning T5.
-    "pretrained": dict(steps=1000, batch_size=16, lr=1e-4),
-}
 
 
 def sft_config(size: str, **overrides) -> SFTConfig:

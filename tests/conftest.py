@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import data
-import runs
+from cli import runs
 from model import EncoderDecoder, ModelConfig
 
 

@@ -23,13 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import baselines
 import cagsr
 import data
 import ppo
-import runs
-import settings
-import table1
+import presets
+from cli import runs, settings
+from experiments import baselines, table1
 from model import EncoderDecoder, ModelConfig
 from reward import RewardConfig
 
@@ -183,7 +182,7 @@ def test_an_unknown_flag_gets_the_nearest_valid_one(capsys):
 
 
 def test_settings_the_paper_does_not_state_are_not_printed_as_the_papers(capsys):
-    settings.print_rl_settings(ppo.PPOConfig(**ppo.CPU_PPO), RewardConfig(), 40)
+    settings.print_rl_settings(ppo.PPOConfig(**presets.RUN_CPU_PPO), RewardConfig(), 40)
     lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()[1:]}
     for name in ("top_k", "max_grad_norm", "value_coef", "max_new_tokens", "epochs"):
         assert lines[name].startswith("  -") and lines[name].endswith("| not stated"), lines[name]

@@ -1,4 +1,4 @@
-"""baselines.py: corruptions, simulated annotators, the Bradley-Terry loss, the reward models (§7.3).
+"""experiments/baselines.py: corruptions, simulated annotators, the Bradley-Terry loss, the reward models (§7.3).
 
 The Bradley-Terry loss and its gradient on hand-worked pairs, the simulated annotators' label-noise
 rate on 20,000 constructed pairs (within 5 standard errors of 10%), the corruptions, `PairScorer`
@@ -10,10 +10,11 @@ import random
 import pytest
 import torch
 
-import baselines
-from baselines import bradley_terry_loss, corrupt, simulated_preferences
-from evaluation import PairScorer
-from model import EncoderDecoder, Rollout, config_for
+from experiments import baselines
+from experiments.baselines import bradley_terry_loss, corrupt, simulated_preferences
+from experiments.evaluation import PairScorer
+from model import EncoderDecoder, config_for
+from sampling import Rollout
 
 WORDS = "Varo Kelin lives in Tamsa on the river".split()
 

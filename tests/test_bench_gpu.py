@@ -1,20 +1,20 @@
-"""bench_gpu.py, the GPU check: its FLOP counts against the matrix products torch counts
+"""bench/gpu.py, the GPU check: its FLOP counts against the matrix products torch counts
 (`FlopCounterMode`) in a real SFT step, encoder pass and KV-cached rollout, and the whole check at
-its tiny CPU shape (`python bench_gpu.py --tiny`), so the GPU path runs in CI without a GPU."""
+its tiny CPU shape (`python -m bench.gpu --tiny`), so the GPU path runs in CI without a GPU."""
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench_gpu
 import data
+from bench import gpu
+from interop.snapshot import config_from_hf
 from model import EncoderDecoder, config_for
 from sft import sft_loss
-from snapshot import config_from_hf
 
 CONFIGS = {
     "flan-T5 layout (gated-gelu, untied head, relative positions)": lambda: config_from_hf(
-        bench_gpu.SHAPES["tiny"]["large"], last_layers=1
+        gpu.SHAPES["tiny"]["large"], last_layers=1
     ),
     "the tiny preset (gelu, tied head, learned positions)": lambda: config_for(
         "tiny", last_layers=2
@@ -40,10 +40,10 @@ def test_linear_flops_are_the_products_of_a_training_step(name):
     torch.manual_seed(0)
     cfg = CONFIGS[name]()
     model = EncoderDecoder(cfg)
-    sp = bench_gpu.OUR_SPECIALS
+    sp = gpu.OUR_SPECIALS
     B, S, T = 3, 7, 5
-    batch = data.collate(bench_gpu.random_pairs(B, S, T, cfg.vocab_size, sp), sp)
-    assert linear_products(lambda: sft_loss(model, batch).backward()) == 3 * bench_gpu.linear_flops(
+    batch = data.collate(gpu.random_pairs(B, S, T, cfg.vocab_size, sp), sp)
+    assert linear_products(lambda: sft_loss(model, batch).backward()) == 3 * gpu.linear_flops(
         cfg, B * S, B * T
     )
 
@@ -55,7 +55,7 @@ def test_linear_flops_are_the_products_of_a_cached_rollout_and_of_the_encoder(na
     torch.manual_seed(0)
     cfg = CONFIGS[name]()
     model = EncoderDecoder(cfg).eval()
-    sp = bench_gpu.OUR_SPECIALS
+    sp = gpu.OUR_SPECIALS
     B, S, N = 2, 6, 3
     src = torch.randint(4, cfg.vocab_size, (B, S))
     mask = torch.ones(B, S, dtype=torch.bool)
@@ -74,17 +74,15 @@ def test_linear_flops_are_the_products_of_a_cached_rollout_and_of_the_encoder(na
         )
     )
     T = out["r"].tokens.size(1)
-    assert counted == bench_gpu.linear_flops(cfg, B * S, B * N * T)
+    assert counted == gpu.linear_flops(cfg, B * S, B * N * T)
     with torch.no_grad():
-        assert linear_products(lambda: model.encode(src, mask)) == bench_gpu.encoder_flops(
-            cfg, B * S
-        )
+        assert linear_products(lambda: model.encode(src, mask)) == gpu.encoder_flops(cfg, B * S)
 
 
 @pytest.mark.slow
 def test_the_gpu_check_runs_at_its_tiny_cpu_shape(capsys):
     pytest.importorskip("transformers")
-    assert bench_gpu.main(["--tiny"]) == 0
+    assert gpu.main(["--tiny"]) == 0
     out = capsys.readouterr().out
     for part in (
         "\n1. same weights",
@@ -94,7 +92,7 @@ def test_the_gpu_check_runs_at_its_tiny_cpu_shape(capsys):
         "\n5. Qwen2.5-0.5B's shape, decoder-only",
     ):
         assert part in out, part
-    # fp32 against HF on the same weights: the check of `python bench.py --same-weights`, passing.
+    # fp32 against HF on the same weights: the check of `python -m bench.cpu --same-weights`, passing.
     fp32 = next(line for line in out.splitlines() if line.strip().startswith("fp32: greedy"))
     assert "tokens equal: True" in fp32 and float(fp32.rsplit(" ", 1)[-1]) <= 1e-4
     assert out.count("CAGSR iteration") == 3 and "rollout with Abar recorded" in out

@@ -24,9 +24,8 @@ import torch
 
 import cagsr
 import data
-import runs
 import sft
-import stages
+from cli import runs, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 SP = data.Specials(
@@ -293,8 +292,8 @@ def test_cli_cagsr_run_writes_its_run_directory_and_its_checkpoint_serves_sample
 
 # ---------------------------------------------------------------------------- scale: the plan
 def test_memory_plan_counts_bytes_per_parameter_and_activations_by_hand():
+    from interop.snapshot import memory_plan
     from model import ModelConfig, count_params
-    from snapshot import memory_plan
 
     cfg = ModelConfig(vocab_size=100, d_model=8, n_heads=2, n_enc_layers=1, n_dec_layers=2, d_ff=16)
     P = count_params(cfg)

@@ -17,7 +17,7 @@ from test_snapshot import cli
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import data
-import runs
+from cli import runs
 
 transformers = pytest.importorskip("transformers")
 

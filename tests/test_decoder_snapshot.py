@@ -24,7 +24,13 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402  (transformers brings safetensors)
 
 from data import Specials  # noqa: E402
-from snapshot import config_from_hf, decoder_hf_config, decoder_names, from_pretrained, memory_plan  # noqa: E402
+from interop.snapshot import (  # noqa: E402
+    config_from_hf,
+    decoder_hf_config,
+    decoder_names,
+    from_pretrained,
+    memory_plan,
+)
 
 PAD, BOS, EOS = 0, 1, 2
 V, D, LAYERS = 61, 32, 2

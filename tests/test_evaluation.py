@@ -1,4 +1,4 @@
-"""Tests for evaluation.py: ROUGE-L and exact match (§7.4), on hand-worked pairs.
+"""Tests for experiments/evaluation.py: ROUGE-L and exact match (§7.4), on hand-worked pairs.
 
 Also perplexity against a one-pair-at-a-time log-softmax by hand; and the relevance classifier,
 trained on the `instruct` validation split, ranks a test prompt's own reference above another
@@ -6,8 +6,8 @@ prompt's for over 75% of the test split (it reached 82%)."""
 
 import pytest
 
-import evaluation
-from evaluation import exact_match, rouge_l
+from experiments import evaluation
+from experiments.evaluation import exact_match, rouge_l
 
 
 # ---------------------------------------------------------------------------- ROUGE-L

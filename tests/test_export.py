@@ -1,4 +1,4 @@
-"""export.py: a policy written back as a Hugging Face directory, checked against transformers (a test-only
+"""interop/export.py: a policy written back as a Hugging Face directory, checked against transformers (a test-only
 dependency) as the independent reference.
 
 Every snapshot is a tiny random T5 that transformers builds and saves here, in three head layouts: T5 v1.0
@@ -21,10 +21,10 @@ from conftest import digest  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402  (transformers brings safetensors)
 
 import data  # noqa: E402
-import runs  # noqa: E402
-from export import export, export_checkpoint  # noqa: E402
+from cli import runs  # noqa: E402
+from interop.export import export, export_checkpoint  # noqa: E402
+from interop.snapshot import from_pretrained  # noqa: E402
 from model import EncoderDecoder, ModelConfig, config_for  # noqa: E402
-from snapshot import from_pretrained  # noqa: E402
 
 TEXTS = [
     "Where does Stimdol Mellu live?",

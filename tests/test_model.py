@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from checks import ConfigError
+from interop.snapshot import memory_plan
 from model import (
-    SIZES,
     EncoderDecoder,
     ModelConfig,
     abar,
@@ -28,8 +28,8 @@ from model import (
     rms_norm,
     token_logprobs,
 )
+from presets import SIZES
 from sampling import CDF_DRAW_FROM, draw, filter_logits, sample_next
-from snapshot import memory_plan
 
 BOS, EOS, PAD = 1, 2, 0  # the ids of our tokenizer (data.train_tokenizer)
 IDS = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD)  # EncoderDecoder.sample's keywords for them

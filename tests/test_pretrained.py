@@ -22,8 +22,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402  (transformers brings safetensors)
 
+from interop.snapshot import T5_UNUSED, config_from_hf, from_pretrained, memory_plan  # noqa: E402
 from model import count_params, relative_position_bucket  # noqa: E402
-from snapshot import T5_UNUSED, config_from_hf, from_pretrained, memory_plan  # noqa: E402
 
 PAD, EOS = 0, 1  # T5: PAD is also the decoder's start token
 V = 64

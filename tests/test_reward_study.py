@@ -1,5 +1,5 @@
-"""The rival internal rewards (baselines.py), the statistics (stats.py) and the reward comparison
-(reward_study.py): each reward against an independent computation, the bootstrap and Spearman on
+"""The rival internal rewards (experiments/baselines.py), the statistics (experiments/stats.py) and the reward comparison
+(experiments/reward_study.py): each reward against an independent computation, the bootstrap and Spearman on
 hand-worked cases, and a smoke run of `--experiment rewards`.
 
 - `self_certainty` against KL(U ‖ p) summed in numpy from the probabilities, `neg_entropy` against
@@ -25,17 +25,15 @@ import numpy as np
 import pytest
 import torch
 
-import baselines
 import cagsr
 import data
-import evaluation
 import ppo
-import reward_study
-import runs
-import stats
-from evaluation import PairScorer
-from model import EncoderDecoder, Rollout, config_for
+from cli import runs
+from experiments import baselines, evaluation, reward_study, stats
+from experiments.evaluation import PairScorer
+from model import EncoderDecoder, config_for
 from reward import RewardConfig, SalientTokens
+from sampling import Rollout
 
 SP = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))  # the toy vocabulary's ids
 

@@ -174,7 +174,7 @@ def test_ctrl_c_writes_a_checkpoint_exits_cleanly_and_resumes_exactly(tmp_path, 
 WRITER = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from runs import atomic_save
+from cli.runs import atomic_save
 from pathlib import Path
 path = Path({path!r})
 i = 0

@@ -229,7 +229,7 @@ def test_the_pipeline_runs_from_a_snapshot(snapshot, tmp_path):
     assert r.returncode == 0, r.stderr
     from transformers import T5ForConditionalGeneration
 
-    import runs
+    from cli import runs
 
     ours, tok, _ = runs.load_checkpoint(out / "rl.pt")
     theirs = T5ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
@@ -262,8 +262,8 @@ def test_dry_run_plans_a_snapshot_from_its_config_alone(snapshot, tmp_path):
     )  # no weights, no tokenizer
     r = cli("--dry-run", "--init", only_config)
     assert r.returncode == 0, r.stderr
+    from interop.snapshot import config_from_hf
     from model import count_params
-    from snapshot import config_from_hf
 
     n = count_params(config_from_hf(json.loads((snapshot / "config.json").read_text())))
     assert f"plan for --init {only_config} (from its config.json): {n:,} parameters" in r.stdout
@@ -288,7 +288,7 @@ def test_snapshot_errors_are_refused_before_any_work(snapshot, tmp_path):
     large = tmp_path / "large"  # flan-T5-large's shape: refused on a CPU
     large.mkdir()
     (large / "config.json").write_text(
-        (ROOT / "configs" / "flan-t5-large" / "config.json").read_text()
+        (ROOT / "interop" / "configs" / "flan-t5-large" / "config.json").read_text()
     )
     (large / "tokenizer.json").write_text((snapshot / "tokenizer.json").read_text())
     r = cli("--init", large, "--sft-steps", 1)
@@ -307,10 +307,10 @@ def test_snapshot_errors_are_refused_before_any_work(snapshot, tmp_path):
     [("flan-t5-base", 247_577_856), ("flan-t5-large", 783_150_080), ("flan-t5-xl", 2_849_757_184)],
 )
 def test_the_readme_plans_of_flan_t5_shapes(shape, published):
-    """configs/<shape>/config.json holds the published config values; the dry-run's count is
+    """interop/configs/<shape>/config.json holds the published config values; the dry-run's count is
     transformers' count of that architecture (built on the meta device) plus our value head."""
     transformers = pytest.importorskip("transformers")
-    path = ROOT / "configs" / shape
+    path = ROOT / "interop" / "configs" / shape
     hf_config = json.loads((path / "config.json").read_text())
     with torch.device("meta"):
         hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**hf_config))

@@ -1,4 +1,4 @@
-"""table1.py: the Table 1 runner (§7.3-§7.6): aggregation, settings guard, and a smoke run.
+"""experiments/table1.py: the Table 1 runner (§7.3-§7.6): aggregation, settings guard, and a smoke run.
 
 The sample standard deviation, the rows of the paper and the ablations, and a smoke run of
 `--experiment table1` (tiny, 1 seed, 1 iteration) that writes every row, resumes without
@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import cagsr
-import runs
-import stats
-import table1
+from cli import runs
+from experiments import stats, table1
 
 
 def test_mean_std_is_the_sample_standard_deviation():

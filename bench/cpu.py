@@ -1,10 +1,10 @@
 """Speed of the project's model next to Hugging Face T5, on fixed workloads (USAGE.md, "Performance").
 
-    python bench.py                  # every benchmark, CPU, 2 threads; `transformers` optional
-    python bench.py --repeats 2      # fewer interleaved rounds
-    python bench.py --profile        # where one rollout's time goes, by operator
-    python bench.py --same-weights   # only the same-weights comparison (below; minutes)
-    python bench.py --profile --same-weights   # where its rollouts' time goes, by operator
+    python -m bench.cpu                  # every benchmark, CPU, 2 threads; `transformers` optional
+    python -m bench.cpu --repeats 2      # fewer interleaved rounds
+    python -m bench.cpu --profile        # where one rollout's time goes, by operator
+    python -m bench.cpu --same-weights   # only the same-weights comparison (below; minutes)
+    python -m bench.cpu --profile --same-weights   # where its rollouts' time goes, by operator
 
 The workload (both systems): d_model 256, 4 + 4 layers, 4 heads, d_ff 1024, vocabulary 8,000, random
 weights; rollouts of 16 prompts x 32 tokens, N = 4 samples each, 48 new tokens, sampled as RL samples
@@ -19,7 +19,7 @@ cancels out. HF T5 is built with attn_implementation="eager"
 return_dict_in_generate=True), which returns every layer's and head's map at every step.
 `transformers` is a benchmark-only dependency: without it, the peer's rows are skipped with a message.
 
-Same weights (the last part of `python bench.py`, or alone with --same-weights): one random snapshot
+Same weights (the last part of `python -m bench.cpu`, or alone with --same-weights): one random snapshot
 shaped like T5-base (d_model 768, 12 + 12 layers, 12 heads, d_kv 64, d_ff 3072, vocabulary 32,128)
 in the T5 v1.0 layout (relu FFN, tied head scaled by d_model^-0.5: T5-base's own), built by
 transformers with a fixed seed and written by save_pretrained into a temporary directory that
@@ -32,7 +32,7 @@ RL temperature, 1.0), maps recorded, decoder started from pad 0, EOS 1. Sampled 
 (different samplers and random streams, see `samplers`). One rollout takes ~20 s (ours) to ~30 s
 (HF) on 2 idle cores, minutes when other processes compete for them, so each system gets
 --sw-rounds fresh processes (default 3) of one warm-up and --sw-calls timed calls (default 1):
-about 6 minutes in all. tests/test_bench.py runs the same functions on SAME["tiny"]; bench_gpu.py
+about 6 minutes in all. tests/test_bench.py runs the same functions on SAME["tiny"]; bench/gpu.py
 runs them on CUDA.
 """
 
@@ -111,11 +111,12 @@ def build(system: str):
 
 
 def rl_temperature(profile: str) -> float:
-    """The temperature RL samples at on `profile` (ppo.RUN_PROFILE): the bench samples as RL samples,
+    """The temperature RL samples at on `profile` (presets.RL_PROFILES): the bench samples as RL samples,
     from the full softmax at that temperature, on both sides."""
-    from ppo import RUN_PROFILE, PPOConfig
+    from ppo import PPOConfig
+    from presets import RL_PROFILES
 
-    return PPOConfig(**RUN_PROFILE[profile]["ppo"]).temperature
+    return PPOConfig(**RL_PROFILES["run"][profile]["ppo"]).temperature
 
 
 def hf_sampling(greedy: bool, temperature: float) -> dict:
@@ -403,7 +404,7 @@ def load_snapshot(system: str, path, shape="base", device="cpu"):
     import torch
 
     if system == "ours":
-        from snapshot import from_pretrained
+        from interop.snapshot import from_pretrained
 
         return from_pretrained(path, last_layers=SAME[shape]["last_layers"]).to(device).eval()
     from transformers import T5ForConditionalGeneration
@@ -437,7 +438,7 @@ def t5_rollout(system: str, model, src, mask, n: int, new: int, greedy=False, pr
     precision: "fp32" or "bf16" (autocast, runs.autocast); None = the device's default."""
     import torch
 
-    from runs import autocast
+    from cli.runs import autocast
 
     temperature = rl_temperature("pretrained")
     with torch.no_grad(), autocast(src.device, precision):

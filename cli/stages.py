@@ -14,15 +14,13 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-import baselines
 import data
-import evaluation
 import parallel
 import ppo
-import runs
-import settings
+from cli import runs, settings
 from decoder import build_policy, policy_config
-from evaluation import (
+from experiments import baselines, evaluation
+from experiments.evaluation import (
     REPORT_KEYS,
     candidates,
     evaluate_policy,
@@ -549,9 +547,9 @@ def sample_stage(run, device) -> int:
 
 def export_stage(run) -> int:
     """--stage export: the --init checkpoint (or snapshot) as a Hugging Face directory --out that
-    transformers loads (export.py): T5-family, Llama and Qwen2 layouts; a from-scratch
+    transformers loads (interop/export.py): T5-family, Llama and Qwen2 layouts; a from-scratch
     encoder-decoder is refused with the reason."""
-    import export  # safetensors' writer only when exporting
+    from interop import export  # safetensors' writer only when exporting
 
     model, tok, _ = runs.load_init(run.init, "cpu", "--init", run.model_overrides)
     try:

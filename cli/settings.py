@@ -3,9 +3,7 @@ an --init checkpoint become the configs every stage receives (ModelConfig overri
 PPOConfig, RewardConfig), and where those settings are checked.
 
 `resolve(args, command)` reads the argparse namespace (never changing it) and returns a `Run`;
-the stages see only the `Run`. The per-size defaults live next to what they configure: sft.SFT_DEFAULTS
-and ppo.RUN_PROFILE for `python cagsr.py`; each experiment's RL_PROFILE and SFT_STEPS in its runner
-(table1.py, reward_study.py).
+the stages see only the `Run`. The presets and per-size profiles it reads are in presets.py.
 """
 
 from __future__ import annotations
@@ -23,32 +21,25 @@ import torch
 import parallel
 import ppo
 import reward
-import reward_study
-import runs
-import table1
 from checks import AT_LEAST_1, NON_NEGATIVE, SHARE, ConfigError, check_values
+from cli import runs
+from cli.runs import UsageError
 from data import DATASETS, dataset_name
-from decoder import DECODER_SIZES, DecoderConfig, count_policy_params, policy_config
-from experiments import ExperimentConfig, label
-from model import SIZES, ModelConfig
-from reward import RewardConfig
-from runs import UsageError
-from sft import SFTConfig, sft_config
-from snapshot import memory_plan
-
-# The RL profile and SFT steps of each kind of run: `python cagsr.py`, and each experiment's runner.
-RL_PROFILES = {
-    "run": ppo.RUN_PROFILE,
-    "table1": table1.RL_PROFILE,
-    "rewards": reward_study.RL_PROFILE,
-}
-EXPERIMENT_SFT_STEPS = {"table1": table1.SFT_STEPS, "rewards": reward_study.SFT_STEPS}
-
-# Presets meant for a GPU: on a CPU they would run for days, so they start there only on request.
-GPU_SIZES = ("base", "1.3b")
-GPU_SNAPSHOT_PARAMS = (
-    500_000_000  # flan-T5-large (783M) and up: a snapshot that large trains on a GPU
+from decoder import DecoderConfig, count_policy_params, policy_config
+from experiments.common import ExperimentConfig, label
+from interop.snapshot import memory_plan
+from model import ModelConfig
+from presets import (
+    DECODER_SIZES,
+    EXPERIMENT_SFT_STEPS,
+    GPU_SIZES,
+    GPU_SNAPSHOT_PARAMS,
+    RL_PROFILES,
+    SFT_NOISE,
+    SIZES,
 )
+from reward import RewardConfig
+from sft import SFTConfig, sft_config
 
 
 @dataclass
@@ -143,7 +134,7 @@ def per_size(values: dict) -> str:
 def add_config_flags(group, cls, profile: dict | None = None):
     """One flag per field of the dataclass `cls` (--clip-eps for clip_eps), default None = "the run's
     default", so a run can print which values the user set. The help gives the default of every
-    preset: the field's own, or the per-size `profile`'s (ppo.RUN_PROFILE)."""
+    preset: the field's own, or the per-size `profile`'s (presets.RL_PROFILES)."""
     docs = field_docs(cls)
     kinds = {
         "int": int,
@@ -361,12 +352,6 @@ def _check_results(args, dataset: str) -> None:
         )
 
 
-SFT_NOISE = {"qa-grounded": 0.3, "instruct": 0.3}
-"""--sft-noise when not given, for a run that trains its SFT model: the bundled tasks with a plausible wrong
-answer get 30% of their SFT responses made wrong (headroom by construction, DECISIONS.md §5; chosen by
-measurement, results/README.md "How the CPU RL settings were chosen"); every other dataset, and a run from --init, none."""
-
-
 def sft_noise(args, dataset: str, experiment: bool) -> float:
     """--sft-noise, else SFT_NOISE's default for a run or experiment that trains SFT from scratch."""
     if args.sft_noise is not None:
@@ -509,11 +494,11 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
     """The `Run` of these flags, every setting checked. Size and dataset come from the flags, else from
     the --init checkpoint, else the defaults (tiny; qa, or instruct for --experiment table1)."""
     arch = _arch(args, resume_from)
-    presets = DECODER_SIZES if arch == "decoder" else SIZES
-    if args.size is not None and args.size not in presets:
+    sizes = DECODER_SIZES if arch == "decoder" else SIZES
+    if args.size is not None and args.size not in sizes:
         raise UsageError(
             f"--size {args.size!r} is not a{' decoder-only' if arch == 'decoder' else ''} preset; valid "
-            f"sizes: {', '.join(presets)}"
+            f"sizes: {', '.join(sizes)}"
         )
     experiment = _experiment(args) if args.experiment is not None else None
     if experiment is None and not args.dry_run:

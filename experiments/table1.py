@@ -19,17 +19,15 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import baselines
 import data
-import evaluation
 import ppo
-import runs
+from cli import runs
 from decoder import policy_config
-from experiments import (
+from experiments import baselines, evaluation
+from experiments.common import (
     ExperimentConfig,
     arch_setting,
     device_line,
-    rl_profile,
     save_figure,
     seed_sft,
     seeds_in_workers,
@@ -37,14 +35,8 @@ from experiments import (
     work_dir,
     write_json,
 )
+from experiments.stats import mean_std
 from reward import RewardConfig
-from stats import mean_std
-
-# The table's settings (settings.resolve reads them for --experiment table1). RL: on the CPU presets,
-# experiments.CPU_PPO for 20 iterations of 8 RL rows x 3 seeds; on the GPU presets, the paper's
-# setting (PPOConfig's defaults). SFT: 600 steps on instruct (the size's default elsewhere).
-RL_PROFILE = rl_profile(cpu_iterations=20)
-SFT_STEPS = {"instruct": 600}
 
 # Table 1 of the paper (Instruction test set): relevance, ROUGE-L, human score (1-5).
 PAPER_TABLE1 = {
@@ -521,7 +513,7 @@ def run_table1(run, device) -> int:
     sh = shared_setup(run, work, settings, device)
     name, tok, splits = sh.name, sh.tok, sh.splits
     seeds = list(range(run.seed, run.seed + experiment.seeds))
-    seeds_in_workers(run, "table1", work, seeds, device)
+    seeds_in_workers(run, __name__, work, seeds, device)
     per_seed = {
         s: run_seed(
             s,

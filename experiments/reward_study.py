@@ -5,9 +5,9 @@ field uses since the paper, with a positive and a random control, each measured 
     python cagsr.py --experiment rewards --dataset qa --seeds 3
     python cagsr.py --experiment rewards --dataset instruct --seeds 3
 
-Per seed: one SFT policy, trained for fewer steps than Table 1's (SFT_STEPS below) so that
+Per seed: one SFT policy, trained for fewer steps than Table 1's (presets.EXPERIMENT_SFT_STEPS) so that
 there is room to improve; one Bradley-Terry reward model on simulated limited human preferences
-(the hybrid row's); then one PPO run per reward (baselines.py), all from that SFT policy, with the
+(the hybrid row's); then one PPO run per reward (experiments/baselines.py), all from that SFT policy, with the
 same prompts in the same order. Every `eval_every` iterations the fixed evaluation set (validation
 prompts, N candidates each, a fixed sampling seed) is scored by every reward and by correctness
 (exact-match on the QA tasks, reference match on instruct; ROUGE-L on both): the Spearman correlations within and
@@ -29,17 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import baselines
 import data
-import evaluation
 import ppo
-import runs
-import stats
-from evaluation import PairScorer
-from experiments import (
+from cli import runs
+from experiments import baselines, evaluation, stats
+from experiments.common import (
     arch_setting,
     device_line,
-    rl_profile,
     save_figure,
     seed_sft,
     seeds_in_workers,
@@ -47,14 +43,8 @@ from experiments import (
     work_dir,
     write_json,
 )
+from experiments.evaluation import PairScorer
 from reward import RewardConfig
-
-# The study's settings (settings.resolve reads them for --experiment rewards). RL: experiments.CPU_PPO
-# on the CPU presets for 20 iterations, so that the fixed set is scored at iterations 0, 10 and 20 of
-# 7 RL rows x 3 seeds; the paper's setting on the GPU presets. SFT: fewer steps than Table 1's, so
-# that the policy has room to improve (the size's default on a JSONL).
-RL_PROFILE = rl_profile(cpu_iterations=20)
-SFT_STEPS = {"qa": 600, "qa-grounded": 300, "instruct": 200}
 
 
 @dataclass(frozen=True)
@@ -655,7 +645,7 @@ def run_rewards(run, device) -> int:
     work = work_dir(run, "rewards")
     sh = shared_setup(run, work, settings, device)
     seeds = list(range(run.seed, run.seed + experiment.seeds))
-    seeds_in_workers(run, "reward_study", work, seeds, device)
+    seeds_in_workers(run, __name__, work, seeds, device)
     per_seed = {s: run_seed(s, work, settings, sh, device) for s in seeds}
     compute = sh.clf_stats["seconds"] + sum(
         ps["sft_seconds"] + ps["rm"]["seconds"] + sum(r["seconds"] for r in ps["rows"].values())

@@ -26,7 +26,7 @@ import data
 import parallel
 from checks import ConfigError
 from decoder import build_policy, config_from_dict
-from snapshot import config_from_hf, from_pretrained, load_hf_config
+from interop.snapshot import config_from_hf, from_pretrained, load_hf_config
 
 
 class UsageError(SystemExit):
@@ -260,7 +260,7 @@ def load_checkpoint(path, device="cpu", flag: str = ""):
 
 PRETRAINED = "pretrained"
 """The `size` of a run from a snapshot: its model comes from config.json, its defaults from the
-"pretrained" profile (sft.SFT_DEFAULTS, ppo.RUN_PROFILE)."""
+"pretrained" profile (presets.SFT_DEFAULTS, presets.RL_PROFILES)."""
 
 
 def is_snapshot(path) -> bool:

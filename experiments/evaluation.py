@@ -20,7 +20,7 @@ from torch import nn
 
 import data
 import ppo
-import runs
+from cli import runs
 from model import EncoderDecoder, EncoderLayer, ModelConfig, mean_pool
 
 _WORD = re.compile(r"[a-z0-9]+")

@@ -1,4 +1,4 @@
-"""What both experiment runners share (table1.py, the paper's Table 1; reward_study.py, which
+"""What both experiment runners share (experiments/table1.py, the paper's Table 1; experiments/reward_study.py, which
 internal reward): ExperimentConfig, the work directory bound to its settings, the splits, tokenizer
 and relevance classifier made once per dataset, each seed's SFT policy, the seeds computed in worker
 processes (--workers), and writing tables and figures. Neither runner imports the other.
@@ -20,34 +20,13 @@ from pathlib import Path
 import torch
 
 import data
-import evaluation
-import ppo
-import runs
+from cli import runs
 from decoder import build_policy, policy_config
-from evaluation import PairScorer
+from experiments import evaluation
+from experiments.evaluation import PairScorer
 from model import config_for
 from reward import SalientTokens
 from sft import SFTConfig, train_sft
-
-# The CPU presets' RL settings of both experiments: the plain run's (ppo.CPU_PPO, chosen by measurement
-# on the headroom tasks: results/README.md, "How the CPU RL settings were chosen") without its KL
-# penalty, since the paper has none (Table 1's KL row adds it back).
-CPU_PPO = {k: v for k, v in ppo.CPU_PPO.items() if k != "kl_coef"}
-
-
-def rl_profile(cpu_iterations: int) -> dict:
-    """An experiment's per-size RL settings (its runner's RL_PROFILE, read by settings.resolve):
-    CPU_PPO for `cpu_iterations` on the CPU presets; the paper's setting (PPOConfig's defaults) on the
-    GPU presets and from a pretrained snapshot."""
-    cpu = dict(iterations=cpu_iterations, ppo=CPU_PPO)
-    return {
-        "tiny": cpu,
-        "small": cpu,
-        "base": dict(iterations=200, ppo={}),
-        "1.3b": dict(iterations=500, ppo={}),
-        "pretrained": dict(iterations=200, ppo={}),
-    }
-
 
 # --------------------------------------------------------------------------------------------
 # Settings: the experiment's config, and its work directory bound to the rows' settings

@@ -1,4 +1,4 @@
-"""The baselines CAGSR is compared with (§7.3) and the rival internal rewards (reward_study.py): every
+"""The baselines CAGSR is compared with (§7.3) and the rival internal rewards (experiments/reward_study.py): every
 reward here is *not* the model's attention.
 
 - Synthetic Preference RL: a reward model trained on automatically generated good/bad labels
@@ -24,9 +24,9 @@ before top-k/top-p: the distribution the log-probs use) and the recorded Abar.
 - hybrid (§6, §9): the attention reward plus a weight times a reward model fitted on limited
   (simulated) human preference labels; not self-supervised.
 
-The sampler records the per-token self-certainty and entropy (model.Rollout), so a reward never
+The sampler records the per-token self-certainty and entropy (sampling.Rollout), so a reward never
 needs the (B*N, T, V) logits; `self_certainty` and `neg_entropy` below, on logits, call the same
-per-token functions (model.token_self_certainty, model.token_entropy).
+per-token functions (sampling.token_self_certainty, sampling.token_entropy).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from evaluation import (
+from experiments.evaluation import (
     PairScorer,
     exact_match,
     fit_pair_scorer,
@@ -47,7 +47,8 @@ from evaluation import (
     prompt_batch,
     rouge_l,
 )
-from model import token_entropy, token_logprobs, token_self_certainty
+from model import token_logprobs
+from sampling import token_entropy, token_self_certainty
 
 CORRUPTIONS = ("shuffle", "truncate", "repeat", "off_topic")
 

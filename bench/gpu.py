@@ -1,12 +1,12 @@
 """The GPU check: what a GPU run of cagsr costs, measured in one process (README, "Performance").
 
-    python bench_gpu.py            # one CUDA GPU; under 8 minutes on one H100 or H200
-    python bench_gpu.py --tiny     # the same code at tiny shapes on the CPU (tests/test_bench_gpu.py)
+    python -m bench.gpu            # one CUDA GPU; under 8 minutes on one H100 or H200
+    python -m bench.gpu --tiny     # the same code at tiny shapes on the CPU (tests/test_bench_gpu.py)
 
 It prints five parts, in order:
-  1. same weights: bench.py's random T5-base-shaped snapshot loaded by ours and by HF T5, in fp32 and
-     in bf16: greedy tokens equal and Abar within 1e-4 (bench.same_weights_check), then one sampled
-     rollout each (RL's sampler, bench.t5_rollout): seconds, tokens/s, peak memory;
+  1. same weights: bench/cpu.py's random T5-base-shaped snapshot loaded by ours and by HF T5, in fp32 and
+     in bf16: greedy tokens equal and Abar within 1e-4 (cpu.same_weights_check), then one sampled
+     rollout each (RL's sampler, cpu.t5_rollout): seconds, tokens/s, peak memory;
   2. a random model shaped like flan-T5-large (its config.json fields, through snapshot.config_from_hf),
      bf16: one SFT step and one CAGSR iteration (ppo.collect: sample, reward, reference pass; then
      ppo.update): seconds, tokens/s, MFU, peak memory;
@@ -35,16 +35,17 @@ import time
 
 import torch
 
-import bench
 import data
 import parallel
 import ppo
-import runs
+from bench import cpu
+from cli import runs
 from decoder import DecoderConfig, DecoderOnly
+from interop.snapshot import config_from_hf
 from model import EncoderDecoder, ModelConfig, config_for
+from presets import RL_PROFILES
 from reward import RewardConfig, SalientTokens
 from sft import sft_loss
-from snapshot import config_from_hf
 
 # flan-T5-large's config.json, the fields that shape it (google/flan-t5-large).
 FLAN_T5_LARGE = dict(
@@ -74,7 +75,7 @@ QWEN25_05B = dict(
     max_position_embeddings=32768,
     hidden_act="silu",
 )
-SHAPES = {  # same: bench.SAME key; large: part 2's config.json; preset: part 3's; decoder: part 5's;
+SHAPES = {  # same: cpu.SAME key; large: part 2's config.json; preset: part 3's; decoder: part 5's;
     # sft: (B, S, T); rl: P prompts x S, N, new
     "gpu": dict(
         same="base",
@@ -133,15 +134,15 @@ def run_measured(fn, device):
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        bench.peak_reset()
-        base = bench.rss_kib() * 1024
+        cpu.peak_reset()
+        base = cpu.rss_kib() * 1024
     t0 = time.perf_counter()
     out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = bench.rss_kib("VmHWM") * 1024
+        peak = cpu.rss_kib("VmHWM") * 1024
     return out, time.perf_counter() - t0, (peak - base) / 2**20
 
 
@@ -194,7 +195,7 @@ def chip_peak(device) -> tuple[float, str]:
         a @ b  # warm-up: cuBLAS set-up
         _, seconds, _ = run_measured(lambda: [a @ b for _ in range(5)], device)
         return 5 * 2 * n**3 / seconds, f"{name}, measured bf16 matmul {n}^3"
-    return bench.matmul_flops(), "this CPU, measured fp32 matmul 2048^3 (bench.matmul_flops)"
+    return cpu.matmul_flops(), "this CPU, measured fp32 matmul 2048^3 (cpu.matmul_flops)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,31 +204,31 @@ def chip_peak(device) -> tuple[float, str]:
 
 
 def same_weights_part(shape: dict, device) -> None:
-    """The same-weights comparison of bench.py on `device`, in fp32 and bf16."""
-    if not bench.peer_available("part 1 (same weights against HF T5) is skipped"):
+    """The same-weights comparison of bench/cpu.py on `device`, in fp32 and bf16."""
+    if not cpu.peer_available("part 1 (same weights against HF T5) is skipped"):
         return
-    name, w = shape["same"], bench.SAME[shape["same"]]
+    name, w = shape["same"], cpu.SAME[shape["same"]]
     path = tempfile.mkdtemp(prefix="bench-gpu-t5-")
     try:
-        bench.make_snapshot(path, name)
+        cpu.make_snapshot(path, name)
         print(
-            f"\n1. same weights: bench.py's random T5 snapshot '{name}' (d_model {w['t5']['d_model']}, "
+            f"\n1. same weights: bench/cpu.py's random T5 snapshot '{name}' (d_model {w['t5']['d_model']}, "
             f"{w['t5']['num_layers']}+{w['t5']['num_decoder_layers']} layers), rollout {w['B']} prompts x "
             f"{w['S']} tokens, N={w['N']}, {w['new']} new tokens, Abar recorded, "
-            f"{bench.samplers(w['t5']['vocab_size'], bench.rl_temperature('pretrained'))}"
+            f"{cpu.samplers(w['t5']['vocab_size'], cpu.rl_temperature('pretrained'))}"
         )
         for precision in ("fp32", "bf16"):
-            check = bench.same_weights_check(path, name, torch.get_num_threads(), device, precision)
+            check = cpu.same_weights_check(path, name, torch.get_num_threads(), device, precision)
             print(
                 f"   {precision}: greedy {check['tokens']} positions, tokens equal: {check['tokens_equal']}; "
                 f"Abar max |ours - HF| {check['max_map_diff']:.1e}"
             )
             for system in ("ours", "hf"):
-                run = bench.same_weights_run(system, path, name, device, precision)
+                run = cpu.same_weights_run(system, path, name, device, precision)
                 run()  # warm-up
                 _, seconds, peak = run_measured(run, device)
                 print(
-                    f"   {precision} {bench.NAMES[system]:34s} {seconds:7.3f} s  "
+                    f"   {precision} {cpu.NAMES[system]:34s} {seconds:7.3f} s  "
                     f"{w['B'] * w['N'] * w['new'] / seconds:9.0f} tok/s  peak {peak:9.1f} MiB"
                 )
     finally:
@@ -281,7 +282,7 @@ def rl_setup(model, shape: dict, sp: data.Specials, device, profile: str):
     rl, V = shape["rl"], model.cfg.vocab_size
     cfg = ppo.PPOConfig(
         **{
-            **ppo.RUN_PROFILE[profile]["ppo"],
+            **RL_PROFILES["run"][profile]["ppo"],
             "prompts_per_iter": rl["prompts"],
             "num_samples": rl["N"],
             "max_new_tokens": rl["new"],
@@ -481,7 +482,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-compile", action="store_true", help="leave out part 4 (torch.compile)")
     args = ap.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
-        raise SystemExit("bench_gpu.py: no CUDA device; run it on a GPU, or with --tiny on the CPU")
+        raise SystemExit("bench/gpu.py: no CUDA device; run it on a GPU, or with --tiny on the CPU")
     device = torch.device("cpu" if args.tiny else "cuda")
     shape = SHAPES["tiny" if args.tiny else "gpu"]
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The statistics of the reward comparison (reward_study.py): the paired bootstrap interval of a
+"""The statistics of the reward comparison (experiments/reward_study.py): the paired bootstrap interval of a
 difference, the mean's bootstrap interval, and Spearman's rank correlation with ties.
 
 Plain numpy, no torch: every function takes lists or arrays of per-prompt (or per-candidate)

@@ -31,8 +31,8 @@ import torch
 
 import data
 from decoder import DecoderOnly
+from interop.snapshot import HF_CLASS, decoder_hf_config, decoder_names, t5_names
 from model import EncoderDecoder, ModelConfig
-from snapshot import HF_CLASS, decoder_hf_config, decoder_names, t5_names
 
 T5_LAYOUT = dict(norm="rmsnorm", position="relative", scale_scores=False)
 """The ModelConfig fields a T5ForConditionalGeneration fixes (snapshot.config_from_hf sets them)."""
@@ -309,7 +309,7 @@ def export(model, tok, sp: data.Specials, out_dir) -> Path:
 def export_checkpoint(path, out_dir) -> Path:
     """export() the policy of a checkpoint file written by cagsr.py (a run's sft.pt or rl.pt), with the
     tokenizer and special ids stored in it (runs.load_checkpoint). Returns the directory's path."""
-    import runs  # the run plumbing (tqdm, numpy) only when needed
+    from cli import runs  # the run plumbing (tqdm, numpy) only when needed
 
     model, tok, _ = runs.load_checkpoint(path, "cpu", "--init")
     return export(model, tok, data.specials(tok), out_dir)
