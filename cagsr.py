@@ -4,12 +4,12 @@
     python cagsr.py                                   # the main job: SFT then CAGSR, on a CPU
     python cagsr.py --stage rl --init runs/X/sft.pt   # RL from a saved SFT model
     python cagsr.py --stage sample --init runs/X/rl.pt --prompt "Where does Varo Kelin live?"
-    python cagsr.py --stage eval --init runs/X/rl.pt      # python cagsr.py --help lists every flag
-    python cagsr.py --init ~/snapshots/flan-t5-base       # SFT then CAGSR from a pretrained T5 snapshot
+    python cagsr.py --stage eval --init runs/X/rl.pt  # python cagsr.py --help lists every flag
+    python cagsr.py --init ~/snapshots/flan-t5-base   # SFT then CAGSR from a pretrained T5 snapshot
 
-The command line only: the parser and `main` (parse, resolve and check the configs in cli/settings.py,
-then dispatch to a stage of cli/stages.py or an experiment's runner); the method is model.py, reward.py,
-ppo.py, sft.py; plumbing cli/runs.py.
+The command line only: the parser and `main` (parse, resolve and check the configs in
+cli/settings.py, then dispatch to a stage of cli/stages.py or an experiment's runner); the method is
+model.py, reward.py, ppo.py, sft.py; plumbing cli/runs.py.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from reward import RewardConfig
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but an unknown flag is answered with the nearest valid one and the list of them all;
-    any other error (a bad value, a missing argument) with argparse's message alone."""
+    """argparse, but an unknown flag is answered with the nearest valid one and the list of them
+    all; any other error (a bad value, a missing argument) with argparse's message alone."""
 
     def error(self, message):
         if not message.startswith("unrecognized arguments:"):
@@ -76,9 +76,9 @@ def build_parser() -> Parser:
         "--arch",
         default=None,
         choices=ARCHS,
-        help="the policy: encoder-decoder (the paper's §7.2 model, model.py) or decoder (decoder-only, §3.1's "
-        f"other configuration, decoder.py; sizes {', '.join(DECODER_SIZES)}) (default: encoder-decoder, "
-        "or what --init holds)",
+        help="the policy: encoder-decoder (the paper's §7.2 model, model.py) or decoder "
+        "(decoder-only, §3.1's other configuration, decoder.py; sizes "
+        f"{', '.join(DECODER_SIZES)}) (default: encoder-decoder, or what --init holds)",
     )
     g.add_argument(
         "--set",
@@ -103,15 +103,18 @@ def build_parser() -> Parser:
         "--stage",
         default="all",
         choices=["all", "sft", "rl", "sample", "eval", "export"],
-        help="all = SFT then RL; rl/sample/eval start from --init; export writes --init as a Hugging Face "
-        "directory --out that transformers loads (T5, Llama, Qwen2 layouts) (default: all)",
+        help="all = SFT then RL; rl/sample/eval start from --init; export writes --init as a "
+        "Hugging Face directory --out that transformers loads (T5, Llama, Qwen2 layouts) "
+        "(default: all)",
     )
     g.add_argument(
         "--init",
         default=None,
         metavar="CKPT|DIR",
-        help="a checkpoint to start the stage from, or a local Hugging Face T5 snapshot directory "
-        "(config.json, weights, tokenizer.json; size 'pretrained')",
+        help="a checkpoint to start the stage from, or a local Hugging Face snapshot directory "
+        "(config.json, weights, tokenizer.json; size 'pretrained'): T5 or mT5 "
+        "(the encoder-decoder), or Llama or Qwen2 (decoder-only); the snapshot's model_type "
+        "sets --arch",
     )
     g.add_argument(
         "--prompt", action="append", default=[], help="prompt(s) for --stage sample (repeatable)"
@@ -141,18 +144,21 @@ def build_parser() -> Parser:
         "--resume",
         default=None,
         metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its last checkpoint, with its own settings (args.json)",
+        help="continue the run in RUN_DIR from its last checkpoint, "
+        "with its own settings (args.json)",
     )
     g.add_argument(
         "--precision",
         default=None,
         choices=["fp32", "bf16"],
-        help="bf16 autocast (float32 weights and optimizer) or plain fp32 (default: bf16 on CUDA, else fp32)",
+        help="bf16 autocast (float32 weights and optimizer) or plain fp32 "
+        "(default: bf16 on CUDA, else fp32)",
     )
     g.add_argument(
         "--grad-checkpoint",
         action="store_true",
-        help="recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)",
+        help="recompute each layer's activations in the backward pass "
+        "(less memory, ~1/3 more compute)",
     )
     g.add_argument(
         "--compile",
@@ -219,8 +225,10 @@ def build_parser() -> Parser:
         "--iterations",
         type=int,
         default=None,
-        help=f"RL iterations (default: {settings.per_size({k: v['iterations'] for k, v in RL_PROFILES['run'].items()})}; "
-        f"table1: {settings.per_size({k: v['iterations'] for k, v in RL_PROFILES['table1'].items()})})",
+        help="RL iterations (default: "
+        f"{settings.per_size({k: v['iterations'] for k, v in RL_PROFILES['run'].items()})}; "
+        "table1: "
+        f"{settings.per_size({k: v['iterations'] for k, v in RL_PROFILES['table1'].items()})})",
     )
     g.add_argument(
         "--eval-every",
@@ -244,10 +252,11 @@ def build_parser() -> Parser:
         "--reward",
         default="attention",
         choices=baselines.REWARD_NAMES,
-        help="the RL reward: attention (§3.2, the paper's), the rival internal rewards self-certainty, "
-        "neg-entropy, logprob, the controls random and oracle (the task's correctness against the "
-        "reference), or hybrid (attention + --hybrid-weight x a preference reward model trained "
-        "with --rm-steps on --human-prompts; not self-supervised) (default: attention)",
+        help="the RL reward: attention (§3.2, the paper's), the rival internal rewards "
+        "self-certainty, neg-entropy, logprob, the controls random and oracle (the task's "
+        "correctness against the reference), or hybrid (attention + --hybrid-weight x a "
+        "preference reward model trained with --rm-steps on --human-prompts; not "
+        "self-supervised) (default: attention)",
     )
     settings.add_config_flags(g, ppo.PPOConfig, RL_PROFILES["run"])
     settings.add_config_flags(p.add_argument_group("reward (§3.2)"), RewardConfig)
@@ -258,53 +267,58 @@ def build_parser() -> Parser:
         "--experiment",
         default=None,
         choices=["table1", "rewards"],
-        help="table1: every baseline, CAGSR variant and ablation of Table 1 per seed, into --results-dir "
-        "(default dataset instruct; --out sets the work directory, default runs/table1-<dataset>-<size>). "
-        "rewards: the attention reward against self-certainty, negative entropy, log-probability, "
-        "random and oracle controls and the hybrid, each measured against correctness "
-        "(experiments/reward_study.py; work directory runs/rewards-<dataset>-<size>)",
+        help="table1: every baseline, CAGSR variant and ablation of Table 1 per seed, into "
+        "--results-dir (default dataset instruct; --out sets the work directory, default "
+        "runs/table1-<dataset>-<size>). rewards: the attention reward against self-certainty, "
+        "negative entropy, log-probability, random and oracle controls and the hybrid, each "
+        "measured against correctness (experiments/reward_study.py; work directory "
+        "runs/rewards-<dataset>-<size>)",
     )
     g.add_argument(
         "--seeds",
         type=int,
-        default=3,
+        default=None,
         help="table1, rewards: seeds --seed, --seed+1, ... (one SFT model each; default: 3)",
     )
     g.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="table1, rewards: seeds computed at once, each in its own process; on a CPU the threads are "
-        "shared out among them (default: 1; on 2 cores, --workers 3 runs the 3 seeds together)",
+        default=None,
+        help="table1, rewards: seeds computed at once, each in its own process; on a CPU the "
+        "threads are shared out among them (default: 1; on 2 cores, --workers 3 runs the 3 "
+        "seeds together)",
     )
     g.add_argument(
         "--results-dir",
-        default="results",
+        default=None,
         help="table1, rewards: where the .md, .json and .png tables go (default: results)",
     )
     g.add_argument(
         "--rm-steps",
         type=int,
-        default=300,
-        help="table1, rewards, --reward hybrid: training steps of each baseline reward model (default: 300)",
+        default=None,
+        help="table1, rewards, --reward hybrid: training steps of each baseline reward model "
+        "(default: 300)",
     )
     g.add_argument(
         "--hybrid-weight",
         type=float,
-        default=1.0,
-        help="rewards, --reward hybrid: weight of the preference reward model in the hybrid reward (default: 1.0)",
+        default=None,
+        help="rewards, --reward hybrid: weight of the preference reward model in the hybrid "
+        "reward (default: 1.0)",
     )
     g.add_argument(
         "--human-prompts",
         type=int,
-        default=1000,
-        help="table1, rewards, --reward hybrid: training prompts the simulated annotators compare two SFT samples on (§7.3; default: 1000)",
+        default=None,
+        help="table1, rewards, --reward hybrid: training prompts the simulated annotators "
+        "compare two SFT samples on (§7.3; default: 1000)",
     )
     g.add_argument(
         "--relevance-steps",
         type=int,
-        default=600,
-        help="table1: training steps of the relevance classifier (default: 600)",
+        default=None,
+        help="table1, rewards: training steps of the relevance classifier (default: 600)",
     )
     return p
 
@@ -335,8 +349,9 @@ def dispatch(run, device, world: int, t_start: float) -> int:
     settings.check_device(run, device, world)
     if run.resume is not None and settings.resume_complete(run):
         print(
-            f"--resume {run.resume}: this run is complete (its metrics.jsonl ends with the 'done' row); nothing was "
-            f"changed. For more RL, start a new run: --stage rl --init {run.resume}/rl.pt"
+            f"--resume {run.resume}: this run is complete (its metrics.jsonl ends with the "
+            "'done' row); nothing was changed. For more RL, start a new run: --stage rl "
+            f"--init {run.resume}/rl.pt"
         )
         return 0
     if run.stage == "experiment":

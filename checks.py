@@ -47,7 +47,8 @@ def check_values(rule, **values) -> None:
 
 
 def checked_overrides(cls, overrides: dict) -> dict:
-    """`overrides` if every key is a field of the dataclass `cls`, else ValueError listing the valid fields."""
+    """`overrides` if every key is a field of the dataclass `cls`, else ValueError listing the
+    valid fields."""
     valid = sorted(f.name for f in fields(cls))
     unknown = sorted(set(overrides) - set(valid))
     if unknown:

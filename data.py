@@ -158,19 +158,21 @@ def load_jsonl(path: str) -> list[dict]:
 
 
 def record_where(record: dict, index: int) -> str:
-    """How a message names a record: its line in the file (records of `load_jsonl`), else its index."""
+    """How a message names a record: its line in the file (records of `load_jsonl`), else
+    its index."""
     return f"line {record['line']}" if "line" in record else f"record {index}"
 
 
 def check_splits(splits: Splits) -> None:
-    """A DataError when the split left no validation or no test pair: SFT reports its validation loss,
-    RL its fixed evaluation set and the held-out test prompts, and none of these can be empty."""
+    """A DataError when the split left no validation or no test pair: SFT reports its
+    validation loss, RL its fixed evaluation set and the held-out test prompts, and none of
+    these can be empty."""
     n = (len(splits.train), len(splits.val), len(splits.test))
     if not (splits.val and splits.test):
         raise DataError(
-            f"{sum(n)} records split into {n[0]} train / {n[1]} validation / {n[2]} test pairs; a run "
-            f"needs at least one validation and one test pair (10% each, records sharing a prompt stay "
-            f"together): give at least 6 records with distinct prompts"
+            f"{sum(n)} records split into {n[0]} train / {n[1]} validation / {n[2]} test pairs; a "
+            "run needs at least one validation and one test pair (10% each, records sharing a "
+            "prompt stay together): give at least 6 records with distinct prompts"
         )
 
 
@@ -178,18 +180,20 @@ def sft_noise(
     records: list[dict], share: float, seed: int, off_topic: bool = False
 ) -> tuple[list[dict], list[int]]:
     """SFT data with known mistakes, so the SFT policy has good and bad behaviours for RL to choose
-    between (headroom by construction; DECISIONS.md §5). Exactly round(share * n) records, drawn with
-    `seed`, get a wrong response in place of the reference: their own ``wrong`` field (qa-grounded: the
-    distractor's answer; a user's JSONL), or with `off_topic` (instruct) the response to another
-    instruction of `records`. The records given are not changed: evaluation, relevance and the oracle
-    keep the clean references. Records whose `wrong` equals their response (a distractor that happens to
-    say the same) are never drawn. Returns (the noisy copy, the indices corrupted)."""
+    between (headroom by construction; DECISIONS.md §5). Exactly round(share * n) records, drawn
+    with `seed`, get a wrong response in place of the reference: their own ``wrong`` field
+    (qa-grounded: the distractor's answer; a user's JSONL), or with `off_topic` (instruct) the
+    response to another instruction of `records`. The records given are not changed: evaluation,
+    relevance and the oracle keep the clean references. Records whose `wrong` equals their response
+    (a distractor that happens to say the same) are never drawn. Returns (the noisy copy, the
+    indices corrupted)."""
     if not 0 <= share < 1:
         raise ValueError(f"the noise share must be in [0, 1), got {share}")
     lacking = next((r for r in records if "wrong" not in r), None)
     if not off_topic and lacking is not None:
         raise DataError(
-            f"{record_where(lacking, records.index(lacking))}: no 'wrong' field; --sft-noise replaces a share of the SFT responses with each "
+            f"{record_where(lacking, records.index(lacking))}: no 'wrong' field; --sft-noise "
+            "replaces a share of the SFT responses with each "
             f'record\'s plausible wrong response, so every record needs one ("wrong": "...")'
         )
     rng = random.Random(seed)
@@ -199,8 +203,8 @@ def sft_noise(
     count = round(share * len(records))
     if count > len(eligible):
         raise DataError(
-            f"--sft-noise {share}: {count} responses to replace, but only {len(eligible)} records have a "
-            f"'wrong' response that differs from theirs"
+            f"--sft-noise {share}: {count} responses to replace, but only {len(eligible)} records "
+            "have a 'wrong' response that differs from theirs"
         )
     corrupted = sorted(rng.sample(eligible, count))
     noisy = list(records)
@@ -229,9 +233,9 @@ def noisy_sft_pairs(
     max_response_len: int,
     truncate: bool = False,
 ) -> tuple[list, list[int]]:
-    """SFT's training pairs under --sft-noise `share`: `pairs` (the encoded `records`) with the records
-    `sft_noise` draws re-encoded with their wrong responses (off-topic ones on the bundled `instruct`).
-    Returns (the pairs, the indices corrupted); with no noise, `pairs` itself."""
+    """SFT's training pairs under --sft-noise `share`: `pairs` (the encoded `records`) with the
+    records `sft_noise` draws re-encoded with their wrong responses (off-topic ones on the bundled
+    `instruct`). Returns (the pairs, the indices corrupted); with no noise, `pairs` itself."""
     if not share:
         return pairs, []
     noisy, corrupted = sft_noise(records, share, seed, off_topic=dataset == "instruct")
@@ -252,9 +256,9 @@ def check_held_out(
     truncate: bool = False,
 ) -> tuple[Splits, dict]:
     """The splits with their validation and test records checked before any work: a record over the
-    model's lengths is a DataError naming it, or under `truncate` is left out of the evaluation (a cut
-    prompt would be another question); then `check_splits`. Returns (the splits, how many records each
-    held-out split left out)."""
+    model's lengths is a DataError naming it, or under `truncate` is left out of the evaluation (a
+    cut prompt would be another question); then `check_splits`. Returns (the splits, how many
+    records each held-out split left out)."""
     sp = specials(tok)
     fits = lambda r: (
         len(encode(tok, r["prompt"], sp)) <= max_prompt_len
@@ -276,7 +280,8 @@ def check_held_out(
 
 
 def dataset_name(name_or_path: str) -> str:
-    """The short name of a dataset, for directories and result files: qa, instruct, or a .jsonl file's stem."""
+    """The short name of a dataset, for directories and result files: qa, instruct, or a .jsonl
+    file's stem."""
     return Path(name_or_path).stem if str(name_or_path).endswith(".jsonl") else name_or_path
 
 
@@ -344,8 +349,9 @@ def specials(tok: Tokenizer) -> Specials:
 
 
 def specials_of(tok: Tokenizer, pad: int, start: int, eos: int) -> Specials:
-    """The Specials record of `tok` with these pad, start and EOS ids: every token the tokenizer marks
-    special joins them, and a probe encoding says whether its post-processor appends EOS itself."""
+    """The Specials record of `tok` with these pad, start and EOS ids: every token the
+    tokenizer marks special joins them, and a probe encoding says whether its post-processor
+    appends EOS itself."""
     marked = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     return Specials(
         pad,
@@ -404,17 +410,17 @@ def tokenizer_from_str(s: str, stored_specials: dict | None = None) -> Tokenizer
 
 
 def snapshot_tokenizer(path) -> Tokenizer:
-    """The tokenizer.json of a Hugging Face snapshot directory, as the `tokenizers` library reads it,
-    with any truncation or padding it carries turned off (a snapshot's tokenizer.json may cut every
-    text at 512 tokens without a word; here over-long texts are refused or cut with a warning, see
-    `encode_records`). T5's post-processor appends </s> itself (`Specials.appends_eos`)."""
+    """The tokenizer.json of a Hugging Face snapshot directory, as the `tokenizers` library reads
+    it, with any truncation or padding it carries turned off (a snapshot's tokenizer.json may cut
+    every text at 512 tokens without a word; here over-long texts are refused or cut with a warning,
+    see `encode_records`). T5's post-processor appends </s> itself (`Specials.appends_eos`)."""
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         if (path / "spiece.model").is_file():
             raise ValueError(
-                f"{path} ships only spiece.model (a SentencePiece model) and no tokenizer.json, which "
-                f"is what cagsr reads. Write one once, where transformers and sentencepiece are "
-                f"installed: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
+                f"{path} ships only spiece.model (a SentencePiece model) and no tokenizer.json, "
+                "which is what cagsr reads. Write one once, where transformers and sentencepiece "
+                "are installed: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
             )
         raise ValueError(f"{path}: no tokenizer.json; a snapshot for --init needs its tokenizer")
     try:
@@ -428,29 +434,41 @@ def snapshot_tokenizer(path) -> Tokenizer:
     tok.encode_special_tokens = True
     config = path / "config.json"
     if config.is_file():
-        try:
-            hf_config = json.loads(config.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(
-                f"{config}: not valid JSON ({e}); the snapshot is damaged, copy it again"
-            ) from None
-        if isinstance(hf_config, dict) and hf_config.get("model_type") in DECODER_ONLY_TYPES:
+        hf_config = read_json(config)
+        if hf_config.get("model_type") in DECODER_ONLY_TYPES:
             tok.cagsr_specials = config_specials(tok, hf_config, config)
     specials(tok)  # a tokenizer without pad or EOS is refused here, before any work
     return tok
 
 
+def read_json(path: Path) -> dict:
+    """A snapshot's JSON file as a dict; ValueError naming the file when it is not a JSON object."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"{path}: not valid JSON ({e}); the snapshot is damaged, copy it again"
+        ) from None
+    if not isinstance(obj, dict):
+        raise ValueError(
+            f"{path}: a JSON {type(obj).__name__}, not an object; "
+            "the snapshot is damaged, copy it again"
+        )
+    return obj
+
+
 DECODER_ONLY_TYPES = ("llama", "qwen2")
-"""Snapshot model_types whose special ids come from config.json: their token names vary (</s>,
-<|end_of_text|>, <|endoftext|>, <|im_end|>), and Llama has no pad token."""
+"""The snapshot model_types read into decoder.DecoderOnly (the Llama layout; interop/snapshot.py).
+Their special ids come from config.json: their token names vary (</s>, <|end_of_text|>,
+<|endoftext|>, <|im_end|>), and Llama has no pad token."""
 
 
 def config_specials(tok: Tokenizer, hf_config: dict, where) -> Specials:
     """The special ids of a Llama/Qwen2 snapshot (DECISIONS.md §10): EOS is config.json's
     eos_token_id (the first, when it lists several); pad its pad_token_id, else EOS (Llama has none:
     padding is never attended to, so any id does); start is the BOS the tokenizer puts in front of a
-    prompt, when it does (Llama), else pad (Qwen2 has no BOS). A decoder-only model never reads start:
-    its first response token comes from the prompt's last position."""
+    prompt, when it does (Llama), else pad (Qwen2 has no BOS). A decoder-only model never reads
+    start: its first response token comes from the prompt's last position."""
 
     def one(key):
         v = hf_config.get(key)
@@ -459,8 +477,8 @@ def config_specials(tok: Tokenizer, hf_config: dict, where) -> Specials:
     eos = one("eos_token_id")
     if not isinstance(eos, int) or not 0 <= eos < tok.get_vocab_size(with_added_tokens=True):
         raise ValueError(
-            f"{where}: eos_token_id {hf_config.get('eos_token_id')!r} is not a token of its tokenizer.json; "
-            f"cagsr needs the end-of-sequence id of this snapshot"
+            f"{where}: eos_token_id {hf_config.get('eos_token_id')!r} is not a token of its "
+            "tokenizer.json; cagsr needs the end-of-sequence id of this snapshot"
         )
     pad = one("pad_token_id")
     pad = pad if isinstance(pad, int) else eos
@@ -486,8 +504,8 @@ def content_token_mask(
     """(V,) bool: True where a token can be salient (§3.2, DECISIONS.md §2).
 
     Special tokens (`Specials.special`: T5's sentinels too) and tokens with no letter or digit once
-    decoded (spaces, "▁", punctuation, partial UTF-8 bytes) are never salient. texts: `token_texts(tok)`
-    when the caller has it already.
+    decoded (spaces, "▁", punctuation, partial UTF-8 bytes) are never salient. texts:
+    `token_texts(tok)` when the caller has it already.
     """
     special = set((sp or specials(tok)).special)
     texts = token_texts(tok) if texts is None else texts
@@ -553,9 +571,9 @@ def encode_records(
             if len(ids) > limit:
                 if not truncate:
                     raise DataError(
-                        f"{record_where(r, idx)}: {key} is {len(ids)} tokens (with EOS), over the model's {field} "
-                        f"of {limit}; shorten it, or pass --truncate to cut over-long texts with a "
-                        f"warning (truncate=True in code)"
+                        f"{record_where(r, idx)}: {key} is {len(ids)} tokens (with EOS), over the "
+                        f"model's {field} of {limit}; shorten it, or pass --truncate to cut "
+                        "over-long texts with a warning (truncate=True in code)"
                     )
                 ids = ids[: limit - 1] + [sp.eos]  # keep EOS so the sequence still ends
                 cut[key] += 1

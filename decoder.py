@@ -1,4 +1,5 @@
-"""The decoder-only policy of CAGSR: prompt and response in one causal sequence (Llama / Qwen2 layout).
+"""The decoder-only policy of CAGSR: prompt and response in one causal sequence
+(Llama / Qwen2 layout).
 
 §3.1 builds the reward for "the decoder only or encoder-decoder configurations": in both, the
 generated tokens attend to the prompt. A decoder-only model has no cross-attention; its analogue
@@ -6,8 +7,8 @@ generated tokens attend to the prompt. A decoder-only model has no cross-attenti
 the prompt positions, averaged over the last L' layers and the heads, and renormalised over the
 prompt:
 
-    P_t[j]  = (1/(L' H)) * sum_{l, h} A_t^(l, h)[j]      j in the prompt      (raw, before renormalising)
-    share_t = sum_j P_t[j]                                the attention that stays on the prompt
+    P_t[j]  = (1/(L' H)) * sum_{l, h} A_t^(l, h)[j]   j in the prompt    (raw, before renormalising)
+    share_t = sum_j P_t[j]                             the attention that stays on the prompt
     Abar[t, j] = P_t[j] / share_t
 
 The position that produces y_t is the prompt's last token for t = 0 and y_{t-1} after, the same
@@ -23,7 +24,8 @@ tgt_in is [start] + y[:-1], as for the encoder-decoder; its first column stands 
 last token, which the prefill has already run, and is not read. Prompts may be padded on either
 side: positions count real tokens (position ids = cumsum(mask) - 1) and padding is never a key, so
 a batch equals its prompts one by one. Shapes: B prompts, N samples each, S prompt columns,
-T response length, H query heads, G key/value heads (grouped-query attention), D width, V vocabulary.
+T response length, H query heads, G key/value heads (grouped-query attention), D width,
+V vocabulary.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checks import AT_LEAST_1, BOOL, POSITIVE, ConfigError, check_fields, checked_overrides, one_of
+from data import DECODER_ONLY_TYPES
 from model import (
     EncoderDecoder,
-    FeedForward,
     ModelConfig,
+    Policy,
     RMSNorm,
     ValueHead,
     attention,
@@ -47,7 +50,7 @@ from model import (
     special_mask,
 )
 from presets import DECODER_SIZES, SIZES
-from sampling import Steps, check_sampling
+from sampling import Decoding, Steps, check_sampling
 
 
 @dataclass
@@ -86,10 +89,9 @@ class DecoderConfig:
     tie_head: bool = True
     """Logits = h @ tok_emb^T (tied); False = a separate lm_head."""
     layout: str = "llama"
-    """The transformers class that holds this layout, for export: "llama" or "qwen2"."""
+    """The transformers model_type of this layout, for export: one of data.DECODER_ONLY_TYPES."""
     arch: str = "decoder"
     """Marks a decoder-only config in a checkpoint's model_config."""
-    ffn = "swiglu"  # a class constant: FeedForward's kind
 
     def __post_init__(self):
         check_fields(
@@ -115,7 +117,7 @@ class DecoderConfig:
                 rope_theta=POSITIVE,
                 qkv_bias=BOOL,
                 tie_head=BOOL,
-                layout=one_of("llama", "qwen2"),
+                layout=one_of(*DECODER_ONLY_TYPES),
                 arch=one_of("decoder"),
             ),
         )
@@ -171,7 +173,8 @@ class DecoderConfig:
 
 
 ARCHS = ("encoder-decoder", "decoder")
-"""The policies: model.EncoderDecoder (the paper's §7.2 model) and DecoderOnly (§3.1's other configuration)."""
+"""The policies: model.EncoderDecoder (the paper's §7.2 model) and DecoderOnly (§3.1's
+other configuration)."""
 
 
 def policy_config(arch: str, size: str, **overrides):
@@ -191,7 +194,8 @@ def policy_config(arch: str, size: str, **overrides):
 
 
 def config_from_dict(d: dict):
-    """A checkpoint's model_config back into its dataclass: DecoderConfig when it says arch "decoder"."""
+    """A checkpoint's model_config back into its dataclass: DecoderConfig when it says
+    arch "decoder"."""
     return DecoderConfig(**d) if d.get("arch") == "decoder" else ModelConfig(**d)
 
 
@@ -207,7 +211,8 @@ def count_policy_params(cfg) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Rotary positions (Su et al. 2021) and the attention to the prompt (DECISIONS.md §10): pure functions.
+# Rotary positions (Su et al. 2021) and the attention to the prompt (DECISIONS.md §10):
+# pure functions.
 # --------------------------------------------------------------------------------------------
 
 
@@ -239,7 +244,8 @@ def rope_cos_sin(positions, inv_freq):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair (x_i, x_{i+d/2}) of every head by its angle: (B, H, T, d) -> (B, H, T, d)."""
+    """Rotate each pair (x_i, x_{i+d/2}) of every head by its angle:
+    (B, H, T, d) -> (B, H, T, d)."""
     half = x.size(-1) // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # rotate_half
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, d)
@@ -247,10 +253,11 @@ def apply_rope(x, cos, sin):
 
 
 def prompt_attention(maps):
-    """Abar and the prompt share of §3.2's decoder-only analogue (DECISIONS.md §10): maps (..., L', H,
-    T, S) are the recorded attention of each response token's producing position over the prompt
-    columns, before any renormalisation. P = their mean over layers and heads; share = sum_j P[j];
-    Abar = P / share (0 where share is 0). -> Abar (..., T, S), share (..., T)."""
+    """Abar and the prompt share of §3.2's decoder-only analogue (DECISIONS.md §10): maps
+    (..., L', H, T, S) are the recorded attention of each response token's producing position
+    over the prompt columns, before any renormalisation. P = their mean over layers and
+    heads; share = sum_j P[j]; Abar = P / share (0 where share is 0). -> Abar (..., T, S),
+    share (..., T)."""
     mean = maps.mean(dim=(-4, -3))  # (..., T, S)
     share = mean.sum(-1)  # (..., T)
     safe = torch.where(share > 0, share, torch.ones_like(share))
@@ -299,11 +306,11 @@ class SelfAttention(nn.Module):
         return x.view(B, T, n, self.d_head).transpose(1, 2)
 
     def forward(self, x, cos, sin, mask, past=None, cache=None, at=0, need_weights=False):
-        """x (B, T, D) at rotary angles cos/sin (B, T, hd); mask bool (B, 1, T, K), True where a query
-        may attend, over the K keys: `past` (k, v) (B, G, K-T, hd) then x's own (teacher forcing), or
-        the `cache` buffers (B, G, Kmax, hd), which this call fills at columns at .. at+T-1 and then
-        reads up to at+T (sampling). Returns (out (B, T, D), x's own (k, v) (B, G, T, hd) each,
-        weights (B, H, T, K) or None)."""
+        """x (B, T, D) at rotary angles cos/sin (B, T, hd); mask bool (B, 1, T, K), True where a
+        query may attend, over the K keys: `past` (k, v) (B, G, K-T, hd) then x's own (teacher
+        forcing), or the `cache` buffers (B, G, Kmax, hd), which this call fills at columns
+        at .. at+T-1 and then reads up to at+T (sampling). Returns (out (B, T, D), x's own (k, v)
+        (B, G, T, hd) each, weights (B, H, T, K) or None)."""
         if need_weights and not self.records:
             raise RuntimeError(
                 "this block does not record its weights: only the last `last_layers` blocks do "
@@ -329,13 +336,26 @@ class SelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, -1)), (k, v), w
 
 
+class SwiGLU(nn.Module):
+    """The Llama/Qwen2 feed-forward: out(silu(gate x) * up x)."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.out = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):  # (..., D) -> (..., D)
+        return self.out(F.silu(self.gate(x)) * self.up(x))
+
+
 class Block(nn.Module):
     """Pre-norm: x + SelfAttn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x))."""
 
     def __init__(self, cfg: DecoderConfig, records: bool):
         super().__init__()
         self.ln1, self.ln2 = RMSNorm(cfg.d_model, cfg.norm_eps), RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn, self.ff = SelfAttention(cfg, records), FeedForward(cfg)
+        self.attn, self.ff = SelfAttention(cfg, records), SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, mask, past=None, cache=None, at=0, need_weights=False):
@@ -385,7 +405,7 @@ class Prefill:
 # --------------------------------------------------------------------------------------------
 
 
-class DecoderOnly(nn.Module):
+class DecoderOnly(Policy):
     """Pre-norm decoder-only Transformer: RMSNorm, rotary positions, grouped-query attention, SwiGLU
     (the Llama layout; Qwen2 with q/k/v biases), and a value head on the prompt's last state."""
 
@@ -402,16 +422,12 @@ class DecoderOnly(nn.Module):
         self.value_head = ValueHead(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
-        self.apply(EncoderDecoder._init_weights)
+        self.apply(self._init_weights)
         for name, p in self.layers.named_parameters():  # nanoGPT's scaled residual init
             if name.endswith("out.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
         nn.init.zeros_(self.value_head.out.weight)
         nn.init.zeros_(self.value_head.out.bias)
-        self.gradient_checkpointing = False  # --grad-checkpoint
-
-    _layer = EncoderDecoder._layer  # through checkpoint when it is on
-    num_params = EncoderDecoder.num_params  # tied embedding once, value head included
 
     def head(self, h):
         """Logits of final-normed states: (..., D) -> (..., V)."""
@@ -468,8 +484,9 @@ class DecoderOnly(nn.Module):
         )
 
     def sinks(self, src, src_mask, special_ids):
-        """(B, S) bool: the prompt positions whose attention counts as sink_share: its special tokens and
-        its first real token, where a causal model parks the attention it does not need (DECISIONS.md §10)."""
+        """(B, S) bool: the prompt positions whose attention counts as sink_share: its special
+        tokens and its first real token, where a causal model parks the attention it does not
+        need (DECISIONS.md §10)."""
         first = src_mask.long().argmax(-1)  # (B,) column of the first real token
         return special_mask(src, src_mask, special_ids) | F.one_hot(first, src.size(1)).bool()
 
@@ -484,9 +501,10 @@ class DecoderOnly(nn.Module):
 
         tgt_in (B*N, T) = [start] + y[:-1]; its first column is not read (the prompt's last token,
         already in the prefill, produces y_0). record: None; "mean" for Abar renormalised over the
-        prompt (B*N, T, S); "layers" for the raw attention over the prompt columns of every recording
-        block and head, (B*N, L', H, T, S), before renormalising (what transformers' attention
-        weights hold in the prompt's columns). tgt_mask (B*N, T) zeroes the maps after EOS.
+        prompt (B*N, T, S); "layers" for the raw attention over the prompt columns of every
+        recording block and head, (B*N, L', H, T, S), before renormalising (what transformers'
+        attention weights hold in the prompt's columns). tgt_mask (B*N, T) zeroes the maps
+        after EOS.
         Returns (logits (B*N, T, V), maps or None)."""
         if record not in (None, "mean", "layers"):
             raise ValueError(f"record must be None, 'mean' or 'layers', got {record!r}")
@@ -547,12 +565,7 @@ class DecoderOnly(nn.Module):
         self,
         src,
         src_mask,
-        num_samples=1,
-        max_new_tokens=64,
-        temperature=1.0,
-        top_k=None,
-        top_p=None,
-        greedy=False,
+        decoding: Decoding = Decoding(),
         record_attention=True,
         generator=None,
         *,
@@ -560,13 +573,14 @@ class DecoderOnly(nn.Module):
         eos_id,
         pad_id,
     ):
-        """Sample N responses per prompt with a KV cache: the encoder-decoder's `sample`, argument for
-        argument (bos_id is not read: the prompt's last token produces the first response token).
-        The prompt runs once; its keys and values are copied into each sample's cache, and every
-        step then costs one token. Returns a sampling.Rollout whose prompt_share is each step's
-        attention on the prompt before Abar was renormalised over it."""
-        check_sampling(temperature, top_k, top_p)
-        max_new_tokens = min(max_new_tokens, self.cfg.max_tgt_len)
+        """Sample N responses per prompt with a KV cache: the encoder-decoder's `sample`, argument
+        for argument (bos_id is not read: the prompt's last token produces the first response
+        token). The prompt runs once; its keys and values are copied into each sample's cache, and
+        every step then costs one token. Returns a sampling.Rollout whose prompt_share is each
+        step's attention on the prompt before Abar was renormalised over it."""
+        check_sampling(decoding.temperature, decoding.top_k, decoding.top_p)
+        num_samples = decoding.num_samples
+        max_new_tokens = min(decoding.max_new_tokens, self.cfg.max_tgt_len)
         B, S = src.shape
         BN, dev = B * num_samples, src.device
         pre = self.encode(src, src_mask, record=record_attention).repeat(num_samples)
@@ -587,10 +601,10 @@ class DecoderOnly(nn.Module):
         steps = Steps(
             BN,
             dev,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            greedy=greedy,
+            temperature=decoding.temperature,
+            top_k=decoding.top_k,
+            top_p=decoding.top_p,
+            greedy=decoding.greedy,
             generator=generator,
             eos_id=eos_id,
             pad_id=pad_id,
@@ -626,6 +640,6 @@ if __name__ == "__main__":
     for name in DECODER_SIZES:
         c = policy_config("decoder", name)
         print(
-            f"| `{name}` | {c.d_model} | {c.n_heads} ({c.kv_heads}) | {c.n_layers} | {c.d_ff} | {c.vocab_size:,} | "
-            f"{count_policy_params(c):,} |"
+            f"| `{name}` | {c.d_model} | {c.n_heads} ({c.kv_heads}) | {c.n_layers} | {c.d_ff} | "
+            f"{c.vocab_size:,} | {count_policy_params(c):,} |"
         )

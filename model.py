@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from checks import AT_LEAST_1, BOOL, POSITIVE, ConfigError, check_fields, checked_overrides, one_of
 from presets import SIZES
-from sampling import Rollout, Steps, check_sampling
+from sampling import Decoding, Rollout, Steps, check_sampling
 
 # --------------------------------------------------------------------------------------------
 # Configuration: one dataclass, one dict of sizes.
@@ -61,24 +61,31 @@ class ModelConfig:
     max_tgt_len: int = 128
     """Longest response, in tokens including its EOS."""
     last_layers: int = 1
-    """L' of §3.2: how many of the last decoder layers record cross-attention (1 or 3 in the paper)."""
+    """L' of §3.2: how many of the last decoder layers record cross-attention (1 or 3 in
+    the paper)."""
     dropout: float = 0.0
     """Residual dropout. RL turns it off during rollouts and updates anyway."""
-    # The architecture variants below default to the from-scratch model; `from_pretrained` sets T5's.
+    # The architecture variants below default to the from-scratch model; `from_pretrained`
+    # sets T5's.
     norm: str = "layernorm"
-    """"layernorm" (bias-free LayerNorm, its own eps 1e-5) or "rmsnorm" (T5: x / rms(x) * weight, no mean, no bias)."""
+    """"layernorm" (bias-free LayerNorm, its own eps 1e-5) or "rmsnorm"
+    (T5: x / rms(x) * weight, no mean, no bias)."""
     norm_eps: float = 1e-6
     """Epsilon of "rmsnorm" (T5's layer_norm_epsilon); "layernorm" ignores it."""
     position: str = "absolute"
-    """"absolute" (learned enc_pos / dec_pos tables) or "relative" (T5's bucketed relative position bias)."""
+    """"absolute" (learned enc_pos / dec_pos tables) or "relative" (T5's bucketed relative
+    position bias)."""
     rel_buckets: int = 32
     """Buckets of the relative position bias (T5's relative_attention_num_buckets)."""
     rel_max_distance: int = 128
-    """Relative distance from which positions share the last bucket (T5's relative_attention_max_distance)."""
+    """Relative distance from which positions share the last bucket
+    (T5's relative_attention_max_distance)."""
     scale_scores: bool = True
-    """Divide the attention scores by sqrt(head width); T5 does not (its initialisation absorbs the scale)."""
+    """Divide the attention scores by sqrt(head width); T5 does not (its initialisation absorbs
+    the scale)."""
     d_kv: int | None = None
-    """Width of one attention head; None = d_model // n_heads. n_heads * d_kv may differ from d_model."""
+    """Width of one attention head; None = d_model // n_heads. n_heads * d_kv may differ
+    from d_model."""
     ffn: str = "gelu"
     """Feed-forward block: "gelu" out(gelu(up x)), "relu" (T5 v1.0) out(relu(up x)), or "gated-gelu"
     (T5 v1.1, flan-T5, mT5) out(gelu_tanh(gate x) * up x)."""
@@ -196,13 +203,15 @@ def attention(q, k, v, mask=None, is_causal=False, need_weights=False, scale=Non
 
 
 def relative_position_bucket(rel, bidirectional: bool, num_buckets: int, max_distance: int):
-    """T5's bucket of each relative position rel = key position - query position (Raffel et al. 2020,
-    §2.1; the arithmetic of transformers' T5Attention._relative_position_bucket, bit for bit).
+    """T5's bucket of each relative position rel = key position - query position
+    (Raffel et al. 2020, §2.1; the arithmetic of transformers'
+    T5Attention._relative_position_bucket, bit for bit).
 
     Half the buckets hold the exact distances 0 .. max_exact-1, the other half logarithmically wider
     bins up to max_distance, beyond which every distance shares the last bucket. Bidirectional (the
     encoder): keys after the query use a second set of num_buckets // 2 buckets. Unidirectional (the
-    decoder): keys after the query fall in bucket 0, like distance 0, so a causal mask is still needed.
+    decoder): keys after the query fall in bucket 0, like distance 0, so a causal mask is
+    still needed.
     rel: long tensor (any shape) -> long tensor of buckets in [0, num_buckets), same shape.
     """
     buckets = torch.zeros_like(rel)
@@ -213,7 +222,8 @@ def relative_position_bucket(rel, bidirectional: bool, num_buckets: int, max_dis
     else:
         rel = -torch.min(rel, torch.zeros_like(rel))  # distance into the past, >= 0
     max_exact = num_buckets // 2
-    # The log in float32, as the reference: float64 can move a distance at a bin edge to the next bucket.
+    # The log in float32, as the reference: float64 can move a distance at a bin edge to the
+    # next bucket.
     large = max_exact + (
         torch.log(rel.float() / max_exact)
         / math.log(max_distance / max_exact)
@@ -273,8 +283,8 @@ def abar(maps):
 
 
 def special_mask(src, src_mask, special_ids):
-    """(B, S) bool: the prompt's special tokens (data.Specials.special: EOS, UNK, T5's sentinels, ...),
-    the usual attention sinks (DECISIONS.md §2)."""
+    """(B, S) bool: the prompt's special tokens (data.Specials.special: EOS, UNK, T5's
+    sentinels, ...), the usual attention sinks (DECISIONS.md §2)."""
     return torch.isin(src, torch.tensor(special_ids, device=src.device)) & src_mask
 
 
@@ -317,8 +327,9 @@ class MultiHeadAttention(nn.Module):
 
     def project_kv(self, x):
         """Keys and values of `x`, each (B, H, T, hd). Cross-attention calls this once per prompt. A
-        recording block lays them out contiguously then, once: its explicit products q k^T and weights v
-        (`attention`) would otherwise copy these transposed views at every decoding step."""
+        recording block lays them out contiguously then, once: its explicit products q k^T
+        and weights v (`attention`) would otherwise copy these transposed views at every
+        decoding step."""
         k, v = (self.heads(t) for t in self.kv(x).chunk(2, dim=-1))
         return (k.contiguous(), v.contiguous()) if self.records else (k, v)
 
@@ -354,13 +365,12 @@ class MultiHeadAttention(nn.Module):
 
 class FeedForward(nn.Module):
     """cfg.ffn: "gelu" out(gelu(up x)); "relu" out(relu(up x)) (T5 v1.0); "gated-gelu"
-    out(gelu_tanh(gate x) * up x) (T5 v1.1, flan-T5, mT5: GELU with the tanh approximation);
-    "swiglu" out(silu(gate x) * up x) (Llama, Qwen2: the decoder-only policy of decoder.py)."""
+    out(gelu_tanh(gate x) * up x) (T5 v1.1, flan-T5, mT5: GELU with the tanh approximation)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kind = cfg.ffn
-        if cfg.ffn in ("gated-gelu", "swiglu"):
+        if cfg.ffn == "gated-gelu":
             self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.out = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
@@ -368,8 +378,6 @@ class FeedForward(nn.Module):
     def forward(self, x):  # (..., D) -> (..., D)
         if self.kind == "gated-gelu":
             return self.out(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
-        if self.kind == "swiglu":
-            return self.out(F.silu(self.gate(x)) * self.up(x))
         return self.out(F.relu(self.up(x)) if self.kind == "relu" else F.gelu(self.up(x)))
 
 
@@ -383,7 +391,8 @@ class EncoderLayer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, mask):
-        """mask: bool (B, 1, 1, S), or float (B, H, S, S) with the relative position bias folded in."""
+        """mask: bool (B, 1, 1, S), or float (B, H, S, S) with the relative position bias
+        folded in."""
         h = self.ln1(x)
         k, v = self.attn.project_kv(h)
         x = x + self.drop(self.attn(h, k, v, mask=mask)[0])
@@ -406,7 +415,8 @@ class DecoderLayer(nn.Module):
         cache: None (teacher forcing, causal mask) or (k, v) buffers (B', H, Tmax, hd) that this
         call fills at positions pos .. pos+T-1 and then attends over 0 .. pos+T-1.
         self_mask: None, or the float mask of the self-attention (relative positions: the bias of
-        queries pos .. pos+T-1 against keys 0 .. pos+T-1, causal mask folded in), (1, H, T, pos+T)."""
+        queries pos .. pos+T-1 against keys 0 .. pos+T-1, causal mask folded in),
+        (1, H, T, pos+T)."""
         h = self.ln1(x)
         k, v = self.self_attn.project_kv(h)
         if cache is None:
@@ -426,8 +436,9 @@ class DecoderLayer(nn.Module):
 class ValueHead(nn.Module):
     """V(x) of §4 and §7.2: a small feed-forward head on the shared layers. Input: one pooled state
     of the prompt (here the mean of the encoder states over the real prompt tokens; the decoder-only
-    policy's last prompt state, DECISIONS.md §10). Its last layer starts at zero, so V(x) = 0 at first
-    and the first advantages are the raw rewards (Huang et al., N implementation details of RLHF)."""
+    policy's last prompt state, DECISIONS.md §10). Its last layer starts at zero, so V(x) = 0 at
+    first and the first advantages are the raw rewards (Huang et al., N implementation details
+    of RLHF)."""
 
     def __init__(self, d_model: int):
         super().__init__()
@@ -443,7 +454,37 @@ class ValueHead(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class EncoderDecoder(nn.Module):
+class Policy(nn.Module):
+    """What both policies share (EncoderDecoder here, decoder.DecoderOnly): nanoGPT's weight init,
+    the gradient-checkpointing switch, and the parameter count."""
+
+    def __init__(self):
+        super().__init__()
+        # Activation (gradient) checkpointing: a run-time switch (`--grad-checkpoint`), not part of
+        # the architecture. When on, every layer of a pass that builds a graph keeps only its input
+        # and recomputes the rest during the backward pass.
+        self.gradient_checkpointing = False
+
+    def _layer(self, layer, *args, **kwargs):
+        """layer(*args, **kwargs), through torch.utils.checkpoint when checkpointing is on and
+        gradients are being recorded."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+        return layer(*args, **kwargs)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        """All parameters, tied embedding counted once, value head included."""
+        return sum(p.numel() for p in self.parameters())
+
+
+class EncoderDecoder(Policy):
     """Pre-norm encoder-decoder Transformer with tied embeddings (T5/BART-like, §7.2). The
     ModelConfig's architecture fields also make it the T5 family (`from_pretrained`)."""
 
@@ -480,28 +521,6 @@ class EncoderDecoder(nn.Module):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(branches))
         nn.init.zeros_(self.value_head.out.weight)
         nn.init.zeros_(self.value_head.out.bias)
-        # Activation (gradient) checkpointing: a run-time switch (`--grad-checkpoint`), not part of
-        # the architecture. When on, every encoder and decoder layer of a pass that builds a graph
-        # keeps only its input and recomputes the rest during the backward pass.
-        self.gradient_checkpointing = False
-
-    def _layer(self, layer, *args, **kwargs):
-        """layer(*args, **kwargs), through torch.utils.checkpoint when checkpointing is on and
-        gradients are being recorded."""
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(layer, *args, use_reentrant=False, **kwargs)
-        return layer(*args, **kwargs)
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-    def num_params(self) -> int:
-        """All parameters, tied embedding counted once, value head included."""
-        return sum(p.numel() for p in self.parameters())
 
     def head(self, h):
         """Logits of the final decoder states: (B', T, D) -> (B', T, V). T5 v1.0 scales h by
@@ -536,7 +555,8 @@ class EncoderDecoder(nn.Module):
         return self.value_head(mean_pool(memory, src_mask))  # (B,)
 
     def sinks(self, src, src_mask, special_ids):
-        """(B, S) bool: the prompt positions whose attention counts as sink_share: its special tokens."""
+        """(B, S) bool: the prompt positions whose attention counts as sink_share: its
+        special tokens."""
         return special_mask(src, src_mask, special_ids)
 
     def cross_kv(self, memory):
@@ -623,12 +643,7 @@ class EncoderDecoder(nn.Module):
         self,
         src,
         src_mask,
-        num_samples=1,
-        max_new_tokens=64,
-        temperature=1.0,
-        top_k=None,
-        top_p=None,
-        greedy=False,
+        decoding: Decoding = Decoding(),
         record_attention=True,
         generator=None,
         *,
@@ -640,17 +655,19 @@ class EncoderDecoder(nn.Module):
 
         The encoder runs once per prompt and each layer's cross-attention keys/values are computed
         once; the decoder's self-attention keys/values are cached, so each step costs one token.
-        Each row stops at its own EOS; decoding stops when every row has. top_k / top_p (nucleus)
-        truncate the distribution that is sampled from, but the recorded log-probability is always
-        log softmax(logits / temperature) of the sampled token over the whole vocabulary (DECISIONS.md §3),
-        which is what a teacher-forced pass recomputes. greedy=True takes the argmax. bos_id (the
-        decoder's first input: BOS, or pad for T5), eos_id and pad_id are the tokenizer's
-        (data.Specials.sample_ids()); they have no default, since they differ between tokenizers.
+        Each row stops at its own EOS; decoding stops when every row has. decoding: N, the longest
+        response, the temperature, top-k / top-p, greedy (sampling.Decoding). top_k / top_p
+        (nucleus) truncate the distribution that is sampled from, but the recorded
+        log-probability is always log softmax(logits / temperature) of the sampled token over the
+        whole vocabulary (DECISIONS.md §3), which is what a teacher-forced pass recomputes.
+        greedy=True takes the argmax. bos_id (the decoder's first input: BOS, or pad for T5),
+        eos_id and pad_id are the tokenizer's (data.Specials.sample_ids()); they have no default,
+        since they differ between tokenizers.
         """
-        check_sampling(temperature, top_k, top_p)
-        max_new_tokens = min(max_new_tokens, self.cfg.max_tgt_len)
+        check_sampling(decoding.temperature, decoding.top_k, decoding.top_p)
+        max_new_tokens = min(decoding.max_new_tokens, self.cfg.max_tgt_len)
         B, S = src.shape
-        BN, dev = B * num_samples, src.device
+        BN, dev = B * decoding.num_samples, src.device
         memory = self.encode(src, src_mask)  # (B, S, D), once per prompt
         cross_kv = self.cross_kv(memory)  # per layer, (B, H, S, hd) each
         hd = self.cfg.head_dim
@@ -665,10 +682,10 @@ class EncoderDecoder(nn.Module):
         steps = Steps(
             BN,
             dev,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            greedy=greedy,
+            temperature=decoding.temperature,
+            top_k=decoding.top_k,
+            top_p=decoding.top_p,
+            greedy=decoding.greedy,
             generator=generator,
             eos_id=eos_id,
             pad_id=pad_id,
@@ -688,8 +705,8 @@ class EncoderDecoder(nn.Module):
 def token_logprobs(logits, targets, temperature=1.0):
     """log softmax(logits / temperature)[target] per position: (B, T, V), (B, T) -> (B, T).
 
-    The same quantity the sampler records (DECISIONS.md §3), so on the sampled tokens the first PPO epoch's
-    ratio is exactly 1."""
+    The same quantity the sampler records (DECISIONS.md §3), so on the sampled tokens the first PPO
+    epoch's ratio is exactly 1."""
     return (
         torch.log_softmax(logits.float() / temperature, dim=-1)
         .gather(-1, targets.unsqueeze(-1))
@@ -710,6 +727,6 @@ if __name__ == "__main__":
     for name in SIZES:
         c = config_for(name)
         print(
-            f"| `{name}` | {c.d_model} | {c.n_heads} | {c.n_enc_layers}+{c.n_dec_layers} | {c.d_ff} | "
-            f"{c.vocab_size:,} | {count_params(c):,} |"
+            f"| `{name}` | {c.d_model} | {c.n_heads} | {c.n_enc_layers}+{c.n_dec_layers} | "
+            f"{c.d_ff} | {c.vocab_size:,} | {count_params(c):,} |"
         )

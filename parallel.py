@@ -1,4 +1,6 @@
-"""Data parallelism under `torchrun`, shared by SFT and RL, and the one guarded optimizer step.
+"""Data parallelism under `torchrun`, shared by SFT and RL, the one guarded optimizer step (and
+the non-finite guard around it), and the pieces every training loop shares: the fused Adam step on
+CUDA and the rank-0 progress bar.
 
 torch's DistributedDataParallel averages the gradients; the functions here are the few other
 places where the ranks must agree (skip decisions, Ctrl-C, logged numbers, random streams, the
@@ -14,18 +16,22 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
 
 def check_split(flag: str, n: int, world: int) -> None:
-    """A batch of `n` (set by `flag`) is shared out evenly over `world` processes, or a ValueError."""
+    """A batch of `n` (set by `flag`) is shared out evenly over `world` processes, or
+    a ValueError."""
     if n % world:
         raise ValueError(
-            f"{flag} {n} cannot be split evenly over {world} processes: choose a multiple of {world}"
+            f"{flag} {n} cannot be split evenly over {world} processes: "
+            f"choose a multiple of {world}"
         )
 
 
 def rank_and_world() -> tuple[int, int]:
-    """(this process's rank, number of processes): (0, 1) unless torch.distributed is initialised."""
+    """(this process's rank, number of processes): (0, 1) unless torch.distributed
+    is initialised."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -34,23 +40,27 @@ def rank_and_world() -> tuple[int, int]:
 def init(
     device_request: str | None, single_process: str | None = None
 ) -> tuple[int, int, torch.device | None]:
-    """Data parallelism under `torchrun --nproc_per_node K cagsr.py ...`, which sets WORLD_SIZE, RANK
-    and LOCAL_RANK: one process per GPU (NCCL), or K CPU processes (gloo) with --device cpu or no GPU.
-    single_process: what the run is when it must not run under torchrun ("--dry-run", ...), else None.
+    """Data parallelism under `torchrun --nproc_per_node K cagsr.py ...`, which sets WORLD_SIZE,
+    RANK and LOCAL_RANK: one process per GPU (NCCL), or K CPU processes (gloo) with --device cpu or
+    no GPU.
+    single_process: what the run is when it must not run under torchrun ("--dry-run", ...),
+    else None.
     Returns (rank, world, device); (0, 1, None) without torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, None
     if single_process is not None:
         raise SystemExit(
-            f"{single_process} runs in one process; run it with python, not torchrun (WORLD_SIZE={world})"
+            f"{single_process} runs in one process; run it with python, not torchrun "
+            f"(WORLD_SIZE={world})"
         )
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available() and (device_request is None or device_request.startswith("cuda")):
         if local >= torch.cuda.device_count():
             raise SystemExit(
-                f"torchrun started {world} processes on this node but only {torch.cuda.device_count()} "
-                f"GPU(s) are visible; use --nproc_per_node {torch.cuda.device_count()}"
+                f"torchrun started {world} processes on this node but only "
+                f"{torch.cuda.device_count()} GPU(s) are visible; "
+                f"use --nproc_per_node {torch.cuda.device_count()}"
             )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
@@ -103,8 +113,9 @@ def any_rank(flag: bool) -> bool:
 
 
 def mean_over_ranks(row: dict) -> dict:
-    """A log row with every float averaged over the ranks (each holds an equal shard, so the mean of
-    the ranks' means is the mean over the whole batch). Integers, flags and text are left as they are."""
+    """A log row with every float averaged over the ranks (each holds an equal shard, so the mean
+    of the ranks' means is the mean over the whole batch). Integers, flags and text are left as
+    they are."""
     if rank_and_world()[1] == 1:
         return row
     keys = [k for k, v in row.items() if isinstance(v, float)]
@@ -179,8 +190,30 @@ def check_replicas(model, stage: str) -> None:
             f"data parallelism is broken; do not use this run"
         )
     print(
-        f"after {stage}: all {world} ranks hold identical weights (per-tensor checksums agree exactly)"
+        f"after {stage}: all {world} ranks hold identical weights "
+        "(per-tensor checksums agree exactly)"
     )
+
+
+class NonFiniteError(RuntimeError):
+    """Updates were skipped MAX_BAD iterations (or SFT steps) in a row because something was
+    not finite."""
+
+
+MAX_BAD = 3
+
+
+def fused(device) -> dict:
+    """The fused (one-kernel) Adam/AdamW step on CUDA; the default elsewhere."""
+    return dict(fused=True) if torch.device(device).type == "cuda" else {}
+
+
+def progress(iterable=None, **kw):
+    """A tqdm progress bar (dynamic width, redrawn at most once a second), drawn by rank 0 only. No
+    other `disable` is passed, so TQDM_DISABLE=1 and the other TQDM_* environment settings apply."""
+    if rank_and_world()[0] > 0:
+        kw["disable"] = True
+    return tqdm(iterable, dynamic_ncols=True, mininterval=1.0, **kw)
 
 
 def guarded_step(optimizer, loss, max_grad_norm: float) -> tuple[str | None, torch.Tensor | None]:

@@ -8,13 +8,14 @@ attention reward of §3.2, and update the policy with PPO (or plain REINFORCE wi
 
 The file reads top to bottom: the config and its per-size profiles, the pure functions (one per
 equation, each tested), then `collect` (a rollout: sample, reward, advantages), `update` (the PPO
-epochs) and `train` (the loop of Figure 1). The RL stage of the command line (cagsr.py) adds the
-evaluation, checkpoints and metrics log around `train`.
+epochs) and `train` (the loop of Figure 1). The RL stage of the command line (cli/stages.py's
+`rl_stage`) adds the evaluation, checkpoints and metrics log around `train`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,15 +33,17 @@ from checks import (
     finite_number,
 )
 from model import token_logprobs
-from reward import RewardConfig, SalientTokens, compute_reward
-from sampling import token_entropy
+from parallel import MAX_BAD, NonFiniteError
+from reward import RewardConfig, SalientTokens, compute_reward, response_mean
+from sampling import Decoding, token_entropy
 
 
 @dataclass
 class PPOConfig:
     algo: str = "ppo"
-    """"ppo" (§4) or "pg": REINFORCE with a baseline, the "standard policy gradient" the paper compares
-    with: one epoch over each rollout, one step per minibatch (on-policy only with minibatches 1)."""
+    """"ppo" (§4) or "pg": REINFORCE with a baseline, the "standard policy gradient" the paper
+    compares with: one epoch over each rollout, one step per minibatch (on-policy only with
+    minibatches 1)."""
     prompts_per_iter: int = 64
     """Prompts per iteration (§7.2: 64)."""
     num_samples: int = 4
@@ -68,22 +71,26 @@ class PPOConfig:
     kl_coef: float = 0.0
     """KL penalty to the frozen SFT policy, subtracted from R (InstructGPT). 0 = the paper."""
     kl_target: float | None = None
-    """If set, an adaptive controller (Ziegler et al. 2019) steers kl_coef towards this KL per sequence."""
+    """If set, an adaptive controller (Ziegler et al. 2019) steers kl_coef towards this KL
+    per sequence."""
     kl_horizon: int = 10_000
     """Horizon of the adaptive KL controller, in samples."""
     kl_k3_coef: float = 0.0
-    """Optional k3 KL estimate to the SFT policy as a loss term (GRPO-style), instead of or beside kl_coef."""
+    """Optional k3 KL estimate to the SFT policy as a loss term (GRPO-style), instead of or
+    beside kl_coef."""
     max_grad_norm: float = 1.0
     """Gradient-norm clipping (0 = off; the paper states none, 1.0 is the project's choice)."""
     temperature: float = 1.0
-    """Sampling temperature: RL draws from softmax(logits / temperature) over the whole vocabulary, the
-    distribution of the ratio, the KL and the rival rewards (DECISIONS.md §3). CPU profiles: chosen by
-    measurement (results/README.md, "How the CPU RL settings were chosen")."""
+    """Sampling temperature: RL draws from softmax(logits / temperature) over the whole vocabulary,
+    the distribution of the ratio, the KL and the rival rewards (DECISIONS.md §3). CPU profiles:
+    chosen by measurement (results/README.md, "How the CPU RL settings were chosen")."""
     top_k: int | None = None
-    """Top-k sampling for --stage sample and display only (§5 names "top-k or nucleus sampling"); RL refuses
-    it, since its log-probabilities are of the full softmax (DECISIONS.md §3); none = off."""
+    """Top-k sampling for --stage sample and display only (§5 names "top-k or nucleus
+    sampling"); RL refuses it, since its log-probabilities are of the full softmax
+    (DECISIONS.md §3); none = off."""
     top_p: float | None = None
-    """Nucleus sampling for --stage sample and display only, refused in RL like top_k; none = off."""
+    """Nucleus sampling for --stage sample and display only, refused in RL like top_k;
+    none = off."""
     max_new_tokens: int = 64
     """Longest sampled response (the project's choice: the paper states none)."""
 
@@ -144,9 +151,9 @@ class PPOConfig:
 
 def check_on_policy(cfg: PPOConfig) -> None:
     """RL samples from the distribution its ratio r_t, its KL estimate and the rival rewards use:
-    softmax(logits / T) over the whole vocabulary. Top-k or top-p would draw from a truncated one, so
-    tail tokens would never be sampled and never pushed down, and the k1 KL could turn negative (a
-    bonus); a ConfigError here, before any work (DECISIONS.md §3)."""
+    softmax(logits / T) over the whole vocabulary. Top-k or top-p would draw from a truncated one,
+    so tail tokens would never be sampled and never pushed down, and the k1 KL could turn negative
+    (a bonus); a ConfigError here, before any work (DECISIONS.md §3)."""
     for name in ("top_k", "top_p"):
         if getattr(cfg, name) is not None:
             raise ConfigError(
@@ -199,8 +206,8 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2):
 
 
 def pg_loss(logprobs, advantages, mask):
-    """REINFORCE with a baseline (§4): minus log pi(y_t) * A, averaged over valid tokens. Its gradient
-    equals PPO's when the ratio is 1 and nothing clips."""
+    """REINFORCE with a baseline (§4): minus log pi(y_t) * A, averaged over valid tokens. Its
+    gradient equals PPO's when the ratio is 1 and nothing clips."""
     return -masked_mean(logprobs * advantages[:, None], mask)
 
 
@@ -261,7 +268,8 @@ def clip_fraction(logprobs, old_logprobs, mask, clip_eps):
 
 
 def explained_variance(predicted, target):
-    """1 - Var(target - predicted) / Var(target): 1 is a perfect V(x), 0 no better than a constant."""
+    """1 - Var(target - predicted) / Var(target): 1 is a perfect V(x), 0 no better than
+    a constant."""
     var = target.var(unbiased=False)
     return float("nan") if var == 0 else float(1 - (target - predicted).var(unbiased=False) / var)
 
@@ -273,8 +281,8 @@ def mean_entropy(logits, mask, temperature=1.0):
 
 
 class AdaptiveKLController:
-    """Ziegler et al. (2019): raise the KL coefficient when the measured KL is above target, lower it
-    when below, by at most 20% of the error per horizon."""
+    """Ziegler et al. (2019): raise the KL coefficient when the measured KL is above target, lower
+    it when below, by at most 20% of the error per horizon."""
 
     def __init__(self, coef: float, target: float, horizon: int):
         self.coef, self.target, self.horizon = coef, target, horizon
@@ -360,23 +368,27 @@ def sample_and_score(
 ):
     """Sample candidates with the recorded Abar and compute the reward of §3.2.
 
-    reward_fn(src, src_mask, rollout, terms) -> (B*N,), when given, replaces the attention reward as
-    terms["reward"] (the preference baselines of §7.3, the rival rewards of experiments/baselines.py); it sees
-    the whole sampling.Rollout (tokens, mask, log-probs, the per-token self-certainty and entropy,
-    Abar) and the attention reward's terms. The attention reward is then kept as
-    terms["attention_reward"], so every method's rollouts are measured on the same terms.
+    reward_fn(src, src_mask, rollout, terms) -> (B*N,), when given, replaces the attention reward
+    as terms["reward"] (the preference baselines of §7.3, the rival rewards of
+    experiments/baselines.py); it sees the whole sampling.Rollout (tokens, mask, log-probs, the
+    per-token self-certainty and entropy, Abar) and the attention reward's terms. The attention
+    reward is then kept as terms["attention_reward"], so every method's rollouts are measured on
+    the same terms.
     sp: the tokenizer's special ids (start, EOS, pad, the sinks).
-    Returns (Rollout, terms dict of (B*N,) tensors, seconds spent sampling, seconds on the reward)."""
+    Returns (Rollout, terms dict of (B*N,) tensors, seconds spent sampling, seconds on
+    the reward)."""
     N = num_samples or cfg.num_samples
     t0 = time.time()
     rollout = model.sample(
         src,
         src_mask,
-        num_samples=N,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
+        Decoding(
+            num_samples=N,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+        ),
         generator=generator,
         **sp.sample_ids(),
     )
@@ -392,14 +404,25 @@ def sample_and_score(
         prompt_mask=rep(src_mask),
     )
     terms["length"] = rollout.mask.sum(-1).float()
-    # The attention on the prompt before Abar is renormalised over it: 1 for cross-attention (DECISIONS.md §10).
-    terms["prompt_share"] = masked(rollout.prompt_share, rollout.mask).sum(-1) / rollout.mask.sum(
-        -1
-    ).clamp(min=1)
+    # The attention on the prompt before Abar is renormalised over it: 1 for cross-attention
+    # (DECISIONS.md §10).
+    terms["prompt_share"] = response_mean(rollout.prompt_share, rollout.mask)
     if reward_fn is not None:
         terms["attention_reward"] = terms["reward"]
         terms["reward"] = reward_fn(src, src_mask, rollout, dict(terms))
     return rollout, terms, t1 - t0, time.time() - t1
+
+
+@dataclass(frozen=True)
+class RLTask:
+    """What an RL run needs about its task (§5): the prompts x it samples from, their tokenizer's
+    special ids, and the reward R(x, y) its candidates are scored with."""
+
+    prompts: list  # the encoded training prompts (`collect` reads none: it is given its batch)
+    specials: data.Specials  # the prompts' tokenizer's special ids: start, EOS, pad, the sinks
+    salient: SalientTokens  # the salient tokens of R's coverage term (§3.2)
+    reward_cfg: RewardConfig  # the terms and weights of the attention reward R (§3.2)
+    reward_fn: Callable | None = None  # a reward in R's place (§7.3; `sample_and_score`); None: R
 
 
 @torch.no_grad()
@@ -408,21 +431,27 @@ def collect(
     ref_model,
     src,
     src_mask,
-    salient,
-    reward_cfg,
+    task: RLTask,
     cfg: PPOConfig,
     kl_coef: float,
-    sp: data.Specials,
     generator=None,
-    reward_fn=None,
 ):
     """One rollout (§5, Figure 1): N candidates per prompt, their reward, the KL penalty to the SFT
-    policy, and advantages A = R - b(x). `reward_fn`: see `sample_and_score`. Returns (Experience, timings in
+    policy, and advantages A = R - b(x). src, src_mask: a batch of prompts; task: their special ids
+    and the reward (task.reward_fn: see `sample_and_score`). Returns (Experience, timings in
     seconds)."""
     model.eval()  # dropout off during rollouts (Huang et al.)
-    N = cfg.num_samples
+    N, sp = cfg.num_samples, task.specials
     rollout, terms, sample_s, reward_s = sample_and_score(
-        model, src, src_mask, salient, reward_cfg, cfg, sp, generator, reward_fn=reward_fn
+        model,
+        src,
+        src_mask,
+        task.salient,
+        task.reward_cfg,
+        cfg,
+        sp,
+        generator,
+        reward_fn=task.reward_fn,
     )
     t1 = time.time()
     tgt_in = decoder_input(rollout.tokens, sp.start)
@@ -454,10 +483,11 @@ def collect(
 
 
 def policy_objective(logits, tokens, mask, experience: Experience, rows, v_loss, cfg: PPOConfig):
-    """The loss of one minibatch: the PPO (or PG) policy loss, plus the value loss (baseline "value"),
-    minus the entropy bonus, plus the k3 KL term. A term joins only when its coefficient is non-zero
-    (0 * NaN is NaN). V(x) is trained only when it is the baseline: with the shared encoder, a value
-    loss nobody uses would still move the policy's attention. Returns (loss, logged statistics)."""
+    """The loss of one minibatch: the PPO (or PG) policy loss, plus the value loss (baseline
+    "value"), minus the entropy bonus, plus the k3 KL term. A term joins only when its
+    coefficient is non-zero (0 * NaN is NaN). V(x) is trained only when it is the baseline: with
+    the shared encoder, a value loss nobody uses would still move the policy's attention. Returns
+    (loss, logged statistics)."""
     logprobs = token_logprobs(logits, tokens, cfg.temperature)  # (B*N, T)
     old, adv = experience.old_logprobs[rows], experience.advantages[rows]
     if cfg.algo == "ppo":
@@ -496,9 +526,9 @@ def update(
     """PPO epochs over one rollout (cfg.algo "pg": one epoch of REINFORCE steps, one per minibatch).
 
     value_only=True is the value warm-up: the loss is the value loss on detached encoder states, so
-    only the value head moves and the policy is unchanged. A minibatch whose loss or gradient norm is
-    not finite is skipped (never applied), counted in `skipped` and named in `skip_cause` ("loss",
-    "gradient"); `applied` counts the optimizer steps taken. policy: the forward pass to
+    only the value head moves and the policy is unchanged. A minibatch whose loss or gradient norm
+    is not finite is skipped (never applied), counted in `skipped` and named in `skip_cause`
+    ("loss", "gradient"); `applied` counts the optimizer steps taken. policy: the forward pass to
     differentiate, PolicyValue(model) by default; under torchrun, that wrapped in DDP (`train`)."""
     policy = PolicyValue(model) if policy is None else policy
     model.eval()  # dropout off during updates too
@@ -557,7 +587,8 @@ def update(
 
 
 def check_enough_prompts(num_prompts: int, batch_size: int) -> None:
-    """One RL iteration takes `batch_size` distinct training prompts: a ValueError when there are fewer."""
+    """One RL iteration takes `batch_size` distinct training prompts: a ValueError when there
+    are fewer."""
     if num_prompts < batch_size:
         raise ValueError(
             f"{num_prompts} training prompts, fewer than --prompts-per-iter {batch_size}; lower "
@@ -595,7 +626,8 @@ def prompt_batches(
 
 
 def iteration_metrics(experience: Experience, stats: dict, timings: dict, kl_coef: float) -> dict:
-    """The per-iteration log row: reward and its terms, the PPO statistics, the KL to the SFT policy."""
+    """The per-iteration log row: reward and its terms, the PPO statistics, the KL to the
+    SFT policy."""
     row = {k: float(v.mean()) for k, v in experience.terms.items()}
     row.update(stats)
     row["explained_variance"] = explained_variance(experience.values, experience.returns)
@@ -607,13 +639,6 @@ def iteration_metrics(experience: Experience, stats: dict, timings: dict, kl_coe
 def skipped_updates(history: list[dict]) -> int:
     """Minibatch updates skipped over a run (not finite: never applied), from `train`'s rows."""
     return sum(row.get("skipped", 0) for row in history)
-
-
-class NonFiniteError(RuntimeError):
-    """Updates were skipped MAX_BAD iterations (or SFT steps) in a row because something was not finite."""
-
-
-MAX_BAD = 3
 
 
 def _streams(device, seed: int, cfg: PPOConfig, resume: dict | None):
@@ -634,33 +659,45 @@ def _streams(device, seed: int, cfg: PPOConfig, resume: dict | None):
     return gen, cpu_gen, resume["kl_coef"], resume["iteration"]
 
 
+@dataclass(frozen=True)
+class RLRun:
+    """One run of `train`, beside the algorithm's settings (PPOConfig): how far it goes, where it
+    starts, and how its update's forward executes."""
+
+    iterations: int  # RL iterations in all, those of the run a `resume` continues included
+    seed: int = 0  # the seed of the prompt order and of the sampling and minibatch streams
+    resume: dict | None = None  # a `state` given to on_iteration: go on from there; None: anew
+    compile: bool = False  # the update's forward through torch.compile
+
+
+@dataclass(frozen=True)
+class RLHooks:
+    """What `train` calls as it goes, each optional."""
+
+    on_iteration: Callable | None = None  # on_iteration(i, row, state) after every iteration
+    stop: Callable | None = None  # stop() -> True ends the loop (Ctrl-C)
+    progress: object = None  # a tqdm bar, advanced once per iteration
+
+
 def train(
     model,
     ref_model,
     optimizer,
-    prompts,
-    salient,
-    reward_cfg: RewardConfig,
+    task: RLTask,
     cfg: PPOConfig,
-    iterations: int,
-    *,
-    specials: data.Specials,
-    seed: int = 0,
-    reward_fn=None,
-    resume: dict | None = None,
-    on_iteration=None,
-    stop=None,
-    progress=None,
-    compile=False,
+    run: RLRun,
+    hooks: RLHooks = RLHooks(),
 ) -> list[dict]:
-    """CAGSR's RL stage (§5, Figure 1), up to `iterations` in all: per iteration, sample N candidates
-    for each of prompts_per_iter prompts while recording the cross-attention, compute R, the
-    advantages and the PPO update (the first cfg.value_warmup iterations fit only V(x)).
+    """CAGSR's RL stage (§5, Figure 1), up to `run.iterations` in all: per iteration, sample N
+    candidates for each of prompts_per_iter prompts while recording the cross-attention, compute R,
+    the advantages and the PPO update (the first cfg.value_warmup iterations fit only V(x)).
 
-    prompts: encoded training prompts; specials: their tokenizer's special ids. reward_fn: a reward instead of the attention reward (§7.3,
-    see `score`). on_iteration(i, row, state) runs after every iteration; `state` (the iteration,
-    random streams, kl_coef) passed back as `resume` continues the run exactly. stop(): True ends
-    the loop (Ctrl-C). progress: a tqdm bar. compile: the update's forward through torch.compile.
+    task: the encoded training prompts, their tokenizer's special ids and the reward;
+    task.reward_fn: a reward instead of the attention reward (§7.3, see `sample_and_score`).
+    hooks.on_iteration(i, row, state) runs after every iteration; `state` (the iteration, random
+    streams, kl_coef) passed back as run.resume continues the run exactly. hooks.stop(): True ends
+    the loop (Ctrl-C). hooks.progress: a tqdm bar. run.compile: the update's forward through
+    torch.compile.
 
     Nothing non-finite reaches the weights: a rollout with a non-finite reward is not used, a
     minibatch with a non-finite loss or gradient is skipped (`update`), and MAX_BAD iterations in a
@@ -670,31 +707,21 @@ def train(
     check_on_policy(cfg)
     device = next(model.parameters()).device
     rank, world = parallel.rank_and_world()
-    gen, cpu_gen, kl_coef, start = _streams(device, seed, cfg, resume)
+    gen, cpu_gen, kl_coef, start = _streams(device, run.seed, cfg, run.resume)
     history = []
-    batches = prompt_batches(prompts, cfg.prompts_per_iter, seed, specials, rank, world, skip=start)
-    # DDP must be told when a parameter gets no gradient: the encoder and decoder in the value warm-up,
-    # the value head when V(x) is not the baseline (its loss then joins no update).
+    batches = prompt_batches(
+        task.prompts, cfg.prompts_per_iter, run.seed, task.specials, rank, world, skip=start
+    )
+    # DDP must be told when a parameter gets no gradient: the encoder and decoder in the value
+    # warm-up, the value head when V(x) is not the baseline (its loss then joins no update).
     unused = cfg.value_warmup > start or not (cfg.baseline == "value" and cfg.value_coef)
     policy = parallel.data_parallel(PolicyValue(model), device, find_unused_parameters=unused)
-    policy = torch.compile(policy) if compile else policy  # the update's forward only
+    policy = torch.compile(policy) if run.compile else policy  # the update's forward only
     kl = AdaptiveKLController(kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
     bad = 0
-    for i in range(start, iterations):
+    for i in range(start, run.iterations):
         src, src_mask = (t.to(device) for t in next(batches))
-        experience, timings = collect(
-            model,
-            ref_model,
-            src,
-            src_mask,
-            salient,
-            reward_cfg,
-            cfg,
-            kl_coef,
-            specials,
-            gen,
-            reward_fn,
-        )
+        experience, timings = collect(model, ref_model, src, src_mask, task, cfg, kl_coef, gen)
         warmup = i < cfg.value_warmup
         t0 = time.time()
         if parallel.all_finite(experience.returns):
@@ -713,7 +740,10 @@ def train(
                 skipped=1,
                 applied=0,
                 nonfinite_reward=n_bad,
-                skip_cause=f"reward (not finite for {n_bad} of {experience.returns.numel() * world} candidates)",
+                skip_cause=(
+                    f"reward (not finite for {n_bad} of {experience.returns.numel() * world} "
+                    "candidates)"
+                ),
             )
         timings["update_s"] = time.time() - t0
         row = dict(
@@ -726,13 +756,13 @@ def train(
         if kl is not None and not warmup:
             kl_coef = kl.update(row["kl_ref"], experience.tokens.size(0))
         history.append(row)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(
+        if hooks.progress is not None:
+            hooks.progress.update(1)
+            hooks.progress.set_postfix(
                 reward=f"{row['reward']:.3f}", kl=f"{row['kl_ref']:.2f}", refresh=False
             )
-        if on_iteration is not None:
-            on_iteration(
+        if hooks.on_iteration is not None:
+            hooks.on_iteration(
                 i + 1,
                 row,
                 dict(
@@ -745,11 +775,11 @@ def train(
         bad = bad + 1 if stats["applied"] == 0 and stats["skipped"] > 0 else 0
         if bad >= MAX_BAD:
             raise NonFiniteError(
-                f"RL iterations {i + 2 - bad}-{i + 1}: no update applied, {bad} iterations in a row; the "
-                f"{stats['skip_cause']} was not finite. Nothing non-finite reached the weights. Lower --lr, "
-                f"check the reward settings (--alpha/--beta/--gamma, --attn-temperature), or resume from the last "
-                f"checkpoint with other settings."
+                f"RL iterations {i + 2 - bad}-{i + 1}: no update applied, {bad} iterations in a "
+                f"row; the {stats['skip_cause']} was not finite. Nothing non-finite reached the "
+                "weights. Lower --lr, check the reward settings (--alpha/--beta/--gamma, "
+                "--attn-temperature), or resume from the last checkpoint with other settings."
             )
-        if stop is not None and stop():
+        if hooks.stop is not None and hooks.stop():
             break
     return history

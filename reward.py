@@ -35,8 +35,8 @@ class RewardConfig:
     repeat_count: bool = False
     """Use the raw count of repeated n-grams instead of the fraction (DECISIONS.md §2: fraction)."""
     salient_method: str = "idf"
-    """Heuristic for I_x (§3.2): "idf" (top-k content tokens by IDF) or "ner" (capitalised words not at
-    a sentence start, and numbers)."""
+    """Heuristic for I_x (§3.2): "idf" (top-k content tokens by IDF) or "ner" (capitalised words not
+    at a sentence start, and numbers)."""
     salient_top_k: int = 4
     """How many of a prompt's content tokens the IDF heuristic marks salient."""
     idf_weighted: bool = False
@@ -47,7 +47,8 @@ class RewardConfig:
     """Lower bound on each step's entropy (§6, against "artificially spiky" attention): below it,
     sharper attention earns no more focus."""
     exclude_special: bool = False
-    """Drop the prompt's special tokens (EOS) from Abar and renormalise (DECISIONS.md §2: attention sinks)."""
+    """Drop the prompt's special tokens (EOS) from Abar and renormalise (DECISIONS.md §2:
+    attention sinks)."""
 
     def __post_init__(self):
         check_fields(
@@ -70,16 +71,26 @@ PAPER = dict(alpha=1.0, beta=0.5, gamma=1.0, ngram=2)
 
 
 def _num_tokens(response_mask):
-    """|y| per candidate, at least 1 so an empty response gives 0 terms rather than NaN: (B, T) -> (B,)."""
+    """|y| per candidate, at least 1 so an empty response gives 0 terms rather than NaN:
+    (B, T) -> (B,)."""
     return response_mask.sum(-1).clamp(min=1).to(torch.float32)
 
 
-def coverage(attn, salient_mask, response_mask):
-    """Coverage term, §3.2: the mean over response tokens of the attention mass on I_x, per salient token.
+def response_mean(x, response_mask):
+    """Mean of a per-token quantity over each response's tokens (EOS included), the (1/|y|) sum_t of
+    §3.2; positions past EOS are never read, so a non-finite value there cannot leak in (inf * 0
+    would be NaN). An empty response gives 0. (B, T), (B, T) bool -> (B,)."""
+    kept = torch.where(response_mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return kept.sum(-1) / response_mask.sum(-1).clamp(min=1).to(x.dtype)
 
-    attn (B, T, S) = Abar; salient_mask (B, S): bool mask of I_x, or float weights w_j (IDF weighting,
-    DECISIONS.md §2: sum_t sum_j w_j Abar[t, j] / (|y| sum_j w_j), the paper's formula for 0/1 weights);
-    response_mask (B, T) bool. A prompt with no salient token gets 0. -> (B,)
+
+def coverage(attn, salient_mask, response_mask):
+    """Coverage term, §3.2: the mean over response tokens of the attention mass on I_x, per
+    salient token.
+
+    attn (B, T, S) = Abar; salient_mask (B, S): bool mask of I_x, or float weights w_j (IDF
+    weighting, DECISIONS.md §2: sum_t sum_j w_j Abar[t, j] / (|y| sum_j w_j), the paper's formula
+    for 0/1 weights); response_mask (B, T) bool. A prompt with no salient token gets 0. -> (B,)
     """
     w = salient_mask.to(attn.dtype)  # (B, S)
     mass = (attn * w[:, None, :]).sum(-1)  # (B, T)
@@ -110,7 +121,7 @@ def focus(attn, response_mask, temperature=1.0, entropy_floor=0.0):
     attn (B, T, S), response_mask (B, T) -> (B,). With entropy_floor > 0 each step's entropy is
     clamped from below (§6), so attention sharper than the floor earns nothing more."""
     h = attention_entropy(attn, temperature).clamp(min=entropy_floor)  # (B, T)
-    return -(h * response_mask).sum(-1) / _num_tokens(response_mask)
+    return -response_mean(h, response_mask)
 
 
 def repeat_penalty(tokens, response_mask, n=2, count=False):
@@ -140,8 +151,9 @@ def salient_idf(src, src_mask, idf, content, top_k, weighted=False):
     """The top_k prompt positions by IDF among content tokens: (B, S) bool, or the IDF of the chosen
     positions as float weights when `weighted` (§3.2 extension).
 
-    src, src_mask (B, S); idf (V,) over the training prompts; content (V,) bool (data.content_token_mask).
-    Ties are broken by position (earlier first), so the choice is deterministic."""
+    src, src_mask (B, S); idf (V,) over the training prompts; content (V,) bool
+    (data.content_token_mask). Ties are broken by position (earlier first), so the choice
+    is deterministic."""
     eligible = content.to(src.device)[src] & src_mask  # (B, S)
     score = torch.where(
         eligible, idf.to(src.device)[src], torch.full(src.shape, -1.0, device=src.device)
@@ -155,11 +167,12 @@ def salient_idf(src, src_mask, idf, content, top_k, weighted=False):
 
 
 def salient_ner(src, src_mask, token_strings, content):
-    """The cheap named-entity rule of DECISIONS.md §2: every token of a capitalised word that does not start
-    a sentence, and of any word containing a digit. No external model. -> (B, S) bool.
+    """The cheap named-entity rule of DECISIONS.md §2: every token of a capitalised word that does
+    not start a sentence, and of any word containing a digit. No external model. -> (B, S) bool.
 
     token_strings: the text of each vocabulary id (data.token_texts: a token that begins a new word
-    begins with a space, SentencePiece's "▁" included); content (V,) bool: tokens with a letter or digit (data.content_token_mask)."""
+    begins with a space, SentencePiece's "▁" included); content (V,) bool: tokens with a letter or
+    digit (data.content_token_mask)."""
     out = torch.zeros_like(src_mask)
     for b, (row, m) in enumerate(zip(src.tolist(), src_mask.tolist())):
         text, words, current = "", [], None  # words: (positions, starts a sentence?)
@@ -185,7 +198,8 @@ def salient_ner(src, src_mask, token_strings, content):
 
 class SalientTokens:
     """I_x for a batch of prompts, with the statistics it needs (IDF over the training prompts,
-    which tokens are content, their text). Built once per run: `SalientTokens.build(tok, prompt_ids)`."""
+    which tokens are content, their text). Built once per run:
+    `SalientTokens.build(tok, prompt_ids)`."""
 
     def __init__(self, idf, content, token_strings):
         self.idf, self.content, self.token_strings = idf, content, token_strings
@@ -225,7 +239,7 @@ def sink_share(attn, special, response_mask):
 
     attn (B, T, S), special (B, S) bool. The first place reward hacking shows (DECISIONS.md §2)."""
     mass = (attn * special[:, None, :].to(attn.dtype)).sum(-1)  # (B, T)
-    return (mass * response_mask).sum(-1) / _num_tokens(response_mask)
+    return response_mean(mass, response_mask)
 
 
 def drop_special(attn, special, prompt_mask=None):
@@ -234,8 +248,8 @@ def drop_special(attn, special, prompt_mask=None):
     special (B, S) bool; prompt_mask (B, S) bool, True on real prompt tokens (None: every position
     is real). A step whose attention was *all* on special tokens carries no information about the
     rest of the prompt, so it becomes the uniform distribution over the real non-special tokens:
-    chance-level coverage and the least focus, never the best (a sink-only step must not look sharp).
-    Steps with no attention at all (after EOS) stay zero."""
+    chance-level coverage and the least focus, never the best (a sink-only step must not look
+    sharp). Steps with no attention at all (after EOS) stay zero."""
     keep = ~special if prompt_mask is None else prompt_mask & ~special  # (B, S)
     kept = attn * keep[:, None, :].to(attn.dtype)  # (B, T, S)
     total = kept.sum(-1, keepdim=True)  # (B, T, 1)
@@ -254,10 +268,10 @@ def compute_reward(
     """R(x, y) of §3.2 and each of its terms, one value per candidate.
 
     attn (B, T, S) Abar; tokens (B, T); response_mask (B, T) bool; salient_mask (B, S) from
-    SalientTokens (I_x); special (B, S) bool marks the prompt's special tokens (needed for the sink share
-    and for cfg.exclude_special); prompt_mask (B, S) the real prompt tokens (for exclude_special; see
-    drop_special). Returns a dict of (B,) tensors: reward, coverage, focus, repeat,
-    and sink_share (measured on the attention as recorded, before any exclusion)."""
+    SalientTokens (I_x); special (B, S) bool marks the prompt's special tokens (needed for the sink
+    share and for cfg.exclude_special); prompt_mask (B, S) the real prompt tokens (for
+    exclude_special; see drop_special). Returns a dict of (B,) tensors: reward, coverage, focus,
+    repeat, and sink_share (measured on the attention as recorded, before any exclusion)."""
     terms = {}
     if special is not None:
         terms["sink_share"] = sink_share(attn, special, response_mask)

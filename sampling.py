@@ -1,7 +1,8 @@
-"""How one token is drawn from a decoding step's logits, and what a rollout records of each step: the
-samplers of both policies (`EncoderDecoder.sample` in model.py, `DecoderOnly.sample` in decoder.py)
-hand their step's logits to one `Steps`, which draws, keeps the per-token log-probability,
-self-certainty, entropy and attention, and stops rows at EOS, and returns the `Rollout`.
+"""How one token is drawn from a decoding step's logits, and what a rollout records of
+each step: the samplers of both policies (`EncoderDecoder.sample` in model.py,
+`DecoderOnly.sample` in decoder.py) hand their step's logits to one `Steps`, which draws,
+keeps the per-token log-probability, self-certainty, entropy and attention, and stops rows
+at EOS, and returns the `Rollout`.
 
 RL draws from the full softmax at its temperature (DECISIONS.md §3); `--stage sample` and display
 may truncate it first with top-k or nucleus (top-p) sampling (§5 names "top-k or nucleus sampling").
@@ -38,9 +39,10 @@ CDF_DRAW_FROM = 16_384  # categories from which `draw` takes the inverse CDF
 def draw(probs, generator=None):
     """One index per row of the categorical distributions `probs`, an exact draw: (B, V) -> (B,).
     torch.multinomial costs V exponential draws per row; from CDF_DRAW_FROM categories on, the draw
-    is the inverse CDF in two stages, P(block) x P(index | block), over blocks of sqrt(V) entries: one
-    uniform picks a block by the cumulative block masses (float64), another an index inside it, so no
-    (B, V) float64 array is made and an index of probability 0 is never drawn. Why both: DECISIONS.md §3."""
+    is the inverse CDF in two stages, P(block) x P(index | block), over blocks of sqrt(V)
+    entries: one uniform picks a block by the cumulative block masses (float64), another an index
+    inside it, so no (B, V) float64 array is made and an index of probability 0 is never drawn.
+    Why both: DECISIONS.md §3."""
     B, V = probs.shape
     if V < CDF_DRAW_FROM:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -68,7 +70,8 @@ def inverse_cdf(weights, generator=None):
 
 
 def filter_logits(logits, top_k=None, top_p=None):
-    """Top-k then nucleus (top-p) truncation: logits outside the kept set become -inf. (B, V) -> (B, V).
+    """Top-k then nucleus (top-p) truncation: logits outside the kept set become -inf.
+    (B, V) -> (B, V).
 
     top-k keeps the k highest logits; top-p keeps the smallest set of highest-probability tokens
     whose total probability reaches p (always at least one token)."""
@@ -103,19 +106,22 @@ class Rollout:
     attn: torch.Tensor | None
     """(B*N, T, S) float: Abar recorded while decoding (§3.2), 0 after EOS and on prompt padding."""
     certainty: torch.Tensor | None = None
-    """(B*N, T) float: `token_self_certainty` of softmax(logits / temperature) at each step, 0 after EOS."""
+    """(B*N, T) float: `token_self_certainty` of softmax(logits / temperature) at each step,
+    0 after EOS."""
     entropy: torch.Tensor | None = None
-    """(B*N, T) float: `token_entropy` of softmax(logits / temperature) at each step, 0 after EOS."""
+    """(B*N, T) float: `token_entropy` of softmax(logits / temperature) at each step,
+    0 after EOS."""
     prompt_share: torch.Tensor | None = None
     """(B*N, T) float: the share of the recorded attention that lay on the prompt before Abar was
-    renormalised over it (DECISIONS.md §10): 1 for cross-attention, which sees only the prompt; 0 after EOS."""
+    renormalised over it (DECISIONS.md §10): 1 for cross-attention, which sees only the prompt;
+    0 after EOS."""
 
 
 def token_self_certainty(logits):
-    """Self-certainty of one next-token distribution (Intuitor, arXiv 2505.19590): KL(U || softmax(z))
-    = logsumexp(z) - mean_j z_j - log V, in nats; 0 for a uniform distribution, large when peaked.
-    z: the full-vocabulary logits / temperature, never truncated or -inf (T5's padded vocabulary rows
-    are ordinary logits). (..., V) -> (...)."""
+    """Self-certainty of one next-token distribution (Intuitor, arXiv 2505.19590):
+    KL(U || softmax(z)) = logsumexp(z) - mean_j z_j - log V, in nats; 0 for a uniform distribution,
+    large when peaked. z: the full-vocabulary logits / temperature, never truncated or -inf (T5's
+    padded vocabulary rows are ordinary logits). (..., V) -> (...)."""
     z = logits.float()
     return torch.logsumexp(z, -1) - z.mean(-1) - math.log(z.size(-1))
 
@@ -126,6 +132,28 @@ def token_entropy(logits):
     (..., V) -> (...)."""
     z = logits.float()
     return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a policy's `sample` decodes, the same for both policies: N candidates per prompt, each
+    drawn token by token from softmax(logits / temperature), truncated first by top-k and top-p
+    when given, or the argmax when greedy. `check_sampling` refuses a setting nothing can be drawn
+    from."""
+
+    num_samples: int = 1
+    """N, the candidates per prompt (rows b*N .. b*N+N-1 of the Rollout)."""
+    max_new_tokens: int = 64
+    """The longest response in tokens, EOS included (at most the model's max_tgt_len)."""
+    temperature: float = 1.0
+    """T of softmax(logits / T): the distribution drawn from, that of the
+    recorded log-probabilities."""
+    top_k: int | None = None
+    """Draw among the k highest logits only; None = off."""
+    top_p: float | None = None
+    """Nucleus sampling: draw among the fewest tokens whose probability reaches p; None = off."""
+    greedy: bool = False
+    """Take the argmax at every step instead of drawing."""
 
 
 def check_sampling(temperature, top_k=None, top_p=None) -> None:
@@ -140,12 +168,12 @@ def check_sampling(temperature, top_k=None, top_p=None) -> None:
 
 
 class Steps:
-    """The bookkeeping of one KV-cached rollout of BN rows, step by step. `step(logits, abar, share)`
-    draws the next token of every row from the step's logits (greedy: the argmax; else
-    `sample_next` with top_k / top_p), records log softmax(logits / temperature) of it over the whole
-    vocabulary (DECISIONS.md §3), its self-certainty and entropy, the step's Abar (BN, S) and prompt
-    share (BN,), and marks rows done at EOS; rows already done get pad and zeros. `rollout()` stacks
-    them into a `Rollout`."""
+    """The bookkeeping of one KV-cached rollout of BN rows, step by step.
+    `step(logits, abar, share)` draws the next token of every row from the step's logits (greedy:
+    the argmax; else `sample_next` with top_k / top_p), records log softmax(logits / temperature) of
+    it over the whole vocabulary (DECISIONS.md §3), its self-certainty and entropy, the step's Abar
+    (BN, S) and prompt share (BN,), and marks rows done at EOS; rows already done get pad and zeros.
+    `rollout()` stacks them into a `Rollout`."""
 
     def __init__(
         self, BN, device, *, temperature, top_k, top_p, greedy, generator, eos_id, pad_id, record

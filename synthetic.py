@@ -392,7 +392,8 @@ RECIPIENTS = (("your neighbour", "neighbour"), ("a friend", "friend"), ("your ma
               ("the club members", "everyone"), ("your cousin", "cousin"),
               ("a pen pal", "pen pal"), ("your landlord", "Mr Reed"))
 # fmt: on
-INSTRUCT_PROMPTS = {  # kind -> templates; slots: {t} topic, {w} topic word, {a} audience, {r} recipient,
+INSTRUCT_PROMPTS = {
+    # kind -> templates; slots: {t} topic, {w} topic word, {a} audience, {r} recipient,
     # and verb agreement with {w}: {s} "s" or "", {is} "is"/"are", {does} "does"/"do"
     "brainstorm": (
         "List three ideas for {t} with {a}.",
@@ -423,7 +424,8 @@ _IDEAS = ("start with the {}", "plan time for the {}", "share tips about the {}"
           "keep notes on the {}", "ask an expert about the {}", "make a game out of the {}",
           "set a small goal for the {}", "read a short guide about the {}")
 # fmt: on
-INSTRUCT_RESPONSES = {  # slots as above, plus {w2} {w3} other topic words, {i1..i3} ideas, {g} greeting
+INSTRUCT_RESPONSES = {
+    # slots as above, plus {w2} {w3} other topic words, {i1..i3} ideas, {g} greeting
     "brainstorm": (
         "Here are three ideas for {t}: first, {i1}; second, {i2}; third, {i3}. "
         "Each one keeps {t} simple and fun.",
@@ -432,8 +434,8 @@ INSTRUCT_RESPONSES = {  # slots as above, plus {w2} {w3} other topic words, {i1.
         "For {t}: {i1}, {i2}, {i3}.",
     ),
     "explain": (
-        "{W} matter{s} for {t} because {w} shape{s} the {w2} and the {w3}. Without good {w}, "
-        "{t} quickly becomes harder, so anyone who cares about {t} should pay attention to the {w}.",
+        "{W} matter{s} for {t} because {w} shape{s} the {w2} and the {w3}. Without good {w}, {t} "
+        "quickly becomes harder, so anyone who cares about {t} should pay attention to the {w}.",
         "In {t}, {w} {is} important because {w} connect{s} the {w2} with the {w3}. "
         "When the {w} {is} right, the rest of {t} goes more smoothly.",
         "Good {w} make{s} {t} easier: paying attention to the {w} helps with the {w2}, "

@@ -1,20 +1,22 @@
 """The GPU check: what a GPU run of cagsr costs, measured in one process (README, "Performance").
 
-    python -m bench.gpu            # one CUDA GPU; under 8 minutes on one H100 or H200
-    python -m bench.gpu --tiny     # the same code at tiny shapes on the CPU (tests/test_bench_gpu.py)
+    python -m bench.gpu         # one CUDA GPU; under 8 minutes on one H100 or H200
+    python -m bench.gpu --tiny  # the same code at tiny shapes on the CPU (tests/test_bench_gpu.py)
 
 It prints five parts, in order:
-  1. same weights: bench/cpu.py's random T5-base-shaped snapshot loaded by ours and by HF T5, in fp32 and
-     in bf16: greedy tokens equal and Abar within 1e-4 (cpu.same_weights_check), then one sampled
-     rollout each (RL's sampler, cpu.t5_rollout): seconds, tokens/s, peak memory;
-  2. a random model shaped like flan-T5-large (its config.json fields, through snapshot.config_from_hf),
-     bf16: one SFT step and one CAGSR iteration (ppo.collect: sample, reward, reference pass; then
-     ppo.update): seconds, tokens/s, MFU, peak memory;
+  1. same weights: bench/same_weights.py's random T5-base-shaped snapshot loaded by ours and by HF
+     T5, in fp32 (checked: greedy tokens equal and Abar within 1e-4,
+     same_weights.same_weights_check) and in bf16 (reported), then one sampled rollout each (RL's
+     sampler, same_weights.t5_rollout): seconds, tokens/s, peak memory;
+  2. a random model shaped like flan-T5-large (its config.json fields, through
+     snapshot.config_from_hf), bf16: one SFT step and one CAGSR iteration (ppo.collect: sample,
+     reward, reference pass; then ppo.update): seconds, tokens/s, MFU, peak memory;
   3. the `1.3b` preset (`python cagsr.py --size 1.3b`), bf16: SFT steps, one RL iteration, and one
      rollout with and without Abar recorded;
-  4. torch.compile on and off for the PPO update of part 2's model, where it compiles;
-  5. the decoder-only policy (decoder.py) on a random model shaped like Qwen2.5-0.5B (its config.json
-     fields, through snapshot.config_from_hf), bf16: one SFT step and one CAGSR iteration, as part 2.
+  4. torch.compile on and off for the PPO update of part 2's model;
+  5. the decoder-only policy (decoder.py) on a random model shaped like Qwen2.5-0.5B (its
+     config.json fields, through snapshot.config_from_hf), bf16: one SFT step and one CAGSR
+     iteration, as part 2.
 
 bf16 is `python cagsr.py`'s: autocast over float32 weights and optimizer (runs.autocast). Each
 measurement follows a warm-up of the same work. MFU counts the FLOPs of the linear layers
@@ -23,6 +25,11 @@ left out) per second, over the chip's dense bf16 peak (BF16_PEAK, by device name
 gets a measured large-matmul rate, and --tiny's CPU its fp32 one). Peak memory: the peak of
 torch.cuda.max_memory_allocated above the memory held before the measurement (CPU: peak RSS growth).
 `transformers` is needed for part 1 only; without it part 1 is skipped with a message.
+
+A part fails when it raises (torch.compile that cannot compile here included) or, for part 1, when
+the fp32 check does not pass (bf16 is reported, not checked: its rounding differs from HF's). A
+failed part is named where it fails (its traceback on stderr) and the next parts still run (part 4
+needs part 2's model); the last line names every failed part, and the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -32,19 +39,21 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
 import data
 import parallel
 import ppo
-from bench import cpu
+from bench import common, same_weights
 from cli import runs
 from decoder import DecoderConfig, DecoderOnly
 from interop.snapshot import config_from_hf
 from model import EncoderDecoder, ModelConfig, config_for
 from presets import RL_PROFILES
 from reward import RewardConfig, SalientTokens
+from sampling import Decoding
 from sft import sft_loss
 
 # flan-T5-large's config.json, the fields that shape it (google/flan-t5-large).
@@ -75,8 +84,8 @@ QWEN25_05B = dict(
     max_position_embeddings=32768,
     hidden_act="silu",
 )
-SHAPES = {  # same: cpu.SAME key; large: part 2's config.json; preset: part 3's; decoder: part 5's;
-    # sft: (B, S, T); rl: P prompts x S, N, new
+SHAPES = {  # same: same_weights.SAME key; large: part 2's config.json; preset: part 3's;
+    # decoder: part 5's; sft: (B, S, T); rl: P prompts x S, N, new
     "gpu": dict(
         same="base",
         large=FLAN_T5_LARGE,
@@ -114,12 +123,11 @@ SHAPES = {  # same: cpu.SAME key; large: part 2's config.json; preset: part 3's;
     ),
 }
 BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
-"""Dense bf16 tensor-core peak FLOP/s by device-name fragment (the vendors' data sheets, no sparsity);
-the first fragment found in torch.cuda.get_device_name() wins."""
+"""Dense bf16 tensor-core peak FLOP/s by device-name fragment (the vendors' data sheets, no
+sparsity); the first fragment found in torch.cuda.get_device_name() wins."""
 T5_SPECIALS = data.Specials(pad=0, start=0, eos=1, special=(0, 1, 2), appends_eos=True)
-OUR_SPECIALS = data.Specials(
-    pad=0, start=1, eos=2, special=(0, 1, 2, 3)
-)  # a tokenizer trained here
+# a tokenizer trained here
+OUR_SPECIALS = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,35 +136,35 @@ OUR_SPECIALS = data.Specials(
 
 
 def run_measured(fn, device):
-    """fn() with the device synchronised before and after: (its result, seconds, peak memory growth MiB)."""
+    """fn() with the device synchronised before and after:
+    (its result, seconds, peak memory growth MiB)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        cpu.peak_reset()
-        base = cpu.rss_kib() * 1024
+        common.peak_reset()
+        base = common.rss_kib() * 1024
     t0 = time.perf_counter()
     out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = cpu.rss_kib("VmHWM") * 1024
+        peak = common.rss_kib("VmHWM") * 1024
     return out, time.perf_counter() - t0, (peak - base) / 2**20
 
 
 def per_token_flops(cfg: ModelConfig) -> tuple[int, int, int]:
-    """Multiply-adds of the linear layers per token: (encoder, per prompt token: q, k, v, out and the
-    feed-forward of every layer; the decoder's cross-attention keys and values, per prompt token;
-    the decoder, per response token: self-attention q, k, v, out, cross-attention q, out, the
+    """Multiply-adds of the linear layers per token: (encoder, per prompt token: q, k, v, out and
+    the feed-forward of every layer; the decoder's cross-attention keys and values, per prompt
+    token; the decoder, per response token: self-attention q, k, v, out, cross-attention q, out, the
     feed-forward of every layer, and the head). A DecoderConfig (decoder.py): (its stack per prompt
     token, 0, its stack and head per response token); the first response token comes from the
     prompt's last position, so this counts one stack position per row more than is run."""
     D, inner = cfg.d_model, cfg.n_heads * cfg.head_dim
-    if isinstance(
-        cfg, DecoderConfig
-    ):  # one stack: q, k, v (grouped), out, SwiGLU; response tokens add the head
+    # one stack: q, k, v (grouped), out, SwiGLU; response tokens add the head
+    if isinstance(cfg, DecoderConfig):
         stack = cfg.n_layers * (
             2 * D * inner + 2 * D * cfg.kv_heads * cfg.head_dim + 3 * D * cfg.d_ff
         )
@@ -183,8 +191,8 @@ def encoder_flops(cfg: ModelConfig, prompt_tokens: int) -> int:
 
 
 def chip_peak(device) -> tuple[float, str]:
-    """(peak FLOP/s, where it comes from): BF16_PEAK by name, else a measured large matmul (bf16 on CUDA,
-    fp32 on the CPU)."""
+    """(peak FLOP/s, where it comes from): BF16_PEAK by name, else a measured large matmul (bf16 on
+    CUDA, fp32 on the CPU)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for fragment, peak in BF16_PEAK.items():
@@ -195,7 +203,7 @@ def chip_peak(device) -> tuple[float, str]:
         a @ b  # warm-up: cuBLAS set-up
         _, seconds, _ = run_measured(lambda: [a @ b for _ in range(5)], device)
         return 5 * 2 * n**3 / seconds, f"{name}, measured bf16 matmul {n}^3"
-    return cpu.matmul_flops(), "this CPU, measured fp32 matmul 2048^3 (cpu.matmul_flops)"
+    return common.matmul_flops(), "this CPU, measured fp32 matmul 2048^3 (common.matmul_flops)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,36 +211,53 @@ def chip_peak(device) -> tuple[float, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def same_weights_part(shape: dict, device) -> None:
-    """The same-weights comparison of bench/cpu.py on `device`, in fp32 and bf16."""
-    if not cpu.peer_available("part 1 (same weights against HF T5) is skipped"):
-        return
-    name, w = shape["same"], cpu.SAME[shape["same"]]
+class CheckFailed(Exception):
+    """A part ran but its check did not pass (part 1's fp32 comparison)."""
+
+
+def same_weights_part(shape: dict, device) -> bool:
+    """The same-weights comparison of bench/same_weights.py on `device`, in fp32 and bf16.
+    False: skipped (no transformers); CheckFailed when fp32's greedy tokens differ or Abar is not
+    within 1e-4."""
+    if not common.peer_available("part 1 (same weights against HF T5) is skipped"):
+        return False
+    name, w = shape["same"], same_weights.SAME[shape["same"]]
     path = tempfile.mkdtemp(prefix="bench-gpu-t5-")
     try:
-        cpu.make_snapshot(path, name)
+        same_weights.make_snapshot(path, name)
         print(
-            f"\n1. same weights: bench/cpu.py's random T5 snapshot '{name}' (d_model {w['t5']['d_model']}, "
-            f"{w['t5']['num_layers']}+{w['t5']['num_decoder_layers']} layers), rollout {w['B']} prompts x "
-            f"{w['S']} tokens, N={w['N']}, {w['new']} new tokens, Abar recorded, "
-            f"{cpu.samplers(w['t5']['vocab_size'], cpu.rl_temperature('pretrained'))}"
+            f"\n1. same weights: bench/same_weights.py's random T5 snapshot '{name}' (d_model "
+            f"{w['t5']['d_model']}, {w['t5']['num_layers']}+{w['t5']['num_decoder_layers']} "
+            f"layers), rollout {w['B']} prompts x {w['S']} tokens, N={w['N']}, "
+            f"{w['new']} new tokens, Abar recorded, "
+            f"{common.samplers(w['t5']['vocab_size'], common.rl_temperature('pretrained'))}"
         )
         for precision in ("fp32", "bf16"):
-            check = cpu.same_weights_check(path, name, torch.get_num_threads(), device, precision)
-            print(
-                f"   {precision}: greedy {check['tokens']} positions, tokens equal: {check['tokens_equal']}; "
-                f"Abar max |ours - HF| {check['max_map_diff']:.1e}"
+            check = same_weights.same_weights_check(
+                path, name, torch.get_num_threads(), device, precision
             )
+            print(
+                f"   {precision}: greedy {check['tokens']} positions, tokens equal: "
+                f"{check['tokens_equal']}; Abar max |ours - HF| {check['max_map_diff']:.1e}"
+            )
+            if precision == "fp32" and not (
+                check["tokens_equal"] and check["max_map_diff"] <= 1e-4
+            ):
+                raise CheckFailed(
+                    "fp32 against HF T5 on the same weights: greedy tokens must be equal and Abar "
+                    "within 1e-4"
+                )
             for system in ("ours", "hf"):
-                run = cpu.same_weights_run(system, path, name, device, precision)
+                run = same_weights.same_weights_run(system, path, name, device, precision)
                 run()  # warm-up
                 _, seconds, peak = run_measured(run, device)
                 print(
-                    f"   {precision} {cpu.NAMES[system]:34s} {seconds:7.3f} s  "
+                    f"   {precision} {common.NAMES[system]:34s} {seconds:7.3f} s  "
                     f"{w['B'] * w['N'] * w['new'] / seconds:9.0f} tok/s  peak {peak:9.1f} MiB"
                 )
     finally:
         shutil.rmtree(path)
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +280,7 @@ def sft_part(model, shape: dict, sp: data.Specials, device, peak: float, steps: 
         k: v.to(device)
         for k, v in data.collate(random_pairs(B, S, T, model.cfg.vocab_size, sp), sp).items()
     }
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **runs.fused(device))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **parallel.fused(device))
     model.train()
 
     def step():
@@ -277,8 +302,9 @@ def sft_part(model, shape: dict, sp: data.Specials, device, peak: float, steps: 
 
 
 def rl_setup(model, shape: dict, sp: data.Specials, device, profile: str):
-    """What one CAGSR iteration needs on random weights: the frozen reference and Adam (runs.rl_start),
-    one batch of random prompts, I_x from their IDF, and the PPO settings of `profile`."""
+    """What one CAGSR iteration needs on random weights: the frozen reference and Adam
+    (runs.rl_start), the task (random prompts, I_x from their IDF, the paper's reward), one batch of
+    its prompts, and the PPO settings of `profile`."""
     rl, V = shape["rl"], model.cfg.vocab_size
     cfg = ppo.PPOConfig(
         **{
@@ -292,7 +318,8 @@ def rl_setup(model, shape: dict, sp: data.Specials, device, profile: str):
     salient = SalientTokens(data.idf(prompts, V), torch.ones(V, dtype=torch.bool), [""] * V)
     ref, opt = runs.rl_start(model, model.state_dict(), cfg.lr, device)
     src, src_mask = (t.to(device) for t in next(ppo.prompt_batches(prompts, rl["prompts"], 0, sp)))
-    return dict(ref=ref, opt=opt, cfg=cfg, salient=salient, src=src, src_mask=src_mask, sp=sp)
+    task = ppo.RLTask(prompts, specials=sp, salient=salient, reward_cfg=RewardConfig())
+    return dict(ref=ref, opt=opt, cfg=cfg, task=task, src=src, src_mask=src_mask)
 
 
 def rl_iteration(model, setup: dict, device, policy=None) -> dict:
@@ -302,16 +329,7 @@ def rl_iteration(model, setup: dict, device, policy=None) -> dict:
     with runs.autocast(device, "bf16"):
         (experience, split), collect_s, collect_mem = run_measured(
             lambda: ppo.collect(
-                model,
-                s["ref"],
-                s["src"],
-                s["src_mask"],
-                s["salient"],
-                RewardConfig(),
-                s["cfg"],
-                0.0,
-                s["sp"],
-                gen,
+                model, s["ref"], s["src"], s["src_mask"], s["task"], s["cfg"], 0.0, gen
             ),
             device,
         )
@@ -336,14 +354,14 @@ def rl_iteration(model, setup: dict, device, policy=None) -> dict:
 
 
 def rl_figures(model, it: dict, epochs: int, peak: float) -> dict:
-    """Seconds, tokens/s and MFU of one measured iteration (`rl_iteration`) of `epochs` PPO epochs."""
+    """Seconds, tokens/s and MFU of one measured iteration (`rl_iteration`)
+    of `epochs` PPO epochs."""
     cfg, exp = model.cfg, it["experience"]
     P, S = exp.src.shape
     BN, T = exp.tokens.shape
     forward = linear_flops(cfg, P * S, BN * T)
-    flops = (
-        2 * forward + encoder_flops(cfg, P * S) + epochs * 3 * forward
-    )  # sample, reference, V(x), update
+    # sample, reference, V(x), update
+    flops = 2 * forward + encoder_flops(cfg, P * S) + epochs * 3 * forward
     total = it["collect_s"] + it["update_s"]
     return dict(
         iteration_s=total,
@@ -372,23 +390,24 @@ def millions(model) -> str:
 
 def print_sft(label: str, sft: dict) -> None:
     print(
-        f"   SFT step: {sft['step_s']:.3f} s, {sft['tokens_per_s']:,.0f} tokens/s, MFU {sft['mfu']:.1%}, "
-        f"peak {sft['peak_mib']:,.0f} MiB ({label})"
+        f"   SFT step: {sft['step_s']:.3f} s, {sft['tokens_per_s']:,.0f} tokens/s, "
+        f"MFU {sft['mfu']:.1%}, peak {sft['peak_mib']:,.0f} MiB ({label})"
     )
 
 
 def print_rl(rl: dict) -> None:
     print(
-        f"   CAGSR iteration ({rl['rows']} candidates x {rl['new']} tokens): {rl['iteration_s']:.3f} s = sample "
-        f"{rl['sample_s']:.3f} s + reward, reference pass and V(x) {rl['rest_of_collect_s']:.3f} s + PPO update "
-        f"{rl['update_s']:.3f} s; {rl['tokens_per_s']:,.0f} sampled tokens/s; MFU {rl['mfu']:.1%} (sampling "
-        f"alone {rl['sample_mfu']:.1%}); peak {rl['peak_mib']:,.0f} MiB"
+        f"   CAGSR iteration ({rl['rows']} candidates x {rl['new']} tokens): "
+        f"{rl['iteration_s']:.3f} s = sample {rl['sample_s']:.3f} s + reward, reference pass and "
+        f"V(x) {rl['rest_of_collect_s']:.3f} s + PPO update {rl['update_s']:.3f} s; "
+        f"{rl['tokens_per_s']:,.0f} sampled tokens/s; MFU {rl['mfu']:.1%} (sampling alone "
+        f"{rl['sample_mfu']:.1%}); peak {rl['peak_mib']:,.0f} MiB"
     )
 
 
 def large_part(shape: dict, device, peak: float) -> tuple:
-    """Part 2: flan-T5-large's shape, one SFT step and one CAGSR iteration. Returns (model, RL setup,
-    the iteration's figures)."""
+    """Part 2: flan-T5-large's shape, one SFT step and one CAGSR iteration. Returns (model, RL
+    setup, the iteration's figures)."""
     cfg = config_from_hf(shape["large"], last_layers=1)
     model = EncoderDecoder(cfg).to(device)
     print(
@@ -405,7 +424,8 @@ def large_part(shape: dict, device, peak: float) -> tuple:
 
 
 def preset_part(shape: dict, device, peak: float) -> None:
-    """Part 3: the preset of `python cagsr.py --size ...`: SFT steps, one RL iteration, Abar's cost."""
+    """Part 3: the preset of `python cagsr.py --size ...`:
+    SFT steps, one RL iteration, Abar's cost."""
     name = shape["preset"]
     model = EncoderDecoder(config_for(name)).to(device)
     print(f"\n3. --size {name} ({millions(model)} parameters), bf16 autocast")
@@ -425,8 +445,7 @@ def preset_part(shape: dict, device, peak: float) -> None:
                 return model.sample(
                     setup["src"],
                     setup["src_mask"],
-                    num_samples=rl["N"],
-                    max_new_tokens=rl["new"],
+                    Decoding(num_samples=rl["N"], max_new_tokens=rl["new"]),
                     record_attention=record,
                     generator=torch.Generator(device=device).manual_seed(0),
                     **OUR_SPECIALS.sample_ids(),
@@ -441,11 +460,12 @@ def preset_part(shape: dict, device, peak: float) -> None:
 
 
 def decoder_part(shape: dict, device, peak: float) -> None:
-    """Part 5: the decoder-only policy on Qwen2.5-0.5B's shape: one SFT step and one CAGSR iteration."""
+    """Part 5: the decoder-only policy on Qwen2.5-0.5B's shape:
+    one SFT step and one CAGSR iteration."""
     model = DecoderOnly(config_from_hf(shape["decoder"], last_layers=1)).to(device)
     print(
-        f"\n5. Qwen2.5-0.5B's shape, decoder-only (decoder.py), random weights ({millions(model)} parameters), "
-        f"bf16 autocast"
+        f"\n5. Qwen2.5-0.5B's shape, decoder-only (decoder.py), random weights "
+        f"({millions(model)} parameters), bf16 autocast"
     )
     B, S, T = shape["sft"]
     print_sft(
@@ -459,19 +479,41 @@ def decoder_part(shape: dict, device, peak: float) -> None:
 
 
 def compile_part(model, setup, eager: dict, device, peak: float) -> None:
-    """Part 4: the PPO update through torch.compile (as `--compile`), against part 2's eager one."""
+    """Part 4: the PPO update through torch.compile (as `--compile`), against part 2's eager one.
+    Where torch.compile cannot compile (no C++ compiler, an unsupported operation), it raises: the
+    part fails."""
     print("\n4. torch.compile for the PPO update (part 2's model)")
-    try:
-        compiled = torch.compile(ppo.PolicyValue(model))
-        first = rl_iteration(model, setup, device, compiled)["update_s"]
-        steady = measured_iteration(model, setup, device, peak, compiled)
-    except Exception as e:  # noqa: BLE001 -- "where it works": say why not
-        print(f"   torch.compile failed: {type(e).__name__}: {str(e)[:300]}")
-        return
+    compiled = torch.compile(ppo.PolicyValue(model))
+    first = rl_iteration(model, setup, device, compiled)["update_s"]
+    steady = measured_iteration(model, setup, device, peak, compiled)
     print(
         f"   update: eager {eager['update_s']:.3f} s; compiled {steady['update_s']:.3f} s "
-        f"(x{eager['update_s'] / steady['update_s']:.2f}); the first compiled update, compiling, {first:.1f} s"
+        f"(x{eager['update_s'] / steady['update_s']:.2f}); "
+        f"the first compiled update, compiling, {first:.1f} s"
     )
+
+
+PARTS = {  # how the check names each part where it fails and in its last line
+    1: "part 1 (same weights)",
+    2: "part 2 (flan-T5-large's shape)",
+    3: "part 3 (the preset)",
+    4: "part 4 (torch.compile)",
+    5: "part 5 (decoder-only)",
+}
+
+
+def run_part(failed: list, name: str, fn, *args):
+    """fn(*args), the part `name` of the check. Where it raises, the part has failed: its traceback
+    goes to stderr, a line `FAILED: name: error` to stdout, `name` into `failed`, and None is
+    returned, so that the next parts still run."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 -- one part's failure must not hide the others'
+        sys.stdout.flush()
+        traceback.print_exc()
+        print(f"   FAILED: {name}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        failed.append(name)
+        return None
 
 
 def main(argv=None) -> int:
@@ -489,14 +531,25 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     peak, source = chip_peak(device)
     print(f"cagsr GPU check on {source}; torch {torch.__version__}")
-    same_weights_part(shape, device)
-    model, setup, eager = large_part(shape, device, peak)
-    preset_part(shape, device, peak)
-    if not args.skip_compile:
-        compile_part(model, setup, eager, device, peak)
-    decoder_part(shape, device, peak)
-    print(f"\nthe whole check: {time.perf_counter() - t0:.0f} s")
-    return 0
+    failed, skipped = [], []
+    if run_part(failed, PARTS[1], same_weights_part, shape, device) is False:
+        skipped.append(f"{PARTS[1]}: no transformers")
+    large = run_part(failed, PARTS[2], large_part, shape, device, peak)
+    run_part(failed, PARTS[3], preset_part, shape, device, peak)
+    if args.skip_compile:
+        skipped.append(f"{PARTS[4]}: --skip-compile")
+    elif large is None:
+        print(f"\n4. torch.compile: not run\n   FAILED: {PARTS[4]}: it needs part 2's model")
+        failed.append(PARTS[4])
+    else:
+        run_part(failed, PARTS[4], compile_part, *large, device, peak)
+    run_part(failed, PARTS[5], decoder_part, shape, device, peak)
+    print(
+        f"\nthe whole check: {time.perf_counter() - t0:.0f} s; "
+        + (f"FAILED: {', '.join(failed)}" if failed else "every part that ran passed")
+        + (f" (skipped: {'; '.join(skipped)})" if skipped else "")
+    )
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The plumbing of a run: the device, the run directory, checkpoints (one layout), resuming, the
-metrics log, Ctrl-C and random states. Nothing here knows about the paper; every stage uses it.
+metrics log, Ctrl-C and random states. Every stage uses it. None of the method is here: a §
+reference only says which part of the paper a stored or loaded piece serves (the IDF table of §3.2,
+the frozen SFT policy of §7.2).
 
 A run directory (runs/<time>-<size>-<dataset>/ unless --out is given) holds args.json (the run's
 settings), metrics.jsonl (one JSON row per evaluation, iteration and summary) and checkpoints:
@@ -20,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import data
 import parallel
@@ -36,7 +37,8 @@ class UsageError(SystemExit):
 
 
 CHECKPOINT_FORMAT = 2
-"""1: written before checkpoints had one layout (no "format", "dataset" only inside "args"); still loads."""
+"""The layout number every checkpoint carries as its "format" field (`checkpoint_state`); a file
+of any other format is refused (`_checked`), never converted."""
 REQUIRED = ("model", "model_config", "tokenizer", "idf", "size", "stage")
 
 
@@ -66,19 +68,6 @@ def autocast(device, precision: str | None):
     device = torch.device(device)
     precision = precision or ("bf16" if device.type == "cuda" else "fp32")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def fused(device) -> dict:
-    """The fused (one-kernel) Adam/AdamW step on CUDA; the default elsewhere."""
-    return dict(fused=True) if torch.device(device).type == "cuda" else {}
-
-
-def progress(iterable=None, **kw):
-    """A tqdm progress bar (dynamic width, redrawn at most once a second), drawn by rank 0 only. No
-    other `disable` is passed, so TQDM_DISABLE=1 and the other TQDM_* environment settings apply."""
-    if parallel.rank_and_world()[0] > 0:
-        kw["disable"] = True
-    return tqdm(iterable, dynamic_ncols=True, mininterval=1.0, **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,7 +105,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (temporary file, then rename): a reader never sees half of it."""
+    """Write a text file atomically (temporary file, then rename): a reader never sees half
+    of it."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -140,7 +130,8 @@ def checkpoint_state(
     """The one checkpoint layout: the policy's weights and config, its tokenizer, the IDF table of
     the training prompts (computed once per run; every stage scores salient tokens with it, §3.2),
     the preset, the dataset and the stage; `extra` adds what resuming needs (optimizer, step or
-    iteration, random states, ...). The tokenizer's special ids are stored beside it (data.Specials)."""
+    iteration, random states, ...). The tokenizer's special ids are stored beside it
+    (data.Specials)."""
     return dict(
         format=CHECKPOINT_FORMAT,
         model=model.state_dict(),
@@ -160,42 +151,46 @@ def save_checkpoint(path: Path, model, tok, idf, **fields) -> None:
     atomic_save(path, checkpoint_state(model, tok, idf, **fields))
 
 
-def _upgrade(ckpt: dict, where: str) -> dict:
-    """A checkpoint in the current layout; one written by an older cagsr.py (format 1) is read as
-    far as it can be, anything else is a clear error."""
+def _checked(ckpt, where: str) -> dict:
+    """`ckpt` when it is a policy checkpoint of CHECKPOINT_FORMAT; anything else is a UsageError
+    that names the file, what is wrong with it and what to do."""
     if not isinstance(ckpt, dict):
         raise UsageError(
             f"{where}: not a checkpoint written by cagsr.py (a {type(ckpt).__name__}, not a dict)"
         )
-    if ckpt.get("format", 1) == 1:
-        args = ckpt.get("args") or {}
-        ckpt = {
-            **ckpt,
-            "format": 1,
-            "size": ckpt.get("size") or args.get("size") or "tiny",
-            "dataset": ckpt.get("dataset") or args.get("dataset"),
-        }
-    missing = [k for k in REQUIRED if k not in ckpt]
+    found, note = ckpt.get("format"), ""
+    if "format" not in ckpt and "model" in ckpt and "model_config" in ckpt:
+        found, note = 1, ' (it has no "format" field)'  # format 1 has no such field
+    if found != CHECKPOINT_FORMAT and ("format" in ckpt or note):
+        newer = isinstance(found, int) and found > CHECKPOINT_FORMAT
+        raise UsageError(
+            f"{where}: checkpoint format {found}{note}, "
+            f"but this cagsr.py reads format {CHECKPOINT_FORMAT} only and converts no other; "
+            + (
+                "it was written by a newer cagsr.py: update the code"
+                if newer
+                else "train a new checkpoint with this code, or read this one with the cagsr.py "
+                "that wrote it"
+            )
+        )
+    missing = [k for k in ("format", *REQUIRED) if k not in ckpt]
     if missing:
         raise UsageError(
             f"{where}: not a policy checkpoint written by cagsr.py (missing {', '.join(missing)})"
-        )
-    if ckpt["format"] > CHECKPOINT_FORMAT:
-        raise UsageError(
-            f"{where}: written by a newer cagsr.py (checkpoint format {ckpt['format']}); update the code"
         )
     return ckpt
 
 
 def _read(path, flag: str, **load_kw) -> dict:
-    """torch.load of a checkpoint file named by `flag`, or a UsageError that says what is wrong with it."""
+    """torch.load of a checkpoint file named by `flag`, or a UsageError that says what is wrong
+    with it."""
     path, where = Path(path), f"{flag} {path}".strip()
     if path.is_dir():
         raise UsageError(
-            f"{where} is a directory without a config.json: {flag or 'this'} takes a checkpoint file "
-            f"written by cagsr.py (a run's sft.pt or rl.pt) or a Hugging Face snapshot directory "
-            f"(config.json, weights, tokenizer.json); to continue the run in a directory, use "
-            f"--resume {path}"
+            f"{where} is a directory without a config.json: {flag or 'this'} takes a checkpoint "
+            "file written by cagsr.py (a run's sft.pt or rl.pt) or a Hugging Face snapshot "
+            "directory (config.json, weights, tokenizer.json); to continue the run in a directory, "
+            f"use --resume {path}"
         )
     if not path.is_file():
         raise UsageError(f"{where}: no such checkpoint file")
@@ -203,8 +198,8 @@ def _read(path, flag: str, **load_kw) -> dict:
         obj = torch.load(path, weights_only=False, **load_kw)
     except Exception as e:  # pickle, zip and torch errors alike: the file is not usable
         advice = (
-            "this run's checkpoint is damaged: restore it from a copy, or move it away to resume from "
-            "the run's earlier checkpoint (rl.pt falls back to sft.pt), or start a new run"
+            "this run's checkpoint is damaged: restore it from a copy, or move it away to resume "
+            "from the run's earlier checkpoint (rl.pt falls back to sft.pt), or start a new run"
             if flag == "--resume"
             else "give a .pt file written by cagsr.py, a run's sft.pt or rl.pt"
         )
@@ -212,7 +207,7 @@ def _read(path, flag: str, **load_kw) -> dict:
             f"{where}: cannot be read as a checkpoint ({type(e).__name__}): it was not written by "
             f"torch.save, or it was cut short (a copy that did not finish); {advice}"
         ) from None
-    return _upgrade(obj, where)
+    return _checked(obj, where)
 
 
 def peek_checkpoint(path, flag: str = "") -> dict:
@@ -222,8 +217,9 @@ def peek_checkpoint(path, flag: str = "") -> dict:
 
 
 def policy_from_state(state: dict, cfg, device, frozen: bool = False):
-    """The policy of `cfg` (an EncoderDecoder, or a DecoderOnly for a DecoderConfig) holding the
-    weights `state`; frozen: in eval mode without gradients (the reference policy of the KL penalty)."""
+    """The policy of `cfg` (an EncoderDecoder, or a DecoderOnly for a DecoderConfig) holding
+    the weights `state`; frozen: in eval mode without gradients (the reference policy of the
+    KL penalty)."""
     model = build_policy(cfg).to(device)
     model.load_state_dict(state)
     return model.eval().requires_grad_(False) if frozen else model
@@ -234,7 +230,7 @@ def rl_start(policy, sft_state: dict, lr: float, device, optimizer_state: dict |
     penalty's reference, and the metrics' baseline) and Adam on the policy, with a resumed optimizer
     state when given. Returns (reference policy, optimizer)."""
     reference = policy_from_state(sft_state, policy.cfg, device, frozen=True)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=lr, **fused(device))
+    optimizer = torch.optim.Adam(policy.parameters(), lr=lr, **parallel.fused(device))
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     return reference, optimizer
@@ -269,7 +265,8 @@ def is_snapshot(path) -> bool:
 
 
 def snapshot_arch(path, flag: str = "--init") -> str:
-    """ "decoder" for a Llama/Qwen2 snapshot, else "encoder-decoder" (by its config.json's model_type)."""
+    """ "decoder" for a Llama/Qwen2 snapshot, else "encoder-decoder" (by its config.json's
+    model_type)."""
     try:
         model_type = load_hf_config(path).get("model_type")
     except ValueError as e:
@@ -278,7 +275,8 @@ def snapshot_arch(path, flag: str = "--init") -> str:
 
 
 def snapshot_config(path, overrides: dict, flag: str = "--init"):
-    """The model config (ModelConfig or DecoderConfig) of a snapshot from its config.json alone (no weights read), `overrides` on top."""
+    """The model config (ModelConfig or DecoderConfig) of a snapshot from its config.json alone (no
+    weights read), `overrides` on top."""
     try:
         return config_from_hf(load_hf_config(path), **overrides)
     except ConfigError:
@@ -290,9 +288,9 @@ def snapshot_config(path, overrides: dict, flag: str = "--init"):
 def peek_init(
     path, flag: str = "--init", overrides: dict | None = None, tokenizer: bool = True
 ) -> dict:
-    """What `--init` names, checked without reading weights: a checkpoint file's fields (peeked), or for
-    a snapshot {"size": "pretrained", "dataset": None, "snapshot_config": ModelConfig or DecoderConfig} after reading its
-    config.json and, when `tokenizer`, its tokenizer.json."""
+    """What `--init` names, checked without reading weights: a checkpoint file's fields (peeked), or
+    for a snapshot {"size": "pretrained", "dataset": None, "snapshot_config": ModelConfig or
+    DecoderConfig} after reading its config.json and, when `tokenizer`, its tokenizer.json."""
     if not is_snapshot(path):
         return peek_checkpoint(path, flag)
     cfg = snapshot_config(path, overrides or {}, flag)
@@ -356,7 +354,8 @@ def check_out(out: str, overwrite: bool) -> None:
 
 
 def make_run_dir(out: str | None, overwrite: bool, size: str, dataset: str) -> Path:
-    """--out, or a new runs/<time>-<size>-<dataset>/ (new for every run, even two in the same second)."""
+    """--out, or a new runs/<time>-<size>-<dataset>/ (new for every run, even two in the
+    same second)."""
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = data.dataset_name(dataset)
@@ -392,13 +391,13 @@ def run_complete(run_dir: str) -> bool:
 
 
 def check_resume(path: Path, ckpt: dict, run_dir: str, overrides: dict, size: str) -> None:
-    """A checkpoint given to --resume must belong to the run: its size, model settings and
-    tokenizer (against the run's other checkpoint) must match; and it must carry the resume state."""
+    """A checkpoint given to --resume must belong to the run: its size, model settings and tokenizer
+    (against the run's other checkpoint) must match; and it must carry the resume state."""
     where = f"--resume {run_dir}: {path.name}"
     if "log_rows" not in ckpt:
         raise UsageError(
-            f"{where} was written by an older cagsr.py without the state needed to resume; "
-            f"start a new run with --init {path}"
+            f"{where} holds no resume state (it was written outside a run's SFT or RL stage, e.g. "
+            f"by an experiment); start a new run with --init {path}"
         )
     if ckpt["size"] != size:
         raise UsageError(
@@ -414,8 +413,8 @@ def check_resume(path: Path, ckpt: dict, run_dir: str, overrides: dict, size: st
     world = parallel.rank_and_world()[1]
     if ckpt.get("world", 1) != world:
         raise UsageError(
-            f"{where} was written by a run on {ckpt.get('world', 1)} process(es); resume it on as many "
-            f"(now {world}), since every process's data shard and random stream are in it"
+            f"{where} was written by a run on {ckpt.get('world', 1)} process(es); resume it on as "
+            f"many (now {world}), since every process's data shard and random stream are in it"
         )
     other = path.with_name("sft.pt") if path.name == "rl.pt" else None
     if (
@@ -478,7 +477,8 @@ class StopFlag:
             raise KeyboardInterrupt
         self.requested = True
         print(
-            "\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again aborts without one)",
+            "\nCtrl-C: stopping after this step and writing a checkpoint "
+            "(Ctrl-C again aborts without one)",
             file=sys.stderr,
             flush=True,
         )

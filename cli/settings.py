@@ -23,11 +23,11 @@ import ppo
 import reward
 from checks import AT_LEAST_1, NON_NEGATIVE, SHARE, ConfigError, check_values
 from cli import runs
+from cli.plan import memory_plan
 from cli.runs import UsageError
 from data import DATASETS, dataset_name
 from decoder import DecoderConfig, count_policy_params, policy_config
 from experiments.common import ExperimentConfig, label
-from interop.snapshot import memory_plan
 from model import ModelConfig
 from presets import (
     DECODER_SIZES,
@@ -58,12 +58,10 @@ class Run:
     command: str
     args: dict  # the settings as args.json and the checkpoints record them
     init: str | None = None  # a checkpoint file, or a snapshot directory (size "pretrained")
-    model_config: ModelConfig | DecoderConfig | None = (
-        None  # a snapshot's, from its config.json and --set (--dry-run)
-    )
-    arch: str = (
-        "encoder-decoder"  # the policy: "encoder-decoder" (model.py) or "decoder" (decoder.py)
-    )
+    # a snapshot's, from its config.json and --set (--dry-run)
+    model_config: ModelConfig | DecoderConfig | None = None
+    # the policy: "encoder-decoder" (model.py) or "decoder" (decoder.py)
+    arch: str = "encoder-decoder"
     resume: str | None = None  # the run directory of --resume
     resume_from: Path | None = None  # its last checkpoint (None: it wrote none yet)
     model_overrides: dict = field(default_factory=dict)
@@ -80,9 +78,8 @@ class Run:
     overwrite: bool = False
     experiment: ExperimentConfig | None = None
     reward_name: str = "attention"  # --reward: the RL reward (baselines.REWARD_NAMES)
-    sft_noise: float = (
-        0.0  # --sft-noise: the share of SFT training responses made wrong (data.sft_noise)
-    )
+    # --sft-noise: the share of SFT training responses made wrong (data.sft_noise)
+    sft_noise: float = 0.0
     hybrid: dict = field(default_factory=dict)  # --reward hybrid: rm_steps, human_prompts, weight
 
 
@@ -98,29 +95,26 @@ def field_docs(cls) -> dict[str, str]:
     }
 
 
-def _optional(kind):
-    def parse(text):
-        return None if text.lower() in ("none", "off") else kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
 OFF = "none"
-"""What `--top-k none` (and every flag of an optional field) parses to: given, and meaning None. The flags
-default to None for "not given", so None itself cannot say "set to none"; `_flags` turns OFF into None."""
+"""What `--top-k none` (and every flag of an optional field) parses to: given, and meaning None. The
+flags default to None for "not given", so None itself cannot say "set to none"; `_flags` turns OFF
+into None."""
 
 
-def _optional_flag(kind):
+def _optional(kind, off=None):
+    """A parser of `kind` that also reads "none" or "off" as `off`:
+    None for --set, OFF for a flag."""
+
     def parse(text):
-        return OFF if text.lower() in ("none", "off") else kind(text)
+        return off if text.lower() in ("none", "off") else kind(text)
 
     parse.__name__ = kind.__name__
     return parse
 
 
 def per_size(values: dict) -> str:
-    """{size: value} as help text: "X" when every size has it, else "X (tiny/small), Y (base/1.3b)"."""
+    """{size: value} as help text: "X" when every size has it,
+    else "X (tiny/small), Y (base/1.3b)"."""
     groups: dict = {}
     for size, v in values.items():
         groups.setdefault("none" if v is None else str(v), []).append(size)
@@ -132,16 +126,16 @@ def per_size(values: dict) -> str:
 
 
 def add_config_flags(group, cls, profile: dict | None = None):
-    """One flag per field of the dataclass `cls` (--clip-eps for clip_eps), default None = "the run's
-    default", so a run can print which values the user set. The help gives the default of every
-    preset: the field's own, or the per-size `profile`'s (presets.RL_PROFILES)."""
+    """One flag per field of the dataclass `cls` (--clip-eps for clip_eps), default None = "the
+    run's default", so a run can print which values the user set. The help gives the default of
+    every preset: the field's own, or the per-size `profile`'s (presets.RL_PROFILES)."""
     docs = field_docs(cls)
     kinds = {
         "int": int,
         "float": float,
         "str": str,
-        "int | None": _optional_flag(int),
-        "float | None": _optional_flag(float),
+        "int | None": _optional(int, off=OFF),
+        "float | None": _optional(float, off=OFF),
     }
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -178,9 +172,9 @@ SET_TYPES = {
 
 
 def parse_overrides(items: list[str], cls=ModelConfig) -> dict:
-    """`--set d_model=64 --set ffn=gated-gelu --set tie_head=false` -> {"d_model": 64, ...}, each value
-    typed by its field of `cls` (ModelConfig, or DecoderConfig for --arch decoder: int, float, word,
-    true/false, or none where None is allowed); the config itself then checks the values
+    """`--set d_model=64 --set ffn=gated-gelu --set tie_head=false` -> {"d_model": 64, ...}, each
+    value typed by its field of `cls` (ModelConfig, or DecoderConfig for --arch decoder: int, float,
+    word, true/false, or none where None is allowed); the config itself then checks the values
     (settings.flag_errors names the flag)."""
     types = {f.name: f.type for f in fields(cls) if f.type in SET_TYPES}
     out = {}
@@ -190,7 +184,8 @@ def parse_overrides(items: list[str], cls=ModelConfig) -> dict:
             raise UsageError(f"--set expects FIELD=VALUE, got {item!r}")
         if key not in types:
             raise UsageError(
-                f"--set: unknown {cls.__name__} field {key!r}; valid fields: {', '.join(sorted(types))}"
+                f"--set: unknown {cls.__name__} field {key!r}; "
+                f"valid fields: {', '.join(sorted(types))}"
             )
         kind, what = SET_TYPES[types[key]]
         try:
@@ -201,8 +196,8 @@ def parse_overrides(items: list[str], cls=ModelConfig) -> dict:
 
 
 def _flags(args, cls) -> dict:
-    """The fields of the config dataclass `cls` that the user set (flags default to None; OFF, a flag set
-    to none, is None)."""
+    """The fields of the config dataclass `cls` that the user set (flags default to None; OFF, a
+    flag set to none, is None)."""
     given = {
         f.name: getattr(args, f.name)
         for f in fields(cls)
@@ -224,9 +219,10 @@ SFT_FLAGS = dict(
 def flag_errors(
     flag_of=lambda field: "--" + field.replace("_", "-"), where: str = "", given: dict | None = None
 ):
-    """A config's ConfigError as the UsageError of the flag that set the field. given: the fields the
-    user set ({field: value}); when the rule broken reads two fields (ConfigError.related) and the user
-    set only the other one, the error names that one: the user's setting, not the default it met."""
+    """A config's ConfigError as the UsageError of the flag that set the field. given: the fields
+    the user set ({field: value}); when the rule broken reads two fields (ConfigError.related) and
+    the user set only the other one, the error names that one: the user's setting, not the default
+    it met."""
     try:
         yield
     except ConfigError as e:
@@ -237,15 +233,16 @@ def flag_errors(
 
         if given is not None and e.field not in given and e.related in given:
             raise UsageError(
-                f"{where}{named(e.related, given[e.related])}: {e.field} is {e.value} (the default; not "
-                f"set), which must be {e.what}; choose another {flag_of(e.related).rstrip('=')}, or "
-                f"give {flag_of(e.field).rstrip('=')} too"
+                f"{where}{named(e.related, given[e.related])}: {e.field} is {e.value} "
+                f"(the default; not set), which must be {e.what}; choose another "
+                f"{flag_of(e.related).rstrip('=')}, or give {flag_of(e.field).rstrip('=')} too"
             ) from None
         raise UsageError(f"{where}{named(e.field, e.value)}: must be {e.what}") from None
 
 
 def rl_configs(args, size: str, profile: str) -> tuple[ppo.PPOConfig, RewardConfig, int]:
-    """PPOConfig, RewardConfig and the iteration count: the profile's per-size values, then the flags."""
+    """PPOConfig, RewardConfig and the iteration count:
+    the profile's per-size values, then the flags."""
     defaults = RL_PROFILES[profile][size]
     given = _flags(args, ppo.PPOConfig)
     with flag_errors(given=given):
@@ -259,8 +256,8 @@ def rl_configs(args, size: str, profile: str) -> tuple[ppo.PPOConfig, RewardConf
 
 
 def check_flags(rule, **values) -> None:
-    """The command line's own flags (those that are no config's field) under a rule of checks.py, with
-    the configs' message: "--flag value: must be ..." (flag_errors)."""
+    """The command line's own flags (those that are no config's field) under a rule of checks.py,
+    with the configs' message: "--flag value: must be ..." (flag_errors)."""
     with flag_errors():
         check_values(rule, **values)
 
@@ -279,7 +276,8 @@ def _check_stage(args) -> None:
         raise UsageError('--stage sample needs at least one --prompt "..."')
     if args.stage == "sample" and any(not p.strip() for p in args.prompt):
         raise UsageError(
-            '--prompt is empty: give the text to answer, e.g. --prompt "Where does Stimdol Mellu live?"'
+            "--prompt is empty: give the text to answer, e.g. "
+            '--prompt "Where does Stimdol Mellu live?"'
         )
     if (
         args.init is not None
@@ -288,14 +286,15 @@ def _check_stage(args) -> None:
         and not runs.is_snapshot(args.init)
     ):
         raise UsageError(
-            "--init CKPT with --stage all would retrain the checkpoint; use --stage rl (or --stage sft). "
-            "(--init with a snapshot directory and --stage all is SFT from the snapshot, then CAGSR.)"
+            "--init CKPT with --stage all would retrain the checkpoint; use --stage rl "
+            "(or --stage sft). (--init with a snapshot directory and --stage all is SFT from the "
+            "snapshot, then CAGSR.)"
         )
 
 
 def _check_paths(args, dataset: str, experiment: bool) -> None:
-    """--dataset names a dataset or an existing .jsonl file; --out and --results-dir are directories;
-    a new run's --out holds no files unless --overwrite; --device names a device."""
+    """--dataset names a dataset or an existing .jsonl file; --out and --results-dir are
+    directories; a new run's --out holds no files unless --overwrite; --device names a device."""
     if dataset not in DATASETS and not (dataset.endswith(".jsonl") and Path(dataset).is_file()):
         what = (
             "no such file"
@@ -332,14 +331,16 @@ def _check_paths(args, dataset: str, experiment: bool) -> None:
 def result_files(
     kind: str, results_dir: str, dataset: str, arch: str = "encoder-decoder"
 ) -> list[Path]:
-    """The files `--experiment kind` writes: <results_dir>/<kind>_<dataset>[-decoder].md, .json and .png."""
+    """The files `--experiment kind` writes:
+    <results_dir>/<kind>_<dataset>[-decoder].md, .json and .png."""
     return [
         Path(results_dir) / f"{kind}_{label(dataset, arch)}.{ext}" for ext in ("md", "json", "png")
     ]
 
 
 def _check_results(args, dataset: str) -> None:
-    """An experiment never replaces result files (the project's committed tables) unless --overwrite."""
+    """An experiment never replaces result files (the project's committed tables)
+    unless --overwrite."""
     there = [
         str(p)
         for p in result_files(args.experiment, args.results_dir, dataset, args.arch)
@@ -347,13 +348,14 @@ def _check_results(args, dataset: str) -> None:
     ]
     if there and not args.overwrite:
         raise UsageError(
-            f"--experiment {args.experiment} would replace {', '.join(there)}; pass --results-dir DIR "
-            f"to write the tables elsewhere, or --overwrite to replace them"
+            f"--experiment {args.experiment} would replace {', '.join(there)}; "
+            "pass --results-dir DIR to write the tables elsewhere, or --overwrite to replace them"
         )
 
 
 def sft_noise(args, dataset: str, experiment: bool) -> float:
-    """--sft-noise, else SFT_NOISE's default for a run or experiment that trains SFT from scratch."""
+    """--sft-noise, else SFT_NOISE's default for a run or experiment that trains SFT
+    from scratch."""
     if args.sft_noise is not None:
         return args.sft_noise
     from_scratch = experiment or (args.stage in ("all", "sft") and args.init is None)
@@ -377,9 +379,53 @@ def _check_rl_choices(args, dataset: str, experiment: bool) -> None:
         check_flags(NON_NEGATIVE, hybrid_weight=args.hybrid_weight)
     if experiment and args.reward != "attention":
         raise UsageError(
-            f"--reward {args.reward}: --experiment {args.experiment} sets each row's reward itself; "
-            f"drop --reward"
+            f"--reward {args.reward}: --experiment {args.experiment} sets each row's reward "
+            "itself; drop --reward"
         )
+
+
+EXPERIMENT_FLAGS = {
+    "seeds": (("table1", "rewards"), False),
+    "workers": (("table1", "rewards"), False),
+    "results_dir": (("table1", "rewards"), False),
+    "rm_steps": (("table1", "rewards"), True),
+    "human_prompts": (("table1", "rewards"), True),
+    "hybrid_weight": (("rewards",), True),
+    "relevance_steps": (("table1", "rewards"), False),
+}
+"""The flags of cagsr.py's "experiments" group: {field: (the --experiment kinds that read it,
+whether a run with --reward hybrid reads it)}. They default to None, "not given" (the value is then
+ExperimentConfig's default), so that one given where it has no effect is refused, even at its
+default value (_check_experiment_flags)."""
+
+
+def _check_experiment_flags(args) -> None:
+    """An experiment flag given where nothing reads it (EXPERIMENT_FLAGS) is refused, naming where
+    it applies: `--seeds 3` without --experiment, `--hybrid-weight` with --experiment table1."""
+    for name, (kinds, hybrid) in EXPERIMENT_FLAGS.items():
+        read = args.experiment in kinds or (
+            hybrid and args.experiment is None and args.reward == "hybrid"
+        )
+        if getattr(args, name) is None or read:
+            continue
+        where = f"--experiment {' or '.join(kinds)}" + (", or --reward hybrid" if hybrid else "")
+        context = (
+            f"with --experiment {args.experiment}"
+            if args.experiment is not None
+            else f"without --experiment{' or --reward hybrid' if hybrid else ''}"
+        )
+        raise UsageError(
+            f"--{name.replace('_', '-')} has no effect {context}: "
+            f"it applies only to {where}; drop it"
+        )
+
+
+def _experiment_defaults(args) -> argparse.Namespace:
+    """A copy of `args` with each experiment flag not given (None) at ExperimentConfig's default."""
+    defaults = {f.name: f.default for f in fields(ExperimentConfig) if f.name in EXPERIMENT_FLAGS}
+    return argparse.Namespace(
+        **{**vars(args), **{k: v for k, v in defaults.items() if getattr(args, k) is None}}
+    )
 
 
 def _experiment(args) -> ExperimentConfig:
@@ -394,8 +440,8 @@ def _experiment(args) -> ExperimentConfig:
     check_flags(NON_NEGATIVE, hybrid_weight=args.hybrid_weight)
     if args.init is not None:
         raise UsageError(
-            f"--experiment {args.experiment} trains its own SFT model per seed from scratch; it does not take --init "
-            "(a table from a snapshot is not built yet)"
+            f"--experiment {args.experiment} trains its own SFT model per seed from scratch; "
+            "it does not take --init (a table from a snapshot is not built yet)"
         )
     return ExperimentConfig(
         name=args.experiment,
@@ -411,12 +457,14 @@ def _experiment(args) -> ExperimentConfig:
 
 
 SNAPSHOT_SETTABLE = {"last_layers", "max_src_len", "max_tgt_len", "dropout"}
-"""The config fields (ModelConfig, DecoderConfig) --set may change on a snapshot: the others would make its weights not fit."""
+"""The config fields (ModelConfig, DecoderConfig) --set may change on a snapshot: the others would
+make its weights not fit."""
 
 
 def _arch(args, resume_from: Path | None) -> str:
-    """The policy's architecture: what --resume's checkpoint or --init (a checkpoint, or a snapshot's
-    config.json) holds; else --arch, else the encoder-decoder. An --arch that contradicts them is refused."""
+    """The policy's architecture: what --resume's checkpoint or --init (a checkpoint, or a
+    snapshot's config.json) holds; else --arch, else the encoder-decoder. An --arch that contradicts
+    them is refused."""
     source, flag = (resume_from, "--resume") if resume_from is not None else (args.init, "--init")
     held = None
     if source is not None and runs.is_snapshot(source):
@@ -429,17 +477,17 @@ def _arch(args, resume_from: Path | None) -> str:
         )
     if held is not None and args.arch is not None and args.arch != held:
         raise UsageError(
-            f"--arch {args.arch}: {source} holds a{'n' if held[0] == 'e' else ''} {held} model; drop --arch "
-            f"(a model's architecture is its own)"
+            f"--arch {args.arch}: {source} holds a{'n' if held[0] == 'e' else ''} {held} model; "
+            "drop --arch (a model's architecture is its own)"
         )
     return held or args.arch or "encoder-decoder"
 
 
 def _model(args, resume_from: Path | None, arch: str) -> tuple[dict, dict | None, str]:
-    """The --set/--last-layers overrides, checked against the preset or the snapshot they change; what
-    --init names (peeked, weights unread); and the size: --size, the checkpoint's, "pretrained" for a
-    snapshot, else tiny. A resumed run's last checkpoint stands for --init (the snapshot or file it
-    started from may be gone)."""
+    """The --set/--last-layers overrides, checked against the preset or the snapshot they change;
+    what --init names (peeked, weights unread); and the size: --size, the checkpoint's, "pretrained"
+    for a snapshot, else tiny. A resumed run's last checkpoint stands for --init (the snapshot or
+    file it started from may be gone)."""
     overrides = parse_overrides(args.set, DecoderConfig if arch == "decoder" else ModelConfig)
     if args.last_layers is not None:
         overrides["last_layers"] = args.last_layers
@@ -463,8 +511,9 @@ def _model(args, resume_from: Path | None, arch: str) -> tuple[dict, dict | None
     shaped = sorted(set(overrides) - SNAPSHOT_SETTABLE)
     if snapshot and shaped and args.resume is None:
         raise UsageError(
-            f"--set {shaped[0]}: the architecture of the snapshot --init {args.init} is its config.json's; "
-            f"with a snapshot only {', '.join(sorted(SNAPSHOT_SETTABLE))} may be set"
+            f"--set {shaped[0]}: the architecture of the snapshot --init {args.init} is its "
+            "config.json's; with a snapshot only "
+            f"{', '.join(sorted(SNAPSHOT_SETTABLE))} may be set"
         )
     peek = args.init is not None and args.experiment is None and (snapshot or not args.dry_run)
     with flag_errors(
@@ -491,14 +540,18 @@ def _model(args, resume_from: Path | None, arch: str) -> tuple[dict, dict | None
 
 
 def resolve(args, command: str, resume_from: Path | None = None) -> Run:
-    """The `Run` of these flags, every setting checked. Size and dataset come from the flags, else from
-    the --init checkpoint, else the defaults (tiny; qa, or instruct for --experiment table1)."""
+    """The `Run` of these flags, every setting checked. Size and dataset come from the flags, else
+    from the --init checkpoint, else the defaults: size tiny; dataset qa-grounded, or instruct for
+    either --experiment (table1 and rewards)."""
+    if args.resume is None:  # a resumed run's settings are its args.json's, checked when it began
+        _check_experiment_flags(args)
+    args = _experiment_defaults(args)
     arch = _arch(args, resume_from)
     sizes = DECODER_SIZES if arch == "decoder" else SIZES
     if args.size is not None and args.size not in sizes:
         raise UsageError(
-            f"--size {args.size!r} is not a{' decoder-only' if arch == 'decoder' else ''} preset; valid "
-            f"sizes: {', '.join(sizes)}"
+            f"--size {args.size!r} is not a{' decoder-only' if arch == 'decoder' else ''} preset; "
+            f"valid sizes: {', '.join(sizes)}"
         )
     experiment = _experiment(args) if args.experiment is not None else None
     if experiment is None and not args.dry_run:
@@ -511,7 +564,8 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
         and args.resume is None
     ):
         raise UsageError(
-            f"--size {args.size} does not match the --init checkpoint, which is a {init['size']} model"
+            f"--size {args.size} does not match the --init checkpoint, "
+            f"which is a {init['size']} model"
         )
     dataset = (
         args.dataset or (init and init["dataset"]) or ("instruct" if experiment else "qa-grounded")
@@ -598,8 +652,8 @@ def resumed(defaults: dict, args, command: str):
     if extra:
         flags = ", ".join("--" + k.replace("_", "-") for k in extra)
         raise UsageError(
-            f"--resume continues the run with its own settings ({args.resume}/args.json); drop {flags} "
-            f"(only --device may be given), or start a new run"
+            f"--resume continues the run with its own settings ({args.resume}/args.json); "
+            f"drop {flags} (only --device may be given), or start a new run"
         )
     new = argparse.Namespace(**{**defaults, **{k: v for k, v in saved.items() if k in defaults}})
     new.resume, new.out, new.overwrite = args.resume, args.resume, True
@@ -608,8 +662,8 @@ def resumed(defaults: dict, args, command: str):
 
 
 def resume_complete(run: Run) -> bool:
-    """--resume: its last checkpoint must belong to the run (size, model settings, tokenizer, number of
-    processes; peeked, not loaded), then True when the run already finished."""
+    """--resume: its last checkpoint must belong to the run (size, model settings, tokenizer, number
+    of processes; peeked, not loaded), then True when the run already finished."""
     if run.resume_from is not None:
         overrides = {k: v for k, v in run.model_overrides.items() if k != "vocab_size"}
         runs.check_resume(
@@ -648,8 +702,9 @@ def check_device(run: Run, device, world: int) -> None:
         print_plan(run)
         if by_flag:
             raise UsageError(
-                f"--size {run.size} is a GPU preset and no GPU was found: on this CPU it would run for "
-                f"days. Pass --device cpu to run it here anyway, or --dry-run to see only the plan above."
+                f"--size {run.size} is a GPU preset and no GPU was found: on this CPU it would run "
+                "for days. Pass --device cpu to run it here anyway, or --dry-run to see only the "
+                "plan above."
             )
         what = (
             f"a {run.size} model, a GPU preset"
@@ -657,8 +712,8 @@ def check_device(run: Run, device, world: int) -> None:
             else f"a snapshot of over {GPU_SNAPSHOT_PARAMS:,} parameters"
         )
         raise UsageError(
-            f"--init {run.init} is {what}, and no GPU was found: training it on this CPU would run for "
-            f"days. Pass --device cpu to run it here anyway."
+            f"--init {run.init} is {what}, and no GPU was found: training it on this CPU would "
+            "run for days. Pass --device cpu to run it here anyway."
         )
     for flag, n in (
         ("--prompts-per-iter", run.ppo.prompts_per_iter),
@@ -671,7 +726,7 @@ def check_device(run: Run, device, world: int) -> None:
 
 
 def print_plan(run: Run) -> None:
-    """The memory plan (snapshot.memory_plan) of the run's model, the preset with --set or a snapshot's
+    """The memory plan (plan.memory_plan) of the run's model, the preset with --set or a snapshot's
     config.json, for one SFT batch of the run at the model's longest lengths."""
     cfg = run.model_config or policy_config(run.arch, run.size, **run.model_overrides)
     batch = run.sft.batch_size
@@ -681,8 +736,9 @@ def print_plan(run: Run) -> None:
     notes = {
         "optimizer": " (Adam: two float32 moments)",
         "reference_policy": " (frozen SFT policy for the KL, RL only)",
-        "activations": f" (estimate: one SFT batch of {batch} x ({cfg.max_src_len} + {cfg.max_tgt_len}) tokens, "
-        f"bf16; the longest the model allows, so an upper bound for the bundled data)",
+        "activations": f" (estimate: one SFT batch of {batch} x "
+        f"({cfg.max_src_len} + {cfg.max_tgt_len}) tokens, bf16; the longest the model allows, "
+        "so an upper bound for the bundled data)",
     }
     for k in ("weights", "gradients", "optimizer", "reference_policy", "activations", "total"):
         print(f"  {k:17s} {plan[k] / 2**30:8.2f} GiB{notes.get(k, '')}")
@@ -692,8 +748,9 @@ def print_profile(run: Run) -> None:
     """A run from a snapshot says which defaults it fine-tunes with (the "pretrained" profile)."""
     if run.size == runs.PRETRAINED and run.stage in ("all", "sft", "rl"):
         print(
-            f"profile pretrained (fine-tuning a snapshot): SFT AdamW lr {run.sft.lr}, {run.sft.steps} steps x "
-            f"{run.sft.batch_size} pairs; RL Adam lr {run.ppo.lr} (the paper's), {run.iterations} iterations"
+            f"profile pretrained (fine-tuning a snapshot): SFT AdamW lr {run.sft.lr}, "
+            f"{run.sft.steps} steps x {run.sft.batch_size} pairs; RL Adam lr {run.ppo.lr} "
+            f"(the paper's), {run.iterations} iterations"
         )
 
 
@@ -710,5 +767,6 @@ def print_rl_settings(
             print(f"  {mark} {f.name:16s} {mine!s:>10} | {paper.get(f.name, 'not stated')}")
     print(f"  - iterations       {iterations:>10} | not stated")
     print(
-        f"  {' ' if reward_name == 'attention' else '*'} reward           {reward_name:>10} | attention (§3.2)"
+        f"  {' ' if reward_name == 'attention' else '*'} reward           "
+        f"{reward_name:>10} | attention (§3.2)"
     )

@@ -29,7 +29,7 @@ from experiments.evaluation import (
     print_report,
 )
 from reward import SalientTokens
-from sft import train_sft
+from sft import SFTHooks, SFTRun, SFTTask, train_sft
 
 
 @dataclass
@@ -64,7 +64,8 @@ def _splits(run) -> data.Splits:
 
 
 def _checked_splits(run, splits: data.Splits, tok, cfg) -> data.Splits:
-    """The splits with their held-out records checked before anything is written (data.check_held_out)."""
+    """The splits with their held-out records checked before anything is written
+    (data.check_held_out)."""
     try:
         splits, left_out = data.check_held_out(
             splits, tok, cfg.max_src_len, cfg.max_tgt_len, run.truncate
@@ -78,16 +79,18 @@ def _checked_splits(run, splits: data.Splits, tok, cfg) -> data.Splits:
 
 
 def snapshot_idf(run, prompts, vocab_size: int) -> torch.Tensor:
-    """The IDF table of a run from a bare snapshot, which has none: from --dataset's training prompts."""
+    """The IDF table of a run from a bare snapshot, which has none: from --dataset's
+    training prompts."""
     print(
-        f"IDF (§3.2): the snapshot has none; computed from --dataset {run.dataset}'s {len(prompts)} training "
-        f"prompts with the snapshot's tokenizer"
+        f"IDF (§3.2): the snapshot has none; computed from --dataset {run.dataset}'s "
+        f"{len(prompts)} training prompts with the snapshot's tokenizer"
     )
     return data.idf(prompts, vocab_size)
 
 
 def new_model(run, splits, device):
-    """A preset's fresh model and a tokenizer trained on the training split (rank 0's, under torchrun)."""
+    """A preset's fresh model and a tokenizer trained on the training split (rank 0's,
+    under torchrun)."""
     rank, world = parallel.rank_and_world()
     target = run.model_overrides.get("vocab_size", policy_config(run.arch, run.size).vocab_size)
     tok = data.train_tokenizer(list(data.record_texts(splits.train)), target) if rank == 0 else None
@@ -119,7 +122,8 @@ def prepare(run, device) -> Setup:
     elif run.init is not None:  # the model and tokenizer: a checkpoint's or a snapshot's
         model, tok, ckpt = runs.load_init(run.init, device, "--init", run.model_overrides)
         print(
-            f"loaded {run.init}: stage {ckpt['stage']}, size {run.size}, {model.num_params():,} parameters"
+            f"loaded {run.init}: stage {ckpt['stage']}, size {run.size}, "
+            f"{model.num_params():,} parameters"
         )
     splits = _splits(run)
     if ckpt is None:
@@ -128,7 +132,8 @@ def prepare(run, device) -> Setup:
     model.gradient_checkpointing = run.grad_checkpoint
     cfg = model.cfg
     print(
-        f"dataset {run.dataset}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test pairs; "
+        f"dataset {run.dataset}: {len(splits.train)} train / {len(splits.val)} val / "
+        f"{len(splits.test)} test pairs; "
         f"vocabulary {cfg.vocab_size}; model {model.num_params():,} parameters"
     )
     train_pairs = _encode(run, tok, splits.train, cfg)
@@ -154,7 +159,8 @@ def prepare(run, device) -> Setup:
 
 
 def sft_data(run, tok, records, cfg, train_pairs) -> tuple[list, int]:
-    """SFT's training pairs: the clean ones, or with --sft-noise a seeded share made wrong (data.noisy_sft_pairs)."""
+    """SFT's training pairs: the clean ones, or with --sft-noise a seeded share made wrong
+    (data.noisy_sft_pairs)."""
     try:
         pairs, corrupted = data.noisy_sft_pairs(
             tok,
@@ -171,8 +177,9 @@ def sft_data(run, tok, records, cfg, train_pairs) -> tuple[list, int]:
         raise SystemExit(f"--dataset {run.dataset}: {e}") from None
     if run.sft_noise:
         print(
-            f"--sft-noise {run.sft_noise}: {len(corrupted)} of {len(records)} SFT training responses replaced by "
-            f"wrong ones; RL, evaluation and the oracle keep the clean references"
+            f"--sft-noise {run.sft_noise}: {len(corrupted)} of {len(records)} SFT training "
+            "responses replaced by wrong ones; "
+            "RL, evaluation and the oracle keep the clean references"
         )
     return pairs, len(corrupted)
 
@@ -220,18 +227,18 @@ def sft_stage(run, setup: Setup, device, run_dir, log, stop) -> int | None:
     with runs.autocast(device, run.precision):
         result = train_sft(
             setup.model,
-            setup.sft_pairs,
-            val_pairs,
+            SFTTask(setup.sft_pairs, val_pairs, specials=setup.specials),
             cfg,
             device,
-            specials=setup.specials,
-            seed=run.seed,
-            log=log,
-            probe=lambda m: dict(val_exact_match=greedy_scores(m, setup.tok, probe_set, device)[1]),
-            resume=resume,
-            on_checkpoint=checkpoint,
-            stop=stop,
-            compile=run.compile,
+            SFTRun(seed=run.seed, resume=resume, compile=run.compile),
+            SFTHooks(
+                log=log,
+                probe=lambda m: dict(
+                    val_exact_match=greedy_scores(m, setup.tok, probe_set, device)[1]
+                ),
+                on_checkpoint=checkpoint,
+                stop=stop,
+            ),
         )
     sft_seconds = time.time() - t0
     parallel.check_replicas(setup.model, "SFT")
@@ -255,14 +262,16 @@ def sft_stage(run, setup: Setup, device, run_dir, log, stop) -> int | None:
             )
         )
         print(
-            f"after SFT: held-out exact-match {em:.1%} of {len(test)} test prompts | SFT took {sft_seconds:.0f}s"
+            f"after SFT: held-out exact-match {em:.1%} of {len(test)} test prompts | "
+            f"SFT took {sft_seconds:.0f}s"
         )
     return None
 
 
 def rl_reward(run, setup: Setup, sft_policy, device):
-    """ppo.train's reward_fn for --reward (baselines.make_reward; None: the attention reward). The
-    hybrid's preference reward model is fitted here first, on samples of the SFT policy (§7.3)."""
+    """The RL task's reward_fn for --reward (ppo.RLTask; baselines.make_reward; None: the attention
+    reward). The hybrid's preference reward model is fitted here first, on samples of the SFT policy
+    (§7.3)."""
     rm = None
     if run.reward_name == "hybrid":
         h = run.hybrid
@@ -277,8 +286,8 @@ def rl_reward(run, setup: Setup, sft_policy, device):
             seed=run.seed,
         )
         print(
-            f"hybrid reward: attention + {h['weight']} x a Bradley-Terry reward model on {rm_stats['pairs']} "
-            f"simulated preference pairs (not self-supervised)"
+            f"hybrid reward: attention + {h['weight']} x a Bradley-Terry reward model on "
+            f"{rm_stats['pairs']} simulated preference pairs (not self-supervised)"
         )
         rm = rm.eval().requires_grad_(False)
     return baselines.make_reward(
@@ -286,7 +295,7 @@ def rl_reward(run, setup: Setup, sft_policy, device):
         tok=setup.tok,
         records=setup.splits.train,
         seed=run.seed,
-        correct=evaluation.correctness(run.dataset),
+        correct=evaluation.correctness_function(run.dataset),
         rm=rm,
         hybrid_weight=run.hybrid.get("weight", 1.0),
     )
@@ -309,7 +318,7 @@ def rl_stage(run, setup: Setup, device, run_dir, log, stop) -> int | None:
     )
     reward_fn, correct = (
         rl_reward(run, setup, ref_model, device),
-        evaluation.correctness(run.dataset),
+        evaluation.correctness_function(run.dataset),
     )
     eval_set, test = setup.splits.val[: run.eval_prompts], setup.splits.test[: run.num_eval]
     state = (
@@ -355,10 +364,11 @@ def rl_stage(run, setup: Setup, device, run_dir, log, stop) -> int | None:
         )
         log(row)
         tqdm.write(
-            f"iter {iteration:4d} | fixed-set reward {row['reward']:+.4f} (cov {row['coverage']:.3f} "
-            f"focus {row['focus']:+.3f} rep {row['repeat']:.3f}) | sink {row['sink_share']:.3f} "
-            f"prompt {row['prompt_share']:.3f} | "
-            f"EM {row['exact_match']:.1%} | ROUGE-L {row['rouge_l']:.3f} | sampled T {cfg.temperature}: "
+            f"iter {iteration:4d} | fixed-set reward {row['reward']:+.4f} "
+            f"(cov {row['coverage']:.3f} focus {row['focus']:+.3f} rep {row['repeat']:.3f}) | "
+            f"sink {row['sink_share']:.3f} prompt {row['prompt_share']:.3f} | "
+            f"EM {row['exact_match']:.1%} | ROUGE-L {row['rouge_l']:.3f} | "
+            f"sampled T {cfg.temperature}: "
             f"correct {row['sampled_correct']:.1%}, pass@{cfg.num_samples} {row['pass_at_n']:.1%}"
         )
 
@@ -371,8 +381,9 @@ def rl_stage(run, setup: Setup, device, run_dir, log, stop) -> int | None:
             checkpoint(i, state)
 
     print(
-        f"\nRL: {run.iterations} iterations x {cfg.prompts_per_iter} prompts x {cfg.num_samples} candidates "
-        f"({cfg.algo}, baseline {cfg.baseline}); fixed evaluation set: {len(eval_set)} validation prompts"
+        f"\nRL: {run.iterations} iterations x {cfg.prompts_per_iter} prompts x "
+        f"{cfg.num_samples} candidates ({cfg.algo}, baseline {cfg.baseline}); "
+        f"fixed evaluation set: {len(eval_set)} validation prompts"
     )
     if resume:
         print(f"resuming RL after iteration {last['iteration']} of {run.iterations}")
@@ -394,26 +405,23 @@ def rl_stage(run, setup: Setup, device, run_dir, log, stop) -> int | None:
         )
         fixed_eval(0)
     t0 = time.time()
-    with runs.progress(
+    with parallel.progress(
         total=run.iterations, initial=last["iteration"], desc="RL", unit="iter"
     ) as bar:
         ppo.train(
             model,
             ref_model,
             optimizer,
-            [p for p, _ in setup.train_pairs],
-            salient,
-            reward_cfg,
+            ppo.RLTask(
+                [p for p, _ in setup.train_pairs],
+                specials=setup.specials,
+                salient=salient,
+                reward_cfg=reward_cfg,
+                reward_fn=reward_fn,
+            ),
             cfg,
-            run.iterations,
-            specials=setup.specials,
-            seed=run.seed,
-            resume=state,
-            on_iteration=on_iteration,
-            stop=stop,
-            progress=bar,
-            compile=run.compile,
-            reward_fn=reward_fn,
+            ppo.RLRun(run.iterations, seed=run.seed, resume=state, compile=run.compile),
+            ppo.RLHooks(on_iteration=on_iteration, stop=stop, progress=bar),
         )
     rl_seconds = time.time() - t0
     parallel.check_replicas(model, "RL")
@@ -429,7 +437,7 @@ def rl_summary(
     run, setup: Setup, report, salient, test, eval_set, rl_seconds, run_dir, log, device
 ) -> None:
     """After RL: the test prompts scored again, the before/after report, the summary row."""
-    correctness = evaluation.correctness_of(run.dataset)
+    correctness = evaluation.correctness_name(run.dataset)
     after = evaluate_policy(
         setup.model,
         setup.tok,
@@ -438,7 +446,7 @@ def rl_summary(
         run.reward,
         run.ppo,
         device,
-        correct=evaluation.correctness(run.dataset),
+        correct=evaluation.correctness_function(run.dataset),
     )
     shown_after = candidates(
         setup.model,
@@ -462,7 +470,8 @@ def rl_summary(
     logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     first, last = next(r for r in logged if r["stage"] == "rl_eval"), logged[-1]
     print(
-        f"fixed validation set ({len(eval_set)} prompts): reward {first['reward']:+.4f} -> {last['reward']:+.4f}"
+        f"fixed validation set ({len(eval_set)} prompts): "
+        f"reward {first['reward']:+.4f} -> {last['reward']:+.4f}"
     )
     skipped = ppo.skipped_updates([row for row in logged if row["stage"] == "rl"])
     log(
@@ -483,7 +492,8 @@ def rl_summary(
 
 
 def train_stages(run, setup: Setup, device, t_start: float) -> int:
-    """--stage all|sft|rl: the run directory and metrics log, then SFT and/or RL under Ctrl-C handling."""
+    """--stage all|sft|rl: the run directory and metrics log, then SFT and/or RL under
+    Ctrl-C handling."""
     rank = parallel.rank_and_world()[0]
     if rank == 0:
         run_dir = runs.make_run_dir(run.out, run.overwrite, run.size, run.dataset)
@@ -557,8 +567,9 @@ def export_stage(run) -> int:
     except ValueError as e:
         raise SystemExit(f"--stage export --init {run.init}: {e}") from None
     print(
-        f"exported {run.init} ({type(model).__name__}, {model.num_params():,} parameters with the value head, "
-        f"which is not exported) to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}"
+        f"exported {run.init} ({type(model).__name__}, {model.num_params():,} parameters with the "
+        f"value head, which is not exported) to {out}: "
+        f"{', '.join(sorted(p.name for p in out.iterdir()))}"
     )
     return 0
 
@@ -578,7 +589,7 @@ def eval_stage(run, setup: Setup, device) -> int:
             run.reward,
             run.ppo,
             device,
-            correct=evaluation.correctness(run.dataset),
+            correct=evaluation.correctness_function(run.dataset),
         )
         print(
             f"{name} ({len(recs)} prompts): " + " | ".join(f"{k} {v:.4f}" for k, v in res.items())

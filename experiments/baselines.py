@@ -1,5 +1,5 @@
-"""The baselines CAGSR is compared with (§7.3) and the rival internal rewards (experiments/reward_study.py): every
-reward here is *not* the model's attention.
+"""The baselines CAGSR is compared with (§7.3) and the rival internal rewards
+(experiments/reward_study.py): every reward here is *not* the model's attention.
 
 - Synthetic Preference RL: a reward model trained on automatically generated good/bad labels
   (the reference is good; a shuffled, truncated, repeated or off-topic version of it is bad).
@@ -7,8 +7,8 @@ reward here is *not* the model's attention.
   two SFT samples per prompt on 1,000 training prompts by ROUGE-L against the reference, with a
   stated label-noise rate, and a Bradley-Terry reward model is fitted to their choices.
 
-Both reward models are `evaluation.PairScorer`s started from the SFT policy's encoder (as RLHF reward
-models start from the SFT model) and are then used by the same PPO loop as CAGSR through
+Both reward models are `evaluation.PairScorer`s started from the SFT policy's encoder (as RLHF
+reward models start from the SFT model) and are then used by the same PPO loop as CAGSR through
 `ScorerReward`. Kept out of reward.py, which holds only the paper's attention reward.
 
 The rival rewards (the second half of the file) are pure functions of one rollout: its tokens, the
@@ -20,7 +20,8 @@ before top-k/top-p: the distribution the log-probs use) and the recorded Abar.
 - mean token log-probability (trajectory probability, as in TTRL's family of rewards);
 - random: Bernoulli(0.5) per candidate, the spurious-reward control (arXiv 2506.10947);
 - oracle: the task's correctness against the reference (exact-match on QA, reference_match on
-  free-form tasks), the positive control; it reads the answer, so no self-supervised reward may use it;
+  free-form tasks), the positive control; it reads the answer, so no self-supervised reward
+  may use it;
 - hybrid (§6, §9): the attention reward plus a weight times a reward model fitted on limited
   (simulated) human preference labels; not self-supervised.
 
@@ -48,7 +49,8 @@ from experiments.evaluation import (
     rouge_l,
 )
 from model import token_logprobs
-from sampling import token_entropy, token_self_certainty
+from reward import response_mean
+from sampling import Decoding, token_entropy, token_self_certainty
 
 CORRUPTIONS = ("shuffle", "truncate", "repeat", "off_topic")
 
@@ -64,8 +66,8 @@ def corrupt(
     """A bad version of a good response (a list of words):
 
     shuffle: the same words in another order; truncate: the first 30-70% of the words (at least one
-    dropped); repeat: a span of 1-4 words said three times over in place; off_topic: `other`, another
-    prompt's reference."""
+    dropped); repeat: a span of 1-4 words said three times over in place; off_topic: `other`,
+    another prompt's reference."""
     if kind == "off_topic":
         if other is None:
             raise ValueError("corrupt(kind='off_topic') needs `other`, another prompt's reference")
@@ -115,10 +117,10 @@ def bradley_terry_loss(r_chosen, r_rejected):
 def simulated_preferences(
     score_a, score_b, noise: float, rng: random.Random
 ) -> tuple[list[tuple[int, bool]], int]:
-    """Simulated annotators (DECISIONS.md §5): for each pair prefer the response with the higher score
-    (ROUGE-L against the reference), then flip the choice with probability `noise`. Ties carry no
-    preference and are dropped. Returns ([(pair index, a preferred?)] for the kept pairs, number
-    of flipped labels)."""
+    """Simulated annotators (DECISIONS.md §5): for each pair prefer the response with the higher
+    score (ROUGE-L against the reference), then flip the choice with probability `noise`. Ties
+    carry no preference and are dropped. Returns ([(pair index, a preferred?)] for the kept
+    pairs, number of flipped labels)."""
     if not 0.0 <= noise < 0.5:
         raise ValueError(f"label noise must be in [0, 0.5), got {noise}")
     choices, flipped = [], 0
@@ -147,11 +149,13 @@ def sample_pairs(
         rollout = policy.sample(
             src,
             src_mask,
-            num_samples=2,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
+            Decoding(
+                num_samples=2,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+            ),
             generator=gen,
             record_attention=False,
             **sp.sample_ids(),
@@ -226,9 +230,10 @@ def train_bt_rm(
     seed=0,
 ) -> tuple[PairScorer, dict]:
     """The (simulated) Human Preference reward model (§7.3): two SFT samples on each of
-    `num_prompts` training prompts, preferred by ROUGE-L against the reference with label noise
-    `noise` (`simulated_preferences`), a Bradley-Terry PairScorer from the SFT encoder fitted to the
-    choices. Returns (scorer, stats: prompts, pairs kept after ties, flipped labels, fit accuracy)."""
+    `num_prompts` training prompts, preferred by ROUGE-L against the reference with label
+    noise `noise` (`simulated_preferences`), a Bradley-Terry PairScorer from the SFT encoder
+    fitted to the choices. Returns (scorer, stats: prompts, pairs kept after ties, flipped
+    labels, fit accuracy)."""
     rng = random.Random(seed)
     chosen_records = rng.sample(records, min(num_prompts, len(records)))
     samples = sample_pairs(policy, tok, chosen_records, ppo_cfg, device, seed)
@@ -275,7 +280,7 @@ def train_bt_rm(
 
 class ScorerReward:
     """A PairScorer as the PPO reward: its logit for (prompt, candidate), one number per candidate,
-    given to `ppo.train(..., reward_fn=...)` in place of the attention reward."""
+    given to `ppo.train` as `ppo.RLTask(..., reward_fn=...)` in place of the attention reward."""
 
     def __init__(self, scorer: PairScorer):
         self.scorer = scorer.eval().requires_grad_(False)
@@ -298,25 +303,22 @@ class ScorerReward:
 # --------------------------------------------------------------------------------------------
 
 
-def response_mean(x, response_mask):
-    """Mean of a per-token quantity over each response's tokens (EOS included): (B, T), (B, T) -> (B,)."""
-    m = response_mask.to(x.dtype)
-    return (x * m).sum(-1) / m.sum(-1).clamp(min=1)
-
-
 def self_certainty(logits, response_mask):
-    """Self-certainty (Intuitor): mean over response tokens of KL(U || softmax(z_t)) = logsumexp(z_t)
-    - mean_j z_t,j - log V. logits: full-vocabulary logits / temperature. (B, T, V), (B, T) -> (B,)."""
+    """Self-certainty (Intuitor): mean over response tokens of
+    KL(U || softmax(z_t)) = logsumexp(z_t) - mean_j z_t,j - log V.
+    logits: full-vocabulary logits / temperature. (B, T, V), (B, T) -> (B,)."""
     return response_mean(token_self_certainty(logits), response_mask)
 
 
 def neg_entropy(logits, response_mask):
-    """Minus the mean entropy of softmax(z_t) over response tokens (EM-RL's reward). (B, T, V), (B, T) -> (B,)."""
+    """Minus the mean entropy of softmax(z_t) over response tokens (EM-RL's reward).
+    (B, T, V), (B, T) -> (B,)."""
     return -response_mean(token_entropy(logits), response_mask)
 
 
 def mean_logprob(logits, tokens, response_mask):
-    """Mean log softmax(z_t)[y_t] over response tokens (trajectory probability per token). (B, T, V), (B, T), (B, T) -> (B,)."""
+    """Mean log softmax(z_t)[y_t] over response tokens (trajectory probability per token).
+    (B, T, V), (B, T), (B, T) -> (B,)."""
     return response_mean(token_logprobs(logits, tokens), response_mask)
 
 
@@ -357,10 +359,10 @@ class RandomReward:
 
 class OracleReward:
     """The task's correctness of each candidate against its prompt's reference: the positive control
-    (it reads the answer). correct: evaluation.exact_match on the QA tasks, reference_match on free-form
-    ones (evaluation.CORRECTNESS); neither can be won by leaving the answer out (DECISIONS.md §9).
-    references: {prompt token ids (tuple, as encoded): [reference texts]}; with several references
-    the best score counts."""
+    (it reads the answer). correct: evaluation.exact_match on the QA tasks, reference_match on
+    free-form ones (evaluation.CORRECTNESS); neither can be won by leaving the answer out
+    (DECISIONS.md §9). references: {prompt token ids (tuple, as encoded): [reference texts]}; with
+    several references the best score counts."""
 
     def __init__(self, tok, references: dict, correct=exact_match):
         self.tok, self.sp, self.references, self.correct = (
@@ -401,9 +403,9 @@ class OracleReward:
 
 
 class HybridReward:
-    """§6 and §9's combination: the attention reward (terms["reward"] of ppo.sample_and_score) plus `weight`
-    times a reward model fitted on limited human preference labels (simulated here: train_bt_rm).
-    Not self-supervised."""
+    """§6 and §9's combination: the attention reward (terms["reward"] of ppo.sample_and_score) plus
+    `weight` times a reward model fitted on limited human preference labels (simulated here:
+    train_bt_rm). Not self-supervised."""
 
     def __init__(self, scorer: PairScorer, weight: float):
         self.rm, self.weight = ScorerReward(scorer), weight
@@ -439,9 +441,11 @@ def make_reward(
     rm: PairScorer | None = None,
     hybrid_weight: float = 1.0,
 ):
-    """ppo.train's reward_fn for `--reward name`; None for "attention" (ppo.sample_and_score's own reward).
-    records: the training records (the oracle's clean references); correct: the task's correctness
-    (the oracle); rm: the hybrid's preference reward model (train_bt_rm); seed: the random control's."""
+    """The RL task's reward_fn (ppo.RLTask) for `--reward name`; None for "attention"
+    (ppo.sample_and_score's own reward).
+    records: the training records (the oracle's clean references); correct: the task's
+    correctness (the oracle); rm: the hybrid's preference reward model (train_bt_rm); seed:
+    the random control's."""
     if name == "attention":
         return None
     if name in ("self-certainty", "neg-entropy", "logprob"):

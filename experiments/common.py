@@ -1,7 +1,8 @@
-"""What both experiment runners share (experiments/table1.py, the paper's Table 1; experiments/reward_study.py, which
-internal reward): ExperimentConfig, the work directory bound to its settings, the splits, tokenizer
-and relevance classifier made once per dataset, each seed's SFT policy, the seeds computed in worker
-processes (--workers), and writing tables and figures. Neither runner imports the other.
+"""What both experiment runners share (experiments/table1.py, the paper's Table 1;
+experiments/reward_study.py, which internal reward): ExperimentConfig, the work directory bound to
+its settings, the splits, tokenizer and relevance classifier made once per dataset, each seed's SFT
+policy, the seeds computed in worker processes (--workers), and writing tables and figures. Neither
+runner imports the other.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from pathlib import Path
 import torch
 
 import data
+import parallel
 from cli import runs
 from decoder import build_policy, policy_config
 from experiments import evaluation
 from experiments.evaluation import PairScorer
 from model import config_for
 from reward import SalientTokens
-from sft import SFTConfig, train_sft
+from sft import SFTConfig, SFTRun, SFTTask, train_sft
 
 # --------------------------------------------------------------------------------------------
 # Settings: the experiment's config, and its work directory bound to the rows' settings
@@ -51,9 +53,11 @@ class ExperimentConfig:
     relevance_steps: int = 600
     """Training steps of the relevance classifier."""
     hybrid_weight: float = 1.0
-    """rewards: the weight of the preference reward model in the hybrid reward (attention + weight x RM)."""
+    """rewards: the weight of the preference reward model in the hybrid reward
+    (attention + weight x RM)."""
     workers: int = 1
-    """Seeds computed at once, each in its own process (on a CPU, the threads are shared out among them)."""
+    """Seeds computed at once, each in its own process (on a CPU, the threads are shared out
+    among them)."""
 
 
 def check_settings(work: Path, settings: dict) -> None:
@@ -76,7 +80,8 @@ def write_json(path: Path, obj) -> None:
 
 
 def work_dir(run, kind: str) -> Path:
-    """The experiment's work directory: --out, else runs/<kind>-<dataset>-<size> (made by shared_setup)."""
+    """The experiment's work directory: --out, else runs/<kind>-<dataset>-<size>
+    (made by shared_setup)."""
     experiment = run.experiment
     if experiment.work_dir:
         return Path(experiment.work_dir)
@@ -85,13 +90,13 @@ def work_dir(run, kind: str) -> Path:
 
 def label(dataset: str, arch: str) -> str:
     """The dataset's name, and "-decoder" for the decoder-only policy: the tables' and work
-    directories' names (the encoder-decoder's keep theirs)."""
+    directories' names (the encoder-decoder's have no suffix)."""
     return data.dataset_name(dataset) + ("-decoder" if arch == "decoder" else "")
 
 
 def arch_setting(run) -> dict:
     """{"arch": "decoder"} for a decoder-only experiment, for its settings.json; nothing for the
-    encoder-decoder, so work directories written before there was a choice stay valid."""
+    encoder-decoder, whose settings.json has no "arch" field."""
     return {"arch": run.arch} if run.arch == "decoder" else {}
 
 
@@ -101,8 +106,8 @@ def arch_setting(run) -> dict:
 
 
 def relevance_classifier(work: Path, tok, splits, cfg, settings, device):
-    """The relevance classifier of §7.4 (trained once per dataset on the validation split, frozen) and
-    its held-out statistics; read from work/relevance.pt when an earlier call wrote it."""
+    """The relevance classifier of §7.4 (trained once per dataset on the validation split, frozen)
+    and its held-out statistics; read from work/relevance.pt when an earlier call wrote it."""
     clf_cfg = config_for(
         "tiny",
         vocab_size=tok.get_vocab_size(),
@@ -130,8 +135,8 @@ def relevance_classifier(work: Path, tok, splits, cfg, settings, device):
         runs.atomic_save(clf_path, dict(model=classifier.state_dict(), stats=clf_stats))
     classifier.eval().requires_grad_(False)
     print(
-        f"relevance classifier: held-out pairwise {clf_stats['pairwise']:.1%}, accuracy {clf_stats['accuracy']:.1%} "
-        f"({len(splits.test)} test prompts)"
+        f"relevance classifier: held-out pairwise {clf_stats['pairwise']:.1%}, "
+        f"accuracy {clf_stats['accuracy']:.1%} ({len(splits.test)} test prompts)"
     )
     return classifier, clf_stats
 
@@ -154,10 +159,10 @@ class Shared:
 
 
 def shared_setup(run, work: Path, settings: dict, device) -> Shared:
-    """The splits, tokenizer, encoded pairs, salient tokens and relevance classifier of an experiment
-    (`work` holds the tokenizer and classifier, so a later call reuses them). The data are checked
-    before anything is written; then the work and results directories are made and `work` is bound to
-    `settings` (check_settings)."""
+    """The splits, tokenizer, encoded pairs, salient tokens and relevance classifier of an
+    experiment (`work` holds the tokenizer and classifier, so a later call reuses them). The data
+    are checked before anything is written; then the work and results directories are made and
+    `work` is bound to `settings` (check_settings)."""
     dataset, size = run.dataset, run.size
     try:
         splits = data.load_dataset(dataset, seed=run.seed)
@@ -209,9 +214,9 @@ def shared_setup(run, work: Path, settings: dict, device) -> Shared:
 def seed_sft(
     seed, sd: Path, settings, cfg, tok, splits, sft_pairs, salient, device
 ) -> tuple[dict, float]:
-    """The SFT model of one seed (the No-RL row and every RL row's start), trained on `sft_pairs` (with
-    --sft-noise, a share made wrong): (its weights, its seconds), read from sd/sft.pt when an earlier
-    call wrote it."""
+    """The SFT model of one seed (the No-RL row and every RL row's start), trained on `sft_pairs`
+    (with --sft-noise, a share made wrong): (its weights, its seconds), read from sd/sft.pt when an
+    earlier call wrote it."""
     sft_path = sd / "sft.pt"
     if sft_path.exists():
         sft_seconds = json.loads((sd / "sft.json").read_text())["seconds"]
@@ -221,7 +226,8 @@ def seed_sft(
     model = build_policy(cfg).to(device)
     t0 = time.time()
     print(
-        f"seed {seed} | SFT: {settings['sft_steps']} steps x {settings['sft_batch_size']}, lr {settings['sft_lr']}"
+        f"seed {seed} | SFT: {settings['sft_steps']} steps x {settings['sft_batch_size']}, "
+        f"lr {settings['sft_lr']}"
     )
     sft_cfg = SFTConfig(
         steps=settings["sft_steps"],
@@ -231,7 +237,13 @@ def seed_sft(
         eval_every=max(1, settings["sft_steps"] // 3),
     )
     val_pairs = data.encode_records(tok, splits.val[:200], cfg.max_src_len, cfg.max_tgt_len)
-    train_sft(model, sft_pairs, val_pairs, sft_cfg, device, specials=data.specials(tok), seed=seed)
+    train_sft(
+        model,
+        SFTTask(sft_pairs, val_pairs, specials=data.specials(tok)),
+        sft_cfg,
+        device,
+        SFTRun(seed=seed),
+    )
     sft_seconds = time.time() - t0
     runs.save_checkpoint(
         sft_path,
@@ -278,30 +290,30 @@ def seeds_in_workers(run, module: str, work: Path, seeds: list[int], device) -> 
         return
     logs = {s: work / f"seed{s}" / "log.txt" for s in seeds}
     print(
-        f"seeds {', '.join(map(str, seeds))}: {workers} worker processes at once, {threads} thread(s) each on a CPU "
-        f"(their output: {work}/seed<s>/log.txt)"
+        f"seeds {', '.join(map(str, seeds))}: {workers} worker processes at once, "
+        f"{threads} thread(s) each on a CPU (their output: {work}/seed<s>/log.txt)"
     )
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = {
             pool.submit(_seed_worker, module, run, s, str(device), threads, logs[s]): s
             for s in seeds
         }
-        with runs.progress(total=len(seeds), desc="seeds", unit="seed") as bar:
+        with parallel.progress(total=len(seeds), desc="seeds", unit="seed") as bar:
             for job in as_completed(jobs):
                 try:
                     job.result()
                 except Exception as e:
                     raise SystemExit(
                         f"seed {jobs[job]} failed in its worker process: {e!r}; its output is in "
-                        f"{logs[jobs[job]]}. Rows already written are kept: run the same command again "
-                        "to continue"
+                        f"{logs[jobs[job]]}. Rows already written are kept: run the same command "
+                        "again to continue"
                     ) from None
                 bar.update()
 
 
 def _seed_worker(module: str, run, seed: int, device: str, threads: int, log: Path) -> None:
-    """One seed in a worker process (seeds_in_workers), its output in `log`. The worker ends when the
-    command's process does (killed or not), so no orphan goes on writing rows."""
+    """One seed in a worker process (seeds_in_workers), its output in `log`. The worker ends when
+    the command's process does (killed or not), so no orphan goes on writing rows."""
     parent = os.getppid()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     torch.set_num_threads(threads)

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
+import parallel
 import ppo
-from cli import runs
 from model import EncoderDecoder, EncoderLayer, ModelConfig, mean_pool
+from sampling import Decoding
+from sft import mean_nll
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -61,10 +63,11 @@ def rouge_l(candidate: str, reference: str) -> float:
 
 
 def reference_match(candidate: str, reference: str) -> float:
-    """LCS / max(|candidate|, |reference|) over `words`: the smaller of ROUGE-L's precision and recall.
-    The correctness of a free-form task (instruct) and its oracle (DECISIONS.md §9): unlike F1, leaving
-    a word out costs as much as getting it wrong (recall), and padding costs too (precision), so
-    neither is a way to win it. 1.0 only for the reference's words in order; 0.0 with no words."""
+    """LCS / max(|candidate|, |reference|) over `words`: the smaller of ROUGE-L's precision and
+    recall. The correctness of a free-form task (instruct) and its oracle (DECISIONS.md §9): unlike
+    F1, leaving a word out costs as much as getting it wrong (recall), and padding costs too
+    (precision), so neither is a way to win it. 1.0 only for the reference's words in order; 0.0
+    with no words."""
     c, r = words(candidate), words(reference)
     return lcs(c, r) / max(len(c), len(r)) if c and r else 0.0
 
@@ -74,46 +77,19 @@ CORRECTNESS = {"exact_match": exact_match, "reference_match": reference_match}
 reference_match for free-form responses (instruct, a user's JSONL)."""
 
 
-def correctness_of(dataset: str) -> str:
-    """The name of `dataset`'s correctness measure (CORRECTNESS)."""
+def correctness_name(dataset: str) -> str:
+    """The name of `dataset`'s correctness measure (a key of CORRECTNESS)."""
     return "exact_match" if data.is_qa(dataset) else "reference_match"
 
 
-def correctness(dataset: str):
+def correctness_function(dataset: str):
     """`dataset`'s correctness measure itself: exact_match on the QA tasks, else reference_match."""
-    return CORRECTNESS[correctness_of(dataset)]
+    return CORRECTNESS[correctness_name(dataset)]
 
 
 # --------------------------------------------------------------------------------------------
 # Perplexity of the policy on held-out references (§7.4)
 # --------------------------------------------------------------------------------------------
-
-
-def response_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced negative log-likelihood of a collated batch's responses: (the sum over the
-    response tokens, EOS included, of -log p(y_t | x, y_<t); the number of those tokens)."""
-    logits, _ = model(batch["src"], batch["src_mask"], batch["tgt_in"])  # (B, T, V)
-    nll = F.cross_entropy(
-        logits.flatten(0, 1).float(), batch["tgt_out"].flatten(), reduction="none"
-    )
-    mask = batch["tgt_mask"].flatten()
-    return (nll * mask).sum(), mask.sum()
-
-
-@torch.no_grad()
-def mean_nll(model, pairs, device, sp: data.Specials, batch_size=128) -> float:
-    """Token-weighted mean negative log-likelihood (nats) of the responses of `pairs` (encoded
-    (prompt ids, response ids); sp: their tokenizer's special ids) under `model`, teacher-forced.
-    Perplexity is exp of this."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in data.batches(pairs, batch_size, sp, shuffle=False):
-        nll, n = response_nll(model, {k: v.to(device) for k, v in batch.items()})
-        total += float(nll)
-        count += int(n)
-    model.train(was_training)
-    return total / max(1, count)
 
 
 def perplexity(model, pairs, device, sp: data.Specials) -> float:
@@ -170,9 +146,9 @@ class PairScorer(nn.Module):
 
     @classmethod
     def from_policy(cls, policy) -> "PairScorer":
-        """A scorer with the policy's embeddings, positions and encoder layers copied (not shared). A
-        decoder-only policy has no encoder or position tables: only its token embeddings are copied
-        into a scorer of `config_of` its config, the rest starts fresh."""
+        """A scorer with the policy's embeddings, positions and encoder layers copied (not shared).
+        A decoder-only policy has no encoder or position tables: only its token embeddings are
+        copied into a scorer of `config_of` its config, the rest starts fresh."""
         device = next(policy.parameters()).device
         scorer = cls(cls.config_of(policy.cfg)).to(device)
         scorer.tok_emb.load_state_dict(policy.tok_emb.state_dict())
@@ -206,7 +182,8 @@ class PairScorer(nn.Module):
 
 
 def pair_tensors(pairs, device, sp: data.Specials):
-    """(prompt ids, response ids) pairs -> src, src_mask, resp, resp_mask on `device` (PairScorer's inputs)."""
+    """(prompt ids, response ids) pairs -> src, src_mask, resp, resp_mask on `device`
+    (PairScorer's inputs)."""
     b = data.collate(pairs, sp)
     return (
         b["src"].to(device),
@@ -228,12 +205,13 @@ def pair_scores(scorer, pairs, device, sp: data.Specials, batch_size=256) -> tor
 
 
 def fit_pair_scorer(scorer, loss_at, steps: int, lr: float, desc: str) -> list[float]:
-    """AdamW on `loss_at(step)` (a scalar computed with `scorer`) for `steps` steps, with a progress
-    bar. A non-finite loss stops training with an error instead of being applied. Returns the losses."""
+    """AdamW on `loss_at(step)` (a scalar computed with `scorer`) for `steps` steps, with a
+    progress bar. A non-finite loss stops training with an error instead of being applied.
+    Returns the losses."""
     opt = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=0.01)
     scorer.train()
     losses = []
-    for step in runs.progress(range(steps), desc=desc, unit="step", leave=False):
+    for step in parallel.progress(range(steps), desc=desc, unit="step", leave=False):
         loss = loss_at(step)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -249,7 +227,8 @@ def fit_pair_scorer(scorer, loss_at, steps: int, lr: float, desc: str) -> list[f
 
 
 def off_topic_index(i: int, responses: list[str], rng: random.Random) -> int:
-    """A random j whose response text differs from response i's: (prompt i, response j) is off topic."""
+    """A random j whose response text differs from response i's:
+    (prompt i, response j) is off topic."""
     if len(set(responses)) < 2:
         raise ValueError("off-topic pairs need at least two different responses")
     while True:
@@ -267,8 +246,9 @@ def train_relevance(
     tok, records, cfg: ModelConfig, device, steps=600, batch_size=64, lr=1e-3, seed=0
 ):
     """The relevance classifier of §7.4, a from-scratch PairScorer: (prompt, its reference) is
-    on-topic (1), (prompt, another prompt's reference) off-topic (0), binary cross-entropy, fresh
-    off-topic pairings every step. Train it on prompts no reward model sees (the validation split)."""
+    on-topic (1), (prompt, another prompt's reference) off-topic (0), binary cross-entropy,
+    fresh off-topic pairings every step. Train it on prompts no reward model sees (the
+    validation split)."""
     pairs = data.encode_records(tok, records, cfg.max_src_len, cfg.max_tgt_len)
     responses, sp = [r["response"] for r in records], data.specials(tok)
     rng = random.Random(seed)
@@ -287,7 +267,8 @@ def train_relevance(
 
 
 def relevance(scorer, tok, prompts: list[str], responses: list[str], device) -> list[float]:
-    """Prompt relevance in [0, 1] (§7.4): the classifier's probability that `response` is on topic."""
+    """Prompt relevance in [0, 1] (§7.4): the classifier's probability that
+    `response` is on topic."""
     pairs = data.encode_records(
         tok,
         [dict(prompt=p, response=r) for p, r in zip(prompts, responses)],
@@ -319,7 +300,8 @@ def relevance_accuracy(scorer, tok, records, device, seed=0) -> dict:
 
 
 def prompt_batch(tok, prompts: list[str], device, sp: data.Specials):
-    """Encode and pad prompts (sp: the tokenizer's special ids): (src (B, S), src_mask (B, S)) on `device`."""
+    """Encode and pad prompts (sp: the tokenizer's special ids):
+    (src (B, S), src_mask (B, S)) on `device`."""
     src, src_mask = data.collate_prompts([data.encode(tok, p, sp) for p in prompts], sp)
     return src.to(device), src_mask.to(device)
 
@@ -332,8 +314,7 @@ def answer(model, tok, prompts: list[str], device, max_new_tokens=64, batch_size
     for i in range(0, len(prompts), batch_size):
         r = model.sample(
             *prompt_batch(tok, prompts[i : i + batch_size], device, sp),
-            greedy=True,
-            max_new_tokens=max_new_tokens,
+            Decoding(max_new_tokens=max_new_tokens, greedy=True),
             record_attention=False,
             **sp.sample_ids(),
         )
@@ -379,9 +360,9 @@ def sampled_terms(
     batch_size=64,
     correct=exact_match,
 ) -> dict:
-    """The mean reward and reward terms of N candidates per prompt sampled with a fixed seed at the RL
-    temperature (so two checkpoints are compared on the same random numbers), and how correct those
-    samples are: `sampled_correct` and `pass_at_n` (`sample_correctness` with `correct`)."""
+    """The mean reward and reward terms of N candidates per prompt sampled with a fixed seed at the
+    RL temperature (so two checkpoints are compared on the same random numbers), and how correct
+    those samples are: `sampled_correct` and `pass_at_n` (`sample_correctness` with `correct`)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     sums, count, sp, N = {}, 0, data.specials(tok), ppo_cfg.num_samples
     texts, references = [], []
@@ -449,7 +430,8 @@ def candidates(
 def format_candidate(text, t) -> str:
     """One candidate with its reward and the terms R is made of (§3.2)."""
     return (
-        f"R {t['reward']:+.3f} (coverage {t['coverage']:.3f}, focus {t['focus']:+.3f}, repeat {t['repeat']:.3f}) "
+        f"R {t['reward']:+.3f} (coverage {t['coverage']:.3f}, focus {t['focus']:+.3f}, "
+        f"repeat {t['repeat']:.3f}) "
         f"| sink {t['sink_share']:.2f} prompt {t['prompt_share']:.2f} | {text}"
     )
 
@@ -489,9 +471,10 @@ def print_report(
         for text, t in a:
             print(f"    after   {format_candidate(text, t)}")
     print(
-        f"\n{'metric':15s} {'before RL':>10s} {'after RL':>10s}   (test split, {num_test} prompts; reward terms, "
-        f"sampled_correct and pass_at_n on {num_samples} fixed-seed samples per prompt at the RL temperature; "
-        f"exact_match, rouge_l and correct on greedy answers; correct: {correctness})"
+        f"\n{'metric':15s} {'before RL':>10s} {'after RL':>10s}   (test split, {num_test} prompts; "
+        f"reward terms, sampled_correct and pass_at_n on {num_samples} fixed-seed samples per "
+        "prompt at the RL temperature; exact_match, rouge_l and correct on greedy answers; "
+        f"correct: {correctness})"
     )
     for k in REPORT_KEYS:
         print(f"{k:15s} {before[k]:10.4f} {after[k]:10.4f}")

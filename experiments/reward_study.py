@@ -5,13 +5,14 @@ field uses since the paper, with a positive and a random control, each measured 
     python cagsr.py --experiment rewards --dataset qa --seeds 3
     python cagsr.py --experiment rewards --dataset instruct --seeds 3
 
-Per seed: one SFT policy, trained for fewer steps than Table 1's (presets.EXPERIMENT_SFT_STEPS) so that
-there is room to improve; one Bradley-Terry reward model on simulated limited human preferences
-(the hybrid row's); then one PPO run per reward (experiments/baselines.py), all from that SFT policy, with the
-same prompts in the same order. Every `eval_every` iterations the fixed evaluation set (validation
-prompts, N candidates each, a fixed sampling seed) is scored by every reward and by correctness
-(exact-match on the QA tasks, reference match on instruct; ROUGE-L on both): the Spearman correlations within and
-across prompts are the curves of the plot. Each row ends with greedy answers on the test split.
+Per seed: one SFT policy, trained for fewer steps than Table 1's (presets.EXPERIMENT_SFT_STEPS) so
+that there is room to improve; one Bradley-Terry reward model on simulated limited human preferences
+(the hybrid row's); then one PPO run per reward (experiments/baselines.py), all from that SFT
+policy, with the same prompts in the same order. Every `eval_every` iterations the fixed evaluation
+set (validation prompts, N candidates each, a fixed sampling seed) is scored by every reward and by
+correctness (exact-match on the QA tasks, reference match on instruct; ROUGE-L on both): the
+Spearman correlations within and across prompts are the curves of the plot. Each row ends with
+greedy answers on the test split.
 
 Rows are written to the work directory (runs/rewards-<dataset>-<size>/) as soon as they are done,
 so an interrupted run continues where it stopped (run the same command again); then results/ is
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 import data
+import parallel
 import ppo
 from cli import runs
 from experiments import baselines, evaluation, stats
@@ -112,8 +114,8 @@ ROW_NAMES = tuple(r.name for r in ROWS)
 REWARDS = ("attention", "self_certainty", "neg_entropy", "logprob", "random", "oracle", "hybrid")
 OWN_REWARD = {"cagsr": "attention", **{r: r for r in REWARDS if r != "attention"}}
 METRICS = ("correct", "rouge_l", "relevance")
-"""Test metrics of every row: the task's correctness (exact-match on QA, reference match on instruct;
-evaluation.CORRECTNESS), ROUGE-L and the relevance classifier's, on greedy answers."""
+"""Test metrics of every row: the task's correctness (exact-match on QA, reference match on
+instruct; evaluation.CORRECTNESS), ROUGE-L and the relevance classifier's, on greedy answers."""
 EVAL_SEED = 1234
 
 
@@ -151,22 +153,24 @@ def study_settings(run) -> dict:
 
 
 def row_reward(name: str, sh, rm: PairScorer, settings: dict, seed: int):
-    """The reward_fn of ppo.train for row `name` (None: the attention reward): the registry behind --reward."""
+    """The reward_fn of ppo.RLTask for row `name` (None: the attention reward): the registry behind
+    --reward."""
     row = next(r for r in ROWS if r.name == name)
     return baselines.make_reward(
         row.reward,
         tok=sh.tok,
         records=sh.splits.train,
         seed=seed,
-        correct=evaluation.correctness(settings["dataset"]),
+        correct=evaluation.correctness_function(settings["dataset"]),
         rm=rm,
         hybrid_weight=settings["hybrid_weight"],
     )
 
 
 def correlations(reward, correct, n: int) -> dict:
-    """Spearman of one reward with one correctness measure: within each prompt's n candidates (mean
-    over prompts not all tied; `skipped` counts the others) and across prompts (per-prompt means)."""
+    """Spearman of one reward with one correctness measure: within each prompt's n candidates
+    (mean over prompts not all tied; `skipped` counts the others) and across prompts
+    (per-prompt means)."""
     within, skipped = stats.within_prompt_spearman(reward, correct, n)
     across = stats.spearman(
         np.asarray(reward).reshape(-1, n).mean(1), np.asarray(correct).reshape(-1, n).mean(1)
@@ -192,7 +196,7 @@ def fixed_eval(policy, sh, fixed: list[dict], rm: PairScorer, settings: dict, de
     rollout, terms, _, _ = ppo.sample_and_score(
         policy, src, src_mask, sh.salient, reward_cfg, ppo_cfg, sp, gen
     )
-    correctness = evaluation.correctness(settings["dataset"])
+    correctness = evaluation.correctness_function(settings["dataset"])
     oracle = baselines.OracleReward.from_records(tok, fixed, correctness)
     pairs = oracle.texts(src, src_mask, rollout)  # decoded once
     rewards = dict(
@@ -222,12 +226,13 @@ def fixed_eval(policy, sh, fixed: list[dict], rm: PairScorer, settings: dict, de
 
 
 def test_metrics(policy, sh, test: list[dict], device, settings: dict) -> dict:
-    """Greedy answers on the test prompts: per-prompt correctness, ROUGE-L and relevance, and 3 examples."""
+    """Greedy answers on the test prompts: per-prompt correctness, ROUGE-L and
+    relevance, and 3 examples."""
     prompts = [r["prompt"] for r in test]
     preds = evaluation.answer(
         policy, sh.tok, prompts, device, max_new_tokens=settings["ppo"]["max_new_tokens"]
     )
-    correctness = evaluation.correctness(settings["dataset"])
+    correctness = evaluation.correctness_function(settings["dataset"])
     return dict(
         correct=[correctness(p, r["response"]) for p, r in zip(preds, test)],
         rouge_l=[evaluation.rouge_l(p, r["response"]) for p, r in zip(preds, test)],
@@ -276,8 +281,8 @@ def seed_rm(
 def run_row(
     name: str, seed: int, settings: dict, sh, sft_state, rm, fixed, test, start: dict, device
 ) -> dict:
-    """Row `name` of one seed: PPO with its reward from the SFT policy (none for "sft"), the fixed set
-    scored every eval_every iterations (`start` is iteration 0), then the test metrics."""
+    """Row `name` of one seed: PPO with its reward from the SFT policy (none for "sft"), the fixed
+    set scored every eval_every iterations (`start` is iteration 0), then the test metrics."""
     t0 = time.time()
     runs.seed_everything(seed)
     policy = runs.policy_from_state(sft_state, sh.cfg, device)
@@ -292,23 +297,23 @@ def run_row(
                 )
 
         ref, optimizer = runs.rl_start(policy, sft_state, ppo_cfg.lr, device)
-        with runs.progress(
+        with parallel.progress(
             total=settings["iterations"], desc=f"seed {seed} {name}", unit="iter", leave=False
         ) as bar:
             history = ppo.train(
                 policy,
                 ref,
                 optimizer,
-                [p for p, _ in sh.train_pairs],
-                sh.salient,
-                RewardConfig(**settings["reward"]),
+                ppo.RLTask(
+                    [p for p, _ in sh.train_pairs],
+                    specials=data.specials(sh.tok),
+                    salient=sh.salient,
+                    reward_cfg=RewardConfig(**settings["reward"]),
+                    reward_fn=row_reward(name, sh, rm, settings, seed),
+                ),
                 ppo_cfg,
-                settings["iterations"],
-                specials=data.specials(sh.tok),
-                seed=seed,
-                progress=bar,
-                on_iteration=on_iteration,
-                reward_fn=row_reward(name, sh, rm, settings, seed),
+                ppo.RLRun(settings["iterations"], seed=seed),
+                ppo.RLHooks(on_iteration=on_iteration, progress=bar),
             )
         skipped = ppo.skipped_updates(history)
     metrics = test_metrics(policy, sh, test, device, settings)
@@ -350,9 +355,9 @@ def run_seed(seed: int, work: Path, settings: dict, sh, device) -> dict:
         write_json(path, row)
         t, last = row["test"], row["curve"][-1]
         print(
-            f"seed {seed} | {name:14s} test correct {np.mean(t['correct']):.3f} ROUGE-L {np.mean(t['rouge_l']):.3f} "
-            f"relevance {np.mean(t['relevance']):.3f} | fixed set correctness {last['correct']:.3f} | "
-            f"{row['seconds']:.0f} s"
+            f"seed {seed} | {name:14s} test correct {np.mean(t['correct']):.3f} "
+            f"ROUGE-L {np.mean(t['rouge_l']):.3f} relevance {np.mean(t['relevance']):.3f} | "
+            f"fixed set correctness {last['correct']:.3f} | {row['seconds']:.0f} s"
         )
     return dict(sft_seconds=sft_seconds, rm=rm_stats, rows=rows)
 
@@ -369,8 +374,8 @@ def _nanmean(values) -> float | None:
 
 
 def mean_curve(rows: list[dict]) -> list[dict]:
-    """Each evaluation point averaged over seeds (undefined correlations, a seed whose candidates were
-    all tied, left out of the mean)."""
+    """Each evaluation point averaged over seeds (undefined correlations, a seed whose candidates
+    were all tied, left out of the mean)."""
     out = []
     for points in zip(*(r["curve"] for r in rows)):
         corr = lambda key: {
@@ -400,9 +405,9 @@ def collapse_step(curve: list[dict], start_lo: float):
 
 
 def summarize(per_seed: dict, seeds: list[int]) -> dict:
-    """Per row: every metric's mean, std and values over seeds and its difference from SFT (per-prompt
-    metric averaged over seeds, paired bootstrap over prompts, 10,000 resamples, seed 0); the curve
-    averaged over seeds; the collapse step; seconds."""
+    """Per row: every metric's mean, std and values over seeds and its difference from SFT
+    (per-prompt metric averaged over seeds, paired bootstrap over prompts, 10,000 resamples,
+    seed 0); the curve averaged over seeds; the collapse step; seconds."""
     per_prompt = lambda name, m: np.mean(
         [per_seed[s]["rows"][name]["test"][m] for s in seeds], axis=0
     )
@@ -436,7 +441,8 @@ def summarize(per_seed: dict, seeds: list[int]) -> dict:
 
 
 def headroom(summary: dict) -> dict:
-    """Does the oracle row beat SFT on the task's correctness, with a 95% paired interval above 0?"""
+    """Does the oracle row beat SFT on the task's correctness, with a 95% paired
+    interval above 0?"""
     d = summary["oracle"]["metrics"]["correct"]["diff"]
     return dict(ok=bool(d["lo"] > 0), **d)
 
@@ -472,33 +478,38 @@ def markdown(result: dict) -> str:
     correct = "exact-match" if qa else "reference match"
     check = (
         f"**Headroom check: passed.** The oracle row raises {correct} by {h['diff']:+.3f} "
-        f"[{h['lo']:+.3f}, {h['hi']:+.3f}] over SFT (95% paired bootstrap over {s['num_eval']} test prompts): "
-        f"RL from this SFT policy can improve, so a reward that does not improve it says something."
+        f"[{h['lo']:+.3f}, {h['hi']:+.3f}] over SFT (95% paired bootstrap over {s['num_eval']} "
+        "test prompts): RL from this SFT policy can improve, so a reward that does not improve it "
+        "says something."
         if h["ok"]
-        else f"**HEADROOM CHECK FAILED: THIS COMPARISON CANNOT SHOW ANYTHING.** The oracle row changes {correct} by "
-        f"{h['diff']:+.3f} [{h['lo']:+.3f}, {h['hi']:+.3f}] (95% paired bootstrap): even a reward that reads "
-        f"the answer does not beat SFT here, so no row's failure to do so is evidence against its reward."
+        else "**HEADROOM CHECK FAILED: THIS COMPARISON CANNOT SHOW ANYTHING.** The oracle row "
+        f"changes {correct} by {h['diff']:+.3f} [{h['lo']:+.3f}, {h['hi']:+.3f}] (95% paired "
+        "bootstrap): even a reward that reads the answer does not beat SFT here, so no row's "
+        "failure to do so is evidence against its reward."
     )
     policy = "decoder-only " if s.get("arch") == "decoder" else ""
     lines = [
-        f"# Which internal reward? `{s['dataset']}` ({s['size']} {policy}preset, {len(result['seeds'])} seeds)",
+        f"# Which internal reward? `{s['dataset']}` ({s['size']} {policy}preset, "
+        f"{len(result['seeds'])} seeds)",
         "",
-        f"Written by `{result['command']}` on {result['device']}; this call took {result['last_call_minutes']:.1f} min. "
-        f"Compute: {result['compute_minutes']:.1f} min in all (rows reused from an earlier call count at their original cost).",
+        f"Written by `{result['command']}` on {result['device']}; this call took "
+        f"{result['last_call_minutes']:.1f} min. Compute: {result['compute_minutes']:.1f} min in "
+        "all (rows reused from an earlier call count at their original cost).",
         "",
         check,
         "",
         "## Test metrics (greedy answers)",
         "",
-        f"Each cell: the difference from SFT with its 95% paired bootstrap interval (per-prompt metric averaged "
-        f"over seeds, 10,000 resamples over {s['num_eval']} test prompts; * = the interval excludes 0), then the "
-        f"mean ± std over seeds. {correct.capitalize()} and relevance in %. Sampled: the fixed set's "
-        f"{s['ppo']['num_samples']} candidates per prompt at the RL temperature {s['ppo']['temperature']} at the "
-        f"last evaluation (mean {correct} of the samples / pass@{s['ppo']['num_samples']}, the best of each "
-        f"prompt's), mean over seeds.",
+        "Each cell: the difference from SFT with its 95% paired bootstrap interval "
+        f"(per-prompt metric averaged over seeds, 10,000 resamples over {s['num_eval']} test "
+        "prompts; * = the interval excludes 0), then the mean ± std over seeds. "
+        f"{correct.capitalize()} and relevance in %. Sampled: the fixed set's "
+        f"{s['ppo']['num_samples']} candidates per prompt at the RL temperature "
+        f"{s['ppo']['temperature']} at the last evaluation (mean {correct} of the samples / "
+        f"pass@{s['ppo']['num_samples']}, the best of each prompt's), mean over seeds.",
         "",
-        f"| row | kind | {correct} (%) | ROUGE-L | relevance (%) | sampled: {correct} / pass@"
-        f"{s['ppo']['num_samples']} (%) | updates skipped |",
+        f"| row | kind | {correct} (%) | ROUGE-L | relevance (%) | sampled: {correct} / "
+        f"pass@{s['ppo']['num_samples']} (%) | updates skipped |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in ROWS:
@@ -506,7 +517,8 @@ def markdown(result: dict) -> str:
         end = summ[r.name]["curve"][-1]
         lines.append(
             f"| {r.label} | {r.kind} | {_cell(m['correct'], True)} | {_cell(m['rouge_l'])} | "
-            f"{_cell(m['relevance'], True)} | {100 * end['correct']:.1f} / {100 * end['pass_at_n']:.1f} | "
+            f"{_cell(m['relevance'], True)} | "
+            f"{100 * end['correct']:.1f} / {100 * end['pass_at_n']:.1f} | "
             f"{summ[r.name]['skipped_updates']} |"
         )
     st = summ["sft"]["curve"][0]
@@ -514,12 +526,14 @@ def markdown(result: dict) -> str:
         "",
         "## Each reward against correctness, on the SFT policy's candidates",
         "",
-        f"{s['eval_prompts']} fixed validation prompts x {s['ppo']['num_samples']} candidates (sampling seed "
-        f"{EVAL_SEED}). Within: Spearman (ties averaged) among a prompt's candidates, mean over the prompts whose "
-        f"candidates are not all tied (prompts skipped in brackets, mean over seeds); across: Spearman of the "
-        f"per-prompt means. Correctness is {correct}.",
+        f"{s['eval_prompts']} fixed validation prompts x {s['ppo']['num_samples']} candidates "
+        f"(sampling seed {EVAL_SEED}). Within: Spearman (ties averaged) among a prompt's "
+        "candidates, mean over the prompts whose candidates are not all tied (prompts skipped in "
+        "brackets, mean over seeds); across: Spearman of the per-prompt means. "
+        f"Correctness is {correct}.",
         "",
-        f"| reward | within vs {correct} | across vs {correct} | within vs ROUGE-L | across vs ROUGE-L |",
+        f"| reward | within vs {correct} | across vs {correct} | "
+        "within vs ROUGE-L | across vs ROUGE-L |",
         "|---|---|---|---|---|",
     ]
     for k in REWARDS:
@@ -530,9 +544,10 @@ def markdown(result: dict) -> str:
         "",
         "## Training its own reward: correlation and collapse",
         "",
-        f"On the fixed set every {s['eval_every']} iterations of {s['iterations']} (mean over seeds). Collapse: the "
-        f"first evaluation at which the fixed set's {correct} falls below the lower end of its start's 95% "
-        f"interval ({sc['mean']:.3f} [{sc['lo']:.3f}, {sc['hi']:.3f}]).",
+        f"On the fixed set every {s['eval_every']} iterations of {s['iterations']} (mean over "
+        f"seeds). Collapse: the first evaluation at which the fixed set's {correct} falls below "
+        "the lower end of its start's 95% interval "
+        f"({sc['mean']:.3f} [{sc['lo']:.3f}, {sc['hi']:.3f}]).",
         "",
         f"| row | own reward, start → end | within ρ of own reward vs {correct}, per evaluation | "
         f"fixed-set {correct}, per evaluation | collapse |",
@@ -542,9 +557,16 @@ def markdown(result: dict) -> str:
         cur, own = summ[r.name]["curve"], OWN_REWARD[r.name]
         rho = " → ".join(_r(p["vs_correct"][own]["within"]) for p in cur)
         lines.append(
-            f"| {r.label} | {cur[0]['rewards'][own]:+.3f} → {cur[-1]['rewards'][own]:+.3f} | {rho} | "
+            f"| {r.label} | {cur[0]['rewards'][own]:+.3f} → {cur[-1]['rewards'][own]:+.3f} | "
+            f"{rho} | "
             + " → ".join(f"{p['correct']:.3f}" for p in cur)
-            + f" | {'none' if summ[r.name]['collapse'] is None else 'iteration ' + str(summ[r.name]['collapse'])} |"
+            + " | "
+            + (
+                "none"
+                if summ[r.name]["collapse"] is None
+                else "iteration " + str(summ[r.name]["collapse"])
+            )
+            + " |"
         )
     rm = "; ".join(
         f"seed {sd}: {x['pairs']} pairs, fit accuracy {x['fit_accuracy']:.3f}"
@@ -554,25 +576,29 @@ def markdown(result: dict) -> str:
         "",
         "## Notes",
         "",
-        f"- Every RL row: {s['iterations']} PPO iterations x {s['ppo']['prompts_per_iter']} prompts x "
-        f"{s['ppo']['num_samples']} candidates (lr {s['ppo']['lr']}, baseline {s['ppo']['baseline']}, whitened "
-        f"advantages, {s['ppo']['epochs']} epochs x {s['ppo']['minibatches']} minibatches, no KL penalty, samples "
-        f"from the full softmax at temperature {s['ppo']['temperature']}) from "
-        f"one SFT policy per seed trained {s['sft_steps']} steps x {s['sft_batch_size']}, the same prompts in the "
-        f"same order; only the reward differs.",
-        "- Self-certainty, negative entropy and log-probability are read from the sampler's records: the "
-        "full-vocabulary logits / temperature, the distribution RL samples from and the PPO log-probs use.",
-        f"- Hybrid: attention reward + {s['hybrid_weight']} x a Bradley-Terry reward model fitted on "
-        f"{s['rm']['human_prompts']} simulated human comparisons (annotators who prefer by ROUGE-L, "
-        f"{s['rm']['label_noise']:.0%} label noise): {rm}. It uses labels, so it is not self-supervised.",
-        "- Random and oracle are controls, not methods: random shows what RL does with a reward that carries no "
-        f"information; oracle ({correct} against the clean reference, the answer itself) shows that RL can "
-        f"improve here.",
-        f"- SFT data: {s['sft_noise']:.0%} of the training responses replaced by plausible wrong ones "
-        f"(--sft-noise; qa-grounded: the distractor's answer, instruct: another instruction's response), so the "
-        f"SFT policy has right and wrong behaviours to choose between; evaluation and the oracle use the clean "
-        f"references.",
-        f"- Relevance: the frozen classifier of Table 1 (held-out pairwise {result['classifier']['pairwise']:.1%}).",
+        f"- Every RL row: {s['iterations']} PPO iterations x "
+        f"{s['ppo']['prompts_per_iter']} prompts x {s['ppo']['num_samples']} candidates "
+        f"(lr {s['ppo']['lr']}, baseline {s['ppo']['baseline']}, whitened advantages, "
+        f"{s['ppo']['epochs']} epochs x {s['ppo']['minibatches']} minibatches, no KL penalty, "
+        f"samples from the full softmax at temperature {s['ppo']['temperature']}) from "
+        f"one SFT policy per seed trained {s['sft_steps']} steps x {s['sft_batch_size']}, "
+        "the same prompts in the same order; only the reward differs.",
+        "- Self-certainty, negative entropy and log-probability are read from the sampler's "
+        "records: the full-vocabulary logits / temperature, the distribution RL samples from and "
+        "the PPO log-probs use.",
+        f"- Hybrid: attention reward + {s['hybrid_weight']} x a Bradley-Terry reward model fitted "
+        f"on {s['rm']['human_prompts']} simulated human comparisons (annotators who prefer by "
+        f"ROUGE-L, {s['rm']['label_noise']:.0%} label noise): {rm}. "
+        "It uses labels, so it is not self-supervised.",
+        "- Random and oracle are controls, not methods: random shows what RL does with a reward "
+        f"that carries no information; oracle ({correct} against the clean reference, the answer "
+        "itself) shows that RL can improve here.",
+        f"- SFT data: {s['sft_noise']:.0%} of the training responses replaced by plausible wrong "
+        "ones (--sft-noise; qa-grounded: the distractor's answer, instruct: another instruction's "
+        "response), so the SFT policy has right and wrong behaviours to choose between; evaluation "
+        "and the oracle use the clean references.",
+        "- Relevance: the frozen classifier of Table 1 (held-out pairwise "
+        f"{result['classifier']['pairwise']:.1%}).",
     ]
     for r in ROWS:
         lines.append(f"- {r.label}: {r.source}.")
@@ -626,13 +652,15 @@ def plot(result: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     axes[2].legend(fontsize=7)
     fig.suptitle(
-        f"Which internal reward? {result['settings']['dataset']}, mean over {len(result['seeds'])} seeds"
+        f"Which internal reward? {result['settings']['dataset']}, "
+        f"mean over {len(result['seeds'])} seeds"
     )
     save_figure(fig, path)
 
 
 def seed_worker(run, seed: int, device) -> None:
-    """The rows of one seed, from the run alone (in a worker process of experiments.seeds_in_workers)."""
+    """The rows of one seed, from the run alone (in a worker process of
+    experiments.seeds_in_workers)."""
     settings = study_settings(run)
     work = work_dir(run, "rewards")
     run_seed(seed, work, settings, shared_setup(run, work, settings, device), device)
@@ -672,8 +700,8 @@ def run_rewards(run, device) -> int:
     print("\n" + md)
     if not result["headroom"]["ok"]:
         print(
-            "WARNING: the headroom check failed (the oracle row does not beat SFT on correctness): this comparison "
-            "cannot show anything; see the table's header."
+            "WARNING: the headroom check failed (the oracle row does not beat SFT on correctness): "
+            "this comparison cannot show anything; see the table's header."
         )
     print(f"wrote {results / f'rewards_{sh.name}.md'}, .json, .png | work directory {work}")
     return 0

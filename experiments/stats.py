@@ -1,5 +1,5 @@
-"""The statistics of the reward comparison (experiments/reward_study.py): the paired bootstrap interval of a
-difference, the mean's bootstrap interval, and Spearman's rank correlation with ties.
+"""The statistics of the reward comparison (experiments/reward_study.py): the paired bootstrap
+interval of a difference, the mean's bootstrap interval, and Spearman's rank correlation with ties.
 
 Plain numpy, no torch: every function takes lists or arrays of per-prompt (or per-candidate)
 numbers and returns floats.
@@ -25,7 +25,8 @@ def percentile_interval(stats, level: float = 0.95) -> tuple[float, float]:
 
 
 def bootstrap_means(x, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
-    """The means of `resamples` resamples of x (drawn with replacement, same size), seeded: (n,) -> (resamples,)."""
+    """The means of `resamples` resamples of x (drawn with replacement, same size), seeded:
+    (n,) -> (resamples,)."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 1 or x.size == 0:
         raise ValueError(f"bootstrap needs a non-empty list of numbers, got shape {x.shape}")
@@ -50,8 +51,8 @@ def paired_difference(a, b, resamples: int = RESAMPLES, seed: int = 0, level: fl
 
 
 def ranks(x) -> np.ndarray:
-    """Ranks 1..n with ties given the mean of the ranks they span ("average" ranks): [10, 20, 20, 30]
-    -> [1, 2.5, 2.5, 4]."""
+    """Ranks 1..n with ties given the mean of the ranks they span ("average" ranks):
+    [10, 20, 20, 30] -> [1, 2.5, 2.5, 4]."""
     x = np.asarray(x, dtype=np.float64)
     order = np.argsort(x, kind="stable")
     r = np.empty(x.size)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import data
+import parallel
 import ppo
 from cli import runs
 from decoder import policy_config
@@ -65,15 +66,15 @@ METHODS = (
         "synthetic_pref",
         "Synthetic Preference RL",
         "synthetic",
-        note="reward model fitted to references (good) vs shuffled/truncated/repeated/off-topic references (bad) "
-        "of the training split",
+        note="reward model fitted to references (good) vs shuffled/truncated/repeated/off-topic "
+        "references (bad) of the training split",
     ),
     Method(
         "human_pref_sim",
         "Human Preference RL (limited, simulated)",
         "human",
-        note="Bradley-Terry reward model fitted to simulated annotators who prefer by ROUGE-L against the "
-        "reference (10% label noise): this row has an edge on ROUGE-L",
+        note="Bradley-Terry reward model fitted to simulated annotators who prefer by ROUGE-L "
+        "against the reference (10% label noise): this row has an edge on ROUGE-L",
     ),
     Method(
         "cagsr",
@@ -86,9 +87,9 @@ METHODS = (
         "CAGSR (plain policy gradient)",
         "cagsr",
         ppo=dict(algo="pg"),
-        note="REINFORCE with the group baseline instead of PPO: one epoch over each rollout, one step per "
-        "minibatch (2 in the CPU profile), so after the first step the samples are slightly off-policy and, "
-        "unlike PPO, no ratio corrects for it",
+        note="REINFORCE with the group baseline instead of PPO: one epoch over each rollout, one "
+        "step per minibatch (2 in the CPU profile), so after the first step the samples are "
+        "slightly off-policy and, unlike PPO, no ratio corrects for it",
     ),
     Method(
         "cagsr_kl",
@@ -257,32 +258,32 @@ def rl_row(
         )
         reward_fn = baselines.ScorerReward(scorer)
     ref, optimizer = runs.rl_start(policy, sft_state, ppo_cfg.lr, device)
-    with runs.progress(
+    with parallel.progress(
         total=settings["iterations"], desc=f"seed {seed} {m.name}", unit="iter", leave=False
     ) as bar:
         history = ppo.train(
             policy,
             ref,
             optimizer,
-            [p for p, _ in train_pairs],
-            salient,
-            reward_cfg,
+            ppo.RLTask(
+                [p for p, _ in train_pairs],
+                specials=data.specials(tok),
+                salient=salient,
+                reward_cfg=reward_cfg,
+                reward_fn=reward_fn,
+            ),
             ppo_cfg,
-            settings["iterations"],
-            specials=data.specials(tok),
-            seed=seed,
-            progress=bar,
-            reward_fn=reward_fn,
+            ppo.RLRun(settings["iterations"], seed=seed),
+            ppo.RLHooks(progress=bar),
         )
     row["curve"] = {k: [h[k] for h in history] for k in CURVE_KEYS}
     row["skipped_updates"] = ppo.skipped_updates(history)
     return row
 
 
-def run_seed(
-    seed, work, settings, tok, splits, train_pairs, sft_pairs, salient, classifier, device
-) -> dict:
+def run_seed(seed: int, work: Path, settings: dict, sh, device) -> dict:
     """Every row of one seed; rows already on disk are read, not recomputed."""
+    tok, splits, salient, classifier = sh.tok, sh.splits, sh.salient, sh.classifier
     sd = work / f"seed{seed}"
     sd.mkdir(parents=True, exist_ok=True)
     cfg = policy_config(
@@ -291,7 +292,7 @@ def run_seed(
     test = splits.test[: settings["num_eval"]]
     test_pairs = data.encode_records(tok, test, cfg.max_src_len, cfg.max_tgt_len)
     sft_state, sft_seconds = seed_sft(
-        seed, sd, settings, cfg, tok, splits, sft_pairs, salient, device
+        seed, sd, settings, cfg, tok, splits, sh.sft_pairs, salient, device
     )
     rows = {}
     for m in METHODS:
@@ -307,7 +308,16 @@ def run_seed(
         if m.kind != "sft":
             row.update(
                 rl_row(
-                    m, seed, settings, policy, sft_state, tok, splits, train_pairs, salient, device
+                    m,
+                    seed,
+                    settings,
+                    policy,
+                    sft_state,
+                    tok,
+                    splits,
+                    sh.train_pairs,
+                    salient,
+                    device,
                 )
             )
         row["metrics"] = evaluate_row(
@@ -318,8 +328,9 @@ def run_seed(
         rows[m.name] = row
         mt = row["metrics"]
         print(
-            f"seed {seed} | {m.name:16s} relevance {mt['relevance']:.3f} | ROUGE-L {mt['rouge_l']:.3f} | "
-            f"EM {mt['exact_match']:.3f} | ppl {mt['perplexity']:.3f} | R {mt['reward']:+.4f} | {row['seconds']:.0f} s"
+            f"seed {seed} | {m.name:16s} relevance {mt['relevance']:.3f} | "
+            f"ROUGE-L {mt['rouge_l']:.3f} | EM {mt['exact_match']:.3f} | "
+            f"ppl {mt['perplexity']:.3f} | R {mt['reward']:+.4f} | {row['seconds']:.0f} s"
         )
     return dict(sft_seconds=sft_seconds, rows=rows)
 
@@ -362,10 +373,11 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Table 1 on `{s['dataset']}` ({s['size']} {policy}preset, {len(result['seeds'])} seeds)",
         "",
-        f"Written by `{result['command']}` on {result['device']}; this call took {result['last_call_minutes']:.1f} min. "
-        f"Compute: {result['compute_minutes']:.1f} min in all (the classifier, each seed's SFT, reward models, RL and evaluation, each timed when it ran; "
-        f"rows reused from an earlier call count at their original cost). Mean ± sample std over seeds "
-        f"{result['seeds']}; {s['num_eval']} test prompts.",
+        f"Written by `{result['command']}` on {result['device']}; this call took "
+        f"{result['last_call_minutes']:.1f} min. Compute: {result['compute_minutes']:.1f} min in "
+        "all (the classifier, each seed's SFT, reward models, RL and evaluation, each timed when "
+        "it ran; rows reused from an earlier call count at their original cost). Mean ± sample std "
+        f"over seeds {result['seeds']}; {s['num_eval']} test prompts.",
         "",
         "## The paper's columns",
         "",
@@ -376,8 +388,8 @@ def markdown(result: dict) -> str:
         p = PAPER_TABLE1.get(m.name)
         pr = lambda i: f"{p[i]:.2f}" if p else "—"
         lines.append(
-            f"| {m.label} | {fmt(agg[m.name]['relevance'])} | {pr(0)} | {fmt(agg[m.name]['rouge_l'])} | {pr(1)} "
-            f"| not measured | {pr(2) if p else '—'} |"
+            f"| {m.label} | {fmt(agg[m.name]['relevance'])} | {pr(0)} | "
+            f"{fmt(agg[m.name]['rouge_l'])} | {pr(1)} | not measured | {pr(2) if p else '—'} |"
         )
     lines += [
         "",
@@ -425,18 +437,22 @@ def markdown(result: dict) -> str:
         "",
         "## Notes",
         "",
-        f"- Relevance: a from-scratch {c['parameters']:,}-parameter Transformer classifier trained on the validation "
-        f"split (on-topic: prompt + its reference; off-topic: prompt + another prompt's reference), frozen, never a "
-        f"reward. On the test split it ranks a prompt's own reference above another's {c['pairwise']:.1%} of the time "
-        f"and classifies {c['accuracy']:.1%} of on/off-topic pairs right. It scores the greedy answers.",
-        "- ROUGE-L, exact-match, relevance and answer words are on greedy answers; R, coverage, focus, repeat, sink "
-        "share (attention on the prompt's special tokens) and length on 4 fixed-seed samples per prompt with the "
-        "paper's alpha/beta/gamma for every row; perplexity is of the test references.",
-        "- The human score column is not measured: no people were asked. The paper's numbers are its Table 1 on its "
-        "Instruction set with a 1.3B pretrained model; ours are a from-scratch model on generated data.",
-        f"- Every RL row: {s['iterations']} iterations x {first['prompts_per_iter']} prompts x {first['num_samples']} "
-        f"candidates from the same SFT model, same prompt order per seed. Settings that differ from the paper's: "
-        f"{differs or 'none'}; settings the paper does not state (the project's choice): {unstated}.",
+        f"- Relevance: a from-scratch {c['parameters']:,}-parameter Transformer classifier trained "
+        "on the validation split (on-topic: prompt + its reference; off-topic: prompt + another "
+        "prompt's reference), frozen, never a reward. On the test split it ranks a prompt's own "
+        f"reference above another's {c['pairwise']:.1%} of the time and classifies "
+        f"{c['accuracy']:.1%} of on/off-topic pairs right. It scores the greedy answers.",
+        "- ROUGE-L, exact-match, relevance and answer words are on greedy answers; R, coverage, "
+        "focus, repeat, sink share (attention on the prompt's special tokens) and length on 4 "
+        "fixed-seed samples per prompt with the paper's alpha/beta/gamma for every row; perplexity "
+        "is of the test references.",
+        "- The human score column is not measured: no people were asked. The paper's numbers are "
+        "its Table 1 on its Instruction set with a 1.3B pretrained model; ours are a from-scratch "
+        "model on generated data.",
+        f"- Every RL row: {s['iterations']} iterations x {first['prompts_per_iter']} prompts x "
+        f"{first['num_samples']} candidates from the same SFT model, same prompt order per seed. "
+        f"Settings that differ from the paper's: {differs or 'none'}; settings the paper does not "
+        f"state (the project's choice): {unstated}.",
     ]
     for m in METHODS:
         if m.note:
@@ -480,7 +496,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("RL iteration")
     axes[0].legend(fontsize=7)
     fig.suptitle(
-        f"Table 1 training curves, {result['settings']['dataset']}, mean over {len(result['seeds'])} seeds"
+        f"Table 1 training curves, {result['settings']['dataset']}, mean over "
+        f"{len(result['seeds'])} seeds"
     )
     save_figure(fig, path)
 
@@ -489,19 +506,7 @@ def seed_worker(run, seed: int, device) -> None:
     """Table 1's rows of one seed, from the run alone (in a worker process of seeds_in_workers)."""
     settings = table_settings(run, run.experiment)
     work = work_dir(run, "table1")
-    sh = shared_setup(run, work, settings, device)
-    run_seed(
-        seed,
-        work,
-        settings,
-        sh.tok,
-        sh.splits,
-        sh.train_pairs,
-        sh.sft_pairs,
-        sh.salient,
-        sh.classifier,
-        device,
-    )
+    run_seed(seed, work, settings, shared_setup(run, work, settings, device), device)
 
 
 def run_table1(run, device) -> int:
@@ -511,24 +516,10 @@ def run_table1(run, device) -> int:
     work = work_dir(run, "table1")
     results = Path(experiment.results_dir)
     sh = shared_setup(run, work, settings, device)
-    name, tok, splits = sh.name, sh.tok, sh.splits
+    name = sh.name
     seeds = list(range(run.seed, run.seed + experiment.seeds))
     seeds_in_workers(run, __name__, work, seeds, device)
-    per_seed = {
-        s: run_seed(
-            s,
-            work,
-            settings,
-            tok,
-            splits,
-            sh.train_pairs,
-            sh.sft_pairs,
-            sh.salient,
-            sh.classifier,
-            device,
-        )
-        for s in seeds
-    }
+    per_seed = {s: run_seed(s, work, settings, sh, device) for s in seeds}
     compute = sum(
         ps["sft_seconds"] + sum(r["seconds"] for r in ps["rows"].values())
         for ps in per_seed.values()

@@ -1,8 +1,10 @@
 """A model from outside training: a local Hugging Face snapshot read exactly into one of our
-policies, and the memory plan a run of a config needs before anything is allocated (`--dry-run`).
+policies.
 
-  T5 family    (model_type "t5", "mt5")       -> model.EncoderDecoder  (`t5_names`, `load_t5_weights`)
-  Llama layout (model_type "llama", "qwen2")  -> decoder.DecoderOnly   (`decoder_names`, `load_decoder_weights`)
+  T5 family    (model_type "t5", "mt5")       -> model.EncoderDecoder
+                                                 (`t5_names`, `load_t5_weights`)
+  Llama layout (model_type "llama", "qwen2")  -> decoder.DecoderOnly
+                                                 (`decoder_names`, `load_decoder_weights`)
 
 `config_from_hf` reads config.json alone (so `--dry-run` plans a snapshot without its weights);
 `read_weights` reads safetensors or pytorch_model.bin, single or sharded; the name maps copy every
@@ -13,82 +15,15 @@ Nothing is downloaded: a snapshot is a directory the user put on disk.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from checks import checked_overrides
-from data import DECODER_ONLY_TYPES
-from decoder import DecoderConfig, DecoderOnly, count_policy_params
+from data import DECODER_ONLY_TYPES, read_json
+from decoder import DecoderConfig, DecoderOnly
 from model import EncoderDecoder, ModelConfig
-
-
-def memory_plan(
-    cfg: ModelConfig | DecoderConfig, batch: int, src_len: int, tgt_len: int, act_bytes: int = 2
-) -> dict:
-    """Bytes a training run of `cfg` needs, before it allocates anything (`--dry-run`).
-
-    Weights, gradients and the frozen reference policy in float32 (4 bytes per parameter each),
-    Adam's two moments (8 bytes per parameter), and an *estimate* of the activations a teacher-forced
-    forward keeps for the backward pass on `batch` pairs of (src_len, tgt_len) tokens, `act_bytes`
-    per element (2 under bf16 autocast, 4 in float32): `t5_activations` for a ModelConfig,
-    `decoder_activations` for a DecoderConfig. Both assume the fused attention (no (T, S) matrices
-    stored) and add the logits (B T V, once in act_bytes and once in float32 for the loss). P counts
-    every parameter, an untied head and the value head included."""
-    activations = decoder_activations if isinstance(cfg, DecoderConfig) else t5_activations
-    P, (acts, fp32) = count_policy_params(cfg), activations(cfg, batch, src_len, tgt_len)
-    plan = dict(
-        parameters=P,
-        weights=4 * P,
-        gradients=4 * P,
-        optimizer=8 * P,
-        reference_policy=4 * P,
-        activations=acts * act_bytes + fp32 * 4,
-    )
-    plan["total"] = sum(v for k, v in plan.items() if k != "parameters")
-    return plan
-
-
-def t5_activations(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int) -> tuple[int, int]:
-    """(elements in the activation dtype, elements in float32) an EncoderDecoder keeps for backward.
-
-    The count follows this model's layers. With A = n_heads * head width (the attention's inner
-    width, = D unless d_kv says otherwise) and f = 2 d_ff (4 d_ff for the gated FFN: gate, up, GELU,
-    product): per encoder token about 6 D + 4 A + f elements per layer, per decoder token about
-    8 D + 6 A + f per layer, plus the logits B T V. Relative positions add each stack's float32
-    attention mask with the bias folded in, B H S^2 + B H T^2, built once per stack."""
-    D, A = cfg.d_model, cfg.n_heads * cfg.head_dim
-    f = (4 if cfg.ffn == "gated-gelu" else 2) * cfg.d_ff
-    enc = batch * src_len * cfg.n_enc_layers * (6 * D + 4 * A + f)
-    dec = batch * tgt_len * cfg.n_dec_layers * (8 * D + 6 * A + f)
-    logits = batch * tgt_len * cfg.vocab_size
-    masks = batch * cfg.n_heads * (src_len**2 + tgt_len**2) if cfg.position == "relative" else 0
-    return enc + dec + logits, logits + masks
-
-
-def decoder_activations(
-    cfg: DecoderConfig, batch: int, src_len: int, tgt_len: int
-) -> tuple[int, int]:
-    """(elements in the activation dtype, elements in float32) a DecoderOnly keeps for backward.
-
-    Prompt and response run through one stack: B (S + T) tokens per layer. With A = n_heads * head
-    width, K = n_kv_heads * head width (grouped-query attention: the key/value width) and d_ff the
-    SwiGLU width, per token and layer about
-        6 D        the residual stream in and after attention, the two RMSNorm outputs, the two
-                   sub-layer outputs
-      + 4 A        the rotated queries, the keys and values repeated to the H query heads (what the
-                   attention reads), the attention output
-      + 2 K        the block's own keys and values (kept as the prompt's prefill)
-      + 4 d_ff     SwiGLU: gate, up, SiLU(gate), product (as the gated FFN of `t5_activations`)
-    plus the logits B T V (the head runs on the response positions only). Masks are boolean; rotary
-    positions need no table."""
-    D, A, K = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    stack = batch * (src_len + tgt_len) * cfg.n_layers * (6 * D + 4 * A + 2 * K + 4 * cfg.d_ff)
-    logits = batch * tgt_len * cfg.vocab_size
-    return stack + logits, logits
-
 
 # --------------------------------------------------------------------------------------------
 # Snapshots, read from a local directory (nothing is downloaded); the T5 family first.
@@ -100,18 +35,22 @@ T5_FFN = {
     "gated-gelu": "gated-gelu",
     "gated-gelu_new": "gated-gelu",
 }
-"""feed_forward_proj of a T5 config.json -> ModelConfig.ffn ("gated-gelu" is transformers' tanh GELU)."""
+"""feed_forward_proj of a T5 config.json -> ModelConfig.ffn ("gated-gelu" is
+transformers' tanh GELU)."""
 
 T5_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-"""Weights some snapshots store as copies of shared.weight: read only to check that they are copies."""
+"""Weights some snapshots store as copies of shared.weight:
+read only to check that they are copies."""
 
 T5_UNUSED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
 """Weights old snapshots store that T5 never uses (no position bias on cross-attention)."""
 
 T5_TYPES = ("t5", "mt5")
-DECODER_TYPES = DECODER_ONLY_TYPES  # data.py reads their special ids
+"""The model_types read into model.EncoderDecoder;
+data.DECODER_ONLY_TYPES go to decoder.DecoderOnly."""
 SUPPORTED_TEXT = (
-    "the T5 family (model_type 't5' or 'mt5') and the Llama layout (model_type 'llama' or 'qwen2')"
+    f"the T5 family (model_type {' or '.join(map(repr, T5_TYPES))}) and the Llama layout "
+    f"(model_type {' or '.join(map(repr, DECODER_ONLY_TYPES))})"
 )
 
 
@@ -120,36 +59,23 @@ def load_hf_config(path) -> dict:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(
-            f"{path}: no config.json; from_pretrained reads a local Hugging Face snapshot directory "
-            f"(config.json plus model.safetensors or pytorch_model.bin) of {SUPPORTED_TEXT}"
+            f"{path}: no config.json; from_pretrained reads a local Hugging Face snapshot "
+            "directory (config.json plus model.safetensors or pytorch_model.bin) "
+            f"of {SUPPORTED_TEXT}"
         )
     return read_json(path / "config.json")
 
 
-def read_json(path: Path) -> dict:
-    """A snapshot's JSON file as a dict; ValueError naming the file when it is not a JSON object."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(
-            f"{path}: not valid JSON ({e}); the snapshot is damaged, copy it again"
-        ) from None
-    if not isinstance(obj, dict):
-        raise ValueError(
-            f"{path}: a JSON {type(obj).__name__}, not an object; the snapshot is damaged, copy it again"
-        )
-    return obj
-
-
 def config_from_hf(hf_config: dict, **overrides) -> ModelConfig | DecoderConfig:
     """The config of a snapshot's config.json (as a dict), by its model_type: a ModelConfig for the
-    T5 family (`t5_config_from_hf`), a DecoderConfig for the Llama layout (`decoder_config_from_hf`),
-    fields of that dataclass in `overrides` on top. Reads no weights, so `--dry-run` can plan a
-    snapshot from its config alone. ValueError for any other model_type, naming the supported ones."""
+    T5 family (`t5_config_from_hf`), a DecoderConfig for the Llama layout
+    (`decoder_config_from_hf`), fields of that dataclass in `overrides` on top. Reads no weights, so
+    `--dry-run` can plan a snapshot from its config alone. ValueError for any other model_type,
+    naming the supported ones."""
     model_type = hf_config.get("model_type")
     if model_type in T5_TYPES:
         return t5_config_from_hf(hf_config, **overrides)
-    if model_type in DECODER_TYPES:
+    if model_type in DECODER_ONLY_TYPES:
         return decoder_config_from_hf(hf_config, **overrides)
     raise ValueError(
         f"model_type {model_type!r} is not supported: from_pretrained reads {SUPPORTED_TEXT}"
@@ -160,8 +86,8 @@ def t5_config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
     """The ModelConfig of a T5-family config.json, ModelConfig fields in `overrides` on top.
 
     The decoder output is scaled by d_model^-0.5 iff `scale_decoder_outputs` says so (transformers 5
-    writes it), else iff `tie_word_embeddings` is true (its default: T5 v1.0). The head is tied unless
-    tie_word_embeddings is false; `from_pretrained` settles that from the weights (a stored
+    writes it), else iff `tie_word_embeddings` is true (its default: T5 v1.0). The head is tied
+    unless tie_word_embeddings is false; `from_pretrained` settles that from the weights (a stored
     lm_head.weight that differs from shared.weight is an untied head). Position limits are 512
     (relative positions need no table); last_layers is 1. T5's dropout is ignored (0)."""
     missing = [
@@ -246,8 +172,8 @@ def read_weights_file(file: Path) -> dict:
     except Exception as e:  # safetensors', zip's and pickle's errors alike: the file is unusable
         reason = " ".join(str(e).split())[:200]
         raise ValueError(
-            f"{file}: cannot be read as weights ({type(e).__name__}: {reason}); it was probably cut "
-            f"short by a download or copy that did not finish: copy the snapshot again"
+            f"{file}: cannot be read as weights ({type(e).__name__}: {reason}); it was probably "
+            "cut short by a download or copy that did not finish: copy the snapshot again"
         ) from None
 
 
@@ -365,7 +291,8 @@ LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
 
 
 def decoder_config_from_hf(hf_config: dict, **overrides) -> DecoderConfig:
-    """The DecoderConfig of a Llama or Qwen2 config.json, DecoderConfig fields in `overrides` on top.
+    """The DecoderConfig of a Llama or Qwen2 config.json,
+    DecoderConfig fields in `overrides` on top.
 
     Read as transformers reads them: num_key_value_heads (grouped-query attention; absent: Llama's
     default, all heads; Qwen2's, 32), head_dim (absent: hidden_size / num_attention_heads),
@@ -423,25 +350,28 @@ def check_decoder_features(hf_config: dict, layout: str) -> None:
     for key in ("attention_bias", "mlp_bias") if layout == "llama" else ():
         if hf_config.get(key):
             raise ValueError(
-                f"{key} true is not supported: this model's attention output and feed-forward have no "
-                f"biases (Llama's default); q/k/v biases alone are Qwen2's layout (model_type 'qwen2')"
+                f"{key} true is not supported: this model's attention output and feed-forward "
+                "have no biases (Llama's default); q/k/v biases alone are Qwen2's layout "
+                "(model_type 'qwen2')"
             )
     if layout == "qwen2" and hf_config.get("use_sliding_window"):
         raise ValueError(
-            f"use_sliding_window true is not supported: DecoderOnly lets every position attend to the "
-            f"whole prompt (the reward reads that attention), which equals sliding-window attention "
-            f"only while prompt + response fit in sliding_window={hf_config.get('sliding_window')} "
-            f"tokens; if yours always do, set use_sliding_window false in config.json"
+            "use_sliding_window true is not supported: DecoderOnly lets every position attend to "
+            "the whole prompt (the reward reads that attention), which equals sliding-window "
+            "attention only while prompt + response fit in "
+            f"sliding_window={hf_config.get('sliding_window')} tokens; "
+            "if yours always do, set use_sliding_window false in config.json"
         )
 
 
 def rope_from_hf(hf_config: dict, layout: str) -> tuple[float, dict | None]:
-    """(rope_theta, DecoderConfig.rope_scaling) of a config.json, in either spelling: transformers 5's
-    `rope_parameters` {"rope_type", "rope_theta", ...} or older snapshots' top-level `rope_theta`
-    and `rope_scaling` {"rope_type" (or "type"), ...}; rope_scaling wins when both are there, and
-    the dict's own rope_theta over the top-level one, as in transformers. Only the plain rotary
-    positions ("default") and Llama 3.1's "llama3" scaling are supported; llama3's
-    original_max_position_embeddings falls back on the top-level one, then max_position_embeddings."""
+    """(rope_theta, DecoderConfig.rope_scaling) of a config.json, in either spelling:
+    transformers 5's `rope_parameters` {"rope_type", "rope_theta", ...} or older snapshots'
+    top-level `rope_theta` and `rope_scaling` {"rope_type" (or "type"), ...}; rope_scaling wins
+    when both are there, and the dict's own rope_theta over the top-level one, as in
+    transformers. Only the plain rotary positions ("default") and Llama 3.1's "llama3" scaling
+    are supported; llama3's original_max_position_embeddings falls back on the top-level one,
+    then max_position_embeddings."""
     params = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
     if not isinstance(params, dict):
         raise ValueError(
@@ -455,14 +385,14 @@ def rope_from_hf(hf_config: dict, layout: str) -> tuple[float, dict | None]:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise ValueError(
-            f"rope type {kind!r} is not supported; supported: 'default' (plain rotary positions) and "
-            f"'llama3' (Llama 3.1's frequency scaling)"
+            f"rope type {kind!r} is not supported; supported: 'default' (plain rotary positions) "
+            "and 'llama3' (Llama 3.1's frequency scaling)"
         )
     partial = params.get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0))
     if partial is not None and partial != 1.0:
         raise ValueError(
-            f"partial_rotary_factor {partial} is not supported: DecoderOnly rotates every dimension "
-            f"of a head (1.0)"
+            f"partial_rotary_factor {partial} is not supported: DecoderOnly rotates every "
+            "dimension of a head (1.0)"
         )
     theta = float(params.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
     if kind == "default":
@@ -487,8 +417,9 @@ def rope_from_hf(hf_config: dict, layout: str) -> tuple[float, dict | None]:
 
 
 def decoder_names(cfg: DecoderConfig) -> dict:
-    """Our parameter name -> its transformers name (LlamaForCausalLM, Qwen2ForCausalLM), for every
-    parameter but the value head's, which starts fresh. lm_head.weight only when the head is untied."""
+    """Our parameter name -> its transformers name (LlamaForCausalLM, Qwen2ForCausalLM),
+    for every parameter but the value head's, which starts fresh. lm_head.weight only when
+    the head is untied."""
     names = {"tok_emb.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight"}
     if not cfg.tie_head:
         names["lm_head.weight"] = "lm_head.weight"
@@ -506,9 +437,9 @@ def decoder_names(cfg: DecoderConfig) -> dict:
 
 
 def load_decoder_weights(model: DecoderOnly, weights: dict) -> None:
-    """Copy the Llama / Qwen2 `weights` (name -> float32 tensor) into `model`, after checking that every
-    weight the model needs is there with its shape and that no other weight is (the rotary inv_freq
-    buffers old snapshots store are ignored: they follow from the config)."""
+    """Copy the Llama / Qwen2 `weights` (name -> float32 tensor) into `model`, after checking
+    that every weight the model needs is there with its shape and that no other weight is (the
+    rotary inv_freq buffers old snapshots store are ignored: they follow from the config)."""
     cfg, params = model.cfg, dict(model.named_parameters())
     names = decoder_names(cfg)
     assert set(names) == {n for n in params if not n.startswith("value_head.")}, (
@@ -539,9 +470,9 @@ def load_decoder_weights(model: DecoderOnly, weights: dict) -> None:
         and not torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
     ):
         raise ValueError(
-            "weight lm_head.weight differs from model.embed_tokens.weight, but this model has one table "
-            "for both (config.json's tie_word_embeddings is true, or tie_head=True was asked); set "
-            "tie_word_embeddings false in config.json to load it as a separate head"
+            "weight lm_head.weight differs from model.embed_tokens.weight, but this model has one "
+            "table for both (config.json's tie_word_embeddings is true, or tie_head=True was "
+            "asked); set tie_word_embeddings false in config.json to load it as a separate head"
         )
     with torch.no_grad():
         for ours, key in names.items():
@@ -549,17 +480,18 @@ def load_decoder_weights(model: DecoderOnly, weights: dict) -> None:
 
 
 def decoder_hf_config(cfg: DecoderConfig, specials) -> dict:
-    """The config.json (as a dict) of `cfg` for transformers' LlamaConfig or Qwen2Config (cfg.layout):
-    the inverse of `decoder_config_from_hf`, with `decoder_names` the weights' names. `specials` has
-    the token ids (data.Specials: pad, start, eos); bos_token_id is `start`, or None where start is
-    pad (no BOS token). Written both ways for transformers 5 and older readers: the rotary parameters
-    (rope_parameters; rope_theta, with rope_scaling for llama3) and the dtype (dtype; torch_dtype,
-    which transformers 5 reads with a deprecation notice). max_position_embeddings is max_src_len +
-    max_tgt_len, the longest sequence a run made (informative: neither rotary type reads it)."""
+    """The config.json (as a dict) of `cfg` for transformers' LlamaConfig or Qwen2Config
+    (cfg.layout): the inverse of `decoder_config_from_hf`, with `decoder_names` the weights' names.
+    `specials` has the token ids (data.Specials: pad, start, eos); bos_token_id is `start`, or None
+    where start is pad (no BOS token). Written both ways for transformers 5 and older readers: the
+    rotary parameters (rope_parameters; rope_theta, with rope_scaling for llama3) and the dtype
+    (dtype; torch_dtype, which transformers 5 reads with a deprecation notice).
+    max_position_embeddings is max_src_len + max_tgt_len, the longest sequence a run made
+    (informative: neither rotary type reads it)."""
     if cfg.qkv_bias != (cfg.layout == "qwen2"):
         raise ValueError(
-            f"qkv_bias={cfg.qkv_bias} with layout {cfg.layout!r} has no transformers class: Llama has "
-            f"no q/k/v biases, Qwen2 always has them"
+            f"qkv_bias={cfg.qkv_bias} with layout {cfg.layout!r} has no transformers class: "
+            "Llama has no q/k/v biases, Qwen2 always has them"
         )
     start = getattr(specials, "start", None)
     scaling = cfg.rope_scaling
@@ -611,16 +543,16 @@ def decoder_hf_config(cfg: DecoderConfig, specials) -> dict:
 
 def from_pretrained(path, **overrides) -> EncoderDecoder | DecoderOnly:
     """The policy of the snapshot in the local directory `path` (config.json plus model.safetensors,
-    sharded safetensors or pytorch_model.bin), by its model_type: an EncoderDecoder for the T5 family
-    (T5 v1.0, v1.1, flan-T5, mT5), a DecoderOnly for the Llama layout (Llama 2/3, Qwen2).
+    sharded safetensors or pytorch_model.bin), by its model_type: an EncoderDecoder for the T5
+    family (T5 v1.0, v1.1, flan-T5, mT5), a DecoderOnly for the Llama layout (Llama 2/3, Qwen2).
 
     The weights load exactly (transformers' T5ForConditionalGeneration / LlamaForCausalLM /
-    Qwen2ForCausalLM give the same logits and attention). T5: the head is untied iff lm_head.weight is
-    stored and differs from shared.weight. Llama layout: tied iff tie_word_embeddings is true or the
-    stored lm_head.weight equals the embedding. The embedding keeps all its rows (flan-T5: 32,128,
-    more than the tokenizer's pieces). The value head V(x) starts fresh (zero output). `overrides`
-    are fields of the config class, e.g. last_layers (L' of §3.2), max_src_len; an override that
-    changes the architecture makes the weights not fit (an error).
+    Qwen2ForCausalLM give the same logits and attention). T5: the head is untied iff lm_head.weight
+    is stored and differs from shared.weight. Llama layout: tied iff tie_word_embeddings is true or
+    the stored lm_head.weight equals the embedding. The embedding keeps all its rows (flan-T5:
+    32,128, more than the tokenizer's pieces). The value head V(x) starts fresh (zero output).
+    `overrides` are fields of the config class, e.g. last_layers (L' of §3.2), max_src_len; an
+    override that changes the architecture makes the weights not fit (an error).
     """
     cfg = config_from_hf(load_hf_config(path), **overrides)  # model_type and fields checked first
     weights = read_weights(path)

@@ -13,7 +13,8 @@ from model import EncoderDecoder, ModelConfig
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    """A small policy checkpoint in the one layout, as a run writes it (prompts of at most 8 tokens)."""
+    """A small policy checkpoint in the one layout, as a run writes it
+    (prompts of at most 8 tokens)."""
     tok = data.train_tokenizer(["where does the cat live ?", "the cat lives in town ."] * 20, 300)
     cfg = ModelConfig(
         vocab_size=tok.get_vocab_size(),
@@ -52,5 +53,6 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 @pytest.fixture(scope="session", autouse=True)
 def results_at_start() -> dict:
-    """results/ as it was before the first test ran (tests/test_zz_results_unchanged.py checks it after the last)."""
+    """results/ as it was before the first test ran (tests/test_zz_results_unchanged.py checks it
+    after the last)."""
     return digest(RESULTS)

@@ -6,7 +6,10 @@ data with status 1 (USAGE.md, "When things go wrong").
 samples, the group baseline with 1, minibatches that do not divide the batch, `--kl-target` from
 `--kl-coef 0`, a `--set` the preset cannot take, an unknown dataset or device, 0 seeds) are refused
 with their one-line message and leave no file behind; `--init` naming a text file, a checkpoint cut
-to half its size, a directory or nothing; `--out` naming a file; too few prompts for a batch (after
+to half its size, a directory or nothing; a checkpoint of another format;
+`--out` naming a file; a flag of the experiments group given where nothing reads it (`--seeds 3`
+without `--experiment`), by name even at its default value, while it is read where it applies and
+`--resume` still replays a run's args.json; too few prompts for a batch (after
 loading the data, before the run directory); exit status 2 for a usage error and 1 for bad data,
 without a traceback; `--help` states each default and whose it is; an unknown flag gets the nearest
 valid one; the settings the paper does not state are printed as such; `--algo pg` takes the steps
@@ -87,6 +90,105 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, argv, m
     assert list(tmp_path.iterdir()) == []  # no run directory, nothing written
 
 
+# ---- flags given where they have no effect ------------------------------------------------------
+
+EXPERIMENT_FLAGS = {  # flag: (its default, another value, the Run field it sets with --experiment)
+    "--seeds": ("3", "2", "seeds"),
+    "--workers": ("1", "2", "workers"),
+    "--results-dir": ("results", "tables", "results_dir"),
+    "--rm-steps": ("300", "5", "rm_steps"),
+    "--human-prompts": ("1000", "7", "human_prompts"),
+    "--hybrid-weight": ("1.0", "0.5", "hybrid_weight"),
+    "--relevance-steps": ("600", "9", "relevance_steps"),
+}
+HYBRID = {"--rm-steps": "rm_steps", "--human-prompts": "human_prompts", "--hybrid-weight": "weight"}
+
+
+def resolve_in(folder, argv):
+    return settings.resolve(cagsr.build_parser().parse_args(argv + ["--out", str(folder)]), "test")
+
+
+@pytest.mark.parametrize("flag", EXPERIMENT_FLAGS)
+def test_an_experiment_flag_without_experiment_is_refused_even_at_its_default(
+    tmp_path, monkeypatch, flag
+):
+    monkeypatch.chdir(tmp_path)
+    default, other, _ = EXPERIMENT_FLAGS[flag]
+    where = " or --reward hybrid" if flag in HYBRID else ""
+    for value in (default, other):
+        with pytest.raises(runs.UsageError) as e:
+            cagsr.main([flag, value, "--out", str(tmp_path / "run")])
+        assert str(e.value).startswith(f"{flag} has no effect without --experiment{where}: ")
+        assert "\n" not in str(e.value) and "it applies only to --experiment" in str(e.value)
+    with pytest.raises(runs.UsageError, match=f"^{flag} has no effect"):  # any stage, and --dry-run
+        cagsr.main(["--dry-run", flag, default])
+    assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
+@pytest.mark.parametrize("flag", EXPERIMENT_FLAGS)
+def test_an_experiment_flag_is_read_where_it_applies(tmp_path, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)
+    default, other, field = EXPERIMENT_FLAGS[flag]
+    kinds = ["rewards"] if flag == "--hybrid-weight" else ["table1", "rewards"]
+    for kind in kinds:
+        run = resolve_in(tmp_path / "w", ["--experiment", kind, flag, other])
+        assert str(getattr(run.experiment, field)) == other
+        not_given = resolve_in(tmp_path / "w", ["--experiment", kind]).experiment
+        assert str(getattr(not_given, field)) == default  # ExperimentConfig's, as --help states
+    if flag in HYBRID:  # a plain run reads it with --reward hybrid
+        run = resolve_in(tmp_path / "run", ["--reward", "hybrid", flag, other])
+        assert run.experiment is None and str(run.hybrid[HYBRID[flag]]) == other
+    else:
+        with pytest.raises(runs.UsageError, match=f"^{flag} has no effect without --experiment: "):
+            resolve_in(tmp_path / "run", ["--reward", "hybrid", flag, other])
+
+
+def test_the_hybrid_weight_is_refused_where_no_hybrid_reward_is_trained(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(runs.UsageError) as e:
+        resolve_in(tmp_path / "w", ["--experiment", "table1", "--hybrid-weight", "1.0"])
+    assert str(e.value) == (
+        "--hybrid-weight has no effect with --experiment table1: it applies only to --experiment "
+        "rewards, or --reward hybrid; drop it"
+    )
+    assert resolve_in(tmp_path / "run", ["--reward", "hybrid"]).hybrid == dict(
+        rm_steps=300, human_prompts=1000, weight=1.0
+    )
+
+
+def test_resume_replays_a_runs_experiment_settings_old_or_new(tmp_path, monkeypatch):
+    # args.json written before these flags defaulted to None holds their defaults (seeds 3, ...);
+    # one written now holds None. Both resume; an experiment flag beside --resume is still refused.
+    monkeypatch.chdir(tmp_path)
+    parser = cagsr.build_parser()
+    old = {**vars(parser.parse_args([])), "seeds": 3, "workers": 1, "results_dir": "results"}
+    old.update(rm_steps=300, human_prompts=1000, hybrid_weight=1.0, relevance_steps=600)
+    for name, saved in (("old", old), ("new", vars(parser.parse_args([])))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "args.json").write_text(json.dumps({**saved, "command": "c"}))
+        args = parser.parse_args(["--resume", str(tmp_path / name)])
+        new, command, last = settings.resumed(vars(parser.parse_args([])), args, "c")
+        run = settings.resolve(new, command, last)
+        assert run.experiment is None and run.hybrid["rm_steps"] == 300
+    with pytest.raises(runs.UsageError, match="drop --seeds"):
+        settings.resumed(
+            vars(parser.parse_args([])),
+            parser.parse_args(["--resume", str(tmp_path / "new"), "--seeds", "3"]),
+            "c",
+        )
+
+
+@pytest.mark.slow
+def test_an_experiment_flag_without_experiment_exits_2_with_one_line():
+    out = subprocess.run(
+        [sys.executable, "cagsr.py", "--seeds", "3"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        "cagsr.py: error: --seeds has no effect without --experiment: it applies only to "
+        "--experiment table1 or rewards; drop it"
+    ]
+
+
 def test_an_init_that_is_not_a_checkpoint_file_is_refused(tmp_path, checkpoint):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
@@ -105,6 +207,25 @@ def test_an_init_that_is_not_a_checkpoint_file_is_refused(tmp_path, checkpoint):
     assert "--resume" in str(
         pytest.raises(runs.UsageError, cagsr.main, ["--stage", "rl", "--init", str(tmp_path)]).value
     )
+
+
+def test_a_checkpoint_of_another_format_is_refused(tmp_path, checkpoint):
+    ckpt = torch.load(checkpoint, weights_only=False)
+    assert ckpt["format"] == runs.CHECKPOINT_FORMAT
+    unmarked = {k: v for k, v in ckpt.items() if k != "format"}
+    for name, obj, message in (
+        ("unmarked.pt", unmarked, 'checkpoint format 1 (it has no "format" field), but this'),
+        ("one.pt", {**ckpt, "format": 1}, "train a new checkpoint with this code"),
+        ("three.pt", {**ckpt, "format": 3}, "written by a newer cagsr.py: update the code"),
+    ):
+        torch.save(obj, tmp_path / name)
+        where = re.escape(f"--init {tmp_path / name}: ")
+        with pytest.raises(runs.UsageError, match=where + ".*" + re.escape(message)):
+            cagsr.main(["--stage", "eval", "--init", str(tmp_path / name)])
+    torch.save(ckpt["model"], tmp_path / "weights.pt")  # a bare state dict: no checkpoint at all
+    with pytest.raises(runs.UsageError, match=re.escape("(missing format, model, model_config")):
+        runs.load_checkpoint(tmp_path / "weights.pt", flag="--init")
+    assert runs.load_checkpoint(checkpoint)[2]["format"] == runs.CHECKPOINT_FORMAT
 
 
 def test_out_naming_a_file_is_refused(tmp_path):
@@ -161,14 +282,14 @@ def test_help_states_each_default_and_whose_it_is(capsys):
         cagsr.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in out
-    # the "pretrained" profile (--init with a snapshot) keeps the paper's RL lr and fine-tunes SFT at 1e-4
+    # the "pretrained" profile (--init with a snapshot) keeps the paper's RL lr
+    # and fine-tunes SFT at 1e-4
     assert (
-        "Adam learning rate (§7.2: 1e-5). (default: 3e-05 (tiny/small), 1e-05 (base/1.3b/pretrained))"
-        in out
+        "Adam learning rate (§7.2: 1e-5). "
+        "(default: 3e-05 (tiny/small), 1e-05 (base/1.3b/pretrained))" in out
     )
-    assert (
-        "(default: 0.002 (tiny), 0.001 (small), 0.0005 (base), 0.0001 (1.3b/pretrained))" in out
-    )  # --sft-lr
+    # --sft-lr
+    assert "(default: 0.002 (tiny), 0.001 (small), 0.0005 (base), 0.0001 (1.3b/pretrained))" in out
     assert "the paper states none, 1.0 is the project's choice" in out  # max_grad_norm
 
 
@@ -194,7 +315,7 @@ def test_settings_the_paper_does_not_state_are_not_printed_as_the_papers(capsys)
     assert "top_k 50" in stated and "max_grad_norm 1.0" in stated
 
 
-# ---- what the review found ----------------------------------------------------------------------
+# ---- settings and reported numbers that do what their text says ---------------------------------
 
 
 def test_plain_policy_gradient_does_what_its_table_row_says():
@@ -242,11 +363,9 @@ def test_the_synthetic_reward_model_is_scored_on_held_out_records():
 
 
 def test_a_flag_set_to_none_turns_its_setting_off(tmp_path, checkpoint):
-    # Flags default to None ("not given"), so `--top-k none` once meant "not given" and a profile's value
-    # stayed on without a word. Now none is a value: the setting is off.
-    resolve = lambda *argv: settings.resolve(
-        cagsr.build_parser().parse_args([*argv, "--results-dir", str(tmp_path)]), "test"
-    )
+    # Flags default to None ("not given"); `--top-k none` is a value of its own: the setting is off,
+    # not left at the profile's value.
+    resolve = lambda *argv: settings.resolve(cagsr.build_parser().parse_args(list(argv)), "test")
     sample = ("--stage", "sample", "--init", str(checkpoint), "--prompt", "a?")
     assert resolve(*sample, "--top-k", "7").ppo.top_k == 7
     assert resolve(*sample, "--top-k", "7", "--top-k", "none").ppo.top_k is None

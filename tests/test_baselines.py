@@ -1,4 +1,5 @@
-"""experiments/baselines.py: corruptions, simulated annotators, the Bradley-Terry loss, the reward models (§7.3).
+"""experiments/baselines.py: corruptions, simulated annotators, the Bradley-Terry loss, the reward
+models (§7.3).
 
 The Bradley-Terry loss and its gradient on hand-worked pairs, the simulated annotators' label-noise
 rate on 20,000 constructed pairs (within 5 standard errors of 10%), the corruptions, `PairScorer`
@@ -25,8 +26,8 @@ def test_bradley_terry_loss_on_hand_worked_pairs():
     assert bradley_terry_loss(torch.tensor([1.0]), torch.tensor([1.0])).item() == pytest.approx(
         math.log(2)
     )
-    # r_w - r_l = log 3: sigma = 3/4, -log(3/4) = log(4/3); r_w - r_l = -log 3: sigma = 1/4, -log(1/4) = log 4.
-    # Mean over the two pairs: (log(4/3) + log 4) / 2 = log(16/3) / 2.
+    # r_w - r_l = log 3: sigma = 3/4, -log(3/4) = log(4/3); r_w - r_l = -log 3: sigma = 1/4,
+    # -log(1/4) = log 4. Mean over the two pairs: (log(4/3) + log 4) / 2 = log(16/3) / 2.
     lw = torch.tensor([math.log(3), 0.0])
     ll = torch.tensor([0.0, math.log(3)])
     assert bradley_terry_loss(lw, ll).item() == pytest.approx(math.log(16 / 3) / 2, rel=1e-6)

@@ -1,6 +1,7 @@
 """bench/gpu.py, the GPU check: its FLOP counts against the matrix products torch counts
 (`FlopCounterMode`) in a real SFT step, encoder pass and KV-cached rollout, and the whole check at
-its tiny CPU shape (`python -m bench.gpu --tiny`), so the GPU path runs in CI without a GPU."""
+its tiny CPU shape (`python -m bench.gpu --tiny`), so the GPU path runs in CI without a GPU: every
+part must pass, torch.compile included, and a part that fails fails the check (exit status 1)."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import data
 from bench import gpu
 from interop.snapshot import config_from_hf
 from model import EncoderDecoder, config_for
+from sampling import Decoding
 from sft import sft_loss
 
 CONFIGS = {
@@ -66,8 +68,7 @@ def test_linear_flops_are_the_products_of_a_cached_rollout_and_of_the_encoder(na
             model.sample(
                 src,
                 mask,
-                num_samples=N,
-                max_new_tokens=7,
+                Decoding(num_samples=N, max_new_tokens=7),
                 generator=torch.Generator().manual_seed(0),
                 **sp.sample_ids(),
             ),
@@ -81,9 +82,12 @@ def test_linear_flops_are_the_products_of_a_cached_rollout_and_of_the_encoder(na
 
 @pytest.mark.slow
 def test_the_gpu_check_runs_at_its_tiny_cpu_shape(capsys):
+    # Every part passes, torch.compile included (on the CPU it needs a C++ compiler: gcc here).
     pytest.importorskip("transformers")
-    assert gpu.main(["--tiny"]) == 0
+    status = gpu.main(["--tiny"])
     out = capsys.readouterr().out
+    assert "FAILED" not in out and "failed" not in out.lower(), out
+    assert status == 0 and out.rstrip().endswith("; every part that ran passed"), out
     for part in (
         "\n1. same weights",
         "\n2. flan-T5-large's shape",
@@ -92,8 +96,54 @@ def test_the_gpu_check_runs_at_its_tiny_cpu_shape(capsys):
         "\n5. Qwen2.5-0.5B's shape, decoder-only",
     ):
         assert part in out, part
-    # fp32 against HF on the same weights: the check of `python -m bench.cpu --same-weights`, passing.
+    # fp32 against HF on the same weights: the check of
+    # `python -m bench.cpu --same-weights`, passing.
     fp32 = next(line for line in out.splitlines() if line.strip().startswith("fp32: greedy"))
     assert "tokens equal: True" in fp32 and float(fp32.rsplit(" ", 1)[-1]) <= 1e-4
     assert out.count("CAGSR iteration") == 3 and "rollout with Abar recorded" in out
-    assert "update: eager" in out or "torch.compile failed" in out
+    assert "update: eager" in out and "compiled" in out
+
+
+def test_a_part_that_fails_fails_the_check_by_name_and_the_others_still_run(monkeypatch, capsys):
+    # torch.compile that cannot compile here, or any part that raises: each is named where it fails
+    # and in the last line, the other parts still run, and the exit status is 1.
+    ran = []
+    for name in ("preset_part", "decoder_part"):
+        monkeypatch.setattr(gpu, name, lambda *a, name=name: ran.append(name))
+    monkeypatch.setattr(gpu, "same_weights_part", lambda *a: ran.append("same") or True)
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    assert gpu.main(["--tiny"]) == 1
+    out = capsys.readouterr().out
+    assert "   FAILED: part 4 (torch.compile): RuntimeError: no C++ compiler found" in out
+    assert out.rstrip().endswith("; FAILED: part 4 (torch.compile)")
+    assert ran == ["same", "preset_part", "decoder_part"]
+
+    def broken(*a):
+        raise ValueError("out of memory")
+
+    monkeypatch.setattr(gpu, "large_part", broken)
+    monkeypatch.setattr(gpu, "decoder_part", broken)
+    assert gpu.main(["--tiny", "--skip-compile"]) == 1
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last.endswith(
+        "FAILED: part 2 (flan-T5-large's shape), part 5 (decoder-only) "
+        "(skipped: part 4 (torch.compile): --skip-compile)"
+    )
+    assert gpu.main(["--tiny"]) == 1  # part 4 cannot run without part 2's model: failed too
+    assert (
+        "part 2 (flan-T5-large's shape), part 4 (torch.compile), part 5" in capsys.readouterr().out
+    )
+
+
+def test_part_1_fails_when_the_fp32_check_does_not_pass(monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    check = dict(tokens=4, tokens_equal=False, max_map_diff=0.0)
+    monkeypatch.setattr(gpu.same_weights, "same_weights_check", lambda *a: check)
+    monkeypatch.setattr(gpu.same_weights, "make_snapshot", lambda *a: None)
+    with pytest.raises(gpu.CheckFailed, match="greedy tokens must be equal"):
+        gpu.same_weights_part(gpu.SHAPES["tiny"], torch.device("cpu"))
+    assert "fp32: greedy 4 positions, tokens equal: False" in capsys.readouterr().out

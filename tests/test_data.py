@@ -19,8 +19,8 @@ import data
 import reward
 import synthetic
 
-# The special ids of a tokenizer trained by data.train_tokenizer (<pad> <bos> <eos> <unk> at 0..3), spelled out
-# for the tests that build batches without a tokenizer at hand.
+# The special ids of a tokenizer trained by data.train_tokenizer (<pad> <bos> <eos> <unk> at 0..3),
+# spelled out for the tests that build batches without a tokenizer at hand.
 SP = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))
 
 
@@ -421,8 +421,9 @@ def test_specials_of_our_tokenizer(tok):
     assert sp == SP and sp.sample_ids() == dict(bos_id=1, eos_id=2, pad_id=0)
 
 
-# A T5-style vocabulary written out by hand: id = position in this list. "<pad>" 0, "</s>" 1, "<unk>" 2,
-# then SentencePiece pieces ("▁" starts a word), then single letters; the sentinels come after (38, 39).
+# A T5-style vocabulary written out by hand: id = position in this list. "<pad>" 0, "</s>" 1,
+# "<unk>" 2, then SentencePiece pieces ("▁" starts a word), then single letters; the sentinels come
+# after (38, 39).
 T5_PIECES = [
     "<pad>",
     "</s>",
@@ -442,9 +443,9 @@ T5_ID = {p: i for i, p in enumerate(T5_PIECES + T5_SENTINELS)}
 
 @pytest.fixture
 def t5_dir(tmp_path):
-    """A snapshot directory holding only a tiny T5-style tokenizer.json: Unigram pieces, Metaspace, a
-    post-processor that appends </s>, sentinels as special tokens, and truncation (4 tokens) and padding
-    (to 12) switched on, as some snapshots ship them."""
+    """A snapshot directory holding only a tiny T5-style tokenizer.json: Unigram pieces, Metaspace,
+    a post-processor that appends </s>, sentinels as special tokens, and truncation (4 tokens) and
+    padding (to 12) switched on, as some snapshots ship them."""
     scores = [
         (p, 0.0 if i < 3 else -1.0 if len(p) > 2 else -2.0 if p == "\u2581" else -5.0)
         for i, p in enumerate(T5_PIECES)

@@ -1,7 +1,7 @@
-"""The decoder-only policy (decoder.py): the equations of its attention reward (DECISIONS.md §10) and
-of rotary positions against hand computations, the interface ppo.py uses (sampler and teacher
-forcing agree; a batch equals its prompts one by one, with either padding), and a PPO iteration on it.
-Its exactness against transformers' Llama and Qwen2 is tests/test_decoder_snapshot.py."""
+"""The decoder-only policy (decoder.py): the equations of its attention reward (DECISIONS.md §10)
+and of rotary positions against hand computations, the interface ppo.py uses (sampler and teacher
+forcing agree; a batch equals its prompts one by one, with either padding), and a PPO iteration on
+it. Its exactness against transformers' Llama and Qwen2 is tests/test_decoder_snapshot.py."""
 
 import math
 
@@ -23,6 +23,7 @@ from decoder import (
 )
 from model import EncoderDecoder, token_logprobs
 from reward import RewardConfig, SalientTokens
+from sampling import Decoding
 
 SP = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))
 
@@ -56,8 +57,8 @@ def left_padded(src, mask):
 
 
 def test_prompt_attention_is_the_mean_over_layers_and_heads_renormalised_over_the_prompt():
-    # One response step, L' = 2 layers x H = 2 heads, over 3 prompt columns; the rest of each row's mass
-    # (to the response) is not in the slice.
+    # One response step, L' = 2 layers x H = 2 heads, over 3 prompt columns; the rest of each row's
+    # mass (to the response) is not in the slice.
     maps = torch.tensor([[[0.2, 0.2, 0.0], [0.4, 0.0, 0.0]], [[0.1, 0.1, 0.2], [0.0, 0.6, 0.2]]])[
         None, :, :, None, :
     ]  # (1, L', H, T=1, S)
@@ -116,9 +117,7 @@ def test_the_sampler_records_what_teacher_forcing_recomputes():
     rollout = model.sample(
         src,
         mask,
-        num_samples=2,
-        max_new_tokens=9,
-        temperature=0.7,
+        Decoding(num_samples=2, max_new_tokens=9, temperature=0.7),
         generator=torch.Generator().manual_seed(1),
         **SP.sample_ids(),
     )
@@ -143,14 +142,13 @@ def test_a_batch_samples_as_its_prompts_one_by_one(padding):
     model, (src, mask) = tiny(), prompts()
     if padding == "left":
         src, mask = left_padded(src, mask)
-    batch = model.sample(src, mask, greedy=True, max_new_tokens=8, **SP.sample_ids())
+    batch = model.sample(src, mask, Decoding(max_new_tokens=8, greedy=True), **SP.sample_ids())
     for b in range(3):
         one = src[b : b + 1, mask[b]]
         alone = model.sample(
             one,
             torch.ones_like(one, dtype=torch.bool),
-            greedy=True,
-            max_new_tokens=8,
+            Decoding(max_new_tokens=8, greedy=True),
             **SP.sample_ids(),
         )
         T = alone.tokens.size(1)
@@ -199,11 +197,9 @@ def test_a_ppo_iteration_on_the_decoder_only_policy_moves_it_and_the_first_ratio
         model,
         src,
         mask,
-        salient,
-        RewardConfig(),
+        ppo.RLTask([], specials=SP, salient=salient, reward_cfg=RewardConfig()),
         cfg,
         0.0,
-        SP,
         torch.Generator().manual_seed(0),
     )
     assert "prompt_share" in experience.terms and experience.terms["prompt_share"].shape == (6,)

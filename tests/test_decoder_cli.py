@@ -1,9 +1,10 @@
-"""The command line on decoder-only policies (DECISIONS.md §10, §11), in subprocesses: from tiny random
-Llama and Qwen2 snapshots with a real tokenizer.json (byte-level BPE; Llama's prepends <s>, Qwen2's
-has no BOS and ends in <|endoftext|>), `--dry-run` plans, `--stage sample`, SFT + RL, `--stage eval`,
-Ctrl-C and `--resume` to the uninterrupted run's log, and `--stage export`, after which transformers
-loads the export and gives the logits of our checkpoint. The same for the from-scratch
-`--arch decoder` preset, which is the Llama layout. The T5 round trip is in tests/test_snapshot.py."""
+"""The command line on decoder-only policies (DECISIONS.md §10, §11), in subprocesses: from
+tiny random Llama and Qwen2 snapshots with a real tokenizer.json (byte-level BPE; Llama's
+prepends <s>, Qwen2's has no BOS and ends in <|endoftext|>), `--dry-run` plans,
+`--stage sample`, SFT + RL, `--stage eval`, Ctrl-C and `--resume` to the uninterrupted run's
+log, and `--stage export`, after which transformers loads the export and gives the logits of
+our checkpoint. The same for the from-scratch `--arch decoder` preset, which is the Llama
+layout. The T5 round trip is in tests/test_snapshot.py."""
 
 import json
 import signal
@@ -47,7 +48,8 @@ PROMPT, ANSWER = "Where does Stimdol Mellu live?", "Stimdol Mellu lives in Ashwi
 
 
 def bpe(texts, specials, bos=None) -> Tokenizer:
-    """Byte-level BPE over `texts` with `specials` first; `bos`: the token its post-processor prepends."""
+    """Byte-level BPE over `texts` with `specials` first; `bos`: the
+    token its post-processor prepends."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -119,7 +121,8 @@ def metric_rows(run):
 
 
 def logits_match(checkpoint, export_dir):
-    """transformers' logits of the export equal ours of the checkpoint on a prompt and its response."""
+    """transformers' logits of the export equal ours of the checkpoint
+    on a prompt and its response."""
     ours, tok, _ = runs.load_checkpoint(checkpoint)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(export_dir).eval()
     sp = data.specials(tok)

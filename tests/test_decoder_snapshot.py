@@ -1,5 +1,6 @@
 """snapshot.from_pretrained for the Llama layout: Llama and Qwen2 snapshots load exactly into
-decoder.DecoderOnly, against transformers' LlamaForCausalLM / Qwen2ForCausalLM (test-only dependency).
+decoder.DecoderOnly, against transformers' LlamaForCausalLM / Qwen2ForCausalLM
+(test-only dependency).
 
 Every snapshot is a tiny random model built here by transformers and written with save_pretrained
 to a temp dir (nothing is downloaded): Llama with grouped-query attention and an untied head;
@@ -23,14 +24,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402  (transformers brings safetensors)
 
+from cli.plan import memory_plan  # noqa: E402
 from data import Specials  # noqa: E402
 from interop.snapshot import (  # noqa: E402
     config_from_hf,
     decoder_hf_config,
     decoder_names,
     from_pretrained,
-    memory_plan,
 )
+from sampling import Decoding  # noqa: E402
 
 PAD, BOS, EOS = 0, 1, 2
 V, D, LAYERS = 61, 32, 2
@@ -46,8 +48,9 @@ LLAMA3 = dict(
     high_freq_factor=4.0,
     original_max_position_embeddings=16,
 )
-"""Llama 3.1's scaling with a short original context, so that it changes the frequencies that matter
-at these lengths: wavelengths over 16 positions are stretched 8 times, those between 4 and 16 blended."""
+"""Llama 3.1's scaling with a short original context, so that it changes the frequencies that
+matter at these lengths: wavelengths over 16 positions are stretched 8 times, those between 4 and
+16 blended."""
 
 SNAPSHOTS = {
     "llama_gqa": (
@@ -293,9 +296,11 @@ def test_greedy_tokens_through_the_kv_cache_equal_generate(loaded):
             pad_token_id=PAD,
         )[:, left.size(1) :]
     assert want.size(1) > 2 and len({tuple(w.tolist()) for w in want}) > 1  # not one degenerate row
-    got = ours.sample(left, left_mask, num_samples=2, max_new_tokens=NEW, greedy=True, **ids).tokens
+    got = ours.sample(
+        left, left_mask, Decoding(num_samples=2, max_new_tokens=NEW, greedy=True), **ids
+    ).tokens
     assert torch.equal(got, want.repeat_interleave(2, 0)), (got, want)
-    got = ours.sample(right, right_mask, max_new_tokens=NEW, greedy=True, **ids).tokens
+    got = ours.sample(right, right_mask, Decoding(max_new_tokens=NEW, greedy=True), **ids).tokens
     assert torch.equal(got, want)
     for r in rows:
         with torch.no_grad():
@@ -303,7 +308,10 @@ def test_greedy_tokens_through_the_kv_cache_equal_generate(loaded):
                 r[None], max_new_tokens=NEW, do_sample=False, eos_token_id=EOS, pad_token_id=PAD
             )[:, len(r) :]
         got = ours.sample(
-            r[None], torch.ones(1, len(r), dtype=torch.bool), max_new_tokens=NEW, greedy=True, **ids
+            r[None],
+            torch.ones(1, len(r), dtype=torch.bool),
+            Decoding(max_new_tokens=NEW, greedy=True),
+            **ids,
         ).tokens
         assert torch.equal(got, one), (got, one)
 
@@ -395,7 +403,8 @@ def test_decoder_names_are_transformers_names():
 def test_memory_plan_of_a_decoder_config_by_hand():
     """D 8, A = 2 heads x 4 = 8, K = 1 kv head x 4 = 4, d_ff 16: per token and layer 6*8 + 4*8 + 2*4
     + 4*16 = 152 elements; 3 x (5 + 4) tokens x 2 layers = 8208; logits 3*4*100 = 1200, in bf16 and
-    again in float32. P is transformers' LlamaForCausalLM count plus our value head (D^2 + 2D + 1)."""
+    again in float32. P is transformers' LlamaForCausalLM count plus our value head
+    (D^2 + 2D + 1)."""
     hf = dict(
         model_type="llama",
         vocab_size=100,

@@ -166,21 +166,24 @@ def worker(out: Path) -> None:
         model,
         ref,
         opt,
-        prompts(),
-        salient(),
-        RewardConfig(),
+        ppo.RLTask(prompts(), specials=SP, salient=salient(), reward_cfg=RewardConfig()),
         ppo_cfg,
-        iterations=2,
-        specials=SP,
-        seed=0,
+        ppo.RLRun(iterations=2, seed=0),
     )
     x = torch.randn(
         5 + rank, generator=torch.Generator().manual_seed(rank)
     )  # unequal shards on purpose
-    # A rollout whose returns are NaN on rank 1 only: both ranks must skip, or rank 0 would hang in DDP.
+    # A rollout whose returns are NaN on rank 1 only: both ranks must
+    # skip, or rank 0 would hang in DDP.
     src, mask = next(ppo.prompt_batches(prompts(), 8, seed=5, sp=SP, rank=rank, world=2))
     experience, _ = ppo.collect(
-        model, ref, src, mask, salient(), RewardConfig(), ppo_cfg, kl_coef=0.0, sp=SP
+        model,
+        ref,
+        src,
+        mask,
+        ppo.RLTask([], specials=SP, salient=salient(), reward_cfg=RewardConfig()),
+        ppo_cfg,
+        kl_coef=0.0,
     )
     if rank == 1:
         experience.advantages[:] = float("nan")

@@ -6,6 +6,7 @@ prompt's for over 75% of the test split (it reached 82%)."""
 
 import pytest
 
+import sft
 from experiments import evaluation
 from experiments.evaluation import exact_match, rouge_l
 
@@ -26,7 +27,8 @@ def test_rouge_l_lin_2004_examples():
     # Lin (2004), ROUGE, §3.1: reference "police killed the gunman".
     # "police kill the gunman": LCS = police the gunman = 3, P = R = 3/4, F = 3/4.
     assert rouge_l("police kill the gunman", "police killed the gunman") == pytest.approx(3 / 4)
-    # "the gunman kill police": LCS = the gunman = 2 (police comes after, not before), P = R = 2/4, F = 1/2.
+    # "the gunman kill police": LCS = the gunman = 2 (police comes after,
+    # not before), P = R = 2/4, F = 1/2.
     assert rouge_l("the gunman kill police", "police killed the gunman") == pytest.approx(1 / 2)
 
 
@@ -103,7 +105,8 @@ def test_perplexity_is_exp_of_the_mean_token_nll(start):
     model = EncoderDecoder(config_for("tiny", vocab_size=40, d_model=32, d_ff=64, n_heads=2))
     sp = data.Specials(pad=0, start=start, eos=2, special=(0, 1, 2, 3))
     pairs = [([5, 6, 2], [7, 8, 9, 2]), ([10, 2], [11, 2]), ([12, 13, 14, 15, 2], [16, 2])]
-    # Second computation: one pair at a time, no padding, the decoder fed [start] + r[:-1], log-softmax by hand.
+    # Second computation: one pair at a time, no padding, the decoder fed [start] + r[:-1],
+    # log-softmax by hand.
     total, count = 0.0, 0
     for p, r in pairs:
         logits, _ = model(
@@ -114,7 +117,7 @@ def test_perplexity_is_exp_of_the_mean_token_nll(start):
         logp = logits[0] - logits[0].logsumexp(-1, keepdim=True)
         total -= sum(logp[t, r[t]].item() for t in range(len(r)))
         count += len(r)
-    assert evaluation.mean_nll(model, pairs, "cpu", sp, batch_size=2) == pytest.approx(
+    assert sft.mean_nll(model, pairs, "cpu", sp, batch_size=2) == pytest.approx(
         total / count, rel=1e-5
     )
     assert evaluation.perplexity(model, pairs, "cpu", sp) == pytest.approx(
@@ -136,8 +139,8 @@ def test_off_topic_pairs_never_reuse_the_same_response():
 @pytest.mark.slow
 def test_relevance_classifier_ranks_held_out_references_above_other_references():
     # Trained on the validation split of `instruct` (as the Table 1 experiment does, with fewer
-    # steps), scored on the test split it never saw. 300 steps reached 0.82 pairwise and 0.82
-    # accuracy when this test was written; chance is 0.5.
+    # steps), scored on the test split it never saw. Chance is 0.5; the bars below leave a margin
+    # under what 300 steps reach.
     import data
     from model import config_for
 

@@ -1,13 +1,13 @@
-"""interop/export.py: a policy written back as a Hugging Face directory, checked against transformers (a test-only
-dependency) as the independent reference.
+"""interop/export.py: a policy written back as a Hugging Face directory, checked against
+transformers (a test-only dependency) as the independent reference.
 
-Every snapshot is a tiny random T5 that transformers builds and saves here, in three head layouts: T5 v1.0
-(ReLU, tied and scaled head), flan-T5-like (gated-GELU, untied unscaled head) and the gated-GELU T5 that
-transformers 5 makes (tied, unscaled). Read with snapshot.from_pretrained and exported untouched, the files
-hold the original tensors, name for name, and transformers reads the same T5Config. Fine-tuned here, saved as
-a cagsr checkpoint and exported, transformers' T5ForConditionalGeneration gives our logits and
-AutoTokenizer our ids. A from-scratch model, an occupied directory and a failed write leave nothing behind.
-Nothing is downloaded.
+Every snapshot is a tiny random T5 that transformers builds and saves here, in three head layouts:
+T5 v1.0 (ReLU, tied and scaled head), flan-T5-like (gated-GELU, untied unscaled head) and the
+gated-GELU T5 that transformers 5 makes (tied, unscaled). Read with snapshot.from_pretrained and
+exported untouched, the files hold the original tensors, name for name, and transformers reads the
+same T5Config. Fine-tuned here, saved as a cagsr checkpoint and exported, transformers'
+T5ForConditionalGeneration gives our logits and AutoTokenizer our ids. A from-scratch model, an
+occupied directory and a failed write leave nothing behind. Nothing is downloaded.
 """
 
 import json
@@ -25,6 +25,7 @@ from cli import runs  # noqa: E402
 from interop.export import export, export_checkpoint  # noqa: E402
 from interop.snapshot import from_pretrained  # noqa: E402
 from model import EncoderDecoder, ModelConfig, config_for  # noqa: E402
+from sampling import Decoding  # noqa: E402
 
 TEXTS = [
     "Where does Stimdol Mellu live?",
@@ -41,7 +42,8 @@ STRINGS = [
 
 
 def t5_tokenizer() -> Tokenizer:
-    """A T5-style tokenizer: Unigram pieces, "▁" word starts, </s> appended by the post-processor, a sentinel."""
+    """A T5-style tokenizer: Unigram pieces, "▁" word starts, </s> appended
+    by the post-processor, a sentinel."""
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
@@ -78,7 +80,8 @@ def flan(cfg):
 
 
 def v11_transformers5(cfg):
-    """gated-GELU as transformers 5 builds it: the head tied (transformers 5 ties every T5) but unscaled."""
+    """gated-GELU as transformers 5 builds it: the head tied
+    (transformers 5 ties every T5) but unscaled."""
     return transformers.T5ForConditionalGeneration(
         transformers.T5Config(**cfg, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
     )
@@ -132,7 +135,8 @@ def batch(tok, texts, start):
 
 
 def fine_tune(model, tok, steps=3):
-    """A few Adam steps on the teacher-forced cross-entropy of the model's own prompts: every weight moves."""
+    """A few Adam steps on the teacher-forced cross-entropy of the model's
+    own prompts: every weight moves."""
     src, mask, tgt_in = batch(tok, TEXTS[:4], data.specials(tok).start)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
@@ -146,7 +150,7 @@ def fine_tune(model, tok, steps=3):
     return model.eval()
 
 
-# ---- exported untouched: the snapshot's own tensors and config ---------------------------------------------
+# ---- exported untouched: the snapshot's own tensors and config -----------------------------------
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -184,7 +188,7 @@ def test_an_untouched_snapshot_exports_to_its_own_tensors(layout, tok, tmp_path)
     ]
 
 
-# ---- fine-tuned, through a checkpoint: transformers' logits and tokenizer ----------------------------------
+# ---- fine-tuned, through a checkpoint: transformers' logits and tokenizer ------------------------
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -239,9 +243,9 @@ def test_a_fine_tuned_checkpoint_loads_in_transformers_with_our_logits(layout, t
 
 
 def test_a_t5_layout_model_with_our_tokenizer_generates_as_transformers_does(tmp_path):
-    """A T5-layout EncoderDecoder built here (plain GELU, untied head) with a byte-level BPE tokenizer whose
-    decoder starts from <bos>: transformers' greedy generate, starting from the exported generation config,
-    picks our sampler's tokens."""
+    """A T5-layout EncoderDecoder built here (plain GELU, untied head) with a byte-level BPE
+    tokenizer whose decoder starts from <bos>: transformers' greedy generate, starting from the
+    exported generation config, picks our sampler's tokens."""
     tok = data.train_tokenizer(TEXTS, 300)
     sp = data.specials(tok)
     torch.manual_seed(0)
@@ -281,11 +285,11 @@ def test_a_t5_layout_model_with_our_tokenizer_generates_as_transformers_does(tmp
             input_ids=src, attention_mask=mask.long(), max_new_tokens=8, do_sample=False
         )
     assert (generated[:, 0] == sp.start).all()
-    rollout = model.sample(src, mask, max_new_tokens=8, greedy=True, **sp.sample_ids())
+    rollout = model.sample(src, mask, Decoding(max_new_tokens=8, greedy=True), **sp.sample_ids())
     assert torch.equal(generated[:, 1 : rollout.tokens.size(1) + 1], rollout.tokens)
 
 
-# ---- refusals: nothing is written --------------------------------------------------------------------------
+# ---- refusals: nothing is written ----------------------------------------------------------------
 
 
 def test_a_from_scratch_model_is_refused_with_the_reason(tmp_path, checkpoint):

@@ -1,4 +1,5 @@
-"""model.py and sampling.py: attention, the recorded cross-attention Abar (§3.2), the KV-cached sampler, presets.
+"""model.py and sampling.py: attention, the recorded cross-attention Abar (§3.2), the KV-cached
+sampler, presets.
 
 Cached sampling reproduces the teacher-forced log-probabilities and `Abar` within 1e-5; `Abar` is
 the mean of the per-layer, per-head maps and sums to 1 over real prompt tokens; padding a batch
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from checks import ConfigError
-from interop.snapshot import memory_plan
+from cli.plan import memory_plan
 from model import (
     EncoderDecoder,
     ModelConfig,
@@ -29,7 +30,7 @@ from model import (
     token_logprobs,
 )
 from presets import SIZES
-from sampling import CDF_DRAW_FROM, draw, filter_logits, sample_next
+from sampling import CDF_DRAW_FROM, Decoding, draw, filter_logits, sample_next
 
 BOS, EOS, PAD = 1, 2, 0  # the ids of our tokenizer (data.train_tokenizer)
 IDS = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD)  # EncoderDecoder.sample's keywords for them
@@ -51,7 +52,8 @@ def small_model(seed=0, vocab_size=11, **kw):
         **kw,
     )
     model = EncoderDecoder(cfg).eval()
-    # Lift the output scale so the sampler sees peaked, input-dependent distributions (and EOS often).
+    # Lift the output scale so the sampler sees peaked, input-dependent
+    # distributions (and EOS often).
     with torch.no_grad():
         model.dec_ln.weight.mul_(8)
     return model
@@ -127,9 +129,10 @@ def test_abar_is_mean_of_recorded_layers_and_heads_and_a_distribution_over_real_
 
 
 def test_abar_by_hand():
-    """§3.2, Abar[t, j] = (1/L') sum_l A_t^(l)[j], here also averaged over heads. One candidate, L' = 2
-    layers x H = 2 heads, T = 1 step, S = 3 prompt positions; the four maps and their mean by hand:
-    (0.5 + 0.1 + 0.2 + 0.6) / 4 = 0.35, (0.5 + 0.9 + 0.2 + 0.0) / 4 = 0.4, (0 + 0 + 0.6 + 0.4) / 4 = 0.25."""
+    """§3.2, Abar[t, j] = (1/L') sum_l A_t^(l)[j], here also averaged over heads. One candidate,
+    L' = 2 layers x H = 2 heads, T = 1 step, S = 3 prompt positions; the four maps and their mean
+    by hand: (0.5 + 0.1 + 0.2 + 0.6) / 4 = 0.35, (0.5 + 0.9 + 0.2 + 0.0) / 4 = 0.4,
+    (0 + 0 + 0.6 + 0.4) / 4 = 0.25."""
     maps = torch.tensor(
         [
             [
@@ -175,7 +178,9 @@ def test_cached_sampling_reproduces_teacher_forced_pass(kw, ids):
     src, src_mask = padded_prompts([6, 3, 5])
     N = 3
     g = torch.Generator().manual_seed(0)
-    r = model.sample(src, src_mask, num_samples=N, max_new_tokens=20, generator=g, **kw, **ids)
+    r = model.sample(
+        src, src_mask, Decoding(num_samples=N, max_new_tokens=20, **kw), generator=g, **ids
+    )
     assert r.tokens.shape[0] == 9 and r.attn.shape == (9, r.tokens.shape[1], 6)
     # the teacher-forced decoder input starts from the sampler's first input, bos_id
     lp, abar = teacher_forced(
@@ -201,8 +206,7 @@ def test_each_row_stops_at_its_own_eos(ids):
     r = model.sample(
         src,
         src_mask,
-        num_samples=8,
-        max_new_tokens=24,
+        Decoding(num_samples=8, max_new_tokens=24),
         generator=torch.Generator().manual_seed(3),
         **ids,
     )
@@ -229,11 +233,8 @@ def test_top_k_and_top_p_never_sample_outside_their_sets():
         r = model.sample(
             src,
             src_mask,
-            num_samples=16,
-            max_new_tokens=10,
-            temperature=1.5,
+            Decoding(num_samples=16, max_new_tokens=10, temperature=1.5, **kw),
             generator=torch.Generator().manual_seed(1),
-            **kw,
             **IDS,
         )
         tgt_in = torch.cat([torch.full_like(r.tokens[:, :1], BOS), r.tokens[:, :-1]], 1)
@@ -307,9 +308,7 @@ def test_seeded_sampling_is_reproducible():
     run = lambda seed: model.sample(
         src,
         src_mask,
-        num_samples=4,
-        max_new_tokens=12,
-        temperature=2.0,
+        Decoding(num_samples=4, max_new_tokens=12, temperature=2.0),
         generator=torch.Generator().manual_seed(seed),
         **IDS,
     )
@@ -326,12 +325,12 @@ def test_sampling_without_recording_returns_no_attention_and_the_same_tokens():
     model = small_model(vocab_size=20)
     src, src_mask = padded_prompts([5, 3], vocab_size=20)
     a = model.sample(
-        src, src_mask, num_samples=2, generator=torch.Generator().manual_seed(0), **IDS
+        src, src_mask, Decoding(num_samples=2), generator=torch.Generator().manual_seed(0), **IDS
     )
     b = model.sample(
         src,
         src_mask,
-        num_samples=2,
+        Decoding(num_samples=2),
         generator=torch.Generator().manual_seed(0),
         record_attention=False,
         **IDS,
@@ -340,17 +339,15 @@ def test_sampling_without_recording_returns_no_attention_and_the_same_tokens():
 
 
 def test_sample_has_no_default_special_ids():
-    """The ids differ between tokenizers (ours: BOS 1, EOS 2; T5: start = pad 0, EOS 1), so the sampler
-    takes them only by keyword and has no default to fall back on silently."""
+    """The ids differ between tokenizers (ours: BOS 1, EOS 2; T5: start = pad 0, EOS 1), so the
+    sampler takes them only by keyword and has no default to fall back on silently."""
     model = small_model()
     src, src_mask = padded_prompts([3])
     for missing in IDS:
         with pytest.raises(TypeError, match=missing):
             model.sample(src, src_mask, **{k: v for k, v in IDS.items() if k != missing})
     with pytest.raises(TypeError):
-        model.sample(
-            src, src_mask, 1, 8, 1.0, None, None, False, True, None, BOS, EOS, PAD
-        )  # not positionally
+        model.sample(src, src_mask, Decoding(), True, None, BOS, EOS, PAD)  # not positionally
 
 
 # ---- value head --------------------------------------------------------------------------
@@ -375,7 +372,8 @@ def test_value_head_starts_at_zero_and_ignores_padding():
 
 
 def closed_form_params(c: ModelConfig) -> int:
-    """Count by hand: embeddings, per-layer blocks (bias-free linears and LayerNorms), value head."""
+    """Count by hand: embeddings, per-layer blocks (bias-free linears and
+    LayerNorms), value head."""
     D, F_ = c.d_model, c.d_ff
     emb = c.vocab_size * D + (c.max_src_len + c.max_tgt_len) * D
     enc = c.n_enc_layers * (4 * D * D + 2 * D * F_ + 2 * D)  # q, kv, out; up, out; 2 LN
@@ -423,7 +421,7 @@ def test_overlong_inputs_are_errors():
         model(*padded_prompts([3]), torch.ones(1, 25, dtype=torch.long))
 
 
-# ---------------------------------------------------------------------------- scale: memory and precision
+# ---------------------------------------------------------------------- scale: memory and precision
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     torch.manual_seed(0)
     m = EncoderDecoder(
@@ -456,8 +454,7 @@ def test_bf16_autocast_keeps_the_recorded_attention_and_log_probs_in_float32():
         r = m.sample(
             src,
             mask,
-            num_samples=2,
-            max_new_tokens=5,
+            Decoding(num_samples=2, max_new_tokens=5),
             generator=torch.Generator().manual_seed(0),
             **IDS,
         )
@@ -470,11 +467,13 @@ def test_bf16_autocast_keeps_the_recorded_attention_and_log_probs_in_float32():
 
 
 # ---------------------------------------------------------------------------- T5-family options
-# The defaults are the from-scratch model above; from_pretrained (tests/test_pretrained.py) sets T5's.
+# The defaults are the from-scratch model above; from_pretrained
+# (tests/test_pretrained.py) sets T5's.
 
 
 def test_default_model_is_unchanged():
-    """The README's `tiny` preset: 1,352,449 parameters, and the same names as before the T5 options."""
+    """The README's `tiny` preset: 1,352,449 parameters, and the same
+    names as before the T5 options."""
     m = EncoderDecoder(config_for("tiny"))
     V_, D, F_, P = 3000, 128, 512, 128  # vocabulary, width, FFN width, positions
     enc = 2 * (2 * D + 4 * D * D + 2 * D * F_)  # 2 LayerNorms (no bias), q, kv, out, up, out
@@ -525,8 +524,9 @@ def test_default_model_is_unchanged():
 
 
 T5_LIKE = [
-    # flan-T5 / T5 v1.1: RMS norm, relative positions, no score scaling, 4 heads of 12 (48 != d_model 32),
-    # gated GELU, untied head; small buckets so that ~20 positions reach the last one.
+    # flan-T5 / T5 v1.1: RMS norm, relative positions, no score scaling, 4 heads of 12
+    # (48 != d_model 32), gated GELU, untied head; small buckets so that ~20 positions reach the
+    # last one.
     dict(
         norm="rmsnorm",
         position="relative",
@@ -565,9 +565,7 @@ def test_t5_options_cached_sampling_reproduces_teacher_forced_pass(kw):
     r = model.sample(
         src,
         src_mask,
-        num_samples=3,
-        max_new_tokens=20,
-        temperature=1.0,
+        Decoding(num_samples=3, max_new_tokens=20, temperature=1.0),
         generator=torch.Generator().manual_seed(0),
         **IDS,
     )

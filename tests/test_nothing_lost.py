@@ -1,6 +1,7 @@
-"""Nothing lost, nothing half-written: each bad input below is run as a user runs it (a subprocess of
-`python cagsr.py`) and must end in one line naming what was wrong, with the documented exit status,
-no traceback, no run directory left and no existing file changed (USAGE.md, "When things go wrong").
+"""Nothing lost, nothing half-written: each bad input below is run as a user runs it (a
+subprocess of `python cagsr.py`) and must end in one line naming what was wrong, with
+the documented exit status, no traceback, no run directory left and no existing file
+changed (USAGE.md, "When things go wrong").
 
 The cases: `--experiment table1|rewards` refusing to replace the committed `results/`
 (byte-identical afterwards); a snapshot whose `model.safetensors` or one shard is cut short, a shard
@@ -34,8 +35,8 @@ pytestmark = pytest.mark.slow  # each case starts a Python process (about 3 s)
 
 
 def refused(args, cwd, status, *expected) -> str:
-    """Run cagsr.py with `args` in `cwd`; check the exit status, that stderr is one error line holding
-    every `expected` text and no traceback; return that line."""
+    """Run cagsr.py with `args` in `cwd`; check the exit status, that stderr is one error line
+    holding every `expected` text and no traceback; return that line."""
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "cagsr.py"), *map(str, args)],

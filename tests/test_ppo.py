@@ -29,7 +29,8 @@ from checks import ConfigError
 from model import EncoderDecoder, ModelConfig
 from reward import RewardConfig, SalientTokens, compute_reward
 
-# The toy vocabulary keeps our tokenizer's special ids: <pad> 0, <bos> 1 (the decoder's start), <eos> 2, <unk> 3.
+# The toy vocabulary keeps our tokenizer's special ids: <pad> 0, <bos> 1 (the decoder's start),
+# <eos> 2, <unk> 3.
 SP = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))
 
 
@@ -63,9 +64,10 @@ def test_ppo_policy_loss_matches_an_independent_computation():
 
 def test_no_gradient_through_tokens_clipped_on_the_losing_side():
     old = torch.zeros(4, 1)
-    # ratio e^0.5 = 1.65 > 1.2 with A > 0: clipped, no gradient.  ratio e^-0.5 = 0.61 < 0.8 with A < 0:
-    # clipped, no gradient.  ratio 1.65 with A < 0 and ratio 0.61 with A > 0: the unclipped term is the
-    # minimum, so the gradient flows (PPO only stops the update from going further in the good direction).
+    # ratio e^0.5 = 1.65 > 1.2 with A > 0: clipped, no gradient.
+    # ratio e^-0.5 = 0.61 < 0.8 with A < 0: clipped, no gradient.
+    # ratio 1.65 with A < 0 and ratio 0.61 with A > 0: the unclipped term is the minimum, so the
+    # gradient flows (PPO only stops the update from going further in the good direction).
     new = torch.tensor([[0.5], [-0.5], [0.5], [-0.5]], requires_grad=True)
     adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
     mask = torch.ones(4, 1, dtype=torch.bool)
@@ -88,8 +90,8 @@ def test_pg_and_ppo_gradients_agree_when_the_ratio_is_one():
 
 
 def test_approx_kl_is_the_k3_estimate_of_kl_from_the_sampling_policy():
-    """approx_kl = mean over valid tokens of (r_t - 1) - log r_t, r_t = pi / pi_old: by hand at r = 0.5
-    and 2 (a masked token left out); and on many tokens drawn from pi_old, its mean is
+    """approx_kl = mean over valid tokens of (r_t - 1) - log r_t, r_t = pi / pi_old: by hand at
+    r = 0.5 and 2 (a masked token left out); and on many tokens drawn from pi_old, its mean is
     KL(pi_old || pi) = sum_y pi_old(y) log(pi_old(y) / pi(y)) of two small categoricals."""
     lp = torch.log(torch.tensor([[0.25, 0.4, 0.9]]))
     old = torch.log(torch.tensor([[0.5, 0.2, 0.1]]))
@@ -121,8 +123,8 @@ def test_value_loss_group_baseline_and_whitening():
 
 
 def test_advantage_by_hand():
-    """A = R - b(x), §4, one number per candidate. Two prompts x N = 2 candidates: returns 1, 3 | 0, 4,
-    V_old(x) = 0.5 for prompt 0 and 2 for prompt 1 (repeated over its candidates)."""
+    """A = R - b(x), §4, one number per candidate. Two prompts x N = 2 candidates: returns
+    1, 3 | 0, 4, V_old(x) = 0.5 for prompt 0 and 2 for prompt 1 (repeated over its candidates)."""
     returns = torch.tensor([1.0, 3.0, 0.0, 4.0])
     values = torch.tensor([0.5, 0.5, 2.0, 2.0])
     assert ppo.advantage(returns, values, "value", 2).tolist() == [0.5, 2.5, -2.0, 2.0]
@@ -234,11 +236,9 @@ def setup_rollout(baseline="value", sp=SP, **kw):
         ref,
         src,
         src_mask,
-        salient,
-        RewardConfig(),
+        ppo.RLTask([], specials=sp, salient=salient, reward_cfg=RewardConfig()),
         cfg,
         kl_coef=0.1,
-        sp=sp,
         generator=torch.Generator().manual_seed(1),
     )
     return policy, ref, experience, cfg, salient
@@ -246,16 +246,19 @@ def setup_rollout(baseline="value", sp=SP, **kw):
 
 def test_reward_is_computed_on_the_attention_the_policy_really_had():
     policy, ref, experience, cfg, salient = setup_rollout()
-    # The decoder input stored with the rollout: BOS (1), then the sampled tokens shifted right by one.
+    # The decoder input stored with the rollout: BOS (1), then the
+    # sampled tokens shifted right by one.
     tgt_in = torch.cat([torch.ones_like(experience.tokens[:, :1]), experience.tokens[:, :-1]], 1)
     assert torch.equal(experience.tgt_in, tgt_in) and torch.equal(
         ppo.decoder_input(experience.tokens, SP.start), tgt_in
     )
-    # The prompt's special tokens are its EOS at position 3 (src holds no other id below 4; pads are masked).
+    # The prompt's special tokens are its EOS at position 3 (src holds no
+    # other id below 4; pads are masked).
     special = torch.zeros_like(experience.src_mask)
     special[:, 3] = True
     assert torch.equal(model.special_mask(experience.src, experience.src_mask, SP.special), special)
-    # A fresh teacher-forced pass over the sampled responses gives the same Abar, hence the same reward.
+    # A fresh teacher-forced pass over the sampled responses gives the
+    # same Abar, hence the same reward.
     _, abar = policy(
         experience.src,
         experience.src_mask,
@@ -275,7 +278,8 @@ def test_reward_is_computed_on_the_attention_the_policy_really_had():
     )
     for k in ("reward", "coverage", "focus", "repeat", "sink_share"):
         torch.testing.assert_close(experience.terms[k], fresh[k], atol=1e-5, rtol=0)
-    # The experience's pieces: returns = R - kl_coef * KL to the frozen SFT copy; A = returns - V_old(x)
+    # The experience's pieces: returns = R - kl_coef * KL to the frozen
+    # SFT copy; A = returns - V_old(x)
     torch.testing.assert_close(
         experience.returns, experience.terms["reward"] - 0.1 * experience.terms["kl_ref"]
     )
@@ -283,8 +287,8 @@ def test_reward_is_computed_on_the_attention_the_policy_really_had():
     assert (experience.terms["sink_share"] > 0).all()
 
 
-# T5's convention: the decoder starts from pad (0). The update must feed the decoder the rollout's own input
-# (experience.tgt_in), or the first epoch's ratio would not be 1.
+# T5's convention: the decoder starts from pad (0). The update must feed the decoder the rollout's
+# own input (experience.tgt_in), or the first epoch's ratio would not be 1.
 T5_LIKE = data.Specials(pad=0, start=0, eos=2, special=(0, 1, 2, 3))
 
 
@@ -329,8 +333,8 @@ def test_a_non_finite_update_is_skipped_and_never_applied():
 
 def test_the_loop_raises_a_reward_it_can_see():
     """The machinery end to end, on a reward whose optimum is known: the share of token 7 in the
-    response. collect + update must drive it from chance (~1/12) to most of the response; a sign error
-    anywhere (advantage, ratio, baseline) would drive it down."""
+    response. collect + update must drive it from chance (~1/12) to most of the response; a sign
+    error anywhere (advantage, ratio, baseline) would drive it down."""
     policy, ref = small_policy(), small_policy()
     g = torch.Generator().manual_seed(0)
     src = torch.randint(4, 12, (8, 6), generator=g)
@@ -358,13 +362,12 @@ def test_the_loop_raises_a_reward_it_can_see():
             ref,
             src,
             src_mask,
-            salient,
-            RewardConfig(),
+            ppo.RLTask(
+                [], specials=SP, salient=salient, reward_cfg=RewardConfig(), reward_fn=share_of_7
+            ),
             cfg,
             0.0,
-            SP,
             gen,
-            reward_fn=share_of_7,
         )
         ppo.update(policy, opt, experience, cfg)
         shares.append(float(experience.terms["reward"].mean()))
@@ -395,7 +398,8 @@ def teacher_forced_logprobs(model, experience, temperature):
 
 
 def test_kl_penalised_return_in_collect_against_a_reference_that_differs():
-    """returns = R - kl_coef * sum_t (log pi(y_t) - log pi_sft(y_t)), both at the sampling temperature."""
+    """returns = R - kl_coef * sum_t (log pi(y_t) - log pi_sft(y_t)),
+    both at the sampling temperature."""
     policy, _, _, _, salient = setup_rollout()
     ref = small_policy(seed=5)  # another model: the KL is far from 0
     g = torch.Generator().manual_seed(0)
@@ -408,11 +412,9 @@ def test_kl_penalised_return_in_collect_against_a_reference_that_differs():
         ref,
         src,
         src != 0,
-        salient,
-        RewardConfig(),
+        ppo.RLTask([], specials=SP, salient=salient, reward_cfg=RewardConfig()),
         cfg,
         kl_coef=0.5,
-        sp=SP,
         generator=torch.Generator().manual_seed(1),
     )
     with torch.no_grad():
@@ -440,11 +442,9 @@ def test_group_baseline_on_penalised_returns_then_whitening_inside_collect():
         ref,
         src,
         src != 0,
-        salient,
-        RewardConfig(),
+        ppo.RLTask([], specials=SP, salient=salient, reward_cfg=RewardConfig()),
         cfg,
         kl_coef=0.3,
-        sp=SP,
         generator=torch.Generator().manual_seed(3),
     )
     returns = (experience.terms["reward"] - 0.3 * experience.terms["kl_ref"]).double().tolist()
@@ -459,8 +459,9 @@ def test_group_baseline_on_penalised_returns_then_whitening_inside_collect():
 
 
 def test_advantage_uses_a_trained_value_head_and_the_value_regression_lowers_its_loss():
-    """A = R - V_old(x) with V fitted: after value-only updates (which lower the value loss), V(x) is
-    far from 0 and the advantages are the returns minus V computed by hand from the head's weights."""
+    """A = R - V_old(x) with V fitted: after value-only updates (which lower the
+    value loss), V(x) is far from 0 and the advantages are the returns minus V
+    computed by hand from the head's weights."""
     policy, _, experience, cfg, salient = setup_rollout(baseline="value")
     opt = torch.optim.Adam(policy.parameters(), lr=3e-2)
     losses = [
@@ -472,11 +473,9 @@ def test_advantage_uses_a_trained_value_head_and_the_value_regression_lowers_its
         small_policy(),
         experience.src,
         experience.src_mask,
-        salient,
-        RewardConfig(),
+        ppo.RLTask([], specials=SP, salient=salient, reward_cfg=RewardConfig()),
         cfg,
         kl_coef=0.1,
-        sp=SP,
         generator=torch.Generator().manual_seed(4),
     )
     with torch.no_grad():
@@ -552,13 +551,9 @@ def test_the_adaptive_kl_controller_moves_kl_coef_inside_the_loop():
         policy,
         ref,
         torch.optim.Adam(policy.parameters(), lr=1e-3),
-        prompts,
-        salient,
-        RewardConfig(),
+        ppo.RLTask(prompts, specials=SP, salient=salient, reward_cfg=RewardConfig()),
         cfg,
-        4,
-        specials=SP,
-        seed=0,
+        ppo.RLRun(4, seed=0),
     )
     coef = 0.2
     for row in rows:
@@ -571,8 +566,9 @@ def test_the_adaptive_kl_controller_moves_kl_coef_inside_the_loop():
 
 
 def test_an_rl_rollout_draws_from_the_full_softmax_at_the_rl_temperature():
-    """The first tokens of 6,000 RL candidates, against softmax(logits / T) from a separate teacher-forced
-    pass: total-variation distance under 0.05 (its expectation here is about 0.02)."""
+    """The first tokens of 6,000 RL candidates, against softmax(logits / T) from a
+    separate teacher-forced pass: total-variation distance under 0.05 (its expectation
+    here is about 0.02)."""
     policy, T, n = small_policy(), 0.7, 6000
     src = torch.tensor([[5, 6, 7, 8, 2]])
     cfg = ppo.PPOConfig(num_samples=n, prompts_per_iter=1, max_new_tokens=1, temperature=T)
@@ -598,10 +594,7 @@ def test_rl_refuses_top_k_and_top_p(kw):
             small_policy(),
             small_policy(),
             None,
-            [[5, 6, 2]],
-            None,
-            RewardConfig(),
+            ppo.RLTask([[5, 6, 2]], specials=SP, salient=None, reward_cfg=RewardConfig()),
             cfg,
-            1,
-            specials=SP,
+            ppo.RLRun(1),
         )

@@ -1,4 +1,5 @@
-"""snapshot.from_pretrained: T5-family snapshots load exactly, against transformers' T5 (test-only dependency).
+"""snapshot.from_pretrained: T5-family snapshots load exactly, against
+transformers' T5 (test-only dependency).
 
 Every snapshot is a tiny random T5 built here and written to a temp dir: nothing is downloaded.
 The reference is transformers' own T5ForConditionalGeneration.from_pretrained of the same directory
@@ -22,8 +23,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402  (transformers brings safetensors)
 
-from interop.snapshot import T5_UNUSED, config_from_hf, from_pretrained, memory_plan  # noqa: E402
+from cli.plan import memory_plan  # noqa: E402
+from interop.snapshot import T5_UNUSED, config_from_hf, from_pretrained  # noqa: E402
 from model import count_params, relative_position_bucket  # noqa: E402
+from sampling import Decoding  # noqa: E402
 
 PAD, EOS = 0, 1  # T5: PAD is also the decoder's start token
 V = 64
@@ -229,9 +232,7 @@ def test_snapshot_loads_exactly(name, tmp_path):
     r = ours.sample(
         src,
         mask,
-        num_samples=2,
-        max_new_tokens=steps,
-        greedy=True,
+        Decoding(num_samples=2, max_new_tokens=steps, greedy=True),
         bos_id=PAD,
         eos_id=EOS,
         pad_id=PAD,

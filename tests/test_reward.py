@@ -40,6 +40,15 @@ def close(got, expected):
     )
 
 
+def test_response_mean_averages_over_each_response_and_never_reads_past_eos():
+    # (1 + 2 + 3) / 3 = 2; 4 / 1 = 4; an empty response gives 0. The values past EOS (inf, nan)
+    # are never read.
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[1.0, 2.0, 3.0, inf], [4.0, 5.0, nan, nan], [nan, 7.0, 8.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    assert reward.response_mean(x, mask).tolist() == [2.0, 4.0, 0.0]
+
+
 # ----------------------------------------------------------------- a hand-made batch
 # B = 2 candidates, T = 3 response steps, S = 4 prompt positions.
 HAND_ATTN = torch.tensor(
@@ -73,7 +82,8 @@ def test_coverage_hand_computed_bool_salient():
     # candidate 1: t=0: 0.5 + 0 = 0.5; t=1: 0 + 0 = 0; t=2: 0.1 + 0.4 = 0.5.
     #   coverage = (0.5 + 0 + 0.5) / (3 * 2) = 1/6
     assert coverage(HAND_ATTN, salient, HAND_MASK).tolist() == approx([1 / 4, 1 / 6])
-    # 0/1 float weights are the same thing (DECISIONS.md §2: the paper's formula when the weights are 0/1).
+    # 0/1 float weights are the same thing (DECISIONS.md §2: the paper's
+    # formula when the weights are 0/1).
     assert coverage(HAND_ATTN, salient.float(), HAND_MASK).tolist() == approx([1 / 4, 1 / 6])
 
 
@@ -236,7 +246,8 @@ def _random_batch(seed=0, B=4, T=6, S=7):
 
 
 def _np_terms(attn, tokens, mask, salient, n=2, tau=1.0, floor=0.0):
-    """coverage, focus, repeat per candidate, by the equations, with loops (independent of reward.py)."""
+    """coverage, focus, repeat per candidate, by the equations, with
+    loops (independent of reward.py)."""
     A, tok, m, w = (
         x.double().numpy() if x.is_floating_point() else x.numpy()
         for x in (attn, tokens, mask, salient.double())
@@ -397,8 +408,9 @@ def test_every_term_finite_for_responses_of_length_0_and_1(cfg):
 
 def test_exclude_special_step_all_on_special_tokens_gets_the_least_focus():
     # Prompt: 2 real tokens, 1 special (EOS), 1 padding. Step 0 attends only to EOS: nothing is left
-    # after the exclusion, so it becomes uniform over the 2 real non-special tokens, [1/2, 1/2, 0, 0]:
-    # entropy log 2 (the most a 2-token distribution can have), coverage of salient {0} = 1/2.
+    # after the exclusion, so it becomes uniform over the 2 real non-special tokens,
+    # [1/2, 1/2, 0, 0]: entropy log 2 (the most a 2-token distribution can have), coverage of
+    # salient {0} = 1/2.
     # Step 1 attends [0.2, 0.6, 0.2, 0] -> [0.25, 0.75, 0, 0]. Step 2 is after EOS: stays zero.
     attn = torch.tensor([[[0.0, 0.0, 1.0, 0.0], [0.2, 0.6, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0]]])
     special = torch.tensor([[False, False, True, False]])
@@ -420,7 +432,8 @@ def test_exclude_special_step_all_on_special_tokens_gets_the_least_focus():
     # focus = -(log 2 + H([0.25, 0.75])) / 2; coverage = (0.5 + 0.25) / 2.
     assert terms["focus"].item() == approx(-(math.log(2) + _np_entropy([0.25, 0.75])) / 2)
     assert terms["coverage"].item() == approx(0.375)
-    # Staring at the sink is now worse for focus than attending to one real token.
+    # With the exclusion, attending only to the sink gets less focus than attending to one real
+    # token.
     sharp = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
     sink = torch.tensor([[[0.0, 0.0, 1.0, 0.0]]])
     f = lambda a: compute_reward(

@@ -1,13 +1,13 @@
-"""The rival internal rewards (experiments/baselines.py), the statistics (experiments/stats.py) and the reward comparison
-(experiments/reward_study.py): each reward against an independent computation, the bootstrap and Spearman on
-hand-worked cases, and a smoke run of `--experiment rewards`.
+"""The rival internal rewards (experiments/baselines.py), the statistics (experiments/stats.py) and
+the reward comparison (experiments/reward_study.py): each reward against an independent computation,
+the bootstrap and Spearman on hand-worked cases, and a smoke run of `--experiment rewards`.
 
 - `self_certainty` against KL(U ‖ p) summed in numpy from the probabilities, `neg_entropy` against
   −Σ p log p, the mean log-probability against a numpy log-softmax; the sampler's recorded
   per-token self-certainty and entropy (temperature 0.7, top-k 4) equal the pure functions on a
   teacher-forced pass over the same tokens.
 - The random reward is a seeded fair coin; the oracle with exact-match, reference match and
-  ROUGE-L on four hand-worked candidates; the three cases ROUGE-L F1 got wrong ("X was born in
+  ROUGE-L on four hand-worked candidates; the three cases ROUGE-L F1 ranks wrongly ("X was born in
   1942." / "X was born in." / "X was born in 1999."): exact-match and reference match pay the right
   answer alone the most and the omission no more than the wrong answer, and padding does not pay.
 - The registry builds each `--reward` name; the hybrid adds exactly weight x the reward model;
@@ -33,7 +33,7 @@ from experiments import baselines, evaluation, reward_study, stats
 from experiments.evaluation import PairScorer
 from model import EncoderDecoder, config_for
 from reward import RewardConfig, SalientTokens
-from sampling import Rollout
+from sampling import Decoding, Rollout
 
 SP = data.Specials(pad=0, start=1, eos=2, special=(0, 1, 2, 3))  # the toy vocabulary's ids
 
@@ -97,8 +97,8 @@ def test_mean_logprob_is_the_mean_log_probability_of_the_tokens():
 
 
 def test_the_sampler_records_the_same_per_token_quantities_as_teacher_forcing():
-    # Sampled with temperature 0.7 and top-k 4: the recorded self-certainty and entropy are of the full
-    # softmax(logits / 0.7), which a teacher-forced pass over the same tokens recomputes.
+    # Sampled with temperature 0.7 and top-k 4: the recorded self-certainty and entropy are of the
+    # full softmax(logits / 0.7), which a teacher-forced pass over the same tokens recomputes.
     torch.manual_seed(0)
     model = EncoderDecoder(
         config_for(
@@ -116,10 +116,7 @@ def test_the_sampler_records_the_same_per_token_quantities_as_teacher_forcing():
     r = model.sample(
         src,
         src > 0,
-        num_samples=3,
-        max_new_tokens=6,
-        temperature=0.7,
-        top_k=4,
+        Decoding(num_samples=3, max_new_tokens=6, temperature=0.7, top_k=4),
         generator=torch.Generator().manual_seed(1),
         **SP.sample_ids(),
     )
@@ -165,7 +162,8 @@ def toy_tokenizer():
 @pytest.mark.parametrize(
     "correct, expected",
     [
-        # 1) identical. 2) "tamsa": LCS 1 of 1 and 4 words. 3) "kelin is a": LCS 3 of 3 and 4. 4) "river kelin": LCS 1 of 2 and 4.
+        # 1) identical. 2) "tamsa": LCS 1 of 1 and 4 words. 3) "kelin is a": LCS 3 of 3 and 4.
+        # 4) "river kelin": LCS 1 of 2 and 4.
         (evaluation.exact_match, [1.0, 0.0, 0.0, 0.0]),
         (
             evaluation.reference_match,
@@ -198,9 +196,10 @@ def test_oracle_reward_is_the_given_correctness_of_each_candidate_against_its_re
 
 
 def test_the_oracle_cannot_be_won_by_leaving_the_answer_out():
-    """The three cases that ROUGE-L F1 got wrong: it pays the omission 0.889 and the wrong year 0.8, so PPO
-    learned to drop the answer. Exact-match (QA) and reference match (instruct) pay the right answer alone
-    the most, and the omission no more than the wrong answer."""
+    """The three cases that ROUGE-L F1 ranks wrongly: it pays the omission 0.889 and the wrong year
+    0.8, so an oracle on it would teach PPO to drop the answer. Exact-match (QA) and reference
+    match (instruct) pay the right answer alone the most, and the omission no more than the wrong
+    answer."""
     ref, right, omitted, wrong = (
         "X was born in 1942.",
         "X was born in 1942.",
@@ -286,7 +285,8 @@ def test_the_rival_rewards_run_inside_sample_and_score_and_keep_the_attention_re
         reward_fn=baselines.RolloutReward("neg_entropy"),
     )
     assert torch.equal(terms["attention_reward"], plain["reward"])
-    # Independently: the teacher-forced logits of the same tokens, their entropies in numpy, averaged by a loop.
+    # Independently: the teacher-forced logits of the same tokens, their entropies in numpy,
+    # averaged by a loop.
     with torch.no_grad():
         logits, _ = model(src, src > 0, ppo.decoder_input(rollout.tokens, SP.start), num_samples=2)
     p = np.exp(logits.double().numpy() / cfg.temperature)
@@ -299,12 +299,13 @@ def test_the_rival_rewards_run_inside_sample_and_score_and_keep_the_attention_re
 
 
 def test_bootstrap_interval_of_a_mean_on_a_hand_worked_case():
-    # x = [0, 0, 0, 1]: a resample's mean is Binomial(4, 1/4) / 4. P(0) = 81/256 = 0.316 > 2.5%, so the
-    # lower end is 0; P(mean <= 0.5) = 243/256 = 0.949 < 97.5% <= P(mean <= 0.75) = 255/256, so the upper
-    # end is 0.75.
+    # x = [0, 0, 0, 1]: a resample's mean is Binomial(4, 1/4) / 4. P(0) = 81/256 = 0.316 > 2.5%, so
+    # the lower end is 0; P(mean <= 0.5) = 243/256 = 0.949 < 97.5% <= P(mean <= 0.75) = 255/256, so
+    # the upper end is 0.75.
     r = stats.mean_interval([0, 0, 0, 1], seed=0)
     assert r == dict(mean=0.25, lo=0.0, hi=0.75)
-    # Paired: a - b = [1, 0]: resample means 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4: [0, 1], includes 0.
+    # Paired: a - b = [1, 0]: resample means 0, 1/2, 1 with probabilities
+    # 1/4, 1/2, 1/4: [0, 1], includes 0.
     d = stats.paired_difference([1.0, 2.0], [0.0, 2.0], seed=3)
     assert (d["diff"], d["lo"], d["hi"], d["excludes_0"]) == (0.5, 0.0, 1.0, False)
     # A constant gain: every resample says 1.
@@ -320,8 +321,8 @@ def test_bootstrap_is_seeded():
 
 
 def test_spearman_with_ties_on_a_hand_worked_case():
-    # ranks x: [1, 2.5, 2.5, 4], y: [1, 3, 2, 4]; deviations from 2.5: [-1.5, 0, 0, 1.5], [-1.5, .5, -.5, 1.5];
-    # sum of products 4.5, sums of squares 4.5 and 5: rho = 4.5 / sqrt(22.5).
+    # ranks x: [1, 2.5, 2.5, 4], y: [1, 3, 2, 4]; deviations from 2.5: [-1.5, 0, 0, 1.5],
+    # [-1.5, .5, -.5, 1.5]; sum of products 4.5, sums of squares 4.5 and 5: rho = 4.5 / sqrt(22.5).
     assert stats.ranks([10, 20, 20, 30]).tolist() == [1, 2.5, 2.5, 4]
     assert stats.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
     assert stats.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
@@ -331,8 +332,8 @@ def test_spearman_with_ties_on_a_hand_worked_case():
 def test_within_prompt_spearman_skips_all_tied_prompts_and_counts_them():
     reward = [1, 2, 3, 5, 5, 5, 3, 2, 1]
     correct = [0, 0, 1, 0, 1, 1, 1, 1, 1]
-    # Prompt 1: ranks [1, 2, 3] vs [1.5, 1.5, 3]; deviations [-1, 0, 1] and [-.5, -.5, 1]: products sum to 1.5,
-    # squares to 2 and 1.5: rho = 1.5 / sqrt(3) = 0.866. Prompt 2: rewards all tied;
+    # Prompt 1: ranks [1, 2, 3] vs [1.5, 1.5, 3]; deviations [-1, 0, 1] and [-.5, -.5, 1]: products
+    # sum to 1.5, squares to 2 and 1.5: rho = 1.5 / sqrt(3) = 0.866. Prompt 2: rewards all tied;
     # prompt 3: correctness all tied. Mean over the one defined prompt, two skipped.
     rho, skipped = stats.within_prompt_spearman(reward, correct, 3)
     assert rho == pytest.approx(1.5 / math.sqrt(3)) and skipped == 2
@@ -407,7 +408,8 @@ def test_rewards_smoke_run_writes_every_row_and_resumes(tmp_path, capsys):
                 d = row["metrics"][m]["diff"]
                 assert d["lo"] <= d["diff"] <= d["hi"]
         assert "collapse" in row
-    # The oracle's own reward at iteration 0 is the correctness (exact-match on qa) of the same candidates.
+    # The oracle's own reward at iteration 0 is the correctness (exact-match
+    # on qa) of the same candidates.
     start = out["rows"]["oracle"]["curve"][0]
     assert start["rewards"]["oracle"] == pytest.approx(start["correct"])
     assert (

@@ -21,10 +21,11 @@ import torch
 
 import cagsr
 import data
+import parallel
 import ppo
 from model import EncoderDecoder, ModelConfig
 from reward import RewardConfig, SalientTokens
-from sft import SFTConfig, train_sft
+from sft import SFTConfig, SFTHooks, SFTRun, SFTTask, train_sft
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "d_model=32", "--set", "d_ff=64", "--set", "n_heads=2", "--set", "vocab_size=400"]
@@ -234,21 +235,23 @@ def test_nonfinite_reward_never_reaches_the_weights_and_stops_the_run_after_thre
     nan_reward = lambda src, src_mask, r, terms: torch.full((r.tokens.size(0),), float("nan"))
     seen = []
     with pytest.raises(
-        ppo.NonFiniteError,
+        parallel.NonFiniteError,
         match=r"iterations 1-3: no update applied.*reward \(not finite for 8 of 8",
     ):
         ppo.train(
             model,
             ref,
             opt,
-            prompts,
-            salient,
-            RewardConfig(),
+            ppo.RLTask(
+                prompts,
+                specials=SP,
+                salient=salient,
+                reward_cfg=RewardConfig(),
+                reward_fn=nan_reward,
+            ),
             cfg,
-            10,
-            specials=SP,
-            reward_fn=nan_reward,
-            on_iteration=lambda i, row, state: seen.append(row),
+            ppo.RLRun(10),
+            ppo.RLHooks(on_iteration=lambda i, row, state: seen.append(row)),
         )
     assert [r["skipped"] for r in seen] == [1, 1, 1] and all(
         r["nonfinite_reward"] == 8 for r in seen
@@ -261,7 +264,13 @@ def test_a_nonfinite_gradient_is_skipped_and_named():
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     src, mask = next(ppo.prompt_batches(prompts, 4, seed=0, sp=SP))
     experience, _ = ppo.collect(
-        model, ref, src, mask, salient, RewardConfig(), cfg, kl_coef=0.0, sp=SP
+        model,
+        ref,
+        src,
+        mask,
+        ppo.RLTask([], specials=SP, salient=salient, reward_cfg=RewardConfig()),
+        cfg,
+        kl_coef=0.0,
     )
     with torch.no_grad():
         model.dec_ln.weight[0] = float("inf")  # the loss is then inf or nan
@@ -285,17 +294,15 @@ def test_sft_skips_nonfinite_steps_and_stops_after_three():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     logged = []
     with pytest.raises(
-        ppo.NonFiniteError, match=r"SFT steps 1-3: the loss was not finite 3 times in a row"
+        parallel.NonFiniteError, match=r"SFT steps 1-3: the loss was not finite 3 times in a row"
     ):
         train_sft(
             model,
-            pairs,
-            pairs,
+            SFTTask(pairs, pairs, specials=SP),
             SFTConfig(steps=10, batch_size=4, lr=1e-3, warmup=1, eval_every=100),
             "cpu",
-            specials=SP,
-            seed=0,
-            log=logged.append,
+            SFTRun(seed=0),
+            SFTHooks(log=logged.append),
         )
     assert logged == [dict(stage="sft_skip", step=i, skip_cause="loss") for i in (1, 2, 3)]
     for k, v in model.state_dict().items():  # untouched, the NaN row included

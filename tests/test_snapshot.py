@@ -1,5 +1,5 @@
-"""The whole pipeline from a Hugging Face snapshot directory (`--init DIR`), and special ids that come
-from the tokenizer everywhere.
+"""The whole pipeline from a Hugging Face snapshot directory (`--init DIR`), and special ids that
+come from the tokenizer everywhere.
 
 The snapshot is built here: a tiny random T5 written by transformers (a test-only dependency) and a
 real tokenizer.json, a Unigram model with Metaspace whose post-processor appends </s>, trained with
@@ -59,8 +59,8 @@ def qa_texts():
 
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory, qa_texts):
-    """DIR with config.json, model.safetensors (flan layout: gated-gelu, untied head, 28 embedding rows
-    more than the tokenizer has pieces) and tokenizer.json."""
+    """DIR with config.json, model.safetensors (flan layout: gated-gelu, untied head, 28 embedding
+    rows more than the tokenizer has pieces) and tokenizer.json."""
     transformers = pytest.importorskip("transformers")
     path = tmp_path_factory.mktemp("snapshot")
     tok = t5_tokenizer(qa_texts)
@@ -153,11 +153,9 @@ def test_an_rl_step_with_special_ids_that_are_not_0_1_2(qa_texts):
         model,
         src,
         src_mask,
-        salient,
-        RewardConfig(),
+        ppo.RLTask([], specials=sp, salient=salient, reward_cfg=RewardConfig()),
         cfg,
         0.0,
-        sp,
         torch.Generator().manual_seed(0),
     )
     assert (experience.tgt_in[:, 0] == sp.start).all() and torch.equal(
@@ -201,8 +199,8 @@ def test_the_pipeline_runs_from_a_snapshot(snapshot, tmp_path):
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
     assert (
-        "profile pretrained (fine-tuning a snapshot): SFT AdamW lr 0.0001, 10 steps x 16 pairs; RL Adam lr 1e-05"
-        in r.stdout
+        "profile pretrained (fine-tuning a snapshot): SFT AdamW lr 0.0001, 10 steps x 16 pairs; "
+        "RL Adam lr 1e-05" in r.stdout
     )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r_["iteration"] for r_ in rows if r_["stage"] == "rl"] == [1, 2] and rows[-1][
@@ -322,6 +320,6 @@ def test_the_readme_plans_of_flan_t5_shapes(shape, published):
     r = cli("--dry-run", "--init", path)
     assert r.returncode == 0, r.stderr
     assert (
-        f"plan for --init {path} (from its config.json): {hf_count + d * d + 2 * d + 1:,} parameters"
-        in r.stdout
+        f"plan for --init {path} (from its config.json): "
+        f"{hf_count + d * d + 2 * d + 1:,} parameters" in r.stdout
     )

@@ -1,4 +1,5 @@
-"""experiments/table1.py: the Table 1 runner (§7.3-§7.6): aggregation, settings guard, and a smoke run.
+"""experiments/table1.py: the Table 1 runner (§7.3-§7.6): aggregation,
+settings guard, and a smoke run.
 
 The sample standard deviation, the rows of the paper and the ablations, and a smoke run of
 `--experiment table1` (tiny, 1 seed, 1 iteration) that writes every row, resumes without
@@ -85,12 +86,14 @@ def test_table1_smoke_run_writes_every_row_and_resumes(tmp_path, capsys):
     assert (results / "table1_qa.png").stat().st_size > 0
     capsys.readouterr()
 
-    # A second call is refused before any work: it would replace the tables (nothing changes on disk) ...
+    # A second call is refused before any work: it would replace the
+    # tables (nothing changes on disk) ...
     written = {p.name: p.read_bytes() for p in results.iterdir()}
     with pytest.raises(runs.UsageError, match=r"would replace .*table1_qa\.md.*--overwrite"):
         cagsr.main(argv)
     assert {p.name: p.read_bytes() for p in results.iterdir()} == written
-    # ... and with --overwrite it reuses every row (nothing is recomputed) and writes the same numbers.
+    # ... and with --overwrite it reuses every row (nothing is recomputed)
+    # and writes the same numbers.
     argv += ["--overwrite"]
     assert cagsr.main(argv) == 0
     out = capsys.readouterr().out

@@ -24,6 +24,7 @@ def test_tutorial_notebook_runs_top_to_bottom():
     assert not [o for o in outputs if o.get("output_type") == "error"]
     # The plots are there (heatmap, ratio histogram, curves, reward hacking).
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4
-    # The first cell's TQDM_DISABLE=1 holds for every bar the modules draw: no progress bar in any output.
+    # The first cell's TQDM_DISABLE=1 holds for every bar the modules
+    # draw: no progress bar in any output.
     streams = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert not re.search(r"\d+%\|", streams), "a progress bar in the notebook's output"

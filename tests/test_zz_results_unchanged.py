@@ -1,5 +1,5 @@
-"""Runs last (pytest collects the files in name order): the whole suite wrote nothing into the committed
-results/ (its smoke runs write only under temporary directories)."""
+"""Runs last (pytest collects the files in name order): the whole suite wrote nothing into the
+committed results/ (its smoke runs write only under temporary directories)."""
 
 from conftest import RESULTS, digest
 
