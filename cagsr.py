@@ -120,6 +120,21 @@ def build_parser() -> Parser:
         "--prompt", action="append", default=[], help="prompt(s) for --stage sample (repeatable)"
     )
     g.add_argument(
+        "--chat-template",
+        default="auto",
+        metavar="auto|none|FILE",
+        help="the chat template every prompt goes through, with the generation prompt appended: "
+        "auto = the --init model's own (a snapshot's or GGUF file's, a checkpoint's stored one) "
+        "when it has one; none = raw prompts ending in EOS; FILE = that Jinja template "
+        "(default: auto)",
+    )
+    g.add_argument(
+        "--system",
+        default=None,
+        metavar="TEXT",
+        help="the system turn of the chat template (default: the template's own)",
+    )
+    g.add_argument(
         "--truncate",
         action="store_true",
         help="truncate over-long prompts/responses (with a warning) instead of failing",

@@ -8,17 +8,26 @@ decoder reads ``[start] + response[:-1]`` and predicts ``response`` (which ends 
 The special ids belong to the tokenizer, not to this module: ``specials(tok)`` reads them (ours:
 pad 0, start = BOS 1, EOS 2; T5: pad 0, EOS 1, start = pad), and everything that pads, starts
 the decoder, stops at EOS or skips special tokens takes that record (DECISIONS.md §8).
+
+An instruct model's chat template (DECISIONS.md §12) rides on the tokenizer too (`with_chat`):
+`encode` then puts every prompt through it, with the generation prompt appended and no EOS.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -523,6 +532,123 @@ def idf(prompt_ids: list[list[int]], vocab_size: int) -> torch.Tensor:
     return torch.log((1 + len(prompt_ids)) / (1 + df)).float()
 
 
+# ---------------------------------------------------------------------------- chat templates
+@dataclass(frozen=True)
+class ChatTemplate:
+    """An instruct model's chat template (DECISIONS.md §12): the Jinja `source` its snapshot
+    (chat_template.jinja, tokenizer_config.json), GGUF file (tokenizer.chat_template) or
+    --chat-template FILE gives; the `system` turn (--system; None: the template's own default);
+    the special-token strings the template may read (`tokens`: bos_token, eos_token, unk_token,
+    pad_token, as transformers passes its special_tokens_map). Carried on the tokenizer by
+    `with_chat` and stored in every checkpoint (cli/runs.checkpoint_state)."""
+
+    source: str
+    system: str | None = None
+    tokens: dict = dataclasses.field(default_factory=dict)
+
+
+class _Generation(jinja2.ext.Extension):
+    """{% generation %} ... {% endgeneration %} (transformers' mark of the assistant's tokens):
+    renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+@functools.lru_cache(maxsize=16)
+def compile_chat(source: str) -> jinja2.Template:
+    """The template compiled as transformers.utils.chat_template_utils compiles it: an immutable
+    sandbox with trim_blocks and lstrip_blocks, loopcontrols, {% generation %}, its tojson
+    (json.dumps, no HTML escaping), raise_exception (a TemplateError) and strftime_now.
+    jinja2.TemplateSyntaxError when the source is not a template."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = lambda x, ensure_ascii=False, **kw: json.dumps(
+        x, ensure_ascii=ensure_ascii, **kw
+    )  # indent, separators, sort_keys
+    env.globals.update(
+        raise_exception=_raise_exception, strftime_now=lambda f: datetime.now().strftime(f)
+    )
+    return env.from_string(source)
+
+
+def chat_messages(chat: ChatTemplate, text: str) -> list[dict]:
+    """The conversation a prompt stands for: the system turn (when given), then `text` as the
+    user's turn."""
+    system = [] if chat.system is None else [{"role": "system", "content": chat.system}]
+    return system + [{"role": "user", "content": text}]
+
+
+def render_messages(chat: ChatTemplate, messages: list[dict], generation: bool) -> str:
+    """`messages` rendered by the template with the variables transformers gives it: messages,
+    tools and documents (None), add_generation_prompt and the special-token strings."""
+    variables = dict(tools=None, documents=None, add_generation_prompt=generation)
+    return compile_chat(chat.source).render(messages=messages, **variables, **chat.tokens)
+
+
+def render_chat(chat: ChatTemplate, text: str) -> str:
+    """The prompt `text` as the model sees it: its conversation rendered with the generation prompt
+    appended (for ChatML, ending in "<|im_start|>assistant\\n")."""
+    return render_messages(chat, chat_messages(chat, text), generation=True)
+
+
+def special_ids(tok: Tokenizer, text: str) -> list[int]:
+    """Ids of `text` with the special tokens written in it read as special tokens and no
+    post-processor: what transformers' apply_chat_template tokenizes a rendered chat into
+    (add_special_tokens=False)."""
+    kept = tok.encode_special_tokens
+    tok.encode_special_tokens = False
+    try:
+        return tok.encode(text, add_special_tokens=False).ids
+    finally:
+        tok.encode_special_tokens = kept
+
+
+def end_of_turn(tok: Tokenizer, chat: ChatTemplate, sp: Specials) -> int:
+    """The id that ends the assistant's turn in `chat`: the first token after an assistant message
+    of a rendered conversation, when it is a special token (ChatML's <|im_end|>, Llama 3's
+    <|eot_id|>, Gemma's <end_of_turn>); else sp.eos."""
+    mark = "CAGSRENDOFTURNPROBE"
+    messages = chat_messages(chat, "Hello") + [{"role": "assistant", "content": mark}]
+    try:
+        text = render_messages(chat, messages, generation=False)
+    except Exception:  # a template that renders no assistant turn: EOS stays the end
+        return sp.eos
+    ids = special_ids(tok, text.split(mark, 1)[1] if mark in text else "")
+    return ids[0] if ids and ids[0] in sp.special else sp.eos
+
+
+def with_chat(tok: Tokenizer, chat: ChatTemplate | None) -> Tokenizer:
+    """`tok` carrying `chat` (or no template, None) as `tok.cagsr_chat`, read by `encode`. With a
+    template the response ends at the template's end-of-turn token: when that is not the EOS,
+    it becomes the EOS of `specials(tok)` (SFT targets end in it, sampling stops at it; pad is
+    unchanged), and is stored so in checkpoints (DECISIONS.md §12)."""
+    tok.cagsr_chat = chat
+    if chat is not None:
+        sp = specials(tok)
+        eot = end_of_turn(tok, chat, sp)
+        if eot != sp.eos:
+            tok.cagsr_specials = replace(sp, eos=eot)
+    return tok
+
+
+def chat_of(tok: Tokenizer) -> ChatTemplate | None:
+    """The chat template `tok` carries (`with_chat`), or None."""
+    return getattr(tok, "cagsr_chat", None)
+
+
 # ------------------------------------------------------------------ encoding, batches
 def encode(
     tok: Tokenizer, text: str, sp: Specials | None = None, response: bool = False
@@ -532,8 +658,14 @@ def encode(
     post-processor makes of it (a Llama tokenizer's BOS first), ending in EOS: the same for both
     architectures (DECISIONS.md §10). A response skips the post-processor (no BOS in the middle of a
     decoder-only sequence). A tokenizer that appends EOS itself (T5) is not given a second one.
+    With a chat template on `tok` (`with_chat`) a prompt is its rendered conversation, generation
+    prompt included, tokenized as transformers' apply_chat_template does, with no EOS after it
+    (DECISIONS.md §12); the response ends in EOS, the template's end-of-turn.
     sp: `specials(tok)`, read again when not given."""
     sp = sp or specials(tok)
+    chat = chat_of(tok)
+    if chat is not None and not response:
+        return special_ids(tok, render_chat(chat, text))
     ids = tok.encode(text, add_special_tokens=not response).ids
     return ids if sp.appends_eos and ids[-1:] == [sp.eos] else ids + [sp.eos]
 
@@ -556,7 +688,8 @@ def encode_records(
 ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per record; lengths count the EOS. Nothing is cut silently: an
     over-long text is a DataError naming the record (its file line, for records of `load_jsonl`)
-    and the limit (the model's max_src_len or max_tgt_len), unless `truncate`."""
+    and the limit (the model's max_src_len or max_tgt_len), unless `truncate` (a templated prompt
+    keeps its last tokens, so that it still ends in the generation prompt)."""
     if min(max_prompt_len, max_response_len) < 1:
         raise ValueError("max_prompt_len and max_response_len must be at least 1 (room for EOS)")
     sp = specials(tok)
@@ -575,7 +708,11 @@ def encode_records(
                         f"model's {field} of {limit}; shorten it, or pass --truncate to cut "
                         "over-long texts with a warning (truncate=True in code)"
                     )
-                ids = ids[: limit - 1] + [sp.eos]  # keep EOS so the sequence still ends
+                ids = (
+                    ids[-limit:]  # a templated prompt keeps its end: the generation prompt
+                    if key == "prompt" and chat_of(tok) is not None
+                    else ids[: limit - 1] + [sp.eos]  # keep EOS so the sequence still ends
+                )
                 cut[key] += 1
             pair.append(ids)
         pairs.append(tuple(pair))

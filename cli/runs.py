@@ -27,6 +27,7 @@ import data
 import parallel
 from checks import ConfigError
 from decoder import build_policy, config_from_dict
+from interop import gguf
 from interop.snapshot import config_from_hf, from_pretrained, load_hf_config
 
 
@@ -131,13 +132,16 @@ def checkpoint_state(
     the training prompts (computed once per run; every stage scores salient tokens with it, §3.2),
     the preset, the dataset and the stage; `extra` adds what resuming needs (optimizer, step or
     iteration, random states, ...). The tokenizer's special ids are stored beside it
-    (data.Specials)."""
+    (data.Specials), and its chat template with the system text (data.ChatTemplate; None: raw
+    prompts)."""
+    chat = data.chat_of(tok)
     return dict(
         format=CHECKPOINT_FORMAT,
         model=model.state_dict(),
         model_config=asdict(model.cfg),
         tokenizer=data.tokenizer_to_str(tok),
         specials=asdict(data.specials(tok)),
+        chat=None if chat is None else asdict(chat),
         idf=idf,
         size=size,
         dataset=dataset,
@@ -237,10 +241,12 @@ def rl_start(policy, sft_state: dict, lr: float, device, optimizer_state: dict |
 
 
 def load_checkpoint(path, device="cpu", flag: str = ""):
-    """(model, tokenizer, checkpoint dict) from a file written by `save_checkpoint`."""
+    """(model, tokenizer, checkpoint dict) from a file written by `save_checkpoint`, the tokenizer
+    carrying the stored chat template (a checkpoint written before templates has none)."""
     ckpt = _read(path, flag, map_location=device)
     model = policy_from_state(ckpt["model"], config_from_dict(ckpt["model_config"]), device)
     tok = data.tokenizer_from_str(ckpt["tokenizer"], ckpt.get("specials"))
+    data.with_chat(tok, stored_chat(ckpt))
     try:
         data.specials(tok)
     except ValueError as e:
@@ -260,13 +266,19 @@ PRETRAINED = "pretrained"
 
 
 def is_snapshot(path) -> bool:
-    """A directory holding a config.json: what `snapshot.from_pretrained` reads."""
-    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+    """A pretrained model from outside training: a Hugging Face snapshot directory holding a
+    config.json (what `snapshot.from_pretrained` reads), or a llama.cpp GGUF file
+    (`gguf.from_gguf`)."""
+    path = Path(path)
+    return (path.is_dir() and (path / "config.json").is_file()) or gguf.is_gguf(path)
 
 
 def snapshot_arch(path, flag: str = "--init") -> str:
-    """ "decoder" for a Llama/Qwen2 snapshot, else "encoder-decoder" (by its config.json's
-    model_type)."""
+    """ "decoder" for a Llama/Qwen2 snapshot or a GGUF file, else "encoder-decoder" (by its
+    config.json's model_type)."""
+    if gguf.is_gguf(path):
+        snapshot_config(path, {}, flag)  # another architecture is refused here, in one line
+        return "decoder"
     try:
         model_type = load_hf_config(path).get("model_type")
     except ValueError as e:
@@ -275,14 +287,30 @@ def snapshot_arch(path, flag: str = "--init") -> str:
 
 
 def snapshot_config(path, overrides: dict, flag: str = "--init"):
-    """The model config (ModelConfig or DecoderConfig) of a snapshot from its config.json alone (no
-    weights read), `overrides` on top."""
+    """The model config (ModelConfig or DecoderConfig) of a snapshot from its config.json, or of a
+    GGUF file from its metadata, alone (no weights read), `overrides` on top."""
+    if gguf.is_gguf(path):
+        try:
+            return gguf.gguf_config(gguf.read_gguf(path), path, **overrides)
+        except ConfigError:
+            raise  # settings.flag_errors names the --set flag
+        except ValueError as e:  # gguf.py's errors name the file
+            raise UsageError(f"{flag} {e}") from None
     try:
         return config_from_hf(load_hf_config(path), **overrides)
     except ConfigError:
         raise  # settings.flag_errors names the --set flag
     except (ValueError, json.JSONDecodeError) as e:
         raise UsageError(f"{flag} {path}: {e}") from None
+
+
+def snapshot_tokenizer(path, flag: str = "--init"):
+    """The tokenizer of a snapshot (its tokenizer.json) or of a GGUF file (its vocabulary and
+    merges), with its special ids; a UsageError naming the flag when it cannot be read."""
+    try:
+        return gguf.gguf_tokenizer(path) if gguf.is_gguf(path) else data.snapshot_tokenizer(path)
+    except ValueError as e:
+        raise UsageError(f"{flag} {e}") from None
 
 
 def peek_init(
@@ -295,10 +323,7 @@ def peek_init(
         return peek_checkpoint(path, flag)
     cfg = snapshot_config(path, overrides or {}, flag)
     if tokenizer:
-        try:
-            data.snapshot_tokenizer(path)
-        except ValueError as e:
-            raise UsageError(f"{flag} {e}") from None
+        snapshot_tokenizer(path, flag)
     return dict(size=PRETRAINED, dataset=None, stage=PRETRAINED, snapshot_config=cfg)
 
 
@@ -308,9 +333,10 @@ def load_init(path, device, flag: str = "--init", overrides: dict | None = None)
     last_layers), its tokenizer.json, a fresh value head, and no IDF table yet (idf None)."""
     if not is_snapshot(path):
         return load_checkpoint(path, device, flag)
-    tok = data.snapshot_tokenizer(path)  # before the weights: a bad tokenizer fails fast
+    tok = snapshot_tokenizer(path, flag)  # before the weights: a bad tokenizer fails fast
+    load = gguf.from_gguf if gguf.is_gguf(path) else from_pretrained
     try:
-        model = from_pretrained(path, **(overrides or {})).to(device)
+        model = load(path, **(overrides or {})).to(device)
     except ValueError as e:
         raise SystemExit(f"{flag} {path}: {e}") from None
     return (
@@ -318,6 +344,147 @@ def load_init(path, device, flag: str = "--init", overrides: dict | None = None)
         tok,
         dict(size=PRETRAINED, dataset=None, stage=PRETRAINED, idf=None, snapshot=str(path)),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Chat templates (DECISIONS.md §12)
+# --------------------------------------------------------------------------------------------
+
+TOKEN_NAMES = ("bos", "eos", "unk", "pad")
+"""The special-token strings a chat template may read, as {name}_token (transformers'
+special_tokens_map)."""
+
+
+def stored_chat(ckpt: dict) -> data.ChatTemplate | None:
+    """The chat template a checkpoint stores, or None (raw prompts, or a checkpoint written before
+    templates)."""
+    chat = ckpt.get("chat")
+    return None if chat is None else data.ChatTemplate(**chat)
+
+
+def named_tokens(tok_json: str, stored_specials: dict | None) -> dict:
+    """The special-token strings of a checkpoint without a template, from its special ids: eos,
+    pad, and bos when the tokenizer starts prompts with one."""
+    tok = data.tokenizer_from_str(tok_json, stored_specials)
+    sp = data.specials(tok)
+    names = dict(eos=sp.eos, pad=sp.pad, **({"bos": sp.start} if sp.start != sp.pad else {}))
+    return {f"{k}_token": tok.id_to_token(i) for k, i in names.items()}
+
+
+def snapshot_chat(path: Path) -> tuple[str | None, dict]:
+    """(the template, the special-token strings) of a snapshot directory: chat_template.jinja, else
+    tokenizer_config.json's "chat_template" (a string, or a list of named templates: "default");
+    the strings from tokenizer_config.json's bos_token, eos_token, unk_token, pad_token."""
+    file = path / "tokenizer_config.json"
+    config = data.read_json(file) if file.is_file() else {}
+    source = config.get("chat_template")
+    if isinstance(source, list):
+        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+    if (path / "chat_template.jinja").is_file():
+        source = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    tokens = {}
+    for name in TOKEN_NAMES:
+        value = config.get(f"{name}_token")
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            tokens[f"{name}_token"] = value
+    return (source if isinstance(source, str) else None), tokens
+
+
+def gguf_chat(path) -> tuple[str | None, dict]:
+    """(the template, the special-token strings) of a GGUF file: tokenizer.chat_template and the
+    tokens of tokenizer.ggml.{bos,eos,unknown,padding}_token_id, as transformers names them."""
+    meta = gguf.gguf_metadata(gguf.read_gguf(path))
+    names = dict(bos="bos", eos="eos", unk="unknown", pad="padding")
+    tokens = {
+        f"{k}_token": meta["tokenizer.ggml.tokens"][i]
+        for k, g in names.items()
+        if (i := gguf.special_id(meta, g)) is not None
+    }
+    return meta.get("tokenizer.chat_template"), tokens
+
+
+def model_chat(path, flag: str = "--init") -> tuple[str | None, str | None, dict]:
+    """(its own template or None, its system text or None, its special-token strings) of what
+    --init or --resume names: a GGUF file, a snapshot directory or a checkpoint (its stored
+    template and system text)."""
+    try:
+        if is_snapshot(path):
+            source, tokens = gguf_chat(path) if gguf.is_gguf(path) else snapshot_chat(Path(path))
+            return source, None, tokens
+    except ValueError as e:
+        raise UsageError(f"{flag} {e}") from None
+    ckpt = peek_checkpoint(path, flag)
+    chat = stored_chat(ckpt)
+    if chat is not None:
+        return chat.source, chat.system, chat.tokens
+    return None, None, named_tokens(ckpt["tokenizer"], ckpt.get("specials"))
+
+
+CHAT_CHOICES = ("auto", "none")
+"""--chat-template's words: the model's own template when it has one (the default), or raw
+prompts; anything else is a template file."""
+
+
+def check_chat(chat: data.ChatTemplate, probe: str = "What is the capital of France?") -> None:
+    """ValueError with the reason when the template does not render a probe prompt, or renders it
+    without the prompt's text: checked once, before any work."""
+    try:
+        text = data.render_chat(chat, probe)
+    except Exception as e:  # Jinja's syntax, undefined and raise_exception errors, and any other
+        reason = " ".join(str(e).split())[:200]
+        raise ValueError(f"the template does not render ({type(e).__name__}: {reason})") from None
+    if probe not in text:
+        raise ValueError("the template renders a prompt without its text (it ignores messages)")
+
+
+def resolve_chat(
+    choice: str, system: str | None, init, resume_from: Path | None, dry_run: bool = False
+) -> data.ChatTemplate | None:
+    """The chat template every prompt goes through (DECISIONS.md §12), rendered once on a probe
+    prompt: --chat-template `choice` auto (what --init holds: a snapshot's or GGUF file's template,
+    a checkpoint's stored one), none, or a FILE; --system `system` replaces its system text. A
+    resumed run keeps its checkpoint's (its flags were checked when it began). None: raw prompts.
+    A UsageError in one line for a missing or failing file and for a --system with no template."""
+    if resume_from is not None:
+        return stored_chat(peek_checkpoint(resume_from, "--resume"))
+    named = choice not in CHAT_CHOICES
+    if named and not Path(choice).is_file():
+        raise UsageError(
+            f"--chat-template {choice}: no such file; give a Jinja template file, "
+            "or auto (the model's own template) or none (raw prompts)"
+        )
+    if init is None and (named or system is not None):
+        raise UsageError(
+            f"{'--chat-template' if named else '--system'} applies to a pretrained model or "
+            "checkpoint: give it with --init (a model trained here from scratch reads raw prompts)"
+        )
+    if init is None or dry_run:
+        return None
+    own, own_system, tokens = model_chat(init, "--init")
+    try:
+        source = Path(choice).read_text(encoding="utf-8") if named else None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--chat-template {choice}: cannot be read ({e})") from None
+    source = source if named else own if choice == "auto" else None
+    if source is None:
+        if system is not None:
+            why = "--chat-template none" if choice == "none" else f"--init {init}"
+            raise UsageError(
+                f"--system: {why} has no chat template to put a system turn in; "
+                "drop --system, or give a template with --chat-template FILE.jinja"
+            )
+        return None
+    chat = data.ChatTemplate(source, system if system is not None else own_system, tokens)
+    try:
+        check_chat(chat)
+    except ValueError as e:
+        where = choice if named else f"auto (the template of --init {init})"
+        raise UsageError(
+            f"--chat-template {where}: {e}; fix the template, or pass --chat-template none "
+            "for raw prompts"
+        ) from None
+    return chat
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from cli.runs import UsageError
 from data import DATASETS, dataset_name
 from decoder import DecoderConfig, count_policy_params, policy_config
 from experiments.common import ExperimentConfig, label
+from interop.gguf import is_gguf
 from model import ModelConfig
 from presets import (
     DECODER_SIZES,
@@ -81,6 +82,8 @@ class Run:
     # --sft-noise: the share of SFT training responses made wrong (data.sft_noise)
     sft_noise: float = 0.0
     hybrid: dict = field(default_factory=dict)  # --reward hybrid: rm_steps, human_prompts, weight
+    # --chat-template and --system: the prompts' template (data.ChatTemplate), None for raw prompts
+    chat: object = None
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -506,13 +509,14 @@ def _model(args, resume_from: Path | None, arch: str) -> tuple[dict, dict | None
     if snapshot and args.size is not None and args.resume is None:
         raise UsageError(
             f"--size {args.size} cannot reshape the snapshot --init {args.init}: its shape is its "
-            f"config.json's (change single fields with --set FIELD=VALUE)"
+            "own, from its config.json or GGUF metadata (change single fields with --set "
+            "FIELD=VALUE)"
         )
     shaped = sorted(set(overrides) - SNAPSHOT_SETTABLE)
     if snapshot and shaped and args.resume is None:
         raise UsageError(
             f"--set {shaped[0]}: the architecture of the snapshot --init {args.init} is its "
-            "config.json's; with a snapshot only "
+            "own (config.json or GGUF metadata); with a snapshot only "
             f"{', '.join(sorted(SNAPSHOT_SETTABLE))} may be set"
         )
     peek = args.init is not None and args.experiment is None and (snapshot or not args.dry_run)
@@ -638,6 +642,13 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
         hybrid=dict(
             rm_steps=args.rm_steps, human_prompts=args.human_prompts, weight=args.hybrid_weight
         ),
+        chat=runs.resolve_chat(
+            getattr(args, "chat_template", "auto"),
+            getattr(args, "system", None),
+            args.init,
+            resume_from,
+            args.dry_run,
+        ),
     )
 
 
@@ -731,7 +742,8 @@ def print_plan(run: Run) -> None:
     cfg = run.model_config or policy_config(run.arch, run.size, **run.model_overrides)
     batch = run.sft.batch_size
     plan = memory_plan(cfg, batch, cfg.max_src_len, cfg.max_tgt_len, act_bytes=2)
-    what = f"--init {run.init} (from its config.json)" if run.model_config else f"--size {run.size}"
+    source = "its GGUF metadata" if run.init and is_gguf(run.init) else "its config.json"
+    what = f"--init {run.init} (from {source})" if run.model_config else f"--size {run.size}"
     print(f"plan for {what}: {plan['parameters']:,} parameters")
     notes = {
         "optimizer": " (Adam: two float32 moments)",

@@ -128,6 +128,7 @@ def prepare(run, device) -> Setup:
     splits = _splits(run)
     if ckpt is None:
         model, tok = new_model(run, splits, device)
+    data.with_chat(tok, run.chat)  # --chat-template, --system: every prompt below goes through it
     settings.print_profile(run)
     model.gradient_checkpointing = run.grad_checkpoint
     cfg = model.cfg
@@ -524,6 +525,7 @@ def train_stages(run, setup: Setup, device, t_start: float) -> int:
 def sample_stage(run, device) -> int:
     """--stage sample: N candidates per --prompt with their reward terms."""
     model, tok, ckpt = runs.load_init(run.init, device, "--init", run.model_overrides)
+    data.with_chat(tok, run.chat)
     idf = ckpt["idf"]
     if idf is None:
         idf = snapshot_idf(

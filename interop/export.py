@@ -75,7 +75,10 @@ def tokenizer_files(
     tokenizer_config.json that makes AutoTokenizer load it as a PreTrainedTokenizerFast naming
     the special tokens of `sp` (DECISIONS.md §8: the ids belong to the tokenizer).
     split_special_tokens: a literal "</s>" or "<eos>" in a text is text, as it is here
-    (data.tokenizer_from_str), so both encode every string to the same ids. A tokenizer with more
+    (data.tokenizer_from_str), so both encode every string to the same ids. The chat template the
+    tokenizer carries (data.ChatTemplate) goes in as chat_template, with split_special_tokens off:
+    a templated prompt's markers are specials (DECISIONS.md §12), so apply_chat_template gives our
+    prompt ids. A tokenizer with more
     ids than the model's `vocab_size` embedding rows is not the model's: ValueError."""
     if tok.get_vocab_size() > vocab_size:
         raise ValueError(
@@ -100,6 +103,11 @@ def tokenizer_files(
         config["unk_token"] = data.UNK
     if model_max_length is not None:
         config["model_max_length"] = model_max_length
+    chat = getattr(tok, "cagsr_chat", None)
+    if chat is not None:  # the template its prompts went through; apply_chat_template reads it
+        config["chat_template"] = chat.source
+        # a rendered prompt's markers are specials here (data.encode): so they must be there
+        config["split_special_tokens"] = False
     return {"tokenizer.json": data.tokenizer_to_str(tok), "tokenizer_config.json": as_json(config)}
 
 
