@@ -26,7 +26,7 @@ import torch
 
 from data import Specials, config_specials
 from decoder import DecoderConfig, DecoderOnly
-from interop.snapshot import decoder_config_from_hf
+from interop.snapshot import decoder_config_from_hf, decoder_names
 
 GGUF_ARCHS = ("llama", "qwen2")
 """general.architecture values read here; both are DecoderOnly's Llama layout."""
@@ -215,23 +215,38 @@ def check_tensor_types(reader, where) -> None:
         )
 
 
+GGUF_NAMES = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+"""transformers' module name -> llama.cpp's tensor name (blk.N stands for model.layers.N)."""
+
+
+def gguf_name(hf_name: str) -> str:
+    """llama.cpp's name of the tensor transformers calls `hf_name`
+    (model.layers.0.mlp.up_proj.weight -> blk.0.ffn_up.weight)."""
+    module, kind = hf_name.rsplit(".", 1)
+    if module.startswith("model.layers."):
+        _, _, i, rest = module.split(".", 3)
+        return f"blk.{i}.{GGUF_NAMES[rest]}.{kind}"
+    return f"{GGUF_NAMES[module]}.{kind}"
+
+
 def gguf_names(cfg: DecoderConfig) -> dict:
     """Our parameter name -> its GGUF tensor name, for every parameter but the value head's (which
-    starts fresh); output.weight only when the head is untied, q/k/v biases only with qkv_bias."""
-    names = {"tok_emb.weight": "token_embd.weight", "ln_f.weight": "output_norm.weight"}
-    if not cfg.tie_head:
-        names["lm_head.weight"] = "output.weight"
-    for i in range(cfg.n_layers):
-        ours, theirs = f"layers.{i}", f"blk.{i}"
-        names[f"{ours}.ln1.weight"] = f"{theirs}.attn_norm.weight"
-        names[f"{ours}.ln2.weight"] = f"{theirs}.ffn_norm.weight"
-        for o, t in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("out", "attn_output")):
-            names[f"{ours}.attn.{o}.weight"] = f"{theirs}.{t}.weight"
-            if cfg.qkv_bias and o != "out":
-                names[f"{ours}.attn.{o}.bias"] = f"{theirs}.{t}.bias"
-        for o, t in (("gate", "ffn_gate"), ("up", "ffn_up"), ("out", "ffn_down")):
-            names[f"{ours}.ff.{o}.weight"] = f"{theirs}.{t}.weight"
-    return names
+    starts fresh): snapshot.decoder_names, in llama.cpp's names (output.weight only when the head is
+    untied, q/k/v biases only with qkv_bias)."""
+    return {ours: gguf_name(hf) for ours, hf in decoder_names(cfg).items()}
 
 
 def tensor_shape(tensor) -> tuple:

@@ -22,6 +22,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
+from test_decoder_snapshot import hf_teacher_forced, rel  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 
 from interop.gguf import (  # noqa: E402
@@ -254,26 +255,6 @@ def prompts(vocab: int, seed=0):
 
 def tgt_in(resp, start=0):
     return torch.cat([torch.full_like(resp[:, :1], start), resp[:, :-1]], 1)
-
-
-def hf_teacher_forced(ref, src, mask, resp):
-    """transformers' logits (B, T, V) and attention over the prompt (B, L, H, T, S) at the rows that
-    predict resp, for a left-padded src, with positions counting real tokens."""
-    S = src.size(1)
-    am = torch.cat([mask, torch.ones_like(resp, dtype=torch.bool)], 1).long()
-    with torch.no_grad():
-        out = ref(
-            input_ids=torch.cat([src, resp], 1),
-            attention_mask=am,
-            position_ids=(am.cumsum(-1) - 1).clamp(min=0),
-            output_attentions=True,
-        )
-    rows = slice(S - 1, S + resp.size(1) - 1)
-    return out.logits[:, rows], torch.stack([a[:, :, rows, :S] for a in out.attentions], 1)
-
-
-def rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
 
 
 # ---- the model ------------------------------------------------------------------------------
