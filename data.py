@@ -102,8 +102,9 @@ _FORMAT = 'each line must be a JSON object like {"prompt": "...", "response": ".
 def load_jsonl(path: str) -> list[dict]:
     """Read ``{"prompt", "response"}`` records (one JSON object a line, blank lines skipped).
 
-    Other fields are ignored, except a string ``group`` (see ``split``) and ``wrong`` (a plausible
-    wrong response, what ``--sft-noise`` trains on, see ``sft_noise``), which are kept. Each record
+    Other fields are ignored, except a string ``group`` (see ``split``), ``wrong`` (a plausible
+    wrong response, what ``--sft-noise`` trains on, see ``sft_noise``), and ``key`` and
+    ``wrong_key`` (the key spans of evaluation.key_span_match), which are kept. Each record
     also keeps its ``line`` in the file, so a later check (``encode_records``) can name it.
     Bytes are decoded line by line so a bad byte is reported with its line number.
     """
@@ -153,7 +154,7 @@ def load_jsonl(path: str) -> list[dict]:
                     f"{where}: field '{key}' is empty; give it some text or drop the line"
                 )
             rec[key] = obj[key]
-        for key in ("group", "wrong"):
+        for key in ("group", "wrong", "key", "wrong_key"):
             if key in obj:
                 if not isinstance(obj[key], str) or not obj[key].strip():
                     raise DataError(

@@ -189,6 +189,24 @@ def _predicate(world: World, kind: str, i: int, attr: str) -> str:
     }[attr]
 
 
+def _key(world: World, kind: str, i: int, attr: str) -> str:
+    """The key span of an atomic fact: the words of its predicate that answer the question (the
+    city, the job, the year, ...; a sibling's first name, as the surname is the subject's own).
+    evaluation.key_span_match reads it (DECISIONS.md §13)."""
+    if kind == "p":
+        p = world.people[i]
+        return {
+            "city": world.cities[p.city].name,
+            "job": p.job,
+            "born": str(p.born),
+            "colour": p.colour,
+            "pet": p.pet,
+            "sibling": world.people[p.sibling].first,
+        }[attr]
+    c = world.cities[i]
+    return {"country": c.country, "river": c.river, "founded": str(c.founded)}[attr]
+
+
 def _answer(world: World, kind: str, i: int, attr: str) -> str:
     """The reference answer for fact (entity, attr): one or two short sentences."""
     if attr in ATOMIC_PERSON + ATOMIC_CITY:
@@ -269,7 +287,9 @@ def make_qa_grounded(n: int = 10_000, seed: int = 0, num_entities: int = 750) ->
     (sometimes the same attribute), in random order, so the answer must be copied
     from the right clause: exactly what cross-attention coverage (§3.2) rewards.
     ``wrong`` is the plausible mistake: the distractor's predicate said of the asked entity
-    (what ``--sft-noise`` puts in the SFT data, data.sft_noise).
+    (what ``--sft-noise`` puts in the SFT data, data.sft_noise). ``key`` and ``wrong_key`` are the
+    key spans of the fact and of the distractor (``_key``): what a free-form answer must and must
+    not say (evaluation.key_span_match).
     """
     rng = random.Random(seed)
     world = make_world(num_entities, seed)
@@ -284,7 +304,8 @@ def make_qa_grounded(n: int = 10_000, seed: int = 0, num_entities: int = 750) ->
         name = _name(world, kind, i)
         fact = _predicate(world, kind, i, attr)
         if rng.random() < 0.5:  # distractor about the same entity: one subject, two predicates
-            other = _predicate(world, kind, i, rng.choice([a for a in attrs if a != attr]))
+            attr2 = rng.choice([a for a in attrs if a != attr])
+            other, wrong_key = _predicate(world, kind, i, attr2), _key(world, kind, i, attr2)
             first, second = (fact, other) if rng.random() < 0.5 else (other, fact)
             context = f"{name} {first} and {second}."
         else:
@@ -292,7 +313,7 @@ def make_qa_grounded(n: int = 10_000, seed: int = 0, num_entities: int = 750) ->
             if (k2, j) == (kind, i):
                 continue
             attr2 = attr if k2 == kind and rng.random() < 0.5 else rng.choice(attrs2)
-            other = _predicate(world, k2, j, attr2)
+            other, wrong_key = _predicate(world, k2, j, attr2), _key(world, k2, j, attr2)
             clauses = [f"{name} {fact}", f"{_name(world, k2, j)} {other}"]
             rng.shuffle(clauses)
             context = rng.choice(("{}, and {}.", "{}, while {}.", "{}. {}.")).format(*clauses)
@@ -301,7 +322,13 @@ def make_qa_grounded(n: int = 10_000, seed: int = 0, num_entities: int = 750) ->
         if prompt not in seen:
             seen.add(prompt)
             records.append(
-                {"prompt": prompt, "response": f"{name} {fact}.", "wrong": f"{name} {other}."}
+                {
+                    "prompt": prompt,
+                    "response": f"{name} {fact}.",
+                    "wrong": f"{name} {other}.",
+                    "key": _key(world, kind, i, attr),
+                    "wrong_key": wrong_key,
+                }
             )
     if len(records) < n:
         raise ValueError(

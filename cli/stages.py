@@ -296,7 +296,7 @@ def rl_reward(run, setup: Setup, sft_policy, device):
         tok=setup.tok,
         records=setup.splits.train,
         seed=run.seed,
-        correct=evaluation.correctness_function(run.dataset),
+        correct=evaluation.correctness_function(run.dataset, run.size == runs.PRETRAINED),
         rm=rm,
         hybrid_weight=run.hybrid.get("weight", 1.0),
     )
@@ -319,7 +319,7 @@ def rl_stage(run, setup: Setup, device, run_dir, log, stop) -> int | None:
     )
     reward_fn, correct = (
         rl_reward(run, setup, ref_model, device),
-        evaluation.correctness_function(run.dataset),
+        evaluation.correctness_function(run.dataset, run.size == runs.PRETRAINED),
     )
     eval_set, test = setup.splits.val[: run.eval_prompts], setup.splits.test[: run.num_eval]
     state = (
@@ -438,7 +438,7 @@ def rl_summary(
     run, setup: Setup, report, salient, test, eval_set, rl_seconds, run_dir, log, device
 ) -> None:
     """After RL: the test prompts scored again, the before/after report, the summary row."""
-    correctness = evaluation.correctness_name(run.dataset)
+    correctness = evaluation.correctness_name(run.dataset, run.size == runs.PRETRAINED)
     after = evaluate_policy(
         setup.model,
         setup.tok,
@@ -447,7 +447,7 @@ def rl_summary(
         run.reward,
         run.ppo,
         device,
-        correct=evaluation.correctness_function(run.dataset),
+        correct=evaluation.correctness_function(run.dataset, run.size == runs.PRETRAINED),
     )
     shown_after = candidates(
         setup.model,
@@ -591,7 +591,7 @@ def eval_stage(run, setup: Setup, device) -> int:
             run.reward,
             run.ppo,
             device,
-            correct=evaluation.correctness_function(run.dataset),
+            correct=evaluation.correctness_function(run.dataset, run.size == runs.PRETRAINED),
         )
         print(
             f"{name} ({len(recs)} prompts): " + " | ".join(f"{k} {v:.4f}" for k, v in res.items())

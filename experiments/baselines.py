@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import data
 from experiments.evaluation import (
     PairScorer,
-    exact_match,
+    exact_match_of,
     fit_pair_scorer,
     off_topic_index,
     pair_scores,
@@ -346,6 +346,27 @@ class RolloutReward:
         return response_mean(rollout.logprobs, rollout.mask)
 
 
+class TermReward:
+    """One term of the attention reward alone, as a reward (the pretrained rewards study's variant
+    row): "coverage", "focus", "neg_repeat" (minus the repetition penalty) or "prompt_share",
+    read from the attention reward's terms of the same candidates (ppo.score_rollout)."""
+
+    TERMS = {
+        "coverage": ("coverage", 1.0),
+        "focus": ("focus", 1.0),
+        "neg_repeat": ("repeat", -1.0),
+        "prompt_share": ("prompt_share", 1.0),
+    }
+
+    def __init__(self, kind: str):
+        if kind not in self.TERMS:
+            raise ValueError(f"unknown reward term {kind!r}; valid: {', '.join(self.TERMS)}")
+        self.term, self.sign = self.TERMS[kind]
+
+    def __call__(self, src, src_mask, rollout, terms):  # terms of B*N -> (B*N,)
+        return self.sign * terms[self.term]
+
+
 class RandomReward:
     """Bernoulli(0.5) per candidate from its own seeded stream: the spurious-reward control."""
 
@@ -358,13 +379,13 @@ class RandomReward:
 
 
 class OracleReward:
-    """The task's correctness of each candidate against its prompt's reference: the positive control
-    (it reads the answer). correct: evaluation.exact_match on the QA tasks, reference_match on
-    free-form ones (evaluation.CORRECTNESS); neither can be won by leaving the answer out
-    (DECISIONS.md §9). references: {prompt token ids (tuple, as encoded): [reference texts]}; with
-    several references the best score counts."""
+    """The task's correctness of each candidate against its prompt's record: the positive control
+    (it reads the answer). correct(prediction, record): evaluation.correctness_function's,
+    exact-match on the QA tasks, key spans for a pretrained model on qa-grounded, reference_match
+    on free-form ones; none can be won by leaving the answer out (DECISIONS.md §9, §13).
+    references: {prompt token ids (tuple, as encoded): [records]}; the best score counts."""
 
-    def __init__(self, tok, references: dict, correct=exact_match):
+    def __init__(self, tok, references: dict, correct=exact_match_of):
         self.tok, self.sp, self.references, self.correct = (
             tok,
             data.specials(tok),
@@ -373,15 +394,15 @@ class OracleReward:
         )
 
     @classmethod
-    def from_records(cls, tok, records, correct=exact_match):
+    def from_records(cls, tok, records, correct=exact_match_of):
         refs: dict = {}
         sp = data.specials(tok)
         for rec in records:
-            refs.setdefault(tuple(data.encode(tok, rec["prompt"], sp)), []).append(rec["response"])
+            refs.setdefault(tuple(data.encode(tok, rec["prompt"], sp)), []).append(rec)
         return cls(tok, refs, correct)
 
-    def texts(self, src, src_mask, rollout) -> list[tuple[str, list[str]]]:
-        """(candidate text, its prompt's references) per candidate."""
+    def texts(self, src, src_mask, rollout) -> list[tuple[str, list[dict]]]:
+        """(candidate text, its prompt's records) per candidate."""
         N = rollout.tokens.size(0) // src.size(0)
         out = []
         for i, row in enumerate(rollout.tokens.cpu()):
@@ -392,9 +413,9 @@ class OracleReward:
             out.append((data.decode(self.tok, row.tolist(), self.sp), self.references[key]))
         return out
 
-    def scores(self, texts: list[tuple[str, list[str]]]) -> list[float]:
-        """The best correctness of each candidate against its references (`texts`' pairs)."""
-        return [max(self.correct(text, ref) for ref in refs) for text, refs in texts]
+    def scores(self, texts: list[tuple[str, list[dict]]]) -> list[float]:
+        """The best correctness of each candidate against its records (`texts`' pairs)."""
+        return [max(self.correct(text, rec) for rec in recs) for text, recs in texts]
 
     def __call__(self, src, src_mask, rollout, terms=None):  # Rollout of B*N -> (B*N,)
         return torch.tensor(
@@ -437,7 +458,7 @@ def make_reward(
     tok=None,
     records=None,
     seed: int = 0,
-    correct=exact_match,
+    correct=exact_match_of,
     rm: PairScorer | None = None,
     hybrid_weight: float = 1.0,
 ):

@@ -72,19 +72,55 @@ def reference_match(candidate: str, reference: str) -> float:
     return lcs(c, r) / max(len(c), len(r)) if c and r else 0.0
 
 
-CORRECTNESS = {"exact_match": exact_match, "reference_match": reference_match}
-"""The task's correctness, one per task: exact-match for short answers (the QA datasets),
+def contains_span(text_words: list[str], span: str) -> bool:
+    """Whether the `words` of `span` occur in `text_words` in a row."""
+    w = words(span)
+    return bool(w) and any(
+        text_words[i : i + len(w)] == w for i in range(len(text_words) - len(w) + 1)
+    )
+
+
+def key_span_match(prediction: str, key: str, wrong_key: str) -> float:
+    """The correctness of a free-form answer on qa-grounded (DECISIONS.md §13): 1.0 when it says the
+    asked fact's key span (the city, the year, ...: synthetic._key) and not the distractor's, else
+    0.0. Words as `words` (case and punctuation ignored), each span's words in a row. When the two
+    spans are the same words, saying the key is enough."""
+    w = words(prediction)
+    says_wrong = words(wrong_key) != words(key) and contains_span(w, wrong_key)
+    return float(contains_span(w, key) and not says_wrong)
+
+
+CORRECTNESS = {
+    "exact_match": exact_match,
+    "reference_match": reference_match,
+    "key_span": key_span_match,
+}
+"""The task's correctness, one per task: exact-match for the tiny policies' short answers (the QA
+datasets), key_span_match for a pretrained model's free-form answers on qa-grounded,
 reference_match for free-form responses (instruct, a user's JSONL)."""
 
 
-def correctness_name(dataset: str) -> str:
-    """The name of `dataset`'s correctness measure (a key of CORRECTNESS)."""
+def correctness_name(dataset: str, pretrained: bool = False) -> str:
+    """The name of `dataset`'s correctness measure (a key of CORRECTNESS); `pretrained`: the policy
+    is a pretrained model, which answers in its own words."""
+    if pretrained and data.dataset_name(dataset) == "qa-grounded":
+        return "key_span"
     return "exact_match" if data.is_qa(dataset) else "reference_match"
 
 
-def correctness_function(dataset: str):
-    """`dataset`'s correctness measure itself: exact_match on the QA tasks, else reference_match."""
-    return CORRECTNESS[correctness_name(dataset)]
+def correctness_function(dataset: str, pretrained: bool = False):
+    """`dataset`'s correctness measure of a candidate against its record:
+    correct(prediction, record) -> 0.0 or 1.0 (reference_match: a fraction)."""
+    name = correctness_name(dataset, pretrained)
+    if name == "key_span":
+        return lambda prediction, rec: key_span_match(prediction, rec["key"], rec["wrong_key"])
+    measure = CORRECTNESS[name]
+    return lambda prediction, rec: measure(prediction, rec["response"])
+
+
+def exact_match_of(prediction: str, record: dict) -> float:
+    """exact_match against a record's reference: the default correctness of the QA tasks."""
+    return exact_match(prediction, record["response"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,13 +372,13 @@ def greedy_scores(model, tok, records, device, max_new_tokens=64) -> tuple[list[
 
 
 def sample_correctness(
-    texts: list[str], references: list[str], n: int, correct=exact_match
+    texts: list[str], records: list[dict], n: int, correct=exact_match_of
 ) -> tuple[float, float]:
     """(mean correctness of the samples, mean over prompts of the best of each prompt's n samples):
-    texts and references hold n consecutive candidates per prompt. With exact-match the second is
+    texts and their records hold n consecutive candidates per prompt. With exact-match the second is
     pass@n, the share of prompts that at least one sample answers right."""
     scores = torch.tensor(
-        [correct(t, ref) for t, ref in zip(texts, references)], dtype=torch.float64
+        [correct(t, rec) for t, rec in zip(texts, records)], dtype=torch.float64
     ).view(-1, n)
     return float(scores.mean()), float(scores.max(dim=1).values.mean())
 
@@ -358,14 +394,14 @@ def sampled_terms(
     device,
     seed=1234,
     batch_size=64,
-    correct=exact_match,
+    correct=exact_match_of,
 ) -> dict:
     """The mean reward and reward terms of N candidates per prompt sampled with a fixed seed at the
     RL temperature (so two checkpoints are compared on the same random numbers), and how correct
     those samples are: `sampled_correct` and `pass_at_n` (`sample_correctness` with `correct`)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     sums, count, sp, N = {}, 0, data.specials(tok), ppo_cfg.num_samples
-    texts, references = [], []
+    texts, scored = [], []
     for i in range(0, len(records), batch_size):
         batch = records[i : i + batch_size]
         src, src_mask = prompt_batch(tok, [r["prompt"] for r in batch], device, sp)
@@ -373,17 +409,17 @@ def sampled_terms(
             model, src, src_mask, salient, reward_cfg, ppo_cfg, sp, gen
         )
         texts += [data.decode(tok, row.tolist(), sp) for row in rollout.tokens.cpu()]
-        references += [r["response"] for r in batch for _ in range(N)]
+        scored += [r for r in batch for _ in range(N)]
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.sum())
         count += len(terms["reward"])
     out = {k: v / count for k, v in sums.items()}
-    out["sampled_correct"], out["pass_at_n"] = sample_correctness(texts, references, N, correct)
+    out["sampled_correct"], out["pass_at_n"] = sample_correctness(texts, scored, N, correct)
     return out
 
 
 def evaluate_policy(
-    model, tok, records, salient, reward_cfg, ppo_cfg, device, seed=1234, correct=exact_match
+    model, tok, records, salient, reward_cfg, ppo_cfg, device, seed=1234, correct=exact_match_of
 ) -> dict:
     """A fixed evaluation: `sampled_terms`, plus exact-match, ROUGE-L and the task's correctness
     (`correct`) of the greedy answers against the references (§7.4)."""
@@ -393,9 +429,7 @@ def evaluate_policy(
     preds, out["exact_match"], out["rouge_l"] = greedy_scores(
         model, tok, records, device, ppo_cfg.max_new_tokens
     )
-    out["correct"] = sum(correct(p, r["response"]) for p, r in zip(preds, records)) / max(
-        1, len(records)
-    )
+    out["correct"] = sum(correct(p, r) for p, r in zip(preds, records)) / max(1, len(records))
     return out
 
 

@@ -184,7 +184,9 @@ def test_oracle_reward_is_the_given_correctness_of_each_candidate_against_its_re
         dict(prompt="where does varo live", response="varo lives in tamsa"),
         dict(prompt="what is kelin", response="kelin is a river"),
     ]
-    oracle = baselines.OracleReward.from_records(tok, records, correct)
+    oracle = baselines.OracleReward.from_records(
+        tok, records, lambda text, rec: correct(text, rec["response"])
+    )
     src, src_mask = data.collate_prompts([data.encode(tok, r["prompt"], sp) for r in records], sp)
     # Two candidates per prompt.
     cands = ["varo lives in tamsa", "tamsa", "kelin is a", "river kelin"]
@@ -242,7 +244,7 @@ def test_the_reward_registry_builds_each_named_reward():
     assert isinstance(made["random"], baselines.RandomReward) and isinstance(
         made["hybrid"], baselines.HybridReward
     )
-    assert made["oracle"].correct is evaluation.exact_match  # the default: QA's correctness
+    assert made["oracle"].correct is evaluation.exact_match_of  # the default: QA's correctness
     with pytest.raises(ValueError, match="unknown reward 'rouge'"):
         baselines.make_reward("rouge")
 
