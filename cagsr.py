@@ -25,7 +25,7 @@ import parallel
 import ppo
 from cli import runs, settings, stages
 from decoder import ARCHS
-from experiments import baselines, reward_study, table1
+from experiments import baselines, pretrained_study, rank, reward_study, table1
 from presets import DECODER_SIZES, RL_PROFILES, SFT_DEFAULTS, SFT_NOISE, SIZES
 from reward import RewardConfig
 
@@ -276,24 +276,27 @@ def build_parser() -> Parser:
     settings.add_config_flags(g, ppo.PPOConfig, RL_PROFILES["run"])
     settings.add_config_flags(p.add_argument_group("reward (§3.2)"), RewardConfig)
     g = p.add_argument_group(
-        "experiments (§7.3-§7.6; experiments/table1.py, experiments/reward_study.py)"
+        "experiments (§7.3-§7.6; experiments/table1.py, reward_study.py, rank.py)"
     )
     g.add_argument(
         "--experiment",
         default=None,
-        choices=["table1", "rewards"],
+        choices=["table1", "rewards", "rank"],
         help="table1: every baseline, CAGSR variant and ablation of Table 1 per seed, into "
         "--results-dir (default dataset instruct; --out sets the work directory, default "
         "runs/table1-<dataset>-<size>). rewards: the attention reward against self-certainty, "
         "negative entropy, log-probability, random and oracle controls and the hybrid, each "
         "measured against correctness (experiments/reward_study.py; work directory "
-        "runs/rewards-<dataset>-<size>)",
+        "runs/rewards-<dataset>-<size>; from --init MODEL: the pretrained model's own study, no "
+        "SFT). rank: which reward ranks a policy's correct candidates above its wrong ones, no "
+        "training (experiments/rank.py; needs --init; dataset qa-grounded)",
     )
     g.add_argument(
         "--seeds",
         type=int,
         default=None,
-        help="table1, rewards: seeds --seed, --seed+1, ... (one SFT model each; default: 3)",
+        help="table1, rewards: seeds --seed, --seed+1, ... (one SFT model each; default: 3); "
+        "rank: sampling seeds",
     )
     g.add_argument(
         "--workers",
@@ -306,7 +309,14 @@ def build_parser() -> Parser:
     g.add_argument(
         "--results-dir",
         default=None,
-        help="table1, rewards: where the .md, .json and .png tables go (default: results)",
+        help="table1, rewards, rank: where the .md, .json and .png tables go (default: results)",
+    )
+    g.add_argument(
+        "--split",
+        default=None,
+        choices=["test", "val"],
+        help="rank: the held-out split its prompts come from; val to choose a setting without "
+        "touching the tables' test prompts (default: test)",
     )
     g.add_argument(
         "--rm-steps",
@@ -370,9 +380,9 @@ def dispatch(run, device, world: int, t_start: float) -> int:
         )
         return 0
     if run.stage == "experiment":
-        return (
-            reward_study.run_rewards if run.experiment.name == "rewards" else table1.run_table1
-        )(run, device)
+        rewards = pretrained_study if run.init is not None else reward_study
+        runner = dict(rewards=rewards.run_rewards, rank=rank.run_rank, table1=table1.run_table1)
+        return runner[run.experiment.name](run, device)
     if run.stage == "export":
         return stages.export_stage(run)
     if run.stage == "sample":

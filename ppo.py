@@ -354,6 +354,27 @@ def decoder_input(tokens, start_id: int):
 
 
 @torch.no_grad()
+def score_rollout(model, src, src_mask, rollout, salient, reward_cfg: RewardConfig, sp) -> dict:
+    """The attention reward's terms (§3.2) of sampled candidates (B*N of them, N per prompt of
+    src), their lengths and their prompt share (the attention on the prompt before Abar is
+    renormalised over it: 1 for cross-attention, DECISIONS.md §10): a dict of (B*N,) tensors."""
+    N = rollout.tokens.size(0) // src.size(0)
+    rep = lambda x: x.repeat_interleave(N, dim=0)  # (B, S) -> (B*N, S)
+    terms = compute_reward(
+        rollout.attn,
+        rollout.tokens,
+        rollout.mask,
+        rep(salient(src, src_mask, reward_cfg)),
+        reward_cfg,
+        special=rep(model.sinks(src, src_mask, sp.special)),
+        prompt_mask=rep(src_mask),
+    )
+    terms["length"] = rollout.mask.sum(-1).float()
+    terms["prompt_share"] = response_mean(rollout.prompt_share, rollout.mask)
+    return terms
+
+
+@torch.no_grad()
 def sample_and_score(
     model,
     src,
@@ -393,20 +414,7 @@ def sample_and_score(
         **sp.sample_ids(),
     )
     t1 = time.time()
-    rep = lambda x: x.repeat_interleave(N, dim=0)  # (B, S) -> (B*N, S)
-    terms = compute_reward(
-        rollout.attn,
-        rollout.tokens,
-        rollout.mask,
-        rep(salient(src, src_mask, reward_cfg)),
-        reward_cfg,
-        special=rep(model.sinks(src, src_mask, sp.special)),
-        prompt_mask=rep(src_mask),
-    )
-    terms["length"] = rollout.mask.sum(-1).float()
-    # The attention on the prompt before Abar is renormalised over it: 1 for cross-attention
-    # (DECISIONS.md §10).
-    terms["prompt_share"] = response_mean(rollout.prompt_share, rollout.mask)
+    terms = score_rollout(model, src, src_mask, rollout, salient, reward_cfg, sp)
     if reward_fn is not None:
         terms["attention_reward"] = terms["reward"]
         terms["reward"] = reward_fn(src, src_mask, rollout, dict(terms))

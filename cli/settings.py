@@ -332,13 +332,12 @@ def _check_paths(args, dataset: str, experiment: bool) -> None:
 
 
 def result_files(
-    kind: str, results_dir: str, dataset: str, arch: str = "encoder-decoder"
+    kind: str, results_dir: str, dataset: str, arch: str = "encoder-decoder", init=None
 ) -> list[Path]:
-    """The files `--experiment kind` writes:
-    <results_dir>/<kind>_<dataset>[-decoder].md, .json and .png."""
-    return [
-        Path(results_dir) / f"{kind}_{label(dataset, arch)}.{ext}" for ext in ("md", "json", "png")
-    ]
+    """The files `--experiment kind` writes: <results_dir>/<kind>_<dataset>[-decoder].md, .json
+    and .png; from --init, <kind>_<dataset>-<model>.*."""
+    name = label(dataset, arch, init)
+    return [Path(results_dir) / f"{kind}_{name}.{ext}" for ext in ("md", "json", "png")]
 
 
 def _check_results(args, dataset: str) -> None:
@@ -346,7 +345,7 @@ def _check_results(args, dataset: str) -> None:
     unless --overwrite."""
     there = [
         str(p)
-        for p in result_files(args.experiment, args.results_dir, dataset, args.arch)
+        for p in result_files(args.experiment, args.results_dir, dataset, args.arch, args.init)
         if p.exists()
     ]
     if there and not args.overwrite:
@@ -361,7 +360,7 @@ def sft_noise(args, dataset: str, experiment: bool) -> float:
     from scratch."""
     if args.sft_noise is not None:
         return args.sft_noise
-    from_scratch = experiment or (args.stage in ("all", "sft") and args.init is None)
+    from_scratch = args.init is None and (experiment or args.stage in ("all", "sft"))
     return SFT_NOISE.get(dataset_name(dataset), 0.0) if from_scratch else 0.0
 
 
@@ -388,9 +387,10 @@ def _check_rl_choices(args, dataset: str, experiment: bool) -> None:
 
 
 EXPERIMENT_FLAGS = {
-    "seeds": (("table1", "rewards"), False),
+    "seeds": (("table1", "rewards", "rank"), False),
     "workers": (("table1", "rewards"), False),
-    "results_dir": (("table1", "rewards"), False),
+    "results_dir": (("table1", "rewards", "rank"), False),
+    "split": (("rank",), False),
     "rm_steps": (("table1", "rewards"), True),
     "human_prompts": (("table1", "rewards"), True),
     "hybrid_weight": (("rewards",), True),
@@ -441,15 +441,21 @@ def _experiment(args) -> ExperimentConfig:
         workers=args.workers,
     )
     check_flags(NON_NEGATIVE, hybrid_weight=args.hybrid_weight)
-    if args.init is not None:
+    if args.experiment == "table1" and args.init is not None:
         raise UsageError(
-            f"--experiment {args.experiment} trains its own SFT model per seed from scratch; "
-            "it does not take --init (a table from a snapshot is not built yet)"
+            "--experiment table1 trains its own SFT model per seed from scratch; it does not take "
+            "--init (--experiment rewards and rank do: they start from the --init model)"
+        )
+    if args.experiment == "rank" and args.init is None:
+        raise UsageError(
+            "--experiment rank ranks the candidates of a given policy: pass --init MODEL (a "
+            "snapshot directory or GGUF file, or an SFT checkpoint such as runs/<run>/sft.pt)"
         )
     return ExperimentConfig(
         name=args.experiment,
         seeds=args.seeds,
         results_dir=args.results_dir,
+        split=args.split,
         work_dir=args.out,
         rm_steps=args.rm_steps,
         human_prompts=args.human_prompts,
@@ -519,7 +525,7 @@ def _model(args, resume_from: Path | None, arch: str) -> tuple[dict, dict | None
             "own (config.json or GGUF metadata); with a snapshot only "
             f"{', '.join(sorted(SNAPSHOT_SETTABLE))} may be set"
         )
-    peek = args.init is not None and args.experiment is None and (snapshot or not args.dry_run)
+    peek = args.init is not None and (snapshot or not args.dry_run)
     with flag_errors(
         lambda f: (
             "--last-layers"
@@ -571,8 +577,11 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
             f"--size {args.size} does not match the --init checkpoint, "
             f"which is a {init['size']} model"
         )
+    from_scratch = experiment is not None and init is None  # table1 and rewards' tiny tables
     dataset = (
-        args.dataset or (init and init["dataset"]) or ("instruct" if experiment else "qa-grounded")
+        args.dataset
+        or (init and init["dataset"])
+        or ("instruct" if from_scratch else "qa-grounded")
     )
     _check_paths(args, dataset, experiment is not None)
     check_flags(
@@ -584,7 +593,8 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
         num_eval=args.num_eval,
     )
     name = dataset_name(dataset)
-    profile = experiment.name if experiment else "run"  # "table1" | "rewards" | "run"
+    # "table1" | "rewards" | "run"; rank samples as the rewards study does
+    profile = "run" if experiment is None else experiment.name.replace("rank", "rewards")
     steps = (
         args.sft_steps
         if args.sft_steps is not None or not experiment

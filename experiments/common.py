@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -58,6 +58,8 @@ class ExperimentConfig:
     workers: int = 1
     """Seeds computed at once, each in its own process (on a CPU, the threads are shared out
     among them)."""
+    split: str = "test"
+    """rank: the held-out split its prompts come from (val: for choosing settings)."""
 
 
 def check_settings(work: Path, settings: dict) -> None:
@@ -79,19 +81,48 @@ def write_json(path: Path, obj) -> None:
     runs.write_text(path, json.dumps(obj, indent=1))
 
 
+def rl_settings(run) -> dict:
+    """The RL and evaluation settings every row of a rewards study depends on."""
+    return dict(
+        iterations=run.iterations,
+        num_eval=run.num_eval,
+        eval_every=run.eval_every,
+        eval_prompts=run.eval_prompts,
+        ppo=asdict(run.ppo),
+        reward=asdict(run.reward),
+    )
+
+
 def work_dir(run, kind: str) -> Path:
-    """The experiment's work directory: --out, else runs/<kind>-<dataset>-<size>
-    (made by shared_setup)."""
+    """The experiment's work directory: --out, else runs/<kind>-<dataset>-<size> from scratch,
+    runs/<kind>-<dataset>-<model> from --init (made by shared_setup)."""
     experiment = run.experiment
     if experiment.work_dir:
         return Path(experiment.work_dir)
+    if run.init is not None:
+        return Path("runs") / f"{kind}-{label(run.dataset, run.arch, run.init)}"
     return Path("runs") / f"{kind}-{label(run.dataset, run.arch)}-{run.size}"
 
 
-def label(dataset: str, arch: str) -> str:
-    """The dataset's name, and "-decoder" for the decoder-only policy: the tables' and work
-    directories' names (the encoder-decoder's have no suffix)."""
+def label(dataset: str, arch: str, init=None) -> str:
+    """The tables' and work directories' names: the dataset's name, and "-decoder" for the
+    decoder-only policy (the encoder-decoder's have no suffix); from --init, the dataset's name
+    and the model's (model_label)."""
+    if init is not None:
+        return f"{data.dataset_name(dataset)}-{model_label(init)}"
     return data.dataset_name(dataset) + ("-decoder" if arch == "decoder" else "")
+
+
+def model_label(init) -> str:
+    """The model a table starts from, in its name: a snapshot's or GGUF file's name in lower case,
+    up to its first dot (SmolLM2-135M-Instruct.Q4_1.gguf: smollm2-135m-instruct); a checkpoint's
+    size and architecture (tiny, tiny-decoder)."""
+    path = Path(init)
+    if runs.is_snapshot(path):
+        return path.name.split(".")[0].lower()
+    ckpt = runs.peek_checkpoint(path, "--init")
+    arch = ckpt.get("model_config", {}).get("arch", "encoder-decoder")
+    return ckpt["size"] + ("-decoder" if arch == "decoder" else "")
 
 
 def arch_setting(run) -> dict:
@@ -154,8 +185,9 @@ class Shared:
     train_pairs: list  # clean: RL's prompts, the oracle's references
     sft_pairs: list  # what SFT trains on: with --sft-noise, a share made wrong
     salient: SalientTokens
-    classifier: PairScorer
-    clf_stats: dict
+    classifier: PairScorer | None  # None from a pretrained model
+    clf_stats: dict | None
+    start_state: dict | None = None  # a pretrained model's weights: every row's start
 
 
 def shared_setup(run, work: Path, settings: dict, device) -> Shared:

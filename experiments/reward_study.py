@@ -22,9 +22,8 @@ regenerated: rewards_<dataset>.md, .json and .png.
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +33,12 @@ import data
 import parallel
 import ppo
 from cli import runs
-from experiments import baselines, evaluation, stats
+from experiments import baselines, evaluation, rank, stats
 from experiments.common import (
+    Shared,
     arch_setting,
     device_line,
+    rl_settings,
     save_figure,
     seed_sft,
     seeds_in_workers,
@@ -117,6 +118,56 @@ METRICS = ("correct", "rouge_l", "relevance")
 """Test metrics of every row: the task's correctness (exact-match on QA, reference match on
 instruct; evaluation.CORRECTNESS), ROUGE-L and the relevance classifier's, on greedy answers."""
 EVAL_SEED = 1234
+ITERATION_PARTS = ("sample_s", "reward_s", "ref_s", "update_s")
+"""The parts of one RL iteration ppo.train times: sampling, the reward, the frozen reference
+policy's pass and the update."""
+
+PRETRAINED_ROWS = (
+    Row("sft", "Pretrained model (start of every row)", "start", "the --init model itself, no SFT"),
+    ROWS[1],
+    Row(
+        "variant",
+        "Attention variant (best-ranked, see below)",
+        "self-supervised",
+        "the attention signal that ranks correct candidates highest in --experiment rank",
+        "attention",
+    ),
+    ROWS[2],
+    ROWS[5],
+    ROWS[6],
+)
+"""The rows of the study from a pretrained model (--init): no SFT, no reward model, so no hybrid;
+the rival rewards cut to self-certainty, the one the field's intrinsic-reward studies train on."""
+
+
+@dataclass(frozen=True)
+class Study:
+    """What one rewards study compares: its rows, the rewards scored on the fixed set, the test
+    metrics."""
+
+    rows: tuple
+    rewards: tuple
+    metrics: tuple
+
+    @property
+    def row_names(self) -> tuple:
+        return tuple(r.name for r in self.rows)
+
+
+def study_of(settings: dict) -> Study:
+    """The tiny presets' study (SFT from scratch), or the pretrained model's (settings["init"])."""
+    if "init" not in settings:
+        return Study(ROWS, REWARDS, METRICS)
+    return Study(
+        PRETRAINED_ROWS,
+        ("attention", "variant", "self_certainty", "random", "oracle"),
+        ("correct", "rouge_l"),
+    )
+
+
+def own_reward(row: str) -> str:
+    """The fixed-set reward a row trains on."""
+    return "variant" if row == "variant" else OWN_REWARD[row]
 
 
 def study_settings(run) -> dict:
@@ -132,12 +183,7 @@ def study_settings(run) -> dict:
         sft_batch_size=run.sft.batch_size,
         sft_lr=run.sft.lr,
         sft_noise=run.sft_noise,
-        iterations=run.iterations,
-        num_eval=run.num_eval,
-        eval_every=run.eval_every,
-        eval_prompts=run.eval_prompts,
-        ppo=asdict(run.ppo),
-        reward=asdict(run.reward),
+        **rl_settings(run),
         rm=dict(
             human_steps=experiment.rm_steps, human_prompts=experiment.human_prompts, label_noise=0.1
         ),
@@ -145,6 +191,12 @@ def study_settings(run) -> dict:
         relevance_steps=experiment.relevance_steps,
         **arch_setting(run),
     )
+
+
+def study_correctness(settings: dict):
+    """The study's correctness(prediction, record): exact-match or reference match on the tiny
+    presets, key spans from a pretrained model."""
+    return evaluation.correctness_function(settings["dataset"], "init" in settings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,34 +207,36 @@ def study_settings(run) -> dict:
 def row_reward(name: str, sh, rm: PairScorer, settings: dict, seed: int):
     """The reward_fn of ppo.RLTask for row `name` (None: the attention reward): the registry behind
     --reward."""
-    row = next(r for r in ROWS if r.name == name)
+    row = next(r for r in study_of(settings).rows if r.name == name)
+    if name == "variant":
+        v = settings["variant"]
+        return None if v == "attention_no_sinks" else baselines.TermReward(v)
     return baselines.make_reward(
         row.reward,
         tok=sh.tok,
         records=sh.splits.train,
         seed=seed,
-        correct=evaluation.correctness_function(settings["dataset"]),
+        correct=study_correctness(settings),
         rm=rm,
-        hybrid_weight=settings["hybrid_weight"],
+        hybrid_weight=settings.get("hybrid_weight", 0.0),
     )
 
 
-def correlations(reward, correct, n: int) -> dict:
-    """Spearman of one reward with one correctness measure: within each prompt's n candidates
-    (mean over prompts not all tied; `skipped` counts the others) and across prompts
-    (per-prompt means)."""
-    within, skipped = stats.within_prompt_spearman(reward, correct, n)
-    across = stats.spearman(
-        np.asarray(reward).reshape(-1, n).mean(1), np.asarray(correct).reshape(-1, n).mean(1)
-    )
-    none = lambda v: None if math.isnan(v) else v  # JSON has no NaN: undefined is null
-    return dict(within=none(within), skipped=skipped, across=none(across))
+def row_reward_config(name: str, settings: dict) -> RewardConfig:
+    """The attention reward's config of row `name`: the study's, with the sinks excluded on the
+    variant row when that is the variant."""
+    cfg = RewardConfig(**settings["reward"])
+    no_sinks = name == "variant" and settings["variant"] == "attention_no_sinks"
+    return replace(cfg, exclude_special=True) if no_sinks else cfg
 
 
 @torch.no_grad()
-def fixed_eval(policy, sh, fixed: list[dict], rm: PairScorer, settings: dict, device) -> dict:
+def fixed_eval(
+    policy, sh, fixed: list[dict], rm: PairScorer | None, settings: dict, device
+) -> dict:
     """Every reward and correctness on N fixed-seed candidates per fixed prompt: their means, the
-    per-prompt correctness, and each reward's Spearman with correctness and with ROUGE-L."""
+    per-prompt correctness, and each reward's Spearman with correctness and with ROUGE-L; and the
+    correctness of the greedy answers to the same prompts."""
     policy.eval()
     ppo_cfg, reward_cfg, sp, tok = (
         ppo.PPOConfig(**settings["ppo"]),
@@ -196,32 +250,41 @@ def fixed_eval(policy, sh, fixed: list[dict], rm: PairScorer, settings: dict, de
     rollout, terms, _, _ = ppo.sample_and_score(
         policy, src, src_mask, sh.salient, reward_cfg, ppo_cfg, sp, gen
     )
-    correctness = evaluation.correctness_function(settings["dataset"])
+    correctness = study_correctness(settings)
     oracle = baselines.OracleReward.from_records(tok, fixed, correctness)
     pairs = oracle.texts(src, src_mask, rollout)  # decoded once
     rewards = dict(
         attention=terms["reward"],
         random=baselines.RandomReward(EVAL_SEED)(src, src_mask, rollout),
         oracle=torch.tensor(oracle.scores(pairs)),
-        hybrid=baselines.HybridReward(rm, settings["hybrid_weight"])(src, src_mask, rollout, terms),
         **{
             k: baselines.RolloutReward(k)(src, src_mask, rollout)
             for k in baselines.RolloutReward.KINDS
         },
     )
+    if rm is not None:
+        hybrid = baselines.HybridReward(rm, settings["hybrid_weight"])
+        rewards["hybrid"] = hybrid(src, src_mask, rollout, terms)
+    if "variant" in settings:
+        signals = rank.candidate_signals(policy, src, src_mask, rollout, sh.salient, reward_cfg, sp)
+        rewards["variant"] = signals[settings["variant"]]
+    greedy = evaluation.answer(policy, tok, prompts, device, ppo_cfg.max_new_tokens)
     texts = [t for t, _ in pairs]
-    refs = [rec["response"] for rec in fixed for _ in range(N)]
-    rouge = [evaluation.rouge_l(t, ref) for t, ref in zip(texts, refs)]
-    correct = [correctness(t, ref) for t, ref in zip(texts, refs)]
+    recs = [rec for rec in fixed for _ in range(N)]
+    rouge = [evaluation.rouge_l(t, rec["response"]) for t, rec in zip(texts, recs)]
+    correct = [correctness(t, rec) for t, rec in zip(texts, recs)]
     rewards = {k: v.float().cpu().numpy() for k, v in rewards.items()}
+    greedy_correct = [correctness(t, rec) for t, rec in zip(greedy, fixed)]
     return dict(
         correct=float(np.mean(correct)),
+        greedy_correct=float(np.mean(greedy_correct)),
+        per_prompt_greedy=greedy_correct,
         rouge_l=float(np.mean(rouge)),
         pass_at_n=float(np.asarray(correct).reshape(-1, N).max(1).mean()),
         per_prompt_correct=np.asarray(correct).reshape(-1, N).mean(1).tolist(),
         rewards={k: float(v.mean()) for k, v in rewards.items()},
-        vs_correct={k: correlations(v, correct, N) for k, v in rewards.items()},
-        vs_rouge={k: correlations(v, rouge, N) for k, v in rewards.items()},
+        vs_correct={k: stats.correlations(v, correct, N) for k, v in rewards.items()},
+        vs_rouge={k: stats.correlations(v, rouge, N) for k, v in rewards.items()},
     )
 
 
@@ -232,16 +295,18 @@ def test_metrics(policy, sh, test: list[dict], device, settings: dict) -> dict:
     preds = evaluation.answer(
         policy, sh.tok, prompts, device, max_new_tokens=settings["ppo"]["max_new_tokens"]
     )
-    correctness = evaluation.correctness_function(settings["dataset"])
-    return dict(
-        correct=[correctness(p, r["response"]) for p, r in zip(preds, test)],
+    correctness = study_correctness(settings)
+    out = dict(
+        correct=[correctness(p, r) for p, r in zip(preds, test)],
         rouge_l=[evaluation.rouge_l(p, r["response"]) for p, r in zip(preds, test)],
-        relevance=evaluation.relevance(sh.classifier, sh.tok, prompts, preds, device),
         examples=[
             dict(prompt=r["prompt"], answer=p, reference=r["response"])
             for r, p in zip(test[:3], preds)
         ],
     )
+    if sh.classifier is not None:  # the tiny presets' relevance classifier
+        out["relevance"] = evaluation.relevance(sh.classifier, sh.tok, prompts, preds, device)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,12 +346,13 @@ def seed_rm(
 def run_row(
     name: str, seed: int, settings: dict, sh, sft_state, rm, fixed, test, start: dict, device
 ) -> dict:
-    """Row `name` of one seed: PPO with its reward from the SFT policy (none for "sft"), the fixed
-    set scored every eval_every iterations (`start` is iteration 0), then the test metrics."""
+    """Row `name` of one seed: PPO with its reward from the SFT policy, or from the pretrained model
+    (none for the start row, "sft"), the fixed set scored every eval_every iterations (`start` is
+    iteration 0), then the test metrics."""
     t0 = time.time()
     runs.seed_everything(seed)
     policy = runs.policy_from_state(sft_state, sh.cfg, device)
-    curve, skipped = [dict(iteration=0, **start)], 0
+    curve, skipped, timing = [dict(iteration=0, **start)], 0, None
     if name != "sft":
         ppo_cfg, every = ppo.PPOConfig(**settings["ppo"]), settings["eval_every"]
 
@@ -308,7 +374,7 @@ def run_row(
                     [p for p, _ in sh.train_pairs],
                     specials=data.specials(sh.tok),
                     salient=sh.salient,
-                    reward_cfg=RewardConfig(**settings["reward"]),
+                    reward_cfg=row_reward_config(name, settings),
                     reward_fn=row_reward(name, sh, rm, settings, seed),
                 ),
                 ppo_cfg,
@@ -316,12 +382,14 @@ def run_row(
                 ppo.RLHooks(on_iteration=on_iteration, progress=bar),
             )
         skipped = ppo.skipped_updates(history)
+        timing = {k: float(np.mean([h[k] for h in history])) for k in ITERATION_PARTS}
     metrics = test_metrics(policy, sh, test, device, settings)
     return dict(
         row=name,
         seed=seed,
         curve=curve,
         skipped_updates=skipped,
+        iteration_seconds=timing,
         test=metrics,
         seconds=round(time.time() - t0, 1),
     )
@@ -333,13 +401,16 @@ def run_seed(seed: int, work: Path, settings: dict, sh, device) -> dict:
     sd.mkdir(parents=True, exist_ok=True)
     test = sh.splits.test[: settings["num_eval"]]
     fixed = sh.splits.val[: settings["eval_prompts"]]
-    sft_state, sft_seconds = seed_sft(
-        seed, sd, settings, sh.cfg, sh.tok, sh.splits, sh.sft_pairs, sh.salient, device
-    )
-    rm, rm_stats = seed_rm(seed, sd, settings, sft_state, sh, device)
+    if "init" in settings:  # the pretrained model is every row's start: no SFT, no hybrid row
+        sft_state, sft_seconds, rm, rm_stats = sh.start_state, 0.0, None, None
+    else:
+        sft_state, sft_seconds = seed_sft(
+            seed, sd, settings, sh.cfg, sh.tok, sh.splits, sh.sft_pairs, sh.salient, device
+        )
+        rm, rm_stats = seed_rm(seed, sd, settings, sft_state, sh, device)
     start = None
     rows = {}
-    for name in ROW_NAMES:
+    for name in study_of(settings).row_names:
         path = sd / f"row_{name}.json"  # (sft.json is the SFT timing of seed_sft)
         if path.exists():
             rows[name] = json.loads(path.read_text())
@@ -354,9 +425,10 @@ def run_seed(seed: int, work: Path, settings: dict, sh, device) -> dict:
         )
         write_json(path, row)
         t, last = row["test"], row["curve"][-1]
+        relevance = f"relevance {np.mean(t['relevance']):.3f} " if "relevance" in t else ""
         print(
             f"seed {seed} | {name:14s} test correct {np.mean(t['correct']):.3f} "
-            f"ROUGE-L {np.mean(t['rouge_l']):.3f} relevance {np.mean(t['relevance']):.3f} | "
+            f"ROUGE-L {np.mean(t['rouge_l']):.3f} {relevance}| "
             f"fixed set correctness {last['correct']:.3f} | {row['seconds']:.0f} s"
         )
     return dict(sft_seconds=sft_seconds, rm=rm_stats, rows=rows)
@@ -373,24 +445,25 @@ def _nanmean(values) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def mean_curve(rows: list[dict]) -> list[dict]:
+def mean_curve(rows: list[dict], rewards: tuple = REWARDS) -> list[dict]:
     """Each evaluation point averaged over seeds (undefined correlations, a seed whose candidates
-    were all tied, left out of the mean)."""
+    were all tied, left out of the mean; greedy correctness None where not recorded)."""
     out = []
     for points in zip(*(r["curve"] for r in rows)):
         corr = lambda key: {
             k: {
                 f: _nanmean([p[key][k][f] for p in points]) for f in ("within", "across", "skipped")
             }
-            for k in REWARDS
+            for k in rewards
         }
         out.append(
             dict(
                 iteration=points[0]["iteration"],
                 correct=_nanmean([p["correct"] for p in points]),
                 pass_at_n=_nanmean([p["pass_at_n"] for p in points]),
+                greedy_correct=_nanmean([p.get("greedy_correct") for p in points]),
                 rouge_l=_nanmean([p["rouge_l"] for p in points]),
-                rewards={k: _nanmean([p["rewards"][k] for p in points]) for k in REWARDS},
+                rewards={k: _nanmean([p["rewards"][k] for p in points]) for k in rewards},
                 vs_correct=corr("vs_correct"),
                 vs_rouge=corr("vs_rouge"),
             )
@@ -404,7 +477,7 @@ def collapse_step(curve: list[dict], start_lo: float):
     return next((p["iteration"] for p in curve[1:] if p["correct"] < start_lo), None)
 
 
-def summarize(per_seed: dict, seeds: list[int]) -> dict:
+def summarize(per_seed: dict, seeds: list[int], study: Study) -> dict:
     """Per row: every metric's mean, std and values over seeds and its difference from SFT
     (per-prompt metric averaged over seeds, paired bootstrap over prompts, 10,000 resamples,
     seed 0); the curve averaged over seeds; the collapse step; seconds."""
@@ -416,10 +489,10 @@ def summarize(per_seed: dict, seeds: list[int]) -> dict:
     )
     start = stats.mean_interval(start_pp, seed=0)
     out = dict(start_correct=start)
-    for name in ROW_NAMES:
+    for name in study.row_names:
         rows = [per_seed[s]["rows"][name] for s in seeds]
         metrics = {}
-        for m in METRICS:
+        for m in study.metrics:
             values = [float(np.mean(r["test"][m])) for r in rows]
             mean, std = stats.mean_std(values)
             diff = (
@@ -428,7 +501,7 @@ def summarize(per_seed: dict, seeds: list[int]) -> dict:
                 else stats.paired_difference(per_prompt(name, m), per_prompt("sft", m), seed=0)
             )
             metrics[m] = dict(mean=mean, std=std, values=values, diff=diff)
-        curve = mean_curve(rows)
+        curve = mean_curve(rows, study.rewards)
         out[name] = dict(
             metrics=metrics,
             curve=curve,
@@ -666,20 +739,23 @@ def seed_worker(run, seed: int, device) -> None:
     run_seed(seed, work, settings, shared_setup(run, work, settings, device), device)
 
 
-def run_rewards(run, device) -> int:
-    """`--experiment rewards`: every row of every seed (rows on disk are reused), then results/."""
+def run_study(run, device, settings: dict, setup, module: str) -> tuple[dict, Shared, Path]:
+    """Every row of every seed (rows on disk are reused; `module`'s seed_worker computes seeds in
+    worker processes), then the summary over seeds: (the result the tables are written from, the
+    shared setup, the work directory). setup(run, work, settings, device) -> Shared."""
     t_start, experiment = time.time(), run.experiment
-    settings = study_settings(run)
     work = work_dir(run, "rewards")
-    sh = shared_setup(run, work, settings, device)
+    sh = setup(run, work, settings, device)
     seeds = list(range(run.seed, run.seed + experiment.seeds))
-    seeds_in_workers(run, __name__, work, seeds, device)
+    seeds_in_workers(run, module, work, seeds, device)
     per_seed = {s: run_seed(s, work, settings, sh, device) for s in seeds}
-    compute = sh.clf_stats["seconds"] + sum(
-        ps["sft_seconds"] + ps["rm"]["seconds"] + sum(r["seconds"] for r in ps["rows"].values())
+    compute = (sh.clf_stats or {}).get("seconds", 0.0) + sum(
+        ps["sft_seconds"]
+        + (ps["rm"] or {}).get("seconds", 0.0)
+        + sum(r["seconds"] for r in ps["rows"].values())
         for ps in per_seed.values()
     )
-    summary = summarize(per_seed, seeds)
+    summary = summarize(per_seed, seeds, study_of(settings))
     result = dict(
         command=run.command,
         device=device_line(run, device),
@@ -692,16 +768,28 @@ def run_rewards(run, device) -> int:
         headroom=headroom(summary),
         rows=summary,
         rm={s: per_seed[s]["rm"] for s in seeds},
+        per_seed_rows={s: per_seed[s]["rows"] for s in seeds},
     )
-    results, md = Path(experiment.results_dir), markdown(result)
-    write_json(results / f"rewards_{sh.name}.json", result)
-    runs.write_text(results / f"rewards_{sh.name}.md", md)
-    plot(result, results / f"rewards_{sh.name}.png")
+    return result, sh, work
+
+
+def write_tables(result: dict, name: str, md: str, plot_to, results_dir: str, work: Path) -> None:
+    """results/rewards_<name>.json, .md and .png (plot_to(result, path) draws the figure)."""
+    results = Path(results_dir)
+    write_json(results / f"rewards_{name}.json", result)
+    runs.write_text(results / f"rewards_{name}.md", md)
+    plot_to(result, results / f"rewards_{name}.png")
     print("\n" + md)
     if not result["headroom"]["ok"]:
         print(
-            "WARNING: the headroom check failed (the oracle row does not beat SFT on correctness): "
-            "this comparison cannot show anything; see the table's header."
+            "WARNING: the headroom check failed (the oracle row does not beat the start on "
+            "correctness): this comparison cannot show anything; see the table's header."
         )
-    print(f"wrote {results / f'rewards_{sh.name}.md'}, .json, .png | work directory {work}")
+    print(f"wrote {results / f'rewards_{name}.md'}, .json, .png | work directory {work}")
+
+
+def run_rewards(run, device) -> int:
+    """`--experiment rewards` from scratch: every row of every seed, then results/."""
+    result, sh, work = run_study(run, device, study_settings(run), shared_setup, __name__)
+    write_tables(result, sh.name, markdown(result), plot, run.experiment.results_dir, work)
     return 0

@@ -96,3 +96,36 @@ def mean_std(values) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
     return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def prompt_auc(score, correct) -> float | None:
+    """The probability that a correct candidate of one prompt outranks a wrong one: over every
+    (correct, wrong) pair of its candidates, 1 when the correct one scores higher, 1/2 on a tie,
+    0 otherwise (the Mann-Whitney U over the pairs). None when the prompt has no correct or no wrong
+    candidate: nothing to rank."""
+    score, correct = np.asarray(score, dtype=np.float64), np.asarray(correct) > 0.5
+    right, wrong = score[correct], score[~correct]
+    if right.size == 0 or wrong.size == 0:
+        return None
+    diff = right[:, None] - wrong[None, :]  # (correct, wrong)
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
+
+
+def within_prompt_auc(score, correct, num_samples: int) -> list[float | None]:
+    """prompt_auc of each prompt's N consecutive candidates (rows b*N .. b*N+N-1)."""
+    return [
+        prompt_auc(score[i : i + num_samples], correct[i : i + num_samples])
+        for i in range(0, len(score), num_samples)
+    ]
+
+
+def correlations(reward, correct, n: int) -> dict:
+    """Spearman of one reward with one correctness measure: within each prompt's n candidates
+    (mean over prompts not all tied; `skipped` counts the others) and across prompts
+    (per-prompt means)."""
+    within, skipped = within_prompt_spearman(reward, correct, n)
+    across = spearman(
+        np.asarray(reward).reshape(-1, n).mean(1), np.asarray(correct).reshape(-1, n).mean(1)
+    )
+    none = lambda v: None if math.isnan(v) else v  # JSON has no NaN: undefined is null
+    return dict(within=none(within), skipped=skipped, across=none(across))
