@@ -57,6 +57,9 @@ class Parser(argparse.ArgumentParser):
         )
 
 
+SPLIT_HELP = "rank: the held-out split of its prompts; val to choose a setting (default: test)"
+
+
 def sft_default(field: str) -> str:
     return settings.per_size({size: d[field] for size, d in SFT_DEFAULTS.items()})
 
@@ -302,22 +305,15 @@ def build_parser() -> Parser:
         "--workers",
         type=int,
         default=None,
-        help="table1, rewards: seeds computed at once, each in its own process; on a CPU the "
-        "threads are shared out among them (default: 1; on 2 cores, --workers 3 runs the 3 "
-        "seeds together)",
+        help="table1, rewards: seeds computed at once, each in its own process, sharing the "
+        "CPU's threads (default: 1; on 2 cores, --workers 3 runs 3 seeds together)",
     )
     g.add_argument(
         "--results-dir",
         default=None,
         help="table1, rewards, rank: where the .md, .json and .png tables go (default: results)",
     )
-    g.add_argument(
-        "--split",
-        default=None,
-        choices=["test", "val"],
-        help="rank: the held-out split its prompts come from; val to choose a setting without "
-        "touching the tables' test prompts (default: test)",
-    )
+    g.add_argument("--split", default=None, choices=["test", "val"], help=SPLIT_HELP)
     g.add_argument(
         "--rm-steps",
         type=int,

@@ -411,7 +411,8 @@ def _check_experiment_flags(args) -> None:
         )
         if getattr(args, name) is None or read:
             continue
-        where = f"--experiment {' or '.join(kinds)}" + (", or --reward hybrid" if hybrid else "")
+        names = ", ".join(kinds[:-1]) + (" or " if len(kinds) > 1 else "") + kinds[-1]
+        where = f"--experiment {names}" + (", or --reward hybrid" if hybrid else "")
         context = (
             f"with --experiment {args.experiment}"
             if args.experiment is not None

@@ -92,7 +92,8 @@ def pretrained_markdown(result: dict) -> str:
         f"{s['num_eval']} test prompts): even a reward that reads the answer does not beat the "
         "start within this budget, so no row's failure to do so is evidence against its reward, "
         "and no row's change is evidence for it. What would be needed: more RL (the paper's "
-        "200 iterations x 64 prompts, against the 8-prompt iterations here), which takes a GPU. "
+        f"200 iterations x 64 prompts, against {s['iterations']} x {p['prompts_per_iter']} "
+        "here), which takes a GPU. "
         f"The command, ready for one: `{result['gpu_command']}`."
     )
     lines = [

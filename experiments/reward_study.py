@@ -119,22 +119,27 @@ METRICS = ("correct", "rouge_l", "relevance")
 instruct; evaluation.CORRECTNESS), ROUGE-L and the relevance classifier's, on greedy answers."""
 EVAL_SEED = 1234
 ITERATION_PARTS = ("sample_s", "reward_s", "ref_s", "update_s")
-"""The parts of one RL iteration ppo.train times: sampling, the reward, the frozen reference
-policy's pass and the update."""
+"""The parts of one RL iteration ppo.train times: sampling, reward, reference pass, update."""
 
 PRETRAINED_ROWS = (
     Row("sft", "Pretrained model (start of every row)", "start", "the --init model itself, no SFT"),
     ROWS[1],
     Row(
         "variant",
-        "Attention variant (best-ranked, see below)",
+        "Attention variant (the best-ranked signal, named in the notes)",
         "self-supervised",
         "the attention signal that ranks correct candidates highest in --experiment rank",
         "attention",
     ),
     ROWS[2],
     ROWS[5],
-    ROWS[6],
+    Row(
+        "oracle",
+        "Oracle: key-span correctness",
+        "control",
+        "positive control: it reads the answer's key spans (DECISIONS.md §13)",
+        "oracle",
+    ),
 )
 """The rows of the study from a pretrained model (--init): no SFT, no reward model, so no hybrid;
 the rival rewards cut to self-certainty, the one the field's intrinsic-reward studies train on."""
