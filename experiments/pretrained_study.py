@@ -157,6 +157,7 @@ def pretrained_markdown(result: dict) -> str:
         "fine-tuning of every weight; the same prompts in the same order from the same start "
         "on every row; only the reward differs.",
         f"- One iteration, mean over the RL rows and seeds: {iteration_split(result)}.",
+        f"- At the paper's scale, on a GPU: `{result['gpu_command']}`.",
         f"- Attention variant: **{s['variant']}** (the attention signal with the highest pooled "
         "AUC in this model's rank table), trained as a reward on its own.",
         "- Random and oracle are controls, not methods: random shows what RL does with a reward "
