@@ -108,10 +108,11 @@ def check_records(records: list[dict], dataset: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def candidate_signals(policy, src, src_mask, rollout, salient, reward_cfg, sp) -> dict:
-    """Every signal but the random one, per candidate: {name: (B*N,) tensor}."""
-    score = lambda cfg: ppo.score_rollout(policy, src, src_mask, rollout, salient, cfg, sp)
-    terms, no_sinks = score(reward_cfg), score(replace(reward_cfg, exclude_special=True))
+def candidate_signals(policy, src, src_mask, rollout, terms, salient, reward_cfg, sp) -> dict:
+    """Every signal but the random one, per candidate: {name: (B*N,) tensor}. terms: R's terms of
+    the rollout under reward_cfg (ppo.sample_and_score's); R without the sinks is scored here."""
+    no_sinks_cfg = replace(reward_cfg, exclude_special=True)
+    no_sinks = ppo.score_rollout(policy, src, src_mask, rollout, salient, no_sinks_cfg, sp)
     return dict(
         attention=terms["reward"],
         coverage=terms["coverage"],
@@ -139,10 +140,12 @@ def score_seed(policy, tok, salient, records, run, seed: int, device) -> dict:
         for i in range(0, len(records), BATCH_PROMPTS):
             batch = records[i : i + BATCH_PROMPTS]
             src, src_mask = evaluation.prompt_batch(tok, [r["prompt"] for r in batch], device, sp)
-            rollout, _, _, _ = ppo.sample_and_score(
+            rollout, terms, _, _ = ppo.sample_and_score(
                 policy, src, src_mask, salient, run.reward, run.ppo, sp, gen
             )
-            signals = candidate_signals(policy, src, src_mask, rollout, salient, run.reward, sp)
+            signals = candidate_signals(
+                policy, src, src_mask, rollout, terms, salient, run.reward, sp
+            )
             for k, v in signals.items():
                 out[k] += v.float().cpu().tolist()
             texts = [data.decode(tok, row.tolist(), sp) for row in rollout.tokens.cpu()]

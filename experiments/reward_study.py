@@ -270,9 +270,9 @@ def fixed_eval(
     if rm is not None:
         hybrid = baselines.HybridReward(rm, settings["hybrid_weight"])
         rewards["hybrid"] = hybrid(src, src_mask, rollout, terms)
-    if "variant" in settings:
-        signals = rank.candidate_signals(policy, src, src_mask, rollout, sh.salient, reward_cfg, sp)
-        rewards["variant"] = signals[settings["variant"]]
+    if "variant" in settings:  # the pretrained study's variant row
+        scored = (policy, src, src_mask, rollout, terms, sh.salient, reward_cfg, sp)
+        rewards["variant"] = rank.candidate_signals(*scored)[settings["variant"]]
     greedy = evaluation.answer(policy, tok, prompts, device, ppo_cfg.max_new_tokens)
     texts = [t for t, _ in pairs]
     recs = [rec for rec in fixed for _ in range(N)]
