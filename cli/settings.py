@@ -595,7 +595,9 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
     )
     name = dataset_name(dataset)
     # "table1" | "rewards" | "run"; rank samples as the rewards study does
-    profile = "run" if experiment is None else experiment.name.replace("rank", "rewards")
+    profile = (
+        "run" if experiment is None else {"rank": "rewards"}.get(experiment.name, experiment.name)
+    )
     steps = (
         args.sft_steps
         if args.sft_steps is not None or not experiment
