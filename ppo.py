@@ -641,6 +641,11 @@ def iteration_metrics(experience: Experience, stats: dict, timings: dict, kl_coe
     row["explained_variance"] = explained_variance(experience.values, experience.returns)
     row["kl_coef"] = kl_coef
     row.update({k: round(v, 3) for k, v in timings.items()})
+    # the padded positions the iteration ran: prompts (B x S) and candidates (B*N x T)
+    row["padded_prompt_tokens"], row["padded_response_tokens"] = (
+        experience.src.numel(),
+        experience.tokens.numel(),
+    )
     return row
 
 

@@ -447,8 +447,6 @@ def main(argv=None) -> int:
             out = same_weights.same_weights_worker(
                 args.worker, args.snapshot, shape, args.calls, args.threads, args.floor
             )
-        elif args.task == "iteration":
-            out = iteration.iteration_worker(args.model, args.calls, args.threads)
         else:
             out = worker(args.worker, args.task, args.calls, args.threads)
         print(json.dumps(out))
