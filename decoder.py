@@ -279,6 +279,44 @@ def prefill_mask(src_mask):
     return (causal & (src_mask[:, None, :] | own))[:, None]  # (B, 1, S, S)
 
 
+def grouped_attention(q, k, v, mask, need_weights=False):
+    """Grouped-query attention without repeating the key/value heads: query head h reads key head
+    h // g (g = H / G, transformers' repeat_kv order), so each key head's g query heads are folded
+    into its rows and attend as one. q (B, H, T, hd); k, v (B, G, K, hd); mask (B, 1, T, K) bool,
+    True where a query may attend. -> out (B, H, T, hd), weights (B, H, T, K) or None
+    (model.attention: the fused SDPA, or the explicit softmax when need_weights)."""
+    B, H, T, hd = q.shape
+    G, K = k.size(1), k.size(2)
+    g = H // G
+    folded = mask[:, :, None].expand(B, 1, g, T, K).reshape(B, 1, g * T, K)
+    out, w = attention(q.reshape(B, G, g * T, hd), k, v, mask=folded, need_weights=need_weights)
+    return out.view(B, H, T, hd), None if w is None else w.view(B, H, T, K)
+
+
+def shared_prompt_attention(q, prompt, own, prompt_bias):
+    """One decoding step of N samples of each of B prompts, whose keys are the prompt's, held once
+    for its N samples, and each sample's own response so far; one softmax over both.
+
+    q (B, G, N*g, hd): each key head's queries, scaled by 1/sqrt(hd): for each of the N samples in
+    turn, the g query heads that read it (transformers' repeat_kv order); prompt: (keys, values)
+    (B, G, S, hd); own: (keys, values) (B, G, N, t, hd); prompt_bias (B*G, 1, S): 0 on the prompt's
+    tokens, -inf on its padding. -> out (B, G, N, g, hd), and the weights on the prompt columns
+    (B, G, N, g, S), each row normalised over the prompt and its own keys together (the raw
+    attention of DECISIONS.md §10)."""
+    B, G, Ng, hd = q.shape
+    N, S = own[0].size(2), prompt[0].size(2)
+    on_prompt = torch.baddbmm(
+        prompt_bias, q.view(B * G, Ng, hd), prompt[0].view(B * G, S, hd).transpose(1, 2)
+    )  # (B*G, N*g, S)
+    on_own = q.view(B, G, N, Ng // N, hd) @ own[0].transpose(-1, -2)  # (B, G, N, g, t)
+    w = torch.softmax(torch.cat([on_prompt.view(B, G, N, -1, S), on_own], -1).float(), -1)
+    values = prompt[1].dtype
+    out = (w[..., :S].to(values).reshape(B * G, Ng, S) @ prompt[1].view(B * G, S, hd)).view(
+        B, G, N, -1, hd
+    )
+    return out + w[..., S:].to(values) @ own[1], w[..., :S]
+
+
 # --------------------------------------------------------------------------------------------
 # The blocks.
 # --------------------------------------------------------------------------------------------
@@ -305,35 +343,67 @@ class SelfAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n, self.d_head).transpose(1, 2)
 
-    def forward(self, x, cos, sin, mask, past=None, cache=None, at=0, need_weights=False):
-        """x (B, T, D) at rotary angles cos/sin (B, T, hd); mask bool (B, 1, T, K), True where a
-        query may attend, over the K keys: `past` (k, v) (B, G, K-T, hd) then x's own (teacher
-        forcing), or the `cache` buffers (B, G, Kmax, hd), which this call fills at columns
-        at .. at+T-1 and then reads up to at+T (sampling). Returns (out (B, T, D), x's own (k, v)
-        (B, G, T, hd) each, weights (B, H, T, K) or None)."""
+    def project(self, x, cos, sin):
+        """x (B, T, D) at rotary angles cos/sin (B, T, hd) -> q (B, H, T, hd), k and v
+        (B, G, T, hd)."""
+        q = apply_rope(self.heads(self.q(x), self.n_heads), cos, sin)
+        k = apply_rope(self.heads(self.k(x), self.kv_heads), cos, sin)
+        return q, k, self.heads(self.v(x), self.kv_heads)
+
+    def check_records(self, need_weights):
         if need_weights and not self.records:
             raise RuntimeError(
                 "this block does not record its weights: only the last `last_layers` blocks do "
                 "(DecoderConfig.last_layers, L' of §3.2)"
             )
-        q = apply_rope(self.heads(self.q(x), self.n_heads), cos, sin)  # (B, H, T, hd)
-        k = apply_rope(self.heads(self.k(x), self.kv_heads), cos, sin)  # (B, G, T, hd)
-        v = self.heads(self.v(x), self.kv_heads)  # (B, G, T, hd)
-        if cache is not None:
-            cache[0][:, :, at : at + x.size(1)], cache[1][:, :, at : at + x.size(1)] = k, v
-            keys, values = cache[0][:, :, : at + x.size(1)], cache[1][:, :, : at + x.size(1)]
-        elif past is not None:
-            keys, values = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)  # (B, G, K, hd)
-        else:
-            keys, values = k, v
-        group = self.n_heads // self.kv_heads  # each key head serves `group` queries
+
+    def forward(self, x, cos, sin, mask, past=None, need_weights=False, weight_rows=None):
+        """x (B, T, D) at rotary angles cos/sin (B, T, hd); mask bool (B, 1, T, K), True where a
+        query may attend, over the K keys: `past` (k, v) (B, G, K-T, hd), then x's own. The
+        weights, when needed: of every row, (B, H, T, K); or, given weight_rows (B,) long, of that
+        one row of each sequence, (B, H, 1, K), while every row runs through the fused SDPA.
+        Returns (out (B, T, D), x's own (k, v) (B, G, T, hd) each, weights or None)."""
+        self.check_records(need_weights)
+        q, k, v = self.project(x, cos, sin)
         keys, values = (
-            keys.repeat_interleave(group, 1),
-            values.repeat_interleave(group, 1),
-        )  # (B, H, K, hd)
-        y, w = attention(q, keys, values, mask=mask, need_weights=need_weights)
+            (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        )
+        every_row = need_weights and weight_rows is None
+        y, w = grouped_attention(q, keys, values, mask, need_weights=every_row)
+        if need_weights and weight_rows is not None:
+            rows = torch.arange(x.size(0), device=x.device)
+            w = grouped_attention(
+                q[rows, :, weight_rows][:, :, None],
+                keys,
+                values,
+                mask[rows, :, weight_rows][:, :, None],
+                need_weights=True,
+            )[1]  # (B, H, 1, K)
         B, T = x.shape[:2]
         return self.out(y.transpose(1, 2).reshape(B, T, -1)), (k, v), w
+
+    def step(self, x, angles, prompt, own, t, prompt_bias, need_weights=False):
+        """One sampling step of B prompts x N samples: x (B*N, 1, D); angles: the rotary (cos,
+        sin) (B*N, 1, hd) of the keys, then of the queries, those scaled by 1/sqrt(hd); prompt:
+        the prompt's (keys, values) (B, G, S, hd), shared by its N samples; own: this block's
+        cache of the samples' keys and values (B, G, N, Tmax, hd), filled here at column t and
+        read up to it; prompt_bias (B*G, 1, S), see `shared_prompt_attention`. Returns (out
+        (B*N, 1, D), the weights on the prompt columns (B*N, H, S) or None)."""
+        self.check_records(need_weights)
+        B, N, G, hd = own[0].size(0), own[0].size(2), self.kv_heads, self.d_head
+        cos, sin, cos_q, sin_q = angles
+        q = apply_rope(self.heads(self.q(x), self.n_heads), cos_q, sin_q)  # (BN, H, 1, hd)
+        own[0][:, :, :, t] = (
+            apply_rope(self.heads(self.k(x), G), cos, sin).view(B, N, G, hd).transpose(1, 2)
+        )
+        own[1][:, :, :, t] = self.v(x).view(B, N, G, hd).transpose(1, 2)
+        q = q.view(B, N, G, -1, hd).transpose(1, 2).reshape(B, G, -1, hd)  # (B, G, N*g, hd)
+        keys, values = own[0][:, :, :, : t + 1], own[1][:, :, :, : t + 1]
+        y, w = shared_prompt_attention(q, prompt, (keys, values), prompt_bias)
+        y = self.out(y.transpose(1, 2).reshape(B * N, 1, -1))
+        if not need_weights:
+            return y, None
+        return y, w.transpose(1, 2).reshape(B * N, self.n_heads, -1)  # (BN, H, S)
 
 
 class SwiGLU(nn.Module):
@@ -358,11 +428,17 @@ class Block(nn.Module):
         self.attn, self.ff = SelfAttention(cfg, records), SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask, past=None, cache=None, at=0, need_weights=False):
+    def forward(self, x, cos, sin, mask, past=None, need_weights=False, weight_rows=None):
         """See `SelfAttention.forward`; returns (x (B, T, D), own (k, v), weights or None)."""
-        a, kv, w = self.attn(self.ln1(x), cos, sin, mask, past, cache, at, need_weights)
+        a, kv, w = self.attn(self.ln1(x), cos, sin, mask, past, need_weights, weight_rows)
         x = x + self.drop(a)
         return x + self.drop(self.ff(self.ln2(x))), kv, w
+
+    def step(self, x, angles, prompt, own, t, prompt_bias, need_weights=False):
+        """See `SelfAttention.step`; returns (x (B*N, 1, D), the prompt weights or None)."""
+        a, w = self.attn.step(self.ln1(x), angles, prompt, own, t, prompt_bias, need_weights)
+        x = x + a
+        return x + self.ff(self.ln2(x)), w
 
 
 @dataclass
@@ -433,19 +509,16 @@ class DecoderOnly(Policy):
         """Logits of final-normed states: (..., D) -> (..., V)."""
         return h @ self.tok_emb.weight.t() if self.lm_head is None else self.lm_head(h)
 
-    def _stack(self, x, positions, mask, past=None, caches=None, at=0, record=False):
-        """Every block on x (B, T, D) at `positions` (B, T). past / caches: per block, see
+    def _stack(self, x, positions, mask, past=None, record=False, weight_rows=None):
+        """Every block on x (B, T, D) at `positions` (B, T). past: per block, see
         `SelfAttention.forward`. Returns (final-normed states (B, T, D), each block's own (k, v),
-        the recording blocks' weights, each (B, H, T, K))."""
+        the recording blocks' weights, each (B, H, T, K), or (B, H, 1, K) of weight_rows alone)."""
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         own, maps = [], []
         for i, block in enumerate(self.layers):
             need = record and block.attn.records
             kw = dict(
-                past=None if past is None else past[i],
-                cache=None if caches is None else caches[i],
-                at=at,
-                need_weights=need,
+                past=None if past is None else past[i], need_weights=need, weight_rows=weight_rows
             )
             x, kv, w = self._layer(block, x, cos, sin, mask, **kw)
             own.append(kv)
@@ -466,19 +539,18 @@ class DecoderOnly(Policy):
             raise ValueError(
                 "every prompt needs at least one real token (a row of src_mask is all False)"
             )
+        last = (
+            src_mask.size(1) - 1 - src_mask.flip(-1).long().argmax(-1)
+        )  # (B,) column of the last real token
         h, own, maps = self._stack(
             self.drop(self.tok_emb(src)),
             prompt_positions(src_mask),
             prefill_mask(src_mask),
             record=record,
+            weight_rows=last,  # the recording blocks' weights of that row alone
         )
-        last = (
-            src_mask.size(1) - 1 - src_mask.flip(-1).long().argmax(-1)
-        )  # (B,) column of the last real token
         rows = torch.arange(B, device=src.device)
-        last_maps = (
-            torch.stack([w[rows, :, last] for w in maps], 1) if record else None
-        )  # (B, L', H, S)
+        last_maps = torch.stack([w[:, :, 0] for w in maps], 1) if record else None  # (B, L', H, S)
         return Prefill(
             [k for k, _ in own], [v for _, v in own], h[rows, last], last_maps, src_mask.sum(-1)
         )
@@ -575,32 +647,34 @@ class DecoderOnly(Policy):
     ):
         """Sample N responses per prompt with a KV cache: the encoder-decoder's `sample`, argument
         for argument (bos_id is not read: the prompt's last token produces the first response
-        token). The prompt runs once; its keys and values are copied into each sample's cache, and
-        every step then costs one token. Returns a sampling.Rollout whose prompt_share is each
-        step's attention on the prompt before Abar was renormalised over it."""
+        token). The prompt runs once, and its keys and values are held once for its N samples
+        (`shared_prompt_attention`); each step then costs one token per sample. Returns a
+        sampling.Rollout whose prompt_share is each step's attention on the prompt before Abar
+        was renormalised over it."""
         check_sampling(decoding.temperature, decoding.top_k, decoding.top_p)
-        num_samples = decoding.num_samples
+        N = decoding.num_samples
         max_new_tokens = min(decoding.max_new_tokens, self.cfg.max_tgt_len)
-        B, S = src.shape
-        BN, dev = B * num_samples, src.device
-        pre = self.encode(src, src_mask, record=record_attention).repeat(num_samples)
-        width = S + max_new_tokens
-        caches = [
-            (
-                k.new_empty(BN, k.size(1), width, k.size(3)),
-                v.new_empty(BN, v.size(1), width, v.size(3)),
-            )
-            for k, v in zip(pre.keys, pre.values)
+        B, BN = src.size(0), src.size(0) * N
+        pre = self.encode(src, src_mask, record=record_attention)
+        prompt = [  # per block, (B, G, S, hd) each, laid out once for the steps' products
+            (k.contiguous(), v.contiguous()) for k, v in zip(pre.keys, pre.values)
         ]
-        for (ck, cv), k, v in zip(caches, pre.keys, pre.values):
-            ck[:, :, :S], cv[:, :, :S] = k, v
-        keys = torch.ones(
-            BN, 1, 1, width, dtype=torch.bool, device=dev
-        )  # prompt padding is never a key
-        keys[:, 0, 0, :S] = src_mask.repeat_interleave(num_samples, 0)
+        own = [
+            tuple(k.new_empty(B, k.size(1), N, max_new_tokens, k.size(3)) for _ in range(2))
+            for k in pre.keys
+        ]  # per block, the samples' keys and values (B, G, N, Tmax, hd)
+        lengths = pre.lengths.repeat_interleave(N)  # (BN,)
+        G = self.cfg.kv_heads
+        prompt_bias = (
+            torch.zeros(B, 1, 1, src.size(1), dtype=pre.keys[0].dtype, device=src.device)
+            .masked_fill(~src_mask[:, None, None], float("-inf"))
+            .expand(B, G, 1, -1)
+            .reshape(B * G, 1, -1)
+        )  # (B*G, 1, S): prompt padding is never a key
+        scale = 1 / math.sqrt(self.cfg.head_dim)
         steps = Steps(
             BN,
-            dev,
+            src.device,
             temperature=decoding.temperature,
             top_k=decoding.top_k,
             top_p=decoding.top_p,
@@ -610,7 +684,9 @@ class DecoderOnly(Policy):
             pad_id=pad_id,
             record=record_attention,
         )
-        logits, maps = self.head(pre.last), pre.last_maps  # step 0: the prompt's last token
+        last = pre.last.repeat_interleave(N, 0)  # (BN, D)
+        logits = self.head(last)  # step 0: the prompt's last token
+        maps = pre.last_maps.repeat_interleave(N, 0) if record_attention else None
         for t in range(max_new_tokens):
             abar = share = None
             if record_attention:  # (BN, L', H, 1, S) -> (BN, S), (BN,)
@@ -618,18 +694,17 @@ class DecoderOnly(Policy):
             nxt = steps.step(logits, abar, share)
             if steps.finished() or t == max_new_tokens - 1:
                 break
-            h, _, blocks = self._stack(
-                self.tok_emb(nxt[:, None]),
-                (pre.lengths + t)[:, None],
-                keys[..., : S + t + 1],
-                caches=caches,
-                at=S + t,
-                record=record_attention,
-            )
-            logits = self.head(h[:, -1])  # (BN, V)
-            maps = (
-                torch.stack([w[:, :, -1, :S] for w in blocks], 1) if record_attention else None
-            )  # (BN, L', H, S)
+            x = self.tok_emb(nxt[:, None])  # (BN, 1, D)
+            cos, sin = rope_cos_sin((lengths + t)[:, None], self.inv_freq)
+            angles = (cos, sin, cos * scale, sin * scale)
+            blocks = []
+            for block, kv, cache in zip(self.layers, prompt, own):
+                need = record_attention and block.attn.records
+                x, w = block.step(x, angles, kv, cache, t, prompt_bias, need)
+                if need:
+                    blocks.append(w)
+            logits = self.head(self.ln_f(x)[:, -1])  # (BN, V)
+            maps = torch.stack(blocks, 1) if record_attention else None  # (BN, L', H, S)
         return steps.rollout()
 
 

@@ -117,21 +117,25 @@ class Rollout:
     0 after EOS."""
 
 
-def token_self_certainty(logits):
+def token_self_certainty(logits, lse=None):
     """Self-certainty of one next-token distribution (Intuitor, arXiv 2505.19590):
     KL(U || softmax(z)) = logsumexp(z) - mean_j z_j - log V, in nats; 0 for a uniform distribution,
     large when peaked. z: the full-vocabulary logits / temperature, never truncated or -inf (T5's
-    padded vocabulary rows are ordinary logits). (..., V) -> (...)."""
-    z = logits.float()
-    return torch.logsumexp(z, -1) - z.mean(-1) - math.log(z.size(-1))
-
-
-def token_entropy(logits):
-    """Entropy H(softmax(z)) = logsumexp(z) - sum_j p_j z_j of one next-token distribution, in nats
-    (EM-RL, arXiv 2505.15134, minimises it). z: logits / temperature, as in `token_self_certainty`.
+    padded vocabulary rows are ordinary logits). lse: logsumexp(z) when already computed.
     (..., V) -> (...)."""
     z = logits.float()
-    return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+    lse = torch.logsumexp(z, -1) if lse is None else lse
+    return lse - z.mean(-1) - math.log(z.size(-1))
+
+
+def token_entropy(logits, lse=None, probs=None):
+    """Entropy H(softmax(z)) = logsumexp(z) - sum_j p_j z_j of one next-token distribution, in nats
+    (EM-RL, arXiv 2505.15134, minimises it). z: logits / temperature, as in `token_self_certainty`;
+    lse, probs: logsumexp(z) and softmax(z) when already computed. (..., V) -> (...)."""
+    z = logits.float()
+    lse = torch.logsumexp(z, -1) if lse is None else lse
+    probs = torch.softmax(z, -1) if probs is None else probs
+    return lse - (probs * z).sum(-1)
 
 
 @dataclass(frozen=True)
@@ -190,28 +194,39 @@ class Steps:
         """logits (BN, V) of this step; abar (BN, S) when recording; share (BN,) or None (= 1).
         Returns the next input (BN,): the drawn tokens, pad on finished rows."""
         logits = logits.float() / self.temperature  # (BN, V)
-        nxt = (
-            logits.argmax(-1)
-            if self.greedy
-            else sample_next(logits, self.top_k, self.top_p, self.generator)
-        )
+        # One softmax and one logsumexp over the vocabulary serve the draw, the log-probability,
+        # the certainty and the entropy: the same operations on the same logits as computing each
+        # apart, so the same numbers.
+        probs, lse = torch.softmax(logits, -1), torch.logsumexp(logits, -1)  # (BN, V), (BN,)
+        if self.greedy:
+            nxt = logits.argmax(-1)
+        elif self.truncates(logits.size(-1)):
+            nxt = sample_next(logits, self.top_k, self.top_p, self.generator)
+        else:  # sample_next without truncation: a draw from softmax(logits)
+            nxt = draw(probs, self.generator)
         live = ~self.done
         nxt = torch.where(live, nxt, torch.full_like(nxt, self.pad_id))
         # log softmax(logits)[nxt] over the whole vocabulary, without a (BN, V) log-softmax tensor.
-        lp = logits.gather(-1, nxt[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)  # (BN,)
+        lp = logits.gather(-1, nxt[:, None]).squeeze(-1) - lse  # (BN,)
         keep = self.lists
         keep["tokens"].append(nxt)
         keep["logprobs"].append(torch.where(live, lp, torch.zeros_like(lp)))
         keep["mask"].append(live)
         keep["certainty"].append(
-            token_self_certainty(logits) * live
+            token_self_certainty(logits, lse) * live
         )  # (BN,): one number per token, never
-        keep["entropy"].append(token_entropy(logits) * live)  # a (BN, T, V) tensor kept
+        keep["entropy"].append(token_entropy(logits, lse, probs) * live)  # a (BN, T, V) tensor
         keep["prompt_share"].append(live.float() if share is None else share.float() * live)
         if self.record:
             keep["attn"].append(abar * live[:, None])  # (BN, S)
         self.done = self.done | (nxt == self.eos_id)
         return nxt
+
+    def truncates(self, vocab: int) -> bool:
+        """Whether top-k or top-p cut the distribution drawn from (`sample_next`)."""
+        return (self.top_k is not None and self.top_k < vocab) or (
+            self.top_p is not None and self.top_p < 1.0
+        )
 
     def finished(self) -> bool:
         return bool(self.done.all())

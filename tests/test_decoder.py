@@ -16,10 +16,12 @@ from decoder import (
     apply_rope,
     build_policy,
     config_from_dict,
+    grouped_attention,
     policy_config,
     prompt_attention,
     prompt_positions,
     rope_frequencies,
+    shared_prompt_attention,
 )
 from model import EncoderDecoder, token_logprobs
 from reward import RewardConfig, SalientTokens
@@ -110,6 +112,60 @@ def test_prompt_positions_count_real_tokens_on_either_side():
 
 
 # ---- the interface ppo.py uses -----------------------------------------------------------------
+
+
+def softmax_attention(q, k, v, allowed):
+    """The textbook attention, written out here: softmax(q k^T / sqrt(hd)) over the allowed keys,
+    then the weighted values. q, k, v (..., T|K, hd); allowed (..., T, K) bool."""
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
+    w = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
+    return w @ v, w
+
+
+def test_grouped_attention_equals_repeating_the_key_heads():
+    """Query head h reads key head h // g (transformers' repeat_kv), without the repeat."""
+    g = torch.Generator().manual_seed(0)
+    B, H, G, T, K, hd = 2, 6, 2, 3, 5, 8
+    q, k, v = (torch.randn(B, n, t, hd, generator=g) for n, t in ((H, T), (G, K), (G, K)))
+    mask = torch.rand(B, 1, T, K, generator=g) > 0.3
+    mask[..., -1] = True  # every query has a key
+    kr, vr = k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)
+    want_out, want_w = softmax_attention(q, kr, vr, mask.expand(B, H, T, K))
+    out, w = grouped_attention(q, k, v, mask, need_weights=True)
+    torch.testing.assert_close(out, want_out, atol=1e-6, rtol=0)
+    torch.testing.assert_close(w, want_w, atol=1e-6, rtol=0)
+    fused, none = grouped_attention(q, k, v, mask)  # SDPA
+    assert none is None
+    torch.testing.assert_close(fused, want_out, atol=1e-5, rtol=0)
+
+
+def test_shared_prompt_attention_equals_each_sample_reading_its_own_copy_of_the_prompt():
+    """N samples share one copy of the prompt's keys and values; each attends as if it had the
+    prompt (padding masked) followed by its own keys, with the key heads repeated."""
+    gen = torch.Generator().manual_seed(1)
+    B, N, G, g, S, t, hd = 2, 3, 2, 2, 4, 3, 8
+    H = G * g
+    q = torch.randn(B * N, H, hd, generator=gen)  # one step's queries, sample-major rows
+    prompt = tuple(torch.randn(B, G, S, hd, generator=gen) for _ in range(2))
+    own = tuple(torch.randn(B, G, N, t, hd, generator=gen) for _ in range(2))
+    real = torch.tensor([[True] * 4, [False, True, True, True]])  # the second prompt left-padded
+    # the reference: every row's keys laid out in full, heads repeated
+    keys, values = (
+        torch.cat(
+            [p.repeat_interleave(N, 0), o.transpose(1, 2).reshape(B * N, G, t, hd)], 2
+        ).repeat_interleave(g, 1)
+        for p, o in zip(prompt, own)
+    )  # (B*N, H, S + t, hd)
+    allowed = torch.cat([real.repeat_interleave(N, 0), torch.ones(B * N, t, dtype=torch.bool)], 1)
+    want_out, want_w = softmax_attention(
+        q[:, :, None], keys, values, allowed[:, None, None].expand(B * N, H, 1, S + t)
+    )
+    bias = torch.zeros(B, S).masked_fill(~real, float("-inf"))[:, None, None].expand(B, G, 1, S)
+    grouped = q.view(B, N, G, g, hd).transpose(1, 2).reshape(B, G, N * g, hd) / math.sqrt(hd)
+    out, w = shared_prompt_attention(grouped, prompt, own, bias.reshape(B * G, 1, S))
+    as_rows = lambda x: x.transpose(1, 2).reshape(B * N, H, -1)  # (B, G, N, g, .) -> rows
+    torch.testing.assert_close(as_rows(out), want_out[:, :, 0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(as_rows(w), want_w[:, :, 0, :S], atol=1e-6, rtol=0)
 
 
 def test_the_sampler_records_what_teacher_forcing_recomputes():

@@ -163,6 +163,39 @@ def test_adaptive_kl_controller():
     assert c.update(0.9, 50) == pytest.approx(0.11 * 0.95)
 
 
+@pytest.mark.parametrize("greedy", [False, True])
+def test_a_step_shares_one_softmax_and_reproduces_each_formula_apart(greedy):
+    """`Steps.step` computes the softmax and the logsumexp once for the draw, the log-probability,
+    the certainty and the entropy; each equals, bit for bit, its formula computed on its own."""
+    from sampling import Steps, sample_next, token_entropy, token_self_certainty
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 20_000, generator=g) * 4  # above CDF_DRAW_FROM: the two-stage draw
+    steps = Steps(
+        5,
+        "cpu",
+        temperature=0.7,
+        top_k=None,
+        top_p=None,
+        greedy=greedy,
+        generator=torch.Generator().manual_seed(3),
+        eos_id=-1,
+        pad_id=0,
+        record=False,
+    )
+    tokens = steps.step(logits)
+    z = logits / 0.7
+    want = z.argmax(-1) if greedy else sample_next(z, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(tokens, want)
+    r = steps.rollout()
+    picked = z.gather(-1, want[:, None])[:, 0]
+    assert torch.equal(r.logprobs[:, 0], picked - torch.logsumexp(z, -1))
+    log_softmax = torch.log_softmax(z, -1).gather(-1, want[:, None])[:, 0]  # a second route
+    torch.testing.assert_close(r.logprobs[:, 0], log_softmax, atol=1e-5, rtol=0)
+    assert torch.equal(r.certainty[:, 0], token_self_certainty(z))
+    assert torch.equal(r.entropy[:, 0], token_entropy(z))
+
+
 def test_token_entropy_of_uniform_logits_is_log_v():
     logits = torch.zeros(2, 3, 8)
     mask = torch.ones(2, 3, dtype=torch.bool)
