@@ -78,34 +78,51 @@ def matmul_flops(n=2048, calls=5) -> float:
 
 
 MATMUL_OPS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm")
-"""The matrix products of a CPU run, as torch dispatches them (linear layers, `@`, attention's
-explicit products); the fused scaled_dot_product_attention is not one of them."""
+"""The matrix products of a CPU run, as torch dispatches them: linear layers, the head, `@`, and
+attention's explicit products."""
+FUSED_ATTENTION = "aten._scaled_dot_product"
+"""The prefix of the fused attention kernels (F.scaled_dot_product_attention's CPU flash kernel):
+its two matrix products and the softmax between them, in one operator."""
 
 
 def matmul_floor(run) -> dict:
-    """The floor of one call of run(): the seconds its own matrix products (MATMUL_OPS) take, each
-    timed where it runs, inside the call (a TorchDispatchMode around every operator; CPU operators
-    are synchronous). Returns {"floor_s", "matmuls", "call_s"}: the sum of those seconds, their
-    count, and the whole call's seconds under the clock (above an unclocked call's, by the clock's
-    own overhead on every operator)."""
+    """The floor of one call of run(): the seconds its own matrix products take, each timed where it
+    runs, inside the call (a TorchDispatchMode around every operator; CPU operators are
+    synchronous). Returns {"floor_s": the products (MATMUL_OPS) and the fused attention kernels
+    (FUSED_ATTENTION), whose time is mostly their products; "products_s": MATMUL_OPS alone;
+    "matmuls": how many products and fused attentions ran; "call_s": the whole call under the
+    clock, above an unclocked call's by the clock's own overhead on every operator}."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    clock = {"seconds": 0.0, "calls": 0}
+    clock = {"products": 0.0, "attention": 0.0, "calls": 0}
 
     class MatmulClock(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if str(func.overloadpacket) not in MATMUL_OPS:
+            name = str(func.overloadpacket)
+            kind = (
+                "products"
+                if name in MATMUL_OPS
+                else "attention"
+                if name.startswith(FUSED_ATTENTION)
+                else None
+            )
+            if kind is None:
                 return func(*args, **(kwargs or {}))
             t0 = time.perf_counter()
             out = func(*args, **(kwargs or {}))
-            clock["seconds"] += time.perf_counter() - t0
+            clock[kind] += time.perf_counter() - t0
             clock["calls"] += 1
             return out
 
     t0 = time.perf_counter()
     with MatmulClock():
         run()
-    return dict(floor_s=clock["seconds"], matmuls=clock["calls"], call_s=time.perf_counter() - t0)
+    return dict(
+        floor_s=clock["products"] + clock["attention"],
+        products_s=clock["products"],
+        matmuls=clock["calls"],
+        call_s=time.perf_counter() - t0,
+    )
 
 
 def rl_temperature(profile: str) -> float:
@@ -158,36 +175,39 @@ def peer_available(what: str) -> bool:
         return False
 
 
-def print_profile(name: str, run, rows=12) -> None:
+def print_profile(name: str, run, rows=12, shapes=True) -> None:
     """Time one call of run() after a warm-up, then profile a third (torch.profiler, CPU) and print
-    its operators by self CPU time, the heaviest (operator, input shapes) pairs, and the matrix
-    products' share: the FLOPs the profiler counts (mm, addmm, bmm; not those inside the fused
-    scaled_dot_product_attention), their time and rate. The profiler slows memory-bound operators
-    (copy_, cat) most: the operator time is printed beside the unprofiled call's."""
+    its operators by self CPU time and the matrix products' share of the operator time; with
+    `shapes`, also the heaviest (operator, input shapes) pairs and the FLOPs the profiler counts in
+    the products (mm, addmm, bmm, baddbmm; not those inside the fused scaled_dot_product_attention)
+    and their rate. The profiler slows memory-bound operators (copy_, cat) most, and more so when it
+    records shapes and FLOPs: the operator time is printed beside the unprofiled call's."""
     from torch.profiler import ProfilerActivity, profile
 
     wall = timed(run, 1)[0]
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
+    detail = dict(with_flops=shapes, record_shapes=shapes)
+    with profile(activities=[ProfilerActivity.CPU], **detail) as prof:
         run()
     print(f"\n{name}:")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
-    print(
-        prof.key_averages(group_by_input_shape=True).table(
-            sort_by="self_cpu_time_total",
-            row_limit=rows // 2,
-            max_name_column_width=30,
-            max_shapes_column_width=70,
+    if shapes:
+        print(
+            prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cpu_time_total",
+                row_limit=rows // 2,
+                max_name_column_width=30,
+                max_shapes_column_width=70,
+            )
         )
-    )
     ops = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in ops) / 1e6  # seconds
     mm = [e for e in ops if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")]
     flops, mm_s = sum(e.flops for e in mm), sum(e.self_cpu_time_total for e in mm) / 1e6
+    rate = f", {flops / 1e12:.2f} TFLOP at {flops / mm_s / 1e9:.0f} GFLOP/s" if shapes else ""
     print(
         f"{name}: one call {wall:.2f} s unprofiled, {total:.2f} s of operator time profiled; "
-        "matrix products "
-        f"({', '.join(sorted(e.key for e in mm))}): {flops / 1e12:.2f} TFLOP in {mm_s:.2f} s "
-        f"({mm_s / total:.0%} of the operator time), {flops / mm_s / 1e9:.0f} GFLOP/s"
+        f"matrix products ({', '.join(sorted(e.key for e in mm))}): {mm_s:.2f} s "
+        f"({mm_s / total:.0%} of the operator time){rate}"
     )
 
 

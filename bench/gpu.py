@@ -7,7 +7,7 @@ It prints five parts, in order:
   1. same weights: bench/same_weights.py's random T5-base-shaped snapshot loaded by ours and by HF
      T5, in fp32 (checked: greedy tokens equal and Abar within 1e-4,
      same_weights.same_weights_check) and in bf16 (reported), then one sampled rollout each (RL's
-     sampler, same_weights.t5_rollout): seconds, tokens/s, peak memory;
+     sampler, same_weights.rollout): seconds, tokens/s, peak memory;
   2. a random model shaped like flan-T5-large (its config.json fields, through
      snapshot.config_from_hf), bf16: one SFT step and one CAGSR iteration (ppo.collect: sample,
      reward, reference pass; then ppo.update): seconds, tokens/s, MFU, peak memory;

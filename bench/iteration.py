@@ -44,6 +44,7 @@ RL_ARGS = (
 EVAL_ARGS = "--num-eval 4 --eval-prompts 4".split()
 """The run's own evaluations, before and after RL, kept small: they are not measured."""
 PARTS = ("sample_s", "reward_s", "ref_s", "update_s")
+ROOT = Path(__file__).resolve().parents[1]  # this checkout
 
 
 def model_path(model: str | None) -> str:
@@ -100,7 +101,7 @@ def iteration_bench(args) -> None:
 
     model = model_path(args.model)
     trees = {"before": Path(args.before).resolve()} if args.before else {}
-    trees["now"] = Path(__file__).resolve().parents[1]
+    trees["now"] = ROOT
     rows, peaks = {name: [] for name in trees}, []
     for _ in range(args.iter_rounds):
         for name, tree in trees.items():
