@@ -641,11 +641,10 @@ def iteration_metrics(experience: Experience, stats: dict, timings: dict, kl_coe
     row["explained_variance"] = explained_variance(experience.values, experience.returns)
     row["kl_coef"] = kl_coef
     row.update({k: round(v, 3) for k, v in timings.items()})
-    # the padded positions the iteration ran: prompts (B x S) and candidates (B*N x T)
-    row["padded_prompt_tokens"], row["padded_response_tokens"] = (
-        experience.src.numel(),
-        experience.tokens.numel(),
-    )
+    # the padded positions this process ran, prompts (B x S) and candidates (B*N x T), as floats
+    # so that under torchrun the row holds their mean over the ranks, like every other float
+    row["padded_prompt_tokens"] = float(experience.src.numel())
+    row["padded_response_tokens"] = float(experience.tokens.numel())
     return row
 
 
