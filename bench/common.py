@@ -211,11 +211,10 @@ def print_profile(name: str, run, rows=12, shapes=True) -> None:
     )
 
 
-def run_worker(system, task, calls, threads, *extra, cwd=None) -> dict:
+def run_worker(system, task, calls, threads, *extra) -> dict:
     """bench/cpu.py's worker(...) (or bench/same_weights.py's same_weights_worker, with extra =
-    --snapshot DIR --shape NAME; bench/iteration.py's iteration_worker, with --model PATH) in a
-    fresh process: `python -m bench.cpu --worker ...`, run from the repository root, or from the
-    checkout `cwd`."""
+    --snapshot DIR --shape NAME [--floor]) in a fresh process: `python -m bench.cpu --worker ...`,
+    run from the repository root."""
     cmd = [
         sys.executable,
         "-m",
@@ -230,8 +229,7 @@ def run_worker(system, task, calls, threads, *extra, cwd=None) -> dict:
         str(threads),
         *extra,
     ]
-    root = cwd or Path(__file__).resolve().parents[1]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if p.returncode != 0:
         raise RuntimeError(f"{system}/{task} failed:\n{p.stderr[-2000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
