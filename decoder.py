@@ -343,10 +343,11 @@ class SelfAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n, self.d_head).transpose(1, 2)
 
-    def project(self, x, cos, sin):
+    def project(self, x, cos, sin, q_angles=None):
         """x (B, T, D) at rotary angles cos/sin (B, T, hd) -> q (B, H, T, hd), k and v
-        (B, G, T, hd)."""
-        q = apply_rope(self.heads(self.q(x), self.n_heads), cos, sin)
+        (B, G, T, hd). q_angles: other (cos, sin) for the queries (the sampler's, pre-scaled)."""
+        q_cos, q_sin = (cos, sin) if q_angles is None else q_angles
+        q = apply_rope(self.heads(self.q(x), self.n_heads), q_cos, q_sin)
         k = apply_rope(self.heads(self.k(x), self.kv_heads), cos, sin)
         return q, k, self.heads(self.v(x), self.kv_heads)
 
@@ -392,11 +393,9 @@ class SelfAttention(nn.Module):
         self.check_records(need_weights)
         B, N, G, hd = own[0].size(0), own[0].size(2), self.kv_heads, self.d_head
         cos, sin, cos_q, sin_q = angles
-        q = apply_rope(self.heads(self.q(x), self.n_heads), cos_q, sin_q)  # (BN, H, 1, hd)
-        own[0][:, :, :, t] = (
-            apply_rope(self.heads(self.k(x), G), cos, sin).view(B, N, G, hd).transpose(1, 2)
-        )
-        own[1][:, :, :, t] = self.v(x).view(B, N, G, hd).transpose(1, 2)
+        q, k, v = self.project(x, cos, sin, (cos_q, sin_q))  # (BN, H, 1, hd), (BN, G, 1, hd)
+        own[0][:, :, :, t] = k.view(B, N, G, hd).transpose(1, 2)
+        own[1][:, :, :, t] = v.view(B, N, G, hd).transpose(1, 2)
         q = q.view(B, N, G, -1, hd).transpose(1, 2).reshape(B, G, -1, hd)  # (B, G, N*g, hd)
         keys, values = own[0][:, :, :, : t + 1], own[1][:, :, :, : t + 1]
         y, w = shared_prompt_attention(q, prompt, (keys, values), prompt_bias)

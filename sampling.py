@@ -18,19 +18,23 @@ from dataclasses import dataclass
 import torch
 
 
-def sample_next(logits, top_k=None, top_p=None, generator=None):
+def sample_next(logits, top_k=None, top_p=None, generator=None, probs=None):
     """One token per row from softmax(filter_logits(logits, top_k, top_p)): (B, V) -> (B,) ids.
 
     With top_k the draw is made among the k highest logits only (torch.topk, then `draw` over k
     entries): the same distribution as masking the other V - k logits to -inf, at k random draws per
-    row instead of V. Ties at the k-th logit keep exactly k tokens."""
+    row instead of V. Ties at the k-th logit keep exactly k tokens. probs: softmax(logits) when the
+    caller has it; drawn from as it is when nothing is truncated."""
     if top_k is not None and top_k < logits.size(-1):
         vals, idx = torch.topk(logits, top_k, dim=-1)  # (B, k), (B, k)
         pick = draw(
             torch.softmax(filter_logits(vals, top_p=top_p), dim=-1), generator
         )  # (B,) index into the k
         return idx.gather(-1, pick[:, None]).squeeze(-1)  # (B,)
-    return draw(torch.softmax(filter_logits(logits, top_p=top_p), dim=-1), generator)  # (B,)
+    kept = filter_logits(logits, top_p=top_p)  # `logits` itself when top_p cuts nothing
+    if probs is None or kept is not logits:
+        probs = torch.softmax(kept, dim=-1)
+    return draw(probs, generator)  # (B,)
 
 
 CDF_DRAW_FROM = 16_384  # categories from which `draw` takes the inverse CDF
@@ -198,12 +202,11 @@ class Steps:
         # the certainty and the entropy: the same operations on the same logits as computing each
         # apart, so the same numbers.
         probs, lse = torch.softmax(logits, -1), torch.logsumexp(logits, -1)  # (BN, V), (BN,)
-        if self.greedy:
-            nxt = logits.argmax(-1)
-        elif self.truncates(logits.size(-1)):
-            nxt = sample_next(logits, self.top_k, self.top_p, self.generator)
-        else:  # sample_next without truncation: a draw from softmax(logits)
-            nxt = draw(probs, self.generator)
+        nxt = (
+            logits.argmax(-1)
+            if self.greedy
+            else sample_next(logits, self.top_k, self.top_p, self.generator, probs)
+        )
         live = ~self.done
         nxt = torch.where(live, nxt, torch.full_like(nxt, self.pad_id))
         # log softmax(logits)[nxt] over the whole vocabulary, without a (BN, V) log-softmax tensor.
@@ -221,12 +224,6 @@ class Steps:
             keep["attn"].append(abar * live[:, None])  # (BN, S)
         self.done = self.done | (nxt == self.eos_id)
         return nxt
-
-    def truncates(self, vocab: int) -> bool:
-        """Whether top-k or top-p cut the distribution drawn from (`sample_next`)."""
-        return (self.top_k is not None and self.top_k < vocab) or (
-            self.top_p is not None and self.top_p < 1.0
-        )
 
     def finished(self) -> bool:
         return bool(self.done.all())
