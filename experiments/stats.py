@@ -129,3 +129,77 @@ def correlations(reward, correct, n: int) -> dict:
     )
     none = lambda v: None if math.isnan(v) else v  # JSON has no NaN: undefined is null
     return dict(within=none(within), skipped=skipped, across=none(across))
+
+
+# --------------------------------------------------------------------------------------------
+# Intervals that include the seeds: seeds resampled, then prompts within each seed
+# --------------------------------------------------------------------------------------------
+
+
+def hierarchical_means(per_seed, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
+    """Two-stage bootstrap means of per-prompt values grouped by seed: each resample draws S seeds
+    with replacement, then, for every seed drawn, its prompts with replacement, and averages the
+    S resampled prompt means. A seed drawn twice gets two independent prompt resamples.
+    per_seed: S lists of per-prompt numbers (their lengths may differ) -> (resamples,)."""
+    groups = [np.asarray(x, dtype=np.float64) for x in per_seed]
+    if not groups or any(g.ndim != 1 or g.size == 0 for g in groups):
+        raise ValueError("hierarchical bootstrap needs a non-empty list of numbers for every seed")
+    S, rng = len(groups), np.random.default_rng(seed)
+    picks = rng.integers(0, S, size=(resamples, S))  # which seed fills each slot
+    slot_means = np.stack(  # (S seeds, resamples, S slots): seed s's prompt means, per slot
+        [
+            bootstrap_means(g, resamples * S, seed + 1 + s).reshape(resamples, S)
+            for s, g in enumerate(groups)
+        ]
+    )
+    slots = np.arange(S)[None, :]
+    return slot_means[picks, np.arange(resamples)[:, None], slots].mean(axis=1)
+
+
+def hierarchical_interval(per_seed, resamples: int = RESAMPLES, seed: int = 0, level=0.95) -> dict:
+    """The mean over seeds of the per-seed prompt means, with its two-stage (seeds, then prompts)
+    percentile bootstrap interval: {mean, lo, hi}."""
+    lo, hi = percentile_interval(hierarchical_means(per_seed, resamples, seed), level)
+    mean = float(np.mean([np.mean(x) for x in per_seed]))
+    return dict(mean=mean, lo=lo, hi=hi)
+
+
+def hierarchical_difference(a, b, resamples: int = RESAMPLES, seed: int = 0, level=0.95) -> dict:
+    """mean(a - b) of two rows measured on the same prompts of the same seeds (a[s][i] and b[s][i]:
+    seed s, prompt i), with the two-stage bootstrap interval of the paired differences:
+    {diff, lo, hi, excludes_0}."""
+    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
+        raise ValueError("hierarchical difference: the rows do not hold the same seeds and prompts")
+    diffs = [
+        np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64) for x, y in zip(a, b)
+    ]
+    r = hierarchical_interval(diffs, resamples, seed, level)
+    return dict(diff=r["mean"], lo=r["lo"], hi=r["hi"], excludes_0=bool(r["lo"] > 0 or r["hi"] < 0))
+
+
+def seed_t_interval(values) -> dict:
+    """The mean of per-seed values with Student's 95% t interval over the seeds (S - 1 degrees of
+    freedom): for a table whose JSON keeps one number per seed and no per-prompt values.
+    {mean, lo, hi}; lo = hi = mean for one seed (no spread to measure)."""
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean())
+    if x.size < 2:
+        return dict(mean=mean, lo=mean, hi=mean)
+    if x.size - 1 not in T_QUANTILES_975:
+        raise ValueError(f"seed_t_interval keeps the t quantiles of 2-10 seeds, not {x.size}")
+    half = T_QUANTILES_975[x.size - 1] * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return dict(mean=mean, lo=mean - half, hi=mean + half)
+
+
+T_QUANTILES_975 = {
+    1: 12.7062,
+    2: 4.3027,
+    3: 3.1824,
+    4: 2.7764,
+    5: 2.5706,
+    6: 2.4469,
+    7: 2.3646,
+    8: 2.3060,
+    9: 2.2622,
+}
+"""Student's t 97.5% quantiles by degrees of freedom (scipy.stats.t.ppf(0.975, df), 4 decimals)."""
