@@ -360,13 +360,14 @@ def score_rollout(model, src, src_mask, rollout, salient, reward_cfg: RewardConf
     renormalised over it: 1 for cross-attention, DECISIONS.md §10): a dict of (B*N,) tensors."""
     N = rollout.tokens.size(0) // src.size(0)
     rep = lambda x: x.repeat_interleave(N, dim=0)  # (B, S) -> (B*N, S)
+    sinks = model.sinks(src, src_mask, sp.special)  # (B, S): never salient
     terms = compute_reward(
         rollout.attn,
         rollout.tokens,
         rollout.mask,
-        rep(salient(src, src_mask, reward_cfg)),
+        rep(salient(src, src_mask, reward_cfg, sinks)),
         reward_cfg,
-        special=rep(model.sinks(src, src_mask, sp.special)),
+        special=rep(sinks),
         prompt_mask=rep(src_mask),
     )
     terms["length"] = rollout.mask.sum(-1).float()

@@ -215,8 +215,12 @@ class SalientTokens:
         texts = data.token_texts(tok)
         return cls(idf, data.content_token_mask(tok, texts=texts), texts)
 
-    def __call__(self, src, src_mask, cfg: RewardConfig):
-        """(B, S): bool mask of I_x, or float IDF weights when cfg.idf_weighted."""
+    def __call__(self, src, src_mask, cfg: RewardConfig, sinks=None):
+        """(B, S): bool mask of I_x, or float IDF weights when cfg.idf_weighted. sinks (B, S) bool:
+        the positions the policy parks attention on (its `sinks`), never salient (DECISIONS.md
+        §10: the decoder-only policy's first real token)."""
+        if sinks is not None:
+            src_mask = src_mask & ~sinks
         if cfg.salient_method == "idf":
             return salient_idf(
                 src, src_mask, self.idf, self.content, cfg.salient_top_k, cfg.idf_weighted
