@@ -25,7 +25,7 @@ import parallel
 import ppo
 from cli import runs, settings, stages
 from decoder import ARCHS
-from experiments import baselines, pretrained_study, rank, reward_study, table1
+from experiments import ablations, baselines, pretrained_study, rank, reward_tables, table1
 from presets import DECODER_SIZES, RL_PROFILES, SFT_DEFAULTS, SFT_NOISE, SIZES
 from reward import RewardConfig
 
@@ -284,15 +284,15 @@ def build_parser() -> Parser:
     g.add_argument(
         "--experiment",
         default=None,
-        choices=["table1", "rewards", "rank"],
-        help="table1: every baseline, CAGSR variant and ablation of Table 1 per seed, into "
-        "--results-dir (default dataset instruct; --out sets the work directory, default "
-        "runs/table1-<dataset>-<size>). rewards: the attention reward against self-certainty, "
-        "negative entropy, log-probability, random and oracle controls and the hybrid, each "
-        "measured against correctness (experiments/reward_study.py; work directory "
-        "runs/rewards-<dataset>-<size>; from --init MODEL: the pretrained model's own study, no "
-        "SFT). rank: which reward ranks a policy's correct candidates above its wrong ones, no "
-        "training (experiments/rank.py; needs --init; dataset qa-grounded)",
+        choices=["table1", "rewards", "rank", "ablations"],
+        help="table1: Table 1's baselines, CAGSR variants and ablations per seed (default "
+        "dataset instruct; work directory --out, default runs/table1-<dataset>-<size>). rewards: "
+        "the attention reward against self-certainty, entropy, log-probability, random, oracle "
+        "and the hybrid, measured against correctness (experiments/reward_study.py; work "
+        "directory runs/rewards-<dataset>-<size>; from --init MODEL: the pretrained model's own "
+        "study). rank: which signal ranks a policy's correct candidates first, no training "
+        "(experiments/rank.py; needs --init). ablations: R's terms, the paper's guards and an "
+        "oracle salient set as rows of the rewards study (experiments/ablations.py)",
     )
     g.add_argument(
         "--seeds",
@@ -376,9 +376,9 @@ def dispatch(run, device, world: int, t_start: float) -> int:
         )
         return 0
     if run.stage == "experiment":
-        rewards = pretrained_study if run.init is not None else reward_study
+        rewards = pretrained_study if run.init is not None else reward_tables
         runner = dict(rewards=rewards.run_rewards, rank=rank.run_rank, table1=table1.run_table1)
-        return runner[run.experiment.name](run, device)
+        return runner.get(run.experiment.name, ablations.run_ablations)(run, device)
     if run.stage == "export":
         return stages.export_stage(run)
     if run.stage == "sample":

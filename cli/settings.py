@@ -387,14 +387,14 @@ def _check_rl_choices(args, dataset: str, experiment: bool) -> None:
 
 
 EXPERIMENT_FLAGS = {
-    "seeds": (("table1", "rewards", "rank"), False),
-    "workers": (("table1", "rewards"), False),
-    "results_dir": (("table1", "rewards", "rank"), False),
+    "seeds": (("table1", "rewards", "rank", "ablations"), False),
+    "workers": (("table1", "rewards", "ablations"), False),
+    "results_dir": (("table1", "rewards", "rank", "ablations"), False),
     "split": (("rank",), False),
-    "rm_steps": (("table1", "rewards"), True),
-    "human_prompts": (("table1", "rewards"), True),
-    "hybrid_weight": (("rewards",), True),
-    "relevance_steps": (("table1", "rewards"), False),
+    "rm_steps": (("table1", "rewards", "ablations"), True),
+    "human_prompts": (("table1", "rewards", "ablations"), True),
+    "hybrid_weight": (("rewards", "ablations"), True),
+    "relevance_steps": (("table1", "rewards", "ablations"), False),
 }
 """The flags of cagsr.py's "experiments" group: {field: (the --experiment kinds that read it,
 whether a run with --reward hybrid reads it)}. They default to None, "not given" (the value is then
@@ -442,10 +442,15 @@ def _experiment(args) -> ExperimentConfig:
         workers=args.workers,
     )
     check_flags(NON_NEGATIVE, hybrid_weight=args.hybrid_weight)
-    if args.experiment == "table1" and args.init is not None:
+    if args.experiment in ("table1", "ablations") and args.init is not None:
         raise UsageError(
-            "--experiment table1 trains its own SFT model per seed from scratch; it does not take "
-            "--init (--experiment rewards and rank do: they start from the --init model)"
+            f"--experiment {args.experiment} trains its own SFT model per seed; it does not take "
+            "--init (--experiment rewards and rank start from the --init model)"
+        )
+    if args.experiment == "ablations" and args.dataset not in (None, "qa-grounded"):
+        raise UsageError(
+            f"--experiment ablations --dataset {args.dataset}: qa-grounded only (the oracle "
+            "salient set is the answer's clause, which only its records mark); drop --dataset"
         )
     if args.experiment == "rank" and args.init is None:
         raise UsageError(
@@ -582,7 +587,7 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
     dataset = (
         args.dataset
         or (init and init["dataset"])
-        or ("instruct" if from_scratch else "qa-grounded")
+        or ("instruct" if from_scratch and experiment.name != "ablations" else "qa-grounded")
     )
     _check_paths(args, dataset, experiment is not None)
     check_flags(
@@ -594,15 +599,11 @@ def resolve(args, command: str, resume_from: Path | None = None) -> Run:
         num_eval=args.num_eval,
     )
     name = dataset_name(dataset)
-    # "table1" | "rewards" | "run"; rank samples as the rewards study does
-    profile = (
-        "run" if experiment is None else {"rank": "rewards"}.get(experiment.name, experiment.name)
-    )
-    steps = (
-        args.sft_steps
-        if args.sft_steps is not None or not experiment
-        else EXPERIMENT_SFT_STEPS[profile].get(name)
-    )
+    # "table1" | "rewards" | "run"; rank and the ablations sample as the rewards study does
+    profile = "run" if not experiment else "table1" if experiment.name == "table1" else "rewards"
+    steps = args.sft_steps
+    if args.sft_steps is None and experiment:
+        steps = EXPERIMENT_SFT_STEPS[profile].get(name)
     with flag_errors(SFT_FLAGS.get):
         sft = sft_config(
             size,

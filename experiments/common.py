@@ -243,6 +243,24 @@ def shared_setup(run, work: Path, settings: dict, device) -> Shared:
     )
 
 
+def seed_sft_pairs(sh: Shared, settings: dict, seed: int) -> list:
+    """What seed `seed`'s SFT trains on: with settings["sft_noise_draw"] == "per seed", the noisy
+    pairs drawn with the seed itself, so that each seed's SFT policy learns its own wrong answers;
+    otherwise (the earlier studies) the one draw of the data seed that every seed shares."""
+    if settings.get("sft_noise_draw") != "per seed" or not settings["sft_noise"]:
+        return sh.sft_pairs
+    return data.noisy_sft_pairs(
+        sh.tok,
+        sh.splits.train,
+        sh.train_pairs,
+        settings["sft_noise"],
+        seed,
+        settings["dataset"],
+        sh.cfg.max_src_len,
+        sh.cfg.max_tgt_len,
+    )[0]
+
+
 def seed_sft(
     seed, sd: Path, settings, cfg, tok, splits, sft_pairs, salient, device
 ) -> tuple[dict, float]:

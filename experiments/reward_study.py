@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,8 @@ from experiments.common import (
     arch_setting,
     device_line,
     rl_settings,
-    save_figure,
     seed_sft,
+    seed_sft_pairs,
     seeds_in_workers,
     shared_setup,
     work_dir,
@@ -188,6 +189,7 @@ def study_settings(run) -> dict:
         sft_batch_size=run.sft.batch_size,
         sft_lr=run.sft.lr,
         sft_noise=run.sft_noise,
+        sft_noise_draw="per seed",
         **rl_settings(run),
         rm=dict(
             human_steps=experiment.rm_steps, human_prompts=experiment.human_prompts, label_noise=0.1
@@ -237,11 +239,13 @@ def row_reward_config(name: str, settings: dict) -> RewardConfig:
 
 @torch.no_grad()
 def fixed_eval(
-    policy, sh, fixed: list[dict], rm: PairScorer | None, settings: dict, device
+    policy, sh, fixed: list[dict], rm: PairScorer | None, settings: dict, device, extra=None
 ) -> dict:
-    """Every reward and correctness on N fixed-seed candidates per fixed prompt: their means, the
-    per-prompt correctness, and each reward's Spearman with correctness and with ROUGE-L; and the
-    correctness of the greedy answers to the same prompts."""
+    """Every reward and correctness on N fixed-seed candidates per fixed prompt: their means and
+    per-prompt means, the per-prompt correctness, each reward's Spearman with correctness and with
+    ROUGE-L and its per-prompt probability of ranking a correct candidate above a wrong one
+    (stats.within_prompt_auc); and the correctness of the greedy answers to the same prompts.
+    extra: more rewards to score, {name: fn(policy, src, src_mask, rollout) -> (B*N,)}."""
     policy.eval()
     ppo_cfg, reward_cfg, sp, tok = (
         ppo.PPOConfig(**settings["ppo"]),
@@ -273,6 +277,7 @@ def fixed_eval(
     if "variant" in settings:  # the pretrained study's variant row
         scored = (policy, src, src_mask, rollout, terms, sh.salient, reward_cfg, sp)
         rewards["variant"] = rank.candidate_signals(*scored)[settings["variant"]]
+    rewards.update({k: fn(policy, src, src_mask, rollout) for k, fn in (extra or {}).items()})
     greedy = evaluation.answer(policy, tok, prompts, device, ppo_cfg.max_new_tokens)
     texts = [t for t, _ in pairs]
     recs = [rec for rec in fixed for _ in range(N)]
@@ -288,13 +293,15 @@ def fixed_eval(
         pass_at_n=float(np.asarray(correct).reshape(-1, N).max(1).mean()),
         per_prompt_correct=np.asarray(correct).reshape(-1, N).mean(1).tolist(),
         rewards={k: float(v.mean()) for k, v in rewards.items()},
+        per_prompt_rewards={k: v.reshape(-1, N).mean(1).tolist() for k, v in rewards.items()},
+        auc={k: stats.within_prompt_auc(v, np.asarray(correct), N) for k, v in rewards.items()},
         vs_correct={k: stats.correlations(v, correct, N) for k, v in rewards.items()},
         vs_rouge={k: stats.correlations(v, rouge, N) for k, v in rewards.items()},
     )
 
 
 def test_metrics(policy, sh, test: list[dict], device, settings: dict) -> dict:
-    """Greedy answers on the test prompts: per-prompt correctness, ROUGE-L and
+    """Greedy answers on the test prompts: the answers, their correctness, ROUGE-L and
     relevance, and 3 examples."""
     prompts = [r["prompt"] for r in test]
     preds = evaluation.answer(
@@ -304,6 +311,7 @@ def test_metrics(policy, sh, test: list[dict], device, settings: dict) -> dict:
     out = dict(
         correct=[correctness(p, r) for p, r in zip(preds, test)],
         rouge_l=[evaluation.rouge_l(p, r["response"]) for p, r in zip(preds, test)],
+        answers=preds,
         examples=[
             dict(prompt=r["prompt"], answer=p, reference=r["response"])
             for r, p in zip(test[:3], preds)
@@ -317,6 +325,38 @@ def test_metrics(policy, sh, test: list[dict], device, settings: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 # One seed: SFT, the preference reward model, every row
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowRL:
+    """What one RL row trains with: the attention reward's config, the reward_fn that replaces R
+    (None: R itself), I_x (None: the study's salient tokens) and the KL coefficient to SFT (None:
+    the study's PPO setting)."""
+
+    reward_cfg: RewardConfig
+    reward_fn: object = None
+    salient: object = None
+    kl_coef: float | None = None
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """The rows one seed runs, each RL row's RowRL (rl(name)), and the rewards the fixed set is
+    scored by beyond the study's own (fixed_eval's `extra`)."""
+
+    names: tuple
+    rl: Callable[[str], RowRL]
+    extra: dict = field(default_factory=dict)
+
+
+def study_plan(seed: int, sd: Path, settings: dict, sh, rm, sft_state, fixed, device) -> SeedPlan:
+    """The rewards study's rows, each with its reward (row_reward, row_reward_config)."""
+    return SeedPlan(
+        study_of(settings).row_names,
+        lambda name: RowRL(
+            row_reward_config(name, settings), row_reward(name, sh, rm, settings, seed)
+        ),
+    )
 
 
 def seed_rm(
@@ -349,22 +389,29 @@ def seed_rm(
 
 
 def run_row(
-    name: str, seed: int, settings: dict, sh, sft_state, rm, fixed, test, start: dict, device
+    name: str, seed: int, settings: dict, sh, sft_state, rm, fixed, test, start, device, plan
 ) -> dict:
-    """Row `name` of one seed: PPO with its reward from the SFT policy, or from the pretrained model
-    (none for the start row, "sft"), the fixed set scored every eval_every iterations (`start` is
-    iteration 0), then the test metrics."""
+    """Row `name` of one seed: PPO with its reward (plan.rl(name)) from the SFT policy, or from the
+    pretrained model (none for the start row, "sft"), the fixed set scored every eval_every
+    iterations (`start` is iteration 0), the KL to the start at every iteration, then the test
+    metrics."""
     t0 = time.time()
     runs.seed_everything(seed)
     policy = runs.policy_from_state(sft_state, sh.cfg, device)
-    curve, skipped, timing = [dict(iteration=0, **start)], 0, None
+    curve, skipped, timing, kl = [dict(iteration=0, **start)], 0, None, []
     if name != "sft":
-        ppo_cfg, every = ppo.PPOConfig(**settings["ppo"]), settings["eval_every"]
+        rl, every = plan.rl(name), settings["eval_every"]
+        ppo_cfg = ppo.PPOConfig(**settings["ppo"])
+        if rl.kl_coef is not None:
+            ppo_cfg = replace(ppo_cfg, kl_coef=rl.kl_coef)
 
         def on_iteration(i, row, state):
             if i % every == 0 or i == settings["iterations"]:
                 curve.append(
-                    dict(iteration=i, **fixed_eval(policy, sh, fixed, rm, settings, device))
+                    dict(
+                        iteration=i,
+                        **fixed_eval(policy, sh, fixed, rm, settings, device, plan.extra),
+                    )
                 )
 
         ref, optimizer = runs.rl_start(policy, sft_state, ppo_cfg.lr, device)
@@ -378,9 +425,9 @@ def run_row(
                 ppo.RLTask(
                     [p for p, _ in sh.train_pairs],
                     specials=data.specials(sh.tok),
-                    salient=sh.salient,
-                    reward_cfg=row_reward_config(name, settings),
-                    reward_fn=row_reward(name, sh, rm, settings, seed),
+                    salient=rl.salient or sh.salient,
+                    reward_cfg=rl.reward_cfg,
+                    reward_fn=rl.reward_fn,
                 ),
                 ppo_cfg,
                 ppo.RLRun(settings["iterations"], seed=seed),
@@ -388,6 +435,7 @@ def run_row(
             )
         skipped = ppo.skipped_updates(history)
         timing = {k: float(np.mean([h[k] for h in history])) for k in ITERATION_PARTS}
+        kl = [h["kl_ref"] for h in history]
     metrics = test_metrics(policy, sh, test, device, settings)
     return dict(
         row=name,
@@ -395,13 +443,15 @@ def run_row(
         curve=curve,
         skipped_updates=skipped,
         iteration_seconds=timing,
+        kl_to_start=kl,
         test=metrics,
         seconds=round(time.time() - t0, 1),
     )
 
 
-def run_seed(seed: int, work: Path, settings: dict, sh, device) -> dict:
-    """Every row of one seed; rows already on disk are read, not recomputed."""
+def run_seed(seed: int, work: Path, settings: dict, sh, device, planner=study_plan) -> dict:
+    """Every row of one seed (planner(seed, seed directory, settings, sh, rm, sft_state, fixed,
+    device) -> its SeedPlan); rows already on disk are read, not recomputed."""
     sd = work / f"seed{seed}"
     sd.mkdir(parents=True, exist_ok=True)
     test = sh.splits.test[: settings["num_eval"]]
@@ -410,23 +460,31 @@ def run_seed(seed: int, work: Path, settings: dict, sh, device) -> dict:
         sft_state, sft_seconds, rm, rm_stats = sh.start_state, 0.0, None, None
     else:
         sft_state, sft_seconds = seed_sft(
-            seed, sd, settings, sh.cfg, sh.tok, sh.splits, sh.sft_pairs, sh.salient, device
+            seed,
+            sd,
+            settings,
+            sh.cfg,
+            sh.tok,
+            sh.splits,
+            seed_sft_pairs(sh, settings, seed),
+            sh.salient,
+            device,
         )
         rm, rm_stats = seed_rm(seed, sd, settings, sft_state, sh, device)
+    plan = planner(seed, sd, settings, sh, rm, sft_state, fixed, device)
     start = None
     rows = {}
-    for name in study_of(settings).row_names:
+    for name in plan.names:
         path = sd / f"row_{name}.json"  # (sft.json is the SFT timing of seed_sft)
         if path.exists():
             rows[name] = json.loads(path.read_text())
             print(f"seed {seed} | {name}: done earlier ({rows[name]['seconds']:.0f} s)")
             continue
         if start is None:  # iteration 0: the SFT policy, the same for every row
-            start = fixed_eval(
-                runs.policy_from_state(sft_state, sh.cfg, device), sh, fixed, rm, settings, device
-            )
+            policy = runs.policy_from_state(sft_state, sh.cfg, device)
+            start = fixed_eval(policy, sh, fixed, rm, settings, device, plan.extra)
         rows[name] = row = run_row(
-            name, seed, settings, sh, sft_state, rm, fixed, test, start, device
+            name, seed, settings, sh, sft_state, rm, fixed, test, start, device, plan
         )
         write_json(path, row)
         t, last = row["test"], row["curve"][-1]
@@ -483,12 +541,8 @@ def collapse_step(curve: list[dict], start_lo: float):
 
 
 def summarize(per_seed: dict, seeds: list[int], study: Study) -> dict:
-    """Per row: every metric's mean, std and values over seeds and its difference from SFT
-    (per-prompt metric averaged over seeds, paired bootstrap over prompts, 10,000 resamples,
-    seed 0); the curve averaged over seeds; the collapse step; seconds."""
-    per_prompt = lambda name, m: np.mean(
-        [per_seed[s]["rows"][name]["test"][m] for s in seeds], axis=0
-    )
+    """Per row: every metric's mean, std and values over seeds (its intervals: seed_level); the
+    curve averaged over seeds; the collapse step; seconds."""
     start_pp = np.mean(
         [per_seed[s]["rows"]["sft"]["curve"][0]["per_prompt_correct"] for s in seeds], axis=0
     )
@@ -500,12 +554,7 @@ def summarize(per_seed: dict, seeds: list[int], study: Study) -> dict:
         for m in study.metrics:
             values = [float(np.mean(r["test"][m])) for r in rows]
             mean, std = stats.mean_std(values)
-            diff = (
-                None
-                if name == "sft"
-                else stats.paired_difference(per_prompt(name, m), per_prompt("sft", m), seed=0)
-            )
-            metrics[m] = dict(mean=mean, std=std, values=values, diff=diff)
+            metrics[m] = dict(mean=mean, std=std, values=values)
         curve = mean_curve(rows, study.rewards)
         out[name] = dict(
             metrics=metrics,
@@ -518,222 +567,45 @@ def summarize(per_seed: dict, seeds: list[int], study: Study) -> dict:
     return out
 
 
-def headroom(summary: dict) -> dict:
-    """Does the oracle row beat SFT on the task's correctness, with a 95% paired
-    interval above 0?"""
-    d = summary["oracle"]["metrics"]["correct"]["diff"]
+def seed_level(result: dict, metric: str, names) -> dict:
+    """Per row of `names`: its test `metric` with a 95% interval that includes the seeds, and its
+    differences from the start row ("sft") and from the random row. From each seed's per-prompt
+    values (result["per_seed_rows"]): the two-stage bootstrap, seeds then prompts (stats); from a
+    table that kept only each seed's mean (the earlier JSONs): Student's t over the seeds.
+    {name: {method, value {mean, lo, hi}, vs_start, vs_random ({diff, lo, hi, excludes_0} or
+    None)}}."""
+    per = result.get("per_seed_rows")
+    if per:
+        values = lambda n: [seed[n]["test"][metric] for seed in per.values()]
+        interval, difference = stats.hierarchical_interval, stats.hierarchical_difference
+        method = "two-stage bootstrap (seeds, then prompts)"
+    else:
+        values = lambda n: result["rows"][n]["metrics"][metric]["values"]
+        interval, difference = stats.seed_t_interval, seed_t_difference
+        method = "Student's t over the seed means"
+    diff = lambda n, other: None if n == other else difference(values(n), values(other))
+    return {
+        n: dict(
+            method=method,
+            value=interval(values(n)),
+            vs_start=diff(n, "sft"),
+            vs_random=diff(n, "random") if "random" in names else None,
+        )
+        for n in names
+    }
+
+
+def seed_t_difference(a, b) -> dict:
+    """The mean over seeds of a - b (one value per seed each) with Student's t interval."""
+    r = stats.seed_t_interval(np.subtract(a, b))
+    return dict(diff=r["mean"], lo=r["lo"], hi=r["hi"], excludes_0=bool(r["lo"] > 0 or r["hi"] < 0))
+
+
+def headroom(result: dict) -> dict:
+    """Does the oracle row beat the start on the task's correctness, with a 95% interval that
+    includes the seeds (seed_level) above 0?"""
+    d = seed_level(result, "correct", ("sft", "oracle"))["oracle"]["vs_start"]
     return dict(ok=bool(d["lo"] > 0), **d)
-
-
-# --------------------------------------------------------------------------------------------
-# results/rewards_<dataset>.md, .json, .png
-# --------------------------------------------------------------------------------------------
-
-
-def _cell(m: dict, pct=False) -> str:
-    f = (lambda v: f"{100 * v:+.1f}") if pct else (lambda v: f"{v:+.3f}")
-    g = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3f}")
-    diff = (
-        ""
-        if m["diff"] is None
-        else f"{f(m['diff']['diff'])} [{f(m['diff']['lo'])}, {f(m['diff']['hi'])}]"
-        + (" *" if m["diff"]["excludes_0"] else "")
-        + "<br>"
-    )
-    return f"{diff}{g(m['mean'])} ± {g(m['std'])}"
-
-
-def _r(v) -> str:
-    return "—" if v is None else f"{v:+.2f}"
-
-
-def _rho(c: dict) -> str:
-    return f"{_r(c['within'])} ({c['skipped']:.0f})"
-
-
-def markdown(result: dict) -> str:
-    s, summ, h, qa = result["settings"], result["rows"], result["headroom"], result["is_qa"]
-    correct = "exact-match" if qa else "reference match"
-    check = (
-        f"**Headroom check: passed.** The oracle row raises {correct} by {h['diff']:+.3f} "
-        f"[{h['lo']:+.3f}, {h['hi']:+.3f}] over SFT (95% paired bootstrap over {s['num_eval']} "
-        "test prompts): RL from this SFT policy can improve, so a reward that does not improve it "
-        "says something."
-        if h["ok"]
-        else "**HEADROOM CHECK FAILED: THIS COMPARISON CANNOT SHOW ANYTHING.** The oracle row "
-        f"changes {correct} by {h['diff']:+.3f} [{h['lo']:+.3f}, {h['hi']:+.3f}] (95% paired "
-        "bootstrap): even a reward that reads the answer does not beat SFT here, so no row's "
-        "failure to do so is evidence against its reward."
-    )
-    policy = "decoder-only " if s.get("arch") == "decoder" else ""
-    lines = [
-        f"# Which internal reward? `{s['dataset']}` ({s['size']} {policy}preset, "
-        f"{len(result['seeds'])} seeds)",
-        "",
-        f"Written by `{result['command']}` on {result['device']}; this call took "
-        f"{result['last_call_minutes']:.1f} min. Compute: {result['compute_minutes']:.1f} min in "
-        "all (rows reused from an earlier call count at their original cost).",
-        "",
-        check,
-        "",
-        "## Test metrics (greedy answers)",
-        "",
-        "Each cell: the difference from SFT with its 95% paired bootstrap interval "
-        f"(per-prompt metric averaged over seeds, 10,000 resamples over {s['num_eval']} test "
-        "prompts; * = the interval excludes 0), then the mean ± std over seeds. "
-        f"{correct.capitalize()} and relevance in %. Sampled: the fixed set's "
-        f"{s['ppo']['num_samples']} candidates per prompt at the RL temperature "
-        f"{s['ppo']['temperature']} at the last evaluation (mean {correct} of the samples / "
-        f"pass@{s['ppo']['num_samples']}, the best of each prompt's), mean over seeds.",
-        "",
-        f"| row | kind | {correct} (%) | ROUGE-L | relevance (%) | sampled: {correct} / "
-        f"pass@{s['ppo']['num_samples']} (%) | updates skipped |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in ROWS:
-        m = summ[r.name]["metrics"]
-        end = summ[r.name]["curve"][-1]
-        lines.append(
-            f"| {r.label} | {r.kind} | {_cell(m['correct'], True)} | {_cell(m['rouge_l'])} | "
-            f"{_cell(m['relevance'], True)} | "
-            f"{100 * end['correct']:.1f} / {100 * end['pass_at_n']:.1f} | "
-            f"{summ[r.name]['skipped_updates']} |"
-        )
-    st = summ["sft"]["curve"][0]
-    lines += [
-        "",
-        "## Each reward against correctness, on the SFT policy's candidates",
-        "",
-        f"{s['eval_prompts']} fixed validation prompts x {s['ppo']['num_samples']} candidates "
-        f"(sampling seed {EVAL_SEED}). Within: Spearman (ties averaged) among a prompt's "
-        "candidates, mean over the prompts whose candidates are not all tied (prompts skipped in "
-        "brackets, mean over seeds); across: Spearman of the per-prompt means. "
-        f"Correctness is {correct}.",
-        "",
-        f"| reward | within vs {correct} | across vs {correct} | "
-        "within vs ROUGE-L | across vs ROUGE-L |",
-        "|---|---|---|---|---|",
-    ]
-    for k in REWARDS:
-        c, g = st["vs_correct"][k], st["vs_rouge"][k]
-        lines.append(f"| {k} | {_rho(c)} | {_r(c['across'])} | {_rho(g)} | {_r(g['across'])} |")
-    sc = result["rows"]["start_correct"]
-    lines += [
-        "",
-        "## Training its own reward: correlation and collapse",
-        "",
-        f"On the fixed set every {s['eval_every']} iterations of {s['iterations']} (mean over "
-        f"seeds). Collapse: the first evaluation at which the fixed set's {correct} falls below "
-        "the lower end of its start's 95% interval "
-        f"({sc['mean']:.3f} [{sc['lo']:.3f}, {sc['hi']:.3f}]).",
-        "",
-        f"| row | own reward, start → end | within ρ of own reward vs {correct}, per evaluation | "
-        f"fixed-set {correct}, per evaluation | collapse |",
-        "|---|---|---|---|---|",
-    ]
-    for r in ROWS[1:]:
-        cur, own = summ[r.name]["curve"], OWN_REWARD[r.name]
-        rho = " → ".join(_r(p["vs_correct"][own]["within"]) for p in cur)
-        lines.append(
-            f"| {r.label} | {cur[0]['rewards'][own]:+.3f} → {cur[-1]['rewards'][own]:+.3f} | "
-            f"{rho} | "
-            + " → ".join(f"{p['correct']:.3f}" for p in cur)
-            + " | "
-            + (
-                "none"
-                if summ[r.name]["collapse"] is None
-                else "iteration " + str(summ[r.name]["collapse"])
-            )
-            + " |"
-        )
-    rm = "; ".join(
-        f"seed {sd}: {x['pairs']} pairs, fit accuracy {x['fit_accuracy']:.3f}"
-        for sd, x in result["rm"].items()
-    )
-    lines += [
-        "",
-        "## Notes",
-        "",
-        f"- Every RL row: {s['iterations']} PPO iterations x "
-        f"{s['ppo']['prompts_per_iter']} prompts x {s['ppo']['num_samples']} candidates "
-        f"(lr {s['ppo']['lr']}, baseline {s['ppo']['baseline']}, whitened advantages, "
-        f"{s['ppo']['epochs']} epochs x {s['ppo']['minibatches']} minibatches, no KL penalty, "
-        f"samples from the full softmax at temperature {s['ppo']['temperature']}) from "
-        f"one SFT policy per seed trained {s['sft_steps']} steps x {s['sft_batch_size']}, "
-        "the same prompts in the same order; only the reward differs.",
-        "- Self-certainty, negative entropy and log-probability are read from the sampler's "
-        "records: the full-vocabulary logits / temperature, the distribution RL samples from and "
-        "the PPO log-probs use.",
-        f"- Hybrid: attention reward + {s['hybrid_weight']} x a Bradley-Terry reward model fitted "
-        f"on {s['rm']['human_prompts']} simulated human comparisons (annotators who prefer by "
-        f"ROUGE-L, {s['rm']['label_noise']:.0%} label noise): {rm}. "
-        "It uses labels, so it is not self-supervised.",
-        "- Random and oracle are controls, not methods: random shows what RL does with a reward "
-        f"that carries no information; oracle ({correct} against the clean reference, the answer "
-        "itself) shows that RL can improve here.",
-        f"- SFT data: {s['sft_noise']:.0%} of the training responses replaced by plausible wrong "
-        "ones (--sft-noise; qa-grounded: the distractor's answer, instruct: another instruction's "
-        "response), so the SFT policy has right and wrong behaviours to choose between; evaluation "
-        "and the oracle use the clean references.",
-        "- Relevance: the frozen classifier of Table 1 (held-out pairwise "
-        f"{result['classifier']['pairwise']:.1%}).",
-    ]
-    for r in ROWS:
-        lines.append(f"- {r.label}: {r.source}.")
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    correct = "exact-match" if result["is_qa"] else "reference match"
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
-    for r in ROWS[1:]:
-        cur, own = result["rows"][r.name]["curve"], OWN_REWARD[r.name]
-        its = [p["iteration"] for p in cur]
-        nan = lambda v: float("nan") if v is None else v
-        (line,) = axes[0].plot(
-            its, [nan(p["vs_correct"][own]["within"]) for p in cur], marker="o", label=r.label
-        )
-        axes[1].plot(
-            its,
-            [nan(p["vs_correct"][own]["across"]) for p in cur],
-            marker="o",
-            color=line.get_color(),
-        )
-        axes[2].plot(its, [p["correct"] for p in cur], marker="o", color=line.get_color())
-        c = result["rows"][r.name]["collapse"]
-        if c is not None:
-            axes[2].plot(
-                [c],
-                [next(p["correct"] for p in cur if p["iteration"] == c)],
-                "x",
-                ms=12,
-                mew=2.5,
-                color=line.get_color(),
-            )
-    sc = result["rows"]["start_correct"]
-    axes[2].axhspan(sc["lo"], sc["hi"], color="grey", alpha=0.2, label="start's 95% interval")
-    titles = (
-        f"within-prompt Spearman, own reward vs {correct}",
-        f"across-prompt Spearman, own reward vs {correct}",
-        f"fixed-set {correct} (x: collapse)",
-    )
-    for ax, title in zip(axes, titles):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("RL iteration")
-    axes[0].axhline(0, color="black", lw=0.5)
-    axes[1].axhline(0, color="black", lw=0.5)
-    axes[0].legend(fontsize=7)
-    axes[2].legend(fontsize=7)
-    fig.suptitle(
-        f"Which internal reward? {result['settings']['dataset']}, "
-        f"mean over {len(result['seeds'])} seeds"
-    )
-    save_figure(fig, path)
 
 
 def seed_worker(run, seed: int, device) -> None:
@@ -770,11 +642,11 @@ def run_study(run, device, settings: dict, setup, module: str) -> tuple[dict, Sh
         settings=settings,
         classifier=sh.clf_stats,
         is_qa=data.is_qa(settings["dataset"]),
-        headroom=headroom(summary),
         rows=summary,
         rm={s: per_seed[s]["rm"] for s in seeds},
         per_seed_rows={s: per_seed[s]["rows"] for s in seeds},
     )
+    result["headroom"] = headroom(result)
     return result, sh, work
 
 
@@ -791,10 +663,3 @@ def write_tables(result: dict, name: str, md: str, plot_to, results_dir: str, wo
             "correctness): this comparison cannot show anything; see the table's header."
         )
     print(f"wrote {results / f'rewards_{name}.md'}, .json, .png | work directory {work}")
-
-
-def run_rewards(run, device) -> int:
-    """`--experiment rewards` from scratch: every row of every seed, then results/."""
-    result, sh, work = run_study(run, device, study_settings(run), shared_setup, __name__)
-    write_tables(result, sh.name, markdown(result), plot, run.experiment.results_dir, work)
-    return 0

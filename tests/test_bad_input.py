@@ -149,7 +149,7 @@ def test_the_hybrid_weight_is_refused_where_no_hybrid_reward_is_trained(tmp_path
         resolve_in(tmp_path / "w", ["--experiment", "table1", "--hybrid-weight", "1.0"])
     assert str(e.value) == (
         "--hybrid-weight has no effect with --experiment table1: it applies only to --experiment "
-        "rewards, or --reward hybrid; drop it"
+        "rewards or ablations, or --reward hybrid; drop it"
     )
     assert resolve_in(tmp_path / "run", ["--reward", "hybrid"]).hybrid == dict(
         rm_steps=300, human_prompts=1000, weight=1.0

@@ -399,15 +399,18 @@ def test_rewards_smoke_run_writes_every_row_and_resumes(tmp_path, capsys):
         "oracle",
         "hybrid",
     } == set(reward_study.ROW_NAMES)
-    for name in reward_study.ROW_NAMES:
+    names = reward_study.ROW_NAMES
+    level = {m: reward_study.seed_level(out, m, names) for m in reward_study.METRICS}
+    for name in names:
         row = out["rows"][name]
         assert [p["iteration"] for p in row["curve"]] == ([0] if name == "sft" else [0, 1, 2])
         for m in reward_study.METRICS:
             assert (
                 math.isfinite(row["metrics"][m]["mean"]) and len(row["metrics"][m]["values"]) == 1
             )
-            if name != "sft":
-                d = row["metrics"][m]["diff"]
+            assert level[m][name]["method"].startswith("two-stage bootstrap")
+            if name != "sft":  # every row's difference from the start, its seeds and prompts kept
+                d = level[m][name]["vs_start"]
                 assert d["lo"] <= d["diff"] <= d["hi"]
         assert "collapse" in row
     # The oracle's own reward at iteration 0 is the correctness (exact-match
