@@ -42,6 +42,7 @@ from experiments.common import (
     shared_setup,
     work_dir,
     write_json,
+    write_tables,
 )
 from experiments.reward_study import EVAL_SEED, RowRL, SeedPlan
 from reward import RewardConfig, attention_entropy
@@ -516,21 +517,11 @@ def run_ablations(run, device) -> int:
         examples={r.name: values[seeds[0]][r.name]["examples"] for r in ROWS},
         per_seed={str(s): {n: slim(v) for n, v in values[s].items()} for s in seeds},
     )
-    write_tables(result, sh.name, run.experiment.results_dir, work)
+    md = markdown(result)
+    write_tables(result, f"ablations_{sh.name}", md, plot, run.experiment.results_dir, work)
     return 0
 
 
 def slim(values: dict) -> dict:
     """The per-prompt values the table is computed from, as the JSON keeps them."""
     return {k: v for k, v in values.items() if k != "examples"}
-
-
-def write_tables(result: dict, name: str, results_dir: str, work: Path) -> None:
-    results = Path(results_dir)
-    results.mkdir(parents=True, exist_ok=True)
-    md = markdown(result)
-    write_json(results / f"ablations_{name}.json", result)
-    runs.write_text(results / f"ablations_{name}.md", md)
-    plot(result, results / f"ablations_{name}.png")
-    print("\n" + md)
-    print(f"wrote {results / f'ablations_{name}.md'}, .json, .png | work directory {work}")

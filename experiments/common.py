@@ -392,3 +392,16 @@ def save_figure(fig, path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def write_tables(result: dict, stem: str, md: str, plot_to, results_dir, work: Path) -> Path:
+    """<results_dir>/<stem>.json, .md and .png (plot_to(result, path) draws the figure), each
+    written whole, then the table printed: the path of the .md."""
+    results = Path(results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    write_json(results / f"{stem}.json", result)
+    runs.write_text(results / f"{stem}.md", md)
+    plot_to(result, results / f"{stem}.png")
+    print("\n" + md)
+    print(f"wrote {results / f'{stem}.md'}, .json, .png | work directory {work}")
+    return results / f"{stem}.md"

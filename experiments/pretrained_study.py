@@ -109,7 +109,7 @@ def run_rewards(run, device) -> int:
     )
     result["gpu_command"] = gpu_command(run)
     md = reward_tables.pretrained_markdown(result)
-    reward_study.write_tables(
+    reward_study.write_rewards_tables(
         result, sh.name, md, reward_tables.pretrained_plot, run.experiment.results_dir, work
     )
     return 0

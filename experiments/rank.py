@@ -31,7 +31,7 @@ import torch
 import data
 import parallel
 import ppo
-from cli import runs, stages
+from cli import stages
 from experiments import evaluation, stats
 from experiments.common import (
     check_settings,
@@ -41,6 +41,7 @@ from experiments.common import (
     save_figure,
     work_dir,
     write_json,
+    write_tables,
 )
 from reward import SalientTokens, response_mean
 
@@ -372,12 +373,5 @@ def run_rank(run, device) -> int:
             attention=first["attention"][:N],
         ),
     )
-    results = Path(run.experiment.results_dir)
-    results.mkdir(parents=True, exist_ok=True)
-    md = markdown(result)
-    write_json(results / f"rank_{name}.json", result)
-    runs.write_text(results / f"rank_{name}.md", md)
-    plot(result, results / f"rank_{name}.png")
-    print("\n" + md)
-    print(f"wrote {results / f'rank_{name}.md'}, .json, .png | work directory {work}")
+    write_tables(result, f"rank_{name}", markdown(result), plot, run.experiment.results_dir, work)
     return 0

@@ -46,6 +46,7 @@ from experiments.common import (
     shared_setup,
     work_dir,
     write_json,
+    write_tables,
 )
 from experiments.evaluation import PairScorer
 from reward import RewardConfig
@@ -650,16 +651,12 @@ def run_study(run, device, settings: dict, setup, module: str) -> tuple[dict, Sh
     return result, sh, work
 
 
-def write_tables(result: dict, name: str, md: str, plot_to, results_dir: str, work: Path) -> None:
-    """results/rewards_<name>.json, .md and .png (plot_to(result, path) draws the figure)."""
-    results = Path(results_dir)
-    write_json(results / f"rewards_{name}.json", result)
-    runs.write_text(results / f"rewards_{name}.md", md)
-    plot_to(result, results / f"rewards_{name}.png")
-    print("\n" + md)
+def write_rewards_tables(result: dict, name: str, md: str, plot_to, results_dir, work) -> None:
+    """results/rewards_<name>.json, .md and .png (plot_to(result, path) draws the figure), and a
+    warning when the headroom check failed."""
+    write_tables(result, f"rewards_{name}", md, plot_to, results_dir, work)
     if not result["headroom"]["ok"]:
         print(
             "WARNING: the headroom check failed (the oracle row does not beat the start on "
             "correctness): this comparison cannot show anything; see the table's header."
         )
-    print(f"wrote {results / f'rewards_{name}.md'}, .json, .png | work directory {work}")

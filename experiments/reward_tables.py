@@ -416,7 +416,7 @@ def run_rewards(run, device) -> int:
     result, sh, work = reward_study.run_study(
         run, device, settings, shared_setup, "experiments.reward_study"
     )
-    reward_study.write_tables(
+    reward_study.write_rewards_tables(
         result, sh.name, markdown(result), plot, run.experiment.results_dir, work
     )
     return 0

@@ -35,6 +35,7 @@ from experiments.common import (
     shared_setup,
     work_dir,
     write_json,
+    write_tables,
 )
 from experiments.stats import mean_std
 from reward import RewardConfig
@@ -538,10 +539,5 @@ def run_table1(run, device) -> int:
         rows=aggregate(per_seed),
         sft_seconds=[per_seed[s]["sft_seconds"] for s in seeds],
     )
-    md = markdown(result)
-    write_json(results / f"table1_{name}.json", result)
-    runs.write_text(results / f"table1_{name}.md", md)
-    plot(result, results / f"table1_{name}.png")
-    print("\n" + md)
-    print(f"wrote {results / f'table1_{name}.md'}, .json, .png | work directory {work}")
+    write_tables(result, f"table1_{name}", markdown(result), plot, results, work)
     return 0
