@@ -50,6 +50,9 @@ from reward import RewardConfig, attention_entropy
 
 @dataclass(frozen=True)
 class Ablation:
+    """One row of the ablation table: its name (its row file), label, kind, what it changes, and
+    the fixed-set reward it trains on."""
+
     name: str
     label: str
     kind: str  # "start" | "the paper's" | "term" | "guard" | "upper bound" | "control"
@@ -258,6 +261,18 @@ def prompt_independent(answers: list[str], prompts: list[str], share=TEMPLATE_SH
     return [float(bool(w) and counts[w] >= need) for w in words]
 
 
+def templates(answers: list[str], prompts: list[str], most: int = 2) -> list[dict]:
+    """The words the prompt-independent answers invent most often: [{invented, answers, example}],
+    how many answers invent them and one such answer, most frequent first."""
+    flags = prompt_independent(answers, prompts)
+    said = [(invented(a, p), a) for a, p, f in zip(answers, prompts, flags) if f]
+    counts = Counter(w for w, _ in said)
+    return [
+        dict(invented=w, answers=n, example=next(a for x, a in said if x == w))
+        for w, n in counts.most_common(most)
+    ]
+
+
 def distractor_answers(answers: list[str], records: list[dict]) -> list:
     """1.0 for each answer that gives the distractor's fact: its key span and not the asked one's
     (evaluation.key_span_match with the keys swapped)."""
@@ -297,7 +312,7 @@ def seed_values(row: dict, own: str, test: list[dict]) -> dict:
         independent=prompt_independent(answers, prompts),
         distractor=distractor_answers(answers, test),
         kl=row["kl_to_start"][-1] if row["kl_to_start"] else 0.0,
-        examples=row["test"]["examples"],
+        templates=templates(answers, prompts),
     )
 
 
@@ -440,9 +455,21 @@ def notes(result: dict) -> list[str]:
         "- Greedy exact-match per seed (%): "
         + "; ".join(f"{r.label} {greedy(r.name)}" for r in ROWS),
     ]
+    out.append(
+        "- What the prompt-independent answers invent most often, per seed (how many of the "
+        "test answers, and one of them):"
+    )
     for r in ROWS:
-        ex = result["examples"][r.name][0]
-        out.append(f"- {r.label}, seed {seeds[0]}: {ex['prompt']!r} → {ex['answer']!r}")
+        said = [
+            f"seed {sd}: "
+            + ", ".join(
+                f'"{t["invented"]}" x{t["answers"]} ({t["example"]!r})'
+                for t in result["per_seed"][str(sd)][r.name]["templates"]
+            )
+            for sd in seeds
+            if result["per_seed"][str(sd)][r.name]["templates"]
+        ]
+        out.append(f"  - {r.label}: " + ("; ".join(said) if said else "none"))
     return out
 
 
@@ -514,7 +541,6 @@ def run_ablations(run, device) -> int:
         guards={str(s): json.loads((work / f"seed{s}" / "guards.json").read_text()) for s in seeds},
         auc_later_iteration=values[seeds[0]]["cagsr"]["auc_later_iteration"],
         rows=summarize(values, seeds),
-        examples={r.name: values[seeds[0]][r.name]["examples"] for r in ROWS},
         per_seed={str(s): {n: slim(v) for n, v in values[s].items()} for s in seeds},
     )
     md = markdown(result)
@@ -524,4 +550,4 @@ def run_ablations(run, device) -> int:
 
 def slim(values: dict) -> dict:
     """The per-prompt values the table is computed from, as the JSON keeps them."""
-    return {k: v for k, v in values.items() if k != "examples"}
+    return values
