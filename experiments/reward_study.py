@@ -645,10 +645,21 @@ def run_study(run, device, settings: dict, setup, module: str) -> tuple[dict, Sh
         is_qa=data.is_qa(settings["dataset"]),
         rows=summary,
         rm={s: per_seed[s]["rm"] for s in seeds},
-        per_seed_rows={s: per_seed[s]["rows"] for s in seeds},
+        per_seed_rows={s: {n: kept_row(r) for n, r in per_seed[s]["rows"].items()} for s in seeds},
     )
     result["headroom"] = headroom(result)
     return result, sh, work
+
+
+def kept_row(row: dict) -> dict:
+    """A row as the table's JSON keeps it: its per-prompt test values (the intervals are computed
+    from them) and its curve, without what only the ablation table reads (each evaluation's
+    per-prompt rewards and rankings, every test answer: they stay in the work directory)."""
+    curve = [
+        {k: v for k, v in p.items() if k not in ("per_prompt_rewards", "auc")} for p in row["curve"]
+    ]
+    test = {k: v for k, v in row["test"].items() if k != "answers"}
+    return {**row, "curve": curve, "test": test}
 
 
 def write_rewards_tables(result: dict, name: str, md: str, plot_to, results_dir, work) -> None:
