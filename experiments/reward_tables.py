@@ -286,6 +286,9 @@ def pretrained_markdown(result: dict) -> str:
         "",
         head,
         "",
+        "No SFT and so no SFT noise: every seed starts from the same pretrained model; the seeds "
+        "differ in RL's prompt order, sampling and update streams.",
+        "",
         "## Correctness before and after",
         "",
         "Correct: the answer says the asked fact's key span and not the distractor's "
