@@ -185,7 +185,7 @@ def test_an_experiment_flag_without_experiment_exits_2_with_one_line():
     )
     assert out.returncode == 2 and out.stderr.splitlines() == [
         "cagsr.py: error: --seeds has no effect without --experiment: it applies only to "
-        "--experiment table1, rewards or rank; drop it"
+        "--experiment table1, rewards, rank or ablations; drop it"
     ]
 
 

@@ -72,7 +72,9 @@ def test_same_weights_on_a_tiny_snapshot(tmp_path, shape):
         r = same_weights.same_weights_worker(
             system, tmp_path, shape, calls=1, threads=2, floor=True
         )
-        assert len(r["times"]) == 1 and r["times"][0] > 0 and r["peak_growth_mib"] >= 0
+        # the kernel updates RSS in per-CPU batches, so a call that grows nothing can read a page
+        # or two below its start
+        assert len(r["times"]) == 1 and r["times"][0] > 0 and r["peak_growth_mib"] > -0.5
         assert r["matmuls"] > 0 and 0 < r["floor_s"] < r["call_s"]
 
 
