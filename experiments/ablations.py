@@ -480,10 +480,10 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
     y = np.arange(len(ROWS))[::-1]
     for ax, key, title in (
-        (axes[0], "greedy", "greedy exact-match (%)"),
+        (axes[0], "greedy", "greedy exact-match on the test prompts (%)"),
         (axes[1], "independent", "prompt-independent answers (%)"),
     ):
         m = [rows[r.name][key] for r in ROWS]
@@ -492,14 +492,13 @@ def plot(result: dict, path: Path) -> None:
             [[100 * (x["mean"] - x["lo"]) for x in m], [100 * (x["hi"] - x["mean"]) for x in m]]
         )
         ax.errorbar(mean, y, xerr=err, fmt="o", capsize=3)
-        ax.set_yticks(y, [r.label for r in ROWS], fontsize=7)
+        ax.set_yticks(y, [r.label.replace(", reads the reference", "") for r in ROWS], fontsize=8)
         ax.axvline(100 * rows["random"][key]["mean"], color="grey", lw=0.8, ls="--")
-        ax.set_title(title + ", 95% two-stage interval; dashed: random", fontsize=9)
+        ax.set_title(title, fontsize=10)
     fig.suptitle(
         f"Why the attention reward fails: {result['settings']['dataset']}, "
-        f"{len(result['seeds'])} seeds"
+        f"{len(result['seeds'])} seeds (95% intervals over seeds and prompts; dashed: random)"
     )
-    fig.tight_layout()
     save_figure(fig, path)
 
 
