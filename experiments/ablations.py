@@ -38,13 +38,12 @@ from experiments import evaluation, reward_study, stats
 from experiments.common import (
     device_line,
     save_figure,
-    seeds_in_workers,
     shared_setup,
     work_dir,
     write_json,
     write_tables,
 )
-from experiments.reward_study import EVAL_SEED, RowRL, SeedPlan
+from experiments.reward_study import RowRL, SeedPlan
 from reward import RewardConfig, attention_entropy
 
 
@@ -149,7 +148,7 @@ def clause_positions(tok, record: dict, ids: list[int], content: torch.Tensor) -
     """For each of the prompt's token ids: is it one of the answer clause's own tokens (before the
     question, in the reference answer, not in the distractor's, a content token)?"""
     enc = tok.encode(record["prompt"])
-    question = record["prompt"].rstrip().rfind(". ") + 1  # the last sentence is the question
+    question = question_start(record["prompt"])
     own = set(tok.encode(record["response"]).ids) - set(tok.encode(record["wrong"]).ids)
     before = [start < question for start, _ in enc.offsets]
     before += [False] * (len(ids) - len(before))  # EOS (and nothing else) follows the text
@@ -184,19 +183,11 @@ def seed_guards(sd: Path, settings: dict, sh, sft_state, fixed, device) -> dict:
     path = sd / "guards.json"
     if path.exists():
         return json.loads(path.read_text())
-    policy = runs.policy_from_state(sft_state, sh.cfg, device).eval()
-    ppo_cfg, cfg, sp = (
-        ppo.PPOConfig(**settings["ppo"]),
-        RewardConfig(**settings["reward"]),
-        data.specials(sh.tok),
-    )
-    src, src_mask = evaluation.prompt_batch(sh.tok, [r["prompt"] for r in fixed], device, sp)
-    gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
-    rollout, terms, _, _ = ppo.sample_and_score(
-        policy, src, src_mask, sh.salient, cfg, ppo_cfg, sp, gen
-    )
-    h = attention_entropy(rollout.attn, cfg.attn_temperature)[rollout.mask.bool()]  # (steps,)
-    spread = terms["reward"].reshape(-1, ppo_cfg.num_samples).std(dim=1, unbiased=True)
+    policy = runs.policy_from_state(sft_state, sh.cfg, device)
+    _, _, rollout, terms = reward_study.fixed_candidates(policy, sh, fixed, settings, device)
+    temperature = settings["reward"]["attn_temperature"]
+    h = attention_entropy(rollout.attn, temperature)[rollout.mask.bool()]  # (steps,)
+    spread = terms["reward"].reshape(-1, settings["ppo"]["num_samples"]).std(dim=1, unbiased=True)
     guards = dict(
         entropy_floor=round(float(h.median()), 4),
         kl_coef=round(float(spread.mean()), 4),
@@ -223,14 +214,14 @@ def ablation_plan(
             policy, src, src_mask, rollout, salient(name), cfg, sp
         )["reward"]
 
+    study = reward_study.study_plan(seed, sd, settings, sh, rm, sft_state, fixed, device)
+
     def rl(name: str) -> RowRL:
         if name in ATTENTION_ROWS:
             return RowRL(row_config(name, settings, guards), salient=salient(name))
         if name == "kl":
             return RowRL(RewardConfig(**settings["reward"]), kl_coef=guards["kl_coef"])
-        return reward_study.study_plan(seed, sd, settings, sh, rm, sft_state, fixed, device).rl(
-            name
-        )
+        return study.rl(name)  # R, the oracle and random: the rewards study's own rows
 
     return SeedPlan(ROW_NAMES, rl, {name: scorer(name) for name in ATTENTION_ROWS})
 
@@ -518,13 +509,9 @@ def seed_worker(run, seed: int, device) -> None:
 def run_ablations(run, device) -> int:
     """`--experiment ablations`: every row of every seed (rows on disk reused), then results/."""
     settings = reward_study.study_settings(run)
-    work = work_dir(run, "rewards")
-    sh = shared_setup(run, work, settings, device)
-    seeds = list(range(run.seed, run.seed + run.experiment.seeds))
-    seeds_in_workers(run, __name__, work, seeds, device)
-    per_seed = {
-        s: reward_study.run_seed(s, work, settings, sh, device, ablation_plan) for s in seeds
-    }
+    sh, work, seeds, per_seed = reward_study.every_seed(
+        run, device, settings, shared_setup, __name__, ablation_plan
+    )
     test = sh.splits.test[: settings["num_eval"]]
     values = {
         s: {r.name: seed_values(per_seed[s]["rows"][r.name], r.own, test) for r in ROWS}

@@ -239,6 +239,24 @@ def row_reward_config(name: str, settings: dict) -> RewardConfig:
 
 
 @torch.no_grad()
+def fixed_candidates(policy, sh, fixed: list[dict], settings: dict, device):
+    """The fixed set's N candidates per prompt from `policy`, sampled with seed EVAL_SEED and
+    scored by the study's attention reward: (src, src_mask, rollout, terms)."""
+    policy.eval()
+    ppo_cfg, reward_cfg, sp = (
+        ppo.PPOConfig(**settings["ppo"]),
+        RewardConfig(**settings["reward"]),
+        data.specials(sh.tok),
+    )
+    src, src_mask = evaluation.prompt_batch(sh.tok, [r["prompt"] for r in fixed], device, sp)
+    gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
+    rollout, terms, _, _ = ppo.sample_and_score(
+        policy, src, src_mask, sh.salient, reward_cfg, ppo_cfg, sp, gen
+    )
+    return src, src_mask, rollout, terms
+
+
+@torch.no_grad()
 def fixed_eval(
     policy, sh, fixed: list[dict], rm: PairScorer | None, settings: dict, device, extra=None
 ) -> dict:
@@ -247,19 +265,8 @@ def fixed_eval(
     ROUGE-L and its per-prompt probability of ranking a correct candidate above a wrong one
     (stats.within_prompt_auc); and the correctness of the greedy answers to the same prompts.
     extra: more rewards to score, {name: fn(policy, src, src_mask, rollout) -> (B*N,)}."""
-    policy.eval()
-    ppo_cfg, reward_cfg, sp, tok = (
-        ppo.PPOConfig(**settings["ppo"]),
-        RewardConfig(**settings["reward"]),
-        data.specials(sh.tok),
-        sh.tok,
-    )
-    N, prompts = ppo_cfg.num_samples, [rec["prompt"] for rec in fixed]
-    src, src_mask = evaluation.prompt_batch(tok, prompts, device, sp)
-    gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
-    rollout, terms, _, _ = ppo.sample_and_score(
-        policy, src, src_mask, sh.salient, reward_cfg, ppo_cfg, sp, gen
-    )
+    src, src_mask, rollout, terms = fixed_candidates(policy, sh, fixed, settings, device)
+    tok, N, prompts = sh.tok, settings["ppo"]["num_samples"], [rec["prompt"] for rec in fixed]
     correctness = study_correctness(settings)
     oracle = baselines.OracleReward.from_records(tok, fixed, correctness)
     pairs = oracle.texts(src, src_mask, rollout)  # decoded once
@@ -276,10 +283,11 @@ def fixed_eval(
         hybrid = baselines.HybridReward(rm, settings["hybrid_weight"])
         rewards["hybrid"] = hybrid(src, src_mask, rollout, terms)
     if "variant" in settings:  # the pretrained study's variant row
+        reward_cfg, sp = RewardConfig(**settings["reward"]), data.specials(tok)
         scored = (policy, src, src_mask, rollout, terms, sh.salient, reward_cfg, sp)
         rewards["variant"] = rank.candidate_signals(*scored)[settings["variant"]]
     rewards.update({k: fn(policy, src, src_mask, rollout) for k, fn in (extra or {}).items()})
-    greedy = evaluation.answer(policy, tok, prompts, device, ppo_cfg.max_new_tokens)
+    greedy = evaluation.answer(policy, tok, prompts, device, settings["ppo"]["max_new_tokens"])
     texts = [t for t, _ in pairs]
     recs = [rec for rec in fixed for _ in range(N)]
     rouge = [evaluation.rouge_l(t, rec["response"]) for t, rec in zip(texts, recs)]
@@ -582,7 +590,7 @@ def seed_level(result: dict, metric: str, names) -> dict:
         method = "two-stage bootstrap (seeds, then prompts)"
     else:
         values = lambda n: result["rows"][n]["metrics"][metric]["values"]
-        interval, difference = stats.seed_t_interval, seed_t_difference
+        interval, difference = stats.seed_t_interval, stats.seed_t_difference
         method = "Student's t over the seed means"
     diff = lambda n, other: None if n == other else difference(values(n), values(other))
     return {
@@ -594,12 +602,6 @@ def seed_level(result: dict, metric: str, names) -> dict:
         )
         for n in names
     }
-
-
-def seed_t_difference(a, b) -> dict:
-    """The mean over seeds of a - b (one value per seed each) with Student's t interval."""
-    r = stats.seed_t_interval(np.subtract(a, b))
-    return dict(diff=r["mean"], lo=r["lo"], hi=r["hi"], excludes_0=bool(r["lo"] > 0 or r["hi"] < 0))
 
 
 def headroom(result: dict) -> dict:
@@ -617,16 +619,22 @@ def seed_worker(run, seed: int, device) -> None:
     run_seed(seed, work, settings, shared_setup(run, work, settings, device), device)
 
 
-def run_study(run, device, settings: dict, setup, module: str) -> tuple[dict, Shared, Path]:
-    """Every row of every seed (rows on disk are reused; `module`'s seed_worker computes seeds in
-    worker processes), then the summary over seeds: (the result the tables are written from, the
-    shared setup, the work directory). setup(run, work, settings, device) -> Shared."""
-    t_start, experiment = time.time(), run.experiment
+def every_seed(run, device, settings: dict, setup, module: str, planner=study_plan) -> tuple:
+    """Every row of every seed, planned by `planner` (rows on disk are reused; `module`'s
+    seed_worker computes seeds in worker processes): (the shared setup, the work directory, the
+    seeds, each seed's run_seed). setup(run, work, settings, device) -> Shared."""
     work = work_dir(run, "rewards")
     sh = setup(run, work, settings, device)
-    seeds = list(range(run.seed, run.seed + experiment.seeds))
+    seeds = list(range(run.seed, run.seed + run.experiment.seeds))
     seeds_in_workers(run, module, work, seeds, device)
-    per_seed = {s: run_seed(s, work, settings, sh, device) for s in seeds}
+    return sh, work, seeds, {s: run_seed(s, work, settings, sh, device, planner) for s in seeds}
+
+
+def run_study(run, device, settings: dict, setup, module: str) -> tuple[dict, Shared, Path]:
+    """Every row of every seed (every_seed), then the summary over seeds: (the result the tables
+    are written from, the shared setup, the work directory)."""
+    t_start = time.time()
+    sh, work, seeds, per_seed = every_seed(run, device, settings, setup, module)
     compute = (sh.clf_stats or {}).get("seconds", 0.0) + sum(
         ps["sft_seconds"]
         + (ps["rm"] or {}).get("seconds", 0.0)

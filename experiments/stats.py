@@ -46,7 +46,11 @@ def paired_difference(a, b, resamples: int = RESAMPLES, seed: int = 0, level: fl
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired bootstrap: {a.shape} and {b.shape} are not the same prompts")
-    r = mean_interval(a - b, resamples, seed, level)
+    return as_difference(mean_interval(a - b, resamples, seed, level))
+
+
+def as_difference(r: dict) -> dict:
+    """A mean difference's {mean, lo, hi} as {diff, lo, hi, excludes_0}."""
     return dict(diff=r["mean"], lo=r["lo"], hi=r["hi"], excludes_0=bool(r["lo"] > 0 or r["hi"] < 0))
 
 
@@ -173,8 +177,7 @@ def hierarchical_difference(a, b, resamples: int = RESAMPLES, seed: int = 0, lev
     diffs = [
         np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64) for x, y in zip(a, b)
     ]
-    r = hierarchical_interval(diffs, resamples, seed, level)
-    return dict(diff=r["mean"], lo=r["lo"], hi=r["hi"], excludes_0=bool(r["lo"] > 0 or r["hi"] < 0))
+    return as_difference(hierarchical_interval(diffs, resamples, seed, level))
 
 
 def seed_t_interval(values) -> dict:
@@ -189,6 +192,12 @@ def seed_t_interval(values) -> dict:
         raise ValueError(f"seed_t_interval keeps the t quantiles of 2-10 seeds, not {x.size}")
     half = T_QUANTILES_975[x.size - 1] * float(x.std(ddof=1)) / math.sqrt(x.size)
     return dict(mean=mean, lo=mean - half, hi=mean + half)
+
+
+def seed_t_difference(a, b) -> dict:
+    """The mean over seeds of a - b (one value per seed each) with Student's t interval:
+    {diff, lo, hi, excludes_0}."""
+    return as_difference(seed_t_interval(np.subtract(a, b)))
 
 
 T_QUANTILES_975 = {
